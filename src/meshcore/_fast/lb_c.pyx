@@ -1,0 +1,1036 @@
+# cython: language_level=3, embedsignature=True
+"""LoadBalancer, compiled twin of ``lb_py`` (same behaviour, same pick sequences per seed).
+
+The pick path touches only C arrays built at update time and the Endpoint objects it
+returns; it never calls back into Python code. Tables are built off to the side (partition
+in ``_build_c``, rings and Maglev tables here) and published by one reference assignment,
+which, under the GIL, no pick can observe half-done.
+
+Implementation note: every pick and every publish runs with the GIL held and without
+releasing it, so a pick sees exactly one table and counter updates are not torn. The
+module therefore does not declare itself free-threading compatible: on a free-threaded
+interpreter importing it re-enables the GIL.
+"""
+
+from cpython.long cimport PyLong_AsUnsignedLongLongMask
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from libc.math cimport ceil, floor, pow
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+cimport cython
+
+import os
+
+from .._model import Endpoint
+from .._options import LbConfig
+from . import _build_c as _build
+
+cdef extern from "_debug.h":
+    cdef int MESHCORE_DEBUG
+
+__all__ = ["LoadBalancer", "xxh64"]
+
+cdef enum Policy:
+    RR = 0
+    LR = 1
+    RANDOM = 2
+    RING = 3
+    MAGLEV = 4
+
+# ---------------------------------------------------------------------------------------
+# XXH64 (Envoy's HashUtil::xxHash64) and SplitMix64
+# ---------------------------------------------------------------------------------------
+
+cdef uint64_t P1 = 0x9E3779B185EBCA87ULL
+cdef uint64_t P2 = 0xC2B2AE3D27D4EB4FULL
+cdef uint64_t P3 = 0x165667B19E3779F9ULL
+cdef uint64_t P4 = 0x85EBCA77C2B2AE63ULL
+cdef uint64_t P5 = 0x27D4EB2F165667C5ULL
+
+
+cdef inline uint64_t _rotl(uint64_t x, int r) noexcept nogil:
+    return (x << r) | (x >> (64 - r))
+
+
+cdef inline uint64_t _read64(const unsigned char* p) noexcept nogil:
+    # Little-endian read, independent of the host byte order.
+    return (<uint64_t>p[0] | (<uint64_t>p[1] << 8) | (<uint64_t>p[2] << 16) | (<uint64_t>p[3] << 24)
+            | (<uint64_t>p[4] << 32) | (<uint64_t>p[5] << 40) | (<uint64_t>p[6] << 48)
+            | (<uint64_t>p[7] << 56))
+
+
+cdef inline uint64_t _read32(const unsigned char* p) noexcept nogil:
+    return (<uint64_t>p[0] | (<uint64_t>p[1] << 8) | (<uint64_t>p[2] << 16) | (<uint64_t>p[3] << 24))
+
+
+cdef inline uint64_t _round(uint64_t acc, uint64_t lane) noexcept nogil:
+    acc = acc + lane * P2
+    return _rotl(acc, 31) * P1
+
+
+cdef inline uint64_t _merge(uint64_t acc, uint64_t val) noexcept nogil:
+    acc ^= _round(0, val)
+    return acc * P1 + P4
+
+
+cdef uint64_t c_xxh64(const unsigned char* data, size_t n, uint64_t seed) noexcept nogil:
+    cdef size_t i = 0
+    cdef uint64_t h, v1, v2, v3, v4
+    if n >= 32:
+        v1 = seed + P1 + P2
+        v2 = seed + P2
+        v3 = seed
+        v4 = seed - P1
+        while i + 32 <= n:
+            v1 = _round(v1, _read64(data + i))
+            v2 = _round(v2, _read64(data + i + 8))
+            v3 = _round(v3, _read64(data + i + 16))
+            v4 = _round(v4, _read64(data + i + 24))
+            i += 32
+        h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)
+        h = _merge(h, v1)
+        h = _merge(h, v2)
+        h = _merge(h, v3)
+        h = _merge(h, v4)
+    else:
+        h = seed + P5
+    h += <uint64_t>n
+    while i + 8 <= n:
+        h ^= _round(0, _read64(data + i))
+        h = _rotl(h, 27) * P1 + P4
+        i += 8
+    if i + 4 <= n:
+        h ^= _read32(data + i) * P1
+        h = _rotl(h, 23) * P2 + P3
+        i += 4
+    while i < n:
+        h ^= (<uint64_t>data[i]) * P5
+        h = _rotl(h, 11) * P1
+        i += 1
+    h ^= h >> 33
+    h *= P2
+    h ^= h >> 29
+    h *= P3
+    h ^= h >> 32
+    return h
+
+
+def xxh64(data, seed=0):
+    """XXH64 of ``data`` (``str`` is UTF-8 encoded) with a 64-bit ``seed``."""
+    if isinstance(data, str):
+        data = (<str>data).encode()
+    cdef const unsigned char[::1] view = data
+    cdef uint64_t s = PyLong_AsUnsignedLongLongMask(seed)
+    if view.shape[0] == 0:
+        return c_xxh64(<const unsigned char*>b"", 0, s)
+    return c_xxh64(&view[0], view.shape[0], s)
+
+
+cdef inline uint64_t _splitmix_next(uint64_t* state) noexcept nogil:
+    state[0] += 0x9E3779B97F4A7C15ULL
+    cdef uint64_t z = state[0]
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+    return z ^ (z >> 31)
+
+# ---------------------------------------------------------------------------------------
+# EDF scheduler (source/common/upstream/edf_scheduler.h): binary min-heap ordered by
+# (deadline, order_offset). Offsets are unique, so the pop order is fully determined.
+# ---------------------------------------------------------------------------------------
+
+ctypedef struct EdfEntry:
+    double deadline
+    uint64_t order
+    int32_t item
+
+ctypedef struct EdfClass:
+    # Entries of one static weight, sorted by (deadline, order): a ring buffer of fixed
+    # capacity (a pick pops one entry of the class and pushes one back into it).
+    EdfEntry* q
+    Py_ssize_t head
+    Py_ssize_t count
+    Py_ssize_t cap
+    double weight
+
+ctypedef struct Edf:
+    EdfEntry* heap      # heap mode: size entries, capacity == size (pop one, push one)
+    Py_ssize_t size
+    double current_time
+    uint64_t order_offset
+    # Class mode (static weights, i.e. round robin): one sorted queue per distinct weight
+    # and a binary heap of class ids keyed by each queue's head. Re-added entries of a
+    # class almost always go to its tail (time only moves forward and 1/w is the same);
+    # when rounding says otherwise they are inserted in order, so the pop sequence is
+    # exactly the heap's.
+    EdfClass* classes   # NULL in heap mode
+    int32_t* class_heap
+    Py_ssize_t n_classes
+
+
+cdef inline bint _edf_less(EdfEntry* a, EdfEntry* b) noexcept nogil:
+    return a.deadline < b.deadline or (a.deadline == b.deadline and a.order < b.order)
+
+
+@cython.boundscheck(False)
+@cython.cdivision(True)
+cdef void _edf_sift_down(Edf* e, Py_ssize_t pos) noexcept nogil:
+    # A 4-ary heap: the children of i are 4i+1..4i+4. Invariant: 0 <= pos < e.size and every
+    # child index is compared with e.size before it is read. Hole-based: the moving entry is
+    # written once at its final place.
+    cdef Py_ssize_t n = e.size, child, last, best
+    cdef EdfEntry moving = e.heap[pos]
+    while True:
+        child = 4 * pos + 1
+        if child >= n:
+            break
+        last = child + 4
+        if last > n:
+            last = n
+        best = child
+        child += 1
+        while child < last:
+            if _edf_less(&e.heap[child], &e.heap[best]):
+                best = child
+            child += 1
+        if not _edf_less(&e.heap[best], &moving):
+            break
+        e.heap[pos] = e.heap[best]
+        pos = best
+    e.heap[pos] = moving
+
+
+cdef void _edf_heapify(Edf* e) noexcept nogil:
+    cdef Py_ssize_t i = (e.size - 2) // 4 + 1 if e.size > 1 else 0
+    while i > 0:
+        i -= 1
+        _edf_sift_down(e, i)
+
+
+cdef inline void _edf_replace_top(Edf* e, double weight) noexcept nogil:
+    # pickAndAdd: time advances to the popped deadline, the item is re-added with `weight`.
+    # Replacing the root and sifting down equals pop+push: order offsets keep ties total.
+    e.current_time = e.heap[0].deadline
+    e.heap[0].deadline = e.current_time + 1.0 / weight
+    e.heap[0].order = e.order_offset
+    e.order_offset += 1
+    _edf_sift_down(e, 0)
+
+
+cdef void _edf_free(Edf* e) noexcept:
+    cdef Py_ssize_t c
+    if e != NULL:
+        PyMem_Free(e.heap)
+        if e.classes != NULL:
+            for c in range(e.n_classes):
+                PyMem_Free(e.classes[c].q)
+            PyMem_Free(e.classes)
+        PyMem_Free(e.class_heap)
+        PyMem_Free(e)
+
+
+cdef inline EdfEntry* _class_head(Edf* e, int32_t c) noexcept nogil:
+    return &e.classes[c].q[e.classes[c].head]
+
+
+@cython.boundscheck(False)
+@cython.cdivision(True)
+cdef void _class_sift_down(Edf* e, Py_ssize_t pos) noexcept nogil:
+    # Binary heap over class ids; every class is non-empty (counts never change).
+    cdef Py_ssize_t n = e.n_classes, child
+    cdef int32_t moving = e.class_heap[pos]
+    while True:
+        child = 2 * pos + 1
+        if child >= n:
+            break
+        if child + 1 < n and _edf_less(_class_head(e, e.class_heap[child + 1]), _class_head(e, e.class_heap[child])):
+            child += 1
+        if not _edf_less(_class_head(e, e.class_heap[child]), _class_head(e, moving)):
+            break
+        e.class_heap[pos] = e.class_heap[child]
+        pos = child
+    e.class_heap[pos] = moving
+
+
+@cython.boundscheck(False)
+@cython.cdivision(True)
+cdef inline int32_t _edf_class_pick(Edf* e) noexcept nogil:
+    """pickAndAdd in class mode: pop the global minimum, re-add it to its class."""
+    cdef EdfClass* c = &e.classes[e.class_heap[0]]
+    cdef EdfEntry popped = c.q[c.head]
+    cdef EdfEntry fresh
+    cdef Py_ssize_t pos, prev
+    e.current_time = popped.deadline
+    c.head = (c.head + 1) % c.cap
+    c.count -= 1
+    fresh.deadline = e.current_time + 1.0 / c.weight
+    fresh.order = e.order_offset
+    fresh.item = popped.item
+    e.order_offset += 1
+    pos = (c.head + c.count) % c.cap
+    # Insert keeping the queue sorted; almost always a plain append at the tail.
+    while c.count > 0:
+        prev = (pos + c.cap - 1) % c.cap
+        if not _edf_less(&fresh, &c.q[prev]):
+            break
+        c.q[pos] = c.q[prev]
+        pos = prev
+        if pos == c.head:
+            break
+    c.q[pos] = fresh
+    c.count += 1
+    _class_sift_down(e, 0)
+    return popped.item
+
+
+cdef int _entry_cmp(const void* a, const void* b) noexcept nogil:
+    cdef EdfEntry* x = <EdfEntry*>a
+    cdef EdfEntry* y = <EdfEntry*>b
+    if _edf_less(x, y):
+        return -1
+    return 1 if _edf_less(y, x) else 0
+
+
+cdef int _edf_to_classes(Edf* e, double* weight_of) except -1:
+    """Re-organise a heap-mode scheduler with static weights into class mode."""
+    cdef Py_ssize_t n = e.size, i, c, k
+    cdef EdfEntry* sorted_entries = <EdfEntry*>_alloc(sizeof(EdfEntry) * n)
+    cdef double* class_weight = <double*>_alloc(sizeof(double) * n)
+    cdef Py_ssize_t* class_count = <Py_ssize_t*>_alloc(sizeof(Py_ssize_t) * n)
+    cdef Py_ssize_t n_classes = 0
+    cdef double w
+    try:
+        memcpy(sorted_entries, e.heap, sizeof(EdfEntry) * n)
+        qsort(sorted_entries, n, sizeof(EdfEntry), _entry_cmp)
+        for i in range(n):
+            w = weight_of[sorted_entries[i].item]
+            for c in range(n_classes):
+                if class_weight[c] == w:
+                    break
+            else:
+                c = n_classes
+                class_weight[c] = w
+                n_classes += 1
+                if n_classes > 64:
+                    return 0  # many distinct weights: the heap is as good; stay in heap mode
+            class_count[c] += 1
+        e.classes = <EdfClass*>_alloc(sizeof(EdfClass) * n_classes)
+        e.class_heap = <int32_t*>_alloc(sizeof(int32_t) * n_classes)
+        e.n_classes = n_classes
+        for c in range(n_classes):
+            e.classes[c].q = <EdfEntry*>_alloc(sizeof(EdfEntry) * class_count[c])
+            e.classes[c].cap = class_count[c]
+            e.classes[c].weight = class_weight[c]
+            e.class_heap[c] = <int32_t>c
+        for i in range(n):
+            w = weight_of[sorted_entries[i].item]
+            for c in range(n_classes):
+                if class_weight[c] == w:
+                    break
+            k = e.classes[c].count
+            e.classes[c].q[k] = sorted_entries[i]
+            e.classes[c].count = k + 1
+        c = n_classes // 2
+        while c > 0:
+            c -= 1
+            _class_sift_down(e, c)
+        PyMem_Free(e.heap)
+        e.heap = NULL
+        return 0
+    finally:
+        PyMem_Free(sorted_entries)
+        PyMem_Free(class_weight)
+        PyMem_Free(class_count)
+
+
+cdef Edf* _edf_create(int32_t* items, Py_ssize_t n, double* weight_of, uint64_t seed) except? NULL:
+    """EdfScheduler::createWithPicks over ``items[0:n]``; ``weight_of[item]`` is an item's weight.
+
+    Weights are evaluated once by the caller: for least request they depend on live
+    counters, which cannot change while the GIL is held during construction.
+    """
+    cdef uint32_t picks = (<uint32_t>seed) % 429496729U
+    cdef Edf* e = <Edf*>PyMem_Malloc(sizeof(Edf))
+    if e == NULL:
+        raise MemoryError()
+    e.heap = <EdfEntry*>PyMem_Malloc(sizeof(EdfEntry) * (n if n > 0 else 1))
+    if e.heap == NULL:
+        PyMem_Free(e)
+        raise MemoryError()
+    e.size = n
+    e.current_time = 0.0
+    e.order_offset = 0
+    e.classes = NULL
+    e.class_heap = NULL
+    e.n_classes = 0
+    cdef double weights_sum = 0.0, w, pick_time, max_pick_time = 0.0
+    cdef double picks_per_weight
+    cdef uint32_t floor_picks
+    cdef uint64_t picks_so_far = 0
+    cdef Py_ssize_t k
+    for k in range(n):
+        weights_sum += weight_of[items[k]] + 1e-13
+    picks_per_weight = picks / weights_sum
+    for k in range(n):
+        w = weight_of[items[k]] + 1e-13
+        floor_picks = <uint32_t>(w * picks / weights_sum)
+        if floor_picks > 0 and floor_picks / w >= picks_per_weight:
+            floor_picks -= 1
+        pick_time = floor_picks / w
+        e.heap[k].deadline = (floor_picks + 1) / w
+        e.heap[k].order = <uint64_t>k
+        e.heap[k].item = items[k]
+        if pick_time > max_pick_time:
+            max_pick_time = pick_time
+        picks_so_far += floor_picks
+    _edf_heapify(e)
+    e.current_time = max_pick_time
+    e.order_offset = <uint64_t>n
+    while picks_so_far < picks:
+        # Leftover picks re-add with the un-augmented weight of the popped item.
+        _edf_replace_top(e, weight_of[e.heap[0].item])
+        picks_so_far += 1
+    return e
+
+# ---------------------------------------------------------------------------------------
+# Per-host state and the table
+# ---------------------------------------------------------------------------------------
+
+@cython.final
+cdef class _Table:
+    """One snapshot. Set up in ``LoadBalancer._build``, read-only afterwards except for
+    the EDF heaps (advanced by picks) and the host states' counters."""
+    cdef object layout              # _build.Layout (endpoints, weights, keys)
+    cdef list eps                   # Endpoint per host index
+    cdef dict index                 # host key -> host index
+    cdef int64_t* active            # in-flight requests per host index (carried at publish)
+    cdef int64_t* carry             # host index in the previous table, or -1; NULL once published
+    cdef double* weights            # host weight (uint32 as double) per host index
+    cdef Py_ssize_t n_hosts
+    cdef int32_t n_prio
+    cdef uint32_t* healthy_load     # per priority, percent
+    cdef uint32_t* degraded_load
+    cdef uint8_t* panic
+    cdef int32_t* source_base       # per priority: id of its AllHosts source
+    cdef Py_ssize_t n_sources
+    cdef int64_t* src_off           # per source: offset into src_hosts
+    cdef int64_t* src_len
+    cdef int64_t* src_rr            # per source: slot in LoadBalancer._rr, or -1
+    cdef Edf** src_edf              # per source: host EDF or NULL
+    cdef int32_t* src_hosts         # all sources' host indices, concatenated
+    cdef Edf** loc_edf              # per priority x {healthy, degraded}: locality EDF or NULL
+    cdef double** loc_weights       # matching effective locality weights (by locality index)
+    cdef uint64_t** ring_hash       # per priority: sorted ring hashes
+    cdef int32_t** ring_host        # per priority: host index per ring entry
+    cdef int64_t* ring_len
+    cdef int32_t** maglev           # per priority: table of table_size host indices, or NULL
+    cdef uint64_t maglev_size
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        PyMem_Free(self.active)
+        PyMem_Free(self.carry)
+        PyMem_Free(self.weights)
+        PyMem_Free(self.healthy_load)
+        PyMem_Free(self.degraded_load)
+        PyMem_Free(self.panic)
+        PyMem_Free(self.source_base)
+        PyMem_Free(self.src_off)
+        PyMem_Free(self.src_len)
+        PyMem_Free(self.src_rr)
+        PyMem_Free(self.src_hosts)
+        if self.src_edf != NULL:
+            for i in range(self.n_sources):
+                _edf_free(self.src_edf[i])
+            PyMem_Free(self.src_edf)
+        if self.loc_edf != NULL:
+            for i in range(2 * self.n_prio):
+                _edf_free(self.loc_edf[i])
+                PyMem_Free(self.loc_weights[i])
+            PyMem_Free(self.loc_edf)
+            PyMem_Free(self.loc_weights)
+        if self.ring_hash != NULL:
+            for i in range(self.n_prio):
+                PyMem_Free(self.ring_hash[i])
+                PyMem_Free(self.ring_host[i])
+            PyMem_Free(self.ring_hash)
+            PyMem_Free(self.ring_host)
+            PyMem_Free(self.ring_len)
+        if self.maglev != NULL:
+            for i in range(self.n_prio):
+                PyMem_Free(self.maglev[i])
+            PyMem_Free(self.maglev)
+
+
+cdef void* _alloc(size_t size) except NULL:
+    cdef void* p = PyMem_Malloc(size if size > 0 else 1)
+    if p == NULL:
+        raise MemoryError()
+    memset(p, 0, size if size > 0 else 1)
+    return p
+
+
+ctypedef struct RingEntry:
+    uint64_t hash
+    int64_t order
+    int32_t host
+
+
+cdef extern from "stdlib.h":
+    void qsort(void* base, size_t nmemb, size_t size, int (*compar)(const void*, const void*) noexcept nogil) nogil
+
+
+cdef int _ring_cmp(const void* a, const void* b) noexcept nogil:
+    cdef RingEntry* x = <RingEntry*>a
+    cdef RingEntry* y = <RingEntry*>b
+    if x.hash != y.hash:
+        return -1 if x.hash < y.hash else 1
+    return -1 if x.order < y.order else (1 if x.order > y.order else 0)
+
+
+@cython.final
+cdef class LoadBalancer:
+    """Envoy-exact endpoint selection over one cluster's endpoints (compiled twin)."""
+
+    cdef object _config
+    cdef int _code
+    cdef uint32_t _choice_count
+    cdef double _bias
+    cdef bint _weighted_lr
+    cdef uint64_t _rng                 # SplitMix64 state
+    cdef uint64_t _seed                # Envoy's seed_
+    cdef set _ejected                  # keys of outlier-ejected hosts (FAILED_OUTLIER_CHECK)
+    cdef dict _rr_slots                # (priority, source type, locality) -> slot in _rr
+    cdef uint64_t* _rr                 # round-robin indexes, one per hosts source ever seen
+    cdef Py_ssize_t _rr_len
+    cdef Py_ssize_t _rr_cap
+    cdef _Table _table
+    cdef object __weakref__
+
+    def __init__(self, endpoints=(), policy="ROUND_ROBIN", seed=None, **options):
+        cfg = LbConfig.from_options(policy, options)
+        self._config = cfg
+        self._code = cfg.policy_code
+        self._choice_count = cfg.choice_count
+        self._bias = cfg.active_request_bias
+        self._weighted_lr = cfg.policy_code == LR and cfg.active_request_bias_set
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")
+        self._rng = PyLong_AsUnsignedLongLongMask(seed)
+        self._seed = _splitmix_next(&self._rng)
+        self._ejected = set()
+        self._rr_slots = {}
+        self._publish(self._build(list(endpoints)))
+
+    def __dealloc__(self):
+        PyMem_Free(self._rr)
+
+    @classmethod
+    def from_xds(cls, cluster, load_assignment=None, seed=None):
+        """Build from an xDS ``Cluster`` and ``ClusterLoadAssignment`` (messages or dicts)."""
+        from ..xds.lb_config import load_balancer_arguments
+
+        endpoints, policy, options = load_balancer_arguments(cluster, load_assignment)
+        return cls(endpoints, policy=policy, seed=seed, **options)
+
+    @property
+    def policy(self):
+        return self._config.policy
+
+    @property
+    def config(self):
+        return self._config
+
+    @property
+    def endpoints(self):
+        """The current endpoints (after de-duplication), in the order given."""
+        return list(self._table.eps)
+
+    cdef Py_ssize_t _rr_slot(self, tuple key) except -1:
+        slot = self._rr_slots.get(key)
+        if slot is not None:
+            return slot
+        cdef Py_ssize_t new_cap
+        cdef uint64_t* grown
+        if self._rr_len == self._rr_cap:
+            new_cap = 16 if self._rr_cap == 0 else 2 * self._rr_cap
+            grown = <uint64_t*>PyMem_Realloc(self._rr, sizeof(uint64_t) * new_cap)
+            if grown == NULL:
+                raise MemoryError()
+            self._rr = grown
+            self._rr_cap = new_cap
+        self._rr[self._rr_len] = self._seed  # rr_indexes_.insert({source, seed_})
+        self._rr_slots[key] = self._rr_len
+        self._rr_len += 1
+        return self._rr_len - 1
+
+    cdef inline double _host_weight(self, _Table t, int32_t host) noexcept:
+        """hostWeight(): the host's EDF weight now (least request scales by active)."""
+        cdef double w = t.weights[host]
+        cdef int64_t active
+        if self._code != LR or self._bias == 0.0:
+            return w
+        active = t.active[host] + 1
+        if self._bias == 1.0:
+            return w / <double>active
+        return w / pow(<double>active, self._bias)
+
+    cdef _Table _build(self, list endpoints):
+        cfg = self._config
+        layout = _build.layout(endpoints, cfg)
+        cdef list eps = layout.endpoints
+        cdef Py_ssize_t n = len(eps), i, j, k, p, total
+        cdef _Table old = self._table
+        cdef dict old_index = old.index if old is not None else {}
+        cdef set ejected_keys = self._ejected
+        cdef list ejected = []
+        cdef _Table t = _Table()
+        t.layout = layout
+        t.eps = eps
+        t.index = layout.index
+        t.n_hosts = n
+        t.active = <int64_t*>_alloc(sizeof(int64_t) * n)
+        t.carry = <int64_t*>_alloc(sizeof(int64_t) * n)
+        i = 0
+        for ep in eps:
+            key = (<object>ep).key
+            j = old_index.get(key, -1)
+            t.carry[i] = j
+            # Counters as of now (least-request EDF weights); refreshed again at publish.
+            t.active[i] = old.active[j] if j >= 0 else 0
+            ejected.append(key in ejected_keys)
+            i += 1
+        groups = _build.partition(layout, ejected, cfg)
+        plan = groups.plan
+        t.n_prio = layout.priorities
+        t.weights = <double*>_alloc(sizeof(double) * n)
+        i = 0
+        for w in layout.weights:
+            t.weights[i] = <double><uint32_t>w
+            i += 1
+        t.healthy_load = <uint32_t*>_alloc(sizeof(uint32_t) * t.n_prio)
+        t.degraded_load = <uint32_t*>_alloc(sizeof(uint32_t) * t.n_prio)
+        t.panic = <uint8_t*>_alloc(sizeof(uint8_t) * t.n_prio)
+        for p in range(t.n_prio):
+            t.healthy_load[p] = plan.healthy_load[p]
+            t.degraded_load[p] = plan.degraded_load[p]
+            t.panic[p] = plan.panic[p]
+        if self._code == RING or self._code == MAGLEV:
+            self._build_hash_tables(t, layout, groups, cfg)
+            return t
+        # Hosts sources, flattened.
+        cdef list sources = groups.sources
+        t.n_sources = len(sources)
+        t.source_base = <int32_t*>_alloc(sizeof(int32_t) * t.n_prio)
+        for p in range(t.n_prio):
+            t.source_base[p] = layout.source_base[p]
+        t.src_off = <int64_t*>_alloc(sizeof(int64_t) * t.n_sources)
+        t.src_len = <int64_t*>_alloc(sizeof(int64_t) * t.n_sources)
+        t.src_rr = <int64_t*>_alloc(sizeof(int64_t) * t.n_sources)
+        t.src_edf = <Edf**>_alloc(sizeof(Edf*) * t.n_sources)
+        total = 0
+        for key, hosts in sources:
+            total += len(hosts)
+        t.src_hosts = <int32_t*>_alloc(sizeof(int32_t) * total)
+        # Host weights by host index, evaluated once (hostWeight at build time).
+        cdef double* weight_buf = <double*>_alloc(sizeof(double) * (n if n > 0 else 1))
+        cdef int32_t* host_buf
+        cdef bint equal
+        for j in range(n):
+            weight_buf[j] = self._host_weight(t, <int32_t>j)
+        try:
+            k = 0
+            for i in range(t.n_sources):
+                key, hosts = sources[i]
+                t.src_off[i] = k
+                t.src_len[i] = len(hosts)
+                for h in hosts:
+                    t.src_hosts[k] = h
+                    k += 1
+                t.src_rr[i] = self._rr_slot(key) if self._code == RR else -1
+                if self._code == RANDOM or t.src_len[i] <= 1:
+                    continue
+                host_buf = t.src_hosts + t.src_off[i]
+                equal = True
+                for j in range(1, t.src_len[i]):
+                    if t.weights[host_buf[j]] != t.weights[host_buf[0]]:
+                        equal = False
+                        break
+                if equal and not self._weighted_lr:
+                    continue
+                t.src_edf[i] = _edf_create(host_buf, t.src_len[i], weight_buf, self._seed)
+                if self._code == RR:
+                    _edf_to_classes(t.src_edf[i], weight_buf)
+        finally:
+            PyMem_Free(weight_buf)
+        if cfg.locality_weighted:
+            t.loc_edf = <Edf**>_alloc(sizeof(Edf*) * 2 * t.n_prio)
+            t.loc_weights = <double**>_alloc(sizeof(double*) * 2 * t.n_prio)
+            for p in range(t.n_prio):
+                loc_seed = _splitmix_next(&self._rng)
+                healthy_w, degraded_w = groups.locality_effective_weights(p, cfg)
+                if groups.healthy_count[p]:
+                    self._locality_scheduler(t, 2 * p, healthy_w, loc_seed)
+                if groups.degraded_count[p]:
+                    self._locality_scheduler(t, 2 * p + 1, degraded_w, loc_seed)
+        return t
+
+    cdef _locality_scheduler(self, _Table t, Py_ssize_t slot, list weights, uint64_t seed):
+        cdef Py_ssize_t n = len(weights), i, m = 0
+        cdef double* all_w = <double*>_alloc(sizeof(double) * n)
+        cdef int32_t* items = <int32_t*>_alloc(sizeof(int32_t) * n)
+        try:
+            for i in range(n):
+                all_w[i] = weights[i]
+                if all_w[i] > 0:
+                    items[m] = i
+                    m += 1
+            if m == 0:
+                PyMem_Free(all_w)
+                return
+            t.loc_edf[slot] = _edf_create(items, m, all_w, seed)
+            t.loc_weights[slot] = all_w
+        finally:
+            PyMem_Free(items)
+
+    cdef _build_hash_tables(self, _Table t, object layout, object groups, object cfg):
+        cdef Py_ssize_t p
+        t.ring_hash = <uint64_t**>_alloc(sizeof(uint64_t*) * t.n_prio)
+        t.ring_host = <int32_t**>_alloc(sizeof(int32_t*) * t.n_prio)
+        t.ring_len = <int64_t*>_alloc(sizeof(int64_t) * t.n_prio)
+        t.maglev = <int32_t**>_alloc(sizeof(int32_t*) * t.n_prio)
+        t.maglev_size = cfg.table_size
+        keys = [(<str>k).encode() for k in layout.hash_keys]
+        for p in range(t.n_prio):
+            host_weights = _build.normalized_weights(groups, layout, p, cfg)
+            if not host_weights:
+                continue
+            if self._code == RING:
+                self._ring(t, p, keys, host_weights, cfg.minimum_ring_size, cfg.maximum_ring_size)
+            else:
+                self._maglev(t, p, keys, host_weights, cfg.table_size)
+
+    cdef _ring(self, _Table t, Py_ssize_t p, list keys, list host_weights, uint64_t min_ring, uint64_t max_ring):
+        cdef double min_w = 1.0, w, scale, current = 0.0, target = 0.0
+        for _, w in host_weights:
+            if w < min_w:
+                min_w = w
+        scale = ceil(min_w * min_ring) / min_w
+        if scale > <double>max_ring:
+            scale = <double>max_ring
+        cdef Py_ssize_t cap = <Py_ssize_t>ceil(scale) + len(host_weights) + 1, count = 0, klen
+        cdef RingEntry* ring = <RingEntry*>_alloc(sizeof(RingEntry) * cap)
+        cdef RingEntry* grown
+        cdef char buf[256]
+        cdef char* kb
+        cdef bytes key
+        cdef uint64_t i
+        cdef int digits
+        cdef char digit_buf[24]
+        cdef int32_t host
+        try:
+            for host, w in host_weights:
+                key = keys[host]
+                klen = len(key)
+                kb = <char*>PyMem_Malloc(klen + 24)
+                if kb == NULL:
+                    raise MemoryError()
+                memcpy(kb, <char*>key, klen)
+                kb[klen] = 95
+                target += scale * w
+                i = 0
+                while current < target:
+                    digits = _format_u64(i, digit_buf)
+                    memcpy(kb + klen + 1, digit_buf, digits)
+                    if count == cap:
+                        cap *= 2
+                        grown = <RingEntry*>PyMem_Realloc(ring, sizeof(RingEntry) * cap)
+                        if grown == NULL:
+                            PyMem_Free(kb)
+                            raise MemoryError()
+                        ring = grown
+                    ring[count].hash = c_xxh64(<unsigned char*>kb, klen + 1 + digits, 0)
+                    ring[count].order = count
+                    ring[count].host = host
+                    count += 1
+                    i += 1
+                    current += 1
+                PyMem_Free(kb)
+            qsort(ring, count, sizeof(RingEntry), _ring_cmp)
+            t.ring_hash[p] = <uint64_t*>_alloc(sizeof(uint64_t) * count)
+            t.ring_host[p] = <int32_t*>_alloc(sizeof(int32_t) * count)
+            for i in range(<uint64_t>count):
+                t.ring_hash[p][i] = ring[i].hash
+                t.ring_host[p][i] = ring[i].host
+            t.ring_len[p] = count
+        finally:
+            PyMem_Free(ring)
+
+    cdef _maglev(self, _Table t, Py_ssize_t p, list keys, list host_weights, uint64_t size):
+        cdef double max_w = 0.0, w
+        for _, w in host_weights:
+            if w > max_w:
+                max_w = w
+        entries = sorted(
+            [(keys[hw[0]], pos, hw[0], hw[1]) for pos, hw in enumerate(host_weights)]
+        )
+        cdef Py_ssize_t n = len(entries), e
+        cdef uint64_t* offset = <uint64_t*>_alloc(sizeof(uint64_t) * n)
+        cdef uint64_t* skip = <uint64_t*>_alloc(sizeof(uint64_t) * n)
+        cdef uint64_t* nxt = <uint64_t*>_alloc(sizeof(uint64_t) * n)
+        cdef double* target = <double*>_alloc(sizeof(double) * n)
+        cdef double* weight = <double*>_alloc(sizeof(double) * n)
+        cdef int32_t* host = <int32_t*>_alloc(sizeof(int32_t) * n)
+        cdef int32_t* table = <int32_t*>_alloc(sizeof(int32_t) * size)
+        cdef bytes key
+        cdef uint64_t filled = 0, c, slot
+        cdef uint32_t iteration = 1
+        try:
+            for e in range(n):
+                key = entries[e][0]
+                offset[e] = c_xxh64(<unsigned char*><char*>key, len(key), 0) % size
+                skip[e] = c_xxh64(<unsigned char*><char*>key, len(key), 1) % (size - 1) + 1
+                weight[e] = entries[e][3]
+                host[e] = entries[e][2]
+            for slot in range(size):
+                table[slot] = -1
+            while filled < size:
+                for e in range(n):
+                    if filled >= size:
+                        break
+                    if iteration * weight[e] < target[e]:
+                        continue
+                    target[e] += max_w
+                    c = (offset[e] + skip[e] * nxt[e]) % size
+                    while table[c] != -1:
+                        nxt[e] += 1
+                        c = (offset[e] + skip[e] * nxt[e]) % size
+                    table[c] = host[e]
+                    nxt[e] += 1
+                    filled += 1
+                iteration += 1
+            t.maglev[p] = table
+            table = NULL
+        finally:
+            PyMem_Free(offset)
+            PyMem_Free(skip)
+            PyMem_Free(nxt)
+            PyMem_Free(target)
+            PyMem_Free(weight)
+            PyMem_Free(host)
+            PyMem_Free(table)
+
+    cdef _publish(self, _Table t):
+        """Carry surviving hosts' in-flight counts over, then swap the table.
+
+        Pure C between reading the old counters and the swap (no Python code, no
+        allocation, GIL held): no pick or release can slip in between.
+        """
+        cdef _Table old = self._table
+        cdef Py_ssize_t i
+        if old is not None:
+            for i in range(t.n_hosts):
+                # carry[i] is an index into old's arrays (from old.index) or -1.
+                t.active[i] = old.active[t.carry[i]] if t.carry[i] >= 0 else 0
+        self._table = t
+        PyMem_Free(t.carry)
+        t.carry = NULL
+        if self._ejected:
+            self._ejected &= t.index.keys()
+
+    def update(self, endpoints):
+        """Replace the endpoint set atomically; surviving hosts keep their state."""
+        self._publish(self._build(list(endpoints)))
+
+    # -- picking ------------------------------------------------------------------------
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    @cython.cdivision(True)
+    def pick(self, hash=None):
+        """Choose an endpoint (and count one active request on it), or ``None``."""
+        cdef _Table t = self._table
+        cdef uint64_t h, x, acc
+        cdef int32_t p = 0, host
+        cdef bint degraded = False
+        cdef int64_t sid, n, lo, hi, mid
+        cdef int32_t* hosts
+        cdef Edf* edf
+        cdef Edf* loc
+        cdef int32_t locality
+        cdef uint64_t* ring
+        if self._code >= RING:
+            if hash is None:
+                h = _splitmix_next(&self._rng)
+            else:
+                h = PyLong_AsUnsignedLongLongMask(hash)
+            p = _choose_priority(t, h, &degraded)
+            if self._code == RING:
+                n = t.ring_len[p]
+                if n == 0:
+                    return None
+                ring = t.ring_hash[p]
+                # Ketama search (ring_hash_lb.cc), verbatim: signed indices, wrap to 0.
+                lo = 0
+                hi = n
+                while True:
+                    mid = (lo + hi) // 2
+                    if mid == n:
+                        mid = 0
+                        break
+                    if h <= ring[mid] and h > (0 if mid == 0 else ring[mid - 1]):
+                        break
+                    if ring[mid] < h:
+                        lo = mid + 1
+                    else:
+                        hi = mid - 1
+                    if lo > hi:
+                        mid = 0
+                        break
+                # mid in [0, n): the loop exits only with 0 or an index whose ring[mid] was read.
+                host = t.ring_host[p][mid]
+            else:
+                if t.maglev[p] == NULL:
+                    return None
+                # h % maglev_size < maglev_size == allocated length of every maglev table.
+                host = t.maglev[p][h % t.maglev_size]
+            t.active[host] += 1
+            return t.eps[host]
+        h = _splitmix_next(&self._rng)
+        p = _choose_priority(t, h, &degraded)
+        # source ids come from _build.partition: base + {0 all, 1 healthy, 2 degraded,
+        # 3 + 2i locality-healthy i, 4 + 2i locality-degraded i}; all < n_sources.
+        sid = t.source_base[p]
+        if not t.panic[p]:
+            loc = NULL
+            if t.loc_edf != NULL:
+                loc = t.loc_edf[2 * p + degraded]
+            if loc != NULL:
+                locality = loc.heap[0].item
+                _edf_replace_top(loc, t.loc_weights[2 * p + degraded][locality])
+                sid += 3 + 2 * locality + degraded
+            else:
+                sid += 1 + degraded
+        n = t.src_len[sid]
+        hosts = t.src_hosts + t.src_off[sid]
+        if self._code == RANDOM:
+            if n == 0:
+                return None
+            host = hosts[h % <uint64_t>n]
+        else:
+            edf = t.src_edf[sid]
+            if edf != NULL:
+                if edf.classes != NULL:
+                    host = _edf_class_pick(edf)
+                else:
+                    host = edf.heap[0].item
+                    _edf_replace_top(edf, self._host_weight(t, host))
+            elif n == 0:
+                return None
+            elif self._code == RR:
+                # src_rr[sid] is a slot < _rr_len for every RR source (set in _build).
+                host = hosts[self._rr[t.src_rr[sid]] % <uint64_t>n]
+                self._rr[t.src_rr[sid]] += 1
+            else:
+                host = self._p2c(t, hosts, n)
+        t.active[host] += 1
+        return t.eps[host]
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    @cython.cdivision(True)
+    cdef int32_t _p2c(self, _Table t, int32_t* hosts, int64_t n):
+        # n > 0 (checked by the caller); indices are `draw % n`.
+        cdef int32_t candidate = hosts[_splitmix_next(&self._rng) % <uint64_t>n], sampled
+        cdef uint32_t c
+        for c in range(1, self._choice_count):
+            sampled = hosts[_splitmix_next(&self._rng) % <uint64_t>n]
+            if t.active[sampled] < t.active[candidate]:
+                candidate = sampled
+        return candidate
+
+    def release(self, endpoint):
+        """The request to ``endpoint`` finished (least-request accounting)."""
+        cdef _Table t = self._table
+        cdef object i = t.index.get(endpoint.key)
+        cdef Py_ssize_t k
+        if i is not None:
+            k = i
+            if t.active[k] > 0:
+                t.active[k] -= 1
+
+    # -- introspection and host state ----------------------------------------------------
+
+    def active_requests(self, endpoint):
+        """Requests picked for ``endpoint`` and not yet released (0 if unknown)."""
+        cdef _Table t = self._table
+        i = t.index.get(endpoint.key)
+        return t.active[<Py_ssize_t>i] if i is not None else 0
+
+    def set_ejected(self, endpoint, ejected=True):
+        """Mark a host outlier-ejected (unhealthy) or restore it; rebuilds the table."""
+        key = endpoint.key
+        if key not in self._table.index:
+            raise KeyError(key)
+        if (key in self._ejected) != bool(ejected):
+            if ejected:
+                self._ejected.add(key)
+            else:
+                self._ejected.discard(key)
+            self._publish(self._build(list(self._table.eps)))
+
+    def is_ejected(self, endpoint):
+        return endpoint.key in self._ejected
+
+    @property
+    def priority_loads(self):
+        """(healthy, degraded) per-priority loads in percent, summing to 100."""
+        cdef _Table t = self._table
+        return ([t.healthy_load[p] for p in range(t.n_prio)],
+                [t.degraded_load[p] for p in range(t.n_prio)])
+
+    @property
+    def panic(self):
+        """Per-priority panic flags."""
+        cdef _Table t = self._table
+        return [bool(t.panic[p]) for p in range(t.n_prio)]
+
+    def __len__(self):
+        return len(self._table.eps)
+
+    def __repr__(self):
+        return f"<LoadBalancer {self._config.policy} endpoints={len(self)} impl=c>"
+
+
+@cython.boundscheck(False)
+cdef inline int32_t _choose_priority(_Table t, uint64_t h, bint* degraded) noexcept:
+    # choosePriority(): x in 1..100 against healthy then degraded loads (sum is 100).
+    cdef uint64_t x = h % 100 + 1, acc = 0
+    cdef int32_t p
+    for p in range(t.n_prio):
+        acc += t.healthy_load[p]
+        if x <= acc:
+            degraded[0] = False
+            return p
+    for p in range(t.n_prio):
+        acc += t.degraded_load[p]
+        if x <= acc:
+            degraded[0] = True
+            return p
+    degraded[0] = False
+    return 0
+
+
+cdef int _format_u64(uint64_t v, char* out) noexcept nogil:
+    """Decimal digits of v into out (no terminator); returns the count (absl::StrCat)."""
+    cdef char tmp[24]
+    cdef int n = 0, i
+    if v == 0:
+        out[0] = 48
+        return 1
+    while v > 0:
+        tmp[n] = <char>(48 + v % 10)
+        v //= 10
+        n += 1
+    for i in range(n):
+        out[i] = tmp[n - 1 - i]
+    return n
