@@ -29,6 +29,7 @@ _CLASS_OF_STATUS = {
     HealthStatus.DEGRADED: DEGRADED,
 }
 _HASH_POLICIES = (3, 4)
+_CLASS_BY_CODE = tuple(_CLASS_OF_STATUS[HealthStatus(code)] for code in range(6))
 
 
 class Layout:
@@ -113,51 +114,77 @@ def partition(out: Layout, ejected: Sequence[bool], cfg: LbConfig) -> Groups:
     """Split hosts by priority, locality and health; compute the priority plan."""
     n_prio = out.priorities
     g = Groups()
-    counts = [PriorityCounts() for _ in range(n_prio)]
+    eps = out.endpoints
+    weights = out.weights
+    n = len(eps)
     all_hosts: List[List[int]] = [[] for _ in range(n_prio)]
     healthy_hosts: List[List[int]] = [[] for _ in range(n_prio)]
     degraded_hosts: List[List[int]] = [[] for _ in range(n_prio)]
-    loc_index: List[Dict[Locality, int]] = [{} for _ in range(n_prio)]
-    loc_weight: List[Dict[Locality, int]] = [{} for _ in range(n_prio)]
-    host_loc: List[Locality] = []
-    host_cls: List[int] = []
-    hash_policy = cfg.policy_code in _HASH_POLICIES
-    for i, ep in enumerate(out.endpoints):
+    # Localities are first numbered in order of appearance (per priority), then renumbered
+    # in LocalityLess order (region, zone, sub_zone); hosts keep their relative order.
+    seen_loc: List[Dict[Locality, int]] = [{} for _ in range(n_prio)]
+    seen_weight: List[List[int]] = [[] for _ in range(n_prio)]
+    host_cls: List[int] = [0] * n
+    host_loc: List[int] = [0] * n
+    drained: List[bool] = [False] * n
+    class_of = _CLASS_BY_CODE
+    last_loc: object = None
+    last_p = -1
+    last_j = 0
+    draining = HealthStatus.DRAINING
+    for i in range(n):
+        ep = eps[i]
         p = ep.priority
-        c = counts[p]
-        w = out.weights[i]
-        status = ep.health
-        cls = _CLASS_OF_STATUS[status]
+        cls = class_of[ep.health]
         if ejected[i]:
             cls = UNHEALTHY  # FAILED_OUTLIER_CHECK takes precedence over degraded
-        c.hosts += 1
-        c.hosts_weight += w
+        host_cls[i] = cls
         all_hosts[p].append(i)
         if cls == HEALTHY:
-            c.healthy += 1
-            c.healthy_weight += w
             healthy_hosts[p].append(i)
         elif cls == DEGRADED:
-            c.degraded += 1
-            c.degraded_weight += w
             degraded_hosts[p].append(i)
-        if status == HealthStatus.DRAINING:
-            c.excluded += 1
-            c.excluded_weight += w
-        host_cls.append(cls)
+        if ep.health == draining:
+            drained[i] = True
         loc = ep.locality
-        host_loc.append(loc)
-        loc_index[p][loc] = 0
-        if ep.locality_weight is not None:
-            loc_weight[p][loc] = ep.locality_weight
-    if hash_policy:
+        if loc is not last_loc or p != last_p:
+            index = seen_loc[p]
+            j = index.get(loc, -1)
+            if j < 0:
+                j = index[loc] = len(index)
+                seen_weight[p].append(0)
+            last_loc = loc
+            last_p = p
+            last_j = j
+        else:
+            j = last_j
+        host_loc[i] = j
+        lw = ep.locality_weight
+        if lw is not None:
+            seen_weight[p][j] = lw  # the last weight given for a locality wins, as in Envoy
+    counts: List[PriorityCounts] = []
+    for p in range(n_prio):
+        c = PriorityCounts()
+        c.hosts = len(all_hosts[p])
+        c.healthy = len(healthy_hosts[p])
+        c.degraded = len(degraded_hosts[p])
+        for i in all_hosts[p]:
+            if drained[i]:
+                c.excluded += 1
+                c.excluded_weight += weights[i]
+        if cfg.weighted_priority_health or cfg.policy_code in _HASH_POLICIES:
+            c.hosts_weight = sum([weights[i] for i in all_hosts[p]])
+            c.healthy_weight = sum([weights[i] for i in healthy_hosts[p]])
+            c.degraded_weight = sum([weights[i] for i in degraded_hosts[p]])
+        counts.append(c)
+    if cfg.policy_code in _HASH_POLICIES:
         for p in range(n_prio):
             if counts[p].hosts_weight > _UINT32_MAX:
                 raise ConfigError(
                     "LoadBalancer", f"endpoints (priority {p}).weight",
                     "The sum of weights of all upstream hosts in a locality exceeds 4294967295",
                 )
-            if sum(loc_weight[p].values()) > _UINT32_MAX:
+            if sum(seen_weight[p]) > _UINT32_MAX:
                 raise ConfigError(
                     "LoadBalancer", f"endpoints (priority {p}).locality_weight",
                     "The sum of weights of all localities at the same priority exceeds 4294967295",
@@ -165,28 +192,35 @@ def partition(out: Layout, ejected: Sequence[bool], cfg: LbConfig) -> Groups:
     g.plan = plan_priorities(
         counts, cfg.overprovisioning_factor, cfg.healthy_panic_threshold, cfg.weighted_priority_health
     )
-    # Localities in LocalityLess order (region, zone, sub_zone); hosts keep their order.
+    renumber: List[List[int]] = []
     for p in range(n_prio):
-        ordered = sorted(loc_index[p])
-        index = loc_index[p]
-        for j, loc in enumerate(ordered):
-            index[loc] = j
-        g.locality_weights.append([loc_weight[p].get(loc, 0) for loc in ordered])
+        ordered = sorted(seen_loc[p].items())
+        rank = [0] * len(ordered)
+        for new_j, (loc, old_j) in enumerate(ordered):
+            rank[old_j] = new_j
+        renumber.append(rank)
+        g.locality_weights.append([seen_weight[p][old_j] for _, old_j in ordered])
         n_loc = len(ordered)
         g.loc_all.append([[] for _ in range(n_loc)])
         g.loc_healthy.append([[] for _ in range(n_loc)])
         g.loc_degraded.append([[] for _ in range(n_loc)])
         g.loc_excluded.append([0] * n_loc)
-    for i, ep in enumerate(out.endpoints):
-        p = ep.priority
-        j = loc_index[p][host_loc[i]]
-        g.loc_all[p][j].append(i)
-        if host_cls[i] == HEALTHY:
-            g.loc_healthy[p][j].append(i)
-        elif host_cls[i] == DEGRADED:
-            g.loc_degraded[p][j].append(i)
-        if ep.health == HealthStatus.DRAINING:
-            g.loc_excluded[p][j] += 1
+    for p in range(n_prio):
+        rank = renumber[p]
+        loc_all = g.loc_all[p]
+        loc_healthy = g.loc_healthy[p]
+        loc_degraded = g.loc_degraded[p]
+        loc_excluded = g.loc_excluded[p]
+        for i in all_hosts[p]:
+            j = rank[host_loc[i]]
+            loc_all[j].append(i)
+            cls = host_cls[i]
+            if cls == HEALTHY:
+                loc_healthy[j].append(i)
+            elif cls == DEGRADED:
+                loc_degraded[j].append(i)
+            if drained[i]:
+                loc_excluded[j] += 1
     # Hosts sources, per priority: All, Healthy, Degraded, then (LocalityHealthy i,
     # LocalityDegraded i) for each locality i.
     for p in range(n_prio):

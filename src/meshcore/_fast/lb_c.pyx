@@ -994,6 +994,33 @@ cdef class LoadBalancer:
         cdef _Table t = self._table
         return [bool(t.panic[p]) for p in range(t.n_prio)]
 
+    def hash_table_stats(self):
+        """Per priority, Envoy's ring_hash_lb / maglev_lb gauges: size and min/max entries
+        per host (over hosts present in the table)."""
+        cdef _Table t = self._table
+        cdef Py_ssize_t p, k, size
+        cdef int32_t* hosts
+        if self._code != RING and self._code != MAGLEV:
+            return []
+        out = []
+        for p in range(t.n_prio):
+            if self._code == RING:
+                hosts = t.ring_host[p]
+                size = t.ring_len[p]
+            else:
+                hosts = t.maglev[p]
+                size = t.maglev_size if hosts != NULL else 0
+            counts = {}
+            for k in range(size):
+                counts[hosts[k]] = counts.get(hosts[k], 0) + 1
+            out.append({
+                "size": size,
+                "min_entries_per_host": min(counts.values()) if counts else 0,
+                "max_entries_per_host": max(counts.values()) if counts else 0,
+                "hosts": len(counts),
+            })
+        return out
+
     def __len__(self):
         return len(self._table.eps)
 

@@ -304,6 +304,30 @@ class LoadBalancer:
         """Per-priority panic flags."""
         return list(self._table.panic)
 
+    def hash_table_stats(self) -> List[Dict[str, int]]:
+        """Per priority, Envoy's ring_hash_lb / maglev_lb gauges: size and min/max entries
+        per host (over hosts present in the table)."""
+        t = self._table
+        out: List[Dict[str, int]] = []
+        code = self._config.policy_code
+        for p in range(t.layout.priorities):
+            if code == _RING:
+                hosts = t.ring_hosts[p]
+            elif code == _MAGLEV:
+                hosts = t.maglev[p]
+            else:
+                return []
+            counts: Dict[int, int] = {}
+            for h in hosts:
+                counts[h] = counts.get(h, 0) + 1
+            out.append({
+                "size": len(hosts),
+                "min_entries_per_host": min(counts.values()) if counts else 0,
+                "max_entries_per_host": max(counts.values()) if counts else 0,
+                "hosts": len(counts),
+            })
+        return out
+
     def __len__(self) -> int:
         return len(self._table.layout.endpoints)
 
