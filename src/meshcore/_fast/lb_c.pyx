@@ -30,6 +30,9 @@ cdef extern from "_debug.h":
 
 __all__ = ["LoadBalancer", "xxh64"]
 
+cdef enum:
+    EDF_ARITY = 2   # children per node of the host EDF heap
+
 cdef enum Policy:
     RR = 0
     LR = 1
@@ -167,6 +170,12 @@ ctypedef struct Edf:
     Py_ssize_t n_classes
 
 
+cdef inline Py_ssize_t _edf_less_flag(EdfEntry* a, EdfEntry* b) noexcept nogil:
+    # 1 if a orders before b, else 0, computed without short-circuit branches.
+    return (<Py_ssize_t>(a.deadline < b.deadline)) | (
+        (<Py_ssize_t>(a.deadline == b.deadline)) & (<Py_ssize_t>(a.order < b.order)))
+
+
 cdef inline bint _edf_less(EdfEntry* a, EdfEntry* b) noexcept nogil:
     return a.deadline < b.deadline or (a.deadline == b.deadline and a.order < b.order)
 
@@ -180,10 +189,10 @@ cdef void _edf_sift_down(Edf* e, Py_ssize_t pos) noexcept nogil:
     cdef Py_ssize_t n = e.size, child, last, best
     cdef EdfEntry moving = e.heap[pos]
     while True:
-        child = 4 * pos + 1
+        child = EDF_ARITY * pos + 1
         if child >= n:
             break
-        last = child + 4
+        last = child + EDF_ARITY
         if last > n:
             last = n
         best = child
@@ -200,20 +209,41 @@ cdef void _edf_sift_down(Edf* e, Py_ssize_t pos) noexcept nogil:
 
 
 cdef void _edf_heapify(Edf* e) noexcept nogil:
-    cdef Py_ssize_t i = (e.size - 2) // 4 + 1 if e.size > 1 else 0
+    cdef Py_ssize_t i = (e.size - 2) // EDF_ARITY + 1 if e.size > 1 else 0
     while i > 0:
         i -= 1
         _edf_sift_down(e, i)
 
 
+@cython.boundscheck(False)
+@cython.cdivision(True)
 cdef inline void _edf_replace_top(Edf* e, double weight) noexcept nogil:
     # pickAndAdd: time advances to the popped deadline, the item is re-added with `weight`.
-    # Replacing the root and sifting down equals pop+push: order offsets keep ties total.
-    e.current_time = e.heap[0].deadline
-    e.heap[0].deadline = e.current_time + 1.0 / weight
-    e.heap[0].order = e.order_offset
+    # Replacing the root equals pop+push, since order offsets make the order total.
+    # Bottom-up (Floyd): the re-added entry usually has the latest deadline, so walk the hole
+    # down the smaller-child path to a leaf, then sift the entry up from there.
+    # Indices: pos < n always; children are compared with n before they are read.
+    cdef Py_ssize_t n = e.size, pos = 0, child, parent
+    cdef EdfEntry moving = e.heap[0]
+    e.current_time = moving.deadline
+    moving.deadline = e.current_time + 1.0 / weight
+    moving.order = e.order_offset
     e.order_offset += 1
-    _edf_sift_down(e, 0)
+    while True:
+        child = EDF_ARITY * pos + 1
+        if child >= n:
+            break
+        if child + 1 < n:
+            child += _edf_less_flag(&e.heap[child + 1], &e.heap[child])  # branch-free
+        e.heap[pos] = e.heap[child]
+        pos = child
+    while pos > 0:
+        parent = (pos - 1) // EDF_ARITY
+        if not _edf_less(&moving, &e.heap[parent]):
+            break
+        e.heap[pos] = e.heap[parent]
+        pos = parent
+    e.heap[pos] = moving
 
 
 cdef void _edf_free(Edf* e) noexcept:
