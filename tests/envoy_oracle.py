@@ -1,4 +1,5 @@
-"""A real Envoy as an oracle for consistent-hash (RING_HASH / MAGLEV) endpoint selection.
+"""A real Envoy as an oracle for endpoint selection: consistent hash (RING_HASH / MAGLEV) per key,
+and the distribution of ROUND_ROBIN / LEAST_REQUEST / RANDOM picks.
 
 Usage::
 
@@ -9,8 +10,12 @@ Usage::
         picks = oracle.route(["a", "b", "c"])      # {"a": "127.0.0.3:40123", ...}
         oracle.cluster, oracle.cla                  # the proto3-JSON dicts Envoy was given
 
+    with EnvoyOracle(eps, policy="ROUND_ROBIN", locality_weighted=True) as oracle:
+        hits = oracle.sample(3000)                  # Counter({"127.0.0.3:40123": 2250, ...})
+
 Options (see :func:`build_xds`): policy, minimum_ring_size, maximum_ring_size, table_size,
 overprovisioning_factor, healthy_panic_threshold, locality_weighted, use_hostname_for_hashing,
+weighted_priority_health, choice_count, active_request_bias (LEAST_REQUEST),
 lb_config_style ("classic" lb_policy + *_lb_config + common_lb_config, or "typed"
 load_balancing_policy).  Endpoints may be EndpointSpec objects or plain dicts of its fields.
 
@@ -34,6 +39,9 @@ What it does:
 * :meth:`EnvoyOracle.route` sends one ``GET /`` per key with ``x-key: <key>`` over one keep-alive
   connection and returns ``{key: "ip:port"}``; ``None`` means Envoy found no host (503, flag UH).
   The upstream's self-identification is cross-checked against Envoy's ``%UPSTREAM_HOST%``.
+* :meth:`EnvoyOracle.sample` sends ``n`` strictly sequential ``GET /`` (one keep-alive connection,
+  raw-socket client) and counts the answering upstreams (``None`` = 503 UH); the counts are
+  cross-checked against Envoy's per-host ``rq_total`` and ``upstream_cx_none_healthy``.
 * :meth:`close` / ``__exit__`` kill both processes by PID (SIGTERM, then SIGKILL) and delete the
   temp dir; children also get PR_SET_PDEATHSIG so they die if the test process is killed.
 
@@ -44,11 +52,13 @@ The endpoint description is independent of meshcore.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import dataclasses
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -73,6 +83,13 @@ __all__ = [
 ]
 
 HEALTH_STATUSES = ("UNKNOWN", "HEALTHY", "UNHEALTHY", "DRAINING", "TIMEOUT", "DEGRADED")
+HASH_POLICIES = ("RING_HASH", "MAGLEV")
+NON_HASH_POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM")
+_TYPED_NON_HASH = {
+    "ROUND_ROBIN": ("envoy.load_balancing_policies.round_robin", "round_robin.v3.RoundRobin"),
+    "LEAST_REQUEST": ("envoy.load_balancing_policies.least_request", "least_request.v3.LeastRequest"),
+    "RANDOM": ("envoy.load_balancing_policies.random", "random.v3.Random"),
+}
 CLUSTER_NAME = "oracle"
 KEY_HEADER = "x-key"
 SERVED_BY_HEADER = "x-served-by"
@@ -165,6 +182,8 @@ def build_xds(
     weighted_priority_health: bool | None = None,
     lb_config_style: str = "classic",
     cluster_name: str = CLUSTER_NAME,
+    choice_count: int | None = None,
+    active_request_bias: float | None = None,
 ) -> tuple[dict, dict]:
     """Build ``(cluster, cla)`` proto3-JSON dicts (Cluster / ClusterLoadAssignment).
 
@@ -188,10 +207,30 @@ def build_xds(
       ``envoy.extensions.load_balancing_policies.{ring_hash,maglev}.v3.{RingHash,Maglev}`` carrying
       ring/table sizes, ``consistent_hashing_lb_config`` and ``locality_weighted_lb_config``;
       ``common_lb_config`` keeps only ``healthy_panic_threshold``.  The cluster stays STATIC.
+
+    Non-hash policies (``ROUND_ROBIN``, ``LEAST_REQUEST``, ``RANDOM``): classic style is
+    ``lb_policy`` + ``least_request_lb_config`` (``choice_count``, ``active_request_bias`` as a
+    RuntimeDouble with runtime key ``oracle.active_request_bias``) + ``common_lb_config``
+    (``healthy_panic_threshold``, ``locality_weighted_lb_config``); typed style is
+    ``envoy.load_balancing_policies.{round_robin,least_request,random}`` with
+    ``locality_lb_config.locality_weighted_lb_config``.  The hash-only options (ring/table
+    sizes, ``hash_function``, ``use_hostname_for_hashing``) are rejected for them, and
+    ``choice_count`` / ``active_request_bias`` for anything but LEAST_REQUEST.
     """
     policy = policy.upper()
-    if policy not in ("RING_HASH", "MAGLEV"):
-        raise ValueError(f"policy must be RING_HASH or MAGLEV, not {policy!r}")
+    if policy not in HASH_POLICIES + NON_HASH_POLICIES:
+        raise ValueError(f"policy must be one of {HASH_POLICIES + NON_HASH_POLICIES}, not {policy!r}")
+    if policy in NON_HASH_POLICIES:
+        hash_only = {
+            "minimum_ring_size": minimum_ring_size, "maximum_ring_size": maximum_ring_size,
+            "hash_function": hash_function, "table_size": table_size,
+            "use_hostname_for_hashing": use_hostname_for_hashing or None,
+        }
+        bad = sorted(k for k, v in hash_only.items() if v is not None)
+        if bad:
+            raise ValueError(f"{bad} only apply to RING_HASH / MAGLEV, not {policy}")
+    if policy != "LEAST_REQUEST" and (choice_count is not None or active_request_bias is not None):
+        raise ValueError(f"choice_count / active_request_bias only apply to LEAST_REQUEST, not {policy}")
     eps = [EndpointSpec.coerce(e) for e in endpoints]
 
     # Group into LocalityLbEndpoints by (priority, locality), in first-appearance order within
@@ -255,6 +294,34 @@ def build_xds(
     if lb_config_style not in ("classic", "typed"):
         raise ValueError(f"lb_config_style must be 'classic' or 'typed', not {lb_config_style!r}")
     typed = lb_config_style == "typed"
+    if policy in NON_HASH_POLICIES:
+        cluster = {"name": cluster_name, "type": "STATIC", "connect_timeout": "2s"}
+        common = {}
+        if healthy_panic_threshold is not None:
+            common["healthy_panic_threshold"] = {"value": float(healthy_panic_threshold)}
+        lr: dict[str, Any] = {}
+        if choice_count is not None:
+            lr["choice_count"] = {"value": int(choice_count)}
+        if active_request_bias is not None:
+            lr["active_request_bias"] = {
+                "default_value": float(active_request_bias), "runtime_key": "oracle.active_request_bias"
+            }
+        if typed:
+            name, msg = _TYPED_NON_HASH[policy]
+            cfg: dict[str, Any] = {"@type": f"type.googleapis.com/envoy.extensions.load_balancing_policies.{msg}", **lr}
+            if locality_weighted:
+                cfg["locality_lb_config"] = {"locality_weighted_lb_config": {}}
+            cluster["load_balancing_policy"] = {"policies": [{"typed_extension_config": {"name": name, "typed_config": cfg}}]}
+        else:
+            cluster["lb_policy"] = policy
+            if lr:
+                cluster["least_request_lb_config"] = lr
+            if locality_weighted:
+                common["locality_weighted_lb_config"] = {}
+        if common:
+            cluster["common_lb_config"] = common
+        cluster["load_assignment"] = cla
+        return cluster, json.loads(json.dumps(cla))
     cluster: dict[str, Any] = {
         "name": cluster_name,
         "type": "STRICT_DNS" if (use_hostname_for_hashing and not typed) else "STATIC",
@@ -457,7 +524,7 @@ def _http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
 
 
 class EnvoyOracle:
-    """Context manager: upstream servers + one Envoy configured with one hash-LB cluster."""
+    """Context manager: upstream servers + one Envoy configured with one load-balanced cluster."""
 
     def __init__(
         self,
@@ -746,6 +813,112 @@ class EnvoyOracle:
             raise EnvoyOracleError(f"envoy retried upstream requests ({retries}); picks are not first picks")
         return out
 
+    def sample(self, n: int, *, check_stats: bool = True) -> collections.Counter:
+        """Send ``n`` plain ``GET /`` requests (no ``x-key``) one after the other and count who
+        answered: ``Counter({"ip:port": hits, ..., None: 503s for "no healthy upstream"})``.
+
+        For the non-hash policies (their per-pick choice is what is being measured).  Requests
+        are strictly sequential on one keep-alive connection (a raw-socket HTTP/1.1 client,
+        several times faster than :mod:`http.client`): the next request is sent only after the
+        previous response was read in full, by which time Envoy has completed the upstream
+        request, so every host's ``rq_active`` is 0 at each pick.  Every answer's ``x-served-by``
+        is cross-checked against Envoy's ``%UPSTREAM_HOST%``; with ``check_stats`` the counts are
+        also cross-checked against Envoy's own per-host ``rq_total`` and the cluster's
+        ``upstream_cx_none_healthy`` deltas, and ``upstream_rq_retry`` must stay 0.
+        """
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        before = self._sample_stats() if check_stats else None
+        t = time.monotonic()
+        counts: collections.Counter = collections.Counter()
+        request = b"GET / HTTP/1.1\r\nhost: oracle\r\n\r\n"
+        sock: socket.socket | None = None
+        buf = b""
+        try:
+            i = 0
+            fresh = False
+            while i < n:
+                if sock is None:
+                    sock = socket.create_connection(("127.0.0.1", self.listener_port), timeout=15)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    buf, fresh = b"", True
+                sock.sendall(request)
+                try:
+                    status, headers, body, buf = _read_response(sock, buf)
+                except _ConnectionClosedEarly:
+                    # Envoy closed the idle keep-alive connection before answering: reconnect
+                    # once (a downstream-connection matter; the request never reached the LB).
+                    sock.close()
+                    sock = None
+                    if fresh or (self._envoy is not None and self._envoy.poll() is not None):
+                        raise EnvoyOracleError(f"request {i} failed; envoy log:\n{_tail(self._log_path)}")
+                    continue
+                fresh = False
+                counts[self._classify(f"request {i}", status, headers, body)] += 1
+                if headers.get("connection", "").lower() == "close":
+                    sock.close()
+                    sock = None
+                i += 1
+        finally:
+            if sock is not None:
+                sock.close()
+        self.timings["last_sample"] = time.monotonic() - t
+        if check_stats:
+            after = self._sample_stats()
+            self._check_sample_stats(counts, before, after)
+        return counts
+
+    def _classify(self, what: str, status: int, headers: Mapping[str, str], body: bytes) -> str | None:
+        served = headers.get(SERVED_BY_HEADER)
+        uh = headers.get(UPSTREAM_HOST_HEADER)
+        flags = headers.get(FLAGS_HEADER)
+        if status == 200 and served:
+            if uh is not None and uh != served:
+                raise EnvoyOracleError(f"{what}: upstream says {served} but envoy says {uh}")
+            if body.decode() != served:
+                raise EnvoyOracleError(f"{what}: body {body!r} vs header {served}")
+            return served
+        if status == 503 and flags and "UH" in flags.split(","):
+            return None
+        raise EnvoyOracleError(
+            f"{what}: unexpected response {status} flags={flags} upstream_host={uh} body={body[:300]!r}"
+        )
+
+    def host_stats(self) -> dict[str, dict[str, int]]:
+        """Envoy's per-host counters from admin ``/clusters``: ``{"ip:port": {"rq_total": ...}}``."""
+        out: dict[str, dict[str, int]] = {}
+        for cs in self.clusters_json().get("cluster_statuses", []):
+            if cs.get("name") != CLUSTER_NAME and (self.cluster or {}).get("name") != cs.get("name"):
+                continue
+            for hs in cs.get("host_statuses", []):
+                sa = hs["address"]["socket_address"]
+                addr = sa["address"]
+                key = f"[{addr}]:{sa['port_value']}" if ":" in addr else f"{addr}:{sa['port_value']}"
+                out[key] = {st["name"]: int(st.get("value", 0)) for st in hs.get("stats", [])}
+        return out
+
+    def _sample_stats(self) -> tuple[dict[str, int], dict[str, int]]:
+        per_host = {k: v.get("rq_total", 0) for k, v in self.host_stats().items()}
+        name = re.escape((self.cluster or {}).get("name", CLUSTER_NAME))
+        cl = self.stats(f"cluster\\.{name}\\.(upstream_rq_retry|upstream_rq_retry_success|upstream_cx_none_healthy)$")
+        return per_host, cl
+
+    def _check_sample_stats(self, counts: collections.Counter, before: Any, after: Any) -> None:
+        (h0, c0), (h1, c1) = before, after
+        envoy_counts = {k: h1.get(k, 0) - h0.get(k, 0) for k in set(h0) | set(h1)}
+        mine = {k: v for k, v in counts.items() if k is not None}
+        if {k: v for k, v in envoy_counts.items() if v} != mine:
+            raise EnvoyOracleError(f"per-host rq_total deltas {envoy_counts} != answers counted {dict(counts)}")
+        delta = {k: c1.get(k, 0) - c0.get(k, 0) for k in set(c0) | set(c1)}
+        retries = {k: v for k, v in delta.items() if "retry" in k and v}
+        if retries:
+            raise EnvoyOracleError(f"envoy retried upstream requests ({retries}); picks are not first picks")
+        none_healthy = sum(v for k, v in delta.items() if k.endswith("upstream_cx_none_healthy"))
+        if none_healthy != counts.get(None, 0):
+            raise EnvoyOracleError(
+                f"upstream_cx_none_healthy delta {none_healthy} != 503/UH answers {counts.get(None, 0)}"
+            )
+
     def admin(self, path: str) -> str:
         status, body = _http_get(self.admin_url + path)
         if status != 200:
@@ -771,6 +944,47 @@ class EnvoyOracle:
     def describe(self) -> str:
         """A compact, self-contained description of the config (for failure messages)."""
         return json.dumps({"cluster": self.cluster, "cla": self.cla}, sort_keys=True)
+
+
+class _ConnectionClosedEarly(Exception):
+    pass
+
+
+def _read_response(sock: socket.socket, buf: bytes) -> tuple[int, dict[str, str], bytes, bytes]:
+    """Read one HTTP/1.1 response (content-length framed) -> (status, headers, body, leftover)."""
+    got_any = bool(buf)
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            break
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b""
+        if not chunk:
+            if not got_any:
+                raise _ConnectionClosedEarly()
+            raise EnvoyOracleError(f"connection closed mid-response: {buf[:300]!r}")
+        got_any = True
+        buf += chunk
+    lines = buf[:end].decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split(" ", 2)[1])
+    except (IndexError, ValueError):
+        raise EnvoyOracleError(f"bad status line {lines[0]!r}") from None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if "transfer-encoding" in headers:
+        raise EnvoyOracleError(f"unexpected transfer-encoding response: {headers}")
+    need = end + 4 + int(headers.get("content-length", "0"))
+    while len(buf) < need:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EnvoyOracleError("connection closed mid-body")
+        buf += chunk
+    return status, headers, buf[end + 4 : need], buf[need:]
 
 
 def _check_key(key: str) -> None:

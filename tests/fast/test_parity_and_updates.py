@@ -116,3 +116,52 @@ def test_atomic_update_under_concurrent_pickers(LB, policy):
     assert not errors, errors[:3]
     # Every pick was released: in-flight counts are exact after all the swaps.
     assert all(lb.active_requests(e) == 0 for e in set_b)
+
+
+def test_concurrent_updaters_and_pickers_keep_exact_counts(LB):
+    """Two threads push endpoint sets (a core of hosts is always present) while four threads
+    pick, hold and release. Afterwards every core host's in-flight count equals what the
+    pickers still hold: nothing lost or double-counted across hundreds of swaps."""
+    core = [Endpoint(f"10.3.0.{i}", 80) for i in range(1, 6)]
+    extra = [Endpoint(f"10.3.1.{i}", 80) for i in range(1, 25)]
+    lb = LB(core + extra[:10], policy="LEAST_REQUEST", seed=9)
+    stop = threading.Event()
+    errors: list = []
+    held_by: list = [[] for _ in range(4)]
+
+    def updater(tid: int) -> None:
+        rnd = random.Random(100 + tid)
+        try:
+            while not stop.is_set():
+                chosen = core + rnd.sample(extra, rnd.randrange(0, len(extra)))
+                rnd.shuffle(chosen)
+                lb.update(chosen)
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    def picker(tid: int) -> None:
+        rnd = random.Random(tid)
+        held = held_by[tid]
+        try:
+            for _ in range(4000):
+                ep = lb.pick()
+                if ep is not None:
+                    held.append(ep)
+                if held and rnd.random() < 0.5:
+                    lb.release(held.pop(rnd.randrange(len(held))))
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    updaters = [threading.Thread(target=updater, args=(i,)) for i in range(2)]
+    pickers = [threading.Thread(target=picker, args=(i,)) for i in range(4)]
+    for t in updaters + pickers:
+        t.start()
+    for t in pickers:
+        t.join()
+    stop.set()
+    for t in updaters:
+        t.join()
+    assert not errors, errors[:3]
+    still_held = [ep.key for held in held_by for ep in held]
+    for e in core:
+        assert lb.active_requests(e) == still_held.count(e.key), e

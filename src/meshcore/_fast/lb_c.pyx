@@ -20,6 +20,7 @@ from libc.string cimport memcpy, memset
 cimport cython
 
 import os
+import threading
 
 from .._model import Endpoint
 from .._options import LbConfig
@@ -534,6 +535,7 @@ cdef class LoadBalancer:
     cdef Py_ssize_t _rr_len
     cdef Py_ssize_t _rr_cap
     cdef _Table _table
+    cdef object _update_lock           # serialises builders: carry indices refer to _table
     cdef object __weakref__
 
     def __init__(self, endpoints=(), policy="ROUND_ROBIN", seed=None, **options):
@@ -549,6 +551,7 @@ cdef class LoadBalancer:
         self._seed = _splitmix_next(&self._rng)
         self._ejected = set()
         self._rr_slots = {}
+        self._update_lock = threading.Lock()
         self._publish(self._build(list(endpoints)))
 
     def __dealloc__(self):
@@ -868,8 +871,14 @@ cdef class LoadBalancer:
             self._ejected &= t.index.keys()
 
     def update(self, endpoints):
-        """Replace the endpoint set atomically; surviving hosts keep their state."""
-        self._publish(self._build(list(endpoints)))
+        """Replace the endpoint set atomically; surviving hosts keep their state.
+
+        Updates are serialised among themselves (picks never wait for them): the carry
+        map built against the current table must still describe it at publish time.
+        """
+        endpoints = list(endpoints)
+        with self._update_lock:
+            self._publish(self._build(endpoints))
 
     # -- picking ------------------------------------------------------------------------
 
@@ -923,6 +932,8 @@ cdef class LoadBalancer:
                     return None
                 # h % maglev_size < maglev_size == allocated length of every maglev table.
                 host = t.maglev[p][h % t.maglev_size]
+            if MESHCORE_DEBUG:
+                assert 0 <= host < t.n_hosts, (host, t.n_hosts)
             t.active[host] += 1
             return t.eps[host]
         h = _splitmix_next(&self._rng)
@@ -940,6 +951,8 @@ cdef class LoadBalancer:
                 sid += 3 + 2 * locality + degraded
             else:
                 sid += 1 + degraded
+        if MESHCORE_DEBUG:
+            assert 0 <= sid < t.n_sources, (sid, t.n_sources)
         n = t.src_len[sid]
         hosts = t.src_hosts + t.src_off[sid]
         if self._code == RANDOM:
@@ -962,6 +975,8 @@ cdef class LoadBalancer:
                 self._rr[t.src_rr[sid]] += 1
             else:
                 host = self._p2c(t, hosts, n)
+        if MESHCORE_DEBUG:
+            assert 0 <= host < t.n_hosts, (host, t.n_hosts)
         t.active[host] += 1
         return t.eps[host]
 
@@ -999,14 +1014,15 @@ cdef class LoadBalancer:
     def set_ejected(self, endpoint, ejected=True):
         """Mark a host outlier-ejected (unhealthy) or restore it; rebuilds the table."""
         key = endpoint.key
-        if key not in self._table.index:
-            raise KeyError(key)
-        if (key in self._ejected) != bool(ejected):
-            if ejected:
-                self._ejected.add(key)
-            else:
-                self._ejected.discard(key)
-            self._publish(self._build(list(self._table.eps)))
+        with self._update_lock:
+            if key not in self._table.index:
+                raise KeyError(key)
+            if (key in self._ejected) != bool(ejected):
+                if ejected:
+                    self._ejected.add(key)
+                else:
+                    self._ejected.discard(key)
+                self._publish(self._build(list(self._table.eps)))
 
     def is_ejected(self, endpoint):
         return endpoint.key in self._ejected
