@@ -35,8 +35,6 @@ def _pick_batch(pick, hashes):
 def test_pick(benchmark, LB, policy, n):
     weighted = policy.endswith("_WEIGHTED")
     name = policy.replace("_WEIGHTED", "")
-    if LB.__module__.endswith("_py") and n == 100_000 and name == "RING_HASH":
-        pytest.skip("pure ring build over 100k hosts takes minutes; c only")  # noqa: not a conformance test
     lb = LB(endpoints(n, weighted), policy=name, seed=1)
     hashes = [(i * 0x9E3779B97F4A7C15) & (2**64 - 1) for i in range(BATCH)] if name in ("RING_HASH", "MAGLEV") else None
     benchmark.group = f"pick {policy} n={n}"

@@ -16,7 +16,7 @@ from cpython.long cimport PyLong_AsUnsignedLongLongMask
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.math cimport ceil, floor, pow
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 cimport cython
 
 import os
@@ -430,12 +430,11 @@ cdef Edf* _edf_create(int32_t* items, Py_ssize_t n, double* weight_of, uint64_t 
 cdef class _Table:
     """One snapshot. Set up in ``LoadBalancer._build``, read-only afterwards except for
     the EDF heaps (advanced by picks) and the host states' counters."""
-    cdef object layout              # _build.Layout (endpoints, weights, keys)
     cdef list eps                   # Endpoint per host index
     cdef dict index                 # host key -> host index
     cdef int64_t* active            # in-flight requests per host index (carried at publish)
     cdef int64_t* carry             # host index in the previous table, or -1; NULL once published
-    cdef double* weights            # host weight (uint32 as double) per host index
+    cdef uint32_t* weights          # host weight per host index
     cdef Py_ssize_t n_hosts
     cdef int32_t n_prio
     cdef uint32_t* healthy_load     # per priority, percent
@@ -508,6 +507,29 @@ ctypedef struct RingEntry:
 
 cdef extern from "stdlib.h":
     void qsort(void* base, size_t nmemb, size_t size, int (*compar)(const void*, const void*) noexcept nogil) nogil
+
+
+ctypedef struct MaglevEntry:
+    const char* key
+    Py_ssize_t key_len
+    Py_ssize_t pos
+    int32_t host
+    double weight
+    uint64_t offset
+    uint64_t skip
+
+
+cdef int _maglev_cmp(const void* a, const void* b) noexcept nogil:
+    # bytes ordering (memcmp, then length), then input position: Python's sorted() order.
+    cdef MaglevEntry* x = <MaglevEntry*>a
+    cdef MaglevEntry* y = <MaglevEntry*>b
+    cdef Py_ssize_t n = x.key_len if x.key_len < y.key_len else y.key_len
+    cdef int r = memcmp(x.key, y.key, n)
+    if r != 0:
+        return r
+    if x.key_len != y.key_len:
+        return -1 if x.key_len < y.key_len else 1
+    return -1 if x.pos < y.pos else (1 if x.pos > y.pos else 0)
 
 
 cdef int _ring_cmp(const void* a, const void* b) noexcept nogil:
@@ -598,7 +620,7 @@ cdef class LoadBalancer:
 
     cdef inline double _host_weight(self, _Table t, int32_t host) noexcept:
         """hostWeight(): the host's EDF weight now (least request scales by active)."""
-        cdef double w = t.weights[host]
+        cdef double w = <double>t.weights[host]
         cdef int64_t active
         if self._code != LR or self._bias == 0.0:
             return w
@@ -617,7 +639,6 @@ cdef class LoadBalancer:
         cdef set ejected_keys = self._ejected
         cdef list ejected = []
         cdef _Table t = _Table()
-        t.layout = layout
         t.eps = eps
         t.index = layout.index
         t.n_hosts = n
@@ -635,10 +656,10 @@ cdef class LoadBalancer:
         groups = _build.partition(layout, ejected, cfg)
         plan = groups.plan
         t.n_prio = layout.priorities
-        t.weights = <double*>_alloc(sizeof(double) * n)
+        t.weights = <uint32_t*>_alloc(sizeof(uint32_t) * n)
         i = 0
         for w in layout.weights:
-            t.weights[i] = <double><uint32_t>w
+            t.weights[i] = <uint32_t>w
             i += 1
         t.healthy_load = <uint32_t*>_alloc(sizeof(uint32_t) * t.n_prio)
         t.degraded_load = <uint32_t*>_alloc(sizeof(uint32_t) * t.n_prio)
@@ -726,34 +747,60 @@ cdef class LoadBalancer:
             PyMem_Free(items)
 
     cdef _build_hash_tables(self, _Table t, object layout, object groups, object cfg):
-        cdef Py_ssize_t p
+        cdef Py_ssize_t p, m
+        cdef uint64_t total
+        cdef list hosts
+        cdef int32_t* hw_host
+        cdef double* hw_w
         t.ring_hash = <uint64_t**>_alloc(sizeof(uint64_t*) * t.n_prio)
         t.ring_host = <int32_t**>_alloc(sizeof(int32_t*) * t.n_prio)
         t.ring_len = <int64_t*>_alloc(sizeof(int64_t) * t.n_prio)
         t.maglev = <int32_t**>_alloc(sizeof(int32_t*) * t.n_prio)
         t.maglev_size = cfg.table_size
-        keys = [(<str>k).encode() for k in layout.hash_keys]
-        for p in range(t.n_prio):
-            host_weights = _build.normalized_weights(groups, layout, p, cfg)
-            if not host_weights:
-                continue
-            if self._code == RING:
-                self._ring(t, p, keys, host_weights, cfg.minimum_ring_size, cfg.maximum_ring_size)
-            else:
-                self._maglev(t, p, keys, host_weights, cfg.table_size)
+        cdef list keys = [(<str>hk).encode() for hk in layout.hash_keys]
+        hw_host = <int32_t*>_alloc(sizeof(int32_t) * (t.n_hosts + 1))
+        hw_w = <double*>_alloc(sizeof(double) * (t.n_hosts + 1))
+        try:
+            for p in range(t.n_prio):
+                # Normalised (host, weight) list, as ThreadAwareLoadBalancerBase builds it.
+                m = 0
+                if not cfg.locality_weighted or not groups.locality_weights[p]:
+                    hosts = groups.all_hosts[p] if t.panic[p] else groups.healthy_hosts[p]
+                    total = 0
+                    for h in hosts:
+                        total += <uint64_t>t.weights[<Py_ssize_t>h]
+                    for h in hosts:
+                        hw_host[m] = h
+                        hw_w[m] = t.weights[<Py_ssize_t>h] * 1.0 / <double>total
+                        m += 1
+                else:
+                    for h, w in _build.normalized_weights(groups, layout, p, cfg):
+                        hw_host[m] = h
+                        hw_w[m] = w
+                        m += 1
+                if m == 0:
+                    continue
+                if self._code == RING:
+                    self._ring(t, p, keys, hw_host, hw_w, m, cfg.minimum_ring_size, cfg.maximum_ring_size)
+                else:
+                    self._maglev(t, p, keys, hw_host, hw_w, m, cfg.table_size)
+        finally:
+            PyMem_Free(hw_host)
+            PyMem_Free(hw_w)
 
-    cdef _ring(self, _Table t, Py_ssize_t p, list keys, list host_weights, uint64_t min_ring, uint64_t max_ring):
-        cdef double min_w = 1.0, w, scale, current = 0.0, target = 0.0
-        for _, w in host_weights:
-            if w < min_w:
-                min_w = w
+    cdef _ring(self, _Table t, Py_ssize_t p, list keys, int32_t* hw_host, double* hw_w, Py_ssize_t m,
+               uint64_t min_ring, uint64_t max_ring):
+        cdef double min_w = 1.0, scale, current = 0.0, target = 0.0
+        cdef Py_ssize_t e
+        for e in range(m):
+            if hw_w[e] < min_w:
+                min_w = hw_w[e]
         scale = ceil(min_w * min_ring) / min_w
         if scale > <double>max_ring:
             scale = <double>max_ring
-        cdef Py_ssize_t cap = <Py_ssize_t>ceil(scale) + len(host_weights) + 1, count = 0, klen
+        cdef Py_ssize_t cap = <Py_ssize_t>ceil(scale) + m + 1, count = 0, klen
         cdef RingEntry* ring = <RingEntry*>_alloc(sizeof(RingEntry) * cap)
         cdef RingEntry* grown
-        cdef char buf[256]
         cdef char* kb
         cdef bytes key
         cdef uint64_t i
@@ -761,15 +808,16 @@ cdef class LoadBalancer:
         cdef char digit_buf[24]
         cdef int32_t host
         try:
-            for host, w in host_weights:
+            for e in range(m):
+                host = hw_host[e]
                 key = keys[host]
                 klen = len(key)
                 kb = <char*>PyMem_Malloc(klen + 24)
                 if kb == NULL:
                     raise MemoryError()
                 memcpy(kb, <char*>key, klen)
-                kb[klen] = 95
-                target += scale * w
+                kb[klen] = 95  # '_'
+                target += scale * hw_w[e]
                 i = 0
                 while current < target:
                     digits = _format_u64(i, digit_buf)
@@ -798,58 +846,57 @@ cdef class LoadBalancer:
         finally:
             PyMem_Free(ring)
 
-    cdef _maglev(self, _Table t, Py_ssize_t p, list keys, list host_weights, uint64_t size):
-        cdef double max_w = 0.0, w
-        for _, w in host_weights:
-            if w > max_w:
-                max_w = w
-        entries = sorted(
-            [(keys[hw[0]], pos, hw[0], hw[1]) for pos, hw in enumerate(host_weights)]
-        )
-        cdef Py_ssize_t n = len(entries), e
-        cdef uint64_t* offset = <uint64_t*>_alloc(sizeof(uint64_t) * n)
-        cdef uint64_t* skip = <uint64_t*>_alloc(sizeof(uint64_t) * n)
+    cdef _maglev(self, _Table t, Py_ssize_t p, list keys, int32_t* hw_host, double* hw_w, Py_ssize_t n,
+                 uint64_t size):
+        cdef double max_w = 0.0
+        cdef Py_ssize_t e
+        cdef bytes key
+        for e in range(n):
+            if hw_w[e] > max_w:
+                max_w = hw_w[e]
+        # Entries sorted by hash key bytes (maglev_lb.cc sorts before filling); equal keys keep
+        # their input order. `keys` keeps every key's buffer alive while this runs.
+        cdef MaglevEntry* entries = <MaglevEntry*>_alloc(sizeof(MaglevEntry) * n)
         cdef uint64_t* nxt = <uint64_t*>_alloc(sizeof(uint64_t) * n)
         cdef double* target = <double*>_alloc(sizeof(double) * n)
-        cdef double* weight = <double*>_alloc(sizeof(double) * n)
-        cdef int32_t* host = <int32_t*>_alloc(sizeof(int32_t) * n)
         cdef int32_t* table = <int32_t*>_alloc(sizeof(int32_t) * size)
-        cdef bytes key
         cdef uint64_t filled = 0, c, slot
         cdef uint32_t iteration = 1
         try:
             for e in range(n):
-                key = entries[e][0]
-                offset[e] = c_xxh64(<unsigned char*><char*>key, len(key), 0) % size
-                skip[e] = c_xxh64(<unsigned char*><char*>key, len(key), 1) % (size - 1) + 1
-                weight[e] = entries[e][3]
-                host[e] = entries[e][2]
+                key = keys[hw_host[e]]
+                entries[e].key = <const char*>key
+                entries[e].key_len = len(key)
+                entries[e].pos = e
+                entries[e].host = hw_host[e]
+                entries[e].weight = hw_w[e]
+            qsort(entries, n, sizeof(MaglevEntry), _maglev_cmp)
+            for e in range(n):
+                entries[e].offset = c_xxh64(<const unsigned char*>entries[e].key, entries[e].key_len, 0) % size
+                entries[e].skip = c_xxh64(<const unsigned char*>entries[e].key, entries[e].key_len, 1) % (size - 1) + 1
             for slot in range(size):
                 table[slot] = -1
             while filled < size:
                 for e in range(n):
                     if filled >= size:
                         break
-                    if iteration * weight[e] < target[e]:
+                    if iteration * entries[e].weight < target[e]:
                         continue
                     target[e] += max_w
-                    c = (offset[e] + skip[e] * nxt[e]) % size
+                    c = (entries[e].offset + entries[e].skip * nxt[e]) % size
                     while table[c] != -1:
                         nxt[e] += 1
-                        c = (offset[e] + skip[e] * nxt[e]) % size
-                    table[c] = host[e]
+                        c = (entries[e].offset + entries[e].skip * nxt[e]) % size
+                    table[c] = entries[e].host
                     nxt[e] += 1
                     filled += 1
                 iteration += 1
             t.maglev[p] = table
             table = NULL
         finally:
-            PyMem_Free(offset)
-            PyMem_Free(skip)
+            PyMem_Free(entries)
             PyMem_Free(nxt)
             PyMem_Free(target)
-            PyMem_Free(weight)
-            PyMem_Free(host)
             PyMem_Free(table)
 
     cdef _publish(self, _Table t):
@@ -908,24 +955,19 @@ cdef class LoadBalancer:
                 if n == 0:
                     return None
                 ring = t.ring_hash[p]
-                # Ketama search (ring_hash_lb.cc), verbatim: signed indices, wrap to 0.
+                # Envoy's ketama search (ring_hash_lb.cc) returns the first entry whose hash
+                # is >= h, or entry 0 past the end: a lower bound with wrap-around (including
+                # on equal hashes and h == 0). Done branch-free; indices stay in [0, n).
+                # Invariant: lo + hi <= n and the answer is in [lo, lo + hi].
                 lo = 0
                 hi = n
-                while True:
-                    mid = (lo + hi) // 2
-                    if mid == n:
-                        mid = 0
-                        break
-                    if h <= ring[mid] and h > (0 if mid == 0 else ring[mid - 1]):
-                        break
-                    if ring[mid] < h:
-                        lo = mid + 1
-                    else:
-                        hi = mid - 1
-                    if lo > hi:
-                        mid = 0
-                        break
-                # mid in [0, n): the loop exits only with 0 or an index whose ring[mid] was read.
+                while hi > 1:
+                    mid = hi // 2
+                    lo += mid * <int64_t>(ring[lo + mid] < h)
+                    hi -= mid
+                mid = lo + <int64_t>(ring[lo] < h)
+                if mid == n:
+                    mid = 0
                 host = t.ring_host[p][mid]
             else:
                 if t.maglev[p] == NULL:
