@@ -474,7 +474,7 @@ def test_lb_options_are_valid_for_the_constructor() -> None:
                "common_lb_config": {"healthy_panic_threshold": {"value": 25.5},
                                     "consistent_hashing_lb_config": {"use_hostname_for_hashing": True}}}
     lb = lb_py.LoadBalancer.from_xds(cluster, cla_dict())
-    assert lb.config.healthy_panic_threshold == 26  # Envoy rounds the percent half away from zero
+    assert lb.config.healthy_panic_threshold == 25  # Envoy truncates: uint64_t(100 * (25.5 / 100.0))
     assert lb.config.use_hostname_for_hashing and lb.config.maximum_ring_size == 64
 
 

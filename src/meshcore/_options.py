@@ -67,8 +67,9 @@ class LbConfig:
     policy_code: int = 0
     choice_count: int = DEFAULT_CHOICE_COUNT
     active_request_bias: float = DEFAULT_ACTIVE_REQUEST_BIAS
-    #: Envoy forces weighted (EDF) least-request selection when the bias is set explicitly
-    #: (runtime guard least_request_lb_active_request_bias_forces_weighted, on in 1.40).
+    #: Whether the bias was given explicitly. Newer Envoy (a post-1.40 runtime guard,
+    #: least_request_lb_active_request_bias_forces_weighted) then forces EDF selection even
+    #: with equal weights; real Envoy 1.40.0 does not, and neither does meshcore.
     active_request_bias_set: bool = False
     minimum_ring_size: int = DEFAULT_MIN_RING
     maximum_ring_size: int = DEFAULT_MAX_RING
@@ -131,9 +132,10 @@ class LbConfig:
             threshold = float(threshold)
             if math.isnan(threshold) or not 0.0 <= threshold <= 100.0:
                 raise ConfigError(resource, "healthy_panic_threshold", f"must be in [0, 100], got {threshold}")
-            # Envoy keeps an integer percent: PROTOBUF_PERCENT_TO_ROUNDED_INTEGER_OR_DEFAULT
-            # (std::round, half away from zero) in load_balancer_impl.cc.
-            values["healthy_panic_threshold"] = int(math.floor(threshold + 0.5))
+            # Envoy keeps an integer percent, truncated: ProtobufPercentHelper::convertPercent
+            # returns uint64_t(100 * (percent / 100.0)), so 29.0 -> 28.999999999999996 -> 28.
+            # Observed on a real Envoy 1.40 (tests/test_envoy_distribution_oracle.py).
+            values["healthy_panic_threshold"] = int(100 * (threshold / 100.0))
         lo = values.get("minimum_ring_size", DEFAULT_MIN_RING)
         hi = values.get("maximum_ring_size", DEFAULT_MAX_RING)
         if lo > hi:

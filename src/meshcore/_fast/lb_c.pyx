@@ -548,7 +548,6 @@ cdef class LoadBalancer:
     cdef int _code
     cdef uint32_t _choice_count
     cdef double _bias
-    cdef bint _weighted_lr
     cdef uint64_t _rng                 # SplitMix64 state
     cdef uint64_t _seed                # Envoy's seed_
     cdef set _ejected                  # keys of outlier-ejected hosts (FAILED_OUTLIER_CHECK)
@@ -566,7 +565,6 @@ cdef class LoadBalancer:
         self._code = cfg.policy_code
         self._choice_count = cfg.choice_count
         self._bias = cfg.active_request_bias
-        self._weighted_lr = cfg.policy_code == LR and cfg.active_request_bias_set
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
         self._rng = PyLong_AsUnsignedLongLongMask(seed)
@@ -709,7 +707,7 @@ cdef class LoadBalancer:
                     if t.weights[host_buf[j]] != t.weights[host_buf[0]]:
                         equal = False
                         break
-                if equal and not self._weighted_lr:
+                if equal:  # equal weights: plain RR index or P2C, no EDF (Envoy 1.40.0)
                     continue
                 t.src_edf[i] = _edf_create(host_buf, t.src_len[i], weight_buf, self._seed)
                 if self._code == RR:

@@ -136,7 +136,6 @@ class LoadBalancer:
             return t
         t.src_hosts, t.src_edf, t.src_rr = [], [], []
         t.loc_healthy, t.loc_degraded = [], []
-        weighted_lr = code == _LR and cfg.active_request_bias_set
         bias = cfg.active_request_bias
 
         def weight_of(i: int) -> float:
@@ -151,7 +150,7 @@ class LoadBalancer:
             t.src_hosts.append(hosts)
             t.src_rr.append(self._rr_slot(key) if code == _RR else -1)
             edf = None
-            if code != _RANDOM and len(hosts) > 1 and (weighted_lr or not _equal(weights, hosts)):
+            if code != _RANDOM and len(hosts) > 1 and not _equal(weights, hosts):
                 edf = EdfScheduler.create_with_picks(hosts, weight_of, self._seed)
             t.src_edf.append(edf)
         for p in range(layout.priorities):
