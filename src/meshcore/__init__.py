@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from ._fast import IMPLEMENTATION, LoadBalancer, xxh64
+from ._fast import IMPLEMENTATION, LoadBalancer, RouteTable, xxh64
+from ._routing import RouteMatch
 from ._model import Endpoint, HealthStatus, Locality
 from ._options import POLICIES, LbConfig
 from .errors import ConfigError
@@ -20,6 +21,8 @@ __all__ = [
     "LbConfig",
     "LoadBalancer",
     "Locality",
+    "RouteMatch",
+    "RouteTable",
     "__version__",
     "xxh64",
 ]

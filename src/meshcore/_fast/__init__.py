@@ -11,19 +11,22 @@ from typing import TYPE_CHECKING, Literal
 
 from .._compat import USE_EXTENSIONS
 
-__all__ = ["IMPLEMENTATION", "LoadBalancer", "xxh64"]
+__all__ = ["IMPLEMENTATION", "LoadBalancer", "RouteTable", "xxh64"]
 
 IMPLEMENTATION: Literal["c", "py"]
 if TYPE_CHECKING or not USE_EXTENSIONS:
     from .lb_py import LoadBalancer, xxh64
+    from .routes_py import RouteTable
 
     IMPLEMENTATION = "py"
 else:
     try:
         from .lb_c import LoadBalancer, xxh64
+        from .routes_py import RouteTable  # compiled twin: not built yet
 
         IMPLEMENTATION = "c"
     except ImportError:  # pragma: no cover  (sdist installed without a compiler)
         from .lb_py import LoadBalancer, xxh64
+        from .routes_py import RouteTable
 
         IMPLEMENTATION = "py"

@@ -321,6 +321,14 @@ def _fix_value(value: Any, desc: Any) -> Any:
         if inner.full_name.startswith("google.protobuf.") or inner.full_name in _TYPED_STRUCTS:
             return value
         return _fix_anys(value, inner)  # "@type" is not a field: copied as is
+    if desc.full_name == "google.protobuf.Duration" and isinstance(value, dict) and set(value) <= {"seconds", "nanos"}:
+        # Envoy's YAML loader also takes {seconds: N, nanos: M}; proto3 JSON wants "N.Ms".
+        try:
+            seconds, nanos = int(value.get("seconds", 0)), int(value.get("nanos", 0))
+        except (TypeError, ValueError):
+            return value
+        sign = "-" if seconds < 0 or nanos < 0 else ""
+        return f"{sign}{abs(seconds)}.{abs(nanos):09d}s"
     if desc.full_name.startswith("google.protobuf."):
         return value  # well-known types (Struct, wrappers, Duration, ...) have no Any inside
     return _fix_anys(value, desc)

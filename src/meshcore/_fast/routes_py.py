@@ -1,0 +1,336 @@
+"""RouteTable, pure-Python twin: Envoy 1.40's route matching over a RouteConfiguration.
+
+First match wins, exactly as Envoy's linear scan, but routes are indexed: exact paths by hash,
+prefixes by length-bucketed hash maps, and only the candidate routes are evaluated, in route
+order. Virtual hosts are resolved through hash maps (exact, then suffix wildcards longest
+first, then prefix wildcards longest first, then ``*``).
+
+Request model (what Envoy's HCM hands the router for a plain-HTTP request): ``:authority`` is
+``authority``; ``:path`` is ``path`` with any fragment removed (Envoy strips or rejects it);
+``:method``, ``:scheme``; ``x-forwarded-proto`` defaults to the scheme; a ``host`` header is
+not a separate header (HTTP/1 turns it into ``:authority``). Headers Envoy keeps inline are
+coalesced with ``,`` (its HTTP/1 codec does so); others are matched value by value.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .._route_model import HeaderMatchSpec, RouteConfigSpec, RouteSpec, StringMatchSpec, VirtualHostSpec
+from .._routing import (
+    RouteMatch,
+    apply_rewrites,
+    ascii_lower,
+    compute_hash,
+    header_values,
+    is_grpc,
+    normalise_headers,
+    parse_query,
+    redirect_location,
+    simple_atoi,
+    simple_atoi_u64,
+    split_host_port,
+)
+
+__all__ = ["RouteTable"]
+
+HeadersArg = Union[None, Mapping[str, str], Iterable[Tuple[str, str]]]
+
+
+class _VhostIndex:
+    """Candidate index of one virtual host's routes."""
+
+    __slots__ = ("spec", "exact", "exact_ci", "prefix", "prefix_ci", "prefix_lens", "prefix_ci_lens",
+                 "always", "n_routes")
+
+    def __init__(self, spec: VirtualHostSpec) -> None:
+        self.spec = spec
+        self.exact: Dict[str, List[int]] = {}
+        self.exact_ci: Dict[str, List[int]] = {}
+        self.prefix: Dict[str, List[int]] = {}
+        self.prefix_ci: Dict[str, List[int]] = {}
+        self.always: List[int] = []  # regex routes: checked for every path
+        for r in spec.routes:
+            kind, value = r.path_kind, r.path_value
+            if kind == "regex":
+                self.always.append(r.index)
+            elif kind == "path":
+                if r.case_sensitive:
+                    self.exact.setdefault(value, []).append(r.index)
+                else:
+                    self.exact_ci.setdefault(ascii_lower(value), []).append(r.index)
+            else:  # prefix / separated: indexed by the prefix, separated re-checked
+                if r.case_sensitive or kind == "prefix" and value in ("", "/"):
+                    self.prefix.setdefault(value, []).append(r.index)
+                else:
+                    self.prefix_ci.setdefault(ascii_lower(value), []).append(r.index)
+        self.prefix_lens = sorted({len(p) for p in self.prefix})
+        self.prefix_ci_lens = sorted({len(p) for p in self.prefix_ci})
+        self.n_routes = len(spec.routes)
+
+    def candidates(self, path: str) -> List[int]:
+        out: List[int] = []
+        hit = self.exact.get(path)
+        if hit:
+            out.extend(hit)
+        lowered = ascii_lower(path) if (self.exact_ci or self.prefix_ci) else path
+        if self.exact_ci:
+            hit = self.exact_ci.get(lowered)
+            if hit:
+                out.extend(hit)
+        n = len(path)
+        for length in self.prefix_lens:
+            if length > n:
+                break
+            hit = self.prefix.get(path[:length])
+            if hit:
+                out.extend(hit)
+        for length in self.prefix_ci_lens:
+            if length > n:
+                break
+            hit = self.prefix_ci.get(lowered[:length])
+            if hit:
+                out.extend(hit)
+        out.extend(self.always)
+        out.sort()
+        return out
+
+
+class RouteTable:
+    """Envoy-exact route matching for one RouteConfiguration (pure-Python twin)."""
+
+    __slots__ = ("spec", "_exact", "_suffix", "_prefix", "_default", "_vhosts", "__weakref__")
+
+    def __init__(self, spec: RouteConfigSpec) -> None:
+        if not isinstance(spec, RouteConfigSpec):
+            raise TypeError("RouteTable(spec): use RouteTable.from_xds(route_configuration)")
+        self.spec = spec
+        self._vhosts = [_VhostIndex(vh) for vh in spec.virtual_hosts]
+        self._exact: Dict[str, int] = {}
+        suffix: Dict[int, Dict[str, int]] = {}
+        prefix: Dict[int, Dict[str, int]] = {}
+        self._default: Optional[int] = None
+        for i, vh in enumerate(spec.virtual_hosts):
+            for d in vh.domains:
+                if d == "*":
+                    self._default = i
+                elif d.startswith("*"):
+                    suffix.setdefault(len(d) - 1, {})[d[1:]] = i
+                elif d.endswith("*"):
+                    prefix.setdefault(len(d) - 1, {})[d[:-1]] = i
+                else:
+                    self._exact[d] = i
+        self._suffix = sorted(suffix.items(), reverse=True)
+        self._prefix = sorted(prefix.items(), reverse=True)
+
+    @classmethod
+    def from_xds(cls, route_configuration: Any) -> "RouteTable":
+        """Build from an ``envoy.config.route.v3.RouteConfiguration`` (message or dict)."""
+        from ..xds.route_config import route_config_spec
+
+        return cls(route_config_spec(route_configuration))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def _find_vhost(self, authority: Optional[str], headers: Dict[str, List[str]]) -> Optional[int]:
+        if not self._exact and not self._suffix and not self._prefix:
+            return self._default
+        if self.spec.vhost_header:
+            values = headers.get(self.spec.vhost_header)
+            if not values:
+                return None
+            host = values[0]
+        else:
+            if authority is None:
+                return None
+            host = authority
+        if self.spec.ignore_port_in_host_matching:
+            host = split_host_port(host)[0]
+        host = ascii_lower(host)
+        hit = self._exact.get(host)
+        if hit is not None:
+            return hit
+        n = len(host)
+        for length, table in self._suffix:
+            if length >= n:
+                continue
+            hit = table.get(host[n - length:])
+            if hit is not None:
+                return hit
+        for length, table in self._prefix:
+            if length >= n:
+                continue
+            hit = table.get(host[:length])
+            if hit is not None:
+                return hit
+        return self._default
+
+    def match(
+        self,
+        authority: Optional[str],
+        path: str,
+        headers: HeadersArg = None,
+        method: str = "GET",
+        scheme: str = "http",
+        random_value: Optional[int] = None,
+        source_ip: Optional[str] = None,
+    ) -> Optional[RouteMatch]:
+        """The route Envoy would pick for this request, or ``None`` (Envoy: 404 NR)."""
+        full_path = path.split("#", 1)[0]
+        hdrs = normalise_headers(headers, authority, full_path, method, scheme)
+        vi = self._find_vhost(authority, hdrs)
+        if vi is None:
+            return None
+        index = self._vhosts[vi]
+        if random_value is None:
+            random_value = int.from_bytes(os.urandom(8), "little")
+        random_value &= 0xFFFFFFFFFFFFFFFF
+        q = full_path.find("?")
+        match_path = full_path if q < 0 else full_path[:q]
+        if self.spec.ignore_path_parameters_in_path_matching:
+            semi = match_path.find(";")
+            if semi >= 0:
+                match_path = match_path[:semi]
+        query_cache: List[Any] = []
+        routes = index.spec.routes
+        for ri in index.candidates(match_path):
+            r = routes[ri]
+            if _route_matches(r, match_path, full_path, hdrs, random_value, query_cache):
+                return _result(self.spec, index.spec, r, full_path, hdrs, authority, scheme, random_value,
+                               source_ip, match_path)
+        return None
+
+
+def _path_matches(r: RouteSpec, p: str) -> bool:
+    kind = r.path_kind
+    value = r.path_value
+    if kind == "prefix":
+        if r.case_sensitive:
+            return p.startswith(value)
+        return ascii_lower(p[: len(value)]) == ascii_lower(value)
+    if kind == "path":
+        return p == value if r.case_sensitive else ascii_lower(p) == ascii_lower(value)
+    if kind == "regex":
+        return r.regex.fullmatch(p) is not None
+    # path_separated_prefix: p == value, or value is a prefix followed by '/'
+    n = len(value)
+    head = p[:n]
+    if not (head == value if r.case_sensitive else ascii_lower(head) == ascii_lower(value)):
+        return False
+    return len(p) == n or p[n] == "/"
+
+
+def _string_match(m: StringMatchSpec, s: str) -> bool:
+    return m.matches(s)
+
+
+def _header_matches(h: HeaderMatchSpec, hdrs: Dict[str, List[str]]) -> bool:
+    values = hdrs.get(h.name)
+    if not values:
+        if not h.treat_missing_as_empty:
+            if h.kind == "present":
+                return h.present if h.invert else not h.present
+            return False
+        values = [""]
+    kind = h.kind
+    if kind == "present":
+        matched = h.present
+    elif kind == "exact_any":
+        matched = True
+    elif kind == "range":
+        matched = False
+        for v in values:
+            n = simple_atoi_i64(v)
+            if n is not None and h.range_start <= n < h.range_end:
+                matched = True
+                break
+    else:
+        matched = any(h.string.matches(v) for v in values)  # type: ignore[union-attr]
+    return matched != h.invert
+
+
+def simple_atoi_i64(s: str) -> Optional[int]:
+    return simple_atoi(s, -(2**63), 2**63 - 1)
+
+
+def _route_matches(
+    r: RouteSpec, match_path: str, full_path: str, hdrs: Dict[str, List[str]], random_value: int,
+    query_cache: List[Any],
+) -> bool:
+    if r.runtime_fraction is not None:
+        numerator, denominator = r.runtime_fraction
+        if not random_value % denominator < numerator:
+            return False
+    if not _path_matches(r, match_path):
+        return False
+    if r.grpc and not is_grpc(hdrs):
+        return False
+    for h in r.headers:
+        if not _header_matches(h, hdrs):
+            return False
+    if r.query:
+        if not query_cache:
+            query_cache.append(parse_query(full_path))
+        params = query_cache[0]
+        for qm in r.query:
+            value = params.get(qm.name)
+            if qm.string is not None:
+                if value is None or not qm.string.matches(value):
+                    return False
+            elif qm.present is False:
+                if value is not None:
+                    return False
+            elif value is None:
+                return False
+    return True
+
+
+def _result(
+    spec: RouteConfigSpec, vh: VirtualHostSpec, r: RouteSpec, full_path: str, hdrs: Dict[str, List[str]],
+    authority: Optional[str], scheme: str, random_value: int, source_ip: Optional[str], match_path: str,
+) -> RouteMatch:
+    cluster: Optional[str] = None
+    host_rewrite = r.host_rewrite_literal
+    if r.action == "cluster":
+        cluster = r.cluster
+    elif r.action == "cluster_header":
+        values = header_values(hdrs, r.cluster_header)
+        cluster = values[0] if values else ""
+    elif r.action == "weighted":
+        selection = random_value
+        if r.weighted_header:
+            values = hdrs.get(r.weighted_header)
+            if values and len(values) == 1:
+                parsed = simple_atoi_u64(values[0])
+                if parsed is not None:
+                    selection = parsed
+        x = selection % r.weighted_total
+        begin = 0
+        for entry in r.weighted:
+            end = begin + entry.weight
+            if begin <= x < end:
+                if entry.name:
+                    cluster = entry.name
+                else:
+                    values = header_values(hdrs, entry.cluster_header)
+                    cluster = values[0] if values else ""
+                if entry.host_rewrite_literal:
+                    host_rewrite = entry.host_rewrite_literal
+                break
+            begin = end
+    path_rewrite = apply_rewrites(r, full_path, match_path)
+    redirect = None
+    if r.action == "redirect":
+        redirect = redirect_location(r, full_path, match_path, authority or "", scheme, hdrs)
+    h = compute_hash(r.hash_policies, hdrs, full_path, source_ip) if r.hash_policies else None
+    return RouteMatch(
+        virtual_host=vh.name, route_name=r.name, cluster=cluster, direct_response=(
+            (r.direct_response.status, r.direct_response.body) if r.direct_response else None),
+        redirect=redirect, timeout=r.timeout, retry_policy=r.retry_policy, hash=h,
+        path_rewrite=path_rewrite, host_rewrite=host_rewrite or None,
+        cluster_not_found_response_code=r.cluster_not_found_response_code,
+        redirect_code=r.redirect.response_code if r.redirect else None, route=r,
+    )

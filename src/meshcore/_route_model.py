@@ -1,0 +1,195 @@
+"""Validated, protobuf-free description of a RouteConfiguration (what the route tables build on).
+
+``meshcore.xds.route_config`` produces these from xDS; both route-table twins consume them.
+Semantics are Envoy 1.40's (source/common/router/config_impl.cc, header_utility.cc,
+matchers.cc); the comments name the rule each field carries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+__all__ = [
+    "DirectResponseSpec",
+    "HashPolicySpec",
+    "HeaderMatchSpec",
+    "QueryMatchSpec",
+    "RedirectSpec",
+    "RetryPolicy",
+    "RouteConfigSpec",
+    "RouteSpec",
+    "StringMatchSpec",
+    "VirtualHostSpec",
+    "WeightedClusterSpec",
+]
+
+
+@dataclass(frozen=True)
+class StringMatchSpec:
+    """``envoy.type.matcher.v3.StringMatcher``. ``kind``: exact/prefix/suffix/contains/regex."""
+
+    kind: str
+    value: str
+    ignore_case: bool = False
+    regex: Any = None  # compiled RE2 (google-re2) for kind == "regex"; full match
+
+    def matches(self, s: str) -> bool:
+        kind = self.kind
+        if kind == "regex":
+            return self.regex.fullmatch(s) is not None
+        if self.ignore_case:
+            # absl::EqualsIgnoreCase / StartsWithIgnoreCase: ASCII case folding only.
+            s = _ascii_lower(s)
+            value = _ascii_lower(self.value)
+        else:
+            value = self.value
+        if kind == "exact":
+            return s == value
+        if kind == "prefix":
+            return s.startswith(value)
+        if kind == "suffix":
+            return s.endswith(value)
+        return value in s  # contains
+
+
+_UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_LOWER_TABLE = str.maketrans(_UPPER, _UPPER.lower())
+
+
+def _ascii_lower(s: str) -> str:
+    return s.translate(_LOWER_TABLE) if not s.isascii() else s.lower()
+
+
+@dataclass(frozen=True)
+class HeaderMatchSpec:
+    """``config.route.v3.HeaderMatcher``.
+
+    ``kind``: "string" (``string``), "range" (``range_start`` <= n < ``range_end``),
+    "present" (``present``), "exact_any" (legacy ``exact_match: ""``: any present value).
+    """
+
+    name: str  # lower-cased
+    kind: str
+    string: Optional[StringMatchSpec] = None
+    range_start: int = 0
+    range_end: int = 0
+    present: bool = True
+    invert: bool = False
+    treat_missing_as_empty: bool = False
+
+
+@dataclass(frozen=True)
+class QueryMatchSpec:
+    """``config.route.v3.QueryParameterMatcher``: ``string`` or presence (``present``)."""
+
+    name: str
+    string: Optional[StringMatchSpec] = None
+    present: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class WeightedClusterSpec:
+    """One ``WeightedCluster.ClusterWeight``: a fixed ``name`` or a ``cluster_header``."""
+
+    name: str
+    cluster_header: str
+    weight: int
+    host_rewrite_literal: str = ""
+
+
+@dataclass(frozen=True)
+class RedirectSpec:
+    """``config.route.v3.RedirectAction``."""
+
+    scheme: str = ""  # "" keeps the request's scheme; https_redirect -> "https"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    prefix_rewrite: Optional[str] = None
+    regex_rewrite: Optional[Tuple[Any, str]] = None  # (compiled RE2, substitution)
+    response_code: int = 301
+    strip_query: bool = False
+
+
+@dataclass(frozen=True)
+class DirectResponseSpec:
+    status: int
+    body: str = ""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``config.route.v3.RetryPolicy`` (what the request lifecycle needs)."""
+
+    retry_on: Tuple[str, ...] = ()
+    num_retries: int = 1
+    per_try_timeout: Optional[float] = None  # seconds; None: the route timeout applies
+    per_try_idle_timeout: Optional[float] = None
+    base_interval: float = 0.025
+    max_interval: Optional[float] = None  # None: 10 x base_interval
+    retriable_status_codes: Tuple[int, ...] = ()
+    retry_host_predicates: Tuple[str, ...] = ()
+    host_selection_retry_max_attempts: int = 1
+
+
+@dataclass(frozen=True)
+class HashPolicySpec:
+    """``RouteAction.HashPolicy``. ``kind``: header/cookie/source_ip/query_parameter."""
+
+    kind: str
+    name: str = ""  # header name (lower-cased), cookie name or query parameter name
+    terminal: bool = False
+    regex_rewrite: Optional[Tuple[Any, str]] = None  # header values: (compiled RE2, substitution)
+    cookie_ttl: Optional[float] = None
+    cookie_path: str = ""
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """One ``config.route.v3.Route`` with its match and action."""
+
+    name: str
+    index: int  # position in its virtual host (first match wins)
+    path_kind: str  # prefix / path / regex / separated
+    path_value: str
+    case_sensitive: bool = True
+    regex: Any = None
+    headers: Tuple[HeaderMatchSpec, ...] = ()
+    query: Tuple[QueryMatchSpec, ...] = ()
+    runtime_fraction: Optional[Tuple[int, int]] = None  # (numerator, denominator)
+    grpc: bool = False
+    action: str = "cluster"  # cluster / weighted / cluster_header / direct / redirect
+    cluster: str = ""
+    cluster_header: str = ""
+    weighted: Tuple[WeightedClusterSpec, ...] = ()
+    weighted_total: int = 0
+    weighted_header: str = ""
+    direct_response: Optional[DirectResponseSpec] = None
+    redirect: Optional[RedirectSpec] = None
+    timeout: Optional[float] = 15.0  # seconds; None: disabled (0 in the config)
+    retry_policy: Optional[RetryPolicy] = None
+    hash_policies: Tuple[HashPolicySpec, ...] = ()
+    prefix_rewrite: Optional[str] = None
+    regex_rewrite: Optional[Tuple[Any, str]] = None
+    host_rewrite_literal: str = ""
+    cluster_not_found_response_code: int = 503
+
+
+@dataclass(frozen=True)
+class VirtualHostSpec:
+    name: str
+    domains: Tuple[str, ...]
+    routes: Tuple[RouteSpec, ...]
+    require_tls: str = "NONE"  # NONE / EXTERNAL_ONLY / ALL
+    retry_policy: Optional[RetryPolicy] = None
+
+
+@dataclass(frozen=True)
+class RouteConfigSpec:
+    name: str
+    virtual_hosts: Tuple[VirtualHostSpec, ...]
+    ignore_port_in_host_matching: bool = False
+    ignore_path_parameters_in_path_matching: bool = False
+    vhost_header: str = ""  # lower-cased; "" means :authority
+    extra: Tuple[Any, ...] = field(default=())

@@ -1,0 +1,287 @@
+"""Request-side helpers shared by both route-table twins: header model, query parsing,
+rewrites, redirects, request hashing, and the match result type.
+
+Envoy sources: source/common/http/header_utility.cc, source/common/router/config_impl.cc,
+source/common/http/hash_policy.cc, source/common/http/utility.cc (query parsing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from ._fast.hashing_py import xxh64
+
+__all__ = [
+    "RouteMatch",
+    "apply_rewrites",
+    "ascii_lower",
+    "compute_hash",
+    "header_values",
+    "is_grpc",
+    "normalise_headers",
+    "parse_query",
+    "redirect_location",
+    "simple_atoi",
+    "simple_atoi_u64",
+    "split_host_port",
+]
+
+_UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_ASCII_LOWER = str.maketrans(_UPPER, _UPPER.lower())
+
+# Headers Envoy stores inline (envoy/http/header_map.h INLINE_REQ_*_HEADERS and
+# INLINE_REQ_RESP_*_HEADERS): its HTTP/1 codec appends repeated values with ",".
+INLINE_HEADERS = frozenset({
+    "x-client-trace-id", "x-envoy-downstream-service-cluster", "x-envoy-downstream-service-node",
+    "x-envoy-external-address", "x-envoy-force-trace", "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-internal", "x-envoy-ip-tags", "x-envoy-retry-on", "x-envoy-retry-grpc-on",
+    "x-envoy-retriable-status-codes", "x-envoy-retriable-header-names", "x-envoy-is-timeout-retry",
+    "x-envoy-original-path", "x-envoy-original-url", "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-alt-response", "expect", "x-forwarded-client-cert",
+    "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "grpc-timeout", "te", "user-agent",
+    "x-envoy-attempt-count", "x-envoy-expected-rq-timeout-ms", "x-envoy-max-retries",
+    "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-stream-duration-ms", "grpc-accept-encoding", "connection", "content-length",
+    "content-type", "x-envoy-decorator-operation", "keep-alive", "proxy-connection",
+    "x-request-id", "transfer-encoding", "upgrade", "via",
+})
+
+
+def ascii_lower(s: str) -> str:
+    """absl::AsciiStrToLower: only A-Z change."""
+    return s.lower() if s.isascii() else s.translate(_ASCII_LOWER)
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """The routing decision for one request (what Envoy's router would act on)."""
+
+    virtual_host: str
+    route_name: str
+    cluster: Optional[str]
+    direct_response: Optional[Tuple[int, str]]
+    redirect: Optional[str]
+    timeout: Optional[float]
+    retry_policy: Any
+    hash: Optional[int]
+    path_rewrite: Optional[str] = None
+    host_rewrite: Optional[str] = None
+    cluster_not_found_response_code: int = 503
+    redirect_code: Optional[int] = None
+    route: Any = None
+
+
+def normalise_headers(
+    headers: Union[None, Mapping[str, str], Iterable[Tuple[str, str]]],
+    authority: Optional[str], path: str, method: str, scheme: str,
+) -> Dict[str, List[str]]:
+    """Lower-cased name -> values, plus the pseudo-headers, as Envoy's router sees them."""
+    out: Dict[str, List[str]] = {}
+    if headers is not None:
+        items = headers.items() if isinstance(headers, Mapping) else headers
+        for name, value in items:
+            key = ascii_lower(name)
+            if key == "host" or key.startswith(":"):
+                continue  # HTTP/1 Host is :authority; pseudo-headers come from the arguments
+            values = out.get(key)
+            if values is None:
+                out[key] = [value]
+            elif key in INLINE_HEADERS:
+                values[0] = values[0] + "," + value
+            else:
+                values.append(value)
+    if authority is not None:
+        out[":authority"] = [authority]
+    out[":path"] = [path]
+    out[":method"] = [method]
+    out[":scheme"] = [scheme]
+    out.setdefault("x-forwarded-proto", [scheme])
+    return out
+
+
+def header_values(hdrs: Dict[str, List[str]], name: str) -> List[str]:
+    return hdrs.get(name) or []
+
+
+def is_grpc(hdrs: Dict[str, List[str]]) -> bool:
+    """Grpc::Common::isGrpcRequestHeaders: content-type application/grpc or application/grpc+*."""
+    values = hdrs.get("content-type")
+    if not values:
+        return False
+    ct = values[0]
+    return ct == "application/grpc" or ct.startswith("application/grpc+")
+
+
+def parse_query(full_path: str) -> Dict[str, str]:
+    """QueryParamsMulti::parseQueryString, first value per name, no percent-decoding."""
+    q = full_path.find("?")
+    out: Dict[str, str] = {}
+    if q < 0:
+        return out
+    for part in full_path[q + 1:].split("&"):
+        if not part:
+            continue
+        eq = part.find("=")
+        name, value = (part, "") if eq < 0 else (part[:eq], part[eq + 1:])
+        if name not in out:
+            out[name] = value
+    return out
+
+
+_WHITESPACE = " \t\n\v\f\r"
+
+
+def simple_atoi(s: str, lo: int, hi: int) -> Optional[int]:
+    """absl::SimpleAtoi: surrounding ASCII whitespace, an optional sign, decimal digits."""
+    t = s.strip(_WHITESPACE)
+    if not t:
+        return None
+    sign = 1
+    if t[0] in "+-":
+        sign = -1 if t[0] == "-" else 1
+        t = t[1:]
+    if not t or not (t.isascii() and t.isdigit()):
+        return None
+    n = sign * int(t)
+    return n if lo <= n <= hi else None
+
+
+def simple_atoi_u64(s: str) -> Optional[int]:
+    t = s.strip(_WHITESPACE)
+    if t.startswith("-"):
+        return None
+    return simple_atoi(s, 0, 2**64 - 1)
+
+
+def split_host_port(host: str) -> Tuple[str, str]:
+    """Http::HeaderUtility::getPortStart: the last ':' not inside an IPv6 literal."""
+    if host.startswith("["):
+        end = host.rfind("]:")
+        if end < 0:
+            return host, ""
+        return host[: end + 1], host[end + 2:]
+    colon = host.rfind(":")
+    if colon < 0:
+        return host, ""
+    port = host[colon + 1:]
+    if not port.isdigit():
+        return host, ""
+    return host[:colon], port
+
+
+def _rewrite_path(r: Any, full_path: str, match_path: str, prefix_rewrite: Optional[str],
+                  regex_rewrite: Optional[Tuple[Any, str]]) -> Optional[str]:
+    q = full_path.find("?")
+    query = "" if q < 0 else full_path[q:]
+    just_path = full_path if q < 0 else full_path[:q]
+    if prefix_rewrite is not None:
+        if r.path_kind in ("prefix", "separated"):
+            matched_len = len(r.path_value)
+        else:  # path, regex: the whole path is the match
+            matched_len = len(just_path)
+        return prefix_rewrite + full_path[matched_len:]
+    if regex_rewrite is not None:
+        rx, substitution = regex_rewrite
+        return rx.sub(substitution, just_path) + query
+    return None
+
+
+def apply_rewrites(r: Any, full_path: str, match_path: str) -> Optional[str]:
+    """The upstream :path after prefix_rewrite / regex_rewrite (None: unchanged)."""
+    if r.prefix_rewrite is None and r.regex_rewrite is None:
+        return None
+    return _rewrite_path(r, full_path, match_path, r.prefix_rewrite, r.regex_rewrite)
+
+
+def redirect_location(r: Any, full_path: str, match_path: str, host_header: str, scheme: str,
+                      hdrs: Dict[str, List[str]]) -> str:
+    """RouteEntryImplBase::newUri for a redirect route."""
+    red = r.redirect
+    request_proto = (hdrs.get("x-forwarded-proto") or [scheme])[0]
+    final_scheme = red.scheme or request_proto
+    final_port = f":{red.port}" if red.port else ""
+    if red.host:
+        final_host = red.host
+    else:
+        final_host = host_header
+        if host_header:
+            if host_header.startswith("["):
+                end = host_header.rfind("]:")
+                end = end + 1 if end >= 0 else -1
+            else:
+                end = host_header.rfind(":")
+            if end >= 0:
+                request_port = host_header[end:]
+                remove = bool(final_port)
+                if final_scheme != request_proto:
+                    remove |= request_proto == "https" and request_port == ":443"
+                    remove |= request_proto == "http" and request_port == ":80"
+                if remove:
+                    final_host = host_header[:end]
+    path_has_query = "?" in red.path
+    if red.path:
+        if path_has_query:
+            final_path = red.path
+        else:
+            q = full_path.find("?")
+            final_path = red.path + (full_path[q:] if q >= 0 else "")
+    else:
+        rewritten = _rewrite_path(r, full_path, match_path, red.prefix_rewrite, red.regex_rewrite)
+        final_path = rewritten if rewritten is not None else full_path
+    if not path_has_query and red.strip_query:
+        q = final_path.find("?")
+        if q >= 0:
+            final_path = final_path[:q]
+    return f"{final_scheme}://{final_host}{final_port}{final_path}"
+
+
+def _rotl1(h: int) -> int:
+    return ((h << 1) | (h >> 63)) & 0xFFFFFFFFFFFFFFFF
+
+
+def _cookie(hdrs: Dict[str, List[str]], name: str) -> Optional[str]:
+    for header in hdrs.get("cookie") or ():
+        for part in header.split(";"):
+            k, sep, v = part.strip().partition("=")
+            if sep and k == name:
+                if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
+                    v = v[1:-1]
+                return v
+    return None
+
+
+def compute_hash(policies: Sequence[Any], hdrs: Dict[str, List[str]], full_path: str,
+                 source_ip: Optional[str]) -> Optional[int]:
+    """HashPolicyImpl::generateHash: combine the policies' hashes with rotl(h, 1) ^ new."""
+    h: Optional[int] = None
+    for p in policies:
+        new: Optional[int] = None
+        if p.kind == "header":
+            values = hdrs.get(p.name)
+            if values:
+                vals = list(values)
+                if p.regex_rewrite is not None:
+                    rx, sub = p.regex_rewrite
+                    vals = [rx.sub(sub, v) for v in vals]
+                vals.sort(key=lambda v: v.encode())
+                acc = 0
+                for v in vals:
+                    acc = xxh64(v.encode(), acc)
+                new = acc
+        elif p.kind == "cookie":
+            value = _cookie(hdrs, p.name)
+            if value:
+                new = xxh64(value.encode())
+        elif p.kind == "source_ip":
+            if source_ip:
+                new = xxh64(source_ip.encode())
+        elif p.kind == "query_parameter":
+            value = parse_query(full_path).get(p.name)
+            if value is not None:
+                new = xxh64(value.encode())
+        if new is not None:
+            h = (_rotl1(h) if h is not None else 0) ^ new
+        if p.terminal and h is not None:
+            break
+    return h

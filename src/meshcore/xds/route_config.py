@@ -1,0 +1,391 @@
+"""RouteConfiguration (xDS v3) to meshcore's route model, with Envoy's validation.
+
+:func:`route_config_spec` accepts an ``envoy.config.route.v3.RouteConfiguration`` message (or an
+``Any`` holding one) or a proto3-JSON dict (camelCase or snake_case). Errors are
+:class:`~meshcore.errors.ConfigError` naming the route configuration, and a field path that
+names the virtual host and route (``virtual_hosts[vh-name].routes[route-name].match.safe_regex``).
+
+Rejected (Envoy would NACK, or meshcore cannot decide like Envoy): duplicate domains, more than
+one ``*``; a route without a path specifier; bad regexes and regexes whose RE2 program size is
+over 100 (Envoy's default ``re2.max_program_size.error_level``); ``ignore_case`` on a
+``safe_regex`` string matcher; ``weighted_clusters`` whose weights sum to 0 or over 2^32-1, or an
+entry with both or neither of ``name``/``cluster_header``; direct response status outside
+200..599 or a body from a file; ``connect_matcher``, ``path_match_policy``, ``tls_context``,
+``dynamic_metadata``, ``filter_state`` matchers, cluster specifier plugins, the vhost
+``matcher`` tree, ``path_rewrite_policy`` and ``filter_action`` (not supported yet).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import re2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+
+from .._route_model import (
+    DirectResponseSpec,
+    HashPolicySpec,
+    HeaderMatchSpec,
+    QueryMatchSpec,
+    RedirectSpec,
+    RetryPolicy,
+    RouteConfigSpec,
+    RouteSpec,
+    StringMatchSpec,
+    VirtualHostSpec,
+    WeightedClusterSpec,
+)
+from .._routing import ascii_lower
+from ..errors import ConfigError
+from .lb_config import _coerce
+
+__all__ = ["compile_regex", "route_config_spec"]
+
+MAX_PROGRAM_SIZE = 100  # runtime re2.max_program_size.error_level default
+_UINT32_MAX = 0xFFFFFFFF
+_REDIRECT_CODES = {0: 301, 1: 302, 2: 303, 3: 307, 4: 308}
+_DENOMINATORS = {0: 100, 1: 10000, 2: 1000000}
+_REQUIRE_TLS = {0: "NONE", 1: "EXTERNAL_ONLY", 2: "ALL"}
+_OPTIONS = re2.Options()
+_OPTIONS.log_errors = False
+
+
+def compile_regex(pattern: str, resource: str, where: str) -> Any:
+    """Compile with RE2 semantics, rejecting what Envoy rejects."""
+    try:
+        compiled = re2.compile(pattern, _OPTIONS)
+    except re2.error as e:
+        raise ConfigError(resource, where, f"invalid regex {pattern!r}: {e}") from None
+    size = compiled.programsize
+    if size > MAX_PROGRAM_SIZE:
+        raise ConfigError(
+            resource, where,
+            f"regex {pattern!r} is too complex: RE2 program size {size} > max program size {MAX_PROGRAM_SIZE}",
+        )
+    return compiled
+
+
+class _Ctx:
+    __slots__ = ("resource",)
+
+    def __init__(self, resource: str) -> None:
+        self.resource = resource
+
+    def error(self, where: str, reason: str) -> ConfigError:
+        return ConfigError(self.resource, where, reason)
+
+
+def _duration(d: Any) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def _string_matcher(ctx: _Ctx, m: Any, where: str) -> StringMatchSpec:
+    kind = m.WhichOneof("match_pattern")
+    if kind is None:
+        raise ctx.error(where, "string matcher has no match pattern")
+    if kind == "safe_regex":
+        if m.ignore_case:
+            raise ctx.error(where + ".ignore_case", "ignore_case has no effect for safe_regex")
+        return StringMatchSpec("regex", m.safe_regex.regex, False,
+                               compile_regex(m.safe_regex.regex, ctx.resource, where + ".safe_regex.regex"))
+    if kind not in ("exact", "prefix", "suffix", "contains"):
+        raise ctx.error(where + "." + kind, "unsupported string matcher")
+    value = getattr(m, kind)
+    if kind != "exact" and not value:
+        raise ctx.error(where + "." + kind, "value length must be at least 1")
+    return StringMatchSpec(kind, value, m.ignore_case)
+
+
+def _header_matcher(ctx: _Ctx, h: Any, where: str) -> HeaderMatchSpec:
+    name = ascii_lower(h.name)
+    if not name:
+        raise ctx.error(where + ".name", "header name must not be empty")
+    kind = h.WhichOneof("header_match_specifier")
+    common = dict(invert=h.invert_match, treat_missing_as_empty=h.treat_missing_header_as_empty)
+    if kind is None:
+        return HeaderMatchSpec(name, "present", present=True, **common)
+    if kind == "exact_match":
+        if h.exact_match == "":
+            return HeaderMatchSpec(name, "exact_any", **common)
+        return HeaderMatchSpec(name, "string", StringMatchSpec("exact", h.exact_match), **common)
+    if kind == "safe_regex_match":
+        rx = compile_regex(h.safe_regex_match.regex, ctx.resource, where + ".safe_regex_match.regex")
+        return HeaderMatchSpec(name, "string", StringMatchSpec("regex", h.safe_regex_match.regex, False, rx),
+                               **common)
+    if kind == "range_match":
+        return HeaderMatchSpec(name, "range", range_start=h.range_match.start, range_end=h.range_match.end,
+                               **common)
+    if kind == "present_match":
+        return HeaderMatchSpec(name, "present", present=h.present_match, **common)
+    if kind in ("prefix_match", "suffix_match", "contains_match"):
+        value = getattr(h, kind)
+        if not value:
+            raise ctx.error(f"{where}.{kind}", "value length must be at least 1")
+        return HeaderMatchSpec(name, "string", StringMatchSpec(kind.split("_")[0], value), **common)
+    if kind == "string_match":
+        return HeaderMatchSpec(name, "string", _string_matcher(ctx, h.string_match, where + ".string_match"),
+                               **common)
+    raise ctx.error(f"{where}.{kind}", "unsupported header matcher")
+
+
+def _query_matcher(ctx: _Ctx, q: Any, where: str) -> QueryMatchSpec:
+    if not q.name:
+        raise ctx.error(where + ".name", "query parameter name must not be empty")
+    kind = q.WhichOneof("query_parameter_match_specifier")
+    if kind == "string_match":
+        return QueryMatchSpec(q.name, _string_matcher(ctx, q.string_match, where + ".string_match"))
+    if kind == "present_match":
+        return QueryMatchSpec(q.name, present=q.present_match)
+    return QueryMatchSpec(q.name, present=True)
+
+
+def _retry_policy(ctx: _Ctx, r: Any, where: str) -> RetryPolicy:
+    retry_on = tuple(s.strip() for s in r.retry_on.split(",") if s.strip())
+    back_off = r.retry_back_off if r.HasField("retry_back_off") else None
+    base = 0.025
+    max_interval = None
+    if back_off is not None:
+        if back_off.HasField("base_interval"):
+            base = _duration(back_off.base_interval)
+            if base <= 0:
+                raise ctx.error(where + ".retry_back_off.base_interval", "must be greater than 0")
+        if back_off.HasField("max_interval"):
+            max_interval = _duration(back_off.max_interval)
+            if max_interval < base:
+                raise ctx.error(where + ".retry_back_off.max_interval",
+                                "max_interval must be greater than or equal to the base_interval")
+    return RetryPolicy(
+        retry_on=retry_on,
+        num_retries=r.num_retries.value if r.HasField("num_retries") else 1,
+        per_try_timeout=_duration(r.per_try_timeout) if r.HasField("per_try_timeout") else None,
+        per_try_idle_timeout=_duration(r.per_try_idle_timeout) if r.HasField("per_try_idle_timeout") else None,
+        base_interval=base,
+        max_interval=max_interval,
+        retriable_status_codes=tuple(r.retriable_status_codes),
+        retry_host_predicates=tuple(p.name for p in r.retry_host_predicate),
+        host_selection_retry_max_attempts=r.host_selection_retry_max_attempts or 1,
+    )
+
+
+def _rewrite(ctx: _Ctx, rr: Any, where: str) -> Tuple[Any, str]:
+    return (compile_regex(rr.pattern.regex, ctx.resource, where + ".pattern.regex"), rr.substitution)
+
+
+def _hash_policy(ctx: _Ctx, h: Any, where: str) -> Optional[HashPolicySpec]:
+    kind = h.WhichOneof("policy_specifier")
+    if kind == "header":
+        if not h.header.header_name:
+            raise ctx.error(where + ".header.header_name", "must not be empty")
+        rewrite = _rewrite(ctx, h.header.regex_rewrite, where + ".header.regex_rewrite") \
+            if h.header.HasField("regex_rewrite") else None
+        return HashPolicySpec("header", ascii_lower(h.header.header_name), h.terminal, rewrite)
+    if kind == "cookie":
+        ttl = _duration(h.cookie.ttl) if h.cookie.HasField("ttl") else None
+        return HashPolicySpec("cookie", h.cookie.name, h.terminal, cookie_ttl=ttl, cookie_path=h.cookie.path)
+    if kind == "connection_properties":
+        if not h.connection_properties.source_ip:
+            return None  # source_ip: false -> the policy is dropped (hash_policy.cc)
+        return HashPolicySpec("source_ip", "", h.terminal)
+    if kind == "query_parameter":
+        if not h.query_parameter.name:
+            raise ctx.error(where + ".query_parameter.name", "must not be empty")
+        return HashPolicySpec("query_parameter", h.query_parameter.name, h.terminal)
+    if kind == "filter_state":
+        return None  # no filter state in process: never yields a hash
+    raise ctx.error(where, "hash policy has no policy specifier")
+
+
+def _route(ctx: _Ctx, r: Any, index: int, vh_where: str, vh_retry: Optional[RetryPolicy]) -> RouteSpec:
+    label = r.name or str(index)
+    where = f"{vh_where}.routes[{label}]"
+    m = r.match
+    mw = where + ".match"
+    spec = m.WhichOneof("path_specifier")
+    if spec is None:
+        raise ctx.error(mw, 'field "path_specifier" is required')
+    regex = None
+    if spec == "prefix":
+        path_kind, path_value = "prefix", m.prefix
+    elif spec == "path":
+        path_kind, path_value = "path", m.path
+    elif spec == "safe_regex":
+        path_kind, path_value = "regex", m.safe_regex.regex
+        regex = compile_regex(m.safe_regex.regex, ctx.resource, mw + ".safe_regex.regex")
+    elif spec == "path_separated_prefix":
+        path_kind, path_value = "separated", m.path_separated_prefix
+        if "?" in path_value or "#" in path_value or path_value.endswith("/") or not path_value:
+            raise ctx.error(mw + ".path_separated_prefix",
+                            "must not be empty, end with '/' or contain '?' or '#'")
+    else:
+        raise ctx.error(f"{mw}.{spec}", "unsupported path specifier")
+    for unsupported in ("tls_context", "dynamic_metadata", "filter_state"):
+        if (m.HasField(unsupported) if unsupported == "tls_context" else len(getattr(m, unsupported))):
+            raise ctx.error(f"{mw}.{unsupported}", "unsupported route matcher")
+    runtime = None
+    if m.HasField("runtime_fraction"):
+        dv = m.runtime_fraction.default_value
+        denom = _DENOMINATORS.get(dv.denominator)
+        if denom is None:
+            raise ctx.error(mw + ".runtime_fraction.default_value.denominator", "unknown denominator")
+        runtime = (dv.numerator, denom)
+    headers = tuple(_header_matcher(ctx, h, f"{mw}.headers[{i}]") for i, h in enumerate(m.headers))
+    query = tuple(_query_matcher(ctx, q, f"{mw}.query_parameters[{i}]") for i, q in enumerate(m.query_parameters))
+    fields: Dict[str, Any] = dict(
+        name=r.name, index=index, path_kind=path_kind, path_value=path_value,
+        case_sensitive=m.case_sensitive.value if m.HasField("case_sensitive") else True,
+        regex=regex, headers=headers, query=query, runtime_fraction=runtime, grpc=m.HasField("grpc"),
+    )
+    action = r.WhichOneof("action")
+    if action == "route":
+        _route_action(ctx, r.route, where + ".route", fields, vh_retry)
+    elif action == "redirect":
+        fields["action"] = "redirect"
+        fields["redirect"] = _redirect(ctx, r.redirect, where + ".redirect")
+        fields["timeout"] = None
+    elif action == "direct_response":
+        d = r.direct_response
+        if not 200 <= d.status <= 599:
+            raise ctx.error(where + ".direct_response.status", f"must be in [200, 599], got {d.status}")
+        body = ""
+        if d.HasField("body"):
+            src = d.body.WhichOneof("specifier")
+            if src == "inline_string":
+                body = d.body.inline_string
+            elif src == "inline_bytes":
+                body = d.body.inline_bytes.decode("utf-8", "replace")
+            elif src is not None:
+                raise ctx.error(f"{where}.direct_response.body.{src}", "only inline bodies are supported")
+        if len(body.encode()) > 4096:
+            raise ctx.error(where + ".direct_response.body", "body is larger than 4096 bytes")
+        fields["action"] = "direct"
+        fields["direct_response"] = DirectResponseSpec(d.status, body)
+        fields["timeout"] = None
+    else:
+        raise ctx.error(f"{where}.{action or 'action'}", "unsupported route action" if action else "route has no action")
+    return RouteSpec(**fields)
+
+
+def _route_action(ctx: _Ctx, a: Any, where: str, fields: Dict[str, Any], vh_retry: Optional[RetryPolicy]) -> None:
+    spec = a.WhichOneof("cluster_specifier")
+    if spec == "cluster":
+        if not a.cluster:
+            raise ctx.error(where + ".cluster", "value length must be at least 1")
+        fields["action"] = "cluster"
+        fields["cluster"] = a.cluster
+    elif spec == "cluster_header":
+        fields["action"] = "cluster_header"
+        fields["cluster_header"] = ascii_lower(a.cluster_header)
+    elif spec == "weighted_clusters":
+        w = a.weighted_clusters
+        entries: List[WeightedClusterSpec] = []
+        total = 0
+        for i, c in enumerate(w.clusters):
+            cw = f"{where}.weighted_clusters.clusters[{c.name or i}]"
+            if bool(c.name) == bool(c.cluster_header):
+                raise ctx.error(cw, "exactly one of name and cluster_header must be set")
+            weight = c.weight.value if c.HasField("weight") else 0
+            total += weight
+            entries.append(WeightedClusterSpec(c.name, ascii_lower(c.cluster_header), weight, c.host_rewrite_literal))
+        if not entries:
+            raise ctx.error(where + ".weighted_clusters.clusters", "must have at least 1 item")
+        if total == 0:
+            raise ctx.error(where + ".weighted_clusters", "sum of weights must be greater than 0")
+        if total > _UINT32_MAX:
+            raise ctx.error(where + ".weighted_clusters", f"sum of weights {total} exceeds 4294967295")
+        fields["action"] = "weighted"
+        fields["weighted"] = tuple(entries)
+        fields["weighted_total"] = total
+        fields["weighted_header"] = ascii_lower(w.header_name)
+    else:
+        raise ctx.error(f"{where}.{spec or 'cluster_specifier'}",
+                        "unsupported cluster specifier" if spec else "cluster specifier is required")
+    code = a.cluster_not_found_response_code
+    fields["cluster_not_found_response_code"] = {0: 503, 1: 404, 2: 500}.get(code, 503)
+    fields["timeout"] = (_duration(a.timeout) or None) if a.HasField("timeout") else 15.0
+    fields["retry_policy"] = _retry_policy(ctx, a.retry_policy, where + ".retry_policy") \
+        if a.HasField("retry_policy") else vh_retry
+    hashes = []
+    for i, h in enumerate(a.hash_policy):
+        hp = _hash_policy(ctx, h, f"{where}.hash_policy[{i}]")
+        if hp is not None:
+            hashes.append(hp)
+    fields["hash_policies"] = tuple(hashes)
+    if a.prefix_rewrite and a.HasField("regex_rewrite"):
+        raise ctx.error(where + ".regex_rewrite", "prefix_rewrite and regex_rewrite are mutually exclusive")
+    if a.prefix_rewrite:
+        fields["prefix_rewrite"] = a.prefix_rewrite
+    if a.HasField("regex_rewrite"):
+        fields["regex_rewrite"] = _rewrite(ctx, a.regex_rewrite, where + ".regex_rewrite")
+    if a.HasField("path_rewrite_policy"):
+        raise ctx.error(where + ".path_rewrite_policy", "unsupported")
+    if a.WhichOneof("host_rewrite_specifier") == "host_rewrite_literal":
+        fields["host_rewrite_literal"] = a.host_rewrite_literal
+
+
+def _redirect(ctx: _Ctx, r: Any, where: str) -> RedirectSpec:
+    scheme = ""
+    which = r.WhichOneof("scheme_rewrite_specifier")
+    if which == "https_redirect" and r.https_redirect:
+        scheme = "https"
+    elif which == "scheme_redirect":
+        scheme = ascii_lower(r.scheme_redirect)
+    path_which = r.WhichOneof("path_rewrite_specifier")
+    path = r.path_redirect if path_which == "path_redirect" else ""
+    prefix = r.prefix_rewrite if path_which == "prefix_rewrite" else None
+    regex = _rewrite(ctx, r.regex_rewrite, where + ".regex_rewrite") if path_which == "regex_rewrite" else None
+    if path and ("?" in path and r.strip_query):
+        pass
+    return RedirectSpec(scheme=scheme, host=r.host_redirect, port=r.port_redirect, path=path,
+                        prefix_rewrite=prefix, regex_rewrite=regex,
+                        response_code=_REDIRECT_CODES.get(r.response_code, 301), strip_query=r.strip_query)
+
+
+def route_config_spec(route_configuration: Any) -> RouteConfigSpec:
+    """Validate and convert a RouteConfiguration; raise ``ConfigError`` naming the field."""
+    rc = _coerce(route_configuration, route_pb2.RouteConfiguration, "name", "RouteConfiguration")
+    ctx = _Ctx(rc.name or "RouteConfiguration")
+    for unsupported in ("cluster_specifier_plugins",):
+        if len(getattr(rc, unsupported)):
+            raise ctx.error(unsupported, "unsupported")
+    seen_domains: Dict[str, str] = {}
+    vhosts: List[VirtualHostSpec] = []
+    names = set()
+    for vi, vh in enumerate(rc.virtual_hosts):
+        vh_where = f"virtual_hosts[{vh.name or vi}]"
+        if not vh.name:
+            raise ctx.error(vh_where + ".name", "virtual host name must not be empty")
+        if vh.name in names:
+            raise ctx.error(vh_where + ".name", f"duplicate virtual host name {vh.name!r}")
+        names.add(vh.name)
+        if not len(vh.domains):
+            raise ctx.error(vh_where + ".domains", "must have at least 1 item")
+        if vh.HasField("matcher"):
+            raise ctx.error(vh_where + ".matcher", "the matcher tree is not supported")
+        domains = []
+        for d in vh.domains:
+            if not d:
+                raise ctx.error(vh_where + ".domains", "domain must not be empty")
+            key = ascii_lower(d)
+            if key in seen_domains:
+                raise ctx.error(
+                    vh_where + ".domains",
+                    f"Only unique values for domains are permitted. Duplicate entry of domain {key} "
+                    f"in route {rc.name}",
+                )
+            seen_domains[key] = vh.name
+            domains.append(key)
+        vh_retry = _retry_policy(ctx, vh.retry_policy, vh_where + ".retry_policy") \
+            if vh.HasField("retry_policy") else None
+        routes = tuple(_route(ctx, r, i, vh_where, vh_retry) for i, r in enumerate(vh.routes))
+        vhosts.append(VirtualHostSpec(vh.name, tuple(domains), routes, _REQUIRE_TLS.get(vh.require_tls, "NONE"),
+                                      vh_retry))
+    return RouteConfigSpec(
+        name=rc.name,
+        virtual_hosts=tuple(vhosts),
+        ignore_port_in_host_matching=rc.ignore_port_in_host_matching,
+        ignore_path_parameters_in_path_matching=rc.ignore_path_parameters_in_path_matching,
+        vhost_header=ascii_lower(rc.vhost_header),
+    )
+
+
+_ = route_components_pb2  # registers the route component messages used above
