@@ -7,7 +7,6 @@ source/common/http/hash_policy.cc, source/common/http/utility.cc (query parsing)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._fast.hashing_py import xxh64
@@ -53,9 +52,22 @@ def ascii_lower(s: str) -> str:
     return s.lower() if s.isascii() else s.translate(_ASCII_LOWER)
 
 
-@dataclass(frozen=True)
 class RouteMatch:
-    """The routing decision for one request (what Envoy's router would act on)."""
+    """The routing decision for one request (what Envoy's router would act on).
+
+    ``cluster`` is the chosen cluster (``""`` when a ``cluster_header`` is absent; ``None`` for
+    direct responses and redirects); ``direct_response`` is ``(status, body)``; ``redirect``
+    the ``Location`` URL (``redirect_code`` its status); ``timeout`` seconds (``None``:
+    disabled); ``hash`` the request hash from the route's hash policies (``None``: none);
+    ``path_rewrite`` the upstream ``:path`` after ``prefix_rewrite``/``regex_rewrite`` (``None``:
+    unchanged); ``host_rewrite`` a literal host rewrite. Results of routes whose outcome does
+    not depend on the request are shared, immutable objects.
+    """
+
+    __slots__ = ("virtual_host", "route_name", "cluster", "direct_response", "redirect", "timeout",
+                 "retry_policy", "hash", "path_rewrite", "host_rewrite", "cluster_not_found_response_code",
+                 "redirect_code", "route")
+    _FIELDS = __slots__
 
     virtual_host: str
     route_name: str
@@ -65,11 +77,45 @@ class RouteMatch:
     timeout: Optional[float]
     retry_policy: Any
     hash: Optional[int]
-    path_rewrite: Optional[str] = None
-    host_rewrite: Optional[str] = None
-    cluster_not_found_response_code: int = 503
-    redirect_code: Optional[int] = None
-    route: Any = None
+    path_rewrite: Optional[str]
+    host_rewrite: Optional[str]
+    cluster_not_found_response_code: int
+    redirect_code: Optional[int]
+    route: Any
+
+    def __init__(self, virtual_host: str, route_name: str, cluster: Optional[str],
+                 direct_response: Optional[Tuple[int, str]], redirect: Optional[str], timeout: Optional[float],
+                 retry_policy: Any, hash: Optional[int], path_rewrite: Optional[str] = None,
+                 host_rewrite: Optional[str] = None, cluster_not_found_response_code: int = 503,
+                 redirect_code: Optional[int] = None, route: Any = None) -> None:
+        self.virtual_host = virtual_host
+        self.route_name = route_name
+        self.cluster = cluster
+        self.direct_response = direct_response
+        self.redirect = redirect
+        self.timeout = timeout
+        self.retry_policy = retry_policy
+        self.hash = hash
+        self.path_rewrite = path_rewrite
+        self.host_rewrite = host_rewrite
+        self.cluster_not_found_response_code = cluster_not_found_response_code
+        self.redirect_code = redirect_code
+        self.route = route
+
+    def _key(self) -> Tuple[Any, ...]:
+        return tuple(getattr(self, f) for f in self._FIELDS[:-1])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RouteMatch):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._FIELDS[:-1] if getattr(self, f) is not None)
+        return f"RouteMatch({shown})"
 
 
 def normalise_headers(

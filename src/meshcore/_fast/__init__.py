@@ -22,7 +22,7 @@ if TYPE_CHECKING or not USE_EXTENSIONS:
 else:
     try:
         from .lb_c import LoadBalancer, xxh64
-        from .routes_py import RouteTable  # compiled twin: not built yet
+        from .routes_c import RouteTable
 
         IMPLEMENTATION = "c"
     except ImportError:  # pragma: no cover  (sdist installed without a compiler)

@@ -14,7 +14,7 @@ coalesced with ``,`` (its HTTP/1 codec does so); others are matched value by val
 
 from __future__ import annotations
 
-import os
+import random
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .._route_model import HeaderMatchSpec, RouteConfigSpec, RouteSpec, StringMatchSpec, VirtualHostSpec
@@ -186,7 +186,7 @@ class RouteTable:
             return None
         index = self._vhosts[vi]
         if random_value is None:
-            random_value = int.from_bytes(os.urandom(8), "little")
+            random_value = random.getrandbits(64)
         random_value &= 0xFFFFFFFFFFFFFFFF
         q = full_path.find("?")
         match_path = full_path if q < 0 else full_path[:q]

@@ -1,0 +1,41 @@
+"""c/py parity of route matching over generated RouteConfigurations and requests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from meshcore import ConfigError
+from meshcore._fast import routes_py
+
+from .gen import requests, route_config
+
+CONFIGS = int(os.environ.get("MESHCORE_ROUTE_PARITY_CONFIGS", "120"))
+
+
+def _summary(m):
+    if m is None:
+        return None
+    return (m.virtual_host, m.route_name, m.cluster, m.direct_response, m.redirect, m.timeout, m.hash,
+            m.path_rewrite, m.host_rewrite)
+
+
+@pytest.mark.c_extension
+@pytest.mark.parametrize("seed", range(CONFIGS))
+def test_c_and_py_decide_alike(seed):
+    from meshcore._fast import routes_c
+
+    cfg = route_config(seed)
+    try:
+        py = routes_py.RouteTable.from_xds(cfg)
+    except ConfigError:
+        with pytest.raises(ConfigError):
+            routes_c.RouteTable.from_xds(cfg)
+        return
+    c = routes_c.RouteTable.from_xds(cfg)
+    for i, (authority, path, headers, method) in enumerate(requests(cfg, seed)):
+        rv = (seed * 7919 + i * 104729) & 0xFFFFFFFFFFFFFFFF
+        a = c.match(authority, path, headers, method=method, random_value=rv, source_ip="10.1.2.3")
+        b = py.match(authority, path, headers, method=method, random_value=rv, source_ip="10.1.2.3")
+        assert _summary(a) == _summary(b), (cfg, authority, path, headers, method, rv)
