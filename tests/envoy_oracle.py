@@ -301,7 +301,9 @@ def build_xds(
             common["healthy_panic_threshold"] = {"value": float(healthy_panic_threshold)}
         lr: dict[str, Any] = {}
         if choice_count is not None:
-            lr["choice_count"] = {"value": int(choice_count)}
+            # UInt32Value: canonical proto3 JSON is the bare number.  (Envoy's C++ parser also
+            # takes {"value": n}; Python's json_format, hence meshcore's from_xds, does not.)
+            lr["choice_count"] = int(choice_count)
         if active_request_bias is not None:
             lr["active_request_bias"] = {
                 "default_value": float(active_request_bias), "runtime_key": "oracle.active_request_bias"
@@ -537,11 +539,19 @@ class EnvoyOracle:
         log_level: str = "warning",
         startup_timeout: float = 30.0,
         keep_tmp: bool = False,
+        eds: bool = False,
         **lb_options: Any,
     ) -> None:
         """Either ``endpoints`` (+ :func:`build_xds` keyword options such as ``policy=``,
         ``minimum_ring_size=``...), or ``cluster`` (+ optional ``cla``) proto3-JSON dicts.
-        Nothing runs until :meth:`start` / ``__enter__``."""
+        Nothing runs until :meth:`start` / ``__enter__``.
+
+        ``eds=True`` serves the ClusterLoadAssignment over file-based EDS (``type: EDS``,
+        ``eds_cluster_config.eds_config.path_config_source`` = a JSON DiscoveryResponse in the
+        temp dir) instead of the cluster's inline ``load_assignment``, so Envoy takes its EDS code
+        path (``EdsClusterImpl``: e.g. duplicate addresses in one assignment are merged, where a
+        STATIC cluster keeps one host per entry).  ``cluster`` then is the EDS cluster and ``cla``
+        the assignment."""
         if (endpoints is None) == (cluster is None):
             raise TypeError("give either endpoints=... or cluster=... (+ cla=...)")
         if cluster is not None and lb_options:
@@ -550,6 +560,7 @@ class EnvoyOracle:
         self._in_cluster = None if cluster is None else json.loads(json.dumps(cluster))
         self._in_cla = None if cla is None else json.loads(json.dumps(cla))
         self._lb_options = lb_options
+        self.eds = eds
         self.envoy_bin = envoy_bin or find_envoy()
         self.validate = validate
         self.log_level = log_level
@@ -652,6 +663,8 @@ class EnvoyOracle:
                 cluster.pop("eds_cluster_config", None)
             cluster.setdefault("connect_timeout", "2s")
             self.cluster, self.cla = cluster, json.loads(json.dumps(cla))
+        if self.eds:
+            self.cluster = self._to_eds(self.cluster, self.cla)
         self.endpoints = endpoints_from_cla(self.cla)
         self.bootstrap = _bootstrap(self.cluster)
         cfg = os.path.join(self.tmpdir, "envoy.json")
@@ -727,6 +740,21 @@ class EnvoyOracle:
             raise EnvoyOracleError(f"listener port not found in admin /listeners: {body}")
         self.timings["envoy_start"] = time.monotonic() - t2
         self.timings["total_start"] = time.monotonic() - t0
+
+    def _to_eds(self, cluster: dict, cla: dict) -> dict:
+        if cluster.get("type") not in ("STATIC", "EDS"):
+            raise ValueError(f"eds=True needs a STATIC cluster to convert, not {cluster.get('type')}")
+        path = os.path.join(self.tmpdir, "eds.json")
+        assignment = dict(json.loads(json.dumps(cla)), cluster_name=cluster["name"])
+        resource = {"@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment", **assignment}
+        with open(path, "w") as f:
+            json.dump({"version_info": "1", "resources": [resource]}, f)
+        out = {k: v for k, v in cluster.items() if k != "load_assignment"}
+        out["type"] = "EDS"
+        out["eds_cluster_config"] = {
+            "eds_config": {"path_config_source": {"path": path}, "resource_api_version": "V3"}
+        }
+        return out
 
     def _start_servers(self, wanted: list[tuple[str, int]]) -> list[tuple[str, int]]:
         """Start the helper; returns the bound (address, port) for each wanted one, in order.
@@ -885,7 +913,8 @@ class EnvoyOracle:
         )
 
     def host_stats(self) -> dict[str, dict[str, int]]:
-        """Envoy's per-host counters from admin ``/clusters``: ``{"ip:port": {"rq_total": ...}}``."""
+        """Envoy's per-host counters from admin ``/clusters``: ``{"ip:port": {"rq_total": ...}}``
+        (gauges included; hosts sharing an address are summed)."""
         out: dict[str, dict[str, int]] = {}
         for cs in self.clusters_json().get("cluster_statuses", []):
             if cs.get("name") != CLUSTER_NAME and (self.cluster or {}).get("name") != cs.get("name"):
@@ -894,7 +923,11 @@ class EnvoyOracle:
                 sa = hs["address"]["socket_address"]
                 addr = sa["address"]
                 key = f"[{addr}]:{sa['port_value']}" if ":" in addr else f"{addr}:{sa['port_value']}"
-                out[key] = {st["name"]: int(st.get("value", 0)) for st in hs.get("stats", [])}
+                # A STATIC cluster keeps one host per CLA entry, so one address can be several
+                # hosts: their counters are summed.
+                acc = out.setdefault(key, {})
+                for st in hs.get("stats", []):
+                    acc[st["name"]] = acc.get(st["name"], 0) + int(st.get("value", 0))
         return out
 
     def _sample_stats(self) -> tuple[dict[str, int], dict[str, int]]:

@@ -7,7 +7,7 @@ matchers.cc); the comments name the rule each field carries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 __all__ = [
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StringMatchSpec:
     """``envoy.type.matcher.v3.StringMatcher``. ``kind``: exact/prefix/suffix/contains/regex."""
 
@@ -61,7 +61,7 @@ def _ascii_lower(s: str) -> str:
     return s.translate(_LOWER_TABLE) if not s.isascii() else s.lower()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class HeaderMatchSpec:
     """``config.route.v3.HeaderMatcher``.
 
@@ -79,7 +79,7 @@ class HeaderMatchSpec:
     treat_missing_as_empty: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class QueryMatchSpec:
     """``config.route.v3.QueryParameterMatcher``: ``string`` or presence (``present``)."""
 
@@ -88,7 +88,7 @@ class QueryMatchSpec:
     present: Optional[bool] = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WeightedClusterSpec:
     """One ``WeightedCluster.ClusterWeight``: a fixed ``name`` or a ``cluster_header``."""
 
@@ -98,7 +98,7 @@ class WeightedClusterSpec:
     host_rewrite_literal: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RedirectSpec:
     """``config.route.v3.RedirectAction``."""
 
@@ -112,13 +112,13 @@ class RedirectSpec:
     strip_query: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DirectResponseSpec:
     status: int
     body: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RetryPolicy:
     """``config.route.v3.RetryPolicy`` (what the request lifecycle needs)."""
 
@@ -133,7 +133,7 @@ class RetryPolicy:
     host_selection_retry_max_attempts: int = 1
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class HashPolicySpec:
     """``RouteAction.HashPolicy``. ``kind``: header/cookie/source_ip/query_parameter."""
 
@@ -145,7 +145,7 @@ class HashPolicySpec:
     cookie_path: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RouteSpec:
     """One ``config.route.v3.Route`` with its match and action."""
 
@@ -176,7 +176,7 @@ class RouteSpec:
     cluster_not_found_response_code: int = 503
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class VirtualHostSpec:
     name: str
     domains: Tuple[str, ...]
@@ -185,11 +185,11 @@ class VirtualHostSpec:
     retry_policy: Optional[RetryPolicy] = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RouteConfigSpec:
     name: str
     virtual_hosts: Tuple[VirtualHostSpec, ...]
     ignore_port_in_host_matching: bool = False
     ignore_path_parameters_in_path_matching: bool = False
     vhost_header: str = ""  # lower-cased; "" means :authority
-    extra: Tuple[Any, ...] = field(default=())
+    extra: Tuple[Any, ...] = ()

@@ -13,7 +13,7 @@ regexes, weighted clusters, hashes, rewrites) uses the shared helpers of ``route
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
-from libc.string cimport memchr
+from libc.string cimport memchr, memcmp
 cimport cython
 
 import os
@@ -64,6 +64,10 @@ cdef class _Trie:
         PyMem_Free(self.ids)
 
 
+cdef extern from "stdlib.h":
+    void qsort(void* base, size_t nmemb, size_t size, int (*compar)(const void*, const void*) noexcept nogil) nogil
+
+
 cdef void* _alloc(size_t size) except NULL:
     cdef void* p = PyMem_Malloc(size if size > 0 else 1)
     if p == NULL:
@@ -71,55 +75,150 @@ cdef void* _alloc(size_t size) except NULL:
     return p
 
 
+ctypedef struct TrieKey:
+    const unsigned char* key
+    Py_ssize_t length
+    int32_t route
+    int32_t exact
+
+
+cdef int _key_cmp(const void* a, const void* b) noexcept nogil:
+    cdef TrieKey* x = <TrieKey*>a
+    cdef TrieKey* y = <TrieKey*>b
+    cdef Py_ssize_t n = x.length if x.length < y.length else y.length
+    cdef int r = memcmp(x.key, y.key, n)
+    if r != 0:
+        return r
+    if x.length != y.length:
+        return -1 if x.length < y.length else 1
+    return x.route - y.route
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
 cdef _Trie _build_trie(list prefixes, list exacts):
-    """prefixes / exacts: (key bytes, route index) in route order."""
+    """prefixes / exacts: (key bytes, route index). Built from the sorted keys in one pass:
+    each key shares its longest common prefix with the previous one, so new nodes are always
+    the last child of their parent and children come out in label order."""
     cdef _Trie t = _Trie()
-    # Python-side trie first: node = [children dict, prefix ids, exact ids]
-    nodes = [[{}, [], []]]
-    for slot, entries in ((1, prefixes), (2, exacts)):
-        for key, ri in entries:
-            node = 0
-            for b in key:
-                children = nodes[node][0]
-                child = children.get(b)
-                if child is None:
-                    child = len(nodes)
-                    children[b] = child
-                    nodes.append([{}, [], []])
+    cdef Py_ssize_t n_keys = len(prefixes) + len(exacts), total = 0, i, d, lcp, n_nodes = 1
+    cdef Py_ssize_t e, k, node, child, q_head, q_tail
+    t.empty = n_keys == 0
+    entries = prefixes + exacts
+    cdef TrieKey* keys = <TrieKey*>_alloc(sizeof(TrieKey) * (n_keys or 1))
+    for i in range(n_keys):
+        key, ri = entries[i]
+        keys[i].key = <const unsigned char*><const char*>key
+        keys[i].length = len(key)
+        keys[i].route = ri
+        keys[i].exact = i >= len(prefixes)
+        total += len(key)
+    qsort(keys, n_keys, sizeof(TrieKey), _key_cmp)
+    # Linked form: first/last child and next sibling per node; routes as per-node lists.
+    cdef Py_ssize_t cap = total + 1
+    cdef int32_t* first_child = <int32_t*>_alloc(sizeof(int32_t) * cap)
+    cdef int32_t* last_child = <int32_t*>_alloc(sizeof(int32_t) * cap)
+    cdef int32_t* next_sibling = <int32_t*>_alloc(sizeof(int32_t) * cap)
+    cdef uint8_t* label = <uint8_t*>_alloc(cap)
+    cdef int32_t* stack = <int32_t*>_alloc(sizeof(int32_t) * cap)
+    cdef int32_t* order = <int32_t*>_alloc(sizeof(int32_t) * cap)
+    cdef int32_t* key_node = <int32_t*>_alloc(sizeof(int32_t) * (n_keys or 1))
+    cdef int32_t* new_id = <int32_t*>_alloc(sizeof(int32_t) * cap)
+    try:
+        first_child[0] = -1
+        last_child[0] = -1
+        next_sibling[0] = -1
+        stack[0] = 0
+        for i in range(n_keys):
+            lcp = 0
+            if i:
+                d = keys[i - 1].length if keys[i - 1].length < keys[i].length else keys[i].length
+                while lcp < d and keys[i - 1].key[lcp] == keys[i].key[lcp]:
+                    lcp += 1
+            node = stack[lcp]
+            for d in range(lcp, keys[i].length):
+                child = n_nodes
+                n_nodes += 1
+                label[child] = keys[i].key[d]
+                first_child[child] = -1
+                last_child[child] = -1
+                next_sibling[child] = -1
+                if last_child[node] < 0:
+                    first_child[node] = <int32_t>child
+                else:
+                    next_sibling[last_child[node]] = <int32_t>child
+                last_child[node] = <int32_t>child
+                stack[d + 1] = <int32_t>child
                 node = child
-            nodes[node][slot].append(ri)
-    t.empty = not prefixes and not exacts
-    cdef Py_ssize_t n = len(nodes), e = 0, k = 0, i
-    n_edges = sum(len(nd[0]) for nd in nodes)
-    n_ids = sum(len(nd[1]) + len(nd[2]) for nd in nodes)
-    t.n_nodes = n
-    t.edge_start = <int32_t*>_alloc(sizeof(int32_t) * n)
-    t.edge_count = <int32_t*>_alloc(sizeof(int32_t) * n)
-    t.edge_label = <uint8_t*>_alloc(sizeof(uint8_t) * n_edges)
-    t.edge_child = <int32_t*>_alloc(sizeof(int32_t) * n_edges)
-    t.prefix_off = <int32_t*>_alloc(sizeof(int32_t) * n)
-    t.prefix_cnt = <int32_t*>_alloc(sizeof(int32_t) * n)
-    t.exact_off = <int32_t*>_alloc(sizeof(int32_t) * n)
-    t.exact_cnt = <int32_t*>_alloc(sizeof(int32_t) * n)
-    t.ids = <int32_t*>_alloc(sizeof(int32_t) * n_ids)
-    for i in range(n):
-        children, pids, eids = nodes[i]
-        t.edge_start[i] = e
-        t.edge_count[i] = len(children)
-        for b in sorted(children):
-            t.edge_label[e] = b
-            t.edge_child[e] = children[b]
-            e += 1
-        t.prefix_off[i] = k
-        t.prefix_cnt[i] = len(pids)
-        for ri in sorted(pids):
-            t.ids[k] = ri
-            k += 1
-        t.exact_off[i] = k
-        t.exact_cnt[i] = len(eids)
-        for ri in sorted(eids):
-            t.ids[k] = ri
-            k += 1
+            key_node[i] = <int32_t>node
+        # Breadth-first renumbering makes every node's edges contiguous and label-sorted.
+        t.n_nodes = n_nodes
+        t.edge_start = <int32_t*>_alloc(sizeof(int32_t) * n_nodes)
+        t.edge_count = <int32_t*>_alloc(sizeof(int32_t) * n_nodes)
+        t.edge_label = <uint8_t*>_alloc(n_nodes)
+        t.edge_child = <int32_t*>_alloc(sizeof(int32_t) * n_nodes)
+        t.prefix_off = <int32_t*>_alloc(sizeof(int32_t) * n_nodes)
+        t.prefix_cnt = <int32_t*>_alloc(sizeof(int32_t) * n_nodes)
+        t.exact_off = <int32_t*>_alloc(sizeof(int32_t) * n_nodes)
+        t.exact_cnt = <int32_t*>_alloc(sizeof(int32_t) * n_nodes)
+        t.ids = <int32_t*>_alloc(sizeof(int32_t) * (n_keys or 1))
+        order[0] = 0
+        new_id[0] = 0
+        q_head = 0
+        q_tail = 1
+        e = 0
+        while q_head < q_tail:
+            node = order[q_head]
+            t.edge_start[q_head] = <int32_t>e
+            child = first_child[node]
+            k = 0
+            while child >= 0:
+                new_id[child] = <int32_t>q_tail
+                order[q_tail] = <int32_t>child
+                t.edge_label[e] = label[child]
+                t.edge_child[e] = <int32_t>q_tail
+                q_tail += 1
+                e += 1
+                k += 1
+                child = next_sibling[child]
+            t.edge_count[q_head] = <int32_t>k
+            t.prefix_cnt[q_head] = 0
+            t.exact_cnt[q_head] = 0
+            q_head += 1
+        # Route lists: keys are sorted by (bytes, route), so per node and kind they come out
+        # ascending. Count, then place.
+        for i in range(n_keys):
+            node = new_id[key_node[i]]
+            if keys[i].exact:
+                t.exact_cnt[node] += 1
+            else:
+                t.prefix_cnt[node] += 1
+        k = 0
+        for node in range(n_nodes):
+            t.prefix_off[node] = <int32_t>k
+            k += t.prefix_cnt[node]
+            t.exact_off[node] = <int32_t>k
+            k += t.exact_cnt[node]
+            t.prefix_cnt[node] = 0
+            t.exact_cnt[node] = 0
+        for i in range(n_keys):
+            node = new_id[key_node[i]]
+            if keys[i].exact:
+                t.ids[t.exact_off[node] + t.exact_cnt[node]] = keys[i].route
+                t.exact_cnt[node] += 1
+            else:
+                t.ids[t.prefix_off[node] + t.prefix_cnt[node]] = keys[i].route
+                t.prefix_cnt[node] += 1
+    finally:
+        PyMem_Free(keys)
+        PyMem_Free(first_child)
+        PyMem_Free(last_child)
+        PyMem_Free(next_sibling)
+        PyMem_Free(label)
+        PyMem_Free(stack)
+        PyMem_Free(order)
+        PyMem_Free(key_node)
+        PyMem_Free(new_id)
     return t
 
 
@@ -205,14 +304,17 @@ cdef class _Vhost:
     cdef uint8_t* kind             # per route: 0 prefix/path, 1 separated, 2 regex
     cdef uint8_t* simple           # per route: decided by the path alone
     cdef int64_t* plen             # per route: UTF-8 byte length of the prefix (separated check)
-    cdef list static               # per route: shared RouteMatch, or None if request-dependent
+    cdef uint8_t* is_static        # per route: the result does not depend on the request
+    cdef list static               # per route: the shared RouteMatch, made on first use
     cdef tuple routes
+    cdef object regex_set          # RE2 set of the regex routes (None: check them one by one)
 
     def __dealloc__(self):
         PyMem_Free(self.always)
         PyMem_Free(self.kind)
         PyMem_Free(self.simple)
         PyMem_Free(self.plen)
+        PyMem_Free(self.is_static)
 
 
 cdef bint _is_static(object r):
@@ -229,6 +331,7 @@ cdef _Vhost _build_vhost(object vh):
     v.kind = <uint8_t*>_alloc(n)
     v.simple = <uint8_t*>_alloc(n)
     v.plen = <int64_t*>_alloc(sizeof(int64_t) * n)
+    v.is_static = <uint8_t*>_alloc(n)
     cs_prefix, cs_exact, ci_prefix, ci_exact, always = [], [], [], [], []
     v.static = []
     for r in vh.routes:
@@ -247,16 +350,11 @@ cdef _Vhost _build_vhost(object vh):
             else:
                 lowered = ascii_lower(r.path_value).encode()
                 (ci_exact if exact else ci_prefix).append((lowered, i))
-        if _is_static(r):
-            v.static.append(RouteMatch(
-                vh.name, r.name, r.cluster if r.action == "cluster" else None,
-                (r.direct_response.status, r.direct_response.body) if r.direct_response else None,
-                None, r.timeout, r.retry_policy, None, None, r.host_rewrite_literal or None,
-                r.cluster_not_found_response_code, None, r))
-        else:
-            v.static.append(None)
+        v.is_static[i] = _is_static(r)
+    v.static = [None] * n
     v.cs = _build_trie(cs_prefix, cs_exact)
     v.ci = _build_trie(ci_prefix, ci_exact)
+    v.regex_set = _py.regex_set([vh.routes[i].path_value for i in always])
     v.n_always = len(always)
     v.always = <int32_t*>_alloc(sizeof(int32_t) * (v.n_always or 1))
     for i in range(v.n_always):
@@ -389,7 +487,14 @@ cdef class RouteTable:
         try:
             _walk(v.cs, <const unsigned char*>buf, match_len, False, &cand)
             _walk(v.ci, <const unsigned char*>buf, match_len, True, &cand)
-            if v.n_always:
+            match_path = None
+            if v.regex_set is not None:
+                match_path = _py_match_path(full_path, self._ignore_params)
+                matched = v.regex_set.Match(match_path)
+                if matched:
+                    for k in matched:
+                        _push(&cand, v.always + <Py_ssize_t>k, 1)
+            elif v.n_always:
                 _push(&cand, v.always, v.n_always)
             # Route order: insertion sort (a handful of candidates).
             for k in range(1, cand.n):
@@ -399,7 +504,6 @@ cdef class RouteTable:
                     cand.ids[j + 1] = cand.ids[j]
                     j -= 1
                 cand.ids[j + 1] = tmp
-            match_path = None
             hdrs = None
             query_cache = []
             if random_value is None:
@@ -421,8 +525,16 @@ cdef class RouteTable:
                         hdrs = normalise_headers(headers, authority, full_path, method, scheme)
                     if not _py._route_matches(v.routes[ri], match_path, full_path, hdrs, rv, query_cache):
                         continue
-                result = v.static[ri]
-                if result is not None:
+                if v.is_static[ri]:
+                    result = v.static[ri]
+                    if result is None:
+                        r = v.routes[ri]
+                        result = RouteMatch(
+                            v.name, r.name, r.cluster if r.action == "cluster" else None,
+                            (r.direct_response.status, r.direct_response.body) if r.direct_response else None,
+                            None, r.timeout, r.retry_policy, None, None, r.host_rewrite_literal or None,
+                            r.cluster_not_found_response_code, None, r)
+                        v.static[ri] = result
                     return result
                 if match_path is None:
                     match_path = _py_match_path(full_path, self._ignore_params)

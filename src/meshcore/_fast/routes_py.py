@@ -15,6 +15,8 @@ coalesced with ``,`` (its HTTP/1 codec does so); others are matched value by val
 from __future__ import annotations
 
 import random
+
+import re2
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .._route_model import HeaderMatchSpec, RouteConfigSpec, RouteSpec, StringMatchSpec, VirtualHostSpec
@@ -38,11 +40,25 @@ __all__ = ["RouteTable"]
 HeadersArg = Union[None, Mapping[str, str], Iterable[Tuple[str, str]]]
 
 
+def regex_set(patterns: Sequence[str]) -> Any:
+    """All path regexes of a virtual host in one RE2 set (full match), when that pays."""
+    if len(patterns) < 2:
+        return None
+    try:
+        rset = re2.Set.FullMatchSet()
+        for p in patterns:
+            rset.Add(p)
+        rset.Compile()
+    except Exception:  # too big for RE2's set limits: evaluate the routes one by one
+        return None
+    return rset
+
+
 class _VhostIndex:
     """Candidate index of one virtual host's routes."""
 
     __slots__ = ("spec", "exact", "exact_ci", "prefix", "prefix_ci", "prefix_lens", "prefix_ci_lens",
-                 "always", "n_routes")
+                 "always", "regex_set", "n_routes")
 
     def __init__(self, spec: VirtualHostSpec) -> None:
         self.spec = spec
@@ -65,6 +81,7 @@ class _VhostIndex:
                     self.prefix.setdefault(value, []).append(r.index)
                 else:
                     self.prefix_ci.setdefault(ascii_lower(value), []).append(r.index)
+        self.regex_set = regex_set([spec.routes[i].path_value for i in self.always])
         self.prefix_lens = sorted({len(p) for p in self.prefix})
         self.prefix_ci_lens = sorted({len(p) for p in self.prefix_ci})
         self.n_routes = len(spec.routes)
@@ -92,7 +109,13 @@ class _VhostIndex:
             hit = self.prefix_ci.get(lowered[:length])
             if hit:
                 out.extend(hit)
-        out.extend(self.always)
+        if self.regex_set is not None:
+            matched = self.regex_set.Match(path)
+            if matched:
+                always = self.always
+                out.extend(always[i] for i in matched)
+        else:
+            out.extend(self.always)
         out.sort()
         return out
 

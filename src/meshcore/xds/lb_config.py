@@ -310,6 +310,10 @@ def _fix_anys(node: Any, desc: Any) -> Any:
     return out
 
 
+_WRAPPERS = frozenset(f"google.protobuf.{t}Value" for t in
+                      ("UInt32", "Int32", "UInt64", "Int64", "Bool", "Double", "Float", "String", "Bytes"))
+
+
 def _fix_value(value: Any, desc: Any) -> Any:
     if desc.full_name == "google.protobuf.Any":
         if not isinstance(value, dict) or not isinstance(value.get("@type"), str):
@@ -329,6 +333,8 @@ def _fix_value(value: Any, desc: Any) -> Any:
             return value
         sign = "-" if seconds < 0 or nanos < 0 else ""
         return f"{sign}{abs(seconds)}.{abs(nanos):09d}s"
+    if (desc.full_name in _WRAPPERS and isinstance(value, dict) and set(value) == {"value"}):
+        return value["value"]  # Envoy's loader also takes {value: N} for wrapper types
     if desc.full_name.startswith("google.protobuf."):
         return value  # well-known types (Struct, wrappers, Duration, ...) have no Any inside
     return _fix_anys(value, desc)

@@ -195,55 +195,63 @@ def _hash_policy(ctx: _Ctx, h: Any, where: str) -> Optional[HashPolicySpec]:
     raise ctx.error(where, "hash policy has no policy specifier")
 
 
+_MATCH_UNSUPPORTED = frozenset({"tls_context", "dynamic_metadata", "filter_state", "connect_matcher",
+                                "path_match_policy", "cel_expr"})
+_ACTION_UNSUPPORTED = frozenset({"cluster_specifier_plugin", "inline_cluster_specifier_plugin",
+                                 "path_rewrite_policy"})
+
+
 def _route(ctx: _Ctx, r: Any, index: int, vh_where: str, vh_retry: Optional[RetryPolicy]) -> RouteSpec:
-    label = r.name or str(index)
-    where = f"{vh_where}.routes[{label}]"
-    m = r.match
+    # ListFields(): one protobuf call for all set fields (HasField per field costs far more).
+    route_fields = {f.name: v for f, v in r.ListFields()}
+    name = route_fields.get("name", "")
+    where = f"{vh_where}.routes[{name or index}]"
     mw = where + ".match"
-    spec = m.WhichOneof("path_specifier")
-    if spec is None:
-        raise ctx.error(mw, 'field "path_specifier" is required')
+    mf = {f.name: v for f, v in route_fields["match"].ListFields()} if "match" in route_fields else {}
+    for key in mf.keys() & _MATCH_UNSUPPORTED:
+        raise ctx.error(f"{mw}.{key}", "unsupported route matcher")
     regex = None
-    if spec == "prefix":
-        path_kind, path_value = "prefix", m.prefix
-    elif spec == "path":
-        path_kind, path_value = "path", m.path
-    elif spec == "safe_regex":
-        path_kind, path_value = "regex", m.safe_regex.regex
-        regex = compile_regex(m.safe_regex.regex, ctx.resource, mw + ".safe_regex.regex")
-    elif spec == "path_separated_prefix":
-        path_kind, path_value = "separated", m.path_separated_prefix
+    if "prefix" in mf:  # a oneof member set to "" is present, so it is listed
+        path_kind, path_value = "prefix", mf["prefix"]
+    elif "path" in mf:
+        path_kind, path_value = "path", mf["path"]
+    elif "safe_regex" in mf:
+        path_kind, path_value = "regex", mf["safe_regex"].regex
+        regex = compile_regex(path_value, ctx.resource, mw + ".safe_regex.regex")
+    elif "path_separated_prefix" in mf:
+        path_kind, path_value = "separated", mf["path_separated_prefix"]
         if "?" in path_value or "#" in path_value or path_value.endswith("/") or not path_value:
             raise ctx.error(mw + ".path_separated_prefix",
                             "must not be empty, end with '/' or contain '?' or '#'")
     else:
-        raise ctx.error(f"{mw}.{spec}", "unsupported path specifier")
-    for unsupported in ("tls_context", "dynamic_metadata", "filter_state"):
-        if (m.HasField(unsupported) if unsupported == "tls_context" else len(getattr(m, unsupported))):
-            raise ctx.error(f"{mw}.{unsupported}", "unsupported route matcher")
+        raise ctx.error(mw, 'field "path_specifier" is required')
     runtime = None
-    if m.HasField("runtime_fraction"):
-        dv = m.runtime_fraction.default_value
+    if "runtime_fraction" in mf:
+        dv = mf["runtime_fraction"].default_value
         denom = _DENOMINATORS.get(dv.denominator)
         if denom is None:
             raise ctx.error(mw + ".runtime_fraction.default_value.denominator", "unknown denominator")
         runtime = (dv.numerator, denom)
-    headers = tuple(_header_matcher(ctx, h, f"{mw}.headers[{i}]") for i, h in enumerate(m.headers))
-    query = tuple(_query_matcher(ctx, q, f"{mw}.query_parameters[{i}]") for i, q in enumerate(m.query_parameters))
+    headers: Tuple[HeaderMatchSpec, ...] = ()
+    if "headers" in mf:
+        headers = tuple(_header_matcher(ctx, h, f"{mw}.headers[{i}]") for i, h in enumerate(mf["headers"]))
+    query: Tuple[QueryMatchSpec, ...] = ()
+    if "query_parameters" in mf:
+        query = tuple(_query_matcher(ctx, q, f"{mw}.query_parameters[{i}]")
+                      for i, q in enumerate(mf["query_parameters"]))
     fields: Dict[str, Any] = dict(
-        name=r.name, index=index, path_kind=path_kind, path_value=path_value,
-        case_sensitive=m.case_sensitive.value if m.HasField("case_sensitive") else True,
-        regex=regex, headers=headers, query=query, runtime_fraction=runtime, grpc=m.HasField("grpc"),
+        name=name, index=index, path_kind=path_kind, path_value=path_value,
+        case_sensitive=mf["case_sensitive"].value if "case_sensitive" in mf else True,
+        regex=regex, headers=headers, query=query, runtime_fraction=runtime, grpc="grpc" in mf,
     )
-    action = r.WhichOneof("action")
-    if action == "route":
-        _route_action(ctx, r.route, where + ".route", fields, vh_retry)
-    elif action == "redirect":
+    if "route" in route_fields:
+        _route_action(ctx, route_fields["route"], where + ".route", fields, vh_retry)
+    elif "redirect" in route_fields:
         fields["action"] = "redirect"
-        fields["redirect"] = _redirect(ctx, r.redirect, where + ".redirect")
+        fields["redirect"] = _redirect(ctx, route_fields["redirect"], where + ".redirect")
         fields["timeout"] = None
-    elif action == "direct_response":
-        d = r.direct_response
+    elif "direct_response" in route_fields:
+        d = route_fields["direct_response"]
         if not 200 <= d.status <= 599:
             raise ctx.error(where + ".direct_response.status", f"must be in [200, 599], got {d.status}")
         body = ""
@@ -261,22 +269,23 @@ def _route(ctx: _Ctx, r: Any, index: int, vh_where: str, vh_retry: Optional[Retr
         fields["direct_response"] = DirectResponseSpec(d.status, body)
         fields["timeout"] = None
     else:
+        action = r.WhichOneof("action")
         raise ctx.error(f"{where}.{action or 'action'}", "unsupported route action" if action else "route has no action")
     return RouteSpec(**fields)
 
 
 def _route_action(ctx: _Ctx, a: Any, where: str, fields: Dict[str, Any], vh_retry: Optional[RetryPolicy]) -> None:
-    spec = a.WhichOneof("cluster_specifier")
-    if spec == "cluster":
-        if not a.cluster:
-            raise ctx.error(where + ".cluster", "value length must be at least 1")
+    af = {f.name: v for f, v in a.ListFields()}
+    for key in af.keys() & _ACTION_UNSUPPORTED:
+        raise ctx.error(f"{where}.{key}", "unsupported")
+    if "cluster" in af:
         fields["action"] = "cluster"
-        fields["cluster"] = a.cluster
-    elif spec == "cluster_header":
+        fields["cluster"] = af["cluster"]
+    elif "cluster_header" in af:
         fields["action"] = "cluster_header"
-        fields["cluster_header"] = ascii_lower(a.cluster_header)
-    elif spec == "weighted_clusters":
-        w = a.weighted_clusters
+        fields["cluster_header"] = ascii_lower(af["cluster_header"])
+    elif "weighted_clusters" in af:
+        w = af["weighted_clusters"]
         entries: List[WeightedClusterSpec] = []
         total = 0
         for i, c in enumerate(w.clusters):
@@ -297,29 +306,36 @@ def _route_action(ctx: _Ctx, a: Any, where: str, fields: Dict[str, Any], vh_retr
         fields["weighted_total"] = total
         fields["weighted_header"] = ascii_lower(w.header_name)
     else:
+        spec = a.WhichOneof("cluster_specifier")
+        if spec == "cluster":
+            raise ctx.error(where + ".cluster", "value length must be at least 1")
         raise ctx.error(f"{where}.{spec or 'cluster_specifier'}",
                         "unsupported cluster specifier" if spec else "cluster specifier is required")
-    code = a.cluster_not_found_response_code
+    code = af.get("cluster_not_found_response_code", 0)
     fields["cluster_not_found_response_code"] = {0: 503, 1: 404, 2: 500}.get(code, 503)
-    fields["timeout"] = (_duration(a.timeout) or None) if a.HasField("timeout") else 15.0
-    fields["retry_policy"] = _retry_policy(ctx, a.retry_policy, where + ".retry_policy") \
-        if a.HasField("retry_policy") else vh_retry
-    hashes = []
-    for i, h in enumerate(a.hash_policy):
-        hp = _hash_policy(ctx, h, f"{where}.hash_policy[{i}]")
-        if hp is not None:
-            hashes.append(hp)
-    fields["hash_policies"] = tuple(hashes)
-    if a.prefix_rewrite and a.HasField("regex_rewrite"):
+    if "timeout" in af:
+        fields["timeout"] = _duration(af["timeout"]) or None
+    else:
+        fields["timeout"] = 15.0
+    if "retry_policy" in af:
+        fields["retry_policy"] = _retry_policy(ctx, af["retry_policy"], where + ".retry_policy")
+    else:
+        fields["retry_policy"] = vh_retry
+    if "hash_policy" in af:
+        hashes = []
+        for i, h in enumerate(af["hash_policy"]):
+            hp = _hash_policy(ctx, h, f"{where}.hash_policy[{i}]")
+            if hp is not None:
+                hashes.append(hp)
+        fields["hash_policies"] = tuple(hashes)
+    if "prefix_rewrite" in af and "regex_rewrite" in af:
         raise ctx.error(where + ".regex_rewrite", "prefix_rewrite and regex_rewrite are mutually exclusive")
-    if a.prefix_rewrite:
-        fields["prefix_rewrite"] = a.prefix_rewrite
-    if a.HasField("regex_rewrite"):
-        fields["regex_rewrite"] = _rewrite(ctx, a.regex_rewrite, where + ".regex_rewrite")
-    if a.HasField("path_rewrite_policy"):
-        raise ctx.error(where + ".path_rewrite_policy", "unsupported")
-    if a.WhichOneof("host_rewrite_specifier") == "host_rewrite_literal":
-        fields["host_rewrite_literal"] = a.host_rewrite_literal
+    if "prefix_rewrite" in af:
+        fields["prefix_rewrite"] = af["prefix_rewrite"]
+    if "regex_rewrite" in af:
+        fields["regex_rewrite"] = _rewrite(ctx, af["regex_rewrite"], where + ".regex_rewrite")
+    if "host_rewrite_literal" in af:
+        fields["host_rewrite_literal"] = af["host_rewrite_literal"]
 
 
 def _redirect(ctx: _Ctx, r: Any, where: str) -> RedirectSpec:
