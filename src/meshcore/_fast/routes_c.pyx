@@ -464,6 +464,7 @@ cdef class RouteTable:
         cdef Candidates cand
         cdef _Vhost v
         cdef int32_t ri, tmp
+        cdef int decided
         cdef uint64_t rv
         full_path = path
         hit = <const char*>memchr(buf, 35, size)  # '#': Envoy strips the fragment
@@ -518,13 +519,25 @@ cdef class RouteTable:
                     # path_separated_prefix: the prefix must end the path or precede '/'.
                     if not (v.plen[ri] == match_len or (v.plen[ri] < match_len and buf[v.plen[ri]] == 47)):
                         continue
-                if v.kind[ri] == 2 or not v.simple[ri]:
+                if v.kind[ri] == 2 and v.regex_set is None:
                     if match_path is None:
                         match_path = _py_match_path(full_path, self._ignore_params)
-                    if hdrs is None:
-                        hdrs = normalise_headers(headers, authority, full_path, method, scheme)
-                    if not _py._route_matches(v.routes[ri], match_path, full_path, hdrs, rv, query_cache):
+                    if v.routes[ri].regex.fullmatch(match_path) is None:
                         continue
+                if not v.simple[ri]:
+                    decided = 2
+                    if not headers:  # no request headers: decide from the pseudo-headers alone
+                        decided = _conditions_without_headers(v.routes[ri], authority, full_path, method,
+                                                              scheme, rv)
+                    if decided == 0:
+                        continue
+                    if decided == 2:
+                        if match_path is None:
+                            match_path = _py_match_path(full_path, self._ignore_params)
+                        if hdrs is None:
+                            hdrs = normalise_headers(headers, authority, full_path, method, scheme)
+                        if not _py._route_matches(v.routes[ri], match_path, full_path, hdrs, rv, query_cache):
+                            continue
                 if v.is_static[ri]:
                     result = v.static[ri]
                     if result is None:
@@ -546,6 +559,54 @@ cdef class RouteTable:
         finally:
             if cand.heap:
                 PyMem_Free(cand.ids)
+
+
+cdef object _pseudo_value(str name, object authority, object full_path, object method, object scheme):
+    if name == ":authority":
+        return authority
+    if name == ":path":
+        return full_path
+    if name == ":method":
+        return method
+    if name == ":scheme" or name == "x-forwarded-proto":
+        return scheme
+    return None
+
+
+cdef int _conditions_without_headers(object r, object authority, object full_path, object method,
+                                     object scheme, uint64_t rv) except -1:
+    """Runtime fraction, gRPC and header matchers of a request that carries no headers beyond
+    the pseudo-headers: 1 matches, 0 does not, 2 undecided here (use the shared helpers)."""
+    if r.query:
+        return 2
+    rf = r.runtime_fraction
+    if rf is not None:
+        if not (rv % <uint64_t>rf[1]) < <uint64_t>rf[0]:
+            return 0
+    if r.grpc:
+        return 0  # no content-type header: not a gRPC request
+    for h in r.headers:
+        value = _pseudo_value(h.name, authority, full_path, method, scheme)
+        if value is None:
+            if not h.treat_missing_as_empty:
+                if h.kind == "present":
+                    if not (h.present if h.invert else not h.present):
+                        return 0
+                    continue
+                return 0
+            value = ""
+        kind = h.kind
+        if kind == "present":
+            matched = h.present
+        elif kind == "exact_any":
+            matched = True
+        elif kind == "range":
+            return 2
+        else:
+            matched = h.string.matches(value)
+        if bool(matched) == bool(h.invert):
+            return 0
+    return 1
 
 
 cdef object _py_match_path(str full_path, bint ignore_params):

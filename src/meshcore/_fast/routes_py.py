@@ -40,18 +40,50 @@ __all__ = ["RouteTable"]
 HeadersArg = Union[None, Mapping[str, str], Iterable[Tuple[str, str]]]
 
 
-def regex_set(patterns: Sequence[str]) -> Any:
-    """All path regexes of a virtual host in one RE2 set (full match), when that pays."""
+class RegexSet:
+    """All path regexes of a virtual host as RE2 sets (full match): one pass over the path
+    finds every matching regex route. Large groups are split into chunks RE2 can compile."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: List[Tuple[Any, int]]) -> None:
+        self.chunks = chunks  # (compiled set, index of its first pattern)
+
+    def Match(self, path: str) -> List[int]:  # noqa: N802  (re2.Set's spelling)
+        out: List[int] = []
+        for rset, base in self.chunks:
+            hit = rset.Match(path)
+            if hit:
+                out.extend(base + i for i in hit)
+        return out
+
+
+def _compile_set(patterns: Sequence[str]) -> Any:
+    rset = re2.Set.FullMatchSet()
+    for p in patterns:
+        rset.Add(p)
+    rset.Compile()
+    return rset
+
+
+def regex_set(patterns: Sequence[str], chunk: int = 256) -> Optional[RegexSet]:
+    """A RegexSet when there are at least two regexes, else None (check them one by one)."""
     if len(patterns) < 2:
         return None
-    try:
-        rset = re2.Set.FullMatchSet()
-        for p in patterns:
-            rset.Add(p)
-        rset.Compile()
-    except Exception:  # too big for RE2's set limits: evaluate the routes one by one
-        return None
-    return rset
+    chunks: List[Tuple[Any, int]] = []
+    start = 0
+    while start < len(patterns):
+        size = min(chunk, len(patterns) - start)
+        while True:
+            try:
+                chunks.append((_compile_set(patterns[start:start + size]), start))
+                break
+            except Exception:  # over RE2's memory budget for one set: halve the chunk
+                if size == 1:
+                    return None
+                size //= 2
+        start += size
+    return RegexSet(chunks)
 
 
 class _VhostIndex:
