@@ -24,6 +24,7 @@ __all__ = [
     "simple_atoi",
     "simple_atoi_u64",
     "split_host_port",
+    "strip_path_params",
 ]
 
 _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -139,11 +140,42 @@ def normalise_headers(
                 values.append(value)
     if authority is not None:
         out[":authority"] = [authority]
+        out["host"] = out[":authority"]  # Envoy: a "host" matcher reads :authority as sent
     out[":path"] = [path]
     out[":method"] = [method]
-    out[":scheme"] = [scheme]
+    out[":scheme"] = [effective_scheme(out, scheme)]
     out.setdefault("x-forwarded-proto", [scheme])
     return out
+
+
+def empty_forwarded_proto(headers: Any) -> bool:
+    """A client-sent, empty x-forwarded-proto: Envoy's router finds no route at all."""
+    if not headers:
+        return False
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    for name, value in items:
+        if len(name) == 17 and ascii_lower(name) == "x-forwarded-proto":
+            return value == ""  # the first one decides (repeated values are joined with ",")
+    return False
+
+
+def effective_scheme(hdrs: Dict[str, List[str]], scheme: str) -> str:
+    """The request's scheme as Envoy's router sees it: a client-sent x-forwarded-proto of
+    http or https (any case) wins, lower-cased; anything else leaves the connection's."""
+    xfp = hdrs.get("x-forwarded-proto")
+    if xfp:
+        value = ascii_lower(xfp[0])
+        if value in ("http", "https"):
+            return value
+    return scheme
+
+
+def strip_path_params(path: str) -> str:
+    """ignore_path_parameters_in_path_matching: drop ``;params`` from every segment
+    (``/p;x=1/q;y`` -> ``/p/q``), as Envoy does before path matching."""
+    if ";" not in path:
+        return path
+    return "/".join(seg.split(";", 1)[0] for seg in path.split("/"))
 
 
 def header_values(hdrs: Dict[str, List[str]], name: str) -> List[str]:
@@ -201,19 +233,15 @@ def simple_atoi_u64(s: str) -> Optional[int]:
 
 
 def split_host_port(host: str) -> Tuple[str, str]:
-    """Http::HeaderUtility::getPortStart: the last ':' not inside an IPv6 literal."""
-    if host.startswith("["):
-        end = host.rfind("]:")
-        if end < 0:
-            return host, ""
-        return host[: end + 1], host[end + 2:]
+    """Http::HeaderUtility::getPortStart: cut at the last ':' unless a ']' follows it,
+    whatever the "port" is (``a.com:80:90`` -> ``a.com:80``, ``::1:80`` -> ``::1``)."""
     colon = host.rfind(":")
     if colon < 0:
         return host, ""
-    port = host[colon + 1:]
-    if not port.isdigit():
+    bracket = host.rfind("]")
+    if bracket >= 0 and bracket > colon:
         return host, ""
-    return host[:colon], port
+    return host[:colon], host[colon + 1:]
 
 
 def _rewrite_path(r: Any, full_path: str, match_path: str, prefix_rewrite: Optional[str],
@@ -222,11 +250,14 @@ def _rewrite_path(r: Any, full_path: str, match_path: str, prefix_rewrite: Optio
     query = "" if q < 0 else full_path[q:]
     just_path = full_path if q < 0 else full_path[:q]
     if prefix_rewrite is not None:
-        if r.path_kind in ("prefix", "separated"):
-            matched_len = len(r.path_value)
-        else:  # path, regex: the whole path is the match
-            matched_len = len(just_path)
-        return prefix_rewrite + full_path[matched_len:]
+        # The matched part is the route's prefix/path (the whole path for a regex route). It
+        # is replaced only where the request path really starts with it, which it may not
+        # with ignore_path_parameters_in_path_matching (Envoy then leaves the path alone).
+        matched = just_path if r.path_kind == "regex" else r.path_value
+        head = full_path[: len(matched)]
+        if head != matched and (r.case_sensitive or ascii_lower(head) != ascii_lower(matched)):
+            return None
+        return prefix_rewrite + full_path[len(matched):]
     if regex_rewrite is not None:
         rx, substitution = regex_rewrite
         return rx.sub(substitution, just_path) + query
@@ -244,7 +275,7 @@ def redirect_location(r: Any, full_path: str, match_path: str, host_header: str,
                       hdrs: Dict[str, List[str]]) -> str:
     """RouteEntryImplBase::newUri for a redirect route."""
     red = r.redirect
-    request_proto = (hdrs.get("x-forwarded-proto") or [scheme])[0]
+    request_proto = hdrs[":scheme"][0]
     final_scheme = red.scheme or request_proto
     final_port = f":{red.port}" if red.port else ""
     if red.host:

@@ -19,7 +19,8 @@ cimport cython
 import os
 
 from .._route_model import RouteConfigSpec
-from .._routing import RouteMatch, ascii_lower, normalise_headers, split_host_port
+from .._routing import (RouteMatch, ascii_lower, empty_forwarded_proto, normalise_headers, split_host_port,
+                        strip_path_params)
 from . import routes_py as _py
 
 __all__ = ["RouteTable"]
@@ -471,16 +472,18 @@ cdef class RouteTable:
         if hit != NULL:
             size = hit - buf
             full_path = path.split("#", 1)[0]
+        if headers and empty_forwarded_proto(headers):
+            return None
         vi = self._find_vhost(authority, headers, full_path, method, scheme)
         if vi < 0:
             return None
         v = <_Vhost>self._vhosts[vi]
         hit = <const char*>memchr(buf, 63, size)  # '?'
         match_len = (hit - buf) if hit != NULL else size
-        if self._ignore_params:
-            hit = <const char*>memchr(buf, 59, match_len)  # ';'
-            if hit != NULL:
-                match_len = hit - buf
+        if self._ignore_params and memchr(buf, 59, match_len) != NULL:  # ';' in the path
+            # Walk the path with every segment's ;params removed (a new string, only here).
+            stripped = _py_match_path(full_path, True)
+            buf = PyUnicode_AsUTF8AndSize(stripped, &match_len)
         cand.ids = cand.stack
         cand.n = 0
         cand.cap = DEF_CANDIDATES
@@ -562,7 +565,7 @@ cdef class RouteTable:
 
 
 cdef object _pseudo_value(str name, object authority, object full_path, object method, object scheme):
-    if name == ":authority":
+    if name == ":authority" or name == "host":
         return authority
     if name == ":path":
         return full_path
@@ -613,9 +616,7 @@ cdef object _py_match_path(str full_path, bint ignore_params):
     q = full_path.find("?")
     p = full_path if q < 0 else full_path[:q]
     if ignore_params:
-        semi = p.find(";")
-        if semi >= 0:
-            p = p[:semi]
+        p = strip_path_params(p)
     return p
 
 

@@ -24,6 +24,7 @@ from .._routing import (
     RouteMatch,
     apply_rewrites,
     ascii_lower,
+    empty_forwarded_proto,
     compute_hash,
     header_values,
     is_grpc,
@@ -33,6 +34,7 @@ from .._routing import (
     simple_atoi,
     simple_atoi_u64,
     split_host_port,
+    strip_path_params,
 )
 
 __all__ = ["RouteTable"]
@@ -235,6 +237,8 @@ class RouteTable:
     ) -> Optional[RouteMatch]:
         """The route Envoy would pick for this request, or ``None`` (Envoy: 404 NR)."""
         full_path = path.split("#", 1)[0]
+        if headers and empty_forwarded_proto(headers):
+            return None
         hdrs = normalise_headers(headers, authority, full_path, method, scheme)
         vi = self._find_vhost(authority, hdrs)
         if vi is None:
@@ -246,9 +250,7 @@ class RouteTable:
         q = full_path.find("?")
         match_path = full_path if q < 0 else full_path[:q]
         if self.spec.ignore_path_parameters_in_path_matching:
-            semi = match_path.find(";")
-            if semi >= 0:
-                match_path = match_path[:semi]
+            match_path = strip_path_params(match_path)
         query_cache: List[Any] = []
         routes = index.spec.routes
         for ri in index.candidates(match_path):

@@ -344,10 +344,10 @@ def _redirect(ctx: _Ctx, r: Any, where: str) -> RedirectSpec:
     if which == "https_redirect" and r.https_redirect:
         scheme = "https"
     elif which == "scheme_redirect":
-        scheme = ascii_lower(r.scheme_redirect)
+        scheme = r.scheme_redirect  # used verbatim by Envoy
     path_which = r.WhichOneof("path_rewrite_specifier")
     path = r.path_redirect if path_which == "path_redirect" else ""
-    prefix = r.prefix_rewrite if path_which == "prefix_rewrite" else None
+    prefix = (r.prefix_rewrite or None) if path_which == "prefix_rewrite" else None  # "": no rewrite
     regex = _rewrite(ctx, r.regex_rewrite, where + ".regex_rewrite") if path_which == "regex_rewrite" else None
     if path and ("?" in path and r.strip_query):
         pass
