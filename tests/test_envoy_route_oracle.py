@@ -14,7 +14,7 @@ only adds response headers and a random-value header; see ``route_oracle.py``).
 * ``test_facts_meshcore`` / ``test_config_validity_meshcore``: the same FACTS / VALIDITY against
   meshcore (c and py): Envoy's decisions must be reproduced; what Envoy rejects must raise
   ``ConfigError``, what it accepts must load.
-* ``test_generated_config_matches_envoy``: ``MESHCORE_ROUTE_ORACLE_CONFIGS`` (default 30)
+* ``test_generated_config_matches_envoy``: ``MESHCORE_ROUTE_ORACLE_CONFIGS`` (default 150)
   configurations from ``route_gen.generate(seed)`` x ``MESHCORE_ROUTE_ORACLE_REQUESTS`` (default
   100) requests, run through one Envoy per 100 configurations, then compared request by request
   with meshcore (c and py).  Seeds start at ``MESHCORE_ROUTE_ORACLE_SEED`` (default 0).
@@ -75,7 +75,7 @@ FIXTURES = os.path.join(HERE, "fixtures", "envoy")
 
 pytestmark = pytest.mark.envoy
 
-N_CONFIGS = int(os.environ.get("MESHCORE_ROUTE_ORACLE_CONFIGS", "30"))
+N_CONFIGS = int(os.environ.get("MESHCORE_ROUTE_ORACLE_CONFIGS", "150"))
 N_REQUESTS = int(os.environ.get("MESHCORE_ROUTE_ORACLE_REQUESTS", "100"))
 BASE_SEED = int(os.environ.get("MESHCORE_ROUTE_ORACLE_SEED", "0"))
 SEEDS = list(range(BASE_SEED, BASE_SEED + N_CONFIGS))

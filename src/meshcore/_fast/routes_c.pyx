@@ -69,6 +69,11 @@ cdef extern from "stdlib.h":
     void qsort(void* base, size_t nmemb, size_t size, int (*compar)(const void*, const void*) noexcept nogil) nogil
 
 
+cdef int _int32_cmp(const void* a, const void* b) noexcept nogil:
+    cdef int32_t x = (<int32_t*>a)[0], y = (<int32_t*>b)[0]
+    return -1 if x < y else (1 if x > y else 0)
+
+
 cdef void* _alloc(size_t size) except NULL:
     cdef void* p = PyMem_Malloc(size if size > 0 else 1)
     if p == NULL:
@@ -309,6 +314,8 @@ cdef class _Vhost:
     cdef list static               # per route: the shared RouteMatch, made on first use
     cdef tuple routes
     cdef object regex_set          # RE2 set of the regex routes (None: check them one by one)
+    cdef int32_t* group_of         # per route: index in `groups` (a header dispatch run) or -1
+    cdef list groups               # routes_py.HeaderGroup per run
 
     def __dealloc__(self):
         PyMem_Free(self.always)
@@ -316,6 +323,7 @@ cdef class _Vhost:
         PyMem_Free(self.simple)
         PyMem_Free(self.plen)
         PyMem_Free(self.is_static)
+        PyMem_Free(self.group_of)
 
 
 cdef bint _is_static(object r):
@@ -334,12 +342,19 @@ cdef _Vhost _build_vhost(object vh):
     v.plen = <int64_t*>_alloc(sizeof(int64_t) * n)
     v.is_static = <uint8_t*>_alloc(n)
     cs_prefix, cs_exact, ci_prefix, ci_exact, always = [], [], [], [], []
-    v.static = []
+    group_of, v.groups = _py.header_groups(vh.routes)
+    v.group_of = <int32_t*>_alloc(sizeof(int32_t) * (n or 1))
+    for i in range(n):
+        v.group_of[i] = group_of[i]
     for r in vh.routes:
         i = r.index
         key = (<str>r.path_value).encode()
         v.plen[i] = len(key)
         v.simple[i] = not (r.headers or r.query or r.runtime_fraction is not None or r.grpc)
+        v.is_static[i] = _is_static(r)
+        if group_of[i] >= 0 and (<object>v.groups[group_of[i]]).start != i:
+            v.kind[i] = 0  # a header dispatch run is entered through its first route only
+            continue
         if r.path_kind == "regex":
             v.kind[i] = 2
             always.append(i)
@@ -351,7 +366,6 @@ cdef _Vhost _build_vhost(object vh):
             else:
                 lowered = ascii_lower(r.path_value).encode()
                 (ci_exact if exact else ci_prefix).append((lowered, i))
-        v.is_static[i] = _is_static(r)
     v.static = [None] * n
     v.cs = _build_trie(cs_prefix, cs_exact)
     v.ci = _build_trie(ci_prefix, ci_exact)
@@ -466,6 +480,7 @@ cdef class RouteTable:
         cdef _Vhost v
         cdef int32_t ri, tmp
         cdef int decided
+        cdef Py_ssize_t skip_below
         cdef uint64_t rv
         full_path = path
         hit = <const char*>memchr(buf, 35, size)  # '#': Envoy strips the fragment
@@ -500,28 +515,47 @@ cdef class RouteTable:
                         _push(&cand, v.always + <Py_ssize_t>k, 1)
             elif v.n_always:
                 _push(&cand, v.always, v.n_always)
-            # Route order: insertion sort (a handful of candidates).
-            for k in range(1, cand.n):
-                tmp = cand.ids[k]
-                j = k - 1
-                while j >= 0 and cand.ids[j] > tmp:
-                    cand.ids[j + 1] = cand.ids[j]
-                    j -= 1
-                cand.ids[j + 1] = tmp
+            # Route order: insertion sort for a handful of candidates, qsort beyond.
+            if cand.n > 32:
+                qsort(cand.ids, cand.n, sizeof(int32_t), _int32_cmp)
+            else:
+                for k in range(1, cand.n):
+                    tmp = cand.ids[k]
+                    j = k - 1
+                    while j >= 0 and cand.ids[j] > tmp:
+                        cand.ids[j + 1] = cand.ids[j]
+                        j -= 1
+                    cand.ids[j + 1] = tmp
             hdrs = None
             query_cache = []
             if random_value is None:
                 rv = _splitmix_next(&self._rng)
             else:
                 rv = random_value & 0xFFFFFFFFFFFFFFFF
+            skip_below = -1
             for k in range(cand.n):
                 ri = cand.ids[k]
-                if k and ri == cand.ids[k - 1]:
+                if (k and ri == cand.ids[k - 1]) or ri < skip_below:
                     continue
                 if v.kind[ri] == 1:
                     # path_separated_prefix: the prefix must end the path or precede '/'.
                     if not (v.plen[ri] == match_len or (v.plen[ri] < match_len and buf[v.plen[ri]] == 47)):
                         continue
+                if v.group_of[ri] >= 0:
+                    # A header dispatch run: all its routes share this path matcher, so ri is
+                    # the run's first route and the run decides at once.
+                    group = v.groups[v.group_of[ri]]
+                    if hdrs is None:
+                        hdrs = normalise_headers(headers, authority, full_path, method, scheme)
+                    winner = group.decide(hdrs)
+                    if winner is None:
+                        skip_below = group.end
+                        continue
+                    ri = winner
+                    if match_path is None:
+                        match_path = _py_match_path(full_path, self._ignore_params)
+                    return _py._result(self.spec, v.spec, v.routes[ri], full_path, hdrs, authority, scheme, rv,
+                                       source_ip, match_path)
                 if v.kind[ri] == 2 and v.regex_set is None:
                     if match_path is None:
                         match_path = _py_match_path(full_path, self._ignore_params)

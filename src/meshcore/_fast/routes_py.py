@@ -88,11 +88,69 @@ def regex_set(patterns: Sequence[str], chunk: int = 256) -> Optional[RegexSet]:
     return RegexSet(chunks)
 
 
+class HeaderGroup:
+    """A run of consecutive routes that differ only in one exact header value (a common
+    gateway shape: ``prefix /api`` + ``x-tenant: tN``). First-match-wins over the run is one
+    dictionary lookup per header value instead of one matcher per route."""
+
+    __slots__ = ("start", "end", "name", "first_route")
+
+    def __init__(self, start: int, end: int, name: str, first_route: Dict[str, int]) -> None:
+        self.start = start  # first route index of the run
+        self.end = end  # one past the last
+        self.name = name  # the header
+        self.first_route = first_route  # header value -> first route of the run expecting it
+
+    def decide(self, hdrs: Dict[str, List[str]]) -> Optional[int]:
+        """The route of the run that matches first, or None."""
+        best: Optional[int] = None
+        for value in hdrs.get(self.name) or ():
+            ri = self.first_route.get(value)
+            if ri is not None and (best is None or ri < best):
+                best = ri
+        return best
+
+
+def _dispatch_key(r: RouteSpec) -> Optional[Tuple[Any, ...]]:
+    if r.query or r.runtime_fraction is not None or r.grpc or len(r.headers) != 1:
+        return None
+    if r.path_kind not in ("prefix", "path", "separated"):
+        return None
+    h = r.headers[0]
+    if (h.kind != "string" or h.invert or h.treat_missing_as_empty or h.string is None
+            or h.string.kind != "exact" or h.string.ignore_case):
+        return None
+    return (r.path_kind, r.path_value, r.case_sensitive, h.name)
+
+
+def header_groups(routes: Sequence[RouteSpec], min_size: int = 4) -> Tuple[List[int], List[HeaderGroup]]:
+    """(group index per route or -1, the groups) for runs of at least ``min_size`` routes."""
+    group_of = [-1] * len(routes)
+    groups: List[HeaderGroup] = []
+    i = 0
+    n = len(routes)
+    while i < n:
+        key = _dispatch_key(routes[i])
+        j = i + 1
+        if key is not None:
+            while j < n and _dispatch_key(routes[j]) == key:
+                j += 1
+            if j - i >= min_size:
+                first: Dict[str, int] = {}
+                for k in range(i, j):
+                    first.setdefault(routes[k].headers[0].string.value, k)  # type: ignore[union-attr]
+                for k in range(i, j):
+                    group_of[k] = len(groups)
+                groups.append(HeaderGroup(i, j, key[3], first))
+        i = j
+    return group_of, groups
+
+
 class _VhostIndex:
     """Candidate index of one virtual host's routes."""
 
     __slots__ = ("spec", "exact", "exact_ci", "prefix", "prefix_ci", "prefix_lens", "prefix_ci_lens",
-                 "always", "regex_set", "n_routes")
+                 "always", "regex_set", "n_routes", "group_of", "groups")
 
     def __init__(self, spec: VirtualHostSpec) -> None:
         self.spec = spec
@@ -101,7 +159,11 @@ class _VhostIndex:
         self.prefix: Dict[str, List[int]] = {}
         self.prefix_ci: Dict[str, List[int]] = {}
         self.always: List[int] = []  # regex routes: checked for every path
+        self.group_of, self.groups = header_groups(spec.routes)
         for r in spec.routes:
+            g = self.group_of[r.index]
+            if g >= 0 and self.groups[g].start != r.index:
+                continue  # a header dispatch run is entered through its first route only
             kind, value = r.path_kind, r.path_value
             if kind == "regex":
                 self.always.append(r.index)
@@ -253,7 +315,24 @@ class RouteTable:
             match_path = strip_path_params(match_path)
         query_cache: List[Any] = []
         routes = index.spec.routes
+        group_of = index.group_of
+        skip_below = -1
         for ri in index.candidates(match_path):
+            if ri < skip_below:
+                continue
+            g = group_of[ri]
+            if g >= 0:
+                group = index.groups[g]
+                # Every route of the run shares the path matcher, so all are candidates and
+                # ri is the run's first; the run decides at once.
+                winner = group.decide(hdrs) if _path_matches(routes[ri], match_path) else None
+                if winner is None:
+                    skip_below = group.end
+                    continue
+                ri = winner
+                r = routes[ri]
+                return _result(self.spec, index.spec, r, full_path, hdrs, authority, scheme, random_value,
+                               source_ip, match_path)
             r = routes[ri]
             if _route_matches(r, match_path, full_path, hdrs, random_value, query_cache):
                 return _result(self.spec, index.spec, r, full_path, hdrs, authority, scheme, random_value,
