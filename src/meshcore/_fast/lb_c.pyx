@@ -19,6 +19,8 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 cimport cython
 
+from ._common cimport qsort, splitmix_next, zalloc
+
 import os
 import threading
 
@@ -130,12 +132,6 @@ def xxh64(data, seed=0):
     return c_xxh64(&view[0], view.shape[0], s)
 
 
-cdef inline uint64_t _splitmix_next(uint64_t* state) noexcept nogil:
-    state[0] += 0x9E3779B97F4A7C15ULL
-    cdef uint64_t z = state[0]
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
-    return z ^ (z >> 31)
 
 # ---------------------------------------------------------------------------------------
 # EDF scheduler (source/common/upstream/edf_scheduler.h): binary min-heap ordered by
@@ -324,9 +320,9 @@ cdef int _entry_cmp(const void* a, const void* b) noexcept nogil:
 cdef int _edf_to_classes(Edf* e, double* weight_of) except -1:
     """Re-organise a heap-mode scheduler with static weights into class mode."""
     cdef Py_ssize_t n = e.size, i, c, k
-    cdef EdfEntry* sorted_entries = <EdfEntry*>_alloc(sizeof(EdfEntry) * n)
-    cdef double* class_weight = <double*>_alloc(sizeof(double) * n)
-    cdef Py_ssize_t* class_count = <Py_ssize_t*>_alloc(sizeof(Py_ssize_t) * n)
+    cdef EdfEntry* sorted_entries = <EdfEntry*>zalloc(sizeof(EdfEntry) * n)
+    cdef double* class_weight = <double*>zalloc(sizeof(double) * n)
+    cdef Py_ssize_t* class_count = <Py_ssize_t*>zalloc(sizeof(Py_ssize_t) * n)
     cdef Py_ssize_t n_classes = 0
     cdef double w
     try:
@@ -344,11 +340,11 @@ cdef int _edf_to_classes(Edf* e, double* weight_of) except -1:
                 if n_classes > 64:
                     return 0  # many distinct weights: the heap is as good; stay in heap mode
             class_count[c] += 1
-        e.classes = <EdfClass*>_alloc(sizeof(EdfClass) * n_classes)
-        e.class_heap = <int32_t*>_alloc(sizeof(int32_t) * n_classes)
+        e.classes = <EdfClass*>zalloc(sizeof(EdfClass) * n_classes)
+        e.class_heap = <int32_t*>zalloc(sizeof(int32_t) * n_classes)
         e.n_classes = n_classes
         for c in range(n_classes):
-            e.classes[c].q = <EdfEntry*>_alloc(sizeof(EdfEntry) * class_count[c])
+            e.classes[c].q = <EdfEntry*>zalloc(sizeof(EdfEntry) * class_count[c])
             e.classes[c].cap = class_count[c]
             e.classes[c].weight = class_weight[c]
             e.class_heap[c] = <int32_t>c
@@ -491,12 +487,6 @@ cdef class _Table:
             PyMem_Free(self.maglev)
 
 
-cdef void* _alloc(size_t size) except NULL:
-    cdef void* p = PyMem_Malloc(size if size > 0 else 1)
-    if p == NULL:
-        raise MemoryError()
-    memset(p, 0, size if size > 0 else 1)
-    return p
 
 
 ctypedef struct RingEntry:
@@ -505,8 +495,6 @@ ctypedef struct RingEntry:
     int32_t host
 
 
-cdef extern from "stdlib.h":
-    void qsort(void* base, size_t nmemb, size_t size, int (*compar)(const void*, const void*) noexcept nogil) nogil
 
 
 ctypedef struct MaglevEntry:
@@ -568,7 +556,7 @@ cdef class LoadBalancer:
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
         self._rng = PyLong_AsUnsignedLongLongMask(seed)
-        self._seed = _splitmix_next(&self._rng)
+        self._seed = splitmix_next(&self._rng)
         self._ejected = set()
         self._rr_slots = {}
         self._update_lock = threading.Lock()
@@ -640,8 +628,8 @@ cdef class LoadBalancer:
         t.eps = eps
         t.index = layout.index
         t.n_hosts = n
-        t.active = <int64_t*>_alloc(sizeof(int64_t) * n)
-        t.carry = <int64_t*>_alloc(sizeof(int64_t) * n)
+        t.active = <int64_t*>zalloc(sizeof(int64_t) * n)
+        t.carry = <int64_t*>zalloc(sizeof(int64_t) * n)
         i = 0
         for ep in eps:
             key = (<object>ep).key
@@ -654,14 +642,14 @@ cdef class LoadBalancer:
         groups = _build.partition(layout, ejected, cfg)
         plan = groups.plan
         t.n_prio = layout.priorities
-        t.weights = <uint32_t*>_alloc(sizeof(uint32_t) * n)
+        t.weights = <uint32_t*>zalloc(sizeof(uint32_t) * n)
         i = 0
         for w in layout.weights:
             t.weights[i] = <uint32_t>w
             i += 1
-        t.healthy_load = <uint32_t*>_alloc(sizeof(uint32_t) * t.n_prio)
-        t.degraded_load = <uint32_t*>_alloc(sizeof(uint32_t) * t.n_prio)
-        t.panic = <uint8_t*>_alloc(sizeof(uint8_t) * t.n_prio)
+        t.healthy_load = <uint32_t*>zalloc(sizeof(uint32_t) * t.n_prio)
+        t.degraded_load = <uint32_t*>zalloc(sizeof(uint32_t) * t.n_prio)
+        t.panic = <uint8_t*>zalloc(sizeof(uint8_t) * t.n_prio)
         for p in range(t.n_prio):
             t.healthy_load[p] = plan.healthy_load[p]
             t.degraded_load[p] = plan.degraded_load[p]
@@ -672,19 +660,19 @@ cdef class LoadBalancer:
         # Hosts sources, flattened.
         cdef list sources = groups.sources
         t.n_sources = len(sources)
-        t.source_base = <int32_t*>_alloc(sizeof(int32_t) * t.n_prio)
+        t.source_base = <int32_t*>zalloc(sizeof(int32_t) * t.n_prio)
         for p in range(t.n_prio):
             t.source_base[p] = layout.source_base[p]
-        t.src_off = <int64_t*>_alloc(sizeof(int64_t) * t.n_sources)
-        t.src_len = <int64_t*>_alloc(sizeof(int64_t) * t.n_sources)
-        t.src_rr = <int64_t*>_alloc(sizeof(int64_t) * t.n_sources)
-        t.src_edf = <Edf**>_alloc(sizeof(Edf*) * t.n_sources)
+        t.src_off = <int64_t*>zalloc(sizeof(int64_t) * t.n_sources)
+        t.src_len = <int64_t*>zalloc(sizeof(int64_t) * t.n_sources)
+        t.src_rr = <int64_t*>zalloc(sizeof(int64_t) * t.n_sources)
+        t.src_edf = <Edf**>zalloc(sizeof(Edf*) * t.n_sources)
         total = 0
         for key, hosts in sources:
             total += len(hosts)
-        t.src_hosts = <int32_t*>_alloc(sizeof(int32_t) * total)
+        t.src_hosts = <int32_t*>zalloc(sizeof(int32_t) * total)
         # Host weights by host index, evaluated once (hostWeight at build time).
-        cdef double* weight_buf = <double*>_alloc(sizeof(double) * (n if n > 0 else 1))
+        cdef double* weight_buf = <double*>zalloc(sizeof(double) * (n if n > 0 else 1))
         cdef int32_t* host_buf
         cdef bint equal
         for j in range(n):
@@ -715,10 +703,10 @@ cdef class LoadBalancer:
         finally:
             PyMem_Free(weight_buf)
         if cfg.locality_weighted:
-            t.loc_edf = <Edf**>_alloc(sizeof(Edf*) * 2 * t.n_prio)
-            t.loc_weights = <double**>_alloc(sizeof(double*) * 2 * t.n_prio)
+            t.loc_edf = <Edf**>zalloc(sizeof(Edf*) * 2 * t.n_prio)
+            t.loc_weights = <double**>zalloc(sizeof(double*) * 2 * t.n_prio)
             for p in range(t.n_prio):
-                loc_seed = _splitmix_next(&self._rng)
+                loc_seed = splitmix_next(&self._rng)
                 healthy_w, degraded_w = groups.locality_effective_weights(p, cfg)
                 if groups.healthy_count[p]:
                     self._locality_scheduler(t, 2 * p, healthy_w, loc_seed)
@@ -728,8 +716,8 @@ cdef class LoadBalancer:
 
     cdef _locality_scheduler(self, _Table t, Py_ssize_t slot, list weights, uint64_t seed):
         cdef Py_ssize_t n = len(weights), i, m = 0
-        cdef double* all_w = <double*>_alloc(sizeof(double) * n)
-        cdef int32_t* items = <int32_t*>_alloc(sizeof(int32_t) * n)
+        cdef double* all_w = <double*>zalloc(sizeof(double) * n)
+        cdef int32_t* items = <int32_t*>zalloc(sizeof(int32_t) * n)
         try:
             for i in range(n):
                 all_w[i] = weights[i]
@@ -750,14 +738,14 @@ cdef class LoadBalancer:
         cdef list hosts
         cdef int32_t* hw_host
         cdef double* hw_w
-        t.ring_hash = <uint64_t**>_alloc(sizeof(uint64_t*) * t.n_prio)
-        t.ring_host = <int32_t**>_alloc(sizeof(int32_t*) * t.n_prio)
-        t.ring_len = <int64_t*>_alloc(sizeof(int64_t) * t.n_prio)
-        t.maglev = <int32_t**>_alloc(sizeof(int32_t*) * t.n_prio)
+        t.ring_hash = <uint64_t**>zalloc(sizeof(uint64_t*) * t.n_prio)
+        t.ring_host = <int32_t**>zalloc(sizeof(int32_t*) * t.n_prio)
+        t.ring_len = <int64_t*>zalloc(sizeof(int64_t) * t.n_prio)
+        t.maglev = <int32_t**>zalloc(sizeof(int32_t*) * t.n_prio)
         t.maglev_size = cfg.table_size
         cdef list keys = [(<str>hk).encode() for hk in layout.hash_keys]
-        hw_host = <int32_t*>_alloc(sizeof(int32_t) * (t.n_hosts + 1))
-        hw_w = <double*>_alloc(sizeof(double) * (t.n_hosts + 1))
+        hw_host = <int32_t*>zalloc(sizeof(int32_t) * (t.n_hosts + 1))
+        hw_w = <double*>zalloc(sizeof(double) * (t.n_hosts + 1))
         try:
             for p in range(t.n_prio):
                 # Normalised (host, weight) list, as ThreadAwareLoadBalancerBase builds it.
@@ -797,7 +785,7 @@ cdef class LoadBalancer:
         if scale > <double>max_ring:
             scale = <double>max_ring
         cdef Py_ssize_t cap = <Py_ssize_t>ceil(scale) + m + 1, count = 0, klen
-        cdef RingEntry* ring = <RingEntry*>_alloc(sizeof(RingEntry) * cap)
+        cdef RingEntry* ring = <RingEntry*>zalloc(sizeof(RingEntry) * cap)
         cdef RingEntry* grown
         cdef char* kb
         cdef bytes key
@@ -835,8 +823,8 @@ cdef class LoadBalancer:
                     current += 1
                 PyMem_Free(kb)
             qsort(ring, count, sizeof(RingEntry), _ring_cmp)
-            t.ring_hash[p] = <uint64_t*>_alloc(sizeof(uint64_t) * count)
-            t.ring_host[p] = <int32_t*>_alloc(sizeof(int32_t) * count)
+            t.ring_hash[p] = <uint64_t*>zalloc(sizeof(uint64_t) * count)
+            t.ring_host[p] = <int32_t*>zalloc(sizeof(int32_t) * count)
             for i in range(<uint64_t>count):
                 t.ring_hash[p][i] = ring[i].hash
                 t.ring_host[p][i] = ring[i].host
@@ -854,10 +842,10 @@ cdef class LoadBalancer:
                 max_w = hw_w[e]
         # Entries sorted by hash key bytes (maglev_lb.cc sorts before filling); equal keys keep
         # their input order. `keys` keeps every key's buffer alive while this runs.
-        cdef MaglevEntry* entries = <MaglevEntry*>_alloc(sizeof(MaglevEntry) * n)
-        cdef uint64_t* nxt = <uint64_t*>_alloc(sizeof(uint64_t) * n)
-        cdef double* target = <double*>_alloc(sizeof(double) * n)
-        cdef int32_t* table = <int32_t*>_alloc(sizeof(int32_t) * size)
+        cdef MaglevEntry* entries = <MaglevEntry*>zalloc(sizeof(MaglevEntry) * n)
+        cdef uint64_t* nxt = <uint64_t*>zalloc(sizeof(uint64_t) * n)
+        cdef double* target = <double*>zalloc(sizeof(double) * n)
+        cdef int32_t* table = <int32_t*>zalloc(sizeof(int32_t) * size)
         cdef uint64_t filled = 0, c, slot
         cdef uint32_t iteration = 1
         try:
@@ -944,7 +932,7 @@ cdef class LoadBalancer:
         cdef uint64_t* ring
         if self._code >= RING:
             if hash is None:
-                h = _splitmix_next(&self._rng)
+                h = splitmix_next(&self._rng)
             else:
                 h = PyLong_AsUnsignedLongLongMask(hash)
             p = _choose_priority(t, h, &degraded)
@@ -976,7 +964,7 @@ cdef class LoadBalancer:
                 assert 0 <= host < t.n_hosts, (host, t.n_hosts)
             t.active[host] += 1
             return t.eps[host]
-        h = _splitmix_next(&self._rng)
+        h = splitmix_next(&self._rng)
         p = _choose_priority(t, h, &degraded)
         # source ids come from _build.partition: base + {0 all, 1 healthy, 2 degraded,
         # 3 + 2i locality-healthy i, 4 + 2i locality-degraded i}; all < n_sources.
@@ -1025,10 +1013,10 @@ cdef class LoadBalancer:
     @cython.cdivision(True)
     cdef int32_t _p2c(self, _Table t, int32_t* hosts, int64_t n):
         # n > 0 (checked by the caller); indices are `draw % n`.
-        cdef int32_t candidate = hosts[_splitmix_next(&self._rng) % <uint64_t>n], sampled
+        cdef int32_t candidate = hosts[splitmix_next(&self._rng) % <uint64_t>n], sampled
         cdef uint32_t c
         for c in range(1, self._choice_count):
-            sampled = hosts[_splitmix_next(&self._rng) % <uint64_t>n]
+            sampled = hosts[splitmix_next(&self._rng) % <uint64_t>n]
             if t.active[sampled] < t.active[candidate]:
                 candidate = sampled
         return candidate

@@ -16,6 +16,8 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memchr, memcmp
 cimport cython
 
+from ._common cimport qsort, splitmix_next, zalloc
+
 import os
 
 from .._route_model import RouteConfigSpec
@@ -29,12 +31,6 @@ cdef enum:
     DEF_CANDIDATES = 64  # candidates kept on the stack; more spill to the heap
 
 
-cdef inline uint64_t _splitmix_next(uint64_t* state) noexcept nogil:
-    state[0] += 0x9E3779B97F4A7C15ULL
-    cdef uint64_t z = state[0]
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
-    return z ^ (z >> 31)
 
 
 @cython.final
@@ -65,8 +61,6 @@ cdef class _Trie:
         PyMem_Free(self.ids)
 
 
-cdef extern from "stdlib.h":
-    void qsort(void* base, size_t nmemb, size_t size, int (*compar)(const void*, const void*) noexcept nogil) nogil
 
 
 cdef int _int32_cmp(const void* a, const void* b) noexcept nogil:
@@ -74,11 +68,6 @@ cdef int _int32_cmp(const void* a, const void* b) noexcept nogil:
     return -1 if x < y else (1 if x > y else 0)
 
 
-cdef void* _alloc(size_t size) except NULL:
-    cdef void* p = PyMem_Malloc(size if size > 0 else 1)
-    if p == NULL:
-        raise MemoryError()
-    return p
 
 
 ctypedef struct TrieKey:
@@ -111,7 +100,7 @@ cdef _Trie _build_trie(list prefixes, list exacts):
     cdef Py_ssize_t e, k, node, child, q_head, q_tail
     t.empty = n_keys == 0
     entries = prefixes + exacts
-    cdef TrieKey* keys = <TrieKey*>_alloc(sizeof(TrieKey) * (n_keys or 1))
+    cdef TrieKey* keys = <TrieKey*>zalloc(sizeof(TrieKey) * (n_keys or 1))
     for i in range(n_keys):
         key, ri = entries[i]
         keys[i].key = <const unsigned char*><const char*>key
@@ -122,14 +111,14 @@ cdef _Trie _build_trie(list prefixes, list exacts):
     qsort(keys, n_keys, sizeof(TrieKey), _key_cmp)
     # Linked form: first/last child and next sibling per node; routes as per-node lists.
     cdef Py_ssize_t cap = total + 1
-    cdef int32_t* first_child = <int32_t*>_alloc(sizeof(int32_t) * cap)
-    cdef int32_t* last_child = <int32_t*>_alloc(sizeof(int32_t) * cap)
-    cdef int32_t* next_sibling = <int32_t*>_alloc(sizeof(int32_t) * cap)
-    cdef uint8_t* label = <uint8_t*>_alloc(cap)
-    cdef int32_t* stack = <int32_t*>_alloc(sizeof(int32_t) * cap)
-    cdef int32_t* order = <int32_t*>_alloc(sizeof(int32_t) * cap)
-    cdef int32_t* key_node = <int32_t*>_alloc(sizeof(int32_t) * (n_keys or 1))
-    cdef int32_t* new_id = <int32_t*>_alloc(sizeof(int32_t) * cap)
+    cdef int32_t* first_child = <int32_t*>zalloc(sizeof(int32_t) * cap)
+    cdef int32_t* last_child = <int32_t*>zalloc(sizeof(int32_t) * cap)
+    cdef int32_t* next_sibling = <int32_t*>zalloc(sizeof(int32_t) * cap)
+    cdef uint8_t* label = <uint8_t*>zalloc(cap)
+    cdef int32_t* stack = <int32_t*>zalloc(sizeof(int32_t) * cap)
+    cdef int32_t* order = <int32_t*>zalloc(sizeof(int32_t) * cap)
+    cdef int32_t* key_node = <int32_t*>zalloc(sizeof(int32_t) * (n_keys or 1))
+    cdef int32_t* new_id = <int32_t*>zalloc(sizeof(int32_t) * cap)
     try:
         first_child[0] = -1
         last_child[0] = -1
@@ -159,15 +148,15 @@ cdef _Trie _build_trie(list prefixes, list exacts):
             key_node[i] = <int32_t>node
         # Breadth-first renumbering makes every node's edges contiguous and label-sorted.
         t.n_nodes = n_nodes
-        t.edge_start = <int32_t*>_alloc(sizeof(int32_t) * n_nodes)
-        t.edge_count = <int32_t*>_alloc(sizeof(int32_t) * n_nodes)
-        t.edge_label = <uint8_t*>_alloc(n_nodes)
-        t.edge_child = <int32_t*>_alloc(sizeof(int32_t) * n_nodes)
-        t.prefix_off = <int32_t*>_alloc(sizeof(int32_t) * n_nodes)
-        t.prefix_cnt = <int32_t*>_alloc(sizeof(int32_t) * n_nodes)
-        t.exact_off = <int32_t*>_alloc(sizeof(int32_t) * n_nodes)
-        t.exact_cnt = <int32_t*>_alloc(sizeof(int32_t) * n_nodes)
-        t.ids = <int32_t*>_alloc(sizeof(int32_t) * (n_keys or 1))
+        t.edge_start = <int32_t*>zalloc(sizeof(int32_t) * n_nodes)
+        t.edge_count = <int32_t*>zalloc(sizeof(int32_t) * n_nodes)
+        t.edge_label = <uint8_t*>zalloc(n_nodes)
+        t.edge_child = <int32_t*>zalloc(sizeof(int32_t) * n_nodes)
+        t.prefix_off = <int32_t*>zalloc(sizeof(int32_t) * n_nodes)
+        t.prefix_cnt = <int32_t*>zalloc(sizeof(int32_t) * n_nodes)
+        t.exact_off = <int32_t*>zalloc(sizeof(int32_t) * n_nodes)
+        t.exact_cnt = <int32_t*>zalloc(sizeof(int32_t) * n_nodes)
+        t.ids = <int32_t*>zalloc(sizeof(int32_t) * (n_keys or 1))
         order[0] = 0
         new_id[0] = 0
         q_head = 0
@@ -260,7 +249,7 @@ cdef int _push(Candidates* c, int32_t* src, Py_ssize_t count) except -1:
     cdef Py_ssize_t i
     cdef int32_t* grown
     if c.n + count > c.cap:
-        grown = <int32_t*>_alloc(sizeof(int32_t) * (c.cap + count) * 2)
+        grown = <int32_t*>zalloc(sizeof(int32_t) * (c.cap + count) * 2)
         for i in range(c.n):
             grown[i] = c.ids[i]
         if c.heap:
@@ -337,13 +326,13 @@ cdef _Vhost _build_vhost(object vh):
     v.spec = vh
     v.name = vh.name
     v.routes = tuple(vh.routes)
-    v.kind = <uint8_t*>_alloc(n)
-    v.simple = <uint8_t*>_alloc(n)
-    v.plen = <int64_t*>_alloc(sizeof(int64_t) * n)
-    v.is_static = <uint8_t*>_alloc(n)
+    v.kind = <uint8_t*>zalloc(n)
+    v.simple = <uint8_t*>zalloc(n)
+    v.plen = <int64_t*>zalloc(sizeof(int64_t) * n)
+    v.is_static = <uint8_t*>zalloc(n)
     cs_prefix, cs_exact, ci_prefix, ci_exact, always = [], [], [], [], []
     group_of, v.groups = _py.header_groups(vh.routes)
-    v.group_of = <int32_t*>_alloc(sizeof(int32_t) * (n or 1))
+    v.group_of = <int32_t*>zalloc(sizeof(int32_t) * (n or 1))
     for i in range(n):
         v.group_of[i] = group_of[i]
     for r in vh.routes:
@@ -371,7 +360,7 @@ cdef _Vhost _build_vhost(object vh):
     v.ci = _build_trie(ci_prefix, ci_exact)
     v.regex_set = _py.regex_set([vh.routes[i].path_value for i in always])
     v.n_always = len(always)
-    v.always = <int32_t*>_alloc(sizeof(int32_t) * (v.n_always or 1))
+    v.always = <int32_t*>zalloc(sizeof(int32_t) * (v.n_always or 1))
     for i in range(v.n_always):
         v.always[i] = always[i]
     return v
@@ -529,7 +518,7 @@ cdef class RouteTable:
             hdrs = None
             query_cache = []
             if random_value is None:
-                rv = _splitmix_next(&self._rng)
+                rv = splitmix_next(&self._rng)
             else:
                 rv = random_value & 0xFFFFFFFFFFFFFFFF
             skip_below = -1
