@@ -25,6 +25,7 @@ __all__ = [
     "simple_atoi_u64",
     "split_host_port",
     "strip_path_params",
+    "tls_redirect",
 ]
 
 _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -311,6 +312,22 @@ def redirect_location(r: Any, full_path: str, match_path: str, host_header: str,
         if q >= 0:
             final_path = final_path[:q]
     return f"{final_scheme}://{final_host}{final_port}{final_path}"
+
+
+def tls_redirect(vh: Any, hdrs: Dict[str, List[str]], host_header: str, full_path: str) -> Optional["RouteMatch"]:
+    """A virtual host's ``require_tls``: Envoy answers a plain-HTTP request with a 301 to
+    https (EXTERNAL_ONLY: unless ``x-envoy-internal: true``). None when it does not apply."""
+    if vh.require_tls == "NONE" or hdrs[":scheme"][0] == "https":
+        return None
+    if vh.require_tls == "EXTERNAL_ONLY" and (hdrs.get("x-envoy-internal") or [""])[0] == "true":
+        return None
+    request_proto = hdrs[":scheme"][0]
+    host = host_header
+    end = host.rfind("]:") + 1 if host.startswith("[") else host.rfind(":")
+    if end > 0 and request_proto == "http" and host[end:] == ":80":
+        host = host[:end]
+    location = f"https://{host}{full_path}"
+    return RouteMatch(vh.name, "", None, None, location, None, None, None, redirect_code=301)
 
 
 def _rotl1(h: int) -> int:

@@ -22,7 +22,7 @@ import os
 
 from .._route_model import RouteConfigSpec
 from .._routing import (RouteMatch, ascii_lower, empty_forwarded_proto, normalise_headers, split_host_port,
-                        strip_path_params)
+                        strip_path_params, tls_redirect)
 from . import routes_py as _py
 
 __all__ = ["RouteTable"]
@@ -482,6 +482,11 @@ cdef class RouteTable:
         if vi < 0:
             return None
         v = <_Vhost>self._vhosts[vi]
+        if v.spec.require_tls != "NONE":
+            forced = tls_redirect(v.spec, normalise_headers(headers, authority, full_path, method, scheme),
+                                  authority or "", full_path)
+            if forced is not None:
+                return forced
         hit = <const char*>memchr(buf, 63, size)  # '?'
         match_len = (hit - buf) if hit != NULL else size
         if self._ignore_params and memchr(buf, 59, match_len) != NULL:  # ';' in the path

@@ -35,6 +35,7 @@ from .._routing import (
     simple_atoi_u64,
     split_host_port,
     strip_path_params,
+    tls_redirect,
 )
 
 __all__ = ["RouteTable"]
@@ -306,6 +307,10 @@ class RouteTable:
         if vi is None:
             return None
         index = self._vhosts[vi]
+        if index.spec.require_tls != "NONE":
+            forced = tls_redirect(index.spec, hdrs, authority or "", full_path)
+            if forced is not None:
+                return forced
         if random_value is None:
             random_value = random.getrandbits(64)
         random_value &= 0xFFFFFFFFFFFFFFFF
