@@ -45,3 +45,5 @@ def test_demo_runs_and_reports():
                          capture_output=True, text=True, check=True, timeout=120)
     assert "MAGLEV" in out.stdout and "of keys moved" in out.stdout
     assert "healthy=[28, 72]" in out.stdout  # the failover step spills to P1 as Envoy would
+    assert "route canary: reviews-v3" in out.stdout
+    assert "redirect 308 http://reviews/v2/books?id=7" in out.stdout

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from typing import List, Optional, Sequence
 
-from . import IMPLEMENTATION, Endpoint, HealthStatus, LoadBalancer, Locality, __version__, xxh64
+from . import IMPLEMENTATION, Endpoint, HealthStatus, LoadBalancer, Locality, RouteTable, __version__, xxh64
 
 __all__ = ["main"]
 
@@ -38,8 +38,60 @@ def _share_table(lb: LoadBalancer, picks: int, hashed: bool = False) -> str:
     return "\n".join(rows)
 
 
+_ROUTES = {
+    "name": "demo",
+    "virtual_hosts": [
+        {"name": "reviews", "domains": ["reviews", "reviews:9080", "reviews.default.svc.cluster.local"],
+         "routes": [
+             {"name": "canary", "match": {"prefix": "/", "headers": [{"name": "x-canary", "exact_match": "1"}]},
+              "route": {"cluster": "reviews-v3"}},
+             {"name": "health", "match": {"path": "/healthz"}, "direct_response": {"status": 200}},
+             {"name": "legacy", "match": {"path_separated_prefix": "/v1"},
+              "redirect": {"prefix_rewrite": "/v2", "response_code": "PERMANENT_REDIRECT"}},
+             {"name": "split", "match": {"prefix": "/"},
+              "route": {"weighted_clusters": {"clusters": [{"name": "reviews-v1", "weight": 90},
+                                                           {"name": "reviews-v2", "weight": 10}]},
+                        "timeout": "2s", "retry_policy": {"retry_on": "5xx", "num_retries": 2},
+                        "hash_policy": [{"header": {"header_name": "x-user"}}]}},
+         ]},
+        {"name": "catch-all", "domains": ["*"], "routes": [
+            {"name": "passthrough", "match": {"prefix": "/"}, "route": {"cluster": "PassthroughCluster"}}]},
+    ],
+}
+
+
+def _routing_demo(picks: int) -> None:
+    rt = RouteTable.from_xds(_ROUTES)
+    print("Route matching (Envoy's decisions, in process):")
+    for authority, path, headers in [
+        ("reviews:9080", "/reviews/1", [("x-canary", "1")]),
+        ("reviews:9080", "/healthz", None),
+        ("reviews", "/v1/books?id=7", None),
+        ("reviews.default.svc.cluster.local", "/reviews/2", [("x-user", "alice")]),
+        ("example.org", "/", None),
+    ]:
+        m = rt.match(authority, path, headers)
+        assert m is not None
+        outcome = (m.cluster if m.cluster is not None else
+                   f"direct {m.direct_response[0]}" if m.direct_response else f"redirect {m.redirect_code} {m.redirect}")
+        hdrs = f" {dict(headers)}" if headers else ""
+        print(f"  {authority}{path}{hdrs}\n      -> vhost {m.virtual_host}, route {m.route_name}: {outcome}"
+              + (f", hash {m.hash:#x}" if m.hash is not None else ""))
+    split: Counter = Counter()
+    for i in range(picks):
+        split[rt.match("reviews", "/reviews/3", random_value=i * 2654435761).cluster] += 1
+    print("  weighted split 90/10 over", picks, "requests:",
+          ", ".join(f"{k} {v / picks:.1%}" for k, v in sorted(split.items())))
+    n = 100000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        rt.match("reviews:9080", "/healthz")
+    print(f"  match cost: {(time.perf_counter() - t0) / n * 1e9:.0f} ns per request\n")
+
+
 def demo(picks: int = 20000) -> int:
     print(f"meshcore {__version__} demo — compiled core: {IMPLEMENTATION}\n")
+    _routing_demo(picks)
     eps = _cluster()
     for policy in ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV"):
         lb = LoadBalancer(eps, policy=policy, seed=7)
