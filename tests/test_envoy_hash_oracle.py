@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
 import json
 import os
 import random
@@ -30,28 +29,13 @@ import pytest
 import xxhash
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from envoy_oracle import (  # noqa: E402
-    EndpointSpec,
-    EnvoyConfigError,
-    EnvoyOracle,
-    build_xds,
-    endpoints_from_cla,
-)
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from envoy_oracle import EndpointSpec, EnvoyConfigError, EnvoyOracle, build_xds, endpoints_from_cla  # noqa: E402
+from oracle_common import all_checks as _all  # noqa: E402
+from oracle_common import import_meshcore as _import_meshcore  # noqa: E402
+from oracle_common import loopback_addr as _addr  # noqa: E402
+from oracle_common import EnvoyRun, once_per_scenario, per_scenario  # noqa: E402
 
 pytestmark = pytest.mark.envoy  # every test here runs a real Envoy
-
-
-def _import_meshcore():
-    """Import meshcore (installed, or from ../src).  ImportError -> test failure, never a skip."""
-    try:
-        return importlib.import_module("meshcore")
-    except ImportError:
-        src = os.path.join(os.path.dirname(HERE), "src")
-        if src not in sys.path:
-            sys.path.insert(0, src)
-        return importlib.import_module("meshcore")
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,11 +56,7 @@ class Scenario:
 
 
 @dataclasses.dataclass
-class Run:
-    scenario: Scenario
-    cluster: dict
-    cla: dict
-    specs: list[EndpointSpec]  # with concrete ports, CLA host order
+class Run(EnvoyRun):  # scenario, cluster, cla, specs, then:
     keys: list[str]
     envoy: dict[str, str | None]
     stats: dict[str, int]
@@ -92,11 +72,6 @@ class Run:
 
     def hit_specs(self) -> list[EndpointSpec]:
         return [s for s in (self.spec_of(a) for a in set(self.envoy.values())) if s is not None]
-
-
-def _addr(i: int, base: int) -> str:
-    # distinct loopback addresses per scenario: 127.<base>.<i // 250>.<2 + i % 250>
-    return f"127.{base}.{i // 250}.{2 + i % 250}"
 
 
 def _eps(n: int, base: int, **kw: Any) -> list[EndpointSpec]:
@@ -132,14 +107,6 @@ def _expect_no_hits(pred: Callable[[EndpointSpec], bool], what: str) -> Callable
     def check(run: Run) -> None:
         bad = [s for s in run.hit_specs() if pred(s)]
         assert not bad, f"expected Envoy never to pick {what}, but it picked {bad}"
-
-    return check
-
-
-def _all(*checks: Callable[[Run], None]) -> Callable[[Run], None]:
-    def check(run: Run) -> None:
-        for c in checks:
-            c(run)
 
     return check
 
@@ -571,29 +538,22 @@ def _scenarios() -> list[Scenario]:
 
 
 SCENARIOS = _scenarios()
-assert len({s.name for s in SCENARIOS}) == len(SCENARIOS)
-SCENARIO_IDS = [s.name for s in SCENARIOS]
+PER_SCENARIO = per_scenario(SCENARIOS)
 
 
 # --------------------------------------------------------------------------------------------
 # Running Envoy (once per scenario, shared by the tests of that scenario)
 # --------------------------------------------------------------------------------------------
 
-_RUNS: dict[str, Run] = {}
-
-
+@once_per_scenario
 def _envoy_run(scn: Scenario) -> Run:
-    if scn.name in _RUNS:
-        return _RUNS[scn.name]
     rng = random.Random(f"keys-{scn.name}-{scn.seed}")
     keys = _keys(rng, scn.n_keys)
     specs = [dataclasses.replace(e) for e in scn.endpoints]
     with EnvoyOracle(specs, lb_config_style=scn.style, **scn.options) as oracle:
         answers = oracle.route(keys)
         stats = oracle.stats("cluster\\.oracle\\.(ring_hash_lb|maglev_lb|lb_healthy_panic|upstream_rq_total)")
-        run = Run(scn, oracle.cluster, oracle.cla, endpoints_from_cla(oracle.cla), keys, answers, stats)
-    _RUNS[scn.name] = run
-    return run
+        return Run(scn, oracle.cluster, oracle.cla, endpoints_from_cla(oracle.cla), keys, answers, stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,7 +664,7 @@ def _compare(api: str, scn: Scenario, LB: Any = None) -> None:  # noqa: N803
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scn", SCENARIOS, ids=SCENARIO_IDS)
+@PER_SCENARIO
 def test_envoy_scenario_behaves_as_intended(scn: Scenario) -> None:
     """Envoy-only: the scenario starts, and Envoy's picks show the behaviour it is meant to test."""
     run = _envoy_run(scn)
@@ -719,7 +679,7 @@ def test_envoy_scenario_behaves_as_intended(scn: Scenario) -> None:
 XDS_REJECTS = {"rh_priority_gap": "priorities must be contiguous"}
 
 
-@pytest.mark.parametrize("scn", SCENARIOS, ids=SCENARIO_IDS)
+@PER_SCENARIO
 def test_meshcore_from_xds_matches_envoy(scn: Scenario, LB: Any) -> None:  # noqa: N803
     if scn.name in XDS_REJECTS:
         mc = _import_meshcore()
@@ -730,7 +690,7 @@ def test_meshcore_from_xds_matches_envoy(scn: Scenario, LB: Any) -> None:  # noq
     _compare("from_xds", scn, LB)
 
 
-@pytest.mark.parametrize("scn", SCENARIOS, ids=SCENARIO_IDS)
+@PER_SCENARIO
 def test_meshcore_constructor_matches_envoy(scn: Scenario, LB: Any) -> None:  # noqa: N803
     _compare("constructor", scn, LB)
 

@@ -40,7 +40,6 @@ Run:  /work/venv/bin/python -m pytest tests/test_envoy_route_oracle.py -q
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import re
@@ -69,8 +68,8 @@ from route_oracle import (  # noqa: E402
     instrument,
     route_at,
 )
+from oracle_common import HERE, RouteTable  # noqa: E402,F401  (RouteTable: a fixture)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures", "envoy")
 
 pytestmark = pytest.mark.envoy
@@ -86,13 +85,6 @@ _shrink_budget = [float(os.environ.get("MESHCORE_ROUTE_ORACLE_SHRINK_SECONDS", "
 # --------------------------------------------------------------------------------------------
 # meshcore side
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def RouteTable(impl: str):  # noqa: N802  (a class, named like one)
-    """meshcore's route table, compiled (c) or pure (py) twin, imported directly (as conftest's
-    ``lbmod``): a missing build fails the c tests instead of silently testing Python twice."""
-    return importlib.import_module(f"meshcore._fast.routes_{impl}").RouteTable
 
 
 def _config_error() -> type[BaseException]:
@@ -226,6 +218,22 @@ class Disagreement:
     meshcore: Any
     diffs: list[str]
     error: str | None = None  # meshcore raised
+
+
+def disagreements(table: Any, config: dict, requests: list[Request], decisions: list[Decision]) -> list[Disagreement]:
+    """Where ``table`` (built from ``config``) differs from Envoy's decisions, request by request
+    (meshcore raising on a request counts as a disagreement)."""
+    dis = []
+    for rq, d in zip(requests, decisions):
+        try:
+            m = mesh_match(table, rq)
+        except Exception as e:  # noqa: BLE001
+            dis.append(Disagreement(config, rq, d, None, [f"meshcore raised {type(e).__name__}: {e}"], error=repr(e)))
+            continue
+        diffs = compare(config, rq, d, m)
+        if diffs:
+            dis.append(Disagreement(config, rq, d, m, diffs))
+    return dis
 
 
 def _evaluate(table_cls: Any, config: dict, req: Request, d: Decision) -> Disagreement | None:
@@ -878,16 +886,7 @@ def test_generated_config_matches_envoy(seed: int, impl: str, RouteTable: Any, e
     except Exception as e:  # noqa: BLE001
         pytest.fail(f"meshcore ({impl}) rejects a config Envoy 1.40 accepts ({type(e).__name__}: {e}):\n"
                     f"config = {json.dumps(case.config, sort_keys=True)}", pytrace=False)
-    dis = []
-    for rq, d in zip(case.requests, decisions):
-        try:
-            m = mesh_match(table, rq)
-        except Exception as e:  # noqa: BLE001
-            dis.append(Disagreement(case.config, rq, d, None, [f"meshcore raised {type(e).__name__}: {e}"], error=repr(e)))
-            continue
-        diffs = compare(case.config, rq, d, m)
-        if diffs:
-            dis.append(Disagreement(case.config, rq, d, m, diffs))
+    dis = disagreements(table, case.config, case.requests, decisions)
     if dis:
         fail_with(dis, RouteTable, impl, f"generated config seed {seed} (route_gen.generate({seed}, {N_REQUESTS}))", len(case.requests))
 

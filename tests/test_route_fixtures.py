@@ -39,7 +39,6 @@ Run:  /work/venv/bin/python -m pytest tests/test_route_fixtures.py -q
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 import sys
@@ -48,10 +47,10 @@ from typing import Any, Iterable
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from oracle_common import HERE, RouteTable, route_table_class  # noqa: E402,F401  (RouteTable: a fixture)
 from route_oracle import Decision, Request, RouteOracle, field  # noqa: E402
-from test_envoy_route_oracle import Disagreement, compare, describe, fail_with, mesh_match  # noqa: E402
+from test_envoy_route_oracle import describe, disagreements, fail_with, mesh_match  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 ISTIO = os.path.join(HERE, "fixtures", "istio")
 ENVOY = pytest.mark.envoy
 
@@ -343,11 +342,6 @@ def _one(found: list[tuple[str, dict]], name: str) -> dict:
     return rc
 
 
-@pytest.fixture(scope="session")
-def RouteTable(impl: str):  # noqa: N802  (a class, named like one)
-    return importlib.import_module(f"meshcore._fast.routes_{impl}").RouteTable
-
-
 def _summary(m: Any) -> tuple | None:
     return None if m is None else (m.virtual_host, m.route_name, m.cluster)
 
@@ -507,8 +501,7 @@ def test_v2_service_hosts_select_one_vhost(impl: str, RouteTable: Any) -> None: 
 
 @pytest.mark.c_extension
 def test_twins_agree_on_every_generated_request() -> None:
-    c = importlib.import_module("meshcore._fast.routes_c").RouteTable
-    py = importlib.import_module("meshcore._fast.routes_py").RouteTable
+    c, py = route_table_class("c"), route_table_class("py")
     bad = []
     for cfg in ALL_CFGS:
         for what, rc in cfg.variants():
@@ -597,17 +590,8 @@ def test_fixture_config_matches_envoy(cfg: Cfg, impl: str, RouteTable: Any,  # n
         pytest.fail(f"Envoy 1.40 rejected {cfg.where}: {oracle.errors.get(ALL_CFGS.index(cfg), '')[-600:]}", pytrace=False)
     decisions = decided[cfg.ident]
     for what, rc in cfg.variants():
-        table = RouteTable.from_xds(rc)
-        dis = []
-        for rq, d in zip(cfg.requests, decisions):
-            try:
-                m = mesh_match(table, rq)
-            except Exception as e:  # noqa: BLE001
-                dis.append(Disagreement(rc, rq, d, None, [f"meshcore raised {type(e).__name__}: {e}"], error=repr(e)))
-                continue
-            diffs = compare(rc, rq, d, m)  # Envoy's vhost/route indices are the same in every variant
-            if diffs:
-                dis.append(Disagreement(rc, rq, d, m, diffs))
+        # Envoy's vhost/route indices are the same in every variant
+        dis = disagreements(RouteTable.from_xds(rc), rc, cfg.requests, decisions)
         if dis:
             fail_with(dis, RouteTable, impl, f"{cfg.where} (meshcore given the config {what}; Envoy given for_envoy() of it)", len(cfg.requests),
                       shrink_first=False)

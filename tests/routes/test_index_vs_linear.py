@@ -9,6 +9,7 @@ import pytest
 
 from meshcore._fast import routes_py
 from meshcore._routing import normalise_headers, strip_path_params
+from oracle_common import route_table_class
 
 from .gen import requests, route_config
 
@@ -51,6 +52,14 @@ def header_run_config(seed: int) -> dict:
     return {"name": "runs", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": routes}]}
 
 
+def tables(impl: str, cfg: dict):
+    """(the pure twin as the linear scan's reference, the twin under test) built from ``cfg``."""
+    return routes_py.RouteTable.from_xds(cfg), route_table_class(impl).from_xds(cfg)
+
+
+SEEDS = pytest.mark.parametrize("seed", range(40))
+
+
 def header_run_requests(seed: int):
     rnd = random.Random(seed)
     out = []
@@ -61,12 +70,10 @@ def header_run_requests(seed: int):
     return out
 
 
-@pytest.mark.parametrize("seed", range(40))
+@SEEDS
 def test_generated_configs(impl, seed):
-    RT = __import__(f"meshcore._fast.routes_{impl}", fromlist=["RouteTable"]).RouteTable  # noqa: N806
     cfg = route_config(seed)
-    ref = routes_py.RouteTable.from_xds(cfg)
-    rt = RT.from_xds(cfg)
+    ref, rt = tables(impl, cfg)
     for i, (authority, path, headers, method) in enumerate(requests(cfg, seed)):
         rv = i * 2654435761
         m = rt.match(authority, path, headers, method=method, random_value=rv)
@@ -74,12 +81,10 @@ def test_generated_configs(impl, seed):
             cfg, authority, path, headers)
 
 
-@pytest.mark.parametrize("seed", range(40))
+@SEEDS
 def test_header_dispatch_runs(impl, seed):
-    RT = __import__(f"meshcore._fast.routes_{impl}", fromlist=["RouteTable"]).RouteTable  # noqa: N806
     cfg = header_run_config(seed)
-    ref = routes_py.RouteTable.from_xds(cfg)
-    rt = RT.from_xds(cfg)
+    ref, rt = tables(impl, cfg)
     assert any(idx.groups for idx in ref._vhosts), "the config must contain a dispatch run"
     for authority, path, headers, method in header_run_requests(seed):
         m = rt.match(authority, path, headers, method=method, random_value=1)
