@@ -2,7 +2,7 @@
 
 from cpython.mem cimport PyMem_Malloc
 from libc.stdint cimport uint64_t
-from libc.string cimport memset
+from libc.string cimport memcmp, memset
 
 cdef extern from "stdlib.h":
     void qsort(void* base, size_t nmemb, size_t size,
@@ -25,3 +25,14 @@ cdef inline void* zalloc(size_t size) except NULL:
         raise MemoryError()
     memset(p, 0, size if size > 0 else 1)
     return p
+
+
+cdef inline int bytes_cmp(const char* a, Py_ssize_t a_len, const char* b, Py_ssize_t b_len) noexcept nogil:
+    """Python's bytes ordering: memcmp over the common length, then the shorter first."""
+    cdef Py_ssize_t n = a_len if a_len < b_len else b_len
+    cdef int r = memcmp(a, b, n)
+    if r != 0:
+        return r
+    if a_len != b_len:
+        return -1 if a_len < b_len else 1
+    return 0

@@ -19,7 +19,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 cimport cython
 
-from ._common cimport qsort, splitmix_next, zalloc
+from ._common cimport bytes_cmp, qsort, splitmix_next, zalloc
 
 import os
 import threading
@@ -511,12 +511,9 @@ cdef int _maglev_cmp(const void* a, const void* b) noexcept nogil:
     # bytes ordering (memcmp, then length), then input position: Python's sorted() order.
     cdef MaglevEntry* x = <MaglevEntry*>a
     cdef MaglevEntry* y = <MaglevEntry*>b
-    cdef Py_ssize_t n = x.key_len if x.key_len < y.key_len else y.key_len
-    cdef int r = memcmp(x.key, y.key, n)
+    cdef int r = bytes_cmp(x.key, x.key_len, y.key, y.key_len)
     if r != 0:
         return r
-    if x.key_len != y.key_len:
-        return -1 if x.key_len < y.key_len else 1
     return -1 if x.pos < y.pos else (1 if x.pos > y.pos else 0)
 
 

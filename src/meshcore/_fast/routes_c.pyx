@@ -16,7 +16,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memchr, memcmp
 cimport cython
 
-from ._common cimport qsort, splitmix_next, zalloc
+from ._common cimport bytes_cmp, qsort, splitmix_next, zalloc
 
 import os
 
@@ -80,13 +80,8 @@ ctypedef struct TrieKey:
 cdef int _key_cmp(const void* a, const void* b) noexcept nogil:
     cdef TrieKey* x = <TrieKey*>a
     cdef TrieKey* y = <TrieKey*>b
-    cdef Py_ssize_t n = x.length if x.length < y.length else y.length
-    cdef int r = memcmp(x.key, y.key, n)
-    if r != 0:
-        return r
-    if x.length != y.length:
-        return -1 if x.length < y.length else 1
-    return x.route - y.route
+    cdef int r = bytes_cmp(<const char*>x.key, x.length, <const char*>y.key, y.length)
+    return r if r != 0 else x.route - y.route
 
 
 @cython.boundscheck(False)
@@ -388,22 +383,8 @@ cdef class RouteTable:
             raise TypeError("RouteTable(spec): use RouteTable.from_xds(route_configuration)")
         self.spec = spec
         self._vhosts = [_build_vhost(vh) for vh in spec.virtual_hosts]
-        self._exact = {}
-        suffix = {}
-        prefix = {}
-        self._default = -1
-        for i, vh in enumerate(spec.virtual_hosts):
-            for d in vh.domains:
-                if d == "*":
-                    self._default = i
-                elif d.startswith("*"):
-                    suffix.setdefault(len(d) - 1, {})[d[1:]] = i
-                elif d.endswith("*"):
-                    prefix.setdefault(len(d) - 1, {})[d[:-1]] = i
-                else:
-                    self._exact[d] = i
-        self._suffix = sorted(suffix.items(), reverse=True)
-        self._prefix = sorted(prefix.items(), reverse=True)
+        self._exact, self._suffix, self._prefix, default = _py.domain_maps(spec)
+        self._default = -1 if default is None else default
         self._only_default = not self._exact and not self._suffix and not self._prefix
         self._vhost_header = spec.vhost_header
         self._ignore_port = spec.ignore_port_in_host_matching

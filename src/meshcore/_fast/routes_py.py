@@ -217,6 +217,29 @@ class _VhostIndex:
         return out
 
 
+DomainMaps = Tuple[Dict[str, int], List[Tuple[int, Dict[str, int]]], List[Tuple[int, Dict[str, int]]], Optional[int]]
+
+
+def domain_maps(spec: RouteConfigSpec) -> DomainMaps:
+    """RouteMatcher's virtual host maps: exact domains; suffix and prefix wildcards bucketed
+    by the length of their fixed part, longest first; the ``*`` virtual host (or None)."""
+    exact: Dict[str, int] = {}
+    suffix: Dict[int, Dict[str, int]] = {}
+    prefix: Dict[int, Dict[str, int]] = {}
+    default: Optional[int] = None
+    for i, vh in enumerate(spec.virtual_hosts):
+        for d in vh.domains:
+            if d == "*":
+                default = i
+            elif d.startswith("*"):
+                suffix.setdefault(len(d) - 1, {})[d[1:]] = i
+            elif d.endswith("*"):
+                prefix.setdefault(len(d) - 1, {})[d[:-1]] = i
+            else:
+                exact[d] = i
+    return exact, sorted(suffix.items(), reverse=True), sorted(prefix.items(), reverse=True), default
+
+
 class RouteTable:
     """Envoy-exact route matching for one RouteConfiguration (pure-Python twin)."""
 
@@ -227,22 +250,7 @@ class RouteTable:
             raise TypeError("RouteTable(spec): use RouteTable.from_xds(route_configuration)")
         self.spec = spec
         self._vhosts = [_VhostIndex(vh) for vh in spec.virtual_hosts]
-        self._exact: Dict[str, int] = {}
-        suffix: Dict[int, Dict[str, int]] = {}
-        prefix: Dict[int, Dict[str, int]] = {}
-        self._default: Optional[int] = None
-        for i, vh in enumerate(spec.virtual_hosts):
-            for d in vh.domains:
-                if d == "*":
-                    self._default = i
-                elif d.startswith("*"):
-                    suffix.setdefault(len(d) - 1, {})[d[1:]] = i
-                elif d.endswith("*"):
-                    prefix.setdefault(len(d) - 1, {})[d[:-1]] = i
-                else:
-                    self._exact[d] = i
-        self._suffix = sorted(suffix.items(), reverse=True)
-        self._prefix = sorted(prefix.items(), reverse=True)
+        self._exact, self._suffix, self._prefix, self._default = domain_maps(spec)
 
     @classmethod
     def from_xds(cls, route_configuration: Any) -> "RouteTable":
