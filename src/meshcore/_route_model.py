@@ -14,6 +14,7 @@ __all__ = [
     "DirectResponseSpec",
     "HashPolicySpec",
     "HeaderMatchSpec",
+    "HeaderMutation",
     "QueryMatchSpec",
     "RedirectSpec",
     "RetryPolicy",
@@ -96,6 +97,19 @@ class WeightedClusterSpec:
     cluster_header: str
     weight: int
     host_rewrite_literal: str = ""
+    headers_to_add: Tuple["HeaderMutation", ...] = ()
+    headers_to_remove: Tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class HeaderMutation:
+    """One ``request_headers_to_add`` entry. ``action``: append / add_if_absent / overwrite /
+    overwrite_if_exists (``HeaderValueOption.append_action``)."""
+
+    name: str  # lower-cased
+    value: str
+    action: str = "append"
+    keep_empty_value: bool = False
 
 
 @dataclass(slots=True)
@@ -174,6 +188,8 @@ class RouteSpec:
     regex_rewrite: Optional[Tuple[Any, str]] = None
     host_rewrite_literal: str = ""
     cluster_not_found_response_code: int = 503
+    headers_to_add: Tuple[HeaderMutation, ...] = ()
+    headers_to_remove: Tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -183,6 +199,8 @@ class VirtualHostSpec:
     routes: Tuple[RouteSpec, ...]
     require_tls: str = "NONE"  # NONE / EXTERNAL_ONLY / ALL
     retry_policy: Optional[RetryPolicy] = None
+    headers_to_add: Tuple[HeaderMutation, ...] = ()
+    headers_to_remove: Tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -192,4 +210,7 @@ class RouteConfigSpec:
     ignore_port_in_host_matching: bool = False
     ignore_path_parameters_in_path_matching: bool = False
     vhost_header: str = ""  # lower-cased; "" means :authority
+    headers_to_add: Tuple[HeaderMutation, ...] = ()
+    headers_to_remove: Tuple[str, ...] = ()
+    most_specific_header_mutations_wins: bool = False
     extra: Tuple[Any, ...] = ()

@@ -261,7 +261,7 @@ def _rewrite_path(r: Any, full_path: str, match_path: str, prefix_rewrite: Optio
         return prefix_rewrite + full_path[len(matched):]
     if regex_rewrite is not None:
         rx, substitution = regex_rewrite
-        return rx.sub(substitution, just_path) + query
+        return re2_global_replace(rx, substitution, just_path) + query
     return None
 
 
@@ -330,19 +330,138 @@ def tls_redirect(vh: Any, hdrs: Dict[str, List[str]], host_header: str, full_pat
     return RouteMatch(vh.name, "", None, None, location, None, None, None, redirect_code=301)
 
 
+def _rewrite_one(rewrite: str, m: Any) -> str:
+    """RE2::Rewrite: \\0..\\9 are the match and its groups, \\\\ is a backslash."""
+    if "\\" not in rewrite:
+        return rewrite
+    out = []
+    i = 0
+    n = len(rewrite)
+    while i < n:
+        c = rewrite[i]
+        if c == "\\" and i + 1 < n:
+            d = rewrite[i + 1]
+            if d.isdigit() and d.isascii():
+                out.append(m.group(int(d)) or "")
+                i += 2
+                continue
+            if d == "\\":
+                out.append("\\")
+                i += 2
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def re2_global_replace(rx: Any, rewrite: str, text: str) -> str:
+    """RE2::GlobalReplace: replace every non-overlapping match; an empty match right where
+    the previous match ended is skipped (Python's re.sub would replace it)."""
+    out: List[str] = []
+    p = 0
+    n = len(text)
+    last_end = -1
+    count = 0
+    while p <= n:
+        m = rx.search(text, p)
+        if m is None:
+            break
+        start, end = m.span()
+        if p < start:
+            out.append(text[p:start])
+        if start == last_end and start == end:
+            if p < n:
+                out.append(text[p])
+            p += 1
+            continue
+        out.append(_rewrite_one(rewrite, m))
+        p = end
+        last_end = end
+        count += 1
+    if count == 0:
+        return text
+    if p < n:
+        out.append(text[p:])
+    return "".join(out)
+
+
 def _rotl1(h: int) -> int:
     return ((h << 1) | (h >> 63)) & 0xFFFFFFFFFFFFFFFF
 
 
 def _cookie(hdrs: Dict[str, List[str]], name: str) -> Optional[str]:
+    """Http::Utility::parseCookieValue: the first ``name=value`` over all Cookie headers;
+    parts split on ';', only leading whitespace skipped, one pair of quotes removed."""
     for header in hdrs.get("cookie") or ():
         for part in header.split(";"):
-            k, sep, v = part.strip().partition("=")
-            if sep and k == name:
+            part = part.lstrip(_WHITESPACE)
+            eq = part.find("=")
+            if eq < 0:
+                continue
+            if part[:eq] == name:
+                v = part[eq + 1:]
                 if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
                     v = v[1:-1]
                 return v
     return None
+
+
+def _apply_mutations(hdrs: Dict[str, List[str]], adds: Sequence[Any], removes: Sequence[str]) -> None:
+    """HeaderParser::evaluateHeaders: removals first, then additions by append action."""
+    for name in removes:
+        hdrs.pop(name, None)
+    for m in adds:
+        if not m.value and not m.keep_empty_value:
+            continue
+        present = hdrs.get(m.name)
+        if m.action == "append":
+            if present:
+                if m.name in INLINE_HEADERS:
+                    present[0] = present[0] + "," + m.value
+                else:
+                    present.append(m.value)
+            else:
+                hdrs[m.name] = [m.value]
+        elif m.action == "add_if_absent":
+            if not present:
+                hdrs[m.name] = [m.value]
+        elif m.action == "overwrite_if_exists":
+            if present:
+                hdrs[m.name] = [m.value]
+        else:
+            hdrs[m.name] = [m.value]
+
+
+def headers_after_route(spec: Any, vh: Any, r: Any, entry: Any, hdrs: Dict[str, List[str]], full_path: str,
+                        path_rewrite: Optional[str], host_rewrite: Optional[str]) -> Tuple[Dict[str, List[str]], str]:
+    """The request headers as Envoy 1.40's router has them when it computes the hash: after
+    the weighted cluster's, route's, virtual host's and route configuration's header
+    mutations, host and path rewrites, and the router's own x-envoy-* headers."""
+    out = {k: list(v) for k, v in hdrs.items()}
+    if entry is not None:
+        _apply_mutations(out, entry.headers_to_add, entry.headers_to_remove)
+    levels = [(r.headers_to_add, r.headers_to_remove), (vh.headers_to_add, vh.headers_to_remove),
+              (spec.headers_to_add, spec.headers_to_remove)]
+    if spec.most_specific_header_mutations_wins:
+        levels.reverse()
+    for adds, removes in levels:
+        _apply_mutations(out, adds, removes)
+    if host_rewrite:
+        out[":authority"] = [host_rewrite]
+        out["host"] = out[":authority"]
+    path = full_path
+    if path_rewrite is not None and path_rewrite != full_path:
+        out["x-envoy-original-path"] = [full_path]
+        out[":path"] = [path_rewrite]
+        path = path_rewrite
+    timeout = r.timeout or 0.0
+    per_try = r.retry_policy.per_try_timeout if r.retry_policy is not None else None
+    expected = timeout
+    if per_try and (not timeout or per_try < timeout):
+        expected = per_try
+    if r.action in ("cluster", "weighted", "cluster_header") and expected and expected > 0:
+        out["x-envoy-expected-rq-timeout-ms"] = [str(int(round(expected * 1000)))]
+    return out, path
 
 
 def compute_hash(policies: Sequence[Any], hdrs: Dict[str, List[str]], full_path: str,
@@ -357,7 +476,7 @@ def compute_hash(policies: Sequence[Any], hdrs: Dict[str, List[str]], full_path:
                 vals = list(values)
                 if p.regex_rewrite is not None:
                     rx, sub = p.regex_rewrite
-                    vals = [rx.sub(sub, v) for v in vals]
+                    vals = [re2_global_replace(rx, sub, v) for v in vals]
                 vals.sort(key=lambda v: v.encode())
                 acc = 0
                 for v in vals:

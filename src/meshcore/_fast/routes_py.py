@@ -26,6 +26,7 @@ from .._routing import (
     ascii_lower,
     empty_forwarded_proto,
     compute_hash,
+    headers_after_route,
     header_values,
     is_grpc,
     normalise_headers,
@@ -443,6 +444,7 @@ def _result(
 ) -> RouteMatch:
     cluster: Optional[str] = None
     host_rewrite = r.host_rewrite_literal
+    chosen_entry = None
     if r.action == "cluster":
         cluster = r.cluster
     elif r.action == "cluster_header":
@@ -468,13 +470,19 @@ def _result(
                     cluster = values[0] if values else ""
                 if entry.host_rewrite_literal:
                     host_rewrite = entry.host_rewrite_literal
+                chosen_entry = entry
                 break
             begin = end
     path_rewrite = apply_rewrites(r, full_path, match_path)
     redirect = None
     if r.action == "redirect":
         redirect = redirect_location(r, full_path, match_path, authority or "", scheme, hdrs)
-    h = compute_hash(r.hash_policies, hdrs, full_path, source_ip) if r.hash_policies else None
+    h = None
+    if r.hash_policies:
+        # Envoy 1.40 hashes after the route's header mutations and rewrites.
+        final_headers, final_path = headers_after_route(spec, vh, r, chosen_entry, hdrs, full_path, path_rewrite,
+                                                        host_rewrite or None)
+        h = compute_hash(r.hash_policies, final_headers, final_path, source_ip)
     return RouteMatch(
         virtual_host=vh.name, route_name=r.name, cluster=cluster, direct_response=(
             (r.direct_response.status, r.direct_response.body) if r.direct_response else None),

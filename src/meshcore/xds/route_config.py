@@ -25,6 +25,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from .._route_model import (
     DirectResponseSpec,
     HashPolicySpec,
+    HeaderMutation,
     HeaderMatchSpec,
     QueryMatchSpec,
     RedirectSpec,
@@ -167,6 +168,26 @@ def _retry_policy(ctx: _Ctx, r: Any, where: str) -> RetryPolicy:
     )
 
 
+_APPEND_ACTIONS = {0: "append", 1: "add_if_absent", 2: "overwrite", 3: "overwrite_if_exists"}
+
+
+def _mutations(ctx: _Ctx, adds: Any, removes: Any, where: str) -> Tuple[Tuple[HeaderMutation, ...], Tuple[str, ...]]:
+    """request_headers_to_add / _to_remove. Values are literal (``%%`` is ``%``); Envoy's
+    formatter commands (``%DOWNSTREAM_REMOTE_ADDRESS%``...) are kept as written."""
+    out = []
+    for i, opt in enumerate(adds):
+        key = opt.header.key
+        if not key:
+            raise ctx.error(f"{where}.request_headers_to_add[{i}].header.key", "must not be empty")
+        value = opt.header.value if opt.header.value else opt.header.raw_value.decode("utf-8", "replace")
+        if opt.HasField("append"):
+            action = "append" if opt.append.value else "overwrite"
+        else:
+            action = _APPEND_ACTIONS.get(opt.append_action, "append")
+        out.append(HeaderMutation(ascii_lower(key), value.replace("%%", "%"), action, opt.keep_empty_value))
+    return tuple(out), tuple(ascii_lower(n) for n in removes)
+
+
 def _rewrite(ctx: _Ctx, rr: Any, where: str) -> Tuple[Any, str]:
     return (compile_regex(rr.pattern.regex, ctx.resource, where + ".pattern.regex"), rr.substitution)
 
@@ -244,6 +265,10 @@ def _route(ctx: _Ctx, r: Any, index: int, vh_where: str, vh_retry: Optional[Retr
         case_sensitive=mf["case_sensitive"].value if "case_sensitive" in mf else True,
         regex=regex, headers=headers, query=query, runtime_fraction=runtime, grpc="grpc" in mf,
     )
+    if "request_headers_to_add" in route_fields or "request_headers_to_remove" in route_fields:
+        fields["headers_to_add"], fields["headers_to_remove"] = _mutations(
+            ctx, route_fields.get("request_headers_to_add", ()), route_fields.get("request_headers_to_remove", ()),
+            where)
     if "route" in route_fields:
         _route_action(ctx, route_fields["route"], where + ".route", fields, vh_retry)
     elif "redirect" in route_fields:
@@ -294,7 +319,9 @@ def _route_action(ctx: _Ctx, a: Any, where: str, fields: Dict[str, Any], vh_retr
                 raise ctx.error(cw, "exactly one of name and cluster_header must be set")
             weight = c.weight.value if c.HasField("weight") else 0
             total += weight
-            entries.append(WeightedClusterSpec(c.name, ascii_lower(c.cluster_header), weight, c.host_rewrite_literal))
+            adds, removes = _mutations(ctx, c.request_headers_to_add, c.request_headers_to_remove, cw)
+            entries.append(WeightedClusterSpec(c.name, ascii_lower(c.cluster_header), weight, c.host_rewrite_literal,
+                                               adds, removes))
         if not entries:
             raise ctx.error(where + ".weighted_clusters.clusters", "must have at least 1 item")
         if total == 0:
@@ -393,14 +420,19 @@ def route_config_spec(route_configuration: Any) -> RouteConfigSpec:
         vh_retry = _retry_policy(ctx, vh.retry_policy, vh_where + ".retry_policy") \
             if vh.HasField("retry_policy") else None
         routes = tuple(_route(ctx, r, i, vh_where, vh_retry) for i, r in enumerate(vh.routes))
+        vh_adds, vh_removes = _mutations(ctx, vh.request_headers_to_add, vh.request_headers_to_remove, vh_where)
         vhosts.append(VirtualHostSpec(vh.name, tuple(domains), routes, _REQUIRE_TLS.get(vh.require_tls, "NONE"),
-                                      vh_retry))
+                                      vh_retry, vh_adds, vh_removes))
+    rc_adds, rc_removes = _mutations(ctx, rc.request_headers_to_add, rc.request_headers_to_remove, "")
     return RouteConfigSpec(
         name=rc.name,
         virtual_hosts=tuple(vhosts),
         ignore_port_in_host_matching=rc.ignore_port_in_host_matching,
         ignore_path_parameters_in_path_matching=rc.ignore_path_parameters_in_path_matching,
         vhost_header=ascii_lower(rc.vhost_header),
+        headers_to_add=rc_adds,
+        headers_to_remove=rc_removes,
+        most_specific_header_mutations_wins=rc.most_specific_header_mutations_wins,
     )
 
 
