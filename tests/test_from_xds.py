@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import copy
 import json
-import os
 import pathlib
 import random
 from typing import Any, Dict, Iterator, List, Optional, Tuple
