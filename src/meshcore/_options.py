@@ -67,10 +67,6 @@ class LbConfig:
     policy_code: int = 0
     choice_count: int = DEFAULT_CHOICE_COUNT
     active_request_bias: float = DEFAULT_ACTIVE_REQUEST_BIAS
-    #: Whether the bias was given explicitly. Newer Envoy (a post-1.40 runtime guard,
-    #: least_request_lb_active_request_bias_forces_weighted) then forces EDF selection even
-    #: with equal weights; real Envoy 1.40.0 does not, and neither does meshcore.
-    active_request_bias_set: bool = False
     minimum_ring_size: int = DEFAULT_MIN_RING
     maximum_ring_size: int = DEFAULT_MAX_RING
     table_size: int = DEFAULT_TABLE_SIZE
@@ -122,9 +118,10 @@ class LbConfig:
             if not isinstance(bias, (int, float)) or isinstance(bias, bool):
                 raise ConfigError(resource, "active_request_bias", f"must be a number, got {bias!r}")
             bias = float(bias)
-            # Envoy warns and uses 1.0 for negative or NaN values (least_request_lb.cc).
+            # Envoy warns and uses 1.0 for negative or NaN values (least_request_lb.cc). An
+            # explicit bias does not force EDF with equal weights in Envoy 1.40.0 (a later
+            # runtime guard does), and neither does meshcore.
             values["active_request_bias"] = 1.0 if (math.isnan(bias) or bias < 0.0) else bias
-            values["active_request_bias_set"] = True
         threshold = options.get("healthy_panic_threshold")
         if threshold is not None:
             if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):

@@ -213,4 +213,3 @@ class RouteConfigSpec:
     headers_to_add: Tuple[HeaderMutation, ...] = ()
     headers_to_remove: Tuple[str, ...] = ()
     most_specific_header_mutations_wins: bool = False
-    extra: Tuple[Any, ...] = ()

@@ -43,7 +43,7 @@ class _Table:
 
     __slots__ = (
         "layout", "index", "active", "carry", "healthy_load", "degraded_load", "panic",
-        "src_hosts", "src_edf", "src_rr", "loc_healthy", "loc_degraded",
+        "src_hosts", "src_edf", "src_rr", "loc_healthy", "loc_degraded", "edf_weight",
         "ring_hashes", "ring_hosts", "maglev",
     )
 
@@ -146,6 +146,7 @@ class LoadBalancer:
                 return weights[i] / in_flight
             return weights[i] / float(in_flight) ** bias
 
+        t.edf_weight = weight_of  # hostWeight(), made once per table (reads live counters)
         for key, hosts in groups.sources:
             t.src_hosts.append(hosts)
             t.src_rr.append(self._rr_slot(key) if code == _RR else -1)
@@ -216,7 +217,7 @@ class LoadBalancer:
             else:
                 edf = t.src_edf[sid]
                 if edf is not None:
-                    host = edf.pick_and_add(self._edf_weight_fn(t))
+                    host = edf.pick_and_add(t.edf_weight)
                 elif not hosts:
                     return None
                 elif code == _RR:
@@ -236,20 +237,9 @@ class LoadBalancer:
             return base  # AllHosts
         scheduler = (t.loc_degraded if degraded else t.loc_healthy)[p]
         if scheduler is not None:
-            weights = scheduler[1]
-            locality = scheduler[0].pick_and_add(weights.__getitem__)
+            locality = scheduler[0].pick_and_add(scheduler[1])
             return base + 3 + 2 * locality + (1 if degraded else 0)
         return base + (2 if degraded else 1)
-
-    def _edf_weight_fn(self, t: _Table):  # type: ignore[no-untyped-def]
-        weights = t.layout.weights
-        if self._config.policy_code != _LR or self._config.active_request_bias == 0.0:
-            return lambda i: float(weights[i])
-        bias = self._config.active_request_bias
-        active = t.active
-        if bias == 1.0:
-            return lambda i: weights[i] / (active[i] + 1)
-        return lambda i: weights[i] / float(active[i] + 1) ** bias
 
     def _p2c(self, t: _Table, hosts: List[int]) -> int:
         n = len(hosts)
@@ -359,7 +349,8 @@ def _locality_scheduler(weights: List[float], eligible: int, seed: int):  # type
     items = [i for i, w in enumerate(weights) if w > 0]
     if not items:
         return None
-    return (EdfScheduler.create_with_picks(items, weights.__getitem__, seed), weights)
+    weight_of = weights.__getitem__
+    return (EdfScheduler.create_with_picks(items, weight_of, seed), weight_of)
 
 
 def _ring(layout: "_build.Layout", host_weights: List[Tuple[int, float]], cfg: LbConfig) -> Tuple[List[int], List[int]]:

@@ -376,8 +376,6 @@ def _redirect(ctx: _Ctx, r: Any, where: str) -> RedirectSpec:
     path = r.path_redirect if path_which == "path_redirect" else ""
     prefix = (r.prefix_rewrite or None) if path_which == "prefix_rewrite" else None  # "": no rewrite
     regex = _rewrite(ctx, r.regex_rewrite, where + ".regex_rewrite") if path_which == "regex_rewrite" else None
-    if path and ("?" in path and r.strip_query):
-        pass
     return RedirectSpec(scheme=scheme, host=r.host_redirect, port=r.port_redirect, path=path,
                         prefix_rewrite=prefix, regex_rewrite=regex,
                         response_code=_REDIRECT_CODES.get(r.response_code, 301), strip_query=r.strip_query)
