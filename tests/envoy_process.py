@@ -285,6 +285,16 @@ class EnvoyProcess:
 # --------------------------------------------------------------------------------------------
 
 
+def close_sockets(socks: dict) -> None:
+    """Close a cache of client connections ``{key: (socket, buffer)}`` and empty it."""
+    for sock, _ in socks.values():
+        try:
+            sock.close()
+        except OSError:
+            pass
+    socks.clear()
+
+
 class ConnectionClosedEarly(Exception):
     """The peer closed the connection before sending any byte of the response."""
 

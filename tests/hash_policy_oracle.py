@@ -52,7 +52,7 @@ from typing import Any, Mapping
 import envoy_oracle
 from envoy_oracle import EndpointSpec, build_xds
 from envoy_process import ConnectionClosedEarly, EnvoyProcess, helper_reply, http_get, http_listener, parse_head
-from envoy_process import recv_some, socket_address, spawn_helper, tail, validate_config
+from envoy_process import close_sockets, recv_some, socket_address, spawn_helper, tail, validate_config
 from route_oracle import Request
 
 __all__ = ["Answer", "HashPolicyError", "HashPolicyConfigError", "HashPolicyOracle", "Send", "route_config"]
@@ -159,12 +159,7 @@ class HashPolicyOracle(EnvoyProcess):
     # -- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
-        for sock, _ in self._socks.values():
-            try:
-                sock.close()
-            except OSError:
-                pass
-        self._socks.clear()
+        close_sockets(self._socks)
         self._stop(self._servers)
         self._envoy = self._servers = None
 

@@ -546,12 +546,7 @@ class RouteOracle(EnvoyProcess):
         return super().start()
 
     def close(self) -> None:
-        for sock, _ in self._socks.values():
-            try:
-                sock.close()
-            except OSError:
-                pass
-        self._socks.clear()
+        envoy_process.close_sockets(self._socks)
         self._stop(self._echo)
         self._envoy = self._echo = None
 
