@@ -296,6 +296,7 @@ cdef class _Vhost:
     cdef int64_t* plen             # per route: UTF-8 byte length of the prefix (separated check)
     cdef uint8_t* is_static        # per route: the result does not depend on the request
     cdef list static               # per route: the shared RouteMatch, made on first use
+    cdef list no_header            # per route: _NoHeaderPlan (None for routes decided by the path)
     cdef tuple routes
     cdef object regex_set          # RE2 set of the regex routes (None: check them one by one)
     cdef int32_t* group_of         # per route: index in `groups` (a header dispatch run) or -1
@@ -351,6 +352,7 @@ cdef _Vhost _build_vhost(object vh):
                 lowered = ascii_lower(r.path_value).encode()
                 (ci_exact if exact else ci_prefix).append((lowered, i))
     v.static = [None] * n
+    v.no_header = [None if v.simple[i] else _no_header_plan(vh.routes[i]) for i in range(n)]
     v.cs = _build_trie(cs_prefix, cs_exact)
     v.ci = _build_trie(ci_prefix, ci_exact)
     v.regex_set = _py.regex_set([vh.routes[i].path_value for i in always])
@@ -539,7 +541,8 @@ cdef class RouteTable:
                 if not v.simple[ri]:
                     decided = 2
                     if not headers:  # no request headers: decide from the pseudo-headers alone
-                        decided = _conditions_without_headers(v.routes[ri], authority, full_path, method,
+                        decided = _conditions_without_headers(<_NoHeaderPlan>v.no_header[ri], authority,
+                                                              full_path, method,
                                                               scheme, rv)
                     if decided == 0:
                         continue
@@ -573,50 +576,89 @@ cdef class RouteTable:
                 PyMem_Free(cand.ids)
 
 
-cdef object _pseudo_value(str name, object authority, object full_path, object method, object scheme):
-    if name == ":authority" or name == "host":
-        return authority
-    if name == ":path":
-        return full_path
-    if name == ":method":
-        return method
-    if name == ":scheme" or name == "x-forwarded-proto":
-        return scheme
-    return None
+@cython.final
+cdef class _HeaderTest:
+    """A header matcher prepared for requests without headers (only pseudo-headers)."""
+    cdef int source          # 0 absent, 1 :authority/host, 2 :path, 3 :method, 4 :scheme/x-forwarded-proto
+    cdef int kind            # 0 present, 1 exact_any (legacy exact ""), 2 string matcher
+    cdef bint present
+    cdef bint invert
+    cdef bint missing_as_empty
+    cdef object string       # StringMatchSpec (kind 2)
 
 
-cdef int _conditions_without_headers(object r, object authority, object full_path, object method,
+_SOURCES = {":authority": 1, "host": 1, ":path": 2, ":method": 3, ":scheme": 4, "x-forwarded-proto": 4}
+
+
+@cython.final
+cdef class _NoHeaderPlan:
+    """Per route, built once: how to decide its runtime, gRPC and header conditions when the
+    request carries no headers. ``undecided``: query or range matchers (shared helpers)."""
+    cdef bint undecided
+    cdef uint64_t rt_num
+    cdef uint64_t rt_den     # 0: no runtime_fraction
+    cdef bint grpc
+    cdef list tests          # _HeaderTest per header matcher, in order
+
+
+cdef _NoHeaderPlan _no_header_plan(object r):
+    cdef _NoHeaderPlan plan = _NoHeaderPlan()
+    cdef _HeaderTest t
+    plan.undecided = bool(r.query) or any(h.kind == "range" for h in r.headers)
+    if r.runtime_fraction is not None:
+        plan.rt_num, plan.rt_den = r.runtime_fraction
+    plan.grpc = r.grpc
+    plan.tests = []
+    for h in r.headers:
+        t = _HeaderTest()
+        t.source = _SOURCES.get(h.name, 0)
+        t.kind = {"present": 0, "exact_any": 1}.get(h.kind, 2)
+        t.present = h.present
+        t.invert = h.invert
+        t.missing_as_empty = h.treat_missing_as_empty
+        t.string = h.string
+        plan.tests.append(t)
+    return plan
+
+
+cdef int _conditions_without_headers(_NoHeaderPlan plan, object authority, object full_path, object method,
                                      object scheme, uint64_t rv) except -1:
     """Runtime fraction, gRPC and header matchers of a request that carries no headers beyond
     the pseudo-headers: 1 matches, 0 does not, 2 undecided here (use the shared helpers)."""
-    if r.query:
+    cdef _HeaderTest t
+    cdef bint matched
+    if plan.undecided:
         return 2
-    rf = r.runtime_fraction
-    if rf is not None:
-        if not (rv % <uint64_t>rf[1]) < <uint64_t>rf[0]:
-            return 0
-    if r.grpc:
+    if plan.rt_den and not (rv % plan.rt_den) < plan.rt_num:
+        return 0
+    if plan.grpc:
         return 0  # no content-type header: not a gRPC request
-    for h in r.headers:
-        value = _pseudo_value(h.name, authority, full_path, method, scheme)
+    for t in plan.tests:
+        if t.source == 1:
+            value = authority
+        elif t.source == 2:
+            value = full_path
+        elif t.source == 3:
+            value = method
+        elif t.source == 4:
+            value = scheme
+        else:
+            value = None
         if value is None:
-            if not h.treat_missing_as_empty:
-                if h.kind == "present":
-                    if not (h.present if h.invert else not h.present):
+            if not t.missing_as_empty:
+                if t.kind == 0:
+                    if not (t.present if t.invert else not t.present):
                         return 0
                     continue
                 return 0
             value = ""
-        kind = h.kind
-        if kind == "present":
-            matched = h.present
-        elif kind == "exact_any":
+        if t.kind == 0:
+            matched = t.present
+        elif t.kind == 1:
             matched = True
-        elif kind == "range":
-            return 2
         else:
-            matched = h.string.matches(value)
-        if bool(matched) == bool(h.invert):
+            matched = t.string.matches(value)
+        if matched == t.invert:
             return 0
     return 1
 
