@@ -30,7 +30,7 @@ def _pick_batch(pick, hashes):
 
 
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("policy", ["ROUND_ROBIN", "ROUND_ROBIN_WEIGHTED", "LEAST_REQUEST", "RANDOM",
+@pytest.mark.parametrize("policy", ["ROUND_ROBIN", "ROUND_ROBIN_WEIGHTED", "LEAST_REQUEST", "LEAST_REQUEST_WEIGHTED", "RANDOM",
                                     "RING_HASH", "MAGLEV"])
 def test_pick(benchmark, LB, policy, n):
     weighted = policy.endswith("_WEIGHTED")
