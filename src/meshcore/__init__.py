@@ -8,7 +8,7 @@ from ._fast import IMPLEMENTATION, LoadBalancer, RouteTable, xxh64
 from ._routing import RouteMatch
 from ._model import Endpoint, HealthStatus, Locality
 from ._options import POLICIES, LbConfig
-from .errors import ConfigError
+from .errors import ConfigError, MeshError, NoRoute, Unavailable
 
 __version__ = "0.1.0"
 
@@ -21,10 +21,32 @@ __all__ = [
     "LbConfig",
     "LoadBalancer",
     "Locality",
+    "Mesh",
+    "MeshError",
+    "NoRoute",
+    "Pick",
     "RouteMatch",
     "RouteTable",
+    "Unavailable",
     "__version__",
     "xxh64",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+_LAZY = {"Mesh": "mesh", "Pick": "mesh"}  # the xDS layer imports grpc: loaded on first use
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(__all__))

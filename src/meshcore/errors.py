@@ -15,3 +15,24 @@ class ConfigError(ValueError):
         self.field = field
         self.reason = reason
         super().__init__(f"{resource}: field {field}: {reason}")
+
+
+class MeshError(Exception):
+    """A request cannot be routed or balanced (the data plane's answer, not a config error)."""
+
+
+class Unavailable(MeshError):
+    """No usable configuration or endpoint (Envoy/gRPC: 503 / UNAVAILABLE).
+
+    The message names the target, what is missing and the xDS node id, so it can be acted on
+    from a log line alone.
+    """
+
+
+class NoRoute(MeshError):
+    """No virtual host or route matches the request (Envoy: 404, response flag NR)."""
+
+    def __init__(self, target: str, path: str, detail: str = "") -> None:
+        self.target = target
+        self.path = path
+        super().__init__(f"no route for {target}{path}" + (f": {detail}" if detail else ""))

@@ -1,0 +1,220 @@
+"""``Mesh``: the façade a service uses. xDS (or a file) in, one routing decision per request out.
+
+::
+
+    mesh = meshcore.Mesh()                  # bootstrap from GRPC_XDS_BOOTSTRAP(_CONFIG)
+    mesh.start()
+    mesh.wait_ready("reviews.default.svc.cluster.local:9080", timeout=10)
+    p = mesh.pick("reviews.default.svc.cluster.local:9080", "/api/x", method="GET")
+    ...  # send the request to p.endpoint.address:p.endpoint.port
+    p.done()
+
+``pick`` reads the published configuration (one dict lookup: a complete, consistent
+snapshot), matches the route (compiled route table), then picks an endpoint from the chosen
+cluster's balancer. The returned :class:`Pick` holds the balancer it came from, so ``done``
+releases the in-flight count there even if the configuration has changed since.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import grpc
+
+from ._model import Endpoint
+from ._routing import RouteMatch
+from .errors import NoRoute, Unavailable
+from .xds.csds import add_csds_servicer, client_config, config_dump
+from .xds.snapshot import AggregateBalancer, TargetConfig
+
+__all__ = ["Mesh", "Pick"]
+
+log = logging.getLogger(__name__)
+
+BootstrapArg = Union[None, str, "os.PathLike[str]", Mapping[str, Any]]
+
+
+class Pick:
+    """One routing decision: where to send a request, and how (timeout, retries).
+
+    ``endpoint`` is ``None`` for direct responses and redirects (``route`` says which).
+    Call :meth:`done` once the request finished (also a context manager); calling it again is
+    harmless.
+    """
+
+    __slots__ = ("target", "cluster", "endpoint", "route_name", "timeout", "retry_policy", "route", "_lb")
+
+    def __init__(self, target: str, route: RouteMatch, cluster: Optional[str], endpoint: Optional[Endpoint],
+                 lb: Any) -> None:
+        self.target = target
+        self.route = route
+        self.cluster = cluster
+        self.endpoint = endpoint
+        self.route_name = route.route_name
+        self.timeout = route.timeout
+        self.retry_policy = route.retry_policy
+        self._lb = lb
+
+    def done(self) -> None:
+        lb = self._lb
+        if lb is not None:
+            self._lb = None
+            lb.release(self.endpoint)
+
+    def __enter__(self) -> "Pick":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done()
+
+    def __repr__(self) -> str:
+        return (f"Pick({self.target!r} route={self.route_name!r} cluster={self.cluster!r} "
+                f"endpoint={self.endpoint.key if self.endpoint is not None else None})")
+
+
+class Mesh:
+    """A proxyless mesh member: an xDS subscription (or a resource file) and the pick API."""
+
+    def __init__(self, bootstrap: BootstrapArg = None, *, delta: Optional[bool] = None,
+                 resource_timeout: float = 15.0, seed: Optional[int] = None, backoff: Any = None) -> None:
+        from .xds.bootstrap import Bootstrap
+        from .xds.client import XdsClient
+        from .xds.publisher import ConfigPublisher
+
+        self.bootstrap = bootstrap if isinstance(bootstrap, Bootstrap) else Bootstrap.load(bootstrap)
+        self._source: Any = XdsClient(self.bootstrap, self._on_update, delta=delta,
+                                      resource_timeout=resource_timeout, backoff=backoff)
+        self._publisher = ConfigPublisher(self._source, self.bootstrap.listener_name, seed)
+        self._started = False
+        self._csds_server: Optional[grpc.Server] = None
+
+    @classmethod
+    def from_file(cls, path: Union[str, "os.PathLike[str]"], *, watch: bool = True, poll_interval: float = 1.0,
+                  seed: Optional[int] = None) -> "Mesh":
+        """A mesh fed by a resource file (no control plane); the file is re-read when it changes.
+        Targets name Listener resources directly."""
+        from .xds.file_source import FileSource
+        from .xds.publisher import ConfigPublisher
+
+        self = cls.__new__(cls)
+        self.bootstrap = None
+        self._source = FileSource(os.fspath(path), None, watch=watch, poll_interval=poll_interval)
+        self._source._on_update = self._on_update
+        self._publisher = ConfigPublisher(self._source, lambda target: target, seed)
+        self._started = False
+        self._csds_server = None
+        return self
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> "Mesh":
+        if not self._started:
+            self._started = True
+            self._source.start()
+        return self
+
+    def close(self) -> None:
+        if self._csds_server is not None:
+            self._csds_server.stop(0)
+            self._csds_server = None
+        self._source.close()
+
+    def __enter__(self) -> "Mesh":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _on_update(self, changed: Any) -> None:
+        self._publisher.on_update(changed)
+
+    @property
+    def node_id(self) -> str:
+        return self._source.node.id
+
+    # -- targets -----------------------------------------------------------------------------------
+
+    def watch(self, target: str) -> None:
+        """Start fetching the configuration of ``target`` (``pick`` and ``wait_ready`` do this too)."""
+        self._publisher.add_target(target)
+
+    def wait_ready(self, target: str, timeout: float = 10.0) -> None:
+        """Block until ``target`` can be picked from; raise :class:`Unavailable` after ``timeout``."""
+        self.start()
+        self._publisher.add_target(target)
+        cfg = self._publisher.wait_for(target, timeout)
+        if cfg is None or cfg.error is not None:
+            raise Unavailable(self._why(target, cfg))
+
+    def _why(self, target: str, cfg: Optional[TargetConfig]) -> str:
+        if cfg is not None and cfg.error:
+            reason = cfg.error
+        else:
+            missing = self._publisher.missing.get(target) or ["the listener"]
+            reason = "waiting for " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        ambient = getattr(self._source, "ambient_error", None)
+        if ambient:
+            reason += f"; {ambient}"
+        return f"{target}: {reason} (xDS node {self.node_id!r})"
+
+    # -- the hot path ------------------------------------------------------------------------------
+
+    def pick(self, target: str, path: str = "/", method: str = "GET", headers: Any = None, *,
+             scheme: str = "http", source_ip: Optional[str] = None) -> Pick:
+        """Route and balance one request to ``target`` (``host:port``, the listener name)."""
+        cfg = self._publisher.published.get(target)
+        if cfg is None or cfg.error is not None:
+            if cfg is None:
+                self._publisher.add_target(target)
+            raise Unavailable(self._why(target, cfg))
+        m = cfg.route_table.match(target, path, headers, method, scheme, None, source_ip)  # type: ignore[union-attr]
+        if m is None:
+            raise NoRoute(target, path)
+        cname = m.cluster
+        if cname is None:  # direct response or redirect
+            return Pick(target, m, None, None, None)
+        rt = cfg.clusters.get(cname)
+        if rt is None:
+            raise Unavailable(f"{target}{path}: cluster {cname!r} not found "
+                              f"(route {m.route_name!r} -> {m.cluster_not_found_response_code})")
+        lb = rt.lb
+        if lb is None:
+            raise Unavailable(f"{target}{path}: {rt.error} (xDS node {self.node_id!r})")
+        if type(lb) is AggregateBalancer:
+            ep, lb = lb.choose(m.hash)
+        else:
+            ep = lb.pick(m.hash)
+        if ep is None:
+            raise Unavailable(f"{target}{path}: no healthy upstream in cluster {cname!r}")
+        return Pick(target, m, cname, ep, lb)
+
+    # -- introspection -----------------------------------------------------------------------------
+
+    def config(self, target: str) -> Optional[TargetConfig]:
+        """The configuration currently published for ``target`` (``None``: not yet)."""
+        return self._publisher.published.get(target)
+
+    def _client_configs(self, include_resources: bool = True) -> List[Any]:
+        static = self.bootstrap is None
+        return [client_config(self._source.entries(), self._source.node, "", static, include_resources)]
+
+    def config_dump(self, include_resources: bool = True) -> Dict[str, Any]:
+        """The client's resources, shaped like CSDS's ``ClientConfig`` (proto3 JSON, snake_case):
+        per resource its name, version, status (ACKED/NACKED/REQUESTED/DOES_NOT_EXIST), last
+        update, the resource as received and the last error."""
+        return config_dump(self._client_configs(include_resources)[0])
+
+    def serve_csds(self, address: str = "127.0.0.1:0") -> int:
+        """Serve the ClientStatusDiscoveryService (``grpcdebug <addr> xds status``); returns the port."""
+        from concurrent import futures
+
+        if self._csds_server is None:
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            add_csds_servicer(server, self._client_configs)
+            port = server.add_insecure_port(address)
+            server.start()
+            self._csds_server = server
+            self._csds_port = port
+        return self._csds_port

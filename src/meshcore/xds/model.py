@@ -1,0 +1,169 @@
+"""Protobuf-free models of the xDS resources meshcore acts on (Listener, Cluster, ClusterLoadAssignment).
+
+The decoders (``listener_config.listener_spec``, ``cluster_config.cluster_spec``,
+``endpoint_config.endpoints_spec``) validate a resource and return one of these immutable
+values; RouteConfigurations become :class:`~meshcore._route_model.RouteConfigSpec`
+(``route_config.route_config_spec``). The snapshot builder and the data plane only ever see
+these models, never protobuf messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+from .._model import Endpoint
+from .._route_model import RouteConfigSpec
+
+__all__ = [
+    "LISTENER", "ROUTE", "CLUSTER", "ENDPOINT", "TYPE_URLS", "SHORT_NAMES",
+    "FaultSpec", "HttpFilterSpec", "ListenerSpec",
+    "CircuitBreakers", "OutlierDetectionSpec", "UpstreamTlsSpec", "ClusterSpec", "EndpointsSpec",
+]
+
+_PREFIX = "type.googleapis.com/"
+LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
+ROUTE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
+CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"
+ENDPOINT = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+#: The four resource types, in the order a proxyless client walks them (LDS -> RDS -> CDS -> EDS).
+TYPE_URLS: Tuple[str, ...] = (LISTENER, ROUTE, CLUSTER, ENDPOINT)
+#: Short names used in logs, CLI output and resource files.
+SHORT_NAMES = {LISTENER: "LDS", ROUTE: "RDS", CLUSTER: "CDS", ENDPOINT: "EDS"}
+
+
+# -- Listener ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FaultSpec:
+    """``envoy.extensions.filters.http.fault.v3.HTTPFault`` (what a client can apply).
+
+    Percentages are per million (``FractionalPercent`` scaled). ``None`` means "not configured".
+    """
+
+    delay_per_million: int = 0
+    fixed_delay: Optional[float] = None  # seconds
+    abort_per_million: int = 0
+    abort_http_status: Optional[int] = None
+    abort_grpc_status: Optional[int] = None
+    max_active_faults: Optional[int] = None
+    # header-controlled faults (x-envoy-fault-*) are enabled by ``header_delay``/``header_abort``
+    header_delay: bool = False
+    header_abort: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HttpFilterSpec:
+    name: str
+    type_name: str  # full proto message name of the typed config ("" when none)
+    config: Any = None  # FaultSpec for the fault filter; None for the router and ignored filters
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    """A client-side (API) listener: an HttpConnectionManager with RDS or an inline route config."""
+
+    name: str
+    route_config_name: Optional[str]  # RDS resource name; None when the route config is inline
+    inline_route_config: Optional[RouteConfigSpec]
+    http_filters: Tuple[HttpFilterSpec, ...] = ()
+    max_stream_duration: Optional[float] = None  # HCM common_http_protocol_options, seconds
+    address: Optional[str] = None  # "ip:port" when the listener also has a socket address (Istio)
+
+
+# -- Cluster ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakers:
+    """``circuit_breakers.thresholds`` for priority DEFAULT (Envoy defaults)."""
+
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+    # retry_budget: (budget_percent, min_retry_concurrency) or None
+    retry_budget: Optional[Tuple[float, int]] = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetectionSpec:
+    """``config.cluster.v3.OutlierDetection`` with Envoy's defaults (times in seconds, percents 0..100)."""
+
+    consecutive_5xx: int = 5
+    consecutive_gateway_failure: int = 5
+    consecutive_local_origin_failure: int = 5
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_time_jitter: float = 0.0
+    max_ejection_percent: int = 10
+    enforcing_consecutive_5xx: int = 100
+    enforcing_consecutive_gateway_failure: int = 0
+    enforcing_consecutive_local_origin_failure: int = 100
+    enforcing_success_rate: int = 100
+    enforcing_local_origin_success_rate: int = 100
+    enforcing_failure_percentage: int = 0
+    enforcing_failure_percentage_local_origin: int = 0
+    success_rate_minimum_hosts: int = 5
+    success_rate_request_volume: int = 100
+    success_rate_stdev_factor: int = 1900
+    failure_percentage_threshold: int = 85
+    failure_percentage_minimum_hosts: int = 5
+    failure_percentage_request_volume: int = 50
+    split_external_local_origin_errors: bool = False
+    successful_active_health_check_uneject_host: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTlsSpec:
+    """``envoy.transport_sockets.tls`` UpstreamTlsContext, reduced to what a client channel needs."""
+
+    sni: str = ""
+    certificate_provider_instance: str = ""  # bootstrap certificate_providers key for the identity
+    ca_provider_instance: str = ""  # bootstrap certificate_providers key for the roots
+    match_subject_alt_names: Tuple[str, ...] = ()  # exact SAN values (Istio: SPIFFE ids)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """One validated ``config.cluster.v3.Cluster``.
+
+    ``kind`` is ``"EDS"``, ``"STATIC"``, ``"STRICT_DNS"``, ``"LOGICAL_DNS"`` or ``"AGGREGATE"``.
+    ``eds_service_name`` is the ClusterLoadAssignment name to subscribe to (EDS only:
+    ``eds_cluster_config.service_name`` or else the cluster name). ``policy``/``lb_options`` are
+    the ``LoadBalancer`` arguments from the cluster alone; ``endpoints``/``endpoint_options``
+    come from an inline ``load_assignment`` (non-EDS kinds; ``None`` for EDS and aggregate).
+    ``aggregate_clusters`` is the ordered child list of an aggregate cluster.
+    ``lb_options`` and ``endpoint_options`` are tuples of ``(name, value)`` pairs, sorted, so
+    the spec is hashable and two specs with the same options compare equal.
+    """
+
+    name: str
+    kind: str
+    eds_service_name: str = ""
+    policy: str = "ROUND_ROBIN"
+    lb_options: Tuple[Tuple[str, Any], ...] = ()
+    endpoints: Optional[Tuple[Endpoint, ...]] = None
+    endpoint_options: Tuple[Tuple[str, Any], ...] = ()
+    aggregate_clusters: Tuple[str, ...] = ()
+    connect_timeout: float = 5.0
+    circuit_breakers: CircuitBreakers = field(default_factory=CircuitBreakers)
+    outlier_detection: Optional[OutlierDetectionSpec] = None
+    tls: Optional[UpstreamTlsSpec] = None
+    http2: bool = False  # typed_extension_protocol_options asks for HTTP/2 upstream
+    alt_stat_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointsSpec:
+    """One validated ``config.endpoint.v3.ClusterLoadAssignment``.
+
+    ``endpoint_options`` are the ``LoadBalancer`` options the assignment sets
+    (``overprovisioning_factor``, ``weighted_priority_health``), sorted ``(name, value)`` pairs.
+    """
+
+    name: str  # the assignment's cluster_name (the EDS resource name)
+    endpoints: Tuple[Endpoint, ...]
+    endpoint_options: Tuple[Tuple[str, Any], ...] = ()

@@ -1,0 +1,366 @@
+"""Dependency tracking and make-before-break publishing (gRPC A74, Envoy's warming).
+
+For every target the publisher walks Listener -> RouteConfiguration -> Clusters (aggregate
+clusters expanded, depth <= 16) -> ClusterLoadAssignments, subscribes to what the walk needs
+and unsubscribes from what nothing needs any more. A target's new :class:`TargetConfig` is
+published only when its whole chain is known; until then the previous one keeps serving.
+Problems of one cluster (does not exist, rejected with no last good value) stay local to
+that cluster; a missing listener or route configuration fails the target.
+
+Publishing replaces ``published`` (a dict target -> TargetConfig) with a new dict: one
+reference store, so a reader sees the old or the new configuration, never a mix.
+
+The EDS fast path: an assignment change for clusters that are already published is applied
+with ``LoadBalancer.update`` on their balancers (each swaps its own table and keeps the
+in-flight counts of surviving endpoints) with no walk over the rest of the mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+from .._fast import RouteTable
+from .._route_model import RouteConfigSpec
+from .cache import DOES_NOT_EXIST, NACKED
+from .model import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_URLS, ClusterSpec, EndpointsSpec
+from .snapshot import AggregateBalancer, ClusterRuntime, TargetConfig, build_balancer, lb_arguments
+
+__all__ = ["ConfigPublisher", "referenced_clusters"]
+
+log = logging.getLogger(__name__)
+
+_MAX_AGGREGATE_DEPTH = 16
+Key = Tuple[str, str]
+
+
+def referenced_clusters(spec: RouteConfigSpec) -> List[str]:
+    """Cluster names a route configuration can send to (``cluster_header`` ones are dynamic)."""
+    seen: Dict[str, None] = {}
+    for vh in spec.virtual_hosts:
+        for r in vh.routes:
+            if r.action == "cluster" and r.cluster:
+                seen[r.cluster] = None
+            elif r.action == "weighted":
+                for w in r.weighted:
+                    if w.name:
+                        seen[w.name] = None
+    return list(seen)
+
+
+class _Walk:
+    """The state of one rebuild: what is wanted, the runtimes built, what is still missing."""
+
+    def __init__(self) -> None:
+        self.wanted: Dict[str, Set[str]] = {t: set() for t in TYPE_URLS}
+        self.runtimes: Dict[str, Optional[ClusterRuntime]] = {}
+        self.missing: List[str] = []
+
+
+class ConfigPublisher:
+    """Builds and publishes :class:`TargetConfig` objects from a resource source.
+
+    The source is an :class:`~meshcore.xds.client.XdsClient` or a file source: anything with
+    ``watch``, ``unwatch`` and ``entry``. Call :meth:`on_update` with the changed keys.
+    """
+
+    def __init__(self, source: Any, listener_name: Callable[[str], str], seed: Optional[int] = None) -> None:
+        self.source = source
+        self._listener_name = listener_name
+        self._seed = seed
+        self._cond = threading.Condition(threading.RLock())
+        self._targets: Dict[str, str] = {}  # target -> listener resource name
+        #: target -> the configuration picks use (replaced as a whole on every publication)
+        self.published: Dict[str, TargetConfig] = {}
+        self._runtimes: Dict[str, ClusterRuntime] = {}  # cluster name -> runtime in use
+        self._tables: Dict[str, Tuple[RouteConfigSpec, RouteTable, List[str]]] = {}
+        self._eds_users: Dict[str, List[ClusterRuntime]] = {}  # EDS name -> published leaf runtimes
+        self._parents: Dict[str, List[ClusterRuntime]] = {}  # leaf name -> aggregate runtimes using it
+        self._wanted: Dict[str, Set[str]] = {t: set() for t in TYPE_URLS}
+        self.version = 0  # publication counter
+        self.missing: Dict[str, List[str]] = {}  # target -> what its pending configuration waits for
+        self.last_publish: Optional[float] = None
+        self.eds_fast_updates = 0
+        self.rebuilds = 0
+
+    # -- targets ---------------------------------------------------------------------------------
+
+    def add_target(self, target: str) -> None:
+        with self._cond:
+            if target in self._targets:
+                return
+            self._targets[target] = self._listener_name(target)
+            self._rebuild()
+
+    def targets(self) -> Dict[str, str]:
+        with self._cond:
+            return dict(self._targets)
+
+    def wait_for(self, target: str, timeout: float) -> Optional[TargetConfig]:
+        """Block until ``target`` has a published configuration (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                cfg = self.published.get(target)
+                if cfg is not None and cfg.error is None:
+                    return cfg
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return cfg
+                self._cond.wait(remaining)
+
+    # -- updates ---------------------------------------------------------------------------------
+
+    def on_update(self, changed: Set[Key]) -> None:
+        with self._cond:
+            if changed and all(t == ENDPOINT for t, _ in changed) and self._eds_fast_path(changed):
+                self.eds_fast_updates += 1
+                self._cond.notify_all()
+                return
+            self._rebuild()
+
+    def _eds_fast_path(self, changed: Set[Key]) -> bool:
+        plans: List[Tuple[ClusterRuntime, EndpointsSpec]] = []
+        for _, name in changed:
+            users = self._eds_users.get(name)
+            if not users:
+                return False  # a cluster waits for this assignment: walk
+            eds = self._eds_spec(name)
+            if eds is None:
+                return False
+            for rt in users:
+                if rt.eds_spec is eds:
+                    continue
+                _, options = lb_arguments(rt.spec, eds)  # type: ignore[arg-type]
+                if options != rt.options:
+                    return False  # e.g. a new overprovisioning factor: rebuild that balancer
+                plans.append((rt, eds))
+        aggregates: Dict[int, AggregateBalancer] = {}
+        for rt, eds in plans:
+            rt.lb.update(eds.endpoints)
+            rt.eds_spec = eds
+            for parent in self._parents.get(rt.name, ()):
+                aggregates[id(parent.lb)] = parent.lb
+        for agg in aggregates.values():
+            agg.refresh()
+        return True
+
+    def _eds_spec(self, name: str) -> Optional[EndpointsSpec]:
+        e = self.source.entry(ENDPOINT, name)
+        if e is None:
+            return None
+        if e.has_value:
+            return e.spec
+        if e.status in (DOES_NOT_EXIST, NACKED):
+            return EndpointsSpec(name, ())
+        return None
+
+    # -- the walk --------------------------------------------------------------------------------
+
+    def _need(self, walk: _Walk, type_url: str, name: str) -> Any:
+        walk.wanted[type_url].add(name)
+        if name not in self._wanted[type_url]:
+            self._wanted[type_url].add(name)
+            self.source.watch(type_url, name)
+        return self.source.entry(type_url, name)
+
+    def _rebuild(self) -> None:
+        self.rebuilds += 1
+        walk = _Walk()
+        published: Dict[str, TargetConfig] = {}
+        changed = False
+        for target, lname in self._targets.items():
+            walk.missing = []
+            cfg = self._build_target(walk, target, lname)
+            old = self.published.get(target)
+            if cfg is None:
+                self.missing[target] = walk.missing
+                if old is not None:
+                    published[target] = old
+                    self._keep(walk, old)
+                continue
+            self.missing.pop(target, None)
+            if old is not None and _same(old, cfg):
+                published[target] = old
+                continue
+            self.version += 1
+            cfg.version = self.version
+            published[target] = cfg
+            changed = True
+        # Runtimes of everything published (new or kept) stay current; the rest is dropped.
+        runtimes: Dict[str, ClusterRuntime] = {}
+        for cfg in published.values():
+            for rt in cfg.clusters.values():
+                _collect(rt, runtimes)
+        self._runtimes = runtimes
+        self._index(runtimes)
+        if changed or published.keys() != self.published.keys():
+            self.published = published
+            self.last_publish = time.time()
+            log.debug("published configuration %d (%d targets)", self.version, len(published))
+        for t in TYPE_URLS:
+            for name in self._wanted[t] - walk.wanted[t]:
+                self.source.unwatch(t, name)
+            self._wanted[t] = walk.wanted[t]
+        self._cond.notify_all()
+
+    def _keep(self, walk: _Walk, cfg: TargetConfig) -> None:
+        """Keep watching what a still-published configuration uses."""
+        if cfg.listener is not None:
+            walk.wanted[LISTENER].add(self._targets[cfg.target])
+            if cfg.listener.route_config_name:
+                walk.wanted[ROUTE].add(cfg.listener.route_config_name)
+        stack = list(cfg.clusters.values())
+        while stack:
+            rt = stack.pop()
+            walk.wanted[CLUSTER].add(rt.name)
+            if rt.spec is not None and rt.spec.kind == "EDS":
+                walk.wanted[ENDPOINT].add(rt.spec.eds_service_name)
+            stack.extend(rt.children)
+
+    def _index(self, runtimes: Dict[str, ClusterRuntime]) -> None:
+        eds_users: Dict[str, List[ClusterRuntime]] = {}
+        parents: Dict[str, List[ClusterRuntime]] = {}
+        for rt in runtimes.values():
+            if rt.spec is not None and rt.spec.kind == "EDS" and rt.lb is not None:
+                eds_users.setdefault(rt.spec.eds_service_name, []).append(rt)
+            for child in rt.children:
+                parents.setdefault(child.name, []).append(rt)
+        self._eds_users = eds_users
+        self._parents = parents
+
+    def _build_target(self, walk: _Walk, target: str, lname: str) -> Optional[TargetConfig]:
+        le = self._need(walk, LISTENER, lname)
+        if le is None or not le.has_value:
+            if le is not None and le.status in (DOES_NOT_EXIST, NACKED):
+                why = le.error if le.status == NACKED else "does not exist"
+                return TargetConfig(target, None, None, {}, 0, f"Listener {lname!r}: {why}")
+            walk.missing.append(f"Listener {lname!r}")
+            return None
+        lspec = le.spec
+        if lspec.inline_route_config is not None:
+            rspec, rkey = lspec.inline_route_config, "\0inline:" + lname
+        else:
+            rname = lspec.route_config_name or ""
+            re = self._need(walk, ROUTE, rname)
+            if re is None or not re.has_value:
+                if re is not None and re.status in (DOES_NOT_EXIST, NACKED):
+                    why = re.error if re.status == NACKED else "does not exist"
+                    return TargetConfig(target, lspec, None, {}, 0, f"RouteConfiguration {rname!r}: {why}")
+                walk.missing.append(f"RouteConfiguration {rname!r}")
+                return None
+            rspec, rkey = re.spec, rname
+        cached = self._tables.get(rkey)
+        if cached is None or cached[0] is not rspec:
+            cached = (rspec, RouteTable(rspec), referenced_clusters(rspec))
+            self._tables[rkey] = cached
+        _, table, names = cached
+        clusters: Dict[str, ClusterRuntime] = {}
+        complete = True
+        for cname in names:
+            rt = self._cluster(walk, cname, 0)
+            if rt is None:
+                complete = False
+            else:
+                clusters[cname] = rt
+        if not complete:
+            return None
+        return TargetConfig(target, lspec, table, clusters, 0)
+
+    def _cluster(self, walk: _Walk, name: str, depth: int) -> Optional[ClusterRuntime]:
+        if name in walk.runtimes:
+            return walk.runtimes[name]
+        walk.runtimes[name] = None  # in progress (a loop reads as incomplete, then as an error)
+        rt = self._make_cluster(walk, name, depth)
+        walk.runtimes[name] = rt
+        return rt
+
+    def _make_cluster(self, walk: _Walk, name: str, depth: int) -> Optional[ClusterRuntime]:
+        ce = self._need(walk, CLUSTER, name)
+        old = self._runtimes.get(name)
+        if ce is None or not ce.has_value:
+            if ce is not None and ce.status in (DOES_NOT_EXIST, NACKED):
+                why = ce.error if ce.status == NACKED else "does not exist"
+                if old is not None and old.spec is None and old.error == why:
+                    return old
+                return ClusterRuntime(name, None, error=f"Cluster {name!r}: {why}")
+            walk.missing.append(f"Cluster {name!r}")
+            return None
+        spec: ClusterSpec = ce.spec
+        if spec.kind == "AGGREGATE":
+            return self._aggregate(walk, name, spec, old, depth)
+        eds: Optional[EndpointsSpec] = None
+        if spec.kind == "EDS":
+            if not spec.eds_service_name:
+                return ClusterRuntime(name, spec, error=f"Cluster {name!r}: no EDS service name")
+            self._need(walk, ENDPOINT, spec.eds_service_name)
+            eds = self._eds_spec(spec.eds_service_name)
+            if eds is None:
+                walk.missing.append(f"ClusterLoadAssignment {spec.eds_service_name!r}")
+                return None
+        if old is not None and old.spec is spec and old.lb is not None and not old.children:
+            if old.eds_spec is eds:
+                return old
+            _, options = lb_arguments(spec, eds)
+            if options == old.options and eds is not None:
+                old.lb.update(eds.endpoints)  # in place: keeps in-flight counts
+                old.eds_spec = eds
+                return old
+        try:
+            lb, options = build_balancer(spec, eds, self._seed)
+        except Exception as e:  # invalid option combination (cluster x assignment)
+            log.warning("cluster %r: %s", name, e)
+            return ClusterRuntime(name, spec, eds_spec=eds, error=f"Cluster {name!r}: {e}")
+        self._carry_ejections(old, lb)
+        return ClusterRuntime(name, spec, lb, options, eds)
+
+    @staticmethod
+    def _carry_ejections(old: Optional[ClusterRuntime], lb: Any) -> None:
+        if old is None or old.lb is None or isinstance(old.lb, AggregateBalancer):
+            return
+        for ep in lb.endpoints:
+            if old.lb.is_ejected(ep):
+                lb.set_ejected(ep, True)
+
+    def _aggregate(self, walk: _Walk, name: str, spec: ClusterSpec, old: Optional[ClusterRuntime],
+                   depth: int) -> Optional[ClusterRuntime]:
+        if depth >= _MAX_AGGREGATE_DEPTH:
+            return ClusterRuntime(name, spec, error=f"Cluster {name!r}: aggregate clusters nested too deep")
+        leaves: List[ClusterRuntime] = []
+        complete = True
+        for child in spec.aggregate_clusters:
+            if walk.runtimes.get(child, 0) is None and child in walk.runtimes:
+                return ClusterRuntime(name, spec, error=f"Cluster {name!r}: aggregate cluster loop via {child!r}")
+            rt = self._cluster(walk, child, depth + 1)
+            if rt is None:
+                complete = False
+                continue
+            for leaf in (rt.children if rt.children else (rt,)):
+                if leaf.lb is not None and all(leaf is not l for l in leaves):
+                    leaves.append(leaf)
+        if not complete:
+            return None
+        children = tuple(leaves)
+        if old is not None and old.spec is spec and old.children == children and old.lb is not None:
+            old.lb.refresh()
+            return old
+        if not children:
+            return ClusterRuntime(name, spec, error=f"Cluster {name!r}: no usable child cluster", children=())
+        return ClusterRuntime(name, spec, AggregateBalancer(children, self._seed), children=children)
+
+
+def _collect(rt: ClusterRuntime, out: Dict[str, ClusterRuntime]) -> None:
+    out[rt.name] = rt
+    for child in rt.children:
+        _collect(child, out)
+
+
+def _same(old: TargetConfig, new: TargetConfig) -> bool:
+    if old.error != new.error or old.listener is not new.listener or old.route_table is not new.route_table:
+        return False
+    if old.clusters.keys() != new.clusters.keys():
+        return False
+    return all(old.clusters[k] is v for k, v in new.clusters.items())
+
