@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -45,6 +46,7 @@ _OPTION_NAMES = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=64)
 def is_prime(n: int) -> bool:
     """Deterministic primality test (Envoy's ``Primes::isPrime``: trial division)."""
     if n < 2:

@@ -39,7 +39,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -166,22 +166,36 @@ class XdsClient:
 
     def watch(self, type_url: str, name: str) -> None:
         """Subscribe to a resource (idempotent). Its entry is REQUESTED until data arrives."""
-        with self._cond:
-            if name in self._watched[type_url]:
-                return
-            self._watched[type_url][name] = None
-            if name not in self._entries[type_url]:
-                self._entries[type_url][name] = CacheEntry(type_url, name)
-            self._mark(type_url)
+        self.update_watches({type_url: [name]}, {})
 
     def unwatch(self, type_url: str, name: str) -> None:
         """Unsubscribe; the cache entry is dropped (A28: the cache holds watched resources only)."""
+        self.update_watches({}, {type_url: [name]})
+
+    def update_watches(self, add: Mapping[str, Iterable[str]], remove: Mapping[str, Iterable[str]]) -> None:
+        """Apply many subscription changes at once: each changed type gets one request."""
         with self._cond:
-            if self._watched[type_url].pop(name, None) is None:
-                return
-            self._entries[type_url].pop(name, None)
-            self._timer_queue.cancel(self._timers.pop((type_url, name), None))
-            self._mark(type_url)
+            for type_url, names in add.items():
+                watched, entries = self._watched[type_url], self._entries[type_url]
+                changed = False
+                for name in names:
+                    if name not in watched:
+                        watched[name] = None
+                        changed = True
+                        if name not in entries:
+                            entries[name] = CacheEntry(type_url, name)
+                if changed:
+                    self._mark(type_url)
+            for type_url, names in remove.items():
+                watched, entries = self._watched[type_url], self._entries[type_url]
+                changed = False
+                for name in names:
+                    if watched.pop(name, 0) is None:
+                        changed = True
+                        entries.pop(name, None)
+                        self._timer_queue.cancel(self._timers.pop((type_url, name), None))
+                if changed:
+                    self._mark(type_url)
 
     def watched(self, type_url: str) -> List[str]:
         with self._cond:

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import threading
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from envoy.config.core.v3 import base_pb2
 
@@ -75,6 +75,15 @@ class FileSource:
     def unwatch(self, type_url: str, name: str) -> None:
         with self._lock:
             self._watched[type_url].discard(name)
+
+    def update_watches(self, add: Mapping[str, Iterable[str]], remove: Mapping[str, Iterable[str]]) -> None:
+        with self._lock:
+            for type_url, names in add.items():
+                for name in names:
+                    self.watch(type_url, name)
+            for type_url, names in remove.items():
+                for name in names:
+                    self.unwatch(type_url, name)
 
     def entry(self, type_url: str, name: str) -> Optional[CacheEntry]:
         return self._entries[type_url].get(name)

@@ -99,12 +99,12 @@ class ConfigPublisher:
             return dict(self._targets)
 
     def wait_for(self, target: str, timeout: float) -> Optional[TargetConfig]:
-        """Block until ``target`` has a published configuration (or ``timeout``)."""
+        """Block until ``target`` has a published configuration, usable or failed (or ``timeout``)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 cfg = self.published.get(target)
-                if cfg is not None and cfg.error is None:
+                if cfg is not None:
                     return cfg
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -160,10 +160,9 @@ class ConfigPublisher:
     # -- the walk --------------------------------------------------------------------------------
 
     def _need(self, walk: _Walk, type_url: str, name: str) -> Any:
+        """Record that the walk needs a resource; its entry (``None`` until subscribed).
+        Subscriptions are sent in one batch after the walk, one request per type."""
         walk.wanted[type_url].add(name)
-        if name not in self._wanted[type_url]:
-            self._wanted[type_url].add(name)
-            self.source.watch(type_url, name)
         return self.source.entry(type_url, name)
 
     def _rebuild(self) -> None:
@@ -189,22 +188,38 @@ class ConfigPublisher:
             cfg.version = self.version
             published[target] = cfg
             changed = True
-        # Runtimes of everything published (new or kept) stay current; the rest is dropped.
-        runtimes: Dict[str, ClusterRuntime] = {}
+        # Runtimes stay current (EDS updates, reuse by the next walk): everything published,
+        # new or kept, and everything the walk built for configurations still pending.
+        published_runtimes: Dict[str, ClusterRuntime] = {}
         for cfg in published.values():
             for rt in cfg.clusters.values():
-                _collect(rt, runtimes)
-        self._runtimes = runtimes
-        self._index(runtimes)
+                _collect(rt, published_runtimes)
+        built = {name: rt for name, rt in walk.runtimes.items() if rt is not None}
+        self._index(list(published_runtimes.values()) + list(built.values()))
+        self._runtimes = {**published_runtimes, **built}
         if changed or published.keys() != self.published.keys():
             self.published = published
             self.last_publish = time.time()
             log.debug("published configuration %d (%d targets)", self.version, len(published))
-        for t in TYPE_URLS:
-            for name in self._wanted[t] - walk.wanted[t]:
-                self.source.unwatch(t, name)
-            self._wanted[t] = walk.wanted[t]
+        add = {t: sorted(walk.wanted[t] - self._wanted[t]) for t in TYPE_URLS}
+        remove = {t: sorted(self._wanted[t] - walk.wanted[t]) for t in TYPE_URLS}
+        self._wanted = walk.wanted
+        if any(add.values()) or any(remove.values()):
+            self.source.update_watches(add, remove)
+            if any(add.values()):
+                # entries now exist for the new names (the file source has them all): walk again
+                self._cond.notify_all()
+                return self._rebuild() if self._has_new_data(add) else None
         self._cond.notify_all()
+
+    def _has_new_data(self, add: Dict[str, List[str]]) -> bool:
+        """Whether a just-subscribed name already has data or a final state (cached, file source)."""
+        for t, names in add.items():
+            for n in names:
+                e = self.source.entry(t, n)
+                if e is not None and (e.has_value or e.status in (DOES_NOT_EXIST, NACKED)):
+                    return True
+        return False
 
     def _keep(self, walk: _Walk, cfg: TargetConfig) -> None:
         """Keep watching what a still-published configuration uses."""
@@ -220,10 +235,14 @@ class ConfigPublisher:
                 walk.wanted[ENDPOINT].add(rt.spec.eds_service_name)
             stack.extend(rt.children)
 
-    def _index(self, runtimes: Dict[str, ClusterRuntime]) -> None:
+    def _index(self, runtimes: List[ClusterRuntime]) -> None:
         eds_users: Dict[str, List[ClusterRuntime]] = {}
         parents: Dict[str, List[ClusterRuntime]] = {}
-        for rt in runtimes.values():
+        seen: Set[int] = set()
+        for rt in runtimes:
+            if id(rt) in seen:
+                continue
+            seen.add(id(rt))
             if rt.spec is not None and rt.spec.kind == "EDS" and rt.lb is not None:
                 eds_users.setdefault(rt.spec.eds_service_name, []).append(rt)
             for child in rt.children:
