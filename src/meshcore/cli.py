@@ -138,9 +138,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run the built-in load-balancing scenario")
     d.add_argument("--picks", type=int, default=20000)
+    from .controlplane import cli as control_plane_cli
+
+    control_plane_cli.add_arguments(sub.add_parser(
+        "control-plane", help="run the reference xDS control plane (ADS, SotW and delta)"))
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args.picks)
+    if args.command == "control-plane":
+        return control_plane_cli.run(args)
     return 2  # pragma: no cover
 
 

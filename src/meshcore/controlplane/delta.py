@@ -1,0 +1,130 @@
+"""Incremental (delta) ADS protocol for one stream (no I/O: requests and store changes in, responses out).
+
+Per type URL the stream keeps the subscribed names, the wildcard flag and what the client has
+(name -> version, the version being the content hash from the store). Rules:
+
+* first request of a type: wildcard if it subscribes ``"*"``, or if it is LDS/CDS with an empty
+  subscribe list; ``initial_resource_versions`` seed what the client has, so only resources whose
+  version differs are sent, plus ``removed_resources`` for claimed names we lack (if of interest).
+  A first request without ``initial_resource_versions`` is always answered (possibly empty) so the
+  client learns the server's state;
+* (un)subscriptions are applied whatever the nonce: newly subscribed names that exist are (re)sent,
+  even if the client has them; unsubscribing a name still covered by the wildcard resends it;
+* ACK / NACK (``response_nonce``, maybe ``error_detail``) -> recorded only;
+* store change -> changed and new resources, and ``removed_resources`` for deleted ones the client has.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Set, Tuple
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from ._common import FULL_STATE_TYPES, NonceCounter, push_order
+from .store import Entry, Snapshot
+
+__all__ = ["DeltaStream", "DeltaResponse"]
+
+logger = logging.getLogger(__name__)
+
+#: A response and the names of the resources it carries, in order.
+DeltaResponse = Tuple[discovery_pb2.DeltaDiscoveryResponse, List[str]]
+
+
+@dataclass
+class _TypeState:
+    names: Set[str] = field(default_factory=set)
+    wildcard: bool = False
+    has: Dict[str, str] = field(default_factory=dict)  # what the client has: name -> version
+    version: str = ""  # type version last looked at
+    nonce: str = ""
+
+    def interested(self, name: str) -> bool:
+        return self.wildcard or name in self.names
+
+    def changed(self, entries: Mapping[str, Entry]) -> Tuple[Dict[str, Entry], List[str]]:
+        """Resources of interest whose version the client lacks, and names it has that are gone."""
+        names = entries if self.wildcard else self.names
+        fresh = {n: entries[n] for n in sorted(names) if n in entries and self.has.get(n) != entries[n].version}
+        removed = sorted(n for n in self.has if n not in entries)
+        return fresh, removed
+
+
+class DeltaStream:
+    """The delta half of one ADS stream."""
+
+    def __init__(self) -> None:
+        self._types: Dict[str, _TypeState] = {}
+        self._nonce = NonceCounter()
+
+    def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest, snap: Snapshot) -> List[DeltaResponse]:
+        url = request.type_url
+        entries = snap.of_type(url)
+        subscribe = list(request.resource_names_subscribe)
+        unsubscribe = list(request.resource_names_unsubscribe)
+        state = self._types.get(url)
+        if state is None:
+            state = self._types[url] = _TypeState()
+            state.wildcard = "*" in subscribe or (url in FULL_STATE_TYPES and not subscribe)
+            state.names = {n for n in subscribe if n != "*"} - set(unsubscribe)
+            claimed = dict(request.initial_resource_versions)
+            state.has = {n: v for n, v in claimed.items() if state.interested(n)}
+            state.version = snap.type_version(url)
+            fresh, removed = state.changed(entries)
+            if fresh or removed or not claimed:
+                return [self._respond(url, state, snap, fresh, removed)]
+            return []
+        if request.response_nonce and request.HasField("error_detail"):
+            logger.info("delta NACK for %s nonce %s: %s", url, request.response_nonce, request.error_detail.message)
+        fresh: Dict[str, Entry] = {}
+        for name in subscribe:
+            if name == "*":
+                if not state.wildcard:
+                    state.wildcard = True
+                    fresh.update(state.changed(entries)[0])
+                continue
+            state.names.add(name)
+            if name in entries:
+                fresh[name] = entries[name]  # always resend what is explicitly subscribed
+        for name in unsubscribe:
+            if name == "*":
+                state.wildcard = False
+                state.has = {n: v for n, v in state.has.items() if n in state.names}
+                continue
+            state.names.discard(name)
+            fresh.pop(name, None)
+            if state.wildcard and name in entries:
+                fresh[name] = entries[name]  # still covered by the wildcard: the server must answer
+            else:
+                state.has.pop(name, None)
+        if fresh:
+            return [self._respond(url, state, snap, dict(sorted(fresh.items())), [])]
+        return []
+
+    def on_change(self, snap: Snapshot) -> List[DeltaResponse]:
+        out: List[DeltaResponse] = []
+        for url in push_order(self._types):
+            state = self._types[url]
+            if snap.type_version(url) == state.version:
+                continue
+            state.version = snap.type_version(url)
+            fresh, removed = state.changed(snap.of_type(url))
+            if fresh or removed:
+                out.append(self._respond(url, state, snap, fresh, removed))
+        return out
+
+    def _respond(self, url: str, state: _TypeState, snap: Snapshot, fresh: Mapping[str, Entry],
+                 removed: List[str]) -> DeltaResponse:
+        state.nonce = self._nonce()
+        for name in removed:
+            state.has.pop(name, None)
+        for name, entry in fresh.items():
+            state.has[name] = entry.version
+        response = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=snap.type_version(url), type_url=url, nonce=state.nonce,
+            resources=[discovery_pb2.Resource(name=n, version=e.version, resource=e.packed) for n, e in fresh.items()],
+            removed_resources=removed,
+        )
+        return response, list(fresh)
