@@ -79,14 +79,18 @@ class Mesh:
 
     def __init__(self, bootstrap: BootstrapArg = None, *, delta: Optional[bool] = None,
                  resource_timeout: float = 15.0, seed: Optional[int] = None, backoff: Any = None) -> None:
-        from .xds.bootstrap import Bootstrap
+        from .xds.bootstrap import Bootstrap, target_authority
         from .xds.client import XdsClient
         from .xds.publisher import ConfigPublisher
 
         self.bootstrap = bootstrap if isinstance(bootstrap, Bootstrap) else Bootstrap.load(bootstrap)
+        for name, authority in self.bootstrap.authorities.items():
+            if authority.xds_servers and tuple(authority.xds_servers) != tuple(self.bootstrap.xds_servers):
+                log.warning("authority %r names its own xDS servers; meshcore uses one ADS stream to the "
+                            "top-level servers for every resource", name)
         self._source: Any = XdsClient(self.bootstrap, self._on_update, delta=delta,
                                       resource_timeout=resource_timeout, backoff=backoff)
-        self._publisher = ConfigPublisher(self._source, self.bootstrap.listener_name, seed)
+        self._publisher = ConfigPublisher(self._source, self.bootstrap.listener_name, seed, target_authority)
         self._started = False
         self._csds_server: Optional[grpc.Server] = None
 
@@ -163,13 +167,19 @@ class Mesh:
 
     def pick(self, target: str, path: str = "/", method: str = "GET", headers: Any = None, *,
              scheme: str = "http", source_ip: Optional[str] = None) -> Pick:
-        """Route and balance one request to ``target`` (``host:port``, the listener name)."""
+        """Route and balance one request to ``target``.
+
+        ``target`` is ``host:port`` (Istio's listener naming) or an ``xds:`` URI; the listener
+        name comes from the bootstrap's templates and virtual hosts are matched against the
+        target's authority. ``headers`` is a mapping or a list of pairs (names are
+        case-insensitive).
+        """
         cfg = self._publisher.published.get(target)
         if cfg is None or cfg.error is not None:
             if cfg is None:
                 self._publisher.add_target(target)
             raise Unavailable(self._why(target, cfg))
-        m = cfg.route_table.match(target, path, headers, method, scheme, None, source_ip)  # type: ignore[union-attr]
+        m = cfg.route_table.match(cfg.authority, path, headers, method, scheme, None, source_ip)  # type: ignore[union-attr]
         if m is None:
             raise NoRoute(target, path)
         cname = m.cluster

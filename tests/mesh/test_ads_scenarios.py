@@ -357,3 +357,50 @@ def test_100_endpoint_pushes_while_4_threads_pick(cp, make_mesh):
     for p in held:
         p.done()
     assert all(runtime.lb.active_requests(ep) == 0 for ep in runtime.lb.endpoints)
+
+
+# -- make-before-break -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_new_routes_publish_only_once_their_clusters_are_complete(cp, make_mesh, mode):
+    """A route update naming a cluster the client has no data for does not tear: the old routes
+    serve until the new cluster and its endpoints arrived (gRPC A74, Envoy's warming)."""
+    from meshcore.controlplane.builders import assignment as cla_msg
+
+    from .shapes import route as route_shape
+
+    base = resources()
+    cp.set_resources(base)
+    mesh = make_mesh(mode)
+    mesh.wait_ready(TARGET)
+    before = mesh.config(TARGET)
+    canary = route_shape("canary", "c", prefix="/", headers={"x-canary": "1"})
+    with_c = resources(extra_routes=[canary])
+    staged = {t: dict(v) for t, v in with_c.items()}
+    staged[CLUSTER].pop("c", None)  # the route names c; c itself is not served yet
+    cp.set_resources(staged)
+    cp.wait_for(lambda e: e["dir"] == "req" and e["type_url"] == CLUSTER and "c" in (e["names"] or e["subscribe"]))
+    time.sleep(0.2)
+    assert mesh.config(TARGET) is before  # nothing published: the old routes still serve
+    assert mesh.pick(TARGET, "/x", headers={"x-canary": "1"}).cluster == "a"
+    staged[CLUSTER]["c"] = parse_resources({"clusters": [cluster("c")]})[CLUSTER]["c"]
+    cp.set_resources(staged)  # cluster c, but not yet its endpoints
+    cp.wait_for(lambda e: e["dir"] == "req" and e["type_url"] == ENDPOINT and "c" in (e["names"] or e["subscribe"]))
+    time.sleep(0.2)
+    assert mesh.config(TARGET) is before
+    staged[ENDPOINT]["c"] = cla_msg("c", [("127.0.0.1", 9777)])
+    cp.set_resources(staged)
+    wait(lambda: mesh.config(TARGET) is not before)
+    p = mesh.pick(TARGET, "/x", headers={"x-canary": "1"})
+    assert (p.cluster, p.endpoint.port) == ("c", 9777)
+    assert mesh.pick(TARGET, "/x").cluster == "a"
+
+
+def test_xds_uri_target_matches_vhosts_on_its_authority(cp, make_mesh):
+    cp.set_resources(resources())
+    mesh = make_mesh("sotw")
+    mesh.wait_ready(f"xds:///{TARGET}")
+    p = mesh.pick(f"xds:///{TARGET}", "/b")
+    assert (p.cluster, p.endpoint.port) == ("b", 9003)
+    assert requests(cp, LISTENER)[0]["names"] == [TARGET]

@@ -466,6 +466,13 @@ class Bootstrap:
         return bootstrap
 
 
+def target_authority(target: str) -> str:
+    """The data-plane authority of a target, used for virtual-host matching (A47): the path of
+    an ``xds:`` URI without its leading ``/``, or the target itself (grpc-go#6997: not the LDS
+    resource name)."""
+    return _split_target(target)[1]
+
+
 def _split_target(target: str) -> Tuple[str, str]:
     """``(authority, name)`` of a data-plane target; authority is ``""`` when absent."""
     if target.startswith("xds:"):

@@ -66,9 +66,11 @@ class ConfigPublisher:
     ``watch``, ``unwatch`` and ``entry``. Call :meth:`on_update` with the changed keys.
     """
 
-    def __init__(self, source: Any, listener_name: Callable[[str], str], seed: Optional[int] = None) -> None:
+    def __init__(self, source: Any, listener_name: Callable[[str], str], seed: Optional[int] = None,
+                 authority_of: Callable[[str], str] = lambda target: target) -> None:
         self.source = source
         self._listener_name = listener_name
+        self._authority_of = authority_of
         self._seed = seed
         self._cond = threading.Condition(threading.RLock())
         self._targets: Dict[str, str] = {}  # target -> listener resource name
@@ -286,7 +288,7 @@ class ConfigPublisher:
                 clusters[cname] = rt
         if not complete:
             return None
-        return TargetConfig(target, lspec, table, clusters, 0)
+        return TargetConfig(target, lspec, table, clusters, 0, authority=self._authority_of(target))
 
     def _cluster(self, walk: _Walk, name: str, depth: int) -> Optional[ClusterRuntime]:
         if name in walk.runtimes:

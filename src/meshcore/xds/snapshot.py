@@ -136,11 +136,13 @@ class AggregateBalancer:
 class TargetConfig:
     """Everything a pick for one target needs, complete and consistent (never half an update)."""
 
-    __slots__ = ("target", "listener", "route_table", "clusters", "version", "error")
+    __slots__ = ("target", "authority", "listener", "route_table", "clusters", "version", "error")
 
     def __init__(self, target: str, listener: Optional[ListenerSpec], route_table: Optional[RouteTable],
-                 clusters: Mapping[str, ClusterRuntime], version: int, error: Optional[str] = None) -> None:
+                 clusters: Mapping[str, ClusterRuntime], version: int, error: Optional[str] = None,
+                 authority: Optional[str] = None) -> None:
         self.target = target
+        self.authority = authority or target  # what virtual hosts are matched against
         self.listener = listener
         self.route_table = route_table
         self.clusters = clusters
