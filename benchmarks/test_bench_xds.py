@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import import_module
 from typing import Any, Dict, List

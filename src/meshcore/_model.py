@@ -209,3 +209,28 @@ class Endpoint:
             extra.append(f"hash_key={self.hash_key!r}")
         tail = (", " + ", ".join(extra)) if extra else ""
         return f"Endpoint({self.address!r}, {self.port}{tail})"
+
+
+def trusted_endpoint(
+    address: str, port: int, weight: int, health: HealthStatus, priority: int, locality: Locality,
+    locality_weight: Optional[int], hostname: str, metadata: Optional[Mapping[str, Any]], hash_key: Optional[str],
+) -> Endpoint:
+    """``Endpoint(...)`` for trusted decoders (xDS): values that are already valid and an ``address`` already normalised
+    like ``Endpoint`` does (non-empty, port 1..65535, uint32 weights and priority), without the
+    constructor's type and range checks: they cost more than the rest of the decoding, and a
+    protobuf message cannot violate them. The result equals what the constructor builds
+    (tests/xds/test_endpoint_config.py checks this)."""
+    ep = Endpoint.__new__(Endpoint)
+    _set = object.__setattr__
+    _set(ep, "address", address)
+    _set(ep, "port", port)
+    _set(ep, "weight", weight or 1)
+    _set(ep, "health", health)
+    _set(ep, "priority", priority)
+    _set(ep, "locality", locality)
+    _set(ep, "locality_weight", locality_weight)
+    _set(ep, "hostname", hostname)
+    _set(ep, "metadata", metadata or None)
+    _set(ep, "hash_key", hash_key or None)
+    _set(ep, "key", host_key(address, port))
+    return ep

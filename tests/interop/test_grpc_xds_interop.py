@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List
 
 import grpc
 import pytest
-from envoy_process import child_preexec, kill
+from envoy_process import die_with_parent, kill
 
 from meshcore.controlplane import ControlPlane
 from meshcore.controlplane import builders as b
@@ -72,9 +72,9 @@ class XdsClient:
         env = dict(os.environ, GRPC_XDS_BOOTSTRAP=str(bootstrap), GRPC_VERBOSITY="ERROR")
         self.stderr_path = tmp / "client.stderr"
         with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, str(CLIENT), "xds:///greeter"], env=env,
+            self.proc = subprocess.Popen(die_with_parent([sys.executable, str(CLIENT), "xds:///greeter"]), env=env,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                         start_new_session=True, preexec_fn=child_preexec)
+                                         start_new_session=True)
         assert self.readline() == "ready"
 
     def readline(self) -> str:

@@ -382,8 +382,11 @@ class XdsClient:
             if problem is not None:
                 errors.append(f"resource index {index}: {problem}")
                 continue
-            if payload is None:
-                continue  # TTL heartbeat
+            if payload is None:  # TTL heartbeat: the resource still exists, unchanged
+                seen.add(name)
+                st.seen[t].add(name)
+                self._timer_queue.cancel(self._timers.pop((t, name), None))
+                continue
             if name in seen:
                 errors.append(f"resource index {index}: {name}: duplicate resource name in one response")
                 continue

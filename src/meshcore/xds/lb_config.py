@@ -12,6 +12,12 @@ inside the parsed part is kept as a ``TypedStruct``. Every error is a
 :class:`~meshcore.errors.ConfigError` naming the resource (the cluster name, or for a separate
 assignment its ``cluster_name``) and the snake_case field path.
 
+The two halves are also available separately, for decoders that receive the resources one at a
+time (``cluster_config``, ``endpoint_config``): :func:`cluster_lb_arguments` gives the cluster's
+``(policy, options)`` and :func:`assignment_arguments` an assignment's ``(endpoints,
+endpoint_options)``. :func:`assignment_arguments` is the stricter of the two: it also applies
+Envoy's proto-validation limits and requires IP literals for STATIC and EDS (see its docstring).
+
 Policy (Envoy 1.40 precedence):
 
 * ``load_balancing_policy`` wins over ``lb_policy``. The first entry in ``policies`` that meshcore
@@ -89,7 +95,9 @@ makes one host per resolved IP, hashed by ``ip:port``.
 from __future__ import annotations
 
 import importlib
+import math
 import re
+import socket
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
@@ -106,11 +114,11 @@ from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_
 from envoy.extensions.load_balancing_policies.wrr_locality.v3 import wrr_locality_pb2
 from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2  # noqa: F401
 
-from .._model import Endpoint, HealthStatus, Locality
+from .._model import Endpoint, HealthStatus, Locality, _normalise_address, trusted_endpoint
 from .._options import LbConfig
 from ..errors import ConfigError
 
-__all__ = ["load_balancer_arguments"]
+__all__ = ["assignment_arguments", "cluster_lb_arguments", "load_balancer_arguments"]
 
 for _name in (
     "client_side_weighted_round_robin", "override_host", "pick_first", "subset", "cluster_provided",
@@ -131,6 +139,14 @@ _TYPED_STRUCTS = frozenset({"xds.type.v3.TypedStruct", "udpa.type.v1.TypedStruct
 
 _Cluster = cluster_pb2.Cluster
 _Cla = endpoint_pb2.ClusterLoadAssignment
+_DNS_TYPES = frozenset({_Cluster.STRICT_DNS, _Cluster.LOGICAL_DNS})
+_IP_TYPES = frozenset({_Cluster.STATIC, _Cluster.EDS})  # Envoy parses these addresses as IPs
+_MAX_PRIORITY = 128  # LocalityLbEndpoints.priority: (validate.rules).uint32.lte
+_HEALTH = tuple(HealthStatus)  # indexed by the EDS enum value (0..5, contiguous)
+_HEALTH_COUNT = len(_HEALTH)
+_AF_INET = socket.AF_INET
+_inet_pton = socket.inet_pton
+_NO_LOCALITY = Locality()
 _RingHash = ring_hash_pb2.RingHash
 _LeastRequest = least_request_pb2.LeastRequest
 
@@ -181,12 +197,68 @@ def load_balancer_arguments(
     if cla is not None:
         endpoints = _endpoints(cla, resource, prefix, c.type, options, where)
 
+    _validate(policy, options, where, name)
+    return endpoints, policy, options
+
+
+def cluster_lb_arguments(cluster: Any) -> Tuple[str, Options]:
+    """``(policy, options)`` for ``LoadBalancer`` from a Cluster alone (its load-balancing fields).
+
+    The cluster part of :func:`load_balancer_arguments`, with the same rules and errors; the
+    options are validated. The cluster's ``load_assignment`` is not read: pass it to
+    :func:`assignment_arguments`.
+    """
+    c = _coerce(cluster, _Cluster, "name", "Cluster", trim=_CLUSTER_LB_FIELDS)
+    name = c.name or "Cluster"
+    _check_cluster(c, name)
+    policy, options, where = _lb_policy(c, name)
+    if options:  # the policy name comes from our own table; only option values can be wrong
+        _validate(policy, options, where, name)
+    return policy, options
+
+
+def assignment_arguments(
+    load_assignment: Any,
+    resource_name: Optional[str] = None,
+    cluster_type: int = _Cluster.EDS,
+    *,
+    field_prefix: str = "",
+) -> Tuple[List[Endpoint], Options]:
+    """``(endpoints, endpoint_options)`` from a ClusterLoadAssignment.
+
+    ``endpoint_options`` holds the ``LoadBalancer`` options an assignment sets:
+    ``overprovisioning_factor`` and ``weighted_priority_health``. Errors name ``resource_name``
+    (default: the assignment's ``cluster_name``) and ``field_prefix`` + the field path; a
+    cluster's inline assignment passes the cluster name and ``"load_assignment."``.
+    ``cluster_type`` (a ``Cluster.DiscoveryType``) selects the DNS rules (hostnames, the
+    LOGICAL_DNS shape) as in :func:`load_balancer_arguments`.
+
+    Stricter than :func:`load_balancer_arguments`, which keeps its lenient behaviour: this also
+    applies the checks of Envoy's proto validation (an empty ``cluster_name``; a
+    ``load_balancing_weight`` of 0 on a ``LocalityLbEndpoints`` or an ``LbEndpoint``; a
+    priority above 128; a health-check port above 65535; a non-positive
+    ``endpoint_stale_after``; an empty drop ``category``), and for STATIC and EDS clusters it
+    rejects addresses that are not IP literals, as Envoy does ("malformed IP address").
+    """
+    cla = _coerce(load_assignment, _Cla, "cluster_name", resource_name or "ClusterLoadAssignment")
+    resource = resource_name or cla.cluster_name or "ClusterLoadAssignment"
+    options: Options = {}
+    where: Where = {}
+    endpoints = _endpoints(cla, resource, field_prefix, cluster_type, options, where, strict=True)
+    factor = options.get("overprovisioning_factor")
+    if factor is not None and factor < 1:
+        res, path = where["overprovisioning_factor"]
+        raise ConfigError(res, path, "value must be greater than 0")
+    return endpoints, options
+
+
+def _validate(policy: str, options: Options, where: Where, name: str) -> None:
+    """:meth:`LbConfig.from_options`, with its errors re-raised on the xDS field paths."""
     try:
         LbConfig.from_options(policy, options, resource=name)
     except ConfigError as e:
         res, path = where.get(e.field) or where["policy"]
         raise ConfigError(res, path, e.reason) from None
-    return endpoints, policy, options
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -692,20 +764,37 @@ _HANDLERS: Dict[str, Tuple[Any, _Handler]] = {
 
 
 def _endpoints(
-    cla: Any, resource: str, prefix: str, cluster_type: int, options: Options, where: Where
+    cla: Any, resource: str, prefix: str, cluster_type: int, options: Options, where: Where,
+    strict: bool = False,
 ) -> List[Endpoint]:
+    """The endpoints of an assignment; its policy options go into ``options``/``where``.
+
+    ``strict`` adds the proto-validation checks :func:`assignment_arguments` documents.
+    Field paths are built only when an error is raised: this runs once per endpoint update.
+    """
+    if strict and not cla.cluster_name:
+        raise ConfigError(resource, f"{prefix}cluster_name", "value length must be at least 1 characters")
     policy = cla.policy
     if policy.HasField("overprovisioning_factor"):
         options["overprovisioning_factor"] = policy.overprovisioning_factor.value
         where["overprovisioning_factor"] = (resource, f"{prefix}policy.overprovisioning_factor")
     if policy.weighted_priority_health:
         options["weighted_priority_health"] = True
+    if strict and policy.HasField("endpoint_stale_after"):
+        stale = policy.endpoint_stale_after
+        if stale.seconds < 0 or stale.nanos < 0 or not (stale.seconds or stale.nanos):
+            raise ConfigError(resource, f"{prefix}policy.endpoint_stale_after", "value must be greater than 0s")
     for i, drop in enumerate(policy.drop_overloads):
+        if strict and not drop.category:
+            raise ConfigError(
+                resource, f"{prefix}policy.drop_overloads[{i}].category", "value length must be at least 1 characters"
+            )
         if drop.drop_percentage.numerator:
             raise ConfigError(resource, f"{prefix}policy.drop_overloads[{i}]", "drop_overloads are not supported")
 
     lles = cla.endpoints
-    dns = cluster_type in (_Cluster.STRICT_DNS, _Cluster.LOGICAL_DNS)
+    dns = cluster_type in _DNS_TYPES
+    need_ip = strict and cluster_type in _IP_TYPES
     if cluster_type == _Cluster.LOGICAL_DNS and (len(lles) != 1 or len(lles[0].lb_endpoints) != 1):
         raise ConfigError(
             resource, f"{prefix}endpoints",
@@ -715,19 +804,37 @@ def _endpoints(
     # Locality weights as Envoy records them: (priority, locality) -> weight, last one wins.
     localities: List[Locality] = []
     recorded: Dict[Tuple[int, Locality], Tuple[int, int]] = {}  # -> (weight, index of the LLE)
+    priorities = set()
     for i, lle in enumerate(lles):
-        path = f"{prefix}endpoints[{i}]"
         kind = lle.WhichOneof("lb_config")
-        if kind == "leds_cluster_locality_config":
-            raise ConfigError(resource, f"{path}.leds_cluster_locality_config", "LEDS is not supported")
-        if kind == "load_balancer_endpoints":
-            raise ConfigError(resource, f"{path}.load_balancer_endpoints", "not supported; use lb_endpoints")
-        loc = Locality(lle.locality.region, lle.locality.zone, lle.locality.sub_zone)
+        if kind is not None:
+            path = f"{prefix}endpoints[{i}]"
+            if kind == "leds_cluster_locality_config":
+                raise ConfigError(resource, f"{path}.leds_cluster_locality_config", "LEDS is not supported")
+            if kind == "load_balancer_endpoints":
+                raise ConfigError(resource, f"{path}.load_balancer_endpoints", "not supported; use lb_endpoints")
+        has_weight = lle.HasField("load_balancing_weight")
+        priority = lle.priority
+        if strict:
+            if has_weight and not lle.load_balancing_weight.value:
+                raise ConfigError(
+                    resource, f"{prefix}endpoints[{i}].load_balancing_weight",
+                    "value must be greater than or equal to 1",
+                )
+            if priority > _MAX_PRIORITY:
+                raise ConfigError(
+                    resource, f"{prefix}endpoints[{i}].priority", f"value must be less than or equal to {_MAX_PRIORITY}"
+                )
+        priorities.add(priority)
+        if lle.HasField("locality"):
+            pl = lle.locality
+            loc = Locality(pl.region, pl.zone, pl.sub_zone)
+            if has_weight:
+                recorded[(priority, loc)] = (lle.load_balancing_weight.value, i)
+        else:
+            loc = _NO_LOCALITY
         localities.append(loc)
-        if lle.HasField("locality") and lle.HasField("load_balancing_weight"):
-            recorded[(lle.priority, loc)] = (lle.load_balancing_weight.value, i)
 
-    priorities = {lle.priority for lle in lles}
     for p in range(len(priorities)):
         if p not in priorities:
             first = next(i for i, lle in enumerate(lles) if lle.priority > p)
@@ -748,70 +855,141 @@ def _endpoints(
             )
 
     endpoints: List[Endpoint] = []
+    append = endpoints.append
     for i, lle in enumerate(lles):
         loc = localities[i]
-        lw = recorded.get((lle.priority, loc))
+        priority = lle.priority
+        lw = recorded.get((priority, loc))
         locality_weight = None if lw is None else lw[0]
         total = 0
         for k, lbe in enumerate(lle.lb_endpoints):
-            path = f"{prefix}endpoints[{i}].lb_endpoints[{k}]"
-            weight = lbe.load_balancing_weight.value if lbe.HasField("load_balancing_weight") else 1
-            total += max(weight, 1)
+            if lbe.HasField("load_balancing_weight"):
+                weight = lbe.load_balancing_weight.value
+                if not weight and strict:
+                    raise ConfigError(
+                        resource, f"{_lbe_path(prefix, i, k)}.load_balancing_weight",
+                        "value must be greater than or equal to 1",
+                    )
+                total += weight or 1
+            else:
+                weight = 1
+                total += 1
             if total > _UINT32_MAX:
                 raise ConfigError(
-                    resource, f"{path}.load_balancing_weight",
+                    resource, f"{_lbe_path(prefix, i, k)}.load_balancing_weight",
                     f"The sum of weights of all upstream hosts in a locality exceeds {_UINT32_MAX}",
                 )
-            endpoints.append(_endpoint(lbe, path, resource, dns, weight, lle.priority, loc, locality_weight))
+            append(_endpoint(lbe, prefix, i, k, resource, dns, need_ip, strict, weight, priority, loc, locality_weight))
     return endpoints
 
 
+def _lbe_path(prefix: str, i: int, k: int) -> str:
+    return f"{prefix}endpoints[{i}].lb_endpoints[{k}]"
+
+
 def _endpoint(
-    lbe: Any, path: str, resource: str, dns: bool, weight: int, priority: int,
-    locality: Locality, locality_weight: Optional[int],
+    lbe: Any, prefix: str, i: int, k: int, resource: str, dns: bool, need_ip: bool, strict: bool,
+    weight: int, priority: int, locality: Locality, locality_weight: Optional[int],
 ) -> Endpoint:
-    if lbe.WhichOneof("host_identifier") != "endpoint":
-        if lbe.WhichOneof("host_identifier") == "endpoint_name":
+    kind = lbe.WhichOneof("host_identifier")
+    if kind != "endpoint":
+        path = _lbe_path(prefix, i, k)
+        if kind == "endpoint_name":
             raise ConfigError(resource, f"{path}.endpoint_name", "named endpoints are not supported")
         raise ConfigError(resource, f"{path}.endpoint", "missing endpoint")
     ep = lbe.endpoint
-    kind = ep.address.WhichOneof("address")
+    address = ep.address
+    kind = address.WhichOneof("address")
     if kind != "socket_address":
-        where = f"{path}.endpoint.address" + (f".{kind}" if kind else "")
+        where = f"{_lbe_path(prefix, i, k)}.endpoint.address" + (f".{kind}" if kind else "")
         raise ConfigError(resource, where, f"only socket_address is supported, got {kind or 'no address'}")
-    sa = ep.address.socket_address
-    sa_path = f"{path}.endpoint.address.socket_address"
-    if sa.WhichOneof("port_specifier") == "named_port":
-        raise ConfigError(resource, f"{sa_path}.named_port", "named_port is not supported; use port_value")
-    if not 0 < sa.port_value <= 65535:
-        raise ConfigError(resource, f"{sa_path}.port_value", f"port must be in 1..65535, got {sa.port_value}")
-    if not sa.address:
+    sa = address.socket_address
+    port = sa.port_value
+    host = sa.address
+    if not 0 < port <= 65535 or not host:  # a named_port leaves port_value 0
+        sa_path = f"{_lbe_path(prefix, i, k)}.endpoint.address.socket_address"
+        if sa.WhichOneof("port_specifier") == "named_port":
+            raise ConfigError(resource, f"{sa_path}.named_port", "named_port is not supported; use port_value")
+        if not 0 < port <= 65535:
+            raise ConfigError(resource, f"{sa_path}.port_value", f"port must be in 1..65535, got {port}")
         raise ConfigError(resource, f"{sa_path}.address", "address must not be empty")
     try:
-        health = HealthStatus(lbe.health_status)
-    except ValueError:
-        raise ConfigError(resource, f"{path}.health_status", f"unknown health status {lbe.health_status}") from None
-    metadata, hash_key = _metadata(lbe.metadata)
-    try:
-        return Endpoint(
-            sa.address, sa.port_value, weight=weight, health=health, priority=priority,
-            locality=locality, locality_weight=locality_weight,
-            hostname=ep.hostname or (sa.address if dns else ""),  # DnsClusterImpl::ResolveTarget
-            metadata=metadata, hash_key=hash_key,
+        _inet_pton(_AF_INET, host)  # accepts only canonical dotted quads: nothing to normalise
+        address_key = host
+    except OSError:
+        if need_ip and not _is_ipv6_literal(host):
+            raise ConfigError(
+                resource, f"{_lbe_path(prefix, i, k)}.endpoint.address.socket_address.address",
+                f"malformed IP address: {host} (only STRICT_DNS and LOGICAL_DNS clusters resolve names)",
+            ) from None
+        address_key = _normalise_address(host)
+    if strict and ep.HasField("health_check_config") and ep.health_check_config.port_value > 65535:
+        raise ConfigError(
+            resource, f"{_lbe_path(prefix, i, k)}.endpoint.health_check_config.port_value",
+            "value must be less than or equal to 65535",
         )
-    except ValueError as e:
-        raise ConfigError(resource, path, str(e)) from None
+    status = lbe.health_status
+    if not 0 <= status < _HEALTH_COUNT:
+        raise ConfigError(resource, f"{_lbe_path(prefix, i, k)}.health_status", f"unknown health status {status}")
+    if lbe.HasField("metadata"):
+        metadata, hash_key = _metadata(lbe.metadata, resource, prefix, i, k)
+    else:
+        metadata = hash_key = None
+    return trusted_endpoint(
+        address_key, port, weight, _HEALTH[status], priority, locality, locality_weight,
+        ep.hostname or (host if dns else ""),  # DnsClusterImpl::ResolveTarget
+        metadata, hash_key,
+    )
 
 
-def _metadata(md: Any) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+def _is_ipv6_literal(address: str) -> bool:
+    """An IPv6 literal as ``inet_pton`` reads it, optionally with a ``%scope`` (Envoy accepts one)."""
+    try:
+        _inet_pton(socket.AF_INET6, address.split("%", 1)[0])
+        return True
+    except OSError:
+        return False
+
+
+def _metadata(
+    md: Any, resource: str, prefix: str, i: int, k: int
+) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     """``filter_metadata`` as plain dicts, and the ``envoy.lb`` ``hash_key`` (non-empty string)."""
-    if not len(md.filter_metadata):
+    fm = md.filter_metadata
+    if not len(fm):
         return None, None
-    plain = {key: json_format.MessageToDict(value) for key, value in md.filter_metadata.items()}
+    try:
+        plain = {key: _struct(fm[key]) for key in fm}  # key iteration: faster than items() on upb maps
+    except ValueError as e:
+        raise ConfigError(resource, f"{_lbe_path(prefix, i, k)}.metadata.filter_metadata", str(e)) from None
     hash_key = None
-    lb = md.filter_metadata.get("envoy.lb")
-    if lb is not None and "hash_key" in lb.fields:
-        value = lb.fields["hash_key"]
-        if value.WhichOneof("kind") == "string_value" and value.string_value:
-            hash_key = value.string_value
+    lb = plain.get("envoy.lb")
+    if lb is not None:
+        value = lb.get("hash_key")
+        if isinstance(value, str) and value:
+            hash_key = value
     return plain, hash_key
+
+
+def _struct(struct: Any) -> Dict[str, Any]:
+    """A ``google.protobuf.Struct`` as ``json_format.MessageToDict`` gives it, several times faster."""
+    fields = struct.fields
+    return {key: _value(fields[key]) for key in fields}
+
+
+def _value(value: Any) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if math.isinf(number) or math.isnan(number):
+            raise ValueError(f"{number} cannot be represented in JSON")
+        return number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return _struct(value.struct_value)
+    if kind == "list_value":
+        return [_value(v) for v in value.list_value.values]
+    return None  # null_value, or no kind set

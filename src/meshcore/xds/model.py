@@ -51,13 +51,18 @@ class FaultSpec:
     # header-controlled faults (x-envoy-fault-*) are enabled by ``header_delay``/``header_abort``
     header_delay: bool = False
     header_abort: bool = False
+    # the fault applies only to requests routed to this cluster ("" = any) ...
+    upstream_cluster: str = ""
+    # ... and only to requests whose headers all match (HeaderMatchSpec values; () = any request)
+    headers: Tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class HttpFilterSpec:
     name: str
     type_name: str  # full proto message name of the typed config ("" when none)
-    config: Any = None  # FaultSpec for the fault filter; None for the router and ignored filters
+    config: Any = None  # FaultSpec for the fault filter; None for the router
+    disabled: bool = False  # HttpFilter.disabled: off unless a route's typed_per_filter_config enables it
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +119,7 @@ class OutlierDetectionSpec:
     failure_percentage_request_volume: int = 50
     split_external_local_origin_errors: bool = False
     successful_active_health_check_uneject_host: bool = True
+    always_eject_one_host: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +141,8 @@ class ClusterSpec:
     ``eds_cluster_config.service_name`` or else the cluster name). ``policy``/``lb_options`` are
     the ``LoadBalancer`` arguments from the cluster alone; ``endpoints``/``endpoint_options``
     come from an inline ``load_assignment`` (non-EDS kinds; ``None`` for EDS and aggregate).
-    ``aggregate_clusters`` is the ordered child list of an aggregate cluster.
+    ``aggregate_clusters`` is the ordered child list of an aggregate cluster (duplicates removed);
+    its ``policy`` is ``"CLUSTER_PROVIDED"``: the children's own policies pick the endpoints.
     ``lb_options`` and ``endpoint_options`` are tuples of ``(name, value)`` pairs, sorted, so
     the spec is hashable and two specs with the same options compare equal.
     """
