@@ -255,8 +255,8 @@ class ConfigPublisher:
     def _build_target(self, walk: _Walk, target: str, lname: str) -> Optional[TargetConfig]:
         le = self._need(walk, LISTENER, lname)
         if le is None or not le.has_value:
-            if le is not None and le.status in (DOES_NOT_EXIST, NACKED):
-                why = le.error if le.status == NACKED else "does not exist"
+            why = _final_problem(le)
+            if why is not None:
                 return TargetConfig(target, None, None, {}, 0, f"Listener {lname!r}: {why}")
             walk.missing.append(f"Listener {lname!r}")
             return None
@@ -267,8 +267,8 @@ class ConfigPublisher:
             rname = lspec.route_config_name or ""
             re = self._need(walk, ROUTE, rname)
             if re is None or not re.has_value:
-                if re is not None and re.status in (DOES_NOT_EXIST, NACKED):
-                    why = re.error if re.status == NACKED else "does not exist"
+                why = _final_problem(re)
+                if why is not None:
                     return TargetConfig(target, lspec, None, {}, 0, f"RouteConfiguration {rname!r}: {why}")
                 walk.missing.append(f"RouteConfiguration {rname!r}")
                 return None
@@ -302,8 +302,8 @@ class ConfigPublisher:
         ce = self._need(walk, CLUSTER, name)
         old = self._runtimes.get(name)
         if ce is None or not ce.has_value:
-            if ce is not None and ce.status in (DOES_NOT_EXIST, NACKED):
-                why = ce.error if ce.status == NACKED else "does not exist"
+            why = _final_problem(ce)
+            if why is not None:
                 if old is not None and old.spec is None and old.error == why:
                     return old
                 return ClusterRuntime(name, None, error=f"Cluster {name!r}: {why}")
@@ -370,6 +370,17 @@ class ConfigPublisher:
         if not children:
             return ClusterRuntime(name, spec, error=f"Cluster {name!r}: no usable child cluster", children=())
         return ClusterRuntime(name, spec, AggregateBalancer(children, self._seed), children=children)
+
+
+def _final_problem(entry: Any) -> Optional[str]:
+    """Why a resource without a value will not get one by waiting (``None``: keep waiting)."""
+    if entry is None:
+        return None
+    if entry.status == NACKED:
+        return entry.error
+    if entry.status == DOES_NOT_EXIST:
+        return "does not exist"
+    return None
 
 
 def _collect(rt: ClusterRuntime, out: Dict[str, ClusterRuntime]) -> None:
