@@ -32,10 +32,13 @@ class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802
         def reader() -> None:
-            for req in request_iterator:
-                self.log.append(req)
-                for resp in self.respond(req):
-                    self.outbox.put(resp)
+            try:
+                for req in request_iterator:
+                    self.log.append(req)
+                    for resp in self.respond(req):
+                        self.outbox.put(resp)
+            except grpc.RpcError:  # the client went away
+                pass
             self.outbox.put(None)
 
         threading.Thread(target=reader, daemon=True).start()
