@@ -21,6 +21,9 @@ __all__ = [
     "LbConfig",
     "LoadBalancer",
     "Locality",
+    "Call",
+    "CircuitBreakerOpen",
+    "FaultAbort",
     "Mesh",
     "MeshError",
     "NoRoute",
@@ -28,13 +31,16 @@ __all__ = [
     "RouteMatch",
     "RouteTable",
     "Unavailable",
+    "UpstreamError",
+    "UpstreamTimeout",
     "__version__",
     "xxh64",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-_LAZY = {"Mesh": "mesh", "Pick": "mesh"}  # the xDS layer imports grpc: loaded on first use
+_LAZY = {"Mesh": "mesh", "Pick": "mesh", "Call": "call", "CircuitBreakerOpen": "call", "FaultAbort": "call",
+         "UpstreamError": "call", "UpstreamTimeout": "call"}  # the xDS layer imports grpc: loaded on first use
 
 
 def __getattr__(name: str) -> object:

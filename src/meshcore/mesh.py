@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Mapping, Optional, Union
+import random
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import grpc
 
 from ._model import Endpoint
 from ._routing import RouteMatch
+from .call import Call
+from .cluster_state import ClusterState
 from .errors import NoRoute, Unavailable
+from .stats import StatsRegistry, prometheus_collector
 from .xds.csds import add_csds_servicer, client_config, config_dump
 from .xds.snapshot import AggregateBalancer, TargetConfig
 
@@ -91,8 +95,14 @@ class Mesh:
         self._source: Any = XdsClient(self.bootstrap, self._on_update, delta=delta,
                                       resource_timeout=resource_timeout, backoff=backoff)
         self._publisher = ConfigPublisher(self._source, self.bootstrap.listener_name, seed, target_authority)
+        self._init_data_plane(seed)
+
+    def _init_data_plane(self, seed: Optional[int]) -> None:
         self._started = False
         self._csds_server: Optional[grpc.Server] = None
+        self._states: Dict[str, ClusterState] = {}
+        self.stats_registry = StatsRegistry()
+        self._rng = random.Random(seed)
 
     @classmethod
     def from_file(cls, path: Union[str, "os.PathLike[str]"], *, watch: bool = True, poll_interval: float = 1.0,
@@ -107,8 +117,7 @@ class Mesh:
         self._source = FileSource(os.fspath(path), None, watch=watch, poll_interval=poll_interval)
         self._source._on_update = self._on_update
         self._publisher = ConfigPublisher(self._source, lambda target: target, seed)
-        self._started = False
-        self._csds_server = None
+        self._init_data_plane(seed)
         return self
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -200,6 +209,60 @@ class Mesh:
             raise Unavailable(f"{target}{path}: no healthy upstream in cluster {cname!r}")
         return Pick(target, m, cname, ep, lb)
 
+    # -- the request lifecycle -----------------------------------------------------------------------
+
+    def request(self, url: str, method: str = "GET", headers: Any = None, *, target: Optional[str] = None,
+                source_ip: Optional[str] = None) -> Call:
+        """Route one request (``http(s)://host[:port]/path?query``) and return its :class:`Call`:
+        ``call.run(send)`` for retries, timeouts, breakers and faults, or ``with call as attempt``
+        for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
+        from the URL (default ports 80/443)."""
+        scheme, netloc, path = split_url(url)
+        if target is None:
+            target = netloc if ":" in netloc.rsplit("]", 1)[-1] else f"{netloc}:{443 if scheme == 'https' else 80}"
+        cfg = self._publisher.published.get(target)
+        if cfg is None or cfg.error is not None:
+            if cfg is None:
+                self._publisher.add_target(target)
+            raise Unavailable(self._why(target, cfg))
+        m = cfg.route_table.match(cfg.authority, path, headers, method, scheme, None, source_ip)  # type: ignore[union-attr]
+        if m is None:
+            raise NoRoute(target, path)
+        rt = None
+        if m.cluster is not None:
+            rt = cfg.clusters.get(m.cluster)
+            if rt is None:
+                raise Unavailable(f"{target}{path}: cluster {m.cluster!r} not found "
+                                  f"(route {m.route_name!r} -> {m.cluster_not_found_response_code})")
+            if rt.lb is None:
+                raise Unavailable(f"{target}{path}: {rt.error} (xDS node {self.node_id!r})")
+        return Call(self, target, netloc, scheme, path, method, headers, m, rt, _fault_spec(cfg), self._rng)
+
+    def _choose(self, rt: Any, hash: Optional[int]) -> Any:
+        lb = rt.lb
+        if type(lb) is AggregateBalancer:
+            return lb.choose(hash)
+        return lb.pick(hash), lb
+
+    def _cluster_state(self, rt: Any) -> "ClusterState":
+        st = self._states.get(rt.name)
+        if st is None:
+            st = self._states.setdefault(rt.name, ClusterState(self, rt.name))
+        if st.spec is not rt.spec:
+            st.configure(rt.spec)
+        return st
+
+    def _runtime(self, cluster: str) -> Any:
+        return self._publisher._runtimes.get(cluster)
+
+    def stats(self) -> Dict[str, Dict[str, Any]]:
+        """Per-cluster counters, gauges and the request-time histogram (Envoy's stat names)."""
+        return self.stats_registry.snapshot()
+
+    def prometheus_collector(self) -> Any:
+        """A ``prometheus_client`` collector of :meth:`stats` (``meshcore_cluster_*`` metrics)."""
+        return prometheus_collector(self.stats_registry)
+
     # -- introspection -----------------------------------------------------------------------------
 
     def config(self, target: str) -> Optional[TargetConfig]:
@@ -228,3 +291,27 @@ class Mesh:
             self._csds_server = server
             self._csds_port = port
         return self._csds_port
+
+
+def split_url(url: str) -> Tuple[str, str, str]:
+    """``(scheme, netloc, path with query)`` of an absolute http(s) URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    slash = rest.find("/")
+    query = rest.find("?")
+    cut = min(i for i in (slash, query, len(rest)) if i >= 0)
+    netloc, path = rest[:cut], rest[cut:]
+    if not path.startswith("/"):
+        path = "/" + path
+    return scheme, netloc, path.split("#", 1)[0]
+
+
+def _fault_spec(cfg: TargetConfig) -> Any:
+    """The listener's fault filter config (the first enabled one), if any."""
+    if cfg.listener is None:
+        return None
+    for f in cfg.listener.http_filters:
+        if f.config is not None and not getattr(f, "disabled", False) and f.type_name.endswith("HTTPFault"):
+            return f.config
+    return None

@@ -1,0 +1,412 @@
+"""The request lifecycle: one routed request, its attempts, and what they feed back.
+
+``Mesh.request(url, method, headers)`` routes the request once (virtual host, route, cluster;
+Envoy picks the weighted cluster once per request) and returns a :class:`Call`. Two ways to use it:
+
+* ``call.run(send)`` / ``await call.run_async(send)``: the whole Envoy router behaviour. Fault
+  injection first, then attempts: each picks an endpoint (a retry avoids hosts already tried
+  where it can), passes the cluster's circuit breakers, and calls ``send(attempt)``; the outcome
+  (an HTTP status, a gRPC status, or an upstream error) is recorded in the cluster's stats and
+  outlier detector and decides, under the route's retry policy, whether to retry after a
+  jittered backoff, within the route timeout. The last outcome is returned (or raised).
+* ``with mesh.request(...) as attempt:`` one attempt under your control: send to
+  ``attempt.url`` with ``attempt.authority`` as Host, set ``attempt.status`` (or let an exception
+  leave the block); completion, status and latency are fed back on exit.
+
+``send`` signals upstream failures by raising :class:`UpstreamError` (``kind``: connect-failure,
+reset, timeout) or the builtin ``ConnectionRefusedError`` / ``TimeoutError`` /
+``ConnectionError``; ``classify`` can map a client library's exceptions. Anything else propagates
+unchanged (the attempt is released and counted as a reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from typing import Any, Awaitable, Callable, List, Optional, Tuple, TypeVar
+
+from ._model import Endpoint
+from ._routing import RouteMatch
+from .errors import MeshError, Unavailable
+from .resilience.fault import FaultDecision, decide_fault
+from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, RetryState, classify_status
+
+__all__ = ["Call", "Attempt", "UpstreamError", "CircuitBreakerOpen", "FaultAbort", "UpstreamTimeout"]
+
+R = TypeVar("R")
+
+
+class UpstreamError(MeshError):
+    """The upstream did not answer: ``kind`` is ``connect-failure``, ``reset`` or ``timeout``."""
+
+    def __init__(self, kind: str, detail: str = "", cause: Optional[BaseException] = None) -> None:
+        self.kind = kind
+        self.cause = cause
+        super().__init__(f"upstream {kind}" + (f": {detail}" if detail else ""))
+
+
+class CircuitBreakerOpen(Unavailable):
+    """A cluster circuit breaker overflowed (Envoy: 503, response flag UO)."""
+
+
+class FaultAbort(MeshError):
+    """The fault filter aborted the request: answer ``http_status`` (or ``grpc_status``)."""
+
+    def __init__(self, http_status: Optional[int], grpc_status: Optional[int]) -> None:
+        self.http_status = http_status
+        self.grpc_status = grpc_status
+        super().__init__(f"fault filter abort (http {http_status}, grpc {grpc_status})")
+
+
+class UpstreamTimeout(MeshError):
+    """The route timeout elapsed (Envoy: 504, response flag UT)."""
+
+
+def default_classify(exc: BaseException) -> Optional[str]:
+    if isinstance(exc, UpstreamError):
+        return exc.kind
+    if isinstance(exc, ConnectionRefusedError):
+        return CONNECT_FAILURE
+    if isinstance(exc, (TimeoutError, socket.timeout, asyncio.TimeoutError)):
+        return TIMEOUT
+    if isinstance(exc, (ConnectionError, EOFError)):
+        return RESET
+    return None
+
+
+def default_status_of(result: Any) -> Optional[int]:
+    status = getattr(result, "status_code", None)
+    if status is None:
+        status = getattr(result, "status", None)
+    return status if isinstance(status, int) else None
+
+
+class Attempt:
+    """One try of a call: the endpoint, where to send, and how long it may take."""
+
+    __slots__ = ("call", "number", "endpoint", "timeout", "status", "grpc_status", "error", "_lb", "_started",
+                 "_retry", "_finished")
+
+    def __init__(self, call: "Call", number: int, endpoint: Endpoint, lb: Any, timeout: Optional[float],
+                 retry: bool) -> None:
+        self.call = call
+        self.number = number  # 1 for the first try
+        self.endpoint = endpoint
+        self.timeout = timeout  # seconds this try may take (per-try timeout or what is left), None: unbounded
+        self.status: Optional[int] = None
+        self.grpc_status: Optional[int] = None
+        self.error: Optional[str] = None
+        self._lb = lb
+        self._retry = retry
+        self._started = time.monotonic()
+        self._finished = False
+
+    @property
+    def address(self) -> str:
+        """``ip:port`` (``[v6]:port``) to connect to."""
+        return self.endpoint.key
+
+    @property
+    def authority(self) -> str:
+        """The Host / :authority to send: the route's host rewrite, else the logical authority."""
+        return self.call.route.host_rewrite or self.call.authority
+
+    @property
+    def path(self) -> str:
+        """The upstream path (after the route's prefix/regex rewrite), query included."""
+        return self.call.route.path_rewrite or self.call.path
+
+    @property
+    def url(self) -> str:
+        return f"{self.call.scheme}://{self.endpoint.key}{self.path}"
+
+    def finish(self, status: Optional[int] = None, grpc_status: Optional[int] = None,
+               error: Optional[str] = None) -> None:
+        """Record the outcome (once): releases the endpoint, feeds stats and outlier detection."""
+        if self._finished:
+            return
+        self._finished = True
+        self.status, self.grpc_status, self.error = status, grpc_status, error
+        self.call._finish_attempt(self)
+
+    # the single-attempt form: ``with mesh.request(...) as attempt``
+    def __enter__(self) -> "Attempt":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is not None and self.status is None:
+            self.finish(error=default_classify(exc) or RESET)
+        else:
+            self.finish(self.status, self.grpc_status)
+
+    def __repr__(self) -> str:
+        return f"Attempt({self.call.cluster!r} #{self.number} {self.endpoint.key} status={self.status})"
+
+
+class Call:
+    """One request routed by the mesh; see the module docstring."""
+
+    def __init__(self, mesh: Any, target: str, authority: str, scheme: str, path: str, method: str,
+                 headers: Any, route: RouteMatch, cluster_rt: Any, fault_spec: Any, rng: random.Random) -> None:
+        self.mesh = mesh
+        self.target = target
+        self.authority = authority
+        self.scheme = scheme
+        self.path = path
+        self.method = method
+        self.headers = headers
+        self.route = route
+        self.cluster: Optional[str] = route.cluster
+        self._runtime = cluster_rt
+        self._state = mesh._cluster_state(cluster_rt) if cluster_rt is not None else None
+        self._fault_spec = fault_spec
+        self._rng = rng
+        self.started = time.monotonic()
+        timeout = route.timeout
+        self.deadline = None if not timeout else self.started + timeout
+        self.retry = RetryState(route.retry_policy, rng)
+        self.attempts: List[Attempt] = []
+        self._single: Optional[Attempt] = None
+
+    # -- shared steps --------------------------------------------------------------------------
+
+    def fault(self) -> FaultDecision:
+        hdrs = {k.lower(): v for k, v in _pairs(self.headers)}
+        return decide_fault(self._fault_spec, hdrs, self._rng, self.cluster)
+
+    def _remaining(self) -> Optional[float]:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def _try_timeout(self) -> Optional[float]:
+        per_try = self.route.retry_policy.per_try_timeout if self.route.retry_policy is not None else None
+        remaining = self._remaining()
+        if per_try and remaining is not None:
+            return min(per_try, remaining)
+        return per_try or remaining
+
+    def start_attempt(self) -> Optional[Attempt]:
+        """Pick an endpoint and pass the circuit breakers; ``None`` when a retry may not be made
+        (retry overflow). Raises ``Unavailable`` / ``CircuitBreakerOpen`` for the first attempt."""
+        if self.route.cluster is None:
+            raise MeshError(f"route {self.route.route_name!r} answers directly; there is no upstream")
+        retry = bool(self.attempts)
+        st = self._state
+        stats = st.stats
+        over = st.breakers.try_acquire(retry)
+        if over:
+            stats.inc("upstream_rq_retry_overflow" if over == "retries" else "upstream_rq_pending_overflow")
+            if retry and over == "retries":
+                return None
+            raise CircuitBreakerOpen(f"{self.target}{self.path}: cluster {self.cluster!r} circuit breaker open "
+                                     f"(max_{'retries' if over == 'retries' else 'requests/pending'} reached)")
+        try:
+            endpoint, lb = self._pick(retry)
+        except BaseException:
+            st.breakers.release(retry)
+            raise
+        attempt = Attempt(self, len(self.attempts) + 1, endpoint, lb, self._try_timeout(), retry)
+        self.attempts.append(attempt)
+        stats.inc("upstream_rq_total")
+        if retry:
+            stats.inc("upstream_rq_retry")
+        return attempt
+
+    def _pick(self, retry: bool) -> Tuple[Endpoint, Any]:
+        rt = self._runtime
+        st = self._state
+        st.outlier_tick()
+        avoid = {a.endpoint.key for a in self.attempts} if retry else ()
+        tries = self.retry.host_selection_attempts + (1 if avoid else 0)
+        chosen: Optional[Tuple[Endpoint, Any]] = None
+        for _ in range(tries):
+            ep, lb = self.mesh._choose(rt, self.route.hash if not avoid else None)
+            if ep is None:
+                break
+            if ep.key not in avoid:
+                if chosen is not None:
+                    chosen[1].release(chosen[0])
+                return ep, lb
+            if chosen is None:
+                chosen = (ep, lb)
+            else:
+                lb.release(ep)
+        if chosen is not None:
+            return chosen  # every re-pick hit a tried host: Envoy then keeps the last pick
+        raise Unavailable(f"{self.target}{self.path}: no healthy upstream in cluster {self.cluster!r}")
+
+    def _finish_attempt(self, a: Attempt) -> None:
+        st = self._state
+        a._lb.release(a.endpoint)
+        st.breakers.release(a._retry)
+        stats = st.stats
+        elapsed_ms = (time.monotonic() - a._started) * 1000.0
+        stats.rq_time.observe(elapsed_ms)
+        if a.error is not None:
+            if a.error == CONNECT_FAILURE:
+                stats.inc("upstream_cx_connect_fail")
+            elif a.error == TIMEOUT:
+                stats.inc("upstream_rq_per_try_timeout")
+            else:
+                stats.inc("upstream_rq_rx_reset")
+            stats.inc("upstream_rq_5xx")
+            st.outlier_record(a.endpoint, None, local_failure=True)
+        else:
+            stats.inc("upstream_rq_completed")
+            if a.status is not None:
+                stats.inc(f"upstream_rq_{classify_status(a.status)}")
+                stats.inc(f"upstream_rq_{a.status}")
+            st.outlier_record(a.endpoint, a.status)
+
+    def _should_retry(self, a: Attempt) -> bool:
+        if not self.retry.retriable(a.status, a.grpc_status, a.error):
+            return False
+        if not self.retry.can_retry():
+            return False
+        remaining = self._remaining()
+        return remaining is None or remaining > 0
+
+    # -- the single-attempt form -----------------------------------------------------------------
+
+    def __enter__(self) -> Attempt:
+        d = self.fault()
+        if d.delay:
+            time.sleep(d.delay)
+        if d.aborts:
+            raise FaultAbort(d.abort_http_status, d.abort_grpc_status)
+        attempt = self.start_attempt()
+        assert attempt is not None
+        self._single = attempt
+        return attempt
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._single is not None:
+            self._single.__exit__(exc_type, exc, tb)
+
+    # -- the full lifecycle ------------------------------------------------------------------------
+
+    def _outcome(self, a: Attempt, result: Any, exc: Optional[BaseException],
+                 classify: Callable[[BaseException], Optional[str]], status_of: Callable[[Any], Optional[int]],
+                 grpc_status_of: Optional[Callable[[Any], Optional[int]]]) -> None:
+        if exc is not None:
+            kind = classify(exc)
+            a.finish(error=kind or RESET)
+            if kind is None:
+                raise exc
+        else:
+            a.finish(status_of(result), grpc_status_of(result) if grpc_status_of else None)
+
+    def _final(self, a: Attempt, result: Any, exc: Optional[BaseException]) -> Any:
+        stats = self._state.stats
+        if len(self.attempts) > 1 and a.error is None and (a.status or 200) < 500:
+            stats.inc("upstream_rq_retry_success")
+        if exc is not None:
+            if a.error == TIMEOUT and self.deadline is not None and time.monotonic() >= self.deadline:
+                stats.inc("upstream_rq_timeout")
+                raise UpstreamTimeout(f"{self.target}{self.path}: route timeout "
+                                      f"{self.route.timeout}s elapsed") from exc
+            raise exc
+        return result
+
+    def run(self, send: Callable[[Attempt], R], *, status_of: Callable[[Any], Optional[int]] = default_status_of,
+            grpc_status_of: Optional[Callable[[Any], Optional[int]]] = None,
+            classify: Callable[[BaseException], Optional[str]] = default_classify) -> R:
+        """Send with Envoy's router behaviour (fault, retries, breakers, timeouts); see module doc."""
+        d = self.fault()
+        if d.delay:
+            time.sleep(d.delay)
+        if d.aborts:
+            raise FaultAbort(d.abort_http_status, d.abort_grpc_status)
+        last_result: Any = None
+        last_exc: Optional[BaseException] = None
+        while True:
+            a = self.start_attempt()
+            if a is None:
+                return self._final(self.attempts[-1], last_result, last_exc)
+            result: Any = None
+            exc: Optional[BaseException] = None
+            try:
+                result = send(a)
+            except BaseException as e:  # noqa: BLE001  (classified below)
+                exc = e
+            self._outcome(a, result, exc, classify, status_of, grpc_status_of)
+            last_result, last_exc = result, exc
+            if not self._should_retry(a):
+                return self._final(a, result, exc)
+            _close(result)
+            delay = self.retry.next_backoff()
+            remaining = self._remaining()
+            if remaining is not None:
+                delay = min(delay, max(0.0, remaining))
+            if delay:
+                time.sleep(delay)
+
+    async def run_async(self, send: Callable[[Attempt], Awaitable[R]], *,
+                        status_of: Callable[[Any], Optional[int]] = default_status_of,
+                        grpc_status_of: Optional[Callable[[Any], Optional[int]]] = None,
+                        classify: Callable[[BaseException], Optional[str]] = default_classify) -> R:
+        """:meth:`run` for coroutines (``await send(attempt)``; sleeps with ``asyncio.sleep``)."""
+        d = self.fault()
+        if d.delay:
+            await asyncio.sleep(d.delay)
+        if d.aborts:
+            raise FaultAbort(d.abort_http_status, d.abort_grpc_status)
+        last_result: Any = None
+        last_exc: Optional[BaseException] = None
+        while True:
+            a = self.start_attempt()
+            if a is None:
+                return self._final(self.attempts[-1], last_result, last_exc)
+            result: Any = None
+            exc: Optional[BaseException] = None
+            try:
+                if a.timeout is not None:
+                    result = await asyncio.wait_for(send(a), a.timeout)
+                else:
+                    result = await send(a)
+            except BaseException as e:  # noqa: BLE001
+                exc = e
+            self._outcome(a, result, exc, classify, status_of, grpc_status_of)
+            last_result, last_exc = result, exc
+            if not self._should_retry(a):
+                return self._final(a, result, exc)
+            await _aclose(result)
+            delay = self.retry.next_backoff()
+            remaining = self._remaining()
+            if remaining is not None:
+                delay = min(delay, max(0.0, remaining))
+            if delay:
+                await asyncio.sleep(delay)
+
+    def __repr__(self) -> str:
+        return f"Call({self.target}{self.path} route={self.route.route_name!r} cluster={self.cluster!r})"
+
+
+def _pairs(headers: Any) -> List[Tuple[str, str]]:
+    if not headers:
+        return []
+    if hasattr(headers, "items"):
+        return [(str(k), str(v)) for k, v in headers.items()]
+    return [(str(k), str(v)) for k, v in headers]
+
+
+def _close(result: Any) -> None:
+    """Release a response that is being retried (its connection goes back to the pool)."""
+    close = getattr(result, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:
+            pass
+
+
+async def _aclose(result: Any) -> None:
+    close = getattr(result, "aclose", None)
+    if callable(close):
+        try:
+            await close()
+        except Exception:
+            pass
+        return
+    _close(result)

@@ -1,0 +1,60 @@
+"""Per-cluster request state shared by every call: circuit breakers, outlier detector, stats.
+
+Kept by cluster name across configuration updates (a new Cluster resource updates the
+thresholds and the detector's settings; counts and ejections carry over).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .resilience.circuit import CircuitBreakerState
+from .resilience.outlier import OutlierDetector
+
+__all__ = ["ClusterState"]
+
+
+class ClusterState:
+    def __init__(self, mesh: Any, name: str) -> None:
+        self.mesh = mesh
+        self.name = name
+        self.spec: Any = None
+        self.breakers = CircuitBreakerState()
+        self.outlier: Optional[OutlierDetector] = None
+        self.stats = mesh.stats_registry.cluster(name)
+        self.stats.gauges["upstream_rq_active"] = lambda: self.breakers.active_requests
+        self.stats.gauges["upstream_rq_pending_active"] = lambda: self.breakers.pending
+        self.stats.gauges["outlier_detection.ejections_active"] = (
+            lambda: self.outlier.ejections_active if self.outlier is not None else 0)
+
+    def configure(self, spec: Any) -> None:
+        self.spec = spec
+        if spec is None:
+            return
+        self.breakers.thresholds = spec.circuit_breakers
+        od = spec.outlier_detection
+        if od is None:
+            self.outlier = None
+        elif self.outlier is None:
+            self.outlier = OutlierDetector(od, self._set_ejected, self.mesh._rng)
+        else:
+            self.outlier.spec = od
+
+    def _set_ejected(self, key: str, ejected: bool) -> None:
+        rt = self.mesh._runtime(self.name)
+        lb = getattr(rt, "lb", None)
+        if lb is None or not hasattr(lb, "set_ejected"):
+            return
+        for ep in lb.endpoints:
+            if ep.key == key:
+                lb.set_ejected(ep, ejected)
+        if ejected:
+            self.stats.inc("outlier_detection.ejections_enforced_total")
+
+    def outlier_tick(self) -> None:
+        if self.outlier is not None:
+            self.outlier.tick()
+
+    def outlier_record(self, endpoint: Any, status: Optional[int], local_failure: bool = False) -> None:
+        if self.outlier is not None:
+            self.outlier.record(endpoint.key, status, local_failure)

@@ -1,0 +1,112 @@
+"""Retry decisions (Envoy ``RetryStateImpl``): which outcomes are retriable, and the backoff.
+
+``retry_on`` classes (Envoy router docs, "x-envoy-retry-on"; shared/docs/envoy-semantics.md §8.8):
+
+* ``5xx``: any 5xx response, and no response at all (connect failure, reset, per-try timeout);
+* ``gateway-error``: 502, 503, 504, and per-try timeouts (Envoy answers those with 504);
+* ``reset``: the upstream did not answer (reset, disconnect, per-try timeout);
+* ``connect-failure`` (also implied by ``5xx``), ``refused-stream`` (treated like a reset before
+  any byte: retried with ``reset`` or ``5xx`` too);
+* ``retriable-4xx`` (409), ``retriable-status-codes`` (the route's list);
+* gRPC (``grpc-status`` of the response): ``cancelled`` (1), ``deadline-exceeded`` (4),
+  ``resource-exhausted`` (8), ``internal`` (13), ``unavailable`` (14).
+
+Backoff (``JitteredExponentialBackOffStrategy``): the n-th retry waits
+``random() % ((2^n - 1) * base)`` milliseconds, capped at ``max_interval`` (default 10 x base;
+base default 25 ms). The exponent stops growing once ``(2^n - 1) * base`` exceeds the cap.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Optional
+
+__all__ = ["RetryState", "classify_status", "CONNECT_FAILURE", "RESET", "TIMEOUT"]
+
+CONNECT_FAILURE = "connect-failure"
+RESET = "reset"
+TIMEOUT = "timeout"  # a per-try timeout (Envoy: 504 upstream request timeout)
+
+_GRPC_CODES = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted": 8, "internal": 13, "unavailable": 14}
+
+
+def classify_status(status: Optional[int]) -> str:
+    """``"2xx"``... the class an HTTP status counts in (Envoy's upstream_rq_<class> stats)."""
+    if status is None:
+        return "none"
+    return f"{status // 100}xx"
+
+
+class RetryState:
+    """The retry state of one request under a route's ``RetryPolicy`` (``None``: no retries)."""
+
+    __slots__ = ("policy", "on", "grpc_codes", "status_codes", "max_retries", "retries", "_rng", "_base_ms",
+                 "_max_ms", "_exp")
+
+    def __init__(self, policy: Any, rng: Optional[random.Random] = None) -> None:
+        self.policy = policy
+        self.retries = 0
+        self._rng = rng or random.Random()
+        self._exp = 1
+        if policy is None:
+            self.on = frozenset()
+            self.grpc_codes = frozenset()
+            self.status_codes = frozenset()
+            self.max_retries = 0
+            self._base_ms = 25
+            self._max_ms = 250
+            return
+        on = set()
+        for item in policy.retry_on:
+            on.update(x.strip() for x in item.split(",") if x.strip())
+        self.on = frozenset(on)
+        self.grpc_codes = frozenset(code for name, code in _GRPC_CODES.items() if name in on)
+        self.status_codes = frozenset(policy.retriable_status_codes) if "retriable-status-codes" in on else frozenset()
+        self.max_retries = policy.num_retries
+        self._base_ms = max(1, int(round(policy.base_interval * 1000)))
+        self._max_ms = max(self._base_ms, int(round((policy.max_interval or policy.base_interval * 10) * 1000)))
+
+    def retriable(self, status: Optional[int] = None, grpc_status: Optional[int] = None,
+                  error: Optional[str] = None) -> bool:
+        """Whether this outcome may be retried under the policy (the retry budget aside)."""
+        on = self.on
+        if not on:
+            return False
+        if error is not None:
+            if error == CONNECT_FAILURE:
+                return bool(on & {"5xx", "gateway-error", "connect-failure", "reset"})
+            if error == TIMEOUT:
+                return bool(on & {"5xx", "gateway-error", "reset"})
+            return bool(on & {"5xx", "reset", "refused-stream"})
+        if grpc_status is not None and grpc_status in self.grpc_codes:
+            return True
+        if status is None:
+            return False
+        if status >= 500 and "5xx" in on:
+            return True
+        if status in (502, 503, 504) and "gateway-error" in on:
+            return True
+        if status == 409 and "retriable-4xx" in on:
+            return True
+        return status in self.status_codes
+
+    def can_retry(self) -> bool:
+        return self.retries < self.max_retries
+
+    def next_backoff(self) -> float:
+        """Seconds to wait before the next retry (counts the retry)."""
+        self.retries += 1
+        window = ((1 << self._exp) - 1) * self._base_ms
+        if window <= self._max_ms:
+            self._exp += 1
+        return min(self._rng.randrange(window), self._max_ms) / 1000.0
+
+    @property
+    def previous_hosts(self) -> bool:
+        """Whether retries avoid hosts already tried (Envoy's previous_hosts predicate)."""
+        return self.policy is not None and any("previous_hosts" in p for p in self.policy.retry_host_predicates)
+
+    @property
+    def host_selection_attempts(self) -> int:
+        return 1 if self.policy is None else max(1, self.policy.host_selection_retry_max_attempts)
+

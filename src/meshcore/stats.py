@@ -1,0 +1,146 @@
+"""Envoy-like per-cluster statistics, readable from Python and exportable to Prometheus.
+
+Counters use Envoy's cluster stat names (``upstream_rq_total``, ``upstream_rq_2xx``,
+``upstream_rq_retry``, ``upstream_rq_pending_overflow``, ``outlier_detection.ejections_enforced_total``
+...); ``upstream_rq_active`` is a gauge; ``upstream_rq_time`` a histogram in milliseconds with
+Envoy's default buckets. :meth:`StatsRegistry.snapshot` returns plain dicts;
+:func:`prometheus_collector` exposes the same numbers as ``meshcore_cluster_<name>`` metrics with
+a ``cluster`` label (``prometheus_client`` is an optional dependency: ``pip install
+meshcore[prometheus]``). Nothing is sent anywhere unless you register the collector.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+__all__ = ["Histogram", "ClusterStats", "StatsRegistry", "prometheus_collector", "BUCKETS_MS"]
+
+#: Envoy's default histogram bucket bounds (milliseconds).
+BUCKETS_MS: Tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+                                 300000, 600000, 1800000, 3600000)
+
+
+class Histogram:
+    __slots__ = ("counts", "sum", "count", "_lock")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS_MS) + 1)  # the last one: above every bound
+        self.sum = 0.0
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def observe(self, value_ms: float) -> None:
+        i = bisect.bisect_left(BUCKETS_MS, value_ms)
+        with self._lock:
+            self.counts[i] += 1
+            self.sum += value_ms
+            self.count += 1
+
+    def quantile(self, q: float) -> Optional[float]:
+        """The upper bound of the bucket holding quantile ``q`` (``None`` when empty)."""
+        if not self.count:
+            return None
+        rank = q * self.count
+        seen = 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= rank and c:
+                return BUCKETS_MS[i] if i < len(BUCKETS_MS) else float("inf")
+        return float("inf")
+
+    def snapshot(self) -> Dict[str, Any]:
+        cumulative, acc = [], 0
+        for bound, c in zip(BUCKETS_MS, self.counts):
+            acc += c
+            cumulative.append((bound, acc))
+        return {"count": self.count, "sum_ms": self.sum, "buckets": cumulative,
+                "p50_ms": self.quantile(0.5), "p99_ms": self.quantile(0.99)}
+
+
+class ClusterStats:
+    """Counters, gauges and the request-time histogram of one cluster."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self.counters: Dict[str, int] = {}
+        self.gauges: Dict[str, Callable[[], int]] = {}
+        self.rq_time = Histogram()
+
+    def inc(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] = self.counters.get(name, 0) + n
+
+    def get(self, name: str) -> int:
+        if name in self.gauges:
+            return self.gauges[name]()
+        return self.counters.get(name, 0)
+
+    def snapshot(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = dict(sorted(self.counters.items()))
+        for name, read in self.gauges.items():
+            out[name] = read()
+        out["upstream_rq_time"] = self.rq_time.snapshot()
+        return out
+
+
+class StatsRegistry:
+    def __init__(self) -> None:
+        self._clusters: Dict[str, ClusterStats] = {}
+        self._lock = threading.Lock()
+
+    def cluster(self, name: str) -> ClusterStats:
+        stats = self._clusters.get(name)
+        if stats is None:
+            with self._lock:
+                stats = self._clusters.setdefault(name, ClusterStats(name))
+        return stats
+
+    def clusters(self) -> List[ClusterStats]:
+        return list(self._clusters.values())
+
+    def snapshot(self) -> Dict[str, Dict[str, Any]]:
+        return {s.name: s.snapshot() for s in self.clusters()}
+
+
+def _metric_name(stat: str) -> str:
+    return "meshcore_cluster_" + stat.replace(".", "_")
+
+
+def prometheus_collector(registry: StatsRegistry) -> Any:
+    """A ``prometheus_client`` collector for ``registry`` (register it with ``REGISTRY.register``)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    class MeshcoreCollector:
+        def collect(self) -> Iterator[Any]:
+            families: Dict[str, Any] = {}
+            for stats in registry.clusters():
+                for name, value in list(stats.counters.items()):
+                    fam = families.get(name)
+                    if fam is None:
+                        fam = families[name] = CounterMetricFamily(
+                            _metric_name(name), f"Envoy cluster stat {name}", labels=["cluster"])
+                    fam.add_metric([stats.name], value)
+                for name, read in stats.gauges.items():
+                    key = "gauge:" + name
+                    fam = families.get(key)
+                    if fam is None:
+                        fam = families[key] = GaugeMetricFamily(
+                            _metric_name(name), f"Envoy cluster gauge {name}", labels=["cluster"])
+                    fam.add_metric([stats.name], read())
+                h = stats.rq_time
+                fam = families.get("hist")
+                if fam is None:
+                    fam = families["hist"] = HistogramMetricFamily(
+                        "meshcore_cluster_upstream_rq_time_seconds", "Upstream request time", labels=["cluster"])
+                snap = h.snapshot()
+                buckets = [(str(b / 1000.0), c) for b, c in snap["buckets"]] + [("+Inf", h.count)]
+                fam.add_metric([stats.name], buckets, sum_value=h.sum / 1000.0)
+            yield from families.values()
+
+        def describe(self) -> List[Any]:
+            return []
+
+    return MeshcoreCollector()
