@@ -30,10 +30,13 @@ from typing import Any, Awaitable, Callable, List, Optional, Tuple, TypeVar
 from ._model import Endpoint
 from ._routing import RouteMatch
 from .errors import MeshError, Unavailable
-from .resilience.fault import FaultDecision, decide_fault
-from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, RetryState, classify_status
+from .resilience.fault import NO_FAULT, FaultDecision, decide_fault
+from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, RetryState
 
 __all__ = ["Call", "Attempt", "UpstreamError", "CircuitBreakerOpen", "FaultAbort", "UpstreamTimeout"]
+
+_ERROR_STATS = {CONNECT_FAILURE: "upstream_cx_connect_fail", TIMEOUT: "upstream_rq_per_try_timeout",
+                RESET: "upstream_rq_rx_reset"}
 
 R = TypeVar("R")
 
@@ -166,13 +169,22 @@ class Call:
         self.started = time.monotonic()
         timeout = route.timeout
         self.deadline = None if not timeout else self.started + timeout
-        self.retry = RetryState(route.retry_policy, rng)
+        self._retry: Optional[RetryState] = None
         self.attempts: List[Attempt] = []
         self._single: Optional[Attempt] = None
+
+    @property
+    def retry(self) -> RetryState:
+        """The request's retry state under the route's policy (made on first use)."""
+        if self._retry is None:
+            self._retry = RetryState(self.route.retry_policy, self._rng)
+        return self._retry
 
     # -- shared steps --------------------------------------------------------------------------
 
     def fault(self) -> FaultDecision:
+        if self._fault_spec is None:
+            return NO_FAULT
         hdrs = {k.lower(): v for k, v in _pairs(self.headers)}
         return decide_fault(self._fault_spec, hdrs, self._rng, self.cluster)
 
@@ -180,8 +192,11 @@ class Call:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
     def _try_timeout(self) -> Optional[float]:
-        per_try = self.route.retry_policy.per_try_timeout if self.route.retry_policy is not None else None
-        remaining = self._remaining()
+        policy = self.route.retry_policy
+        per_try = policy.per_try_timeout if policy is not None else None
+        if self.deadline is None:
+            return per_try
+        remaining = self.deadline - time.monotonic()
         if per_try and remaining is not None:
             return min(per_try, remaining)
         return per_try or remaining
@@ -208,9 +223,7 @@ class Call:
             raise
         attempt = Attempt(self, len(self.attempts) + 1, endpoint, lb, self._try_timeout(), retry)
         self.attempts.append(attempt)
-        stats.inc("upstream_rq_total")
-        if retry:
-            stats.inc("upstream_rq_retry")
+        stats.attempt_started(retry)
         return attempt
 
     def _pick(self, retry: bool) -> Tuple[Endpoint, Any]:
@@ -240,24 +253,15 @@ class Call:
         st = self._state
         a._lb.release(a.endpoint)
         st.breakers.release(a._retry)
-        stats = st.stats
         elapsed_ms = (time.monotonic() - a._started) * 1000.0
-        stats.rq_time.observe(elapsed_ms)
         if a.error is not None:
-            if a.error == CONNECT_FAILURE:
-                stats.inc("upstream_cx_connect_fail")
-            elif a.error == TIMEOUT:
-                stats.inc("upstream_rq_per_try_timeout")
-            else:
-                stats.inc("upstream_rq_rx_reset")
-            stats.inc("upstream_rq_5xx")
-            st.outlier_record(a.endpoint, None, local_failure=True)
+            st.stats.attempt_finished(None, _ERROR_STATS.get(a.error, "upstream_rq_rx_reset"), elapsed_ms)
+            if st.outlier is not None:
+                st.outlier.record(a.endpoint.key, None, True)
         else:
-            stats.inc("upstream_rq_completed")
-            if a.status is not None:
-                stats.inc(f"upstream_rq_{classify_status(a.status)}")
-                stats.inc(f"upstream_rq_{a.status}")
-            st.outlier_record(a.endpoint, a.status)
+            st.stats.attempt_finished(a.status, None, elapsed_ms)
+            if st.outlier is not None:
+                st.outlier.record(a.endpoint.key, a.status)
 
     def _should_retry(self, a: Attempt) -> bool:
         if not self.retry.retriable(a.status, a.grpc_status, a.error):

@@ -217,9 +217,12 @@ class Mesh:
         ``call.run(send)`` for retries, timeouts, breakers and faults, or ``with call as attempt``
         for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
         from the URL (default ports 80/443)."""
-        scheme, netloc, path = split_url(url)
+        parsed = _URL_CACHE.get(url)
+        if parsed is None:
+            parsed = _parse_url(url)
+        scheme, netloc, path, default_target = parsed
         if target is None:
-            target = netloc if ":" in netloc.rsplit("]", 1)[-1] else f"{netloc}:{443 if scheme == 'https' else 80}"
+            target = default_target
         cfg = self._publisher.published.get(target)
         if cfg is None or cfg.error is not None:
             if cfg is None:
@@ -305,6 +308,19 @@ def split_url(url: str) -> Tuple[str, str, str]:
     if not path.startswith("/"):
         path = "/" + path
     return scheme, netloc, path.split("#", 1)[0]
+
+
+_URL_CACHE: Dict[str, Tuple[str, str, str, str]] = {}
+
+
+def _parse_url(url: str) -> Tuple[str, str, str, str]:
+    """``split_url`` plus the default ``host:port`` target, cached (services call few URLs)."""
+    scheme, netloc, path = split_url(url)
+    target = netloc if ":" in netloc.rsplit("]", 1)[-1] else f"{netloc}:{443 if scheme == 'https' else 80}"
+    if len(_URL_CACHE) >= 4096:
+        _URL_CACHE.clear()
+    parsed = _URL_CACHE[url] = (scheme, netloc, path, target)
+    return parsed
 
 
 def _fault_spec(cfg: TargetConfig) -> Any:

@@ -23,20 +23,19 @@ BUCKETS_MS: Tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 250
 
 
 class Histogram:
-    __slots__ = ("counts", "sum", "count", "_lock")
+    """Bucket counts in milliseconds. Not locked itself: its owner serialises writers."""
+
+    __slots__ = ("counts", "sum", "count")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(BUCKETS_MS) + 1)  # the last one: above every bound
         self.sum = 0.0
         self.count = 0
-        self._lock = threading.Lock()
 
     def observe(self, value_ms: float) -> None:
-        i = bisect.bisect_left(BUCKETS_MS, value_ms)
-        with self._lock:
-            self.counts[i] += 1
-            self.sum += value_ms
-            self.count += 1
+        self.counts[bisect.bisect_left(BUCKETS_MS, value_ms)] += 1
+        self.sum += value_ms
+        self.count += 1
 
     def quantile(self, q: float) -> Optional[float]:
         """The upper bound of the bucket holding quantile ``q`` (``None`` when empty)."""
@@ -60,12 +59,18 @@ class Histogram:
 
 
 class ClusterStats:
-    """Counters, gauges and the request-time histogram of one cluster."""
+    """Counters, gauges and the request-time histogram of one cluster.
+
+    The request path records an attempt with two calls (:meth:`attempt_started`,
+    :meth:`attempt_finished`), one lock each; per-status counters are kept by status code and
+    ``upstream_rq_<class>`` / ``upstream_rq_completed`` are derived when read.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._lock = threading.Lock()
         self.counters: Dict[str, int] = {}
+        self.statuses: Dict[int, int] = {}
         self.gauges: Dict[str, Callable[[], int]] = {}
         self.rq_time = Histogram()
 
@@ -73,13 +78,54 @@ class ClusterStats:
         with self._lock:
             self.counters[name] = self.counters.get(name, 0) + n
 
+    def attempt_started(self, retry: bool) -> None:
+        with self._lock:
+            c = self.counters
+            c["upstream_rq_total"] = c.get("upstream_rq_total", 0) + 1
+            if retry:
+                c["upstream_rq_retry"] = c.get("upstream_rq_retry", 0) + 1
+
+    def attempt_finished(self, status: Optional[int], error_stat: Optional[str], elapsed_ms: float) -> None:
+        i = bisect.bisect_left(BUCKETS_MS, elapsed_ms)
+        h = self.rq_time
+        with self._lock:
+            if error_stat is not None:
+                c = self.counters
+                c[error_stat] = c.get(error_stat, 0) + 1
+                c["upstream_rq_5xx_local"] = c.get("upstream_rq_5xx_local", 0) + 1
+            else:
+                key = status if status is not None else 0
+                self.statuses[key] = self.statuses.get(key, 0) + 1
+            h.counts[i] += 1
+            h.sum += elapsed_ms
+            h.count += 1
+
+    def all_counters(self) -> Dict[str, int]:
+        """Every counter, the derived per-class ones included."""
+        with self._lock:
+            out = dict(self.counters)
+            statuses = dict(self.statuses)
+        local_5xx = out.pop("upstream_rq_5xx_local", 0)
+        completed = 0
+        for status, n in statuses.items():
+            completed += n
+            if status:
+                out[f"upstream_rq_{status}"] = n
+                cls = f"upstream_rq_{status // 100}xx"
+                out[cls] = out.get(cls, 0) + n
+        if local_5xx:
+            out["upstream_rq_5xx"] = out.get("upstream_rq_5xx", 0) + local_5xx
+        if completed:
+            out["upstream_rq_completed"] = completed
+        return out
+
     def get(self, name: str) -> int:
         if name in self.gauges:
             return self.gauges[name]()
-        return self.counters.get(name, 0)
+        return self.all_counters().get(name, 0)
 
     def snapshot(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = dict(sorted(self.counters.items()))
+        out: Dict[str, Any] = dict(sorted(self.all_counters().items()))
         for name, read in self.gauges.items():
             out[name] = read()
         out["upstream_rq_time"] = self.rq_time.snapshot()
@@ -117,7 +163,7 @@ def prometheus_collector(registry: StatsRegistry) -> Any:
         def collect(self) -> Iterator[Any]:
             families: Dict[str, Any] = {}
             for stats in registry.clusters():
-                for name, value in list(stats.counters.items()):
+                for name, value in stats.all_counters().items():
                     fam = families.get(name)
                     if fam is None:
                         fam = families[name] = CounterMetricFamily(

@@ -19,7 +19,7 @@ base default 25 ms). The exponent stops growing once ``(2^n - 1) * base`` exceed
 from __future__ import annotations
 
 import random
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 __all__ = ["RetryState", "classify_status", "CONNECT_FAILURE", "RESET", "TIMEOUT"]
 
@@ -35,6 +35,36 @@ def classify_status(status: Optional[int]) -> str:
     if status is None:
         return "none"
     return f"{status // 100}xx"
+
+
+class _Compiled:
+    """A RetryPolicy's parsed form, computed once per policy object."""
+
+    __slots__ = ("policy", "on", "grpc_codes", "status_codes", "max_retries", "base_ms", "max_ms")
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+        on: set = set()
+        for item in policy.retry_on:
+            on.update(x.strip() for x in item.split(",") if x.strip())
+        self.on = frozenset(on)
+        self.grpc_codes = frozenset(code for name, code in _GRPC_CODES.items() if name in on)
+        self.status_codes = frozenset(policy.retriable_status_codes) if "retriable-status-codes" in on else frozenset()
+        self.max_retries = policy.num_retries
+        self.base_ms = max(1, int(round(policy.base_interval * 1000)))
+        self.max_ms = max(self.base_ms, int(round((policy.max_interval or policy.base_interval * 10) * 1000)))
+
+
+_cache: Dict[int, _Compiled] = {}
+
+
+def _compiled(policy: Any) -> "_Compiled":
+    c = _cache.get(id(policy))
+    if c is None or c.policy is not policy:
+        if len(_cache) > 4096:
+            _cache.clear()
+        c = _cache[id(policy)] = _Compiled(policy)
+    return c
 
 
 class RetryState:
@@ -56,15 +86,9 @@ class RetryState:
             self._base_ms = 25
             self._max_ms = 250
             return
-        on = set()
-        for item in policy.retry_on:
-            on.update(x.strip() for x in item.split(",") if x.strip())
-        self.on = frozenset(on)
-        self.grpc_codes = frozenset(code for name, code in _GRPC_CODES.items() if name in on)
-        self.status_codes = frozenset(policy.retriable_status_codes) if "retriable-status-codes" in on else frozenset()
-        self.max_retries = policy.num_retries
-        self._base_ms = max(1, int(round(policy.base_interval * 1000)))
-        self._max_ms = max(self._base_ms, int(round((policy.max_interval or policy.base_interval * 10) * 1000)))
+        c = _compiled(policy)
+        self.on, self.grpc_codes, self.status_codes = c.on, c.grpc_codes, c.status_codes
+        self.max_retries, self._base_ms, self._max_ms = c.max_retries, c.base_ms, c.max_ms
 
     def retriable(self, status: Optional[int] = None, grpc_status: Optional[int] = None,
                   error: Optional[str] = None) -> bool:
