@@ -190,6 +190,8 @@ class RouteSpec:
     cluster_not_found_response_code: int = 503
     headers_to_add: Tuple[HeaderMutation, ...] = ()
     headers_to_remove: Tuple[str, ...] = ()
+    # typed_per_filter_config (route over virtual host): (HTTP filter name, FaultSpec or None=disabled)
+    filter_overrides: Tuple[Tuple[str, Any], ...] = ()
 
 
 @dataclass(slots=True)

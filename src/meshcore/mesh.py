@@ -239,7 +239,7 @@ class Mesh:
                                   f"(route {m.route_name!r} -> {m.cluster_not_found_response_code})")
             if rt.lb is None:
                 raise Unavailable(f"{target}{path}: {rt.error} (xDS node {self.node_id!r})")
-        return Call(self, target, netloc, scheme, path, method, headers, m, rt, _fault_spec(cfg), self._rng)
+        return Call(self, target, netloc, scheme, path, method, headers, m, rt, _fault_spec(cfg, m.route), self._rng)
 
     def _choose(self, rt: Any, hash: Optional[int]) -> Any:
         lb = rt.lb
@@ -323,11 +323,18 @@ def _parse_url(url: str) -> Tuple[str, str, str, str]:
     return parsed
 
 
-def _fault_spec(cfg: TargetConfig) -> Any:
-    """The listener's fault filter config (the first enabled one), if any."""
+def _fault_spec(cfg: TargetConfig, route: Any = None) -> Any:
+    """The fault config for a request: the listener's first fault filter, with the route's (or
+    its virtual host's) ``typed_per_filter_config`` for that filter name replacing the filter's
+    own config (Envoy's per-route filter config; how Istio applies VirtualService faults)."""
     if cfg.listener is None:
         return None
+    overrides = dict(route.filter_overrides) if route is not None and route.filter_overrides else {}
     for f in cfg.listener.http_filters:
-        if f.config is not None and not getattr(f, "disabled", False) and f.type_name.endswith("HTTPFault"):
+        if not f.type_name.endswith("HTTPFault"):
+            continue
+        if f.name in overrides:
+            return overrides[f.name]
+        if f.config is not None and not getattr(f, "disabled", False):
             return f.config
     return None

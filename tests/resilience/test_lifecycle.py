@@ -313,3 +313,26 @@ def test_prometheus_export(upstreams, mesh_with):
     assert 'meshcore_cluster_upstream_rq_total{cluster="shop"} 1.0' in text
     assert 'meshcore_cluster_upstream_rq_active{cluster="shop"} 0.0' in text
     assert 'meshcore_cluster_upstream_rq_time_seconds_count{cluster="shop"} 1.0' in text
+
+
+def test_per_route_fault_override_as_istio_writes_it(upstreams, tmp_path):
+    """Istio's VirtualService fault: an empty fault filter in the listener, the HTTPFault in the
+    route's typed_per_filter_config under the filter's name."""
+    ups = upstreams("ok")
+    path = os.path.join(str(tmp_path), "m.json")
+    write_mesh(path, [ups[0].port], fault={})
+    with open(path) as f:
+        data = json.load(f)
+    routes = data["routes"][0]["virtual_hosts"][0]["routes"]
+    routes.insert(0, {"name": "faulty", "match": {"prefix": "/ratings"}, "route": {"cluster": "shop"},
+                      "typed_per_filter_config": {"envoy.filters.http.fault": {
+                          "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                          "abort": {"http_status": 555, "percentage": {"numerator": 100}}}}})
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with meshcore.Mesh.from_file(path, watch=False) as mesh:
+        mesh.wait_ready(TARGET)
+        with pytest.raises(FaultAbort) as e:
+            mesh.request(URL + "/ratings/1").run(send)
+        assert e.value.http_status == 555
+        assert mesh.request(URL + "/other").run(send).status_code == 200  # the filter itself does nothing

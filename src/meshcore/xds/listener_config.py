@@ -176,12 +176,12 @@ def _http_filters(hcm: Any, name: str) -> Tuple[HttpFilterSpec, ...]:
                 continue
             raise ConfigError(name, f"{path}.typed_config", f"unsupported HTTP filter type {type_!r} "
                               "(supported: Router, HTTPFault; mark the filter is_optional to skip it)")
-        config = _fault(msg, name, f"{path}.typed_config") if type_ == _FAULT else None
+        config = fault_spec(msg, name, f"{path}.typed_config") if type_ == _FAULT else None
         out.append(HttpFilterSpec(f.name, type_, config, f.disabled))
     return tuple(out)
 
 
-def _fault(msg: Any, name: str, path: str) -> FaultSpec:
+def fault_spec(msg: Any, name: str, path: str) -> FaultSpec:
     """``HTTPFault`` -> :class:`FaultSpec` (the module docstring lists the rules)."""
     fields: Dict[str, Any] = {}
     if msg.HasField("delay"):

@@ -222,7 +222,33 @@ _ACTION_UNSUPPORTED = frozenset({"cluster_specifier_plugin", "inline_cluster_spe
                                  "path_rewrite_policy"})
 
 
-def _route(ctx: _Ctx, r: Any, index: int, vh_where: str, vh_retry: Optional[RetryPolicy]) -> RouteSpec:
+def _filter_overrides(ctx: _Ctx, configs: Any, where: str) -> Dict[str, Any]:
+    """``typed_per_filter_config`` -> {filter name: FaultSpec} for the fault filter; other
+    filters' per-route configs are ignored (they configure filters meshcore does not run)."""
+    from envoy.config.route.v3 import route_components_pb2 as rc
+    from envoy.extensions.filters.http.fault.v3 import fault_pb2
+
+    from ._decode import unpack
+    from .listener_config import fault_spec
+
+    out: Dict[str, Any] = {}
+    for filter_name, any_ in configs.items():
+        path = f"{where}.typed_per_filter_config[{filter_name}]"
+        if any_.type_url.endswith("envoy.config.route.v3.FilterConfig"):
+            wrapper = rc.FilterConfig()
+            any_.Unpack(wrapper)
+            if wrapper.disabled:
+                out[filter_name] = None
+                continue
+            any_, path = wrapper.config, path + ".config"
+        msg, _ = unpack(any_, {fault_pb2.HTTPFault.DESCRIPTOR.full_name: fault_pb2.HTTPFault}, ctx.resource, path)
+        if msg is not None:
+            out[filter_name] = fault_spec(msg, ctx.resource, path)
+    return out
+
+
+def _route(ctx: _Ctx, r: Any, index: int, vh_where: str, vh_retry: Optional[RetryPolicy],
+           vh_overrides: Optional[Dict[str, Any]] = None) -> RouteSpec:
     # ListFields(): one protobuf call for all set fields (HasField per field costs far more).
     route_fields = {f.name: v for f, v in r.ListFields()}
     name = route_fields.get("name", "")
@@ -296,6 +322,11 @@ def _route(ctx: _Ctx, r: Any, index: int, vh_where: str, vh_retry: Optional[Retr
     else:
         action = r.WhichOneof("action")
         raise ctx.error(f"{where}.{action or 'action'}", "unsupported route action" if action else "route has no action")
+    overrides = dict(vh_overrides or {})
+    if "typed_per_filter_config" in route_fields:
+        overrides.update(_filter_overrides(ctx, r.typed_per_filter_config, where))
+    if overrides:
+        fields["filter_overrides"] = tuple(sorted(overrides.items()))
     return RouteSpec(**fields)
 
 
@@ -417,7 +448,9 @@ def route_config_spec(route_configuration: Any) -> RouteConfigSpec:
             domains.append(key)
         vh_retry = _retry_policy(ctx, vh.retry_policy, vh_where + ".retry_policy") \
             if vh.HasField("retry_policy") else None
-        routes = tuple(_route(ctx, r, i, vh_where, vh_retry) for i, r in enumerate(vh.routes))
+        vh_overrides = _filter_overrides(ctx, vh.typed_per_filter_config, vh_where) \
+            if len(vh.typed_per_filter_config) else None
+        routes = tuple(_route(ctx, r, i, vh_where, vh_retry, vh_overrides) for i, r in enumerate(vh.routes))
         vh_adds, vh_removes = _mutations(ctx, vh.request_headers_to_add, vh.request_headers_to_remove, vh_where)
         vhosts.append(VirtualHostSpec(vh.name, tuple(domains), routes, _REQUIRE_TLS.get(vh.require_tls, "NONE"),
                                       vh_retry, vh_adds, vh_removes))
