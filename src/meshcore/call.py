@@ -38,6 +38,10 @@ __all__ = ["Call", "Attempt", "UpstreamError", "CircuitBreakerOpen", "FaultAbort
 _ERROR_STATS = {CONNECT_FAILURE: "upstream_cx_connect_fail", TIMEOUT: "upstream_rq_per_try_timeout",
                 RESET: "upstream_rq_rx_reset"}
 
+# Envoy's Grpc::Utility::grpcToHttpStatus (source/common/grpc/status.cc).
+_GRPC_TO_HTTP = {1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400, 10: 409, 11: 400,
+                 12: 501, 13: 500, 14: 503, 15: 500, 16: 401}
+
 R = TypeVar("R")
 
 
@@ -152,7 +156,8 @@ class Call:
     """One request routed by the mesh; see the module docstring."""
 
     def __init__(self, mesh: Any, target: str, authority: str, scheme: str, path: str, method: str,
-                 headers: Any, route: RouteMatch, cluster_rt: Any, fault_spec: Any, rng: random.Random) -> None:
+                 headers: Any, route: RouteMatch, cluster_rt: Any, fault_spec: Any, rng: random.Random,
+                 timeout: Optional[float] = None) -> None:
         self.mesh = mesh
         self.target = target
         self.authority = authority
@@ -167,8 +172,10 @@ class Call:
         self._fault_spec = fault_spec
         self._rng = rng
         self.started = time.monotonic()
-        timeout = route.timeout
-        self.deadline = None if not timeout else self.started + timeout
+        limits = [t for t in (route.timeout, timeout) if t]
+        #: monotonic time by which the whole request must end: the route timeout, or the
+        #: caller's own ``timeout`` if shorter (None: no limit)
+        self.deadline = self.started + min(limits) if limits else None
         self._retry: Optional[RetryState] = None
         self.attempts: List[Attempt] = []
         self._single: Optional[Attempt] = None
@@ -261,7 +268,10 @@ class Call:
         else:
             st.stats.attempt_finished(a.status, None, elapsed_ms)
             if st.outlier is not None:
-                st.outlier.record(a.endpoint.key, a.status)
+                status = a.status
+                if a.grpc_status:  # Envoy feeds outlier detection grpcToHttpStatus(grpc-status)
+                    status = _GRPC_TO_HTTP.get(a.grpc_status, 500)
+                st.outlier.record(a.endpoint.key, status)
 
     def _should_retry(self, a: Attempt) -> bool:
         if not self.retry.retriable(a.status, a.grpc_status, a.error):

@@ -212,11 +212,12 @@ class Mesh:
     # -- the request lifecycle -----------------------------------------------------------------------
 
     def request(self, url: str, method: str = "GET", headers: Any = None, *, target: Optional[str] = None,
-                source_ip: Optional[str] = None) -> Call:
+                source_ip: Optional[str] = None, timeout: Optional[float] = None) -> Call:
         """Route one request (``http(s)://host[:port]/path?query``) and return its :class:`Call`:
         ``call.run(send)`` for retries, timeouts, breakers and faults, or ``with call as attempt``
         for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
-        from the URL (default ports 80/443)."""
+        from the URL (default ports 80/443); ``timeout`` (seconds) caps the request below the
+        route timeout (a caller's deadline)."""
         parsed = _URL_CACHE.get(url)
         if parsed is None:
             parsed = _parse_url(url)
@@ -239,7 +240,8 @@ class Mesh:
                                   f"(route {m.route_name!r} -> {m.cluster_not_found_response_code})")
             if rt.lb is None:
                 raise Unavailable(f"{target}{path}: {rt.error} (xDS node {self.node_id!r})")
-        return Call(self, target, netloc, scheme, path, method, headers, m, rt, _fault_spec(cfg, m.route), self._rng)
+        return Call(self, target, netloc, scheme, path, method, headers, m, rt, _fault_spec(cfg, m.route), self._rng,
+                    timeout)
 
     def _choose(self, rt: Any, hash: Optional[int]) -> Any:
         lb = rt.lb
