@@ -214,6 +214,10 @@ class Call:
         if self.route.cluster is None:
             raise MeshError(f"route {self.route.route_name!r} answers directly; there is no upstream")
         retry = bool(self.attempts)
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self._state.stats.inc("upstream_rq_timeout")
+            raise UpstreamTimeout(f"{self.target}{self.path}: request timeout elapsed before attempt "
+                                  f"{len(self.attempts) + 1}")
         st = self._state
         stats = st.stats
         over = st.breakers.try_acquire(retry)
@@ -318,8 +322,8 @@ class Call:
         if exc is not None:
             if a.error == TIMEOUT and self.deadline is not None and time.monotonic() >= self.deadline:
                 stats.inc("upstream_rq_timeout")
-                raise UpstreamTimeout(f"{self.target}{self.path}: route timeout "
-                                      f"{self.route.timeout}s elapsed") from exc
+                raise UpstreamTimeout(f"{self.target}{self.path}: request timeout elapsed "
+                                      f"(route timeout {self.route.timeout}s)") from exc
             raise exc
         return result
 
@@ -336,8 +340,9 @@ class Call:
         last_exc: Optional[BaseException] = None
         while True:
             a = self.start_attempt()
-            if a is None:
+            if a is None:  # retry overflow: the last outcome stands
                 return self._final(self.attempts[-1], last_result, last_exc)
+            _close(last_result)  # a retry was admitted: the previous response is discarded
             result: Any = None
             exc: Optional[BaseException] = None
             try:
@@ -348,7 +353,6 @@ class Call:
             last_result, last_exc = result, exc
             if not self._should_retry(a):
                 return self._final(a, result, exc)
-            _close(result)
             delay = self.retry.next_backoff()
             remaining = self._remaining()
             if remaining is not None:
@@ -370,8 +374,9 @@ class Call:
         last_exc: Optional[BaseException] = None
         while True:
             a = self.start_attempt()
-            if a is None:
+            if a is None:  # retry overflow: the last outcome stands
                 return self._final(self.attempts[-1], last_result, last_exc)
+            await _aclose(last_result)
             result: Any = None
             exc: Optional[BaseException] = None
             try:
@@ -385,7 +390,6 @@ class Call:
             last_result, last_exc = result, exc
             if not self._should_retry(a):
                 return self._final(a, result, exc)
-            await _aclose(result)
             delay = self.retry.next_backoff()
             remaining = self._remaining()
             if remaining is not None:
@@ -407,6 +411,8 @@ def _pairs(headers: Any) -> List[Tuple[str, str]]:
 
 def _close(result: Any) -> None:
     """Release a response that is being retried (its connection goes back to the pool)."""
+    if result is None:
+        return
     close = getattr(result, "close", None)
     if callable(close):
         try:
@@ -416,6 +422,8 @@ def _close(result: Any) -> None:
 
 
 async def _aclose(result: Any) -> None:
+    if result is None:
+        return
     close = getattr(result, "aclose", None)
     if callable(close):
         try:

@@ -6,8 +6,8 @@ contacting the upstream. Header-controlled faults read ``x-envoy-fault-delay-req
 ``x-envoy-fault-abort-request`` (HTTP status) / ``x-envoy-fault-abort-grpc-request`` when the
 filter enables them; ``x-envoy-fault-*-percentage`` headers are not modelled (100 %% of the
 configured percentage applies). ``upstream_cluster`` restricts the fault to requests routed to
-that cluster. Not modelled: ``max_active_faults`` and the ``headers`` matcher (such filters fault
-every request they would otherwise consider).
+that cluster and ``headers`` to requests whose headers all match (route header-matcher
+semantics). Not modelled: ``max_active_faults``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ def decide_fault(spec: Any, headers: Mapping[str, str], rng: random.Random, clus
     """The fault a request gets under ``spec`` (a ``FaultSpec``); ``headers`` are lower-cased."""
     if spec is None or (spec.upstream_cluster and spec.upstream_cluster != cluster):
         return NO_FAULT
+    if spec.headers:
+        from .._fast.routes_py import _header_matches
+
+        lists = {k: [v] for k, v in headers.items()}
+        if not all(_header_matches(h, lists) for h in spec.headers):
+            return NO_FAULT
     delay = 0.0
     if spec.delay_per_million and rng.randrange(1_000_000) < spec.delay_per_million:
         if spec.header_delay:

@@ -1,0 +1,1 @@
+"""Client-library integrations against real loopback upstreams."""
