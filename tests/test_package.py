@@ -41,7 +41,7 @@ def test_no_extensions_switch_selects_pure_twin():
 
 
 def test_demo_runs_and_reports():
-    out = subprocess.run([sys.executable, "-m", "meshcore", "demo", "--picks", "3000"],
+    out = subprocess.run([sys.executable, "-m", "meshcore", "demo", "--tour", "--picks", "3000"],
                          capture_output=True, text=True, check=True, timeout=120)
     assert "MAGLEV" in out.stdout and "of keys moved" in out.stdout
     assert "healthy=[28, 72]" in out.stdout  # the failover step spills to P1 as Envoy would

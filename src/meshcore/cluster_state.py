@@ -6,7 +6,7 @@ thresholds and the detector's settings; counts and ejections carry over).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from .resilience.circuit import CircuitBreakerState
 from .resilience.outlier import OutlierDetector
@@ -21,7 +21,9 @@ class ClusterState:
         self.spec: Any = None
         self.breakers = CircuitBreakerState()
         self.outlier: Optional[OutlierDetector] = None
+        self.synced: Any = None  # the assignment the detector's host list was taken from
         self.stats = mesh.stats_registry.cluster(name)
+        self.stats.extra = self._outlier_counters
         self.stats.gauges["upstream_rq_active"] = lambda: self.breakers.active_requests
         self.stats.gauges["upstream_rq_pending_active"] = lambda: self.breakers.pending
         self.stats.gauges["outlier_detection.ejections_active"] = (
@@ -40,6 +42,18 @@ class ClusterState:
         else:
             self.outlier.spec = od
 
+    def _outlier_counters(self) -> Dict[str, int]:
+        if self.outlier is None:
+            return {}
+        return {f"outlier_detection.{k}": v for k, v in self.outlier.counters.items()}
+
+    def sync_hosts(self, rt: Any) -> None:
+        """Give the detector the cluster's current hosts (max_ejection_percent counts them all)."""
+        self.synced = rt.eds_spec
+        lb = rt.lb
+        if self.outlier is not None and lb is not None:
+            self.outlier.sync_hosts(ep.key for ep in lb.endpoints)
+
     def _set_ejected(self, key: str, ejected: bool) -> None:
         rt = self.mesh._runtime(self.name)
         lb = getattr(rt, "lb", None)
@@ -48,8 +62,6 @@ class ClusterState:
         for ep in lb.endpoints:
             if ep.key == key:
                 lb.set_ejected(ep, ejected)
-        if ejected:
-            self.stats.inc("outlier_detection.ejections_enforced_total")
 
     def outlier_tick(self) -> None:
         if self.outlier is not None:

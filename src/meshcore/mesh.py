@@ -229,7 +229,8 @@ class Mesh:
             if cfg is None:
                 self._publisher.add_target(target)
             raise Unavailable(self._why(target, cfg))
-        m = cfg.route_table.match(cfg.authority, path, headers, method, scheme, None, source_ip)  # type: ignore[union-attr]
+        # virtual hosts see the Host header the request carries (the URL's authority as written)
+        m = cfg.route_table.match(netloc, path, headers, method, scheme, None, source_ip)  # type: ignore[union-attr]
         if m is None:
             raise NoRoute(target, path)
         rt = None
@@ -255,6 +256,8 @@ class Mesh:
             st = self._states.setdefault(rt.name, ClusterState(self, rt.name))
         if st.spec is not rt.spec:
             st.configure(rt.spec)
+        if st.outlier is not None and st.synced is not rt.eds_spec:
+            st.sync_hosts(rt)
         return st
 
     def _runtime(self, cluster: str) -> Any:

@@ -72,6 +72,7 @@ class ClusterStats:
         self.counters: Dict[str, int] = {}
         self.statuses: Dict[int, int] = {}
         self.gauges: Dict[str, Callable[[], int]] = {}
+        self.extra: Callable[[], Dict[str, int]] = dict  # counters kept elsewhere (outlier detection)
         self.rq_time = Histogram()
 
     def inc(self, name: str, n: int = 1) -> None:
@@ -117,6 +118,7 @@ class ClusterStats:
             out["upstream_rq_5xx"] = out.get("upstream_rq_5xx", 0) + local_5xx
         if completed:
             out["upstream_rq_completed"] = completed
+        out.update(self.extra())
         return out
 
     def get(self, name: str) -> int:

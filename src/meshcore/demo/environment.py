@@ -54,6 +54,7 @@ class DemoEnvironment:
         self.mesh: Optional[Mesh] = None
         self.sender = HttpSender()
         self.ready_seconds = 0.0
+        self.targets = tuple(resources.TARGETS)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 

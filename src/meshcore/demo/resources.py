@@ -9,7 +9,7 @@ over RDS; EDS clusters with their ClusterLoadAssignments:
 * ``ratings``: ``x-lb: round-robin`` goes to ``ratings-rr`` (ROUND_ROBIN, for comparison),
   everything else to ``ratings`` (LEAST_REQUEST, power of two choices); the same instances.
 * ``details``: ``details`` (ROUND_ROBIN) with outlier detection (3 consecutive 5xx eject a host
-  for 10 s; the interval is 1 s), the route retries 5xx twice.
+  for 1.5 s; the interval is 0.5 s), the route retries 5xx twice.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ TARGETS = ("reviews:9080", "ratings:9080", "details:9080")
 #: The initial canary split of the ``reviews`` default route.
 CANARY_WEIGHTS: Mapping[str, int] = {"reviews-v1": 90, "reviews-v2": 10}
 
-OUTLIER = {"consecutive_5xx": 3, "interval": 1.0, "base_ejection_time": 10.0, "max_ejection_percent": 50}
+OUTLIER = {"consecutive_5xx": 3, "interval": 0.5, "base_ejection_time": 1.5, "max_ejection_percent": 50}
 
 
 def _domains(service: str) -> List[str]:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 10  # an idle keep-alive connection is dropped after this many seconds
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stalls
     server: "_Server"
 
     def do_GET(self) -> None:  # noqa: N802  (http.server's spelling)
