@@ -186,14 +186,15 @@ def explain_request(mesh: Any, method: str, url: str, headers: Headers = (), *, 
         return out
     table = cfg.route_table
     spec: RouteConfigSpec = table.spec
-    out["request"]["authority"] = cfg.authority
+    authority = netloc  # Mesh.request matches virtual hosts on the URL's authority (the Host header)
+    out["request"]["authority"] = authority
     out["listener"] = cfg.listener.name if cfg.listener is not None else target
     out["route_configuration"] = spec.name
-    vhost = find_virtual_host(spec, cfg.authority, headers)
+    vhost = find_virtual_host(spec, authority, headers)
     out["virtual_host"] = vhost
     if vhost is None:
         out["outcome"] = "no_virtual_host"
-        out["error"] = f"no virtual host of {spec.name!r} matches {cfg.authority!r} (Envoy: 404, NR)"
+        out["error"] = f"no virtual host of {spec.name!r} matches {authority!r} (Envoy: 404, NR)"
         return out
     vh = spec.virtual_hosts[vhost["index"]]
     out["routes"] = [{"index": r.index, "name": r.name, "match": describe_match(r), "action": describe_action(r)}
@@ -201,7 +202,7 @@ def explain_request(mesh: Any, method: str, url: str, headers: Headers = (), *, 
     if random_value is None:
         random_value = random.getrandbits(64)
     out["random_value"] = random_value
-    m = table.match(cfg.authority, path, headers, method, scheme, random_value, source_ip)
+    m = table.match(authority, path, headers, method, scheme, random_value, source_ip)
     if m is None:
         out["route"] = None
         out["outcome"] = "no_route"

@@ -213,11 +213,16 @@ def test_route_no_route_is_explained(capsys, tmp_path):
 
 
 def test_route_target_override_with_file(capsys, resource_file):
+    # --target picks the listener; virtual hosts still see the URL's authority (the Host header)
     code, out, _ = run(capsys, "route", "GET", "http://example.com/healthz", "--file", resource_file,
                        "--target", TARGET, "--json")
-    assert code == 0
+    assert code == 1
     x = json.loads(out)
-    assert x["request"]["target"] == TARGET and x["outcome"] == "direct_response"
+    assert x["request"]["target"] == TARGET and x["outcome"] == "no_virtual_host"
+    host = TARGET.split(":")[0]
+    code, out, _ = run(capsys, "route", "GET", f"http://{host}/healthz", "--file", resource_file,
+                       "--target", TARGET, "--json")
+    assert code == 0 and json.loads(out)["outcome"] == "direct_response"
 
 
 # -- errors ---------------------------------------------------------------------------------------------
