@@ -277,6 +277,14 @@ class Call:
                     status = _GRPC_TO_HTTP.get(a.grpc_status, 500)
                 st.outlier.record(a.endpoint.key, status)
 
+    def _retry_delay(self, a: Attempt) -> Optional[float]:
+        """The back-off before retrying after ``a`` (bounded by the deadline), or ``None``: done."""
+        if not self._should_retry(a):
+            return None
+        delay = self.retry.next_backoff()
+        remaining = self._remaining()
+        return delay if remaining is None else min(delay, max(0.0, remaining))
+
     def _should_retry(self, a: Attempt) -> bool:
         if not self.retry.retriable(a.status, a.grpc_status, a.error):
             return False
@@ -351,12 +359,9 @@ class Call:
                 exc = e
             self._outcome(a, result, exc, classify, status_of, grpc_status_of)
             last_result, last_exc = result, exc
-            if not self._should_retry(a):
+            delay = self._retry_delay(a)
+            if delay is None:
                 return self._final(a, result, exc)
-            delay = self.retry.next_backoff()
-            remaining = self._remaining()
-            if remaining is not None:
-                delay = min(delay, max(0.0, remaining))
             if delay:
                 time.sleep(delay)
 
@@ -388,12 +393,9 @@ class Call:
                 exc = e
             self._outcome(a, result, exc, classify, status_of, grpc_status_of)
             last_result, last_exc = result, exc
-            if not self._should_retry(a):
+            delay = self._retry_delay(a)
+            if delay is None:
                 return self._final(a, result, exc)
-            delay = self.retry.next_backoff()
-            remaining = self._remaining()
-            if remaining is not None:
-                delay = min(delay, max(0.0, remaining))
             if delay:
                 await asyncio.sleep(delay)
 
