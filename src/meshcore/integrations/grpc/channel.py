@@ -1,0 +1,192 @@
+""":class:`MeshChannel`, the ``grpc.Channel`` look-alike, and :func:`mesh_channel`."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import threading
+import time
+from typing import Any, Callable, List, Optional, Set, Tuple
+
+import grpc
+
+from ...call import Attempt, Call
+from ...errors import MeshError
+from ._types import Metadata, Options
+from .connectivity import _Connectivity
+from .endpoints import _EndpointChannel, _EndpointPool
+from .status import MeshRpcError
+from .streaming import _StreamStream, _StreamUnary, _UnaryStream
+from .unary import _UnaryUnary
+
+_GRPC_HEADERS = (("content-type", "application/grpc"), ("te", "trailers"))
+
+
+def _split_target(target: str) -> Tuple[str, str]:
+    """``(authority, mesh target)``: ``xds:///name:port`` and ``xds://auth/name:port`` route for
+    ``name:port``; a plain ``host:port`` is both."""
+    if "://" in target:
+        scheme, _, rest = target.partition("://")
+        if scheme != "xds":
+            raise ValueError(f"mesh_channel: unsupported target scheme {scheme!r} in {target!r} (use host:port)")
+        return rest.split("/", 1)[-1], target
+    return target, target
+
+
+class MeshChannel(grpc.Channel):
+    """A ``grpc.Channel`` whose RPCs are routed and balanced by a :class:`meshcore.Mesh`.
+
+    See the module documentation; create it with :func:`mesh_channel`. ``sweep_interval`` is how
+    often (seconds, checked when an RPC starts) channels to departed endpoints are closed;
+    ``resolve_timeout`` how long an RPC without a deadline waits for the target's first
+    configuration (an RPC issued while the mesh is still fetching it waits, as gRPC RPCs wait
+    for name resolution; a target the mesh knows to be unusable fails at once).
+    """
+
+    def __init__(self, mesh: Any, target: str, *, credentials: Optional[grpc.ChannelCredentials] = None,
+                 options: Options = (), sweep_interval: float = 30.0, resolve_timeout: float = 20.0) -> None:
+        self.mesh = mesh
+        self.target = target
+        self.authority, self._mesh_target = _split_target(target)
+        self._scheme = "https" if credentials is not None else "http"
+        self._pool = _EndpointPool(credentials, options)
+        self._sweep_interval = sweep_interval
+        self._resolve_timeout = resolve_timeout
+        self._last_sweep = time.monotonic()
+        self._closed = False
+        self._pool_executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._executor_lock = threading.Lock()
+        self._connectivity = _Connectivity(self._state)
+        mesh.watch(self._mesh_target)
+
+    # -- routing ------------------------------------------------------------------------------------
+
+    def _route(self, method: str, metadata: Metadata, timeout: Optional[float]) -> Call:
+        """Route one RPC (method path + metadata); the call's deadline is the earlier of the
+        route timeout and the caller's ``timeout``."""
+        if self._closed:
+            raise MeshRpcError(grpc.StatusCode.CANCELLED, "channel closed")
+        if self.mesh.config(self._mesh_target) is None:
+            # like a gRPC channel still resolving: wait for the configuration (not past the
+            # caller's deadline); request() then says precisely what is missing
+            try:
+                self.mesh.wait_ready(self._mesh_target, self._resolve_timeout if timeout is None else timeout)
+            except MeshError:
+                pass
+        headers: List[Tuple[str, str]] = list(_GRPC_HEADERS)
+        for key, value in metadata or ():
+            if isinstance(value, bytes):
+                value = base64.b64encode(value).decode("ascii")  # -bin metadata travels base64-encoded
+            headers.append((key, value))
+        url = f"{self._scheme}://{self.authority}{method}"
+        call = self.mesh.request(url, "POST", headers, target=self._mesh_target)
+        if timeout is not None:
+            deadline = time.monotonic() + timeout
+            if call.deadline is None or deadline < call.deadline:
+                call.deadline = deadline
+        return call
+
+    def _acquire(self, attempt: Attempt) -> _EndpointChannel:
+        if self._sweep_interval is not None and time.monotonic() - self._last_sweep >= self._sweep_interval:
+            self.sweep()
+        return self._pool.acquire(attempt.address, attempt.authority)
+
+    def _live_addresses(self) -> Optional[Set[str]]:
+        cfg = self.mesh.config(self._mesh_target)
+        if cfg is None or cfg.error is not None:
+            return None
+        live: Set[str] = set()
+        for rt in cfg.clusters.values():
+            if rt.lb is not None:
+                live.update(ep.key for ep in rt.lb.endpoints)
+        return live
+
+    def sweep(self) -> None:
+        """Close the idle channels to endpoints that are no longer in any cluster of the target."""
+        self._last_sweep = time.monotonic()
+        live = self._live_addresses()
+        if live is not None:
+            self._pool.sweep(live)
+
+    def endpoint_addresses(self) -> List[str]:
+        """The endpoints this channel currently holds a grpcio channel to."""
+        return self._pool.addresses()
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._executor_lock:
+            if self._pool_executor is None:
+                self._pool_executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="meshcore-grpc")
+            return self._pool_executor
+
+    def _state(self) -> grpc.ChannelConnectivity:
+        if self._closed:
+            return grpc.ChannelConnectivity.SHUTDOWN
+        cfg = self.mesh.config(self._mesh_target)
+        if cfg is None:
+            return grpc.ChannelConnectivity.CONNECTING
+        if cfg.error is not None:
+            return grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        return grpc.ChannelConnectivity.READY
+
+    # -- grpc.Channel --------------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[grpc.ChannelConnectivity], None],
+                  try_to_connect: Optional[bool] = False) -> None:
+        """Connectivity of the target as the mesh sees it: CONNECTING until its configuration is
+        known, READY once it can be routed, TRANSIENT_FAILURE when it is unusable."""
+        self._connectivity.subscribe(callback)
+
+    def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        self._connectivity.unsubscribe(callback)
+
+    def unary_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
+                    _registered_method: Optional[bool] = False) -> grpc.UnaryUnaryMultiCallable:
+        return _UnaryUnary(self, method, request_serializer, response_deserializer, bool(_registered_method))
+
+    def unary_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
+                     _registered_method: Optional[bool] = False) -> grpc.UnaryStreamMultiCallable:
+        return _UnaryStream(self, method, request_serializer, response_deserializer, bool(_registered_method))
+
+    def stream_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
+                     _registered_method: Optional[bool] = False) -> grpc.StreamUnaryMultiCallable:
+        return _StreamUnary(self, method, request_serializer, response_deserializer, bool(_registered_method))
+
+    def stream_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
+                      _registered_method: Optional[bool] = False) -> grpc.StreamStreamMultiCallable:
+        return _StreamStream(self, method, request_serializer, response_deserializer, bool(_registered_method))
+
+    def close(self) -> None:
+        """Close every per-endpoint channel (RPCs in flight are cancelled) and the future pool.
+        The mesh itself stays open."""
+        if self._closed:
+            return
+        self._closed = True
+        self._connectivity.close()
+        self._pool.close()
+        with self._executor_lock:
+            executor, self._pool_executor = self._pool_executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "MeshChannel":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"MeshChannel({self.target!r}, endpoints={self.endpoint_addresses()})"
+
+
+def mesh_channel(mesh: Any, target: str, *, credentials: Optional[grpc.ChannelCredentials] = None,
+                 options: Options = (), sweep_interval: float = 30.0, resolve_timeout: float = 20.0) -> MeshChannel:
+    """A ``grpc.Channel`` to ``target`` (``host:port`` or ``xds:///host:port``) through ``mesh``.
+
+    ``credentials`` make the per-endpoint channels secure (``grpc.ssl_target_name_override`` is
+    set to the logical host, so certificates are checked against the service name, not the pod
+    address); ``options`` are passed to every per-endpoint channel (``grpc.default_authority``
+    defaults to the target's ``host:port``). ``sweep_interval`` and ``resolve_timeout``: see
+    :class:`MeshChannel`.
+    """
+    return MeshChannel(mesh, target, credentials=credentials, options=options, sweep_interval=sweep_interval,
+                       resolve_timeout=resolve_timeout)

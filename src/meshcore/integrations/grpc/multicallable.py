@@ -1,0 +1,85 @@
+"""The base of the four multicallables: routing, the per-endpoint multicallable, and the
+pick-once lifecycle of streaming RPCs."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import grpc
+
+from ...call import Attempt, Call, FaultAbort
+from ...errors import MeshError
+from ...resilience.retry import RESET, TIMEOUT
+from ._types import Metadata
+from .endpoints import _EndpointChannel
+from .status import MeshRpcError, _failure_kind, _mesh_error
+
+if TYPE_CHECKING:
+    from .channel import MeshChannel
+
+
+class _MultiCallable:
+    """What the four multicallables share: routing and the per-endpoint multicallable."""
+
+    _kind = ""
+
+    def __init__(self, channel: "MeshChannel", method: str, serializer: Any, deserializer: Any,
+                 registered: bool) -> None:
+        self._channel = channel
+        self._method = method
+        self._serializer = serializer
+        self._deserializer = deserializer
+        self._registered = bool(registered)
+
+    def _target_callable(self, ep: _EndpointChannel, attempt: Attempt) -> Any:
+        return ep.multicallable(self._kind, attempt.path, self._serializer, self._deserializer, self._registered)
+
+    def _stream(self, start: Callable[[Any, Optional[float]], Any], timeout: Optional[float],
+                metadata: Metadata) -> Any:
+        """Route once, pick once, start the RPC (``start(multicallable, timeout)``); the attempt
+        is finished when the RPC terminates. Mesh refusals come back as a failed call."""
+        ch = self._channel
+        call: Optional[Call] = None
+        try:
+            call = ch._route(self._method, metadata, timeout)
+            fault = call.fault()
+            if fault.delay:
+                time.sleep(fault.delay)
+            if fault.aborts:
+                raise FaultAbort(fault.abort_http_status, fault.abort_grpc_status)
+            attempt = call.start_attempt()
+        except (MeshError, MeshRpcError) as exc:
+            return _mesh_error(exc, call)
+        assert attempt is not None
+        attempt_timeout = attempt.timeout
+        if attempt_timeout is not None and attempt_timeout <= 0:
+            attempt.finish(error=TIMEOUT)
+            return MeshRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        try:
+            ep = ch._acquire(attempt)
+        except MeshRpcError as exc:  # the channel was closed
+            attempt.finish(error=RESET)
+            return exc
+        started = time.monotonic()
+        try:
+            rpc = start(self._target_callable(ep, attempt), attempt_timeout)
+        except BaseException:
+            ch._pool.release(ep)
+            attempt.finish(error=RESET)
+            raise
+
+        def done(finished: Any) -> None:
+            try:
+                code = finished.code()
+                kind = None if code is grpc.StatusCode.OK else _failure_kind(
+                    finished, attempt_timeout, time.monotonic() - started)
+                if kind is not None:
+                    attempt.finish(error=kind)
+                else:
+                    attempt.finish(200, code.value[0])
+            finally:
+                ch._pool.release(ep)
+
+        rpc.add_done_callback(done)
+        return rpc
