@@ -25,6 +25,7 @@ import asyncio
 import random
 import socket
 import time
+import weakref
 from typing import Any, Awaitable, Callable, List, Optional, Tuple, TypeVar
 
 from ._model import Endpoint
@@ -34,13 +35,6 @@ from .resilience.fault import NO_FAULT, FaultDecision, decide_fault
 from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, RetryState
 
 __all__ = ["Call", "Attempt", "UpstreamError", "CircuitBreakerOpen", "FaultAbort", "UpstreamTimeout"]
-
-_ERROR_STATS = {CONNECT_FAILURE: "upstream_cx_connect_fail", TIMEOUT: "upstream_rq_per_try_timeout",
-                RESET: "upstream_rq_rx_reset"}
-
-# Envoy's Grpc::Utility::grpcToHttpStatus (source/common/grpc/status.cc).
-_GRPC_TO_HTTP = {1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400, 10: 409, 11: 400,
-                 12: 501, 13: 500, 14: 503, 15: 500, 16: 401}
 
 R = TypeVar("R")
 
@@ -93,22 +87,38 @@ def default_status_of(result: Any) -> Optional[int]:
 class Attempt:
     """One try of a call: the endpoint, where to send, and how long it may take."""
 
-    __slots__ = ("call", "number", "endpoint", "timeout", "status", "grpc_status", "error", "_lb", "_started",
-                 "_retry", "_finished")
+    __slots__ = ("number", "endpoint", "timeout", "status", "grpc_status", "error", "authority", "path", "scheme",
+                 "headers", "cluster", "_call", "_lb", "_state", "_started", "_retry", "_finished")
 
     def __init__(self, call: "Call", number: int, endpoint: Endpoint, lb: Any, timeout: Optional[float],
-                 retry: bool) -> None:
-        self.call = call
+                 retry: bool, started: float) -> None:
+        route = call.route
         self.number = number  # 1 for the first try
         self.endpoint = endpoint
         self.timeout = timeout  # seconds this try may take (per-try timeout or what is left), None: unbounded
         self.status: Optional[int] = None
         self.grpc_status: Optional[int] = None
         self.error: Optional[str] = None
+        #: the Host / :authority to send: the route's host rewrite, else the logical authority
+        self.authority: str = route.host_rewrite or call.authority
+        #: the upstream path (after the route's prefix/regex rewrite), query included
+        self.path: str = route.path_rewrite or call.path
+        self.scheme: str = call.scheme
+        self.headers = call.headers  # the request's headers as given to ``Mesh.request``
+        self.cluster = call.cluster
+        # A weak reference: a Call holds its attempts, and a cycle would leave every request's
+        # objects to the cyclic garbage collector.
+        self._call = weakref.ref(call)
         self._lb = lb
+        self._state = call._state
         self._retry = retry
-        self._started = time.monotonic()
+        self._started = started
         self._finished = False
+
+    @property
+    def call(self) -> Optional["Call"]:
+        """The call this attempt belongs to (``None`` once nothing else holds the call)."""
+        return self._call()
 
     @property
     def address(self) -> str:
@@ -116,18 +126,8 @@ class Attempt:
         return self.endpoint.key
 
     @property
-    def authority(self) -> str:
-        """The Host / :authority to send: the route's host rewrite, else the logical authority."""
-        return self.call.route.host_rewrite or self.call.authority
-
-    @property
-    def path(self) -> str:
-        """The upstream path (after the route's prefix/regex rewrite), query included."""
-        return self.call.route.path_rewrite or self.call.path
-
-    @property
     def url(self) -> str:
-        return f"{self.call.scheme}://{self.endpoint.key}{self.path}"
+        return f"{self.scheme}://{self.endpoint.key}{self.path}"
 
     def finish(self, status: Optional[int] = None, grpc_status: Optional[int] = None,
                error: Optional[str] = None) -> None:
@@ -136,7 +136,8 @@ class Attempt:
             return
         self._finished = True
         self.status, self.grpc_status, self.error = status, grpc_status, error
-        self.call._finish_attempt(self)
+        self._lb.release(self.endpoint)
+        self._state.complete(self)
 
     # the single-attempt form: ``with mesh.request(...) as attempt``
     def __enter__(self) -> "Attempt":
@@ -149,7 +150,7 @@ class Attempt:
             self.finish(self.status, self.grpc_status)
 
     def __repr__(self) -> str:
-        return f"Attempt({self.call.cluster!r} #{self.number} {self.endpoint.key} status={self.status})"
+        return f"Attempt({self.cluster!r} #{self.number} {self.endpoint.key} status={self.status})"
 
 
 class Call:
@@ -173,9 +174,10 @@ class Call:
         self._rng = rng
         self.started = time.monotonic()
         limits = [t for t in (route.timeout, timeout) if t]
+        self._limit = min(limits) if limits else None
         #: monotonic time by which the whole request must end: the route timeout, or the
-        #: caller's own ``timeout`` if shorter (None: no limit)
-        self.deadline = self.started + min(limits) if limits else None
+        #: caller's own ``timeout`` if shorter (None: no limit); it starts after a fault delay
+        self.deadline = self.started + self._limit if self._limit else None
         self._retry: Optional[RetryState] = None
         self.attempts: List[Attempt] = []
         self._single: Optional[Attempt] = None
@@ -195,15 +197,20 @@ class Call:
         hdrs = {k.lower(): v for k, v in _pairs(self.headers)}
         return decide_fault(self._fault_spec, hdrs, self._rng, self.cluster)
 
+    def _restart_deadline(self) -> None:
+        """The route timeout starts when the router does, after the fault filter's delay."""
+        if self._limit:
+            self.deadline = time.monotonic() + self._limit
+
     def _remaining(self) -> Optional[float]:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
-    def _try_timeout(self) -> Optional[float]:
+    def _try_timeout(self, now: float) -> Optional[float]:
         policy = self.route.retry_policy
         per_try = policy.per_try_timeout if policy is not None else None
         if self.deadline is None:
             return per_try
-        remaining = self.deadline - time.monotonic()
+        remaining = self.deadline - now
         if per_try and remaining is not None:
             return min(per_try, remaining)
         return per_try or remaining
@@ -214,15 +221,13 @@ class Call:
         if self.route.cluster is None:
             raise MeshError(f"route {self.route.route_name!r} answers directly; there is no upstream")
         retry = bool(self.attempts)
-        if self.deadline is not None and time.monotonic() >= self.deadline:
+        if retry and self.deadline is not None and time.monotonic() >= self.deadline:
             self._state.stats.inc("upstream_rq_timeout")
             raise UpstreamTimeout(f"{self.target}{self.path}: request timeout elapsed before attempt "
                                   f"{len(self.attempts) + 1}")
         st = self._state
-        stats = st.stats
-        over = st.breakers.try_acquire(retry)
+        over = st.admit(retry)
         if over:
-            stats.inc("upstream_rq_retry_overflow" if over == "retries" else "upstream_rq_pending_overflow")
             if retry and over == "retries":
                 return None
             raise CircuitBreakerOpen(f"{self.target}{self.path}: cluster {self.cluster!r} circuit breaker open "
@@ -230,22 +235,29 @@ class Call:
         try:
             endpoint, lb = self._pick(retry)
         except BaseException:
-            st.breakers.release(retry)
+            st.abandon(retry)
             raise
-        attempt = Attempt(self, len(self.attempts) + 1, endpoint, lb, self._try_timeout(), retry)
+        now = time.monotonic()
+        timeout = self._try_timeout(now)
+        attempt = Attempt(self, len(self.attempts) + 1, endpoint, lb, timeout, retry, now)
         self.attempts.append(attempt)
-        stats.attempt_started(retry)
         return attempt
 
     def _pick(self, retry: bool) -> Tuple[Endpoint, Any]:
         rt = self._runtime
         st = self._state
-        st.outlier_tick()
-        avoid = {a.endpoint.key for a in self.attempts} if retry else ()
-        tries = self.retry.host_selection_attempts + (1 if avoid else 0)
+        if st.outlier is not None:
+            st.outlier.tick()
+        if not retry:
+            ep, lb = self.mesh._choose(rt, self.route.hash)
+            if ep is not None:
+                return ep, lb
+            raise Unavailable(f"{self.target}{self.path}: no healthy upstream in cluster {self.cluster!r}")
+        avoid = {a.endpoint.key for a in self.attempts}
+        tries = self.retry.host_selection_attempts + 1
         chosen: Optional[Tuple[Endpoint, Any]] = None
         for _ in range(tries):
-            ep, lb = self.mesh._choose(rt, self.route.hash if not avoid else None)
+            ep, lb = self.mesh._choose(rt, None)
             if ep is None:
                 break
             if ep.key not in avoid:
@@ -259,23 +271,6 @@ class Call:
         if chosen is not None:
             return chosen  # every re-pick hit a tried host: Envoy then keeps the last pick
         raise Unavailable(f"{self.target}{self.path}: no healthy upstream in cluster {self.cluster!r}")
-
-    def _finish_attempt(self, a: Attempt) -> None:
-        st = self._state
-        a._lb.release(a.endpoint)
-        st.breakers.release(a._retry)
-        elapsed_ms = (time.monotonic() - a._started) * 1000.0
-        if a.error is not None:
-            st.stats.attempt_finished(None, _ERROR_STATS.get(a.error, "upstream_rq_rx_reset"), elapsed_ms)
-            if st.outlier is not None:
-                st.outlier.record(a.endpoint.key, None, True)
-        else:
-            st.stats.attempt_finished(a.status, None, elapsed_ms)
-            if st.outlier is not None:
-                status = a.status
-                if a.grpc_status:  # Envoy feeds outlier detection grpcToHttpStatus(grpc-status)
-                    status = _GRPC_TO_HTTP.get(a.grpc_status, 500)
-                st.outlier.record(a.endpoint.key, status)
 
     def _retry_delay(self, a: Attempt) -> Optional[float]:
         """The back-off before retrying after ``a`` (bounded by the deadline), or ``None``: done."""
@@ -299,6 +294,7 @@ class Call:
         d = self.fault()
         if d.delay:
             time.sleep(d.delay)
+            self._restart_deadline()
         if d.aborts:
             raise FaultAbort(d.abort_http_status, d.abort_grpc_status)
         attempt = self.start_attempt()
@@ -342,6 +338,7 @@ class Call:
         d = self.fault()
         if d.delay:
             time.sleep(d.delay)
+            self._restart_deadline()
         if d.aborts:
             raise FaultAbort(d.abort_http_status, d.abort_grpc_status)
         last_result: Any = None
@@ -373,6 +370,7 @@ class Call:
         d = self.fault()
         if d.delay:
             await asyncio.sleep(d.delay)
+            self._restart_deadline()
         if d.aborts:
             raise FaultAbort(d.abort_http_status, d.abort_grpc_status)
         last_result: Any = None

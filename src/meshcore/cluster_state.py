@@ -6,12 +6,21 @@ thresholds and the detector's settings; counts and ejections carry over).
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, Optional
 
 from .resilience.circuit import CircuitBreakerState
+from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from .resilience.outlier import OutlierDetector
 
 __all__ = ["ClusterState"]
+
+_ERROR_STATS = {CONNECT_FAILURE: "upstream_cx_connect_fail", TIMEOUT: "upstream_rq_per_try_timeout",
+                RESET: "upstream_rq_rx_reset"}
+
+# Envoy's Grpc::Utility::grpcToHttpStatus (source/common/grpc/status.cc).
+_GRPC_TO_HTTP = {1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400, 10: 409, 11: 400,
+                 12: 501, 13: 500, 14: 503, 15: 500, 16: 401}
 
 
 class ClusterState:
@@ -62,6 +71,52 @@ class ClusterState:
         for ep in lb.endpoints:
             if ep.key == key:
                 lb.set_ejected(ep, ejected)
+
+    # -- the request path: one lock round trip to admit an attempt, one to complete it ----------
+
+    def admit(self, retry: bool) -> str:
+        """Pass the circuit breakers and count the attempt: ``""``, or the overflowing resource."""
+        stats = self.stats
+        with stats._lock:
+            over = self.breakers.acquire_locked(retry)
+            c = stats.counters
+            if over:
+                name = "upstream_rq_retry_overflow" if over == "retries" else "upstream_rq_pending_overflow"
+                c[name] = c.get(name, 0) + 1
+                return over
+            c["upstream_rq_total"] = c.get("upstream_rq_total", 0) + 1
+            if retry:
+                c["upstream_rq_retry"] = c.get("upstream_rq_retry", 0) + 1
+            return ""
+
+    def abandon(self, retry: bool) -> None:
+        """An admitted attempt that found no endpoint: give its circuit-breaker slot back."""
+        with self.stats._lock:
+            self.breakers.release_locked(retry)
+            c = self.stats.counters
+            c["upstream_rq_total"] -= 1
+            if retry:
+                c["upstream_rq_retry"] -= 1
+
+    def complete(self, a: Any) -> None:
+        """An attempt ended: breakers, stats and the outlier detector learn its outcome."""
+        elapsed_ms = (time.monotonic() - a._started) * 1000.0
+        error = a.error
+        with self.stats._lock:
+            self.breakers.release_locked(a._retry)
+            if error is not None:
+                self.stats.finished_locked(None, _ERROR_STATS.get(error, "upstream_rq_rx_reset"), elapsed_ms)
+            else:
+                self.stats.finished_locked(a.status, None, elapsed_ms)
+        outlier = self.outlier
+        if outlier is not None:
+            if error is not None:
+                outlier.record(a.endpoint.key, None, True)
+            else:
+                status = a.status
+                if a.grpc_status:  # Envoy feeds outlier detection grpcToHttpStatus(grpc-status)
+                    status = _GRPC_TO_HTTP.get(a.grpc_status, 500)
+                outlier.record(a.endpoint.key, status)
 
     def outlier_tick(self) -> None:
         if self.outlier is not None:

@@ -332,14 +332,14 @@ def _fault_spec(cfg: TargetConfig, route: Any = None) -> Any:
     """The fault config for a request: the listener's first fault filter, with the route's (or
     its virtual host's) ``typed_per_filter_config`` for that filter name replacing the filter's
     own config (Envoy's per-route filter config; how Istio applies VirtualService faults)."""
-    if cfg.listener is None:
+    filters = cfg.fault_filters
+    if not filters:
         return None
-    overrides = dict(route.filter_overrides) if route is not None and route.filter_overrides else {}
-    for f in cfg.listener.http_filters:
-        if not f.type_name.endswith("HTTPFault"):
-            continue
-        if f.name in overrides:
-            return overrides[f.name]
-        if f.config is not None and not getattr(f, "disabled", False):
-            return f.config
+    overrides = route.filter_overrides if route is not None else ()
+    for name, config, disabled in filters:
+        for oname, oconfig in overrides:
+            if oname == name:
+                return oconfig
+        if config is not None and not disabled:
+            return config
     return None

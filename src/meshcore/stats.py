@@ -87,19 +87,22 @@ class ClusterStats:
                 c["upstream_rq_retry"] = c.get("upstream_rq_retry", 0) + 1
 
     def attempt_finished(self, status: Optional[int], error_stat: Optional[str], elapsed_ms: float) -> None:
-        i = bisect.bisect_left(BUCKETS_MS, elapsed_ms)
-        h = self.rq_time
         with self._lock:
-            if error_stat is not None:
-                c = self.counters
-                c[error_stat] = c.get(error_stat, 0) + 1
-                c["upstream_rq_5xx_local"] = c.get("upstream_rq_5xx_local", 0) + 1
-            else:
-                key = status if status is not None else 0
-                self.statuses[key] = self.statuses.get(key, 0) + 1
-            h.counts[i] += 1
-            h.sum += elapsed_ms
-            h.count += 1
+            self.finished_locked(status, error_stat, elapsed_ms)
+
+    def finished_locked(self, status: Optional[int], error_stat: Optional[str], elapsed_ms: float) -> None:
+        """Record an attempt's outcome; the caller holds ``_lock``."""
+        if error_stat is not None:
+            c = self.counters
+            c[error_stat] = c.get(error_stat, 0) + 1
+            c["upstream_rq_5xx_local"] = c.get("upstream_rq_5xx_local", 0) + 1
+        else:
+            key = status if status is not None else 0
+            self.statuses[key] = self.statuses.get(key, 0) + 1
+        h = self.rq_time
+        h.counts[bisect.bisect_left(BUCKETS_MS, elapsed_ms)] += 1
+        h.sum += elapsed_ms
+        h.count += 1
 
     def all_counters(self) -> Dict[str, int]:
         """Every counter, the derived per-class ones included."""

@@ -41,20 +41,26 @@ class CircuitBreakerState:
 
     def try_acquire(self, retry: bool) -> str:
         """Admit one attempt: ``""`` if admitted, else ``"requests"`` or ``"retries"`` (overflow)."""
-        t = self.thresholds
         with self._lock:
-            if retry and self.active_retries >= t.max_retries:
-                return "retries"
-            limit = min(t.max_requests, t.max_connections + t.max_pending_requests)
-            if self.active_requests >= limit:
-                return "requests"
-            self.active_requests += 1
-            if retry:
-                self.active_retries += 1
-            return ""
+            return self.acquire_locked(retry)
 
     def release(self, retry: bool) -> None:
         with self._lock:
-            self.active_requests -= 1
-            if retry:
-                self.active_retries -= 1
+            self.release_locked(retry)
+
+    def acquire_locked(self, retry: bool) -> str:
+        """:meth:`try_acquire` for a caller that serialises access itself (one lock per cluster)."""
+        t = self.thresholds
+        if retry and self.active_retries >= t.max_retries:
+            return "retries"
+        if self.active_requests >= min(t.max_requests, t.max_connections + t.max_pending_requests):
+            return "requests"
+        self.active_requests += 1
+        if retry:
+            self.active_retries += 1
+        return ""
+
+    def release_locked(self, retry: bool) -> None:
+        self.active_requests -= 1
+        if retry:
+            self.active_retries -= 1

@@ -136,13 +136,17 @@ class AggregateBalancer:
 class TargetConfig:
     """Everything a pick for one target needs, complete and consistent (never half an update)."""
 
-    __slots__ = ("target", "authority", "listener", "route_table", "clusters", "version", "error")
+    __slots__ = ("target", "authority", "listener", "route_table", "clusters", "version", "error", "fault_filters")
 
     def __init__(self, target: str, listener: Optional[ListenerSpec], route_table: Optional[RouteTable],
                  clusters: Mapping[str, ClusterRuntime], version: int, error: Optional[str] = None,
                  authority: Optional[str] = None) -> None:
         self.target = target
         self.authority = authority or target  # what virtual hosts are matched against
+        #: the listener's fault filters as (name, FaultSpec or None, disabled), in chain order
+        self.fault_filters = tuple(
+            (f.name, f.config, getattr(f, "disabled", False)) for f in (listener.http_filters if listener else ())
+            if f.type_name.endswith("HTTPFault"))
         self.listener = listener
         self.route_table = route_table
         self.clusters = clusters
