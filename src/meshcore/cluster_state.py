@@ -64,13 +64,14 @@ class ClusterState:
             self.outlier.sync_hosts(ep.key for ep in lb.endpoints)
 
     def _set_ejected(self, key: str, ejected: bool) -> None:
-        rt = self.mesh._runtime(self.name)
-        lb = getattr(rt, "lb", None)
-        if lb is None or not hasattr(lb, "set_ejected"):
-            return
-        for ep in lb.endpoints:
-            if ep.key == key:
-                lb.set_ejected(ep, ejected)
+        """Mark the host in every balancer of this cluster in use: the published one(s) and one
+        built for a configuration still pending (new balancers also copy ejections when built)."""
+        for lb in self.mesh._balancers(self.name):
+            if not hasattr(lb, "set_ejected"):
+                continue
+            for ep in lb.endpoints:
+                if ep.key == key:
+                    lb.set_ejected(ep, ejected)
 
     # -- the request path: one lock round trip to admit an attempt, one to complete it ----------
 

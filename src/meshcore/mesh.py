@@ -260,8 +260,16 @@ class Mesh:
             st.sync_hosts(rt)
         return st
 
-    def _runtime(self, cluster: str) -> Any:
-        return self._publisher._runtimes.get(cluster)
+    def _balancers(self, cluster: str) -> List[Any]:
+        """Every distinct balancer of ``cluster``: published configurations' and the newest one."""
+        found: Dict[int, Any] = {}
+        runtimes = [cfg.clusters.get(cluster) for cfg in self._publisher.published.values()]
+        runtimes.append(self._publisher._runtimes.get(cluster))
+        for rt in runtimes:
+            lb = getattr(rt, "lb", None)
+            if lb is not None:
+                found[id(lb)] = lb
+        return list(found.values())
 
     def stats(self) -> Dict[str, Dict[str, Any]]:
         """Per-cluster counters, gauges and the request-time histogram (Envoy's stat names)."""
