@@ -173,8 +173,10 @@ class Call:
         self._fault_spec = fault_spec
         self._rng = rng
         self.started = time.monotonic()
-        limits = [t for t in (route.timeout, timeout) if t]
-        self._limit = min(limits) if limits else None
+        limit = route.timeout
+        if timeout and (not limit or timeout < limit):
+            limit = timeout
+        self._limit = limit or None
         #: monotonic time by which the whole request must end: the route timeout, or the
         #: caller's own ``timeout`` if shorter (None: no limit); it starts after a fault delay
         self.deadline = self.started + self._limit if self._limit else None
@@ -194,13 +196,16 @@ class Call:
     def fault(self) -> FaultDecision:
         if self._fault_spec is None:
             return NO_FAULT
-        hdrs = {k.lower(): v for k, v in _pairs(self.headers)}
+        hdrs = {k.lower(): v for k, v in header_pairs(self.headers)}
         return decide_fault(self._fault_spec, hdrs, self._rng, self.cluster)
 
-    def _restart_deadline(self) -> None:
-        """The route timeout starts when the router does, after the fault filter's delay."""
-        if self._limit:
+    def _after_fault(self, d: FaultDecision) -> None:
+        """After the fault filter's delay (slept by the caller): the route timeout starts when
+        the router does, i.e. now; an abort answers the request without an upstream."""
+        if d.delay and self._limit:
             self.deadline = time.monotonic() + self._limit
+        if d.aborts:
+            raise FaultAbort(d.abort_http_status, d.abort_grpc_status)
 
     def _remaining(self) -> Optional[float]:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -294,9 +299,7 @@ class Call:
         d = self.fault()
         if d.delay:
             time.sleep(d.delay)
-            self._restart_deadline()
-        if d.aborts:
-            raise FaultAbort(d.abort_http_status, d.abort_grpc_status)
+        self._after_fault(d)
         attempt = self.start_attempt()
         assert attempt is not None
         self._single = attempt
@@ -338,9 +341,7 @@ class Call:
         d = self.fault()
         if d.delay:
             time.sleep(d.delay)
-            self._restart_deadline()
-        if d.aborts:
-            raise FaultAbort(d.abort_http_status, d.abort_grpc_status)
+        self._after_fault(d)
         last_result: Any = None
         last_exc: Optional[BaseException] = None
         while True:
@@ -370,9 +371,7 @@ class Call:
         d = self.fault()
         if d.delay:
             await asyncio.sleep(d.delay)
-            self._restart_deadline()
-        if d.aborts:
-            raise FaultAbort(d.abort_http_status, d.abort_grpc_status)
+        self._after_fault(d)
         last_result: Any = None
         last_exc: Optional[BaseException] = None
         while True:
@@ -401,7 +400,8 @@ class Call:
         return f"Call({self.target}{self.path} route={self.route.route_name!r} cluster={self.cluster!r})"
 
 
-def _pairs(headers: Any) -> List[Tuple[str, str]]:
+def header_pairs(headers: Any) -> List[Tuple[str, str]]:
+    """Headers given as a mapping or as ``(name, value)`` pairs, as a list of string pairs."""
     if not headers:
         return []
     if hasattr(headers, "items"):

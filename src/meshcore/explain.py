@@ -32,10 +32,9 @@ Headers = Sequence[Tuple[str, str]]
 def target_for_url(url: str) -> Tuple[str, str, str, str]:
     """``(target, scheme, netloc, path)`` of a URL, the way ``Mesh.request`` derives the target
     (``host:port``, default ports 80 and 443)."""
-    from .mesh import split_url
+    from .mesh import parse_url
 
-    scheme, netloc, path = split_url(url)
-    target = netloc if ":" in netloc.rsplit("]", 1)[-1] else f"{netloc}:{443 if scheme == 'https' else 80}"
+    scheme, netloc, path, target = parse_url(url)
     return target, scheme, netloc, path
 
 

@@ -220,7 +220,7 @@ class Mesh:
         route timeout (a caller's deadline)."""
         parsed = _URL_CACHE.get(url)
         if parsed is None:
-            parsed = _parse_url(url)
+            parsed = parse_url(url)
         scheme, netloc, path, default_target = parsed
         if target is None:
             target = default_target
@@ -326,8 +326,12 @@ def split_url(url: str) -> Tuple[str, str, str]:
 _URL_CACHE: Dict[str, Tuple[str, str, str, str]] = {}
 
 
-def _parse_url(url: str) -> Tuple[str, str, str, str]:
-    """``split_url`` plus the default ``host:port`` target, cached (services call few URLs)."""
+def parse_url(url: str) -> Tuple[str, str, str, str]:
+    """``(scheme, netloc, path, target)``: :func:`split_url` plus the ``host:port`` target
+    ``Mesh.request`` derives (default ports 80/443). Cached: services call few distinct URLs."""
+    cached = _URL_CACHE.get(url)
+    if cached is not None:
+        return cached
     scheme, netloc, path = split_url(url)
     target = netloc if ":" in netloc.rsplit("]", 1)[-1] else f"{netloc}:{443 if scheme == 'https' else 80}"
     if len(_URL_CACHE) >= 4096:

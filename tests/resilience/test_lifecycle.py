@@ -337,3 +337,11 @@ def test_per_route_fault_override_as_istio_writes_it(upstreams, tmp_path):
             mesh.request(URL + "/ratings/1").run(send)
         assert e.value.http_status == 555
         assert mesh.request(URL + "/other").run(send).status_code == 200  # the filter itself does nothing
+
+
+def test_route_timeout_starts_after_the_fault_delay(upstreams, mesh_with):
+    # Envoy: the router (and its timeout) starts once the fault filter let the request through.
+    ups = upstreams("ok")
+    mesh = mesh_with([ups[0].port], timeout="0.25s",
+                     fault={"delay": {"fixed_delay": "0.3s", "percentage": {"numerator": 100}}})
+    assert mesh.request(URL + "/").run(send).status_code == 200

@@ -15,9 +15,9 @@ import logging
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
-from ..call import Attempt, UpstreamError
+from ..call import Attempt, UpstreamError, header_pairs
 
 __all__ = ["HttpSender", "Response"]
 
@@ -83,8 +83,8 @@ class HttpSender:
             raise RuntimeError("HttpSender is closed")
         key = attempt.address
         hdrs = dict(self.headers)
-        if attempt.call.headers:
-            hdrs.update(_pairs(attempt.call.headers))
+        if attempt.headers:
+            hdrs.update(header_pairs(attempt.headers))
         if headers:
             hdrs.update(headers)
         hdrs["Host"] = attempt.authority
@@ -130,9 +130,3 @@ class HttpSender:
                 conn.close()
             except OSError:
                 pass
-
-
-def _pairs(headers: Any) -> List[tuple]:
-    if hasattr(headers, "items"):
-        return [(str(k), str(v)) for k, v in headers.items()]
-    return [(str(k), str(v)) for k, v in headers]

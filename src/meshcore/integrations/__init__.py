@@ -40,12 +40,9 @@ class _Reply(NamedTuple):
 
 def _target(url: str) -> str:
     """The ``host:port`` target ``Mesh.request`` derives from ``url`` (default ports 80/443)."""
-    from ..mesh import split_url
+    from ..mesh import parse_url
 
-    scheme, netloc, _ = split_url(url)
-    if ":" in netloc.rsplit("]", 1)[-1]:
-        return netloc
-    return f"{netloc}:{443 if scheme == 'https' else 80}"
+    return parse_url(url)[3]
 
 
 def _first_use(mesh: Any, url: str) -> Optional[str]:
