@@ -13,7 +13,7 @@ from setuptools import Extension, setup
 NO_EXTENSIONS = bool(os.environ.get("MESHCORE_NO_EXTENSIONS")) or sys.implementation.name != "cpython"
 DEBUG = bool(os.environ.get("MESHCORE_DEBUG_BUILD"))
 TRACE = bool(os.environ.get("MESHCORE_CYTHON_TRACE"))
-MODULES = ("lb_c", "_build_c", "routes_c")
+MODULES = ("lb_c", "_build_c", "routes_c", "call_c")
 
 
 def extensions():

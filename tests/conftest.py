@@ -27,3 +27,15 @@ def lbmod(impl: str) -> ModuleType:
 @pytest.fixture(scope="session")
 def LB(lbmod: ModuleType):  # noqa: N802  (a class, named like one)
     return lbmod.LoadBalancer
+
+
+@pytest.fixture(scope="session")
+def mesh_cls(impl: str):
+    """``meshcore.Mesh`` whose request path (``Mesh.request``, Call, Attempt, ClusterCounters)
+    is the ``impl`` twin; the balancers and route tables are whichever core is live."""
+    from meshcore import Mesh
+
+    mod = import_module(f"meshcore._fast.call_{impl}")
+    if Mesh._core is mod:
+        return Mesh
+    return type(f"Mesh_{impl}", (Mesh,), {"request": mod.request, "_core": mod})

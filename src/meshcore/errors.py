@@ -1,4 +1,4 @@
-"""Exceptions raised for invalid configuration."""
+"""Exceptions: invalid configuration, and the data plane's answers to a request."""
 
 from __future__ import annotations
 
@@ -36,3 +36,29 @@ class NoRoute(MeshError):
         self.target = target
         self.path = path
         super().__init__(f"no route for {target}{path}" + (f": {detail}" if detail else ""))
+
+
+class UpstreamError(MeshError):
+    """The upstream did not answer: ``kind`` is ``connect-failure``, ``reset`` or ``timeout``."""
+
+    def __init__(self, kind: str, detail: str = "", cause: "BaseException | None" = None) -> None:
+        self.kind = kind
+        self.cause = cause
+        super().__init__(f"upstream {kind}" + (f": {detail}" if detail else ""))
+
+
+class CircuitBreakerOpen(Unavailable):
+    """A cluster circuit breaker overflowed (Envoy: 503, response flag UO)."""
+
+
+class FaultAbort(MeshError):
+    """The fault filter aborted the request: answer ``http_status`` (or ``grpc_status``)."""
+
+    def __init__(self, http_status: "int | None", grpc_status: "int | None") -> None:
+        self.http_status = http_status
+        self.grpc_status = grpc_status
+        super().__init__(f"fault filter abort (http {http_status}, grpc {grpc_status})")
+
+
+class UpstreamTimeout(MeshError):
+    """The route timeout elapsed (Envoy: 504, response flag UT)."""

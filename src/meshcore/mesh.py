@@ -20,20 +20,21 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import grpc
 
 from ._model import Endpoint
 from ._routing import RouteMatch
-from .call import Call
+from ._url import parse_url, split_url
+from .call import core as call_core
 from .cluster_state import ClusterState
 from .errors import NoRoute, Unavailable
 from .stats import StatsRegistry, prometheus_collector
 from .xds.csds import add_csds_servicer, client_config, config_dump
 from .xds.snapshot import AggregateBalancer, TargetConfig
 
-__all__ = ["Mesh", "Pick"]
+__all__ = ["Mesh", "Pick", "parse_url", "split_url"]
 
 log = logging.getLogger(__name__)
 
@@ -211,44 +212,15 @@ class Mesh:
 
     # -- the request lifecycle -----------------------------------------------------------------------
 
-    def request(self, url: str, method: str = "GET", headers: Any = None, *, target: Optional[str] = None,
-                source_ip: Optional[str] = None, timeout: Optional[float] = None) -> Call:
-        """Route one request (``http(s)://host[:port]/path?query``) and return its :class:`Call`:
-        ``call.run(send)`` for retries, timeouts, breakers and faults, or ``with call as attempt``
-        for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
-        from the URL (default ports 80/443); ``timeout`` (seconds) caps the request below the
-        route timeout (a caller's deadline)."""
-        parsed = _URL_CACHE.get(url)
-        if parsed is None:
-            parsed = parse_url(url)
-        scheme, netloc, path, default_target = parsed
-        if target is None:
-            target = default_target
-        cfg = self._publisher.published.get(target)
-        if cfg is None or cfg.error is not None:
-            if cfg is None:
-                self._publisher.add_target(target)
-            raise Unavailable(self._why(target, cfg))
-        # virtual hosts see the Host header the request carries (the URL's authority as written)
-        m = cfg.route_table.match(netloc, path, headers, method, scheme, None, source_ip)  # type: ignore[union-attr]
-        if m is None:
-            raise NoRoute(target, path)
-        rt = None
-        if m.cluster is not None:
-            rt = cfg.clusters.get(m.cluster)
-            if rt is None:
-                raise Unavailable(f"{target}{path}: cluster {m.cluster!r} not found "
-                                  f"(route {m.route_name!r} -> {m.cluster_not_found_response_code})")
-            if rt.lb is None:
-                raise Unavailable(f"{target}{path}: {rt.error} (xDS node {self.node_id!r})")
-        return Call(self, target, netloc, scheme, path, method, headers, m, rt, _fault_spec(cfg, m.route), self._rng,
-                    timeout)
-
-    def _choose(self, rt: Any, hash: Optional[int]) -> Any:
-        lb = rt.lb
-        if type(lb) is AggregateBalancer:
-            return lb.choose(hash)
-        return lb.pick(hash), lb
+    #: ``request(url, method="GET", headers=None, *, target=None, source_ip=None, timeout=None)``:
+    #: route one request (``http(s)://host[:port]/path?query``) and return its :class:`Call`:
+    #: ``call.run(send)`` for retries, timeouts, breakers and faults, or ``with call as attempt``
+    #: for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
+    #: from the URL (default ports 80/443); ``timeout`` (seconds) caps the request below the
+    #: route timeout (a caller's deadline). The request path itself (``meshcore._fast``,
+    #: compiled or pure twin) is bound here as the method.
+    request = call_core.request
+    _core = call_core  # the twin whose ClusterCounters the clusters' state uses
 
     def _cluster_state(self, rt: Any) -> "ClusterState":
         st = self._states.get(rt.name)
@@ -307,51 +279,3 @@ class Mesh:
             self._csds_server = server
             self._csds_port = port
         return self._csds_port
-
-
-def split_url(url: str) -> Tuple[str, str, str]:
-    """``(scheme, netloc, path with query)`` of an absolute http(s) URL."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("http", "https"):
-        raise ValueError(f"not an http(s) URL: {url!r}")
-    slash = rest.find("/")
-    query = rest.find("?")
-    cut = min(i for i in (slash, query, len(rest)) if i >= 0)
-    netloc, path = rest[:cut], rest[cut:]
-    if not path.startswith("/"):
-        path = "/" + path
-    return scheme, netloc, path.split("#", 1)[0]
-
-
-_URL_CACHE: Dict[str, Tuple[str, str, str, str]] = {}
-
-
-def parse_url(url: str) -> Tuple[str, str, str, str]:
-    """``(scheme, netloc, path, target)``: :func:`split_url` plus the ``host:port`` target
-    ``Mesh.request`` derives (default ports 80/443). Cached: services call few distinct URLs."""
-    cached = _URL_CACHE.get(url)
-    if cached is not None:
-        return cached
-    scheme, netloc, path = split_url(url)
-    target = netloc if ":" in netloc.rsplit("]", 1)[-1] else f"{netloc}:{443 if scheme == 'https' else 80}"
-    if len(_URL_CACHE) >= 4096:
-        _URL_CACHE.clear()
-    parsed = _URL_CACHE[url] = (scheme, netloc, path, target)
-    return parsed
-
-
-def _fault_spec(cfg: TargetConfig, route: Any = None) -> Any:
-    """The fault config for a request: the listener's first fault filter, with the route's (or
-    its virtual host's) ``typed_per_filter_config`` for that filter name replacing the filter's
-    own config (Envoy's per-route filter config; how Istio applies VirtualService faults)."""
-    filters = cfg.fault_filters
-    if not filters:
-        return None
-    overrides = route.filter_overrides if route is not None else ()
-    for name, config, disabled in filters:
-        for oname, oconfig in overrides:
-            if oname == name:
-                return oconfig
-        if config is not None and not disabled:
-            return config
-    return None

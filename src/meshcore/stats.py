@@ -15,22 +15,28 @@ import bisect
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-__all__ = ["Histogram", "ClusterStats", "StatsRegistry", "prometheus_collector", "BUCKETS_MS"]
+__all__ = ["Histogram", "ClusterStats", "StatsRegistry", "prometheus_collector", "BUCKETS_MS", "COUNTER_NAMES"]
 
 #: Envoy's default histogram bucket bounds (milliseconds).
 BUCKETS_MS: Tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
                                  300000, 600000, 1800000, 3600000)
 
+#: The counters the request path keeps in C (``ClusterCounters.counter_values`` order).
+COUNTER_NAMES: Tuple[str, ...] = (
+    "upstream_rq_total", "upstream_rq_retry", "upstream_rq_retry_overflow", "upstream_rq_pending_overflow",
+    "upstream_cx_connect_fail", "upstream_rq_per_try_timeout", "upstream_rq_rx_reset", "upstream_rq_5xx_local")
+
+
 
 class Histogram:
-    """Bucket counts in milliseconds. Not locked itself: its owner serialises writers."""
+    """Bucket counts in milliseconds over :data:`BUCKETS_MS` (plus one above every bound)."""
 
     __slots__ = ("counts", "sum", "count")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS_MS) + 1)  # the last one: above every bound
-        self.sum = 0.0
-        self.count = 0
+    def __init__(self, counts: Optional[List[int]] = None, total: float = 0.0, count: int = 0) -> None:
+        self.counts = list(counts) if counts is not None else [0] * (len(BUCKETS_MS) + 1)
+        self.sum = total
+        self.count = count
 
     def observe(self, value_ms: float) -> None:
         self.counts[bisect.bisect_left(BUCKETS_MS, value_ms)] += 1
@@ -61,54 +67,43 @@ class Histogram:
 class ClusterStats:
     """Counters, gauges and the request-time histogram of one cluster.
 
-    The request path records an attempt with two calls (:meth:`attempt_started`,
-    :meth:`attempt_finished`), one lock each; per-status counters are kept by status code and
-    ``upstream_rq_<class>`` / ``upstream_rq_completed`` are derived when read.
+    The request path counts into ``core`` (a ``ClusterCounters`` of the compiled or pure
+    request path: attempts, retries, overflows, per-status completions, upstream failures and
+    the attempt-time histogram); rarer events (timeouts, successful retries) go through
+    :meth:`inc`. ``upstream_rq_<status>``, ``upstream_rq_<class>`` and ``upstream_rq_completed``
+    are derived when read.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._lock = threading.Lock()
         self.counters: Dict[str, int] = {}
-        self.statuses: Dict[int, int] = {}
+        self.core: Any = None  # set by the cluster's request state
         self.gauges: Dict[str, Callable[[], int]] = {}
         self.extra: Callable[[], Dict[str, int]] = dict  # counters kept elsewhere (outlier detection)
-        self.rq_time = Histogram()
 
     def inc(self, name: str, n: int = 1) -> None:
         with self._lock:
             self.counters[name] = self.counters.get(name, 0) + n
 
-    def attempt_started(self, retry: bool) -> None:
-        with self._lock:
-            c = self.counters
-            c["upstream_rq_total"] = c.get("upstream_rq_total", 0) + 1
-            if retry:
-                c["upstream_rq_retry"] = c.get("upstream_rq_retry", 0) + 1
-
-    def attempt_finished(self, status: Optional[int], error_stat: Optional[str], elapsed_ms: float) -> None:
-        with self._lock:
-            self.finished_locked(status, error_stat, elapsed_ms)
-
-    def finished_locked(self, status: Optional[int], error_stat: Optional[str], elapsed_ms: float) -> None:
-        """Record an attempt's outcome; the caller holds ``_lock``."""
-        if error_stat is not None:
-            c = self.counters
-            c[error_stat] = c.get(error_stat, 0) + 1
-            c["upstream_rq_5xx_local"] = c.get("upstream_rq_5xx_local", 0) + 1
-        else:
-            key = status if status is not None else 0
-            self.statuses[key] = self.statuses.get(key, 0) + 1
-        h = self.rq_time
-        h.counts[bisect.bisect_left(BUCKETS_MS, elapsed_ms)] += 1
-        h.sum += elapsed_ms
-        h.count += 1
+    @property
+    def rq_time(self) -> Histogram:
+        """The attempt-time histogram (a copy)."""
+        if self.core is None:
+            return Histogram()
+        return Histogram(*self.core.histogram())
 
     def all_counters(self) -> Dict[str, int]:
         """Every counter, the derived per-class ones included."""
         with self._lock:
             out = dict(self.counters)
-            statuses = dict(self.statuses)
+        statuses: Dict[Any, int] = {}
+        core = self.core
+        if core is not None:
+            for name, n in zip(COUNTER_NAMES, core.counter_values()):
+                if n:
+                    out[name] = out.get(name, 0) + n
+            statuses = core.statuses()
         local_5xx = out.pop("upstream_rq_5xx_local", 0)
         completed = 0
         for status, n in statuses.items():

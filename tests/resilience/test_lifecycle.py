@@ -125,13 +125,14 @@ def upstreams():
 
 
 @pytest.fixture
-def mesh_with(tmp_path):
+def mesh_with(tmp_path, mesh_cls):
+    """Meshes on a resource file; the request path is each twin in turn (``impl``: c, py)."""
     meshes: List[meshcore.Mesh] = []
 
     def make(ports: List[int], **kw: Any) -> meshcore.Mesh:
         path = os.path.join(str(tmp_path), f"mesh{len(meshes)}.json")
         write_mesh(path, ports, **kw)
-        m = meshcore.Mesh.from_file(path, watch=False, seed=7).start()
+        m = mesh_cls.from_file(path, watch=False, seed=7).start()
         m.wait_ready(TARGET, timeout=5)
         meshes.append(m)
         return m
@@ -316,7 +317,7 @@ def test_prometheus_export(upstreams, mesh_with):
     assert 'meshcore_cluster_upstream_rq_time_seconds_count{cluster="shop"} 1.0' in text
 
 
-def test_per_route_fault_override_as_istio_writes_it(upstreams, tmp_path):
+def test_per_route_fault_override_as_istio_writes_it(upstreams, tmp_path, mesh_cls):
     """Istio's VirtualService fault: an empty fault filter in the listener, the HTTPFault in the
     route's typed_per_filter_config under the filter's name."""
     ups = upstreams("ok")
@@ -331,7 +332,7 @@ def test_per_route_fault_override_as_istio_writes_it(upstreams, tmp_path):
                           "abort": {"http_status": 555, "percentage": {"numerator": 100}}}}})
     with open(path, "w") as f:
         json.dump(data, f)
-    with meshcore.Mesh.from_file(path, watch=False) as mesh:
+    with mesh_cls.from_file(path, watch=False) as mesh:
         mesh.wait_ready(TARGET)
         with pytest.raises(FaultAbort) as e:
             mesh.request(URL + "/ratings/1").run(send)

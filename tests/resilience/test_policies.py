@@ -7,11 +7,10 @@ import random
 import pytest
 
 from meshcore._route_model import RetryPolicy
-from meshcore.resilience.circuit import CircuitBreakerState
 from meshcore.resilience.fault import decide_fault
 from meshcore.resilience.outlier import OutlierDetector
 from meshcore.resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, RetryState
-from meshcore.xds.model import CircuitBreakers, FaultSpec, OutlierDetectionSpec
+from meshcore.xds.model import FaultSpec, OutlierDetectionSpec
 
 
 # -- retries ------------------------------------------------------------------------------------
@@ -75,30 +74,6 @@ def test_retry_budget_counts():
     state.next_backoff()
     state.next_backoff()
     assert not state.can_retry()
-
-
-# -- circuit breakers ---------------------------------------------------------------------------------
-
-
-def test_circuit_breaker_requests_and_retries():
-    cb = CircuitBreakerState(CircuitBreakers(max_connections=1024, max_pending_requests=1024, max_requests=2,
-                                             max_retries=1))
-    assert cb.try_acquire(False) == "" and cb.try_acquire(False) == ""
-    assert cb.try_acquire(False) == "requests"  # max_requests reached
-    cb.release(False)
-    assert cb.try_acquire(True) == ""
-    cb.release(False)
-    assert cb.try_acquire(True) == "retries"  # max_retries (1) in flight
-    cb.release(True)
-    assert cb.active_requests == 0 and cb.active_retries == 0
-
-
-def test_circuit_breaker_pending_model():
-    # HTTP/1.1 pool model: attempts beyond max_connections are pending; pending overflows at
-    # max_pending_requests.
-    cb = CircuitBreakerState(CircuitBreakers(max_connections=2, max_pending_requests=1, max_requests=100))
-    assert [cb.try_acquire(False) for _ in range(4)] == ["", "", "", "requests"]
-    assert cb.pending == 1
 
 
 # -- outlier detection ----------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ class HttpSender:
         if headers:
             hdrs.update(headers)
         hdrs["Host"] = attempt.authority
-        method = attempt.call.method or self.method
+        method = attempt.method or self.method
         for fresh_retry in (False, True):
             conn = self._connection(key)
             reused = conn.sock is not None

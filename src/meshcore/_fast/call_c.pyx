@@ -1,0 +1,508 @@
+# cython: language_level=3
+"""The request path, compiled twin of ``call_py`` (read that module's docstring: the
+behaviour, names and results are identical).
+
+Implementation notes: every method runs with the GIL held and never releases it, so the
+counters of :class:`ClusterCounters` are updated atomically without a lock (the pure twin
+takes one). The module is not declared free-threading compatible (as ``lb_c``). Calls into
+Python code happen only for what is configured to need it: a fault filter, outlier
+detection, an aggregate cluster, and retries (their state and back-off).
+"""
+
+cimport cython
+from cpython.long cimport PyLong_Check, PyLong_AsLongLongAndOverflow
+from cpython.time cimport monotonic
+
+from .. import lifecycle
+from .._url import URL_CACHE, parse_url
+from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, Unavailable, UpstreamTimeout
+from ..resilience.fault import NO_FAULT
+from ..resilience.retry import CONNECT_FAILURE, RESET, RetryState, TIMEOUT
+from ..xds.snapshot import AggregateBalancer
+from ..stats import BUCKETS_MS, COUNTER_NAMES
+from .call_py import ADMITTED, GRPC_TO_HTTP, OVER_REQUESTS, OVER_RETRIES
+
+__all__ = ["Attempt", "Call", "ClusterCounters", "request", "BUCKETS_MS", "COUNTER_NAMES", "GRPC_TO_HTTP",
+           "ADMITTED", "OVER_REQUESTS", "OVER_RETRIES"]
+
+cdef enum:
+    N_BUCKETS = 19       # len(BUCKETS_MS); checked at import below
+    N_COUNTERS = 8       # len(COUNTER_NAMES); checked at import below
+    N_STATUS = 600       # statuses 0..599 are counted in an array, others in a dict
+    C_TOTAL = 0
+    C_RETRY = 1
+    C_RETRY_OVERFLOW = 2
+    C_PENDING_OVERFLOW = 3
+    C_CONNECT_FAIL = 4
+    C_PER_TRY_TIMEOUT = 5
+    C_RX_RESET = 6
+    C_5XX_LOCAL = 7
+
+cdef double _BUCKETS[N_BUCKETS]
+if len(BUCKETS_MS) != N_BUCKETS or len(COUNTER_NAMES) != N_COUNTERS:  # pragma: no cover
+    raise ImportError("call_c is out of step with call_py (BUCKETS_MS / COUNTER_NAMES)")
+for _i, _b in enumerate(BUCKETS_MS):
+    _BUCKETS[_i] = _b
+
+cdef dict _url_cache = URL_CACHE
+cdef dict _grpc_to_http = GRPC_TO_HTTP
+cdef object _AggregateBalancer = AggregateBalancer
+cdef object _default_classify = lifecycle.default_classify
+cdef object _fault_spec_for = lifecycle.fault_spec_for
+cdef object _fault_decision = lifecycle.fault_decision
+cdef object _run = lifecycle.run
+cdef object _run_async = lifecycle.run_async
+cdef object _default_status_of = lifecycle.default_status_of
+cdef object _CONNECT_FAILURE = CONNECT_FAILURE
+cdef object _TIMEOUT = TIMEOUT
+cdef object _RESET = RESET
+
+
+cdef inline long long _status_index(object status) except -2:
+    """0..599 for an int status in range (0 for None), -1 for anything else."""
+    cdef int overflow = 0
+    cdef long long s
+    if status is None:
+        return 0
+    if not PyLong_Check(status):
+        return -1
+    s = PyLong_AsLongLongAndOverflow(status, &overflow)
+    if overflow or s < 0 or s >= N_STATUS:
+        return -1
+    return s
+
+
+@cython.final
+cdef class ClusterCounters:
+    """Circuit-breaker state and hot stats of one cluster (see ``call_py``)."""
+
+    cdef readonly long long active_requests, active_retries
+    cdef readonly long long max_connections, max_pending_requests, max_requests, max_retries
+    cdef readonly double budget_percent
+    cdef readonly long long min_retry_concurrency
+    cdef long long _counters[N_COUNTERS]
+    cdef long long _statuses[N_STATUS]
+    cdef dict _other_statuses
+    cdef long long _buckets[N_BUCKETS + 1]
+    cdef double _time_sum
+    cdef long long _time_count
+
+    def __cinit__(self):
+        cdef Py_ssize_t i
+        self.max_connections = self.max_pending_requests = self.max_requests = 1024
+        self.max_retries = 3
+        self.budget_percent = -1.0
+        self.min_retry_concurrency = 3
+        for i in range(N_COUNTERS):
+            self._counters[i] = 0
+        for i in range(N_STATUS):
+            self._statuses[i] = 0
+        for i in range(N_BUCKETS + 1):
+            self._buckets[i] = 0
+        self._other_statuses = {}
+
+    def set_thresholds(self, max_connections, max_pending_requests, max_requests, max_retries,
+                       retry_budget=None):
+        """The cluster's ``circuit_breakers`` (priority DEFAULT); ``retry_budget``:
+        ``(budget_percent, min_retry_concurrency)`` or ``None``."""
+        for name, v in (("max_connections", max_connections), ("max_pending_requests", max_pending_requests),
+                        ("max_requests", max_requests), ("max_retries", max_retries)):
+            if not 0 <= v < 1 << 62:
+                raise ValueError(f"{name} out of range: {v!r}")
+        self.max_connections, self.max_pending_requests = max_connections, max_pending_requests
+        self.max_requests, self.max_retries = max_requests, max_retries
+        if retry_budget is None:
+            self.budget_percent, self.min_retry_concurrency = -1.0, 3
+        else:
+            self.budget_percent = retry_budget[0]
+            self.min_retry_concurrency = retry_budget[1]
+
+    @property
+    def pending(self):
+        """Attempts counted as pending (beyond ``max_connections``)."""
+        return max(0, self.active_requests - self.max_connections)
+
+    cpdef long long retry_limit(self):
+        """Retries allowed in flight now (``max_retries``, or the retry budget's limit)."""
+        cdef long long by_budget
+        if self.budget_percent < 0:
+            return self.max_retries
+        by_budget = <long long>(self.budget_percent / 100.0 * self.active_requests)
+        return by_budget if by_budget > self.min_retry_concurrency else self.min_retry_concurrency
+
+    # -- the request path -------------------------------------------------------------------------
+
+    cpdef int admit(self, bint retry):
+        """Pass the breakers and count the attempt: ``ADMITTED``, ``OVER_REQUESTS`` or ``OVER_RETRIES``."""
+        cdef long long limit
+        if retry and self.active_retries >= self.retry_limit():
+            self._counters[C_RETRY_OVERFLOW] += 1
+            return 2
+        limit = self.max_connections + self.max_pending_requests
+        if self.max_requests < limit:
+            limit = self.max_requests
+        if self.active_requests >= limit:
+            self._counters[C_PENDING_OVERFLOW] += 1
+            return 1
+        self.active_requests += 1
+        self._counters[C_TOTAL] += 1
+        if retry:
+            self.active_retries += 1
+            self._counters[C_RETRY] += 1
+        return 0
+
+    cpdef abandon(self, bint retry):
+        """An admitted attempt that found no endpoint: its slot back, its counts undone."""
+        self.active_requests -= 1
+        self._counters[C_TOTAL] -= 1
+        if retry:
+            self.active_retries -= 1
+            self._counters[C_RETRY] -= 1
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cpdef complete(self, bint retry, object status, object error, double elapsed_ms):
+        """An admitted attempt ended: its slot back; its status (or error) and time counted."""
+        cdef long long s
+        cdef Py_ssize_t i = 0
+        self.active_requests -= 1
+        if retry:
+            self.active_retries -= 1
+        if error is not None:
+            if error == _CONNECT_FAILURE:
+                self._counters[C_CONNECT_FAIL] += 1
+            elif error == _TIMEOUT:
+                self._counters[C_PER_TRY_TIMEOUT] += 1
+            else:
+                self._counters[C_RX_RESET] += 1
+            self._counters[C_5XX_LOCAL] += 1
+        else:
+            s = _status_index(status)
+            if s >= 0:  # invariant: 0 <= s < N_STATUS (_status_index)
+                self._statuses[s] += 1
+            else:
+                key = int(status) if PyLong_Check(status) else 0
+                self._other_statuses[key] = self._other_statuses.get(key, 0) + 1
+        # bisect_left: the first bound >= elapsed_ms; i stays <= N_BUCKETS, the array's last index
+        while i < N_BUCKETS and _BUCKETS[i] < elapsed_ms:
+            i += 1
+        self._buckets[i] += 1
+        self._time_sum += elapsed_ms
+        self._time_count += 1
+
+    # -- readers ----------------------------------------------------------------------------------
+
+    def counter_values(self):
+        """The counters, in ``COUNTER_NAMES`` order."""
+        return [self._counters[i] for i in range(N_COUNTERS)]
+
+    def statuses(self):
+        """Completed attempts by HTTP status (0: finished without a status)."""
+        out = {}
+        cdef Py_ssize_t i
+        for i in range(N_STATUS):
+            if self._statuses[i]:
+                out[i] = self._statuses[i]
+        for k, v in self._other_statuses.items():
+            out[k] = out.get(k, 0) + v
+        return out
+
+    def histogram(self):
+        """Attempt times: (bucket counts over ``BUCKETS_MS`` plus one above, sum ms, count)."""
+        return [self._buckets[i] for i in range(N_BUCKETS + 1)], self._time_sum, self._time_count
+
+
+@cython.final
+@cython.freelist(16)
+cdef class Attempt:
+    """One try of a call: the endpoint, where to send, and how long it may take."""
+
+    cdef readonly int number
+    cdef public object endpoint, timeout, status, grpc_status, error, authority, path, scheme, method
+    cdef public object headers, cluster
+    cdef object _lb, _outlier
+    cdef ClusterCounters _counters
+    cdef bint _retry, _finished
+    cdef double _started
+
+    @property
+    def address(self):
+        """``ip:port`` (``[v6]:port``) to connect to."""
+        return self.endpoint.key
+
+    @property
+    def url(self):
+        return f"{self.scheme}://{self.endpoint.key}{self.path}"
+
+    def finish(self, status=None, grpc_status=None, error=None):
+        """Record the outcome (once): releases the endpoint, feeds stats and outlier detection."""
+        self._finish(status, grpc_status, error)
+
+    cdef int _finish(self, object status, object grpc_status, object error) except -1:
+        if self._finished:
+            return 0
+        self._finished = True
+        self.status = status
+        self.grpc_status = grpc_status
+        self.error = error
+        self._lb.release(self.endpoint)
+        self._counters.complete(self._retry, status, error, (monotonic() - self._started) * 1000.0)
+        outlier = self._outlier
+        if outlier is not None:
+            if error is not None:
+                outlier.record(self.endpoint.key, None, True)
+            else:
+                if grpc_status:  # Envoy feeds outlier detection grpcToHttpStatus(grpc-status)
+                    status = _grpc_to_http.get(grpc_status, 500)
+                outlier.record(self.endpoint.key, status)
+        return 0
+
+    cdef int _exit(self, object exc) except -1:
+        if exc is not None and self.status is None:
+            self._finish(None, None, _default_classify(exc) or _RESET)
+        else:
+            self._finish(self.status, self.grpc_status, None)
+        return 0
+
+    # the single-attempt form: ``with mesh.request(...) as attempt``
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._exit(exc)
+
+    def __repr__(self):
+        return f"Attempt({self.cluster!r} #{self.number} {self.endpoint.key} status={self.status})"
+
+
+@cython.final
+@cython.freelist(16)
+cdef class Call:
+    """One request routed by the mesh (made by ``Mesh.request``; see ``meshcore.call``)."""
+
+    cdef readonly object mesh, target, authority, scheme, path, method, headers, route, cluster
+    cdef readonly double started
+    #: monotonic time by which the whole request must end (None: no limit)
+    cdef public object deadline
+    cdef readonly list attempts
+    cdef object _runtime, _state, _outlier, _fault_spec, _rng, _limit, _retry, _single
+    cdef ClusterCounters _counters
+
+    @property
+    def retry(self):
+        """The request's retry state under the route's policy (made on first use)."""
+        if self._retry is None:
+            self._retry = RetryState(self.route.retry_policy, self._rng)
+        return self._retry
+
+    def _count(self, name):
+        """Count a rare per-cluster event (timeouts, successful retries) in the cluster's stats."""
+        self._state.stats.inc(name)
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def fault(self):
+        """The fault filter's decision for this request (no fault filter: no fault)."""
+        if self._fault_spec is None:
+            return NO_FAULT
+        return _fault_decision(self._fault_spec, self.headers, self._rng, self.cluster)
+
+    def _after_fault(self, d):
+        """After the fault filter's delay (slept by the caller): the route timeout starts now;
+        an abort answers the request without an upstream."""
+        if d.delay and self._limit:
+            self.deadline = monotonic() + self._limit
+        if d.abort_http_status is not None or d.abort_grpc_status is not None:
+            raise FaultAbort(d.abort_http_status, d.abort_grpc_status)
+
+    def _remaining(self):
+        return None if self.deadline is None else self.deadline - monotonic()
+
+    cdef object _try_timeout(self, double now):
+        policy = self.route.retry_policy
+        per_try = policy.per_try_timeout if policy is not None else None
+        if self.deadline is None:
+            return per_try
+        remaining = self.deadline - now
+        if per_try and per_try < remaining:
+            return per_try
+        return remaining
+
+    def start_attempt(self):
+        """Pick an endpoint and pass the circuit breakers; ``None`` when a retry may not be made
+        (retry overflow). Raises ``Unavailable`` / ``CircuitBreakerOpen`` for the first attempt."""
+        return self._start_attempt()
+
+    cdef Attempt _start_attempt(self):
+        cdef bint retry
+        cdef int over
+        cdef double now
+        cdef Attempt a
+        cdef ClusterCounters counters = self._counters
+        if counters is None:
+            raise MeshError(f"route {self.route.route_name!r} answers directly; there is no upstream")
+        retry = len(self.attempts) > 0
+        if retry and self.deadline is not None and monotonic() >= self.deadline:
+            self._count("upstream_rq_timeout")
+            raise UpstreamTimeout(f"{self.target}{self.path}: request timeout elapsed before attempt "
+                                  f"{len(self.attempts) + 1}")
+        over = counters.admit(retry)
+        if over:
+            if over == 2:  # OVER_RETRIES
+                return None
+            raise CircuitBreakerOpen(f"{self.target}{self.path}: cluster {self.cluster!r} circuit breaker open "
+                                     f"(max_requests/pending reached)")
+        try:
+            endpoint, lb = self._pick(retry)
+        except BaseException:
+            counters.abandon(retry)
+            raise
+        a = Attempt.__new__(Attempt)
+        a.number = len(self.attempts) + 1
+        a.endpoint = endpoint
+        route = self.route
+        a.authority = route.host_rewrite or self.authority
+        a.path = route.path_rewrite or self.path
+        a.scheme = self.scheme
+        a.method = self.method
+        a.headers = self.headers
+        a.cluster = self.cluster
+        a._lb = lb
+        a._counters = counters
+        a._outlier = self._outlier
+        a._retry = retry
+        now = monotonic()
+        a._started = now
+        a.timeout = self._try_timeout(now)
+        self.attempts.append(a)
+        return a
+
+    cdef tuple _choose(self, object hash):
+        lb = self._runtime.lb
+        if type(lb) is _AggregateBalancer:
+            return lb.choose(hash)
+        return lb.pick(hash), lb
+
+    cdef tuple _pick(self, bint retry):
+        cdef set avoid
+        cdef tuple chosen = None
+        cdef Attempt prev
+        if self._outlier is not None:
+            self._outlier.tick()
+        if not retry:
+            ep, lb = self._choose(self.route.hash)
+            if ep is not None:
+                return ep, lb
+            raise Unavailable(f"{self.target}{self.path}: no healthy upstream in cluster {self.cluster!r}")
+        # a retry avoids the hosts already tried, re-picking up to host_selection_retry_max_attempts
+        avoid = set()
+        for prev in self.attempts:
+            avoid.add(prev.endpoint.key)
+        for _ in range(self.retry.host_selection_attempts + 1):
+            ep, lb = self._choose(None)
+            if ep is None:
+                break
+            if ep.key not in avoid:
+                if chosen is not None:
+                    chosen[1].release(chosen[0])
+                return ep, lb
+            if chosen is None:
+                chosen = (ep, lb)
+            else:
+                lb.release(ep)
+        if chosen is not None:
+            return chosen  # every re-pick hit a tried host: Envoy then keeps the last pick
+        raise Unavailable(f"{self.target}{self.path}: no healthy upstream in cluster {self.cluster!r}")
+
+    # -- the single-attempt form ------------------------------------------------------------------
+
+    def __enter__(self):
+        if self._fault_spec is not None:
+            d = self.fault()
+            if d.delay:
+                import time
+                time.sleep(d.delay)
+            self._after_fault(d)
+        attempt = self._start_attempt()
+        assert attempt is not None
+        self._single = attempt
+        return attempt
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._single is not None:
+            (<Attempt>self._single)._exit(exc)
+
+    # -- the full lifecycle (meshcore.lifecycle) --------------------------------------------------
+
+    def run(self, send, *, status_of=_default_status_of, grpc_status_of=None, classify=_default_classify):
+        """Send with Envoy's router behaviour (fault, retries, breakers, timeouts): ``send(attempt)``
+        per attempt; the last outcome is returned (or raised). See ``meshcore.call``."""
+        return _run(self, send, status_of, grpc_status_of, classify)
+
+    def run_async(self, send, *, status_of=_default_status_of, grpc_status_of=None, classify=_default_classify):
+        """:meth:`run` for coroutines: ``await call.run_async(send)`` (``await send(attempt)``)."""
+        return _run_async(self, send, status_of, grpc_status_of, classify)
+
+    def __repr__(self):
+        return f"Call({self.target}{self.path} route={self.route.route_name!r} cluster={self.cluster!r})"
+
+
+def request(mesh, url, method="GET", headers=None, *, target=None, source_ip=None, timeout=None):
+    """Route one request (``http(s)://host[:port]/path?query``) and return its :class:`Call`:
+    ``call.run(send)`` for retries, timeouts, breakers and faults, or ``with call as attempt``
+    for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
+    from the URL (default ports 80/443); ``timeout`` (seconds) caps the request below the
+    route timeout (a caller's deadline)."""
+    cdef Call call
+    cdef double started
+    parsed = _url_cache.get(url)
+    if parsed is None:
+        parsed = parse_url(url)
+    scheme, netloc, path, default_target = <tuple>parsed
+    if target is None:
+        target = default_target
+    cfg = mesh._publisher.published.get(target)
+    if cfg is None or cfg.error is not None:
+        if cfg is None:
+            mesh._publisher.add_target(target)
+        raise Unavailable(mesh._why(target, cfg))
+    # virtual hosts see the Host header the request carries (the URL's authority as written)
+    m = cfg.route_table.match(netloc, path, headers, method, scheme, None, source_ip)
+    if m is None:
+        raise NoRoute(target, path)
+    call = Call.__new__(Call)
+    cluster = m.cluster
+    if cluster is not None:
+        rt = cfg.clusters.get(cluster)
+        if rt is None:
+            raise Unavailable(f"{target}{path}: cluster {cluster!r} not found "
+                              f"(route {m.route_name!r} -> {m.cluster_not_found_response_code})")
+        if rt.lb is None:
+            raise Unavailable(f"{target}{path}: {rt.error} (xDS node {mesh.node_id!r})")
+        state = mesh._states.get(rt.name)
+        if state is None or state.spec is not rt.spec or (state.outlier is not None and state.synced is not rt.eds_spec):
+            state = mesh._cluster_state(rt)
+        call._runtime = rt
+        call._state = state
+        call._counters = state.counters
+        call._outlier = state.outlier
+    call._fault_spec = _fault_spec_for(cfg, m.route) if cfg.fault_filters else None
+    call.mesh = mesh
+    call.target = target
+    call.authority = netloc
+    call.scheme = scheme
+    call.path = path
+    call.method = method
+    call.headers = headers
+    call.route = m
+    call.cluster = cluster
+    call._rng = mesh._rng
+    call.attempts = []
+    started = monotonic()
+    call.started = started
+    limit = m.timeout
+    if timeout and (not limit or timeout < limit):
+        limit = timeout
+    call._limit = limit or None
+    call.deadline = started + limit if limit else None
+    return call

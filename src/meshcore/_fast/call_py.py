@@ -1,0 +1,466 @@
+"""The request path, pure-Python twin: route a request, admit and pick each attempt, record
+its outcome. ``call_c.pyx`` is the compiled twin; the behaviour is identical.
+
+Three types:
+
+* :class:`ClusterCounters`: one per cluster, shared by every request of the process. The
+  circuit breakers (``circuit_breakers.thresholds``, priority DEFAULT; Envoy semantics) and
+  the hot stats counters, updated in one step per attempt start and one per attempt end.
+
+  - ``max_requests``: attempts (retries included) in flight.
+  - ``max_pending_requests``: meshcore sends each attempt at once (the HTTP client's pool
+    queues), so, as for an Envoy HTTP/1.1 pool where a connection carries one request,
+    attempts beyond ``max_connections`` count as pending.
+  - ``max_retries``: retries in flight; with a ``retry_budget`` instead the limit is
+    ``max(budget_percent / 100 * in-flight attempts, min_retry_concurrency)`` (Envoy's
+    ``RetryBudgetImpl::max``, source/common/upstream/resource_manager_impl.h, budget without
+    ``budget_interval``).
+  - An attempt beyond ``max_requests`` or ``max_connections + max_pending_requests`` overflows
+    (``upstream_rq_pending_overflow``, Envoy's stat for both); a retry beyond the retry limit
+    is not made (``upstream_rq_retry_overflow``).
+
+* :class:`Call`: one routed request (``Mesh.request``); its attempts pick an endpoint, pass
+  the breakers, and give the endpoint back when finished.
+* :class:`Attempt`: one try; ``finish`` (or leaving its ``with`` block) releases the
+  endpoint's in-flight count and feeds stats and outlier detection.
+
+The compiled twin relies on the GIL for atomicity; this twin takes the counters' lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from .. import lifecycle
+from .._url import URL_CACHE, parse_url
+from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, Unavailable, UpstreamTimeout
+from ..resilience.fault import NO_FAULT, FaultDecision
+from ..resilience.retry import CONNECT_FAILURE, RESET, RetryState, TIMEOUT
+from ..stats import BUCKETS_MS, COUNTER_NAMES
+from ..xds.snapshot import AggregateBalancer
+
+__all__ = ["Attempt", "Call", "ClusterCounters", "request", "BUCKETS_MS", "COUNTER_NAMES", "GRPC_TO_HTTP",
+           "ADMITTED", "OVER_REQUESTS", "OVER_RETRIES"]
+
+# admit() results
+ADMITTED, OVER_REQUESTS, OVER_RETRIES = 0, 1, 2
+
+# Envoy's Grpc::Utility::grpcToHttpStatus (source/common/grpc/status.cc): what outlier
+# detection sees for a gRPC status.
+GRPC_TO_HTTP: Dict[int, int] = {1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400, 10: 409,
+                                11: 400, 12: 501, 13: 500, 14: 503, 15: 500, 16: 401}
+
+_ERROR_COUNTER = {CONNECT_FAILURE: 4, TIMEOUT: 5, RESET: 6}  # index in COUNTER_NAMES; others: rx_reset
+
+
+class ClusterCounters:
+    """Circuit-breaker state and hot stats of one cluster (see the module docstring)."""
+
+    __slots__ = ("active_requests", "active_retries", "max_connections", "max_pending_requests", "max_requests",
+                 "max_retries", "budget_percent", "min_retry_concurrency", "_counters", "_statuses", "_buckets",
+                 "_time_sum", "_time_count", "_lock")
+
+    def __init__(self) -> None:
+        self.active_requests = 0
+        self.active_retries = 0
+        self.max_connections = self.max_pending_requests = self.max_requests = 1024
+        self.max_retries = 3
+        self.budget_percent = -1.0  # < 0: no retry budget
+        self.min_retry_concurrency = 3
+        self._counters = [0] * len(COUNTER_NAMES)
+        self._statuses: Dict[Any, int] = {}
+        self._buckets = [0] * (len(BUCKETS_MS) + 1)  # the last one: above every bound
+        self._time_sum = 0.0
+        self._time_count = 0
+        self._lock = threading.Lock()
+
+    def set_thresholds(self, max_connections: int, max_pending_requests: int, max_requests: int, max_retries: int,
+                       retry_budget: Optional[Tuple[float, int]] = None) -> None:
+        """The cluster's ``circuit_breakers`` (priority DEFAULT); ``retry_budget``:
+        ``(budget_percent, min_retry_concurrency)`` or ``None``."""
+        for name, v in (("max_connections", max_connections), ("max_pending_requests", max_pending_requests),
+                        ("max_requests", max_requests), ("max_retries", max_retries)):
+            if not 0 <= v < 1 << 62:
+                raise ValueError(f"{name} out of range: {v!r}")
+        with self._lock:
+            self.max_connections, self.max_pending_requests = int(max_connections), int(max_pending_requests)
+            self.max_requests, self.max_retries = int(max_requests), int(max_retries)
+            if retry_budget is None:
+                self.budget_percent, self.min_retry_concurrency = -1.0, 3
+            else:
+                self.budget_percent = float(retry_budget[0])
+                self.min_retry_concurrency = int(retry_budget[1])
+
+    @property
+    def pending(self) -> int:
+        """Attempts counted as pending (beyond ``max_connections``)."""
+        return max(0, self.active_requests - self.max_connections)
+
+    def retry_limit(self) -> int:
+        """Retries allowed in flight now (``max_retries``, or the retry budget's limit)."""
+        if self.budget_percent < 0:
+            return self.max_retries
+        return max(int(self.budget_percent / 100.0 * self.active_requests), self.min_retry_concurrency)
+
+    # -- the request path -------------------------------------------------------------------------
+
+    def admit(self, retry: bool) -> int:
+        """Pass the breakers and count the attempt: ``ADMITTED``, ``OVER_REQUESTS`` or ``OVER_RETRIES``."""
+        with self._lock:
+            c = self._counters
+            if retry and self.active_retries >= self.retry_limit():
+                c[2] += 1
+                return OVER_RETRIES
+            if self.active_requests >= min(self.max_requests, self.max_connections + self.max_pending_requests):
+                c[3] += 1
+                return OVER_REQUESTS
+            self.active_requests += 1
+            c[0] += 1
+            if retry:
+                self.active_retries += 1
+                c[1] += 1
+            return ADMITTED
+
+    def abandon(self, retry: bool) -> None:
+        """An admitted attempt that found no endpoint: its slot back, its counts undone."""
+        with self._lock:
+            self.active_requests -= 1
+            self._counters[0] -= 1
+            if retry:
+                self.active_retries -= 1
+                self._counters[1] -= 1
+
+    def complete(self, retry: bool, status: Optional[int], error: Optional[str], elapsed_ms: float) -> None:
+        """An admitted attempt ended: its slot back; its status (or error) and time counted."""
+        with self._lock:
+            self.active_requests -= 1
+            if retry:
+                self.active_retries -= 1
+            if error is not None:
+                self._counters[_ERROR_COUNTER.get(error, 6)] += 1
+                self._counters[7] += 1
+            else:
+                key = int(status) if isinstance(status, int) else 0  # None (or not a status): 0
+                self._statuses[key] = self._statuses.get(key, 0) + 1
+            self._buckets[bisect.bisect_left(BUCKETS_MS, elapsed_ms)] += 1
+            self._time_sum += elapsed_ms
+            self._time_count += 1
+
+    # -- readers ----------------------------------------------------------------------------------
+
+    def counter_values(self) -> List[int]:
+        """The counters, in :data:`COUNTER_NAMES` order."""
+        with self._lock:
+            return list(self._counters)
+
+    def statuses(self) -> Dict[Any, int]:
+        """Completed attempts by HTTP status (0: finished without a status)."""
+        with self._lock:
+            return dict(self._statuses)
+
+    def histogram(self) -> Tuple[List[int], float, int]:
+        """Attempt times: (bucket counts over :data:`BUCKETS_MS` plus one above, sum ms, count)."""
+        with self._lock:
+            return list(self._buckets), self._time_sum, self._time_count
+
+
+class Attempt:
+    """One try of a call: the endpoint, where to send, and how long it may take."""
+
+    __slots__ = ("number", "endpoint", "timeout", "status", "grpc_status", "error", "authority", "path", "scheme",
+                 "method", "headers", "cluster", "_lb", "_counters", "_outlier", "_retry", "_started", "_finished")
+
+    number: int
+    endpoint: Any
+    timeout: Optional[float]
+    status: Optional[int]
+    grpc_status: Optional[int]
+    error: Optional[str]
+    authority: str
+    path: str
+    scheme: str
+    method: str
+    headers: Any
+    cluster: Optional[str]
+
+    @property
+    def address(self) -> str:
+        """``ip:port`` (``[v6]:port``) to connect to."""
+        return self.endpoint.key
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.endpoint.key}{self.path}"
+
+    def finish(self, status: Optional[int] = None, grpc_status: Optional[int] = None,
+               error: Optional[str] = None) -> None:
+        """Record the outcome (once): releases the endpoint, feeds stats and outlier detection."""
+        if self._finished:
+            return
+        self._finished = True
+        self.status, self.grpc_status, self.error = status, grpc_status, error
+        self._lb.release(self.endpoint)
+        self._counters.complete(self._retry, status, error, (time.monotonic() - self._started) * 1000.0)
+        outlier = self._outlier
+        if outlier is not None:
+            if error is not None:
+                outlier.record(self.endpoint.key, None, True)
+            else:
+                if grpc_status:  # Envoy feeds outlier detection grpcToHttpStatus(grpc-status)
+                    status = GRPC_TO_HTTP.get(grpc_status, 500)
+                outlier.record(self.endpoint.key, status)
+
+    # the single-attempt form: ``with mesh.request(...) as attempt``
+    def __enter__(self) -> "Attempt":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is not None and self.status is None:
+            self.finish(error=lifecycle.default_classify(exc) or RESET)
+        else:
+            self.finish(self.status, self.grpc_status)
+
+    def __repr__(self) -> str:
+        return f"Attempt({self.cluster!r} #{self.number} {self.endpoint.key} status={self.status})"
+
+
+class Call:
+    """One request routed by the mesh (made by ``Mesh.request``; see ``meshcore.call``)."""
+
+    __slots__ = ("mesh", "target", "authority", "scheme", "path", "method", "headers", "route", "cluster",
+                 "started", "deadline", "attempts", "_runtime", "_state", "_counters", "_outlier", "_fault_spec",
+                 "_rng", "_limit", "_retry", "_single")
+
+    mesh: Any
+    target: str
+    authority: str
+    scheme: str
+    path: str
+    method: str
+    headers: Any
+    route: Any
+    cluster: Optional[str]
+    started: float
+    #: monotonic time by which the whole request must end: the route timeout, or the caller's
+    #: own ``timeout`` if shorter (None: no limit); it starts after a fault delay
+    deadline: Optional[float]
+    attempts: List[Attempt]
+
+    @property
+    def retry(self) -> RetryState:
+        """The request's retry state under the route's policy (made on first use)."""
+        if self._retry is None:
+            self._retry = RetryState(self.route.retry_policy, self._rng)
+        return self._retry
+
+    def _count(self, name: str) -> None:
+        """Count a rare per-cluster event (timeouts, successful retries) in the cluster's stats."""
+        self._state.stats.inc(name)
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def fault(self) -> FaultDecision:
+        """The fault filter's decision for this request (no fault filter: no fault)."""
+        if self._fault_spec is None:
+            return NO_FAULT
+        return lifecycle.fault_decision(self._fault_spec, self.headers, self._rng, self.cluster)
+
+    def _after_fault(self, d: FaultDecision) -> None:
+        """After the fault filter's delay (slept by the caller): the route timeout starts when
+        the router does, i.e. now; an abort answers the request without an upstream."""
+        if d.delay and self._limit:
+            self.deadline = time.monotonic() + self._limit
+        if d.abort_http_status is not None or d.abort_grpc_status is not None:
+            raise FaultAbort(d.abort_http_status, d.abort_grpc_status)
+
+    def _remaining(self) -> Optional[float]:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def _try_timeout(self, now: float) -> Optional[float]:
+        policy = self.route.retry_policy
+        per_try = policy.per_try_timeout if policy is not None else None
+        if self.deadline is None:
+            return per_try
+        remaining = self.deadline - now
+        if per_try and per_try < remaining:
+            return per_try
+        return remaining
+
+    def start_attempt(self) -> Optional[Attempt]:
+        """Pick an endpoint and pass the circuit breakers; ``None`` when a retry may not be made
+        (retry overflow). Raises ``Unavailable`` / ``CircuitBreakerOpen`` for the first attempt."""
+        if self._counters is None:
+            raise MeshError(f"route {self.route.route_name!r} answers directly; there is no upstream")
+        retry = bool(self.attempts)
+        if retry and self.deadline is not None and time.monotonic() >= self.deadline:
+            self._count("upstream_rq_timeout")
+            raise UpstreamTimeout(f"{self.target}{self.path}: request timeout elapsed before attempt "
+                                  f"{len(self.attempts) + 1}")
+        counters = self._counters
+        over = counters.admit(retry)
+        if over:
+            if over == OVER_RETRIES:
+                return None
+            raise CircuitBreakerOpen(f"{self.target}{self.path}: cluster {self.cluster!r} circuit breaker open "
+                                     f"(max_requests/pending reached)")
+        try:
+            endpoint, lb = self._pick(retry)
+        except BaseException:
+            counters.abandon(retry)
+            raise
+        a = Attempt.__new__(Attempt)
+        a.number = len(self.attempts) + 1
+        a.endpoint = endpoint
+        a.status = a.grpc_status = a.error = None
+        route = self.route
+        #: the Host / :authority to send: the route's host rewrite, else the logical authority
+        a.authority = route.host_rewrite or self.authority
+        #: the upstream path (after the route's prefix/regex rewrite), query included
+        a.path = route.path_rewrite or self.path
+        a.scheme = self.scheme
+        a.method = self.method
+        a.headers = self.headers  # the request's headers as given to ``Mesh.request``
+        a.cluster = self.cluster
+        a._lb = lb
+        a._counters = counters
+        a._outlier = self._outlier
+        a._retry = retry
+        a._finished = False
+        now = time.monotonic()
+        a._started = now
+        a.timeout = self._try_timeout(now)  # seconds this try may take; None: unbounded
+        self.attempts.append(a)
+        return a
+
+    def _choose(self, hash: Optional[int]) -> Tuple[Any, Any]:
+        lb = self._runtime.lb
+        if type(lb) is AggregateBalancer:
+            return lb.choose(hash)
+        return lb.pick(hash), lb
+
+    def _pick(self, retry: bool) -> Tuple[Any, Any]:
+        if self._outlier is not None:
+            self._outlier.tick()
+        if not retry:
+            ep, lb = self._choose(self.route.hash)
+            if ep is not None:
+                return ep, lb
+            raise Unavailable(f"{self.target}{self.path}: no healthy upstream in cluster {self.cluster!r}")
+        # a retry avoids the hosts already tried, re-picking up to host_selection_retry_max_attempts
+        avoid = {a.endpoint.key for a in self.attempts}
+        chosen: Optional[Tuple[Any, Any]] = None
+        for _ in range(self.retry.host_selection_attempts + 1):
+            ep, lb = self._choose(None)
+            if ep is None:
+                break
+            if ep.key not in avoid:
+                if chosen is not None:
+                    chosen[1].release(chosen[0])
+                return ep, lb
+            if chosen is None:
+                chosen = (ep, lb)
+            else:
+                lb.release(ep)
+        if chosen is not None:
+            return chosen  # every re-pick hit a tried host: Envoy then keeps the last pick
+        raise Unavailable(f"{self.target}{self.path}: no healthy upstream in cluster {self.cluster!r}")
+
+    # -- the single-attempt form ------------------------------------------------------------------
+
+    def __enter__(self) -> Attempt:
+        if self._fault_spec is not None:
+            d = self.fault()
+            if d.delay:
+                time.sleep(d.delay)
+            self._after_fault(d)
+        attempt = self.start_attempt()
+        assert attempt is not None
+        self._single = attempt
+        return attempt
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._single is not None:
+            self._single.__exit__(exc_type, exc, tb)
+
+    # -- the full lifecycle (meshcore.lifecycle) --------------------------------------------------
+
+    def run(self, send: Any, *, status_of: Any = lifecycle.default_status_of, grpc_status_of: Any = None,
+            classify: Any = lifecycle.default_classify) -> Any:
+        """Send with Envoy's router behaviour (fault, retries, breakers, timeouts): ``send(attempt)``
+        per attempt; the last outcome is returned (or raised). See ``meshcore.call``."""
+        return lifecycle.run(self, send, status_of, grpc_status_of, classify)
+
+    def run_async(self, send: Any, *, status_of: Any = lifecycle.default_status_of, grpc_status_of: Any = None,
+                  classify: Any = lifecycle.default_classify) -> Any:
+        """:meth:`run` for coroutines: ``await call.run_async(send)`` (``await send(attempt)``)."""
+        return lifecycle.run_async(self, send, status_of, grpc_status_of, classify)
+
+    def __repr__(self) -> str:
+        return f"Call({self.target}{self.path} route={self.route.route_name!r} cluster={self.cluster!r})"
+
+
+def request(mesh: Any, url: str, method: str = "GET", headers: Any = None, *, target: Optional[str] = None,
+            source_ip: Optional[str] = None, timeout: Optional[float] = None) -> Call:
+    """Route one request (``http(s)://host[:port]/path?query``) and return its :class:`Call`:
+    ``call.run(send)`` for retries, timeouts, breakers and faults, or ``with call as attempt``
+    for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
+    from the URL (default ports 80/443); ``timeout`` (seconds) caps the request below the
+    route timeout (a caller's deadline)."""
+    parsed = URL_CACHE.get(url)
+    if parsed is None:
+        parsed = parse_url(url)
+    scheme, netloc, path, default_target = parsed
+    if target is None:
+        target = default_target
+    cfg = mesh._publisher.published.get(target)
+    if cfg is None or cfg.error is not None:
+        if cfg is None:
+            mesh._publisher.add_target(target)
+        raise Unavailable(mesh._why(target, cfg))
+    # virtual hosts see the Host header the request carries (the URL's authority as written)
+    m = cfg.route_table.match(netloc, path, headers, method, scheme, None, source_ip)
+    if m is None:
+        raise NoRoute(target, path)
+    call = Call.__new__(Call)
+    cluster = m.cluster
+    if cluster is not None:
+        rt = cfg.clusters.get(cluster)
+        if rt is None:
+            raise Unavailable(f"{target}{path}: cluster {cluster!r} not found "
+                              f"(route {m.route_name!r} -> {m.cluster_not_found_response_code})")
+        if rt.lb is None:
+            raise Unavailable(f"{target}{path}: {rt.error} (xDS node {mesh.node_id!r})")
+        state = mesh._states.get(rt.name)
+        if state is None or state.spec is not rt.spec or (state.outlier is not None and state.synced is not rt.eds_spec):
+            state = mesh._cluster_state(rt)
+        call._runtime = rt
+        call._state = state
+        call._counters = state.counters
+        call._outlier = state.outlier
+    else:  # a direct response or redirect: nothing to send upstream
+        call._runtime = call._state = call._counters = call._outlier = None
+    call._fault_spec = lifecycle.fault_spec_for(cfg, m.route) if cfg.fault_filters else None
+    call.mesh = mesh
+    call.target = target
+    call.authority = netloc
+    call.scheme = scheme
+    call.path = path
+    call.method = method
+    call.headers = headers
+    call.route = m
+    call.cluster = cluster
+    call._rng = mesh._rng
+    call._retry = None
+    call._single = None
+    call.attempts = []
+    started = call.started = time.monotonic()
+    limit = m.timeout
+    if timeout and (not limit or timeout < limit):
+        limit = timeout
+    call._limit = limit or None
+    call.deadline = started + limit if limit else None
+    return call
+

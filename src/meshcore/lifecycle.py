@@ -1,0 +1,202 @@
+"""The request lifecycle around the compiled request path: Envoy's router loop of fault,
+attempts, outcome classification, retries with back-off, and timeouts.
+
+The per-request hot steps (route, pick, circuit breakers, stats) are methods of ``Call`` and
+``Attempt`` in ``meshcore._fast.call_c`` / ``call_py``; this module is the Python that drives
+them for ``call.run(send)`` / ``call.run_async(send)`` and the helpers they share with the
+client integrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Any, Awaitable, Callable, List, Optional, Tuple, TypeVar
+
+from .errors import UpstreamError, UpstreamTimeout
+from .resilience.fault import FaultDecision, decide_fault
+from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
+
+__all__ = ["default_classify", "default_status_of", "fault_decision", "fault_spec_for", "header_pairs",
+           "run", "run_async"]
+
+R = TypeVar("R")
+Classify = Callable[[BaseException], Optional[str]]
+StatusOf = Callable[[Any], Optional[int]]
+
+
+def default_classify(exc: BaseException) -> Optional[str]:
+    """The upstream failure kind of an exception ``send`` raised (``None``: not an upstream failure)."""
+    if isinstance(exc, UpstreamError):
+        return exc.kind
+    if isinstance(exc, ConnectionRefusedError):
+        return CONNECT_FAILURE
+    if isinstance(exc, (TimeoutError, socket.timeout, asyncio.TimeoutError)):
+        return TIMEOUT
+    if isinstance(exc, (ConnectionError, EOFError)):
+        return RESET
+    return None
+
+
+def default_status_of(result: Any) -> Optional[int]:
+    status = getattr(result, "status_code", None)
+    if status is None:
+        status = getattr(result, "status", None)
+    return status if isinstance(status, int) else None
+
+
+def header_pairs(headers: Any) -> List[Tuple[str, str]]:
+    """Headers given as a mapping or as ``(name, value)`` pairs, as a list of string pairs."""
+    if not headers:
+        return []
+    if hasattr(headers, "items"):
+        return [(str(k), str(v)) for k, v in headers.items()]
+    return [(str(k), str(v)) for k, v in headers]
+
+
+def fault_spec_for(cfg: Any, route: Any) -> Any:
+    """The fault config for a request: the listener's first fault filter, with the route's (or
+    its virtual host's) ``typed_per_filter_config`` for that filter name replacing the filter's
+    own config (Envoy's per-route filter config; how Istio applies VirtualService faults)."""
+    filters = cfg.fault_filters
+    if not filters:
+        return None
+    overrides = route.filter_overrides if route is not None else ()
+    for name, config, disabled in filters:
+        for oname, oconfig in overrides:
+            if oname == name:
+                return oconfig
+        if config is not None and not disabled:
+            return config
+    return None
+
+
+def fault_decision(spec: Any, headers: Any, rng: Any, cluster: Optional[str]) -> FaultDecision:
+    """The fault filter's decision for one request under ``spec`` (not ``None``)."""
+    hdrs = {k.lower(): v for k, v in header_pairs(headers)}
+    return decide_fault(spec, hdrs, rng, cluster)
+
+
+# -- the router loop ------------------------------------------------------------------------------
+
+
+def _outcome(a: Any, result: Any, exc: Optional[BaseException], classify: Classify, status_of: StatusOf,
+             grpc_status_of: Optional[StatusOf]) -> None:
+    if exc is not None:
+        kind = classify(exc)
+        a.finish(error=kind or RESET)
+        if kind is None:
+            raise exc
+    else:
+        a.finish(status_of(result), grpc_status_of(result) if grpc_status_of else None)
+
+
+def _retry_delay(call: Any, a: Any) -> Optional[float]:
+    """The back-off before retrying after ``a`` (bounded by the deadline), or ``None``: done."""
+    retry = call.retry
+    if not retry.retriable(a.status, a.grpc_status, a.error) or not retry.can_retry():
+        return None
+    remaining = call._remaining()
+    if remaining is not None and remaining <= 0:
+        return None
+    delay = retry.next_backoff()
+    return delay if remaining is None else min(delay, max(0.0, remaining))
+
+
+def _final(call: Any, a: Any, result: Any, exc: Optional[BaseException]) -> Any:
+    if len(call.attempts) > 1 and a.error is None and (a.status or 200) < 500:
+        call._count("upstream_rq_retry_success")
+    if exc is not None:
+        if a.error == TIMEOUT and call.deadline is not None and time.monotonic() >= call.deadline:
+            call._count("upstream_rq_timeout")
+            raise UpstreamTimeout(f"{call.target}{call.path}: request timeout elapsed "
+                                  f"(route timeout {call.route.timeout}s)") from exc
+        raise exc
+    return result
+
+
+def run(call: Any, send: Callable[[Any], R], status_of: StatusOf, grpc_status_of: Optional[StatusOf],
+        classify: Classify) -> R:
+    """``Call.run``: fault, then attempts until one is final (see ``meshcore.call``)."""
+    d = call.fault()
+    if d.delay:
+        time.sleep(d.delay)
+    call._after_fault(d)
+    last_result: Any = None
+    last_exc: Optional[BaseException] = None
+    while True:
+        a = call.start_attempt()
+        if a is None:  # retry overflow: the last outcome stands
+            return _final(call, call.attempts[-1], last_result, last_exc)
+        _close(last_result)  # a retry was admitted: the previous response is discarded
+        result: Any = None
+        exc: Optional[BaseException] = None
+        try:
+            result = send(a)
+        except BaseException as e:  # noqa: BLE001  (classified below)
+            exc = e
+        _outcome(a, result, exc, classify, status_of, grpc_status_of)
+        last_result, last_exc = result, exc
+        delay = _retry_delay(call, a)
+        if delay is None:
+            return _final(call, a, result, exc)
+        if delay:
+            time.sleep(delay)
+
+
+async def run_async(call: Any, send: Callable[[Any], Awaitable[R]], status_of: StatusOf,
+                    grpc_status_of: Optional[StatusOf], classify: Classify) -> R:
+    """``Call.run_async``: :func:`run` for coroutines (sleeps with ``asyncio.sleep``)."""
+    d = call.fault()
+    if d.delay:
+        await asyncio.sleep(d.delay)
+    call._after_fault(d)
+    last_result: Any = None
+    last_exc: Optional[BaseException] = None
+    while True:
+        a = call.start_attempt()
+        if a is None:  # retry overflow: the last outcome stands
+            return _final(call, call.attempts[-1], last_result, last_exc)
+        await _aclose(last_result)
+        result: Any = None
+        exc: Optional[BaseException] = None
+        try:
+            if a.timeout is not None:
+                result = await asyncio.wait_for(send(a), a.timeout)
+            else:
+                result = await send(a)
+        except BaseException as e:  # noqa: BLE001
+            exc = e
+        _outcome(a, result, exc, classify, status_of, grpc_status_of)
+        last_result, last_exc = result, exc
+        delay = _retry_delay(call, a)
+        if delay is None:
+            return _final(call, a, result, exc)
+        if delay:
+            await asyncio.sleep(delay)
+
+
+def _close(result: Any) -> None:
+    """Release a response that is being retried (its connection goes back to the pool)."""
+    if result is None:
+        return
+    close = getattr(result, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:
+            pass
+
+
+async def _aclose(result: Any) -> None:
+    if result is None:
+        return
+    close = getattr(result, "aclose", None)
+    if callable(close):
+        try:
+            await close()
+        except Exception:
+            pass
+        return
+    _close(result)
