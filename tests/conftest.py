@@ -33,9 +33,9 @@ def LB(lbmod: ModuleType):  # noqa: N802  (a class, named like one)
 def mesh_cls(impl: str):
     """``meshcore.Mesh`` whose request path (``Mesh.request``, Call, Attempt, ClusterCounters)
     is the ``impl`` twin; the balancers and route tables are whichever core is live."""
-    from meshcore import Mesh
+    from meshcore.mesh import Mesh, MeshBase
 
     mod = import_module(f"meshcore._fast.call_{impl}")
     if Mesh._core is mod:
         return Mesh
-    return type(f"Mesh_{impl}", (Mesh,), {"request": mod.request, "_core": mod})
+    return type(f"Mesh_{impl}", (MeshBase, mod.MeshCore), {"_core": mod})

@@ -79,8 +79,9 @@ class Pick:
                 f"endpoint={self.endpoint.key if self.endpoint is not None else None})")
 
 
-class Mesh:
-    """A proxyless mesh member: an xDS subscription (or a resource file) and the pick API."""
+class MeshBase:
+    """Everything of :class:`Mesh` but the request path: lifecycle, targets, ``pick``, stats,
+    introspection. ``Mesh`` combines it with ``MeshCore`` (``request``), compiled or pure."""
 
     def __init__(self, bootstrap: BootstrapArg = None, *, delta: Optional[bool] = None,
                  resource_timeout: float = 15.0, seed: Optional[int] = None, backoff: Any = None) -> None:
@@ -212,16 +213,6 @@ class Mesh:
 
     # -- the request lifecycle -----------------------------------------------------------------------
 
-    #: ``request(url, method="GET", headers=None, *, target=None, source_ip=None, timeout=None)``:
-    #: route one request (``http(s)://host[:port]/path?query``) and return its :class:`Call`:
-    #: ``call.run(send)`` for retries, timeouts, breakers and faults, or ``with call as attempt``
-    #: for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
-    #: from the URL (default ports 80/443); ``timeout`` (seconds) caps the request below the
-    #: route timeout (a caller's deadline). The request path itself (``meshcore._fast``,
-    #: compiled or pure twin) is bound here as the method.
-    request = call_core.request
-    _core = call_core  # the twin whose ClusterCounters the clusters' state uses
-
     def _cluster_state(self, rt: Any) -> "ClusterState":
         st = self._states.get(rt.name)
         if st is None:
@@ -279,3 +270,10 @@ class Mesh:
             self._csds_server = server
             self._csds_port = port
         return self._csds_port
+
+
+class Mesh(MeshBase, call_core.MeshCore):
+    """A proxyless mesh member: an xDS subscription (or a resource file), ``pick`` and
+    ``request`` (the request lifecycle: see ``meshcore.call``)."""
+
+    _core = call_core  # the request-path twin whose ClusterCounters the clusters' state uses

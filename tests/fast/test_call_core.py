@@ -287,14 +287,14 @@ def script_run(mesh, seed):
 def test_same_seed_same_decisions(tmp_path, config):
     """A mesh on the compiled request path and one on the pure one, same seed and config:
     identical attempts, statuses, errors and stats."""
-    from meshcore import Mesh
     from meshcore._fast import call_c, call_py
+    from meshcore.mesh import MeshBase
 
     results = []
     for mod in (call_c, call_py):
         path = os.path.join(str(tmp_path), f"{mod.__name__}.json")
         write_resources(path, **config)
-        cls = type("M", (Mesh,), {"request": mod.request, "_core": mod})
+        cls = type("M", (MeshBase, mod.MeshCore), {"_core": mod})
         with cls.from_file(path, watch=False, seed=11) as mesh:
             mesh.wait_ready("svc.local:80", timeout=5)
             out, stats = script_run(mesh, 5)

@@ -22,7 +22,7 @@ from ..xds.snapshot import AggregateBalancer
 from ..stats import BUCKETS_MS, COUNTER_NAMES
 from .call_py import ADMITTED, GRPC_TO_HTTP, OVER_REQUESTS, OVER_RETRIES
 
-__all__ = ["Attempt", "Call", "ClusterCounters", "request", "BUCKETS_MS", "COUNTER_NAMES", "GRPC_TO_HTTP",
+__all__ = ["Attempt", "Call", "ClusterCounters", "MeshCore", "BUCKETS_MS", "COUNTER_NAMES", "GRPC_TO_HTTP",
            "ADMITTED", "OVER_REQUESTS", "OVER_RETRIES"]
 
 cdef enum:
@@ -285,7 +285,8 @@ cdef class Call:
     #: monotonic time by which the whole request must end (None: no limit)
     cdef public object deadline
     cdef readonly list attempts
-    cdef object _runtime, _state, _outlier, _fault_spec, _rng, _limit, _retry, _single
+    cdef object _lb, _state, _outlier, _fault_spec, _rng, _limit, _retry, _single
+    cdef bint _aggregate
     cdef ClusterCounters _counters
 
     @property
@@ -378,10 +379,9 @@ cdef class Call:
         return a
 
     cdef tuple _choose(self, object hash):
-        lb = self._runtime.lb
-        if type(lb) is _AggregateBalancer:
-            return lb.choose(hash)
-        return lb.pick(hash), lb
+        if self._aggregate:
+            return self._lb.choose(hash)
+        return self._lb.pick(hash), self._lb
 
     cdef tuple _pick(self, bint retry):
         cdef set avoid
@@ -447,62 +447,130 @@ cdef class Call:
         return f"Call({self.target}{self.path} route={self.route.route_name!r} cluster={self.cluster!r})"
 
 
-def request(mesh, url, method="GET", headers=None, *, target=None, source_ip=None, timeout=None):
-    """Route one request (``http(s)://host[:port]/path?query``) and return its :class:`Call`:
-    ``call.run(send)`` for retries, timeouts, breakers and faults, or ``with call as attempt``
-    for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
-    from the URL (default ports 80/443); ``timeout`` (seconds) caps the request below the
-    route timeout (a caller's deadline)."""
-    cdef Call call
-    cdef double started
-    parsed = _url_cache.get(url)
-    if parsed is None:
-        parsed = parse_url(url)
-    scheme, netloc, path, default_target = <tuple>parsed
-    if target is None:
-        target = default_target
-    cfg = mesh._publisher.published.get(target)
-    if cfg is None or cfg.error is not None:
-        if cfg is None:
-            mesh._publisher.add_target(target)
-        raise Unavailable(mesh._why(target, cfg))
-    # virtual hosts see the Host header the request carries (the URL's authority as written)
-    m = cfg.route_table.match(netloc, path, headers, method, scheme, None, source_ip)
-    if m is None:
-        raise NoRoute(target, path)
-    call = Call.__new__(Call)
-    cluster = m.cluster
-    if cluster is not None:
-        rt = cfg.clusters.get(cluster)
+@cython.final
+cdef class _TargetEntry:
+    """What ``request`` reads of one published TargetConfig, resolved once per configuration."""
+    cdef object cfg, route_table, clusters
+    cdef bint has_faults
+    cdef dict resolved  # cluster name -> _ClusterEntry
+
+
+@cython.final
+cdef class _ClusterEntry:
+    """A cluster of that configuration: its runtime, balancer and request state."""
+    cdef object rt, lb, state, outlier
+    cdef bint aggregate
+    cdef ClusterCounters counters
+
+
+cdef class MeshCore:
+    """The request path of ``meshcore.Mesh`` (its base class): ``request`` and the state it reads.
+
+    Per target it keeps what it resolved from the published configuration (route table,
+    clusters, their balancers and request state), checked by identity against the published
+    ``TargetConfig`` on every request: a new configuration is resolved again on its first
+    request. An EDS update changes no configuration (the balancer is updated in place); the
+    outlier detector then learns the new host list on the next request.
+    """
+
+    cdef public object _publisher, _states, _rng
+    cdef dict _targets
+
+    def __cinit__(self, *args, **kwargs):
+        self._targets = {}
+
+    cdef _TargetEntry _entry(self, object target, object cfg):
+        cdef _TargetEntry entry
+        if cfg is None or cfg.error is not None:
+            if cfg is None:
+                self._publisher.add_target(target)
+            raise Unavailable(self._why(target, cfg))
+        entry = _TargetEntry.__new__(_TargetEntry)
+        entry.cfg = cfg
+        entry.route_table = cfg.route_table
+        entry.clusters = cfg.clusters
+        entry.has_faults = bool(cfg.fault_filters)
+        entry.resolved = {}
+        if len(self._targets) >= 4096:
+            self._targets.clear()
+        self._targets[target] = entry
+        return entry
+
+    cdef _ClusterEntry _resolve(self, _TargetEntry entry, object cluster, object m, object target, object path):
+        cdef _ClusterEntry ce
+        rt = entry.clusters.get(cluster)
         if rt is None:
             raise Unavailable(f"{target}{path}: cluster {cluster!r} not found "
                               f"(route {m.route_name!r} -> {m.cluster_not_found_response_code})")
-        if rt.lb is None:
-            raise Unavailable(f"{target}{path}: {rt.error} (xDS node {mesh.node_id!r})")
-        state = mesh._states.get(rt.name)
-        if state is None or state.spec is not rt.spec or (state.outlier is not None and state.synced is not rt.eds_spec):
-            state = mesh._cluster_state(rt)
-        call._runtime = rt
-        call._state = state
-        call._counters = state.counters
-        call._outlier = state.outlier
-    call._fault_spec = _fault_spec_for(cfg, m.route) if cfg.fault_filters else None
-    call.mesh = mesh
-    call.target = target
-    call.authority = netloc
-    call.scheme = scheme
-    call.path = path
-    call.method = method
-    call.headers = headers
-    call.route = m
-    call.cluster = cluster
-    call._rng = mesh._rng
-    call.attempts = []
-    started = monotonic()
-    call.started = started
-    limit = m.timeout
-    if timeout and (not limit or timeout < limit):
-        limit = timeout
-    call._limit = limit or None
-    call.deadline = started + limit if limit else None
-    return call
+        lb = rt.lb
+        if lb is None:
+            raise Unavailable(f"{target}{path}: {rt.error} (xDS node {self.node_id!r})")
+        state = self._cluster_state(rt)
+        ce = _ClusterEntry.__new__(_ClusterEntry)
+        ce.rt = rt
+        ce.lb = lb
+        ce.aggregate = type(lb) is _AggregateBalancer
+        ce.state = state
+        ce.counters = state.counters
+        ce.outlier = state.outlier
+        entry.resolved[cluster] = ce
+        return ce
+
+    def request(self, url, method="GET", headers=None, *, target=None, source_ip=None, timeout=None):
+        """Route one request (``http(s)://host[:port]/path?query``) and return its :class:`Call`:
+        ``call.run(send)`` for retries, timeouts, breakers and faults, or ``with call as attempt``
+        for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
+        from the URL (default ports 80/443); ``timeout`` (seconds) caps the request below the
+        route timeout (a caller's deadline)."""
+        cdef Call call
+        cdef _TargetEntry entry
+        cdef _ClusterEntry ce
+        cdef double started
+        parsed = _url_cache.get(url)
+        if parsed is None:
+            parsed = parse_url(url)
+        scheme, netloc, path, default_target = <tuple>parsed
+        if target is None:
+            target = default_target
+        cfg = self._publisher.published.get(target)
+        entry = <_TargetEntry>self._targets.get(target)
+        if entry is None or entry.cfg is not cfg:
+            entry = self._entry(target, cfg)
+        # virtual hosts see the Host header the request carries (the URL's authority as written)
+        m = entry.route_table.match(netloc, path, headers, method, scheme, None, source_ip)
+        if m is None:
+            raise NoRoute(target, path)
+        call = Call.__new__(Call)
+        cluster = m.cluster
+        if cluster is not None:
+            ce = <_ClusterEntry>entry.resolved.get(cluster)
+            if ce is None:
+                ce = self._resolve(entry, cluster, m, target, path)
+            elif ce.outlier is not None and ce.state.synced is not ce.rt.eds_spec:
+                self._cluster_state(ce.rt)  # an EDS update: the detector learns the host list
+            call._lb = ce.lb
+            call._aggregate = ce.aggregate
+            call._state = ce.state
+            call._counters = ce.counters
+            call._outlier = ce.outlier
+        if entry.has_faults:
+            call._fault_spec = _fault_spec_for(entry.cfg, m.route)
+        call.mesh = self
+        call.target = target
+        call.authority = netloc
+        call.scheme = scheme
+        call.path = path
+        call.method = method
+        call.headers = headers
+        call.route = m
+        call.cluster = cluster
+        call._rng = self._rng
+        call.attempts = []
+        started = monotonic()
+        call.started = started
+        limit = m.timeout
+        if timeout and (not limit or timeout < limit):
+            limit = timeout
+        call._limit = limit or None
+        call.deadline = started + limit if limit else None
+        return call

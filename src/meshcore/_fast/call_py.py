@@ -42,7 +42,7 @@ from ..resilience.retry import CONNECT_FAILURE, RESET, RetryState, TIMEOUT
 from ..stats import BUCKETS_MS, COUNTER_NAMES
 from ..xds.snapshot import AggregateBalancer
 
-__all__ = ["Attempt", "Call", "ClusterCounters", "request", "BUCKETS_MS", "COUNTER_NAMES", "GRPC_TO_HTTP",
+__all__ = ["Attempt", "Call", "ClusterCounters", "MeshCore", "BUCKETS_MS", "COUNTER_NAMES", "GRPC_TO_HTTP",
            "ADMITTED", "OVER_REQUESTS", "OVER_RETRIES"]
 
 # admit() results
@@ -231,8 +231,8 @@ class Call:
     """One request routed by the mesh (made by ``Mesh.request``; see ``meshcore.call``)."""
 
     __slots__ = ("mesh", "target", "authority", "scheme", "path", "method", "headers", "route", "cluster",
-                 "started", "deadline", "attempts", "_runtime", "_state", "_counters", "_outlier", "_fault_spec",
-                 "_rng", "_limit", "_retry", "_single")
+                 "started", "deadline", "attempts", "_lb", "_aggregate", "_state", "_counters", "_outlier",
+                 "_fault_spec", "_rng", "_limit", "_retry", "_single")
 
     mesh: Any
     target: str
@@ -336,10 +336,9 @@ class Call:
         return a
 
     def _choose(self, hash: Optional[int]) -> Tuple[Any, Any]:
-        lb = self._runtime.lb
-        if type(lb) is AggregateBalancer:
-            return lb.choose(hash)
-        return lb.pick(hash), lb
+        if self._aggregate:
+            return self._lb.choose(hash)
+        return self._lb.pick(hash), self._lb
 
     def _pick(self, retry: bool) -> Tuple[Any, Any]:
         if self._outlier is not None:
@@ -402,65 +401,129 @@ class Call:
         return f"Call({self.target}{self.path} route={self.route.route_name!r} cluster={self.cluster!r})"
 
 
-def request(mesh: Any, url: str, method: str = "GET", headers: Any = None, *, target: Optional[str] = None,
-            source_ip: Optional[str] = None, timeout: Optional[float] = None) -> Call:
-    """Route one request (``http(s)://host[:port]/path?query``) and return its :class:`Call`:
-    ``call.run(send)`` for retries, timeouts, breakers and faults, or ``with call as attempt``
-    for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
-    from the URL (default ports 80/443); ``timeout`` (seconds) caps the request below the
-    route timeout (a caller's deadline)."""
-    parsed = URL_CACHE.get(url)
-    if parsed is None:
-        parsed = parse_url(url)
-    scheme, netloc, path, default_target = parsed
-    if target is None:
-        target = default_target
-    cfg = mesh._publisher.published.get(target)
-    if cfg is None or cfg.error is not None:
-        if cfg is None:
-            mesh._publisher.add_target(target)
-        raise Unavailable(mesh._why(target, cfg))
-    # virtual hosts see the Host header the request carries (the URL's authority as written)
-    m = cfg.route_table.match(netloc, path, headers, method, scheme, None, source_ip)
-    if m is None:
-        raise NoRoute(target, path)
-    call = Call.__new__(Call)
-    cluster = m.cluster
-    if cluster is not None:
-        rt = cfg.clusters.get(cluster)
+class _TargetEntry:
+    """What ``request`` reads of one published TargetConfig, resolved once per configuration."""
+
+    __slots__ = ("cfg", "route_table", "clusters", "has_faults", "resolved")
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.route_table = cfg.route_table
+        self.clusters = cfg.clusters
+        self.has_faults = bool(cfg.fault_filters)
+        self.resolved: Dict[str, _ClusterEntry] = {}
+
+
+class _ClusterEntry:
+    """A cluster of that configuration: its runtime, balancer and request state."""
+
+    __slots__ = ("rt", "lb", "aggregate", "state", "counters", "outlier")
+
+    def __init__(self, rt: Any, state: Any) -> None:
+        self.rt = rt
+        self.lb = rt.lb
+        self.aggregate = type(self.lb) is AggregateBalancer
+        self.state = state
+        self.counters = state.counters
+        self.outlier = state.outlier
+
+
+class MeshCore:
+    """The request path of ``meshcore.Mesh`` (its base class): ``request`` and the state it reads.
+
+    Per target it keeps what it resolved from the published configuration (route table,
+    clusters, their balancers and request state), checked by identity against the published
+    ``TargetConfig`` on every request: a new configuration is resolved again on its first
+    request. An EDS update changes no configuration (the balancer is updated in place); the
+    outlier detector then learns the new host list on the next request.
+    """
+
+    _publisher: Any
+    _states: Dict[str, Any]
+    _rng: Any
+    _targets: Dict[str, _TargetEntry]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "MeshCore":
+        self = super().__new__(cls)
+        self._targets = {}
+        return self
+
+    def _entry(self, target: str, cfg: Any) -> _TargetEntry:
+        if cfg is None or cfg.error is not None:
+            if cfg is None:
+                self._publisher.add_target(target)
+            raise Unavailable(self._why(target, cfg))  # type: ignore[attr-defined]
+        entry = _TargetEntry(cfg)
+        if len(self._targets) >= 4096:
+            self._targets.clear()
+        self._targets[target] = entry
+        return entry
+
+    def _resolve(self, entry: _TargetEntry, cluster: str, m: Any, target: str, path: str) -> _ClusterEntry:
+        rt = entry.clusters.get(cluster)
         if rt is None:
             raise Unavailable(f"{target}{path}: cluster {cluster!r} not found "
                               f"(route {m.route_name!r} -> {m.cluster_not_found_response_code})")
         if rt.lb is None:
-            raise Unavailable(f"{target}{path}: {rt.error} (xDS node {mesh.node_id!r})")
-        state = mesh._states.get(rt.name)
-        if state is None or state.spec is not rt.spec or (state.outlier is not None and state.synced is not rt.eds_spec):
-            state = mesh._cluster_state(rt)
-        call._runtime = rt
-        call._state = state
-        call._counters = state.counters
-        call._outlier = state.outlier
-    else:  # a direct response or redirect: nothing to send upstream
-        call._runtime = call._state = call._counters = call._outlier = None
-    call._fault_spec = lifecycle.fault_spec_for(cfg, m.route) if cfg.fault_filters else None
-    call.mesh = mesh
-    call.target = target
-    call.authority = netloc
-    call.scheme = scheme
-    call.path = path
-    call.method = method
-    call.headers = headers
-    call.route = m
-    call.cluster = cluster
-    call._rng = mesh._rng
-    call._retry = None
-    call._single = None
-    call.attempts = []
-    started = call.started = time.monotonic()
-    limit = m.timeout
-    if timeout and (not limit or timeout < limit):
-        limit = timeout
-    call._limit = limit or None
-    call.deadline = started + limit if limit else None
-    return call
+            raise Unavailable(f"{target}{path}: {rt.error} (xDS node {self.node_id!r})")  # type: ignore[attr-defined]
+        ce = entry.resolved[cluster] = _ClusterEntry(rt, self._cluster_state(rt))  # type: ignore[attr-defined]
+        return ce
 
+    def request(self, url: str, method: str = "GET", headers: Any = None, *, target: Optional[str] = None,
+                source_ip: Optional[str] = None, timeout: Optional[float] = None) -> Call:
+        """Route one request (``http(s)://host[:port]/path?query``) and return its :class:`Call`:
+        ``call.run(send)`` for retries, timeouts, breakers and faults, or ``with call as attempt``
+        for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
+        from the URL (default ports 80/443); ``timeout`` (seconds) caps the request below the
+        route timeout (a caller's deadline)."""
+        parsed = URL_CACHE.get(url)
+        if parsed is None:
+            parsed = parse_url(url)
+        scheme, netloc, path, default_target = parsed
+        if target is None:
+            target = default_target
+        cfg = self._publisher.published.get(target)
+        entry = self._targets.get(target)
+        if entry is None or entry.cfg is not cfg:
+            entry = self._entry(target, cfg)
+        # virtual hosts see the Host header the request carries (the URL's authority as written)
+        m = entry.route_table.match(netloc, path, headers, method, scheme, None, source_ip)
+        if m is None:
+            raise NoRoute(target, path)
+        call = Call.__new__(Call)
+        cluster = m.cluster
+        if cluster is not None:
+            ce = entry.resolved.get(cluster)
+            if ce is None:
+                ce = self._resolve(entry, cluster, m, target, path)
+            elif ce.outlier is not None and ce.state.synced is not ce.rt.eds_spec:
+                self._cluster_state(ce.rt)  # type: ignore[attr-defined]  # an EDS update: new host list
+            call._lb = ce.lb
+            call._aggregate = ce.aggregate
+            call._state = ce.state
+            call._counters = ce.counters
+            call._outlier = ce.outlier
+        else:  # a direct response or redirect: nothing to send upstream
+            call._lb = call._state = call._counters = call._outlier = None
+            call._aggregate = False
+        call._fault_spec = lifecycle.fault_spec_for(entry.cfg, m.route) if entry.has_faults else None
+        call.mesh = self
+        call.target = target
+        call.authority = netloc
+        call.scheme = scheme
+        call.path = path
+        call.method = method
+        call.headers = headers
+        call.route = m
+        call.cluster = cluster
+        call._rng = self._rng
+        call._retry = None
+        call._single = None
+        call.attempts = []
+        started = call.started = time.monotonic()
+        limit = m.timeout
+        if timeout and (not limit or timeout < limit):
+            limit = timeout
+        call._limit = limit or None
+        call.deadline = started + limit if limit else None
+        return call
