@@ -13,6 +13,8 @@ cimport cython
 from cpython.long cimport PyLong_Check, PyLong_AsLongLongAndOverflow
 from cpython.time cimport monotonic
 
+from .routes_c cimport RouteTable as CRouteTable
+
 from .. import lifecycle
 from .._url import URL_CACHE, parse_url
 from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, Unavailable, UpstreamTimeout
@@ -284,10 +286,23 @@ cdef class Call:
     cdef readonly double started
     #: monotonic time by which the whole request must end (None: no limit)
     cdef public object deadline
-    cdef readonly list attempts
+    cdef Attempt _first     # the first attempt; the list is made only when asked for or on a retry
+    cdef list _attempts
     cdef object _lb, _state, _outlier, _fault_spec, _rng, _limit, _retry, _single
     cdef bint _aggregate
     cdef ClusterCounters _counters
+
+    @property
+    def attempts(self):
+        """The attempts made so far, in order."""
+        if self._attempts is None:
+            self._attempts = [] if self._first is None else [self._first]
+        return self._attempts
+
+    cdef inline Py_ssize_t _n_attempts(self):
+        if self._attempts is not None:
+            return len(self._attempts)
+        return 0 if self._first is None else 1
 
     @property
     def retry(self):
@@ -342,11 +357,12 @@ cdef class Call:
         cdef ClusterCounters counters = self._counters
         if counters is None:
             raise MeshError(f"route {self.route.route_name!r} answers directly; there is no upstream")
-        retry = len(self.attempts) > 0
+        cdef Py_ssize_t made = self._n_attempts()
+        retry = made > 0
         if retry and self.deadline is not None and monotonic() >= self.deadline:
             self._count("upstream_rq_timeout")
             raise UpstreamTimeout(f"{self.target}{self.path}: request timeout elapsed before attempt "
-                                  f"{len(self.attempts) + 1}")
+                                  f"{made + 1}")
         over = counters.admit(retry)
         if over:
             if over == 2:  # OVER_RETRIES
@@ -359,7 +375,7 @@ cdef class Call:
             counters.abandon(retry)
             raise
         a = Attempt.__new__(Attempt)
-        a.number = len(self.attempts) + 1
+        a.number = made + 1
         a.endpoint = endpoint
         route = self.route
         a.authority = route.host_rewrite or self.authority
@@ -375,7 +391,10 @@ cdef class Call:
         now = monotonic()
         a._started = now
         a.timeout = self._try_timeout(now)
-        self.attempts.append(a)
+        if made == 0 and self._attempts is None:
+            self._first = a
+        else:
+            self.attempts.append(a)
         return a
 
     cdef tuple _choose(self, object hash):
@@ -451,6 +470,7 @@ cdef class Call:
 cdef class _TargetEntry:
     """What ``request`` reads of one published TargetConfig, resolved once per configuration."""
     cdef object cfg, route_table, clusters
+    cdef CRouteTable fast_table  # route_table when it is the compiled RouteTable, else None
     cdef bint has_faults
     cdef dict resolved  # cluster name -> _ClusterEntry
 
@@ -488,6 +508,8 @@ cdef class MeshCore:
         entry = _TargetEntry.__new__(_TargetEntry)
         entry.cfg = cfg
         entry.route_table = cfg.route_table
+        if type(entry.route_table) is CRouteTable:
+            entry.fast_table = <CRouteTable>entry.route_table
         entry.clusters = cfg.clusters
         entry.has_faults = bool(cfg.fault_filters)
         entry.resolved = {}
@@ -532,12 +554,16 @@ cdef class MeshCore:
         scheme, netloc, path, default_target = <tuple>parsed
         if target is None:
             target = default_target
-        cfg = self._publisher.published.get(target)
+        cdef dict published = self._publisher.published
+        cfg = published.get(target)
         entry = <_TargetEntry>self._targets.get(target)
         if entry is None or entry.cfg is not cfg:
             entry = self._entry(target, cfg)
         # virtual hosts see the Host header the request carries (the URL's authority as written)
-        m = entry.route_table.match(netloc, path, headers, method, scheme, None, source_ip)
+        if entry.fast_table is not None:
+            m = entry.fast_table.match_c(netloc, path, headers, method, scheme, None, source_ip)
+        else:
+            m = entry.route_table.match(netloc, path, headers, method, scheme, None, source_ip)
         if m is None:
             raise NoRoute(target, path)
         call = Call.__new__(Call)
@@ -565,7 +591,6 @@ cdef class MeshCore:
         call.route = m
         call.cluster = cluster
         call._rng = self._rng
-        call.attempts = []
         started = monotonic()
         call.started = started
         limit = m.timeout

@@ -365,20 +365,10 @@ cdef _Vhost _build_vhost(object vh):
 
 @cython.final
 cdef class RouteTable:
-    """Envoy-exact route matching for one RouteConfiguration (compiled twin)."""
+    """Envoy-exact route matching for one RouteConfiguration (compiled twin).
 
-    cdef readonly object spec
-    cdef dict _exact
-    cdef list _suffix
-    cdef list _prefix
-    cdef Py_ssize_t _default
-    cdef bint _only_default
-    cdef list _vhosts
-    cdef str _vhost_header
-    cdef bint _ignore_port
-    cdef bint _ignore_params
-    cdef uint64_t _rng
-    cdef object __weakref__
+    Its fields are declared in ``routes_c.pxd`` (the request path calls ``match_c`` directly).
+    """
 
     def __init__(self, spec):
         if not isinstance(spec, RouteConfigSpec):
@@ -445,6 +435,11 @@ cdef class RouteTable:
     def match(self, authority, path, headers=None, method="GET", scheme="http", random_value=None,
               source_ip=None):
         """The route Envoy would pick for this request, or ``None`` (Envoy: 404 NR)."""
+        return self.match_c(authority, path, headers, method, scheme, random_value, source_ip)
+
+    cdef object match_c(self, object authority, object path, object headers, object method, object scheme,
+                        object random_value, object source_ip):
+        """:meth:`match` for compiled callers (no argument parsing)."""
         cdef Py_ssize_t size, match_len, vi, k, j
         cdef const char* buf = PyUnicode_AsUTF8AndSize(path, &size)
         cdef const char* hit
