@@ -35,12 +35,14 @@ Envoy from the sum of ``/proc/<pid>/task/*/schedstat`` run times (ns), cross-che
 plus the sidecar Envoy in mode a, this process alone in b and c. The upstream Envoy's CPU is
 reported but excluded.
 
-meshcore's own per-request overhead: in situ (mode b: the time inside ``mesh.request``,
-``__enter__`` and ``__exit__`` around the I/O, medians) and without I/O (a tight loop, and the
-same loop with 0.5 ms sleeps between requests, as cold as the paced run), all in the same run.
-The Python GC's time per request (``gc.callbacks``) is in the client CPU column. When the latency
-target is missed (or with ``--profile``), a cProfile of mesh.request+enter+exit (cold loop) is
-printed: top functions by own time, µs per request.
+meshcore's own per-request overhead: in situ (the time inside ``mesh.request``, ``__enter__``
+and ``__exit__`` around the I/O, medians), measured in extra meshcore blocks run after each rate
+(``meshcore-timed``: the timing calls and their bookkeeping stay out of the latency the table
+compares), and without I/O (a tight loop, and the same loop with 0.5 ms sleeps between requests,
+as cold as the paced run), all in the same run. Blocks hold at least ``MIN_REQUESTS`` requests
+(low rates get longer blocks). The Python GC's time per request (``gc.callbacks``) is in the
+client CPU column. When the latency target is missed (or with ``--profile``), a cProfile of
+mesh.request+enter+exit (cold loop) is printed: top functions by own time, µs per request.
 
 Shared machine: the CPU other processes used during each block is read from /proc/stat; a block
 during which they used more than ``DISTURBED_CORES`` is redone (at most twice, within
@@ -79,9 +81,11 @@ WARMUP_S = 0.3 if QUICK else 0.4
 MEASURE_S = 1.5 if QUICK else 2.0
 REPS = 1 if QUICK else 8
 OVERHEAD_LOOPS = 3000 if QUICK else 30000
-BUDGET_S = 10 if QUICK else 155  # measuring, including blocks redone because other processes ran
+BUDGET_S = 12 if QUICK else 220  # measuring, including blocks redone because other processes ran
 DISTURBED_CORES = 0.25  # CPU of other processes during a block above which it is redone
 MODES = ["direct", "meshcore", "sidecar"]
+INSITU = "meshcore-timed"  # meshcore with its own steps timed: separate blocks, not in the latency table
+MIN_REQUESTS = 200 if QUICK else 800  # per block: low rates get longer blocks
 
 TARGET = "svc.mesh.local:80"  # the API listener meshcore looks up
 HOST = "svc.mesh.local"
@@ -371,6 +375,18 @@ class Rig:
         return body
 
     def send_meshcore(self) -> bytes:
+        with self.mesh.request(URL) as attempt:
+            conn = self.by_address.get(attempt.address)
+            if conn is None:
+                conn = self.by_address[attempt.address] = HttpConn(attempt.address)
+            status, body = conn.get(attempt.path, attempt.authority)
+            attempt.status = status
+        assert status == 200, (status, body)
+        return body
+
+    def send_meshcore_timed(self) -> bytes:
+        """:meth:`send_meshcore` with meshcore's own steps timed (separate blocks: the timing
+        calls are not part of the latency measured for the table)."""
         pc = time.perf_counter_ns
         t0 = pc()
         call = self.mesh.request(URL)
@@ -388,7 +404,8 @@ class Rig:
         return body
 
     def sender(self, mode: str) -> Callable[[], bytes]:
-        return {"direct": self.send_direct, "meshcore": self.send_meshcore, "sidecar": self.send_sidecar}[mode]
+        return {"direct": self.send_direct, "meshcore": self.send_meshcore, "sidecar": self.send_sidecar,
+                INSITU: self.send_meshcore_timed}[mode]
 
     # -- one paced block -----------------------------------------------------------------------
 
@@ -493,13 +510,14 @@ def run_experiment(rates: List[int] = RATES, seconds: float = MEASURE_S, warmup:
         blocks: Dict[Tuple[int, str], List[Dict[str, Any]]] = {}
         deadline = time.monotonic() + BUDGET_S
         redone, left = 0, len(rates) * reps * len(MODES)
-        per_block = seconds + warmup + 0.2
+        per_block = max(seconds, MIN_REQUESTS / min(rates)) + warmup + 0.2
         for rate in rates:
+            secs = max(seconds, MIN_REQUESTS / rate)
             for rep in range(reps):
                 order = MODES[rep % 3:] + MODES[:rep % 3]
                 for mode in order:
                     left -= 1
-                    b = rig.block(mode, rate, seconds, warmup)
+                    b = rig.block(mode, rate, secs, warmup)
                     # other processes on this shared machine: redo a disturbed block (at most twice)
                     # while the blocks still to run fit in the time budget
                     for _ in range(2):
@@ -507,9 +525,11 @@ def run_experiment(rates: List[int] = RATES, seconds: float = MEASURE_S, warmup:
                                 or time.monotonic() + (left + 1) * per_block > deadline):
                             break
                         redone += 1
-                        b2 = rig.block(mode, rate, seconds, warmup)
+                        b2 = rig.block(mode, rate, secs, warmup)
                         b = b2 if b2["foreign_cores"] < b["foreign_cores"] else b
                     blocks.setdefault((rate, mode), []).append(b)
+            for _ in range(2 if QUICK else 3):
+                blocks.setdefault((rate, INSITU), []).append(rig.block(INSITU, rate, secs, warmup))
         tight = rig.tight_overhead(OVERHEAD_LOOPS)
         cold = rig.tight_overhead(OVERHEAD_LOOPS // 10, pause=0.0005)
         result = summarize(blocks, tight, cold, rig.pinned)
@@ -563,7 +583,7 @@ def summarize(blocks: Dict[Tuple[int, str], List[Dict[str, Any]]], tight: List[i
         by[(rate, mode)] = row
         rows.append(row)
     for rate in sorted({r for r, _ in blocks}):
-        d, m, s = by[(rate, "direct")], by[(rate, "meshcore")], by[(rate, "sidecar")]
+        d, m, s, t = by[(rate, "direct")], by[(rate, "meshcore")], by[(rate, "sidecar")], by[(rate, INSITU)]
         # added latency: per repetition, p50(mode) - p50(direct) of blocks run back to back; the
         # median over repetitions (robust to a repetition disturbed by other load on the machine)
         p50s = {mode: [pctl(b["lat_ns"], 0.5) / 1e3 for b in blocks[(rate, mode)]] for mode in MODES}
@@ -577,22 +597,23 @@ def summarize(blocks: Dict[Tuple[int, str], List[Dict[str, Any]]], tight: List[i
             "sidecar_added_p99_us": round(s["p99_us"] - d["p99_us"], 1),
             "meshcore_added_p99_us": round(m["p99_us"] - d["p99_us"], 1),
             "latency_ratio": round(ratio, 4),
-            "insitu_ratio": round(m["overhead_insitu_p50_us"] / side_added, 4) if side_added > 0 else float("nan"),
+            "insitu_ratio": round(t["overhead_insitu_p50_us"] / side_added, 4) if side_added > 0 else float("nan"),
             "latency_target_met": side_added > 0 and mesh_added <= TARGET_LATENCY_RATIO * side_added,
             "cpu_meshcore_us": m["total_cpu_us"], "cpu_sidecar_us": s["total_cpu_us"],
             "cpu_direct_us": d["total_cpu_us"],
             "cpu_ratio": round(m["total_cpu_us"] / s["total_cpu_us"], 3),
             "cpu_target_met": m["total_cpu_us"] < s["total_cpu_us"],
-            "overhead_insitu_p50_us": m["overhead_insitu_p50_us"],
+            "overhead_insitu_p50_us": t["overhead_insitu_p50_us"],
         })
-    return {"rows": sorted(rows, key=lambda r: (r["rate"], MODES.index(r["mode"]))), "summary": summary,
+    return {"rows": sorted(rows, key=lambda r: (r["rate"], (MODES + [INSITU]).index(r["mode"]))), "summary": summary,
             "overhead_tight_p50_us": _us(pctl(tight, 0.5), 2), "overhead_tight_p99_us": _us(pctl(tight, 0.99), 2),
             "overhead_cold_p50_us": _us(pctl(cold, 0.5), 2),
             "pinned": pinned, "quick": QUICK, "seconds_per_block": MEASURE_S, "reps": REPS}
 
 
 def markdown(result: Dict[str, Any]) -> str:
-    label = {"direct": "c direct", "meshcore": "b meshcore", "sidecar": "a sidecar"}
+    label = {"direct": "c direct", "meshcore": "b meshcore", "sidecar": "a sidecar",
+             INSITU: "b meshcore, steps timed (in situ figures only)"}
     out = [("| rate | mode | achieved rps | p50 µs | p99 µs | client CPU µs/req (GC) | Envoy CPU µs/req "
             "| client+proxy µs/req | upstream CPU µs/req |"),
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -604,7 +625,7 @@ def markdown(result: Dict[str, Any]) -> str:
                  "| meshcore in situ: request+enter+exit µs | CPU/req meshcore vs client+Envoy µs |"),
             "| --- | --- | --- | --- | --- | --- |"]
     for s in result["summary"]:
-        m = next(r for r in result["rows"] if r["rate"] == s["rate"] and r["mode"] == "meshcore")
+        m = next(r for r in result["rows"] if r["rate"] == s["rate"] and r["mode"] == INSITU)
         out.append(f"| {s['rate']} | {s['sidecar_added_p50_us']:.0f} ({s['pooled_sidecar_added_p50_us']:.0f}) | "
                    f"{s['meshcore_added_p50_us']:.1f} ({s['pooled_meshcore_added_p50_us']:.1f}) | "
                    f"{s['latency_ratio'] * 100:.1f} % {'met' if s['latency_target_met'] else 'NOT met'} | "

@@ -287,6 +287,7 @@ cdef int _walk(_Trie t, const unsigned char* p, Py_ssize_t n, bint lower, Candid
 cdef class _Vhost:
     cdef object spec
     cdef str name
+    cdef bint require_tls          # spec.require_tls is not "NONE"
     cdef _Trie cs                  # case-sensitive prefixes / exact paths
     cdef _Trie ci                  # ASCII-lower-cased (case_sensitive: false)
     cdef int32_t* always           # regex routes (every request is a candidate)
@@ -320,6 +321,7 @@ cdef _Vhost _build_vhost(object vh):
     cdef _Vhost v = _Vhost()
     cdef Py_ssize_t n = len(vh.routes), i
     v.spec = vh
+    v.require_tls = vh.require_tls != "NONE"
     v.name = vh.name
     v.routes = tuple(vh.routes)
     v.kind = <uint8_t*>zalloc(n)
@@ -460,7 +462,7 @@ cdef class RouteTable:
         if vi < 0:
             return None
         v = <_Vhost>self._vhosts[vi]
-        if v.spec.require_tls != "NONE":
+        if v.require_tls:
             forced = tls_redirect(v.spec, normalise_headers(headers, authority, full_path, method, scheme),
                                   authority or "", full_path)
             if forced is not None:
@@ -499,7 +501,7 @@ cdef class RouteTable:
                         j -= 1
                     cand.ids[j + 1] = tmp
             hdrs = None
-            query_cache = []
+            query_cache = None  # made on first use: parse_query(path), once per request
             if random_value is None:
                 rv = splitmix_next(&self._rng)
             else:
@@ -546,6 +548,8 @@ cdef class RouteTable:
                             match_path = _py_match_path(full_path, self._ignore_params)
                         if hdrs is None:
                             hdrs = normalise_headers(headers, authority, full_path, method, scheme)
+                        if query_cache is None:
+                            query_cache = []
                         if not _py._route_matches(v.routes[ri], match_path, full_path, hdrs, rv, query_cache):
                             continue
                 if v.is_static[ri]:
