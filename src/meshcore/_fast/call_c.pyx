@@ -13,6 +13,7 @@ cimport cython
 from cpython.long cimport PyLong_Check, PyLong_AsLongLongAndOverflow
 from cpython.time cimport monotonic
 
+from .lb_c cimport lb_pick, lb_release
 from .routes_c cimport RouteTable as CRouteTable
 
 from .. import lifecycle
@@ -21,6 +22,7 @@ from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, Unavail
 from ..resilience.fault import NO_FAULT
 from ..resilience.retry import CONNECT_FAILURE, RESET, RetryState, TIMEOUT
 from ..xds.snapshot import AggregateBalancer
+from .lb_c import LoadBalancer as CLoadBalancer
 from ..stats import BUCKETS_MS, COUNTER_NAMES
 from .call_py import ADMITTED, GRPC_TO_HTTP, OVER_REQUESTS, OVER_RETRIES
 
@@ -49,6 +51,7 @@ for _i, _b in enumerate(BUCKETS_MS):
 cdef dict _url_cache = URL_CACHE
 cdef dict _grpc_to_http = GRPC_TO_HTTP
 cdef object _AggregateBalancer = AggregateBalancer
+cdef object _CLoadBalancer = CLoadBalancer
 cdef object _default_classify = lifecycle.default_classify
 cdef object _fault_spec_for = lifecycle.fault_spec_for
 cdef object _fault_decision = lifecycle.fault_decision
@@ -224,7 +227,7 @@ cdef class Attempt:
     cdef public object headers, cluster
     cdef object _lb, _outlier
     cdef ClusterCounters _counters
-    cdef bint _retry, _finished
+    cdef bint _retry, _finished, _fast_lb  # _fast_lb: _lb is exactly the compiled LoadBalancer
     cdef double _started
 
     @property
@@ -247,7 +250,10 @@ cdef class Attempt:
         self.status = status
         self.grpc_status = grpc_status
         self.error = error
-        self._lb.release(self.endpoint)
+        if self._fast_lb:
+            lb_release(self._lb, self.endpoint)
+        else:
+            self._lb.release(self.endpoint)
         self._counters.complete(self._retry, status, error, (monotonic() - self._started) * 1000.0)
         outlier = self._outlier
         if outlier is not None:
@@ -289,7 +295,7 @@ cdef class Call:
     cdef Attempt _first     # the first attempt; the list is made only when asked for or on a retry
     cdef list _attempts
     cdef object _lb, _state, _outlier, _fault_spec, _rng, _limit, _retry, _single
-    cdef bint _aggregate
+    cdef bint _aggregate, _fast_lb
     cdef ClusterCounters _counters
 
     @property
@@ -385,6 +391,7 @@ cdef class Call:
         a.headers = self.headers
         a.cluster = self.cluster
         a._lb = lb
+        a._fast_lb = type(lb) is _CLoadBalancer
         a._counters = counters
         a._outlier = self._outlier
         a._retry = retry
@@ -398,6 +405,8 @@ cdef class Call:
         return a
 
     cdef tuple _choose(self, object hash):
+        if self._fast_lb:
+            return lb_pick(self._lb, hash), self._lb
         if self._aggregate:
             return self._lb.choose(hash)
         return self._lb.pick(hash), self._lb
@@ -479,7 +488,7 @@ cdef class _TargetEntry:
 cdef class _ClusterEntry:
     """A cluster of that configuration: its runtime, balancer and request state."""
     cdef object rt, lb, state, outlier
-    cdef bint aggregate
+    cdef bint aggregate, fast_lb
     cdef ClusterCounters counters
 
 
@@ -532,6 +541,7 @@ cdef class MeshCore:
         ce.rt = rt
         ce.lb = lb
         ce.aggregate = type(lb) is _AggregateBalancer
+        ce.fast_lb = type(lb) is _CLoadBalancer
         ce.state = state
         ce.counters = state.counters
         ce.outlier = state.outlier
@@ -576,6 +586,7 @@ cdef class MeshCore:
                 self._cluster_state(ce.rt)  # an EDS update: the detector learns the host list
             call._lb = ce.lb
             call._aggregate = ce.aggregate
+            call._fast_lb = ce.fast_lb
             call._state = ce.state
             call._counters = ce.counters
             call._outlier = ce.outlier

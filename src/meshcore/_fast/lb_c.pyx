@@ -917,6 +917,12 @@ cdef class LoadBalancer:
     @cython.cdivision(True)
     def pick(self, hash=None):
         """Choose an endpoint (and count one active request on it), or ``None``."""
+        return self._pick(hash)
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    @cython.cdivision(True)
+    cdef object _pick(self, object hash):
         cdef _Table t = self._table
         cdef uint64_t h, x, acc
         cdef int32_t p = 0, host
@@ -1020,6 +1026,9 @@ cdef class LoadBalancer:
 
     def release(self, endpoint):
         """The request to ``endpoint`` finished (least-request accounting)."""
+        self._release(endpoint)
+
+    cdef _release(self, object endpoint):
         cdef _Table t = self._table
         cdef object i = t.index.get(endpoint.key)
         cdef Py_ssize_t k
@@ -1132,3 +1141,16 @@ cdef int _format_u64(uint64_t v, char* out) noexcept nogil:
     for i in range(n):
         out[i] = tmp[n - 1 - i]
     return n
+
+
+# -- entry points for the compiled request path (call_c cimports these through lb_c.pxd) -------
+
+
+cdef object lb_pick(object lb, object hash):
+    """``lb.pick(hash)`` without a Python call; ``lb`` must be exactly a LoadBalancer."""
+    return (<LoadBalancer>lb)._pick(hash)
+
+
+cdef object lb_release(object lb, object endpoint):
+    """``lb.release(endpoint)`` without a Python call; ``lb`` must be exactly a LoadBalancer."""
+    return (<LoadBalancer>lb)._release(endpoint)
