@@ -354,3 +354,44 @@ def test_finish_is_idempotent_and_counts_once(tmp_path, mesh_cls):
         assert lb.active_requests(a.endpoint) == 0 and a.status == 200
         st = mesh.stats()["svc"]
         assert st["upstream_rq_200"] == 1 and st["upstream_rq_completed"] == 1 and st["upstream_rq_active"] == 0
+
+
+def test_aggregate_cluster_outlier_detection_is_the_child_clusters(tmp_path, mesh_cls):
+    """Envoy: an aggregate cluster's hosts belong to its children, and a host's outlier detector
+    is its own cluster's (the child's outlier_detection; ejection stats under the child)."""
+    path = os.path.join(str(tmp_path), "agg.json")
+    write_resources(path)
+    with open(path) as f:
+        data = json.load(f)
+    data["routes"][0]["virtual_hosts"][0]["routes"] = [{"match": {"prefix": "/"}, "route": {"cluster": "agg"}}]
+    data["clusters"] = [
+        {"name": "agg", "connect_timeout": "1s", "lb_policy": "CLUSTER_PROVIDED", "cluster_type": {
+            "name": "envoy.clusters.aggregate", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                "clusters": ["primary", "secondary"]}}},
+        {"name": "primary", "type": "EDS", "eds_cluster_config": {"eds_config": {"ads": {}}},
+         "outlier_detection": {"consecutive_5xx": 2, "interval": "10s", "base_ejection_time": "30s",
+                               "max_ejection_percent": 50}},
+        {"name": "secondary", "type": "EDS", "eds_cluster_config": {"eds_config": {"ads": {}}}},
+    ]
+    data["endpoints"] = [
+        {"cluster_name": name, "endpoints": [{"locality": {"zone": "z"}, "lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": f"10.{k}.0.{i}", "port_value": 80}}}}
+            for i in (1, 2)]}]} for k, name in enumerate(("primary", "secondary"))]
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with mesh_cls.from_file(path, watch=False, seed=3) as mesh:
+        mesh.wait_ready("svc.local:80", timeout=5)
+        bad = "10.0.0.1:80"
+        statuses = []
+        for _ in range(12):
+            with mesh.request("http://svc.local/") as a:
+                assert a.cluster == "agg" and a.address.startswith("10.0.0.")  # primary is healthy
+                a.status = 503 if a.address == bad else 200
+                statuses.append((a.address, a.status))
+        assert statuses.count((bad, 503)) == 2  # consecutive_5xx: 2, then ejected
+        primary = mesh.config("svc.local:80").clusters["agg"].lb.children[0].lb
+        assert [primary.is_ejected(ep) for ep in primary.endpoints] == [True, False]
+        stats = mesh.stats()
+        assert stats["primary"]["outlier_detection.ejections_enforced_total"] == 1
+        assert stats["agg"]["upstream_rq_total"] == 12 and stats["agg"]["upstream_rq_503"] == 2

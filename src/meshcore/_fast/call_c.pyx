@@ -295,6 +295,7 @@ cdef class Call:
     cdef Attempt _first     # the first attempt; the list is made only when asked for or on a retry
     cdef list _attempts
     cdef object _lb, _state, _outlier, _fault_spec, _rng, _limit, _retry, _single
+    cdef dict _child_outliers  # aggregate cluster: id(child balancer) -> the child's detector (or None)
     cdef bint _aggregate, _fast_lb
     cdef ClusterCounters _counters
 
@@ -393,7 +394,10 @@ cdef class Call:
         a._lb = lb
         a._fast_lb = type(lb) is _CLoadBalancer
         a._counters = counters
-        a._outlier = self._outlier
+        if self._child_outliers is None:
+            a._outlier = self._outlier
+        else:  # an aggregate cluster: the host's own (child) cluster detects outliers (Envoy)
+            a._outlier = self._child_outliers.get(id(lb))
         a._retry = retry
         now = monotonic()
         a._started = now
@@ -417,6 +421,10 @@ cdef class Call:
         cdef Attempt prev
         if self._outlier is not None:
             self._outlier.tick()
+        if self._child_outliers is not None:
+            for detector in self._child_outliers.values():
+                if detector is not None:
+                    detector.tick()
         if not retry:
             ep, lb = self._choose(self.route.hash)
             if ep is not None:
@@ -489,6 +497,8 @@ cdef class _ClusterEntry:
     """A cluster of that configuration: its runtime, balancer and request state."""
     cdef object rt, lb, state, outlier
     cdef bint aggregate, fast_lb
+    cdef dict child_outliers   # aggregate: id(child balancer) -> child detector; None: no child has one
+    cdef list child_states     # aggregate: (child runtime, child state) of children with a detector
     cdef ClusterCounters counters
 
 
@@ -545,8 +555,23 @@ cdef class MeshCore:
         ce.state = state
         ce.counters = state.counters
         ce.outlier = state.outlier
+        if ce.aggregate:
+            self._resolve_children(ce, rt)
         entry.resolved[cluster] = ce
         return ce
+
+    cdef _resolve_children(self, _ClusterEntry ce, object rt):
+        """An aggregate cluster's children: their request state, for outlier detection."""
+        detectors = {}
+        ce.child_states = []
+        for child in rt.children:
+            if child.lb is None:
+                continue
+            child_state = self._cluster_state(child)
+            detectors[id(child.lb)] = child_state.outlier
+            if child_state.outlier is not None:
+                ce.child_states.append((child, child_state))
+        ce.child_outliers = detectors if ce.child_states else None
 
     def request(self, url, method="GET", headers=None, *, target=None, source_ip=None, timeout=None):
         """Route one request (``http(s)://host[:port]/path?query``) and return its :class:`Call`:
@@ -584,6 +609,11 @@ cdef class MeshCore:
                 ce = self._resolve(entry, cluster, m, target, path)
             elif ce.outlier is not None and ce.state.synced is not ce.rt.eds_spec:
                 self._cluster_state(ce.rt)  # an EDS update: the detector learns the host list
+            if ce.child_outliers is not None:
+                for child, child_state in ce.child_states:
+                    if child_state.synced is not child.eds_spec:
+                        self._cluster_state(child)
+                call._child_outliers = ce.child_outliers
             call._lb = ce.lb
             call._aggregate = ce.aggregate
             call._fast_lb = ce.fast_lb

@@ -232,7 +232,7 @@ class Call:
 
     __slots__ = ("mesh", "target", "authority", "scheme", "path", "method", "headers", "route", "cluster",
                  "started", "deadline", "attempts", "_lb", "_aggregate", "_state", "_counters", "_outlier",
-                 "_fault_spec", "_rng", "_limit", "_retry", "_single")
+                 "_child_outliers", "_fault_spec", "_rng", "_limit", "_retry", "_single")
 
     mesh: Any
     target: str
@@ -326,7 +326,10 @@ class Call:
         a.cluster = self.cluster
         a._lb = lb
         a._counters = counters
-        a._outlier = self._outlier
+        if self._child_outliers is None:
+            a._outlier = self._outlier
+        else:  # an aggregate cluster: the host's own (child) cluster detects outliers (Envoy)
+            a._outlier = self._child_outliers.get(id(lb))
         a._retry = retry
         a._finished = False
         now = time.monotonic()
@@ -343,6 +346,10 @@ class Call:
     def _pick(self, retry: bool) -> Tuple[Any, Any]:
         if self._outlier is not None:
             self._outlier.tick()
+        if self._child_outliers is not None:
+            for detector in self._child_outliers.values():
+                if detector is not None:
+                    detector.tick()
         if not retry:
             ep, lb = self._choose(self.route.hash)
             if ep is not None:
@@ -417,7 +424,7 @@ class _TargetEntry:
 class _ClusterEntry:
     """A cluster of that configuration: its runtime, balancer and request state."""
 
-    __slots__ = ("rt", "lb", "aggregate", "state", "counters", "outlier")
+    __slots__ = ("rt", "lb", "aggregate", "state", "counters", "outlier", "child_outliers", "child_states")
 
     def __init__(self, rt: Any, state: Any) -> None:
         self.rt = rt
@@ -426,6 +433,10 @@ class _ClusterEntry:
         self.state = state
         self.counters = state.counters
         self.outlier = state.outlier
+        #: aggregate: id(child balancer) -> child detector; None: no child has one
+        self.child_outliers: Optional[Dict[int, Any]] = None
+        #: aggregate: (child runtime, child state) of the children with a detector
+        self.child_states: List[Tuple[Any, Any]] = []
 
 
 class MeshCore:
@@ -466,8 +477,23 @@ class MeshCore:
                               f"(route {m.route_name!r} -> {m.cluster_not_found_response_code})")
         if rt.lb is None:
             raise Unavailable(f"{target}{path}: {rt.error} (xDS node {self.node_id!r})")  # type: ignore[attr-defined]
-        ce = entry.resolved[cluster] = _ClusterEntry(rt, self._cluster_state(rt))  # type: ignore[attr-defined]
+        ce = _ClusterEntry(rt, self._cluster_state(rt))  # type: ignore[attr-defined]
+        if ce.aggregate:
+            self._resolve_children(ce, rt)
+        entry.resolved[cluster] = ce
         return ce
+
+    def _resolve_children(self, ce: _ClusterEntry, rt: Any) -> None:
+        """An aggregate cluster's children: their request state, for outlier detection."""
+        detectors: Dict[int, Any] = {}
+        for child in rt.children:
+            if child.lb is None:
+                continue
+            child_state = self._cluster_state(child)  # type: ignore[attr-defined]
+            detectors[id(child.lb)] = child_state.outlier
+            if child_state.outlier is not None:
+                ce.child_states.append((child, child_state))
+        ce.child_outliers = detectors if ce.child_states else None
 
     def request(self, url: str, method: str = "GET", headers: Any = None, *, target: Optional[str] = None,
                 source_ip: Optional[str] = None, timeout: Optional[float] = None) -> Call:
@@ -498,13 +524,18 @@ class MeshCore:
                 ce = self._resolve(entry, cluster, m, target, path)
             elif ce.outlier is not None and ce.state.synced is not ce.rt.eds_spec:
                 self._cluster_state(ce.rt)  # type: ignore[attr-defined]  # an EDS update: new host list
+            if ce.child_outliers is not None:
+                for child, child_state in ce.child_states:
+                    if child_state.synced is not child.eds_spec:
+                        self._cluster_state(child)  # type: ignore[attr-defined]
+            call._child_outliers = ce.child_outliers
             call._lb = ce.lb
             call._aggregate = ce.aggregate
             call._state = ce.state
             call._counters = ce.counters
             call._outlier = ce.outlier
         else:  # a direct response or redirect: nothing to send upstream
-            call._lb = call._state = call._counters = call._outlier = None
+            call._lb = call._state = call._counters = call._outlier = call._child_outliers = None
             call._aggregate = False
         call._fault_spec = lifecycle.fault_spec_for(entry.cfg, m.route) if entry.has_faults else None
         call.mesh = self
