@@ -15,8 +15,8 @@ import time
 from typing import Any, Awaitable, Callable, List, Optional, Tuple, TypeVar
 
 from .errors import UpstreamError, UpstreamTimeout
-from .resilience.fault import FaultDecision, decide_fault
-from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
+from .resilience.fault import NO_FAULT, FaultDecision, decide_fault
+from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retriable
 
 __all__ = ["default_classify", "default_status_of", "fault_decision", "fault_spec_for", "header_pairs",
            "run", "run_async"]
@@ -94,8 +94,10 @@ def _outcome(a: Any, result: Any, exc: Optional[BaseException], classify: Classi
 
 def _retry_delay(call: Any, a: Any) -> Optional[float]:
     """The back-off before retrying after ``a`` (bounded by the deadline), or ``None``: done."""
+    if not retriable(call.route.retry_policy, a.status, a.grpc_status, a.error):
+        return None  # decided without making the request's retry state (the common case)
     retry = call.retry
-    if not retry.retriable(a.status, a.grpc_status, a.error) or not retry.can_retry():
+    if not retry.can_retry():
         return None
     remaining = call._remaining()
     if remaining is not None and remaining <= 0:
@@ -105,7 +107,7 @@ def _retry_delay(call: Any, a: Any) -> Optional[float]:
 
 
 def _final(call: Any, a: Any, result: Any, exc: Optional[BaseException]) -> Any:
-    if len(call.attempts) > 1 and a.error is None and (a.status or 200) < 500:
+    if a.number > 1 and a.error is None and (a.status or 200) < 500:
         call._count("upstream_rq_retry_success")
     if exc is not None:
         if a.error == TIMEOUT and call.deadline is not None and time.monotonic() >= call.deadline:
@@ -120,9 +122,10 @@ def run(call: Any, send: Callable[[Any], R], status_of: StatusOf, grpc_status_of
         classify: Classify) -> R:
     """``Call.run``: fault, then attempts until one is final (see ``meshcore.call``)."""
     d = call.fault()
-    if d.delay:
-        time.sleep(d.delay)
-    call._after_fault(d)
+    if d is not NO_FAULT:
+        if d.delay:
+            time.sleep(d.delay)
+        call._after_fault(d)
     last_result: Any = None
     last_exc: Optional[BaseException] = None
     while True:
@@ -149,9 +152,10 @@ async def run_async(call: Any, send: Callable[[Any], Awaitable[R]], status_of: S
                     grpc_status_of: Optional[StatusOf], classify: Classify) -> R:
     """``Call.run_async``: :func:`run` for coroutines (sleeps with ``asyncio.sleep``)."""
     d = call.fault()
-    if d.delay:
-        await asyncio.sleep(d.delay)
-    call._after_fault(d)
+    if d is not NO_FAULT:
+        if d.delay:
+            await asyncio.sleep(d.delay)
+        call._after_fault(d)
     last_result: Any = None
     last_exc: Optional[BaseException] = None
     while True:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from typing import Any, Dict, Optional
 
-__all__ = ["RetryState", "classify_status", "CONNECT_FAILURE", "RESET", "TIMEOUT"]
+__all__ = ["RetryState", "classify_status", "retriable", "CONNECT_FAILURE", "RESET", "TIMEOUT"]
 
 CONNECT_FAILURE = "connect-failure"
 RESET = "reset"
@@ -53,6 +53,38 @@ class _Compiled:
         self.max_retries = policy.num_retries
         self.base_ms = max(1, int(round(policy.base_interval * 1000)))
         self.max_ms = max(self.base_ms, int(round((policy.max_interval or policy.base_interval * 10) * 1000)))
+
+    def retriable(self, status: Optional[int], grpc_status: Optional[int], error: Optional[str]) -> bool:
+        return _retriable(self.on, self.grpc_codes, self.status_codes, status, grpc_status, error)
+
+
+def _retriable(on: frozenset, grpc_codes: frozenset, status_codes: frozenset, status: Optional[int],
+               grpc_status: Optional[int], error: Optional[str]) -> bool:
+    if not on:
+        return False
+    if error is not None:
+        if error == CONNECT_FAILURE:
+            return bool(on & {"5xx", "gateway-error", "connect-failure", "reset"})
+        if error == TIMEOUT:
+            return bool(on & {"5xx", "gateway-error", "reset"})
+        return bool(on & {"5xx", "reset", "refused-stream"})
+    if grpc_status is not None and grpc_status in grpc_codes:
+        return True
+    if status is None:
+        return False
+    if status >= 500 and "5xx" in on:
+        return True
+    if status in (502, 503, 504) and "gateway-error" in on:
+        return True
+    if status == 409 and "retriable-4xx" in on:
+        return True
+    return status in status_codes
+
+
+def retriable(policy: Any, status: Optional[int], grpc_status: Optional[int], error: Optional[str]) -> bool:
+    """Whether ``policy`` (a RetryPolicy, or ``None``: no retries) retries this outcome, without
+    making a request's retry state."""
+    return policy is not None and _compiled(policy).retriable(status, grpc_status, error)
 
 
 _cache: Dict[int, _Compiled] = {}
@@ -93,26 +125,7 @@ class RetryState:
     def retriable(self, status: Optional[int] = None, grpc_status: Optional[int] = None,
                   error: Optional[str] = None) -> bool:
         """Whether this outcome may be retried under the policy (the retry budget aside)."""
-        on = self.on
-        if not on:
-            return False
-        if error is not None:
-            if error == CONNECT_FAILURE:
-                return bool(on & {"5xx", "gateway-error", "connect-failure", "reset"})
-            if error == TIMEOUT:
-                return bool(on & {"5xx", "gateway-error", "reset"})
-            return bool(on & {"5xx", "reset", "refused-stream"})
-        if grpc_status is not None and grpc_status in self.grpc_codes:
-            return True
-        if status is None:
-            return False
-        if status >= 500 and "5xx" in on:
-            return True
-        if status in (502, 503, 504) and "gateway-error" in on:
-            return True
-        if status == 409 and "retriable-4xx" in on:
-            return True
-        return status in self.status_codes
+        return _retriable(self.on, self.grpc_codes, self.status_codes, status, grpc_status, error)
 
     def can_retry(self) -> bool:
         return self.retries < self.max_retries
