@@ -15,11 +15,11 @@ import time
 from typing import Any, Awaitable, Callable, List, Optional, Tuple, TypeVar
 
 from .errors import UpstreamError, UpstreamTimeout
-from .resilience.fault import NO_FAULT, FaultDecision, decide_fault
+from .resilience.fault import NO_FAULT, ActiveFaults, FaultDecision, decide_fault, limit_faults
 from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retriable
 
-__all__ = ["default_classify", "default_status_of", "fault_decision", "fault_spec_for", "header_pairs",
-           "run", "run_async"]
+__all__ = ["default_classify", "default_status_of", "fault_decision", "fault_filter_for", "fault_spec_for",
+           "fault_step", "fault_step_async", "header_pairs", "run", "run_async"]
 
 R = TypeVar("R")
 Classify = Callable[[BaseException], Optional[str]]
@@ -55,27 +55,70 @@ def header_pairs(headers: Any) -> List[Tuple[str, str]]:
     return [(str(k), str(v)) for k, v in headers]
 
 
-def fault_spec_for(cfg: Any, route: Any) -> Any:
-    """The fault config for a request: the listener's first fault filter, with the route's (or
-    its virtual host's) ``typed_per_filter_config`` for that filter name replacing the filter's
-    own config (Envoy's per-route filter config; how Istio applies VirtualService faults)."""
+def fault_filter_for(cfg: Any, route: Any) -> Tuple[Optional[str], Any]:
+    """``(filter name, fault config)`` for a request: the listener's first fault filter, with the
+    route's (or its virtual host's) ``typed_per_filter_config`` for that filter name replacing
+    the filter's own config (Envoy's per-route filter config; how Istio applies VirtualService
+    faults). ``(None, None)``: no fault filter applies."""
     filters = cfg.fault_filters
     if not filters:
-        return None
+        return None, None
     overrides = route.filter_overrides if route is not None else ()
     for name, config, disabled in filters:
         for oname, oconfig in overrides:
             if oname == name:
-                return oconfig
+                return name, oconfig
         if config is not None and not disabled:
-            return config
-    return None
+            return name, config
+    return None, None
 
 
-def fault_decision(spec: Any, headers: Any, rng: Any, cluster: Optional[str]) -> FaultDecision:
-    """The fault filter's decision for one request under ``spec`` (not ``None``)."""
-    hdrs = {k.lower(): v for k, v in header_pairs(headers)}
-    return decide_fault(spec, hdrs, rng, cluster)
+def fault_spec_for(cfg: Any, route: Any) -> Any:
+    """The fault config :func:`fault_filter_for` finds (``None``: no fault)."""
+    return fault_filter_for(cfg, route)[1]
+
+
+def fault_decision(spec: Any, headers: Any, rng: Any, cluster: Optional[str],
+                   active: Optional[ActiveFaults] = None) -> Tuple[FaultDecision, bool]:
+    """The fault filter's decision for one request under ``spec`` (not ``None``), limited by
+    ``max_active_faults`` against the filter's ``active`` faults: ``(decision, counted)``; when
+    counted, the fault stays active until its delay has elapsed or its abort answered."""
+    hdrs: dict = {}
+    for k, v in header_pairs(headers):
+        hdrs.setdefault(k.lower(), v)  # Envoy reads the first value of a repeated header
+    d = decide_fault(spec, hdrs, rng, cluster)
+    if active is None or d is NO_FAULT:
+        return d, False
+    return limit_faults(d, spec, active)
+
+
+def fault_step(call: Any) -> None:
+    """The fault filter for ``call`` before its first attempt: decide, sleep the delay (the
+    route timeout then starts), answer an abort (``FaultAbort``)."""
+    d = call.fault()
+    if d is NO_FAULT:
+        return
+    try:
+        if d.delay:
+            time.sleep(d.delay)
+    except BaseException:
+        call._release_fault()
+        raise
+    call._after_fault(d)
+
+
+async def fault_step_async(call: Any) -> None:
+    """:func:`fault_step` with ``asyncio.sleep`` (a cancelled delay ends the active fault)."""
+    d = call.fault()
+    if d is NO_FAULT:
+        return
+    try:
+        if d.delay:
+            await asyncio.sleep(d.delay)
+    except BaseException:
+        call._release_fault()
+        raise
+    call._after_fault(d)
 
 
 # -- the router loop ------------------------------------------------------------------------------
@@ -121,11 +164,7 @@ def _final(call: Any, a: Any, result: Any, exc: Optional[BaseException]) -> Any:
 def run(call: Any, send: Callable[[Any], R], status_of: StatusOf, grpc_status_of: Optional[StatusOf],
         classify: Classify) -> R:
     """``Call.run``: fault, then attempts until one is final (see ``meshcore.call``)."""
-    d = call.fault()
-    if d is not NO_FAULT:
-        if d.delay:
-            time.sleep(d.delay)
-        call._after_fault(d)
+    fault_step(call)
     last_result: Any = None
     last_exc: Optional[BaseException] = None
     while True:
@@ -151,11 +190,7 @@ def run(call: Any, send: Callable[[Any], R], status_of: StatusOf, grpc_status_of
 async def run_async(call: Any, send: Callable[[Any], Awaitable[R]], status_of: StatusOf,
                     grpc_status_of: Optional[StatusOf], classify: Classify) -> R:
     """``Call.run_async``: :func:`run` for coroutines (sleeps with ``asyncio.sleep``)."""
-    d = call.fault()
-    if d is not NO_FAULT:
-        if d.delay:
-            await asyncio.sleep(d.delay)
-        call._after_fault(d)
+    await fault_step_async(call)
     last_result: Any = None
     last_exc: Optional[BaseException] = None
     while True:

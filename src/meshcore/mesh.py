@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import grpc
 
@@ -30,6 +30,7 @@ from ._url import parse_url, split_url
 from .call import core as call_core
 from .cluster_state import ClusterState
 from .errors import NoRoute, Unavailable
+from .resilience.fault import ActiveFaults
 from .stats import StatsRegistry, prometheus_collector
 from .xds.csds import add_csds_servicer, client_config, config_dump
 from .xds.snapshot import AggregateBalancer, TargetConfig
@@ -103,6 +104,7 @@ class MeshBase:
         self._started = False
         self._csds_server: Optional[grpc.Server] = None
         self._states: Dict[str, ClusterState] = {}
+        self._active_faults: Dict[Tuple[str, str], ActiveFaults] = {}  # (listener, fault filter) -> gauge
         self.stats_registry = StatsRegistry()
         self._rng = random.Random(seed)
 
@@ -222,6 +224,20 @@ class MeshBase:
         if st.outlier is not None and st.synced is not rt.eds_spec:
             st.sync_hosts(rt)
         return st
+
+    def _fault_counter(self, cfg: TargetConfig, filter_name: str) -> ActiveFaults:
+        """The ``active_faults`` gauge of a listener's fault filter (``max_active_faults``)."""
+        key = (cfg.listener.name if cfg.listener is not None else cfg.target, filter_name)
+        counter = self._active_faults.get(key)
+        if counter is None:
+            counter = self._active_faults.setdefault(key, ActiveFaults())
+        return counter
+
+    def fault_stats(self) -> Dict[str, Dict[str, int]]:
+        """Per listener fault filter (``"<listener>/<filter name>"``): Envoy's ``active_faults``
+        gauge and ``faults_overflow`` counter (``max_active_faults``)."""
+        return {f"{listener}/{name}": {"active_faults": c.active, "faults_overflow": c.overflow}
+                for (listener, name), c in sorted(self._active_faults.items())}
 
     def _balancers(self, cluster: str) -> List[Any]:
         """Every distinct balancer of ``cluster``: published configurations' and the newest one."""

@@ -346,3 +346,42 @@ def test_route_timeout_starts_after_the_fault_delay(upstreams, mesh_with):
     mesh = mesh_with([ups[0].port], timeout="0.25s",
                      fault={"delay": {"fixed_delay": "0.3s", "percentage": {"numerator": 100}}})
     assert mesh.request(URL + "/").run(send).status_code == 200
+
+
+def test_max_active_faults_limits_concurrent_delays(upstreams, mesh_with):
+    # Envoy fault_filter.cc: a fault counts in active_faults from its injection until its delay
+    # ended (or its abort answered); at max_active_faults a request gets no fault at all and
+    # faults_overflow counts it.
+    ups = upstreams("ok")
+    mesh = mesh_with([ups[0].port], fault={"max_active_faults": 1,
+                                           "delay": {"fixed_delay": "0.4s", "percentage": {"numerator": 100}}})
+    took: Dict[str, float] = {}
+
+    def one(name: str) -> None:
+        t0 = time.monotonic()
+        assert mesh.request(URL + "/").run(send).status_code == 200
+        took[name] = time.monotonic() - t0
+
+    first = threading.Thread(target=one, args=("first",))
+    first.start()
+    time.sleep(0.1)  # the first request is inside its delay
+    one("second")
+    first.join()
+    assert took["first"] >= 0.4 and took["second"] < 0.3
+    (stats,) = mesh.fault_stats().values()
+    assert stats == {"active_faults": 0, "faults_overflow": 1}
+    one("third")  # the first fault ended: the next request is delayed again
+    assert took["third"] >= 0.4
+
+
+def test_fault_percentage_headers(upstreams, mesh_with):
+    # Envoy fault_config.cc HeaderPercentageProvider: for header-controlled faults the request's
+    # x-envoy-fault-*-percentage header, capped by the configured percentage, is the numerator.
+    ups = upstreams("ok")
+    mesh = mesh_with([ups[0].port], fault={"abort": {"header_abort": {}, "percentage": {"numerator": 100}}})
+    abort = {"x-envoy-fault-abort-request": "503"}
+    with pytest.raises(FaultAbort) as e:
+        mesh.request(URL + "/", headers=abort).run(send)
+    assert e.value.http_status == 503
+    zero = {**abort, "x-envoy-fault-abort-request-percentage": "0"}
+    assert all(mesh.request(URL + "/", headers=zero).run(send).status_code == 200 for _ in range(20))

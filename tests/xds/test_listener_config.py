@@ -211,15 +211,19 @@ def fault_spec(config: Dict[str, Any]) -> FaultSpec:
     ({"delay": {"fixed_delay": "1.5s", "percentage": {"numerator": 25}}},
      FaultSpec(delay_per_million=250_000, fixed_delay=1.5)),
     ({"delay": {"header_delay": {}, "percentage": {"numerator": 5, "denominator": "TEN_THOUSAND"}}},
-     FaultSpec(delay_per_million=500, header_delay=True)),
+     FaultSpec(delay_per_million=500, header_delay=True, delay_percent_denominator=10_000)),
     ({"abort": {"http_status": 503, "percentage": {"numerator": 7, "denominator": "MILLION"}}},
-     FaultSpec(abort_per_million=7, abort_http_status=503)),
+     FaultSpec(abort_per_million=7, abort_http_status=503, abort_percent_denominator=1_000_000)),
     ({"abort": {"grpc_status": 14, "percentage": {"numerator": 100}}},
      FaultSpec(abort_per_million=1_000_000, abort_grpc_status=14)),
     ({"abort": {"header_abort": {}}}, FaultSpec(header_abort=True)),
     ({"abort": {"http_status": 200, "percentage": {"numerator": 250}}},  # capped at 100%
      FaultSpec(abort_per_million=1_000_000, abort_http_status=200)),
     ({"max_active_faults": 0, "upstream_cluster": "c"}, FaultSpec(max_active_faults=0, upstream_cluster="c")),
+    ({"max_active_faults": 4294967295}, FaultSpec(max_active_faults=4294967295)),  # UInt32Value
+    ({"abort": {"header_abort": {}, "percentage": {"numerator": 80, "denominator": "HUNDRED"}},
+      "max_active_faults": 100},
+     FaultSpec(abort_per_million=800_000, header_abort=True, max_active_faults=100)),
 ])
 def test_fault_config(config: Dict[str, Any], expected: FaultSpec) -> None:
     assert fault_spec(config) == expected

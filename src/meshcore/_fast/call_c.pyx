@@ -53,8 +53,9 @@ cdef dict _grpc_to_http = GRPC_TO_HTTP
 cdef object _AggregateBalancer = AggregateBalancer
 cdef object _CLoadBalancer = CLoadBalancer
 cdef object _default_classify = lifecycle.default_classify
-cdef object _fault_spec_for = lifecycle.fault_spec_for
+cdef object _fault_filter_for = lifecycle.fault_filter_for
 cdef object _fault_decision = lifecycle.fault_decision
+cdef object _fault_step = lifecycle.fault_step
 cdef object _run = lifecycle.run
 cdef object _run_async = lifecycle.run_async
 cdef object _default_status_of = lifecycle.default_status_of
@@ -294,7 +295,8 @@ cdef class Call:
     cdef public object deadline
     cdef Attempt _first     # the first attempt; the list is made only when asked for or on a retry
     cdef list _attempts
-    cdef object _lb, _state, _outlier, _fault_spec, _rng, _limit, _retry, _single
+    cdef object _lb, _state, _outlier, _fault_spec, _faults, _rng, _limit, _retry, _single
+    cdef bint _fault_active  # a fault counted against max_active_faults, not yet ended
     cdef dict _child_outliers  # aggregate cluster: id(child balancer) -> the child's detector (or None)
     cdef bint _aggregate, _fast_lb
     cdef ClusterCounters _counters
@@ -325,14 +327,25 @@ cdef class Call:
     # -- steps ------------------------------------------------------------------------------------
 
     def fault(self):
-        """The fault filter's decision for this request (no fault filter: no fault)."""
+        """The fault filter's decision for this request (no fault filter: no fault). A fault
+        counted against ``max_active_faults`` stays active until :meth:`_after_fault`."""
         if self._fault_spec is None:
             return NO_FAULT
-        return _fault_decision(self._fault_spec, self.headers, self._rng, self.cluster)
+        d, counted = _fault_decision(self._fault_spec, self.headers, self._rng, self.cluster, self._faults)
+        if counted:
+            self._fault_active = True
+        return d
+
+    def _release_fault(self):
+        """The fault's delay elapsed or its abort answered: it no longer counts as active."""
+        if self._fault_active:
+            self._fault_active = False
+            self._faults.finish()
 
     def _after_fault(self, d):
         """After the fault filter's delay (slept by the caller): the route timeout starts now;
         an abort answers the request without an upstream."""
+        self._release_fault()
         if d.delay and self._limit:
             self.deadline = monotonic() + self._limit
         if d.abort_http_status is not None or d.abort_grpc_status is not None:
@@ -454,11 +467,7 @@ cdef class Call:
 
     def __enter__(self):
         if self._fault_spec is not None:
-            d = self.fault()
-            if d.delay:
-                import time
-                time.sleep(d.delay)
-            self._after_fault(d)
+            _fault_step(self)
         attempt = self._start_attempt()
         assert attempt is not None
         self._single = attempt
@@ -621,7 +630,10 @@ cdef class MeshCore:
             call._counters = ce.counters
             call._outlier = ce.outlier
         if entry.has_faults:
-            call._fault_spec = _fault_spec_for(entry.cfg, m.route)
+            name, spec = _fault_filter_for(entry.cfg, m.route)
+            if spec is not None:
+                call._fault_spec = spec
+                call._faults = self._fault_counter(entry.cfg, name)
         call.mesh = self
         call.target = target
         call.authority = netloc

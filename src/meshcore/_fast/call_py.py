@@ -232,7 +232,8 @@ class Call:
 
     __slots__ = ("mesh", "target", "authority", "scheme", "path", "method", "headers", "route", "cluster",
                  "started", "deadline", "attempts", "_lb", "_aggregate", "_state", "_counters", "_outlier",
-                 "_child_outliers", "_fault_spec", "_rng", "_limit", "_retry", "_single")
+                 "_child_outliers", "_fault_spec", "_faults", "_fault_active", "_rng", "_limit", "_retry",
+                 "_single")
 
     mesh: Any
     target: str
@@ -263,14 +264,25 @@ class Call:
     # -- steps ------------------------------------------------------------------------------------
 
     def fault(self) -> FaultDecision:
-        """The fault filter's decision for this request (no fault filter: no fault)."""
+        """The fault filter's decision for this request (no fault filter: no fault). A fault
+        counted against ``max_active_faults`` stays active until :meth:`_after_fault`."""
         if self._fault_spec is None:
             return NO_FAULT
-        return lifecycle.fault_decision(self._fault_spec, self.headers, self._rng, self.cluster)
+        d, counted = lifecycle.fault_decision(self._fault_spec, self.headers, self._rng, self.cluster, self._faults)
+        if counted:
+            self._fault_active = True
+        return d
+
+    def _release_fault(self) -> None:
+        """The fault's delay elapsed or its abort answered: it no longer counts as active."""
+        if self._fault_active:
+            self._fault_active = False
+            self._faults.finish()
 
     def _after_fault(self, d: FaultDecision) -> None:
         """After the fault filter's delay (slept by the caller): the route timeout starts when
         the router does, i.e. now; an abort answers the request without an upstream."""
+        self._release_fault()
         if d.delay and self._limit:
             self.deadline = time.monotonic() + self._limit
         if d.abort_http_status is not None or d.abort_grpc_status is not None:
@@ -378,10 +390,7 @@ class Call:
 
     def __enter__(self) -> Attempt:
         if self._fault_spec is not None:
-            d = self.fault()
-            if d.delay:
-                time.sleep(d.delay)
-            self._after_fault(d)
+            lifecycle.fault_step(self)
         attempt = self.start_attempt()
         assert attempt is not None
         self._single = attempt
@@ -537,7 +546,13 @@ class MeshCore:
         else:  # a direct response or redirect: nothing to send upstream
             call._lb = call._state = call._counters = call._outlier = call._child_outliers = None
             call._aggregate = False
-        call._fault_spec = lifecycle.fault_spec_for(entry.cfg, m.route) if entry.has_faults else None
+        call._fault_spec = call._faults = None
+        call._fault_active = False
+        if entry.has_faults:
+            name, spec = lifecycle.fault_filter_for(entry.cfg, m.route)
+            if spec is not None:
+                call._fault_spec = spec
+                call._faults = self._fault_counter(entry.cfg, name)  # type: ignore[attr-defined]
         call.mesh = self
         call.target = target
         call.authority = netloc

@@ -32,10 +32,12 @@ Rules (gRPC A27/A39, with Envoy's HttpConnectionManager checks where Envoy has t
 
 Fault filter: ``delay`` (``fixed_delay`` > 0 or ``header_delay``) and ``abort`` (``http_status`` in
 200..599, ``grpc_status`` or ``header_abort``) must say which, as Envoy requires; percentages are
-``FractionalPercent`` (unset = 0) scaled to per million and capped at 100%; ``max_active_faults``,
-``upstream_cluster`` and ``headers`` are kept. ``downstream_nodes`` and ``response_rate_limit``
-are errors (not supported; ignoring them would inject faults Envoy would not). Runtime keys are
-ignored (their defaults apply).
+``FractionalPercent`` (unset = 0) scaled to per million and capped at 100%, with the denominator
+kept (the unit of the ``x-envoy-fault-*-request-percentage`` headers); ``max_active_faults`` (unset:
+unlimited), ``upstream_cluster`` and ``headers`` are kept. ``downstream_nodes`` and
+``response_rate_limit`` are errors (not supported; ignoring them would inject faults Envoy would
+not). Runtime keys are ignored (their defaults apply). An ``HTTPFault`` in a route's or virtual
+host's ``typed_per_filter_config`` is decoded the same way (``fault_spec``).
 
 Where this differs from Envoy 1.40 (tests/xds/test_listener_config.py checks each against a real
 Envoy): empty ``http_filters`` (Envoy adds a router), duplicate filter names, an empty
@@ -181,6 +183,10 @@ def _http_filters(hcm: Any, name: str) -> Tuple[HttpFilterSpec, ...]:
     return tuple(out)
 
 
+#: FractionalPercent.DenominatorType (HUNDRED, TEN_THOUSAND, MILLION) -> denominator
+_DENOMINATORS = {0: 100, 1: 10_000, 2: 1_000_000}
+
+
 def fault_spec(msg: Any, name: str, path: str) -> FaultSpec:
     """``HTTPFault`` -> :class:`FaultSpec` (the module docstring lists the rules)."""
     fields: Dict[str, Any] = {}
@@ -194,6 +200,7 @@ def fault_spec(msg: Any, name: str, path: str) -> FaultSpec:
         else:
             raise ConfigError(name, dpath, "fault_delay_secifier is required: set fixed_delay or header_delay")
         fields["delay_per_million"] = per_million(delay.percentage, name, f"{dpath}.percentage")
+        fields["delay_percent_denominator"] = _DENOMINATORS[delay.percentage.denominator]
     if msg.HasField("abort"):
         abort, apath = msg.abort, f"{path}.abort"
         which = abort.WhichOneof("error_type")
@@ -208,6 +215,7 @@ def fault_spec(msg: Any, name: str, path: str) -> FaultSpec:
         else:
             raise ConfigError(name, apath, "error_type is required: set http_status, grpc_status or header_abort")
         fields["abort_per_million"] = per_million(abort.percentage, name, f"{apath}.percentage")
+        fields["abort_percent_denominator"] = _DENOMINATORS[abort.percentage.denominator]
     if msg.HasField("max_active_faults"):
         fields["max_active_faults"] = msg.max_active_faults.value
     if msg.upstream_cluster:

@@ -39,7 +39,10 @@ SHORT_NAMES = {LISTENER: "LDS", ROUTE: "RDS", CLUSTER: "CDS", ENDPOINT: "EDS"}
 class FaultSpec:
     """``envoy.extensions.filters.http.fault.v3.HTTPFault`` (what a client can apply).
 
-    Percentages are per million (``FractionalPercent`` scaled). ``None`` means "not configured".
+    Percentages are per million (``FractionalPercent`` scaled, capped at 100%); the
+    ``*_percent_denominator`` fields keep the configured denominator (100, 10_000 or 1_000_000),
+    the unit of the ``x-envoy-fault-*-request-percentage`` headers. ``None`` means "not
+    configured"; ``max_active_faults`` ``None`` is unlimited.
     """
 
     delay_per_million: int = 0
@@ -55,6 +58,9 @@ class FaultSpec:
     upstream_cluster: str = ""
     # ... and only to requests whose headers all match (HeaderMatchSpec values; () = any request)
     headers: Tuple[Any, ...] = ()
+    # FractionalPercent denominators of the delay / abort percentages (unit of the percentage headers)
+    delay_percent_denominator: int = 100
+    abort_percent_denominator: int = 100
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,9 +44,12 @@ class _MultiCallable:
         try:
             call = ch._route(self._method, metadata, timeout)
             fault = call.fault()
-            if fault.delay:
-                time.sleep(fault.delay)
-            if fault.aborts:
+            try:
+                if fault.delay:
+                    time.sleep(fault.delay)
+            finally:
+                call._release_fault()  # the delay is over (or the abort answered): not active
+            if fault.aborts:  # the RPC's own deadline stands (it started before the delay)
                 raise FaultAbort(fault.abort_http_status, fault.abort_grpc_status)
             attempt = call.start_attempt()
         except (MeshError, MeshRpcError) as exc:
