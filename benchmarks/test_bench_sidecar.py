@@ -608,7 +608,8 @@ def summarize(blocks: Dict[Tuple[int, str], List[Dict[str, Any]]], tight: List[i
     return {"rows": sorted(rows, key=lambda r: (r["rate"], (MODES + [INSITU]).index(r["mode"]))), "summary": summary,
             "overhead_tight_p50_us": _us(pctl(tight, 0.5), 2), "overhead_tight_p99_us": _us(pctl(tight, 0.99), 2),
             "overhead_cold_p50_us": _us(pctl(cold, 0.5), 2),
-            "pinned": pinned, "quick": QUICK, "seconds_per_block": MEASURE_S, "reps": REPS}
+            "pinned": pinned, "quick": QUICK, "seconds_per_block": MEASURE_S, "min_requests": MIN_REQUESTS,
+            "reps": REPS}
 
 
 def markdown(result: Dict[str, Any]) -> str:
@@ -638,7 +639,8 @@ def markdown(result: Dict[str, Any]) -> str:
                  f"{result['overhead_tight_p50_us']:.1f} µs, with 0.5 ms sleeps between requests "
                  f"{result['overhead_cold_p50_us']:.1f} µs."),
             "Upstream split: " + "; ".join(f"{r['rate']}/{r['mode']} {r['upstreams']}" for r in result["rows"]),
-            (f"pinned: {result['pinned']}; {result['reps']} x {result['seconds_per_block']} s per rate and mode; "
+            (f"pinned: {result['pinned']}; {result['reps']} blocks per rate and mode, each "
+             f"max({result['seconds_per_block']} s, {result['min_requests']} requests); "
              "late starts: ") + ", ".join(f"{r['rate']}/{r['mode']} {r['late']}" for r in result["rows"])
             + "; other processes' CPU (max over blocks, cores): "
             + ", ".join(f"{r['rate']}/{r['mode']} {r['foreign_cores_max']:.2f}" for r in result["rows"])
