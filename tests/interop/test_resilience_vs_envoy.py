@@ -11,11 +11,15 @@ from __future__ import annotations
 import http.client
 import time
 import urllib.request
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
+from google.protobuf import json_format
+
 import meshcore
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from meshcore.controlplane import ControlPlane
 from meshcore.controlplane import builders as b
 from meshcore.xds.client import Backoff
@@ -51,11 +55,19 @@ def envoy_stats(envoy: AdsEnvoy) -> Dict[str, int]:
         return out
 
 
-def envoy_get(port: int) -> Tuple[int, float]:
+def fault_filters(fault: Optional[Dict[str, Any]]) -> Optional[List[Any]]:
+    """The HCM filter chain: the fault filter (``HTTPFault`` as proto3 JSON) before the router."""
+    if fault is None:
+        return None
+    msg = json_format.ParseDict(fault, fault_pb2.HTTPFault())
+    return [hcm_pb2.HttpFilter(name="envoy.filters.http.fault", typed_config=b.pack(msg)), b.router_filter()]
+
+
+def envoy_get(port: int, headers: Dict[str, str]) -> Tuple[int, float]:
     t0 = time.monotonic()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        conn.request("GET", "/x", headers={"Host": "shop.local"})
+        conn.request("GET", "/x", headers={"Host": "shop.local", **headers})
         r = conn.getresponse()
         r.read()
         return r.status, time.monotonic() - t0
@@ -63,14 +75,29 @@ def envoy_get(port: int) -> Tuple[int, float]:
         conn.close()
 
 
-def mesh_get(mesh: meshcore.Mesh) -> Tuple[Any, float]:
+def mesh_get(mesh: meshcore.Mesh, headers: Dict[str, str]) -> Tuple[Any, float]:
     t0 = time.monotonic()
     try:
-        status: Any = mesh.request("http://shop.local/x").run(send).status_code
+        status: Any = mesh.request("http://shop.local/x", headers=headers).run(send).status_code
     except meshcore.UpstreamTimeout:
         status = 504  # what Envoy answers for a route timeout
+    except meshcore.FaultAbort as e:
+        status = e.http_status  # Envoy's local reply for a fault abort
     return status, time.monotonic() - t0
 
+
+# Request headers per request (cycled) for the fault scenario: Envoy's header-controlled faults
+# and their percentage headers (source/extensions/filters/common/fault/fault_config.cc).
+FAULT_HEADERS: List[Dict[str, str]] = [
+    {"x-envoy-fault-abort-request": "503"},                                               # aborted
+    {"x-envoy-fault-abort-request": "503", "x-envoy-fault-abort-request-percentage": "0"},  # not
+    {"x-envoy-fault-abort-request": "429", "x-envoy-fault-abort-request-percentage": "100"},
+    {"x-envoy-fault-abort-request": "700"},                                  # out of range: ignored
+    {"x-envoy-fault-delay-request": "250"},                                               # delayed
+    {"x-envoy-fault-delay-request": "250", "x-envoy-fault-delay-request-percentage": "0"},
+    {"x-envoy-fault-abort-request": "abc", "x-envoy-fault-delay-request": "x"},           # invalid
+    {},
+]
 
 SCENARIOS = {
     # one host always 503, retried elsewhere; ejected after 3 consecutive 5xx
@@ -88,13 +115,30 @@ SCENARIOS = {
                                                            "per_try_timeout": "0.15s"}}, {}),
     # route timeout: 504 after about the timeout
     "route_timeout": (("slow",), {"timeout": "0.2s"}, {}),
+    # a retry budget of 0 % with no minimum concurrency: no retry is ever admitted
+    # (Envoy RetryBudgetImpl::max, resource_manager_impl.h), whatever num_retries says
+    "retry_budget": (("fail", "fail"),
+                     {"retry_policy": {"retry_on": "5xx", "num_retries": 3,
+                                       "retry_back_off": {"base_interval": "0.001s"}}},
+                     {"circuit_breakers": {"thresholds": [{"retry_budget": {
+                         "budget_percent": {"value": 0.0}, "min_retry_concurrency": 0}}]}}),
+    # header-controlled fault filter: FAULT_HEADERS decide per request
+    "fault_headers": (("ok",), {}, {}),
+}
+
+FAULTS: Dict[str, Dict[str, Any]] = {
+    "fault_headers": {"abort": {"header_abort": {}, "percentage": {"numerator": 100}},
+                      "delay": {"header_delay": {}, "percentage": {"numerator": 100}}},
 }
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_resilience_matches_envoy(scenario: str) -> None:
     modes, route, cluster_extra = SCENARIOS[scenario]
-    n_requests = 12
+    filters = fault_filters(FAULTS.get(scenario))
+    n_requests = 16 if scenario == "fault_headers" else 12
+    headers = [FAULT_HEADERS[i % len(FAULT_HEADERS)] if scenario == "fault_headers" else {}
+               for i in range(n_requests)]
     results: Dict[str, Dict[str, Any]] = {}
     for side in ("envoy", "meshcore"):
         ups = [Upstream(f"u{i}", m, delay=0.6) for i, m in enumerate(modes)]
@@ -102,27 +146,31 @@ def test_resilience_matches_envoy(scenario: str) -> None:
             res = resources([u.port for u in ups], route, cluster_extra)
             with ControlPlane() as cp:
                 if side == "envoy":
-                    cp.set_resources([b.http_listener("ingress", 0, route_config_name="r", stat_prefix="ingress"),
+                    cp.set_resources([b.http_listener("ingress", 0, route_config_name="r", stat_prefix="ingress",
+                                                      filters=filters),
                                       *[m for t in res.values() for m in t.values()]])
                     with AdsEnvoy(cp.port, "GRPC", "envoy-resilience") as envoy:
                         port = _until(lambda: envoy.listener_port("ingress"), "listener", envoy, cp)
-                        outcomes = [envoy_get(port) for _ in range(n_requests)]
+                        outcomes = [envoy_get(port, h) for h in headers]
                         stats = envoy_stats(envoy)
                         retries = stats.get("upstream_rq_retry", 0)
                         ejections = stats.get("outlier_detection.ejections_enforced_total", 0)
+                        overflows = stats.get("upstream_rq_retry_overflow", 0)
                 else:
-                    cp.set_resources([b.api_listener(TARGET, route_config_name="r"),
+                    cp.set_resources([b.api_listener(TARGET, route_config_name="r", filters=filters),
                                       *[m for t in res.values() for m in t.values()]])
                     boot = {"xds_servers": [{"server_uri": cp.address, "channel_creds": [{"type": "insecure"}]}],
                             "node": {"id": "mesh-resilience"}}
                     with meshcore.Mesh(boot, backoff=Backoff(0.05, 1.6, 0.2, 0.5)) as mesh:
                         mesh.wait_ready(TARGET, timeout=10)
-                        outcomes = [mesh_get(mesh) for _ in range(n_requests)]
+                        outcomes = [mesh_get(mesh, h) for h in headers]
                         st = mesh.stats()["shop"]
                         retries = st.get("upstream_rq_retry", 0)
                         ejections = st.get("outlier_detection.ejections_enforced_total", 0)
+                        overflows = st.get("upstream_rq_retry_overflow", 0)
             results[side] = {"statuses": [s for s, _ in outcomes], "max_time": max(t for _, t in outcomes),
-                             "retries": retries, "ejections": ejections, "hits": [u.hits for u in ups]}
+                             "delayed": [t > 0.2 for _, t in outcomes], "retries": retries,
+                             "ejections": ejections, "overflows": overflows, "hits": [u.hits for u in ups]}
         finally:
             for u in ups:
                 u.close()
@@ -139,5 +187,11 @@ def test_resilience_matches_envoy(scenario: str) -> None:
         # the round-robin start differs run to run: compare the invariant, one retry per slow pick
         assert ours["retries"] == ours["hits"][0] and envoy["retries"] == envoy["hits"][0], where
         assert envoy["max_time"] < 0.58 and ours["max_time"] < 0.58, where  # the slow host takes 0.6 s
+    elif scenario == "retry_budget":
+        assert envoy["retries"] == ours["retries"] == 0, where
+        assert envoy["overflows"] == ours["overflows"] == n_requests, where
+    elif scenario == "fault_headers":
+        assert ours["delayed"] == envoy["delayed"], where  # the 250 ms header delay, same requests
+        assert sum(envoy["delayed"]) == 2 and set(envoy["statuses"]) == {200, 429, 503}, where
     else:
         assert 0.18 < ours["max_time"] < 0.58 and 0.18 < envoy["max_time"] < 0.58, where
