@@ -4,7 +4,8 @@ What a service pays per request on top of its own I/O: ``mesh.request`` (URL, pu
 configuration, route match, cluster state), the attempt (breakers, pick, timeouts) and its end
 (release, stats, histogram). Three shapes:
 
-* ``with``: ``with mesh.request(url) as attempt: attempt.status = 200`` (the plain API);
+* ``with``: ``with mesh.request(url) as attempt: attempt.status = 200`` (the plain API), also
+  with five ordinary request headers;
 * ``run``: ``mesh.request(url).run(send)`` with a ``send`` that answers 200 at once (the loop
   the client integrations use);
 * ``retry``: ``run`` where the first attempt gets a 503 and the route retries once (5xx, 1 ms
@@ -85,6 +86,22 @@ FAILURE = _Failure()
 def test_with_attempt(benchmark, mesh):
     def one():
         with mesh.request(URL) as attempt:
+            attempt.status = 200
+
+    benchmark(one)
+    assert mesh.stats()["svc"]["upstream_rq_active"] == 0
+
+
+HEADERS = {"accept": "application/json", "user-agent": "bench/1.0", "x-request-id": "5f1c0b9e-1d2b",
+           "authorization": "Bearer abc", "content-type": "application/json"}
+
+
+@pytest.mark.benchmark(group="request-with-headers")
+def test_with_attempt_and_headers(benchmark, mesh):
+    """Five ordinary request headers: the route's header matcher runs, and the request path
+    looks for the router's x-envoy-* headers (none here)."""
+    def one():
+        with mesh.request(URL, "GET", HEADERS) as attempt:
             attempt.status = 200
 
     benchmark(one)

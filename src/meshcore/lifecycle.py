@@ -137,7 +137,7 @@ def _outcome(a: Any, result: Any, exc: Optional[BaseException], classify: Classi
 
 def _retry_delay(call: Any, a: Any) -> Optional[float]:
     """The back-off before retrying after ``a`` (bounded by the deadline), or ``None``: done."""
-    if not retriable(call.route.retry_policy, a.status, a.grpc_status, a.error):
+    if not retriable(call.retry_policy, a.status, a.grpc_status, a.error):
         return None  # decided without making the request's retry state (the common case)
     retry = call.retry
     if not retry.can_retry():

@@ -124,6 +124,68 @@ SCENARIOS = {
                          "budget_percent": {"value": 0.0}, "min_retry_concurrency": 0}}]}}),
     # header-controlled fault filter: FAULT_HEADERS decide per request
     "fault_headers": (("ok",), {}, {}),
+    # the router's x-envoy-* request headers (ROUTER_HEADERS): retries on a route without a policy,
+    # honoured on internal requests only (HCM below)
+    "router_retry_headers": (("fail", "fail"), {"timeout": "3s"}, {}),
+    # ... and the request timeout header against a slow host (0.6 s)
+    "router_timeout_headers": (("slow",), {"timeout": "3s"}, {}),
+    # default HCM: Envoy 1.40 has no internal address ranges, every request is external
+    "router_headers_external": (("fail", "fail"), {"timeout": "3s"}, {}),
+    # internal by x-forwarded-for (use_remote_address false): a single XFF address in 10/8
+    "router_headers_xff": (("fail", "fail"), {"timeout": "3s"}, {}),
+}
+
+# HttpConnectionManager options per scenario, on both sides (Envoy's socket listener, meshcore's
+# API listener): which requests are internal (source/common/http/conn_manager_utility.cc).
+LOOPBACK_INTERNAL = {"use_remote_address": True,
+                     "internal_address_config": {"cidr_ranges": [{"address_prefix": "127.0.0.0", "prefix_len": 8}]}}
+HCM_OPTIONS: Dict[str, Dict[str, Any]] = {
+    "router_retry_headers": LOOPBACK_INTERNAL,
+    "router_timeout_headers": LOOPBACK_INTERNAL,
+    "router_headers_xff": {"internal_address_config": {"cidr_ranges": [{"address_prefix": "10.0.0.0",
+                                                                         "prefix_len": 8}]}},
+}
+
+
+def with_hcm(listener: Any, options: Optional[Dict[str, Any]]) -> Any:
+    """``listener`` with ``options`` merged into its HttpConnectionManager (socket or API listener)."""
+    if not options:
+        return listener
+    any_ = (listener.api_listener.api_listener if listener.HasField("api_listener")
+            else listener.filter_chains[0].filters[0].typed_config)
+    hcm = hcm_pb2.HttpConnectionManager()
+    any_.Unpack(hcm)
+    json_format.ParseDict(options, hcm)
+    any_.Pack(hcm)
+    return listener
+
+# Request headers per request (cycled) for the router-header scenarios: Envoy honours them for
+# internal requests, which an application's requests to its sidecar are
+# (source/common/router/retry_state_impl.cc, router.cc FilterUtility::finalTimeout).
+ROUTER_HEADERS: Dict[str, List[Dict[str, str]]] = {
+    "router_retry_headers": [
+        {},                                                                  # no policy: no retry
+        {"x-envoy-retry-on": "5xx"},                                         # default 1 retry
+        {"x-envoy-retry-on": "5xx", "x-envoy-max-retries": "3"},             # 3 retries
+        {"x-envoy-max-retries": "3"},                                        # no condition: none
+        {"x-envoy-retry-on": "retriable-status-codes", "x-envoy-retriable-status-codes": "503"},
+        {"x-envoy-retry-on": "bogus"},                                       # unknown: none
+        {"x-envoy-retry-on": "gateway-error", "x-envoy-max-retries": "x"},   # invalid count: 1
+    ],
+    "router_timeout_headers": [
+        {"x-envoy-upstream-rq-timeout-ms": "200"},   # 504 after 0.2 s
+        {"x-envoy-upstream-rq-timeout-ms": "abc"},   # invalid: the route's 3 s
+        {},
+    ],
+    "router_headers_external": [{"x-envoy-retry-on": "5xx", "x-envoy-max-retries": "2"},
+                                {"x-envoy-retry-on": "5xx", "x-forwarded-for": "10.0.0.1"}],
+    "router_headers_xff": [
+        {"x-envoy-retry-on": "5xx"},                                                # no XFF: external
+        {"x-envoy-retry-on": "5xx", "x-forwarded-for": "10.0.0.1"},                 # internal: 1 retry
+        {"x-envoy-retry-on": "5xx", "x-forwarded-for": "10.0.0.1, 10.0.0.2"},       # two: external
+        {"x-envoy-retry-on": "5xx", "x-forwarded-for": "8.8.8.8"},                  # not listed
+        {"x-envoy-retry-on": "5xx", "x-envoy-max-retries": "2", "x-forwarded-for": " 10.1.2.3 "},  # 2
+    ],
 }
 
 FAULTS: Dict[str, Dict[str, Any]] = {
@@ -136,9 +198,11 @@ FAULTS: Dict[str, Dict[str, Any]] = {
 def test_resilience_matches_envoy(scenario: str) -> None:
     modes, route, cluster_extra = SCENARIOS[scenario]
     filters = fault_filters(FAULTS.get(scenario))
-    n_requests = 16 if scenario == "fault_headers" else 12
-    headers = [FAULT_HEADERS[i % len(FAULT_HEADERS)] if scenario == "fault_headers" else {}
-               for i in range(n_requests)]
+    cycle = FAULT_HEADERS if scenario == "fault_headers" else ROUTER_HEADERS.get(scenario, [{}])
+    n_requests = {"fault_headers": 16, "router_retry_headers": 14, "router_timeout_headers": 6,
+                  "router_headers_external": 4, "router_headers_xff": 10}.get(scenario, 12)
+    hcm_options = HCM_OPTIONS.get(scenario)
+    headers = [cycle[i % len(cycle)] for i in range(n_requests)]
     results: Dict[str, Dict[str, Any]] = {}
     for side in ("envoy", "meshcore"):
         ups = [Upstream(f"u{i}", m, delay=0.6) for i, m in enumerate(modes)]
@@ -146,8 +210,8 @@ def test_resilience_matches_envoy(scenario: str) -> None:
             res = resources([u.port for u in ups], route, cluster_extra)
             with ControlPlane() as cp:
                 if side == "envoy":
-                    cp.set_resources([b.http_listener("ingress", 0, route_config_name="r", stat_prefix="ingress",
-                                                      filters=filters),
+                    cp.set_resources([with_hcm(b.http_listener("ingress", 0, route_config_name="r",
+                                                               stat_prefix="ingress", filters=filters), hcm_options),
                                       *[m for t in res.values() for m in t.values()]])
                     with AdsEnvoy(cp.port, "GRPC", "envoy-resilience") as envoy:
                         port = _until(lambda: envoy.listener_port("ingress"), "listener", envoy, cp)
@@ -157,7 +221,8 @@ def test_resilience_matches_envoy(scenario: str) -> None:
                         ejections = stats.get("outlier_detection.ejections_enforced_total", 0)
                         overflows = stats.get("upstream_rq_retry_overflow", 0)
                 else:
-                    cp.set_resources([b.api_listener(TARGET, route_config_name="r", filters=filters),
+                    cp.set_resources([with_hcm(b.api_listener(TARGET, route_config_name="r", filters=filters),
+                                               hcm_options),
                                       *[m for t in res.values() for m in t.values()]])
                     boot = {"xds_servers": [{"server_uri": cp.address, "channel_creds": [{"type": "insecure"}]}],
                             "node": {"id": "mesh-resilience"}}
@@ -190,6 +255,15 @@ def test_resilience_matches_envoy(scenario: str) -> None:
     elif scenario == "retry_budget":
         assert envoy["retries"] == ours["retries"] == 0, where
         assert envoy["overflows"] == ours["overflows"] == n_requests, where
+    elif scenario == "router_retry_headers":
+        assert envoy["retries"] == ours["retries"] == 2 * (1 + 3 + 1 + 1), where
+        assert envoy["hits"] == ours["hits"] == [13, 13], where  # 14 requests + 12 retries, round robin
+    elif scenario == "router_headers_external":
+        assert envoy["retries"] == ours["retries"] == 0, where
+    elif scenario == "router_headers_xff":
+        assert envoy["retries"] == ours["retries"] == 2 * (1 + 2), where
+    elif scenario == "router_timeout_headers":
+        assert envoy["statuses"] == [504, 200, 200] * 2, where
     elif scenario == "fault_headers":
         assert ours["delayed"] == envoy["delayed"], where  # the 250 ms header delay, same requests
         assert sum(envoy["delayed"]) == 2 and set(envoy["statuses"]) == {200, 429, 503}, where

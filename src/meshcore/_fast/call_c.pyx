@@ -21,6 +21,7 @@ from .._url import URL_CACHE, parse_url
 from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, Unavailable, UpstreamTimeout
 from ..resilience.fault import NO_FAULT
 from ..resilience.retry import CONNECT_FAILURE, RESET, RetryState, TIMEOUT
+from ..resilience.router_headers import ROUTER_HEADERS, apply_router_headers, is_internal_request, router_headers_of
 from ..xds.snapshot import AggregateBalancer
 from .lb_c import LoadBalancer as CLoadBalancer
 from ..stats import BUCKETS_MS, COUNTER_NAMES
@@ -62,6 +63,34 @@ cdef object _default_status_of = lifecycle.default_status_of
 cdef object _CONNECT_FAILURE = CONNECT_FAILURE
 cdef object _TIMEOUT = TIMEOUT
 cdef object _RESET = RESET
+cdef object _router_headers_of = router_headers_of
+cdef object _apply_router_headers = apply_router_headers
+cdef object _is_internal_request = is_internal_request
+
+
+cdef Py_ssize_t _SHORTEST_ROUTER_HEADER = min(len(h) for h in ROUTER_HEADERS)  # 16: x-envoy-retry-on
+
+
+cdef inline bint _maybe_router_header(object name):
+    # the router headers' names start with x- and are at least _SHORTEST_ROUTER_HEADER long
+    return type(name) is not str or (len(<str>name) >= _SHORTEST_ROUTER_HEADER
+                                     and ((<str>name)[0] == "x" or (<str>name)[0] == "X"))
+
+
+cdef object _router_headers(object headers):
+    """``router_headers_of(headers)`` after a scan in C of the usual shapes (a dict, a list or
+    tuple of pairs) that rules out most requests without a Python-level call."""
+    if type(headers) is dict:
+        for name in <dict>headers:
+            if _maybe_router_header(name):
+                return _router_headers_of(headers)
+        return None
+    if type(headers) is list or type(headers) is tuple:
+        for pair in headers:
+            if type(pair) is not tuple or len(<tuple>pair) != 2 or _maybe_router_header((<tuple>pair)[0]):
+                return _router_headers_of(headers)
+        return None
+    return _router_headers_of(headers)
 
 
 cdef inline long long _status_index(object status) except -2:
@@ -290,6 +319,8 @@ cdef class Call:
     """One request routed by the mesh (made by ``Mesh.request``; see ``meshcore.call``)."""
 
     cdef readonly object mesh, target, authority, scheme, path, method, headers, route, cluster
+    #: the route's retry policy, as the request's x-envoy-* router headers change it (None: none)
+    cdef readonly object retry_policy
     cdef readonly double started
     #: monotonic time by which the whole request must end (None: no limit)
     cdef public object deadline
@@ -317,7 +348,7 @@ cdef class Call:
     def retry(self):
         """The request's retry state under the route's policy (made on first use)."""
         if self._retry is None:
-            self._retry = RetryState(self.route.retry_policy, self._rng)
+            self._retry = RetryState(self.retry_policy, self._rng)
         return self._retry
 
     def _count(self, name):
@@ -355,7 +386,7 @@ cdef class Call:
         return None if self.deadline is None else self.deadline - monotonic()
 
     cdef object _try_timeout(self, double now):
-        policy = self.route.retry_policy
+        policy = self.retry_policy
         per_try = policy.per_try_timeout if policy is not None else None
         if self.deadline is None:
             return per_try
@@ -644,9 +675,15 @@ cdef class MeshCore:
         call.route = m
         call.cluster = cluster
         call._rng = self._rng
+        policy = m.retry_policy
+        limit = m.timeout
+        if headers:
+            found = _router_headers(headers)
+            if found is not None and _is_internal_request(entry.cfg.listener, headers, source_ip):
+                policy, limit = _apply_router_headers(policy, limit, found)
+        call.retry_policy = policy
         started = monotonic()
         call.started = started
-        limit = m.timeout
         if timeout and (not limit or timeout < limit):
             limit = timeout
         call._limit = limit or None

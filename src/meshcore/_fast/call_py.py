@@ -39,6 +39,7 @@ from .._url import URL_CACHE, parse_url
 from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, Unavailable, UpstreamTimeout
 from ..resilience.fault import NO_FAULT, FaultDecision
 from ..resilience.retry import CONNECT_FAILURE, RESET, RetryState, TIMEOUT
+from ..resilience.router_headers import apply_router_headers, is_internal_request, router_headers_of
 from ..stats import BUCKETS_MS, COUNTER_NAMES
 from ..xds.snapshot import AggregateBalancer
 
@@ -231,7 +232,7 @@ class Call:
     """One request routed by the mesh (made by ``Mesh.request``; see ``meshcore.call``)."""
 
     __slots__ = ("mesh", "target", "authority", "scheme", "path", "method", "headers", "route", "cluster",
-                 "started", "deadline", "attempts", "_lb", "_aggregate", "_state", "_counters", "_outlier",
+                 "retry_policy", "started", "deadline", "attempts", "_lb", "_aggregate", "_state", "_counters", "_outlier",
                  "_child_outliers", "_fault_spec", "_faults", "_fault_active", "_rng", "_limit", "_retry",
                  "_single")
 
@@ -244,6 +245,8 @@ class Call:
     headers: Any
     route: Any
     cluster: Optional[str]
+    #: the route's retry policy, as the request's x-envoy-* router headers change it (None: none)
+    retry_policy: Any
     started: float
     #: monotonic time by which the whole request must end: the route timeout, or the caller's
     #: own ``timeout`` if shorter (None: no limit); it starts after a fault delay
@@ -254,7 +257,7 @@ class Call:
     def retry(self) -> RetryState:
         """The request's retry state under the route's policy (made on first use)."""
         if self._retry is None:
-            self._retry = RetryState(self.route.retry_policy, self._rng)
+            self._retry = RetryState(self.retry_policy, self._rng)
         return self._retry
 
     def _count(self, name: str) -> None:
@@ -292,7 +295,7 @@ class Call:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
     def _try_timeout(self, now: float) -> Optional[float]:
-        policy = self.route.retry_policy
+        policy = self.retry_policy
         per_try = policy.per_try_timeout if policy is not None else None
         if self.deadline is None:
             return per_try
@@ -566,8 +569,14 @@ class MeshCore:
         call._retry = None
         call._single = None
         call.attempts = []
-        started = call.started = time.monotonic()
+        policy = m.retry_policy
         limit = m.timeout
+        if headers:
+            found = router_headers_of(headers)
+            if found is not None and is_internal_request(entry.cfg.listener, headers, source_ip):
+                policy, limit = apply_router_headers(policy, limit, found)
+        call.retry_policy = policy
+        started = call.started = time.monotonic()
         if timeout and (not limit or timeout < limit):
             limit = timeout
         call._limit = limit or None

@@ -116,7 +116,7 @@ def _info(call: Any) -> Dict[str, Any]:
 
 def _retries_possible(call: Any) -> bool:
     """Whether the route may send the request more than once (then its body must be replayable)."""
-    policy = call.route.retry_policy
+    policy = call.retry_policy
     return policy is not None and getattr(policy, "num_retries", 1) > 0
 
 

@@ -21,13 +21,31 @@ from __future__ import annotations
 import random
 from typing import Any, Dict, Optional
 
-__all__ = ["RetryState", "classify_status", "retriable", "CONNECT_FAILURE", "RESET", "TIMEOUT"]
+__all__ = ["RetryState", "classify_status", "known_retry_conditions", "retriable", "CONNECT_FAILURE", "RESET", "TIMEOUT"]
 
 CONNECT_FAILURE = "connect-failure"
 RESET = "reset"
 TIMEOUT = "timeout"  # a per-try timeout (Envoy: 504 upstream request timeout)
 
 _GRPC_CODES = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted": 8, "internal": 13, "unavailable": 14}
+# Envoy's retry conditions (RetryStateImpl::parseRetryOn / parseRetryGrpcOn)
+_CONDITIONS = frozenset({"5xx", "gateway-error", "connect-failure", "envoy-ratelimited", "retriable-4xx",
+                         "refused-stream", "retriable-status-codes", "retriable-headers", "reset",
+                         "reset-before-request", "http3-post-connect-failure", *_GRPC_CODES})
+
+
+def _split_conditions(retry_on: Any) -> set:
+    """The comma-separated entries of ``retry_on`` items, whitespace trimmed (Envoy's
+    ``splitToken(config, ",", false, true)``)."""
+    on: set = set()
+    for item in retry_on:
+        on.update(x.strip() for x in item.split(",") if x.strip())
+    return on
+
+
+def known_retry_conditions(retry_on: Any) -> frozenset:
+    """The retry conditions Envoy recognises in ``retry_on`` (unknown names are ignored)."""
+    return frozenset(_split_conditions(retry_on) & _CONDITIONS)
 
 
 def classify_status(status: Optional[int]) -> str:
@@ -44,9 +62,7 @@ class _Compiled:
 
     def __init__(self, policy: Any) -> None:
         self.policy = policy
-        on: set = set()
-        for item in policy.retry_on:
-            on.update(x.strip() for x in item.split(",") if x.strip())
+        on = _split_conditions(policy.retry_on)
         self.on = frozenset(on)
         self.grpc_codes = frozenset(code for name, code in _GRPC_CODES.items() if name in on)
         self.status_codes = frozenset(policy.retriable_status_codes) if "retriable-status-codes" in on else frozenset()

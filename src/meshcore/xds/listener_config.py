@@ -49,6 +49,8 @@ in a static bootstrap, where there is no "self").
 
 from __future__ import annotations
 
+import ipaddress
+
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from envoy.config.listener.v3 import listener_pb2
@@ -126,7 +128,28 @@ def listener_spec(listener: Any) -> ListenerSpec:
         sa = lis.address.socket_address
         address = host_key(sa.address, sa.port_value)
     return ListenerSpec(name=name, route_config_name=route_config_name, inline_route_config=inline,
-                        http_filters=filters, max_stream_duration=max_stream_duration, address=address)
+                        http_filters=filters, max_stream_duration=max_stream_duration, address=address,
+                        use_remote_address=hcm.use_remote_address.value,
+                        xff_num_trusted_hops=hcm.xff_num_trusted_hops,
+                        internal_cidrs=_internal_cidrs(hcm, name))
+
+
+def _internal_cidrs(hcm: Any, name: str) -> Tuple[Any, ...]:
+    """``internal_address_config.cidr_ranges`` as ipaddress networks (host bits masked, as
+    Envoy's CidrRange does); an unparsable prefix or a length beyond the family's is an error."""
+    out = []
+    for i, cidr in enumerate(hcm.internal_address_config.cidr_ranges):
+        field = f"{_P}internal_address_config.cidr_ranges[{i}]"
+        try:
+            address = ipaddress.ip_address(cidr.address_prefix)
+        except ValueError:
+            raise ConfigError(name, f"{field}.address_prefix",
+                              f"malformed IP address: {cidr.address_prefix!r}") from None
+        length = cidr.prefix_len.value
+        if length > address.max_prefixlen:
+            raise ConfigError(name, f"{field}.prefix_len", f"{length} exceeds {address.max_prefixlen} bits")
+        out.append(ipaddress.ip_network(f"{address}/{length}", strict=False))
+    return tuple(out)
 
 
 def _rds(rds: Any, name: str) -> str:

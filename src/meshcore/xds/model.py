@@ -81,6 +81,12 @@ class ListenerSpec:
     http_filters: Tuple[HttpFilterSpec, ...] = ()
     max_stream_duration: Optional[float] = None  # HCM common_http_protocol_options, seconds
     address: Optional[str] = None  # "ip:port" when the listener also has a socket address (Istio)
+    # Which requests are internal (their x-envoy-* router headers honoured): the HCM's
+    # use_remote_address, xff_num_trusted_hops and internal_address_config.cidr_ranges
+    # (ipaddress networks; none: no address is internal, Envoy 1.40's default).
+    use_remote_address: bool = False
+    xff_num_trusted_hops: int = 0
+    internal_cidrs: Tuple[Any, ...] = ()
 
 
 # -- Cluster ----------------------------------------------------------------------------------
