@@ -7,6 +7,7 @@ source/common/http/hash_policy.cc, source/common/http/utility.cc (query parsing)
 
 from __future__ import annotations
 
+from collections.abc import Mapping as _AbcMapping  # isinstance against typing.Mapping is slow
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._fast.hashing_py import xxh64
@@ -127,10 +128,10 @@ def normalise_headers(
     """Lower-cased name -> values, plus the pseudo-headers, as Envoy's router sees them."""
     out: Dict[str, List[str]] = {}
     if headers is not None:
-        items = headers.items() if isinstance(headers, Mapping) else headers
+        items = headers.items() if type(headers) is dict or isinstance(headers, _AbcMapping) else headers
         for name, value in items:
-            key = ascii_lower(name)
-            if key == "host" or key.startswith(":"):
+            key = name.lower() if name.isascii() else ascii_lower(name)
+            if key == "host" or key[:1] == ":":
                 continue  # HTTP/1 Host is :authority; pseudo-headers come from the arguments
             values = out.get(key)
             if values is None:
@@ -153,7 +154,7 @@ def empty_forwarded_proto(headers: Any) -> bool:
     """A client-sent, empty x-forwarded-proto: Envoy's router finds no route at all."""
     if not headers:
         return False
-    items = headers.items() if isinstance(headers, Mapping) else headers
+    items = headers.items() if type(headers) is dict or isinstance(headers, _AbcMapping) else headers
     for name, value in items:
         if len(name) == 17 and ascii_lower(name) == "x-forwarded-proto":
             return value == ""  # the first one decides (repeated values are joined with ",")

@@ -19,9 +19,10 @@ cimport cython
 from ._common cimport bytes_cmp, qsort, splitmix_next, zalloc
 
 import os
+from collections.abc import Mapping as _AbcMapping
 
 from .._route_model import RouteConfigSpec
-from .._routing import (RouteMatch, ascii_lower, empty_forwarded_proto, normalise_headers, split_host_port,
+from .._routing import (INLINE_HEADERS, RouteMatch, ascii_lower, empty_forwarded_proto, split_host_port,
                         strip_path_params, tls_redirect)
 from . import routes_py as _py
 
@@ -536,11 +537,14 @@ cdef class RouteTable:
                     if v.routes[ri].regex.fullmatch(match_path) is None:
                         continue
                 if not v.simple[ri]:
-                    decided = 2
                     if not headers:  # no request headers: decide from the pseudo-headers alone
                         decided = _conditions_without_headers(<_NoHeaderPlan>v.no_header[ri], authority,
                                                               full_path, method,
                                                               scheme, rv)
+                    else:
+                        if hdrs is None:
+                            hdrs = normalise_headers(headers, authority, full_path, method, scheme)
+                        decided = _conditions_with_headers(<_NoHeaderPlan>v.no_header[ri], hdrs, rv)
                     if decided == 0:
                         continue
                     if decided == 2:
@@ -584,6 +588,7 @@ cdef class _HeaderTest:
     cdef bint invert
     cdef bint missing_as_empty
     cdef object string       # StringMatchSpec (kind 2)
+    cdef str name            # the header name (lower-cased; pseudo-headers with ':')
 
 
 _SOURCES = {":authority": 1, "host": 1, ":path": 2, ":method": 3, ":scheme": 4, "x-forwarded-proto": 4}
@@ -616,6 +621,7 @@ cdef _NoHeaderPlan _no_header_plan(object r):
         t.invert = h.invert
         t.missing_as_empty = h.treat_missing_as_empty
         t.string = h.string
+        t.name = h.name
         plan.tests.append(t)
     return plan
 
@@ -657,6 +663,99 @@ cdef int _conditions_without_headers(_NoHeaderPlan plan, object authority, objec
             matched = True
         else:
             matched = t.string.matches(value)
+        if matched == t.invert:
+            return 0
+    return 1
+
+
+cdef frozenset _INLINE_HEADERS = INLINE_HEADERS
+
+
+cdef inline str _lower(object name):
+    if type(name) is str and (<str>name).isascii():
+        return (<str>name).lower()
+    return ascii_lower(name)
+
+
+cdef dict normalise_headers(object headers, object authority, object path, object method, object scheme):
+    """``_routing.normalise_headers`` (same result), with dicts and lists of pairs walked in C."""
+    cdef dict out = {}
+    cdef str key
+    cdef list values
+    if headers is not None:
+        if type(headers) is dict:
+            items = (<dict>headers).items()
+        elif isinstance(headers, _AbcMapping):
+            items = headers.items()
+        else:
+            items = headers
+        for name, value in items:
+            key = _lower(name)
+            if key == "host" or key[:1] == ":":
+                continue  # HTTP/1 Host is :authority; pseudo-headers come from the arguments
+            values = out.get(key)
+            if values is None:
+                out[key] = [value]
+            elif key in _INLINE_HEADERS:
+                values[0] = values[0] + "," + value
+            else:
+                values.append(value)
+    if authority is not None:
+        out[":authority"] = [authority]
+        out["host"] = out[":authority"]  # Envoy: a "host" matcher reads :authority as sent
+    out[":path"] = [path]
+    out[":method"] = [method]
+    xfp = out.get("x-forwarded-proto")
+    effective = scheme
+    if xfp:
+        lowered = ascii_lower((<list>xfp)[0])
+        if lowered == "http" or lowered == "https":
+            effective = lowered
+    out[":scheme"] = [effective]
+    if xfp is None:
+        out["x-forwarded-proto"] = [scheme]
+    return out
+
+
+cdef int _conditions_with_headers(_NoHeaderPlan plan, dict hdrs, uint64_t rv) except -1:
+    """``routes_py._route_matches`` without the path (the caller's trie walk matched it) for a
+    request with headers (``hdrs``: normalise_headers): 1 matches, 0 does not, 2 undecided here
+    (query or range matchers: use the shared helpers)."""
+    cdef _HeaderTest t
+    cdef bint matched
+    cdef str ct
+    if plan.undecided:
+        return 2
+    if plan.rt_den and not (rv % plan.rt_den) < plan.rt_num:
+        return 0
+    if plan.grpc:
+        # Grpc::Common::isGrpcRequestHeaders: content-type application/grpc or application/grpc+*
+        values = hdrs.get("content-type")
+        if not values:
+            return 0
+        ct = values[0]
+        if not (ct == "application/grpc" or ct.startswith("application/grpc+")):
+            return 0
+    for t in plan.tests:
+        values = hdrs.get(t.name)
+        if not values:
+            if not t.missing_as_empty:
+                if t.kind == 0:
+                    if not (t.present if t.invert else not t.present):
+                        return 0
+                    continue
+                return 0
+            values = [""]
+        if t.kind == 0:
+            matched = t.present
+        elif t.kind == 1:
+            matched = True
+        else:
+            matched = False
+            for value in values:
+                if t.string.matches(value):
+                    matched = True
+                    break
         if matched == t.invert:
             return 0
     return 1
