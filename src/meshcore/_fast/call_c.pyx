@@ -4,9 +4,11 @@ behaviour, names and results are identical).
 
 Implementation notes: every method runs with the GIL held and never releases it, so the
 counters of :class:`ClusterCounters` are updated atomically without a lock (the pure twin
-takes one). The module is not declared free-threading compatible (as ``lb_c``). Calls into
-Python code happen only for what is configured to need it: a fault filter, outlier
-detection, an aggregate cluster, and retries (their state and back-off).
+takes one). The module is not declared free-threading compatible (as ``lb_c``). The route
+table and the balancer are called through their C entry points (``routes_c.pxd``,
+``lb_c.pxd``). Calls into Python code happen only for what is configured or sent to need it:
+a fault filter, outlier detection, an aggregate cluster, retries (their state and back-off),
+and a request carrying the router's ``x-envoy-*`` headers.
 """
 
 cimport cython
