@@ -18,7 +18,7 @@ from .errors import UpstreamError, UpstreamTimeout
 from .resilience.fault import NO_FAULT, ActiveFaults, FaultDecision, decide_fault, limit_faults
 from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retriable
 
-__all__ = ["default_classify", "default_status_of", "fault_decision", "fault_filter_for", "fault_spec_for",
+__all__ = ["default_classify", "default_status_of", "fault_decision", "fault_filter_for",
            "fault_step", "fault_step_async", "header_pairs", "run", "run_async"]
 
 R = TypeVar("R")
@@ -71,11 +71,6 @@ def fault_filter_for(cfg: Any, route: Any) -> Tuple[Optional[str], Any]:
         if config is not None and not disabled:
             return name, config
     return None, None
-
-
-def fault_spec_for(cfg: Any, route: Any) -> Any:
-    """The fault config :func:`fault_filter_for` finds (``None``: no fault)."""
-    return fault_filter_for(cfg, route)[1]
 
 
 def fault_decision(spec: Any, headers: Any, rng: Any, cluster: Optional[str],
