@@ -60,6 +60,8 @@ class Upstream:
                 sni = getattr(self.connection, "meshcore_sni", None)
                 data = json.dumps({"name": upstream.name, "port": upstream.port, "host": self.headers.get("Host"),
                                    "path": self.path, "method": self.command, "sni": sni,
+                                   "envoy_headers": sorted(k.lower() for k in self.headers
+                                                           if k.lower().startswith("x-envoy-")),
                                    "body": body.decode("latin-1")}).encode()
                 self.send_response(upstream.status)
                 self.send_header("Content-Type", "application/json")

@@ -133,3 +133,15 @@ def test_tls_verifies_and_sends_sni_of_the_logical_host(tls_scenario, tls_files)
                 await http.get(f"{TLS_URL}/secure")  # default trust store: unknown CA
 
     run(main())
+
+
+def test_router_headers_are_not_sent_upstream(scenario):
+    # Envoy never forwards the router's x-envoy-* request headers (consumed or stripped).
+    async def main():
+        async with MeshSession(scenario.mesh) as http:
+            r = await http.get(f"{URL}/x", headers={"X-Envoy-Max-Retries": "1", "x-envoy-retry-grpc-on": "internal",
+                                                    "x-envoy-custom": "kept"})
+            assert (await r.json())["envoy_headers"] == ["x-envoy-custom"]
+
+    run(main())
+    scenario.assert_no_active_requests()

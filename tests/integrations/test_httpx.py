@@ -219,3 +219,15 @@ def test_retry_overflow_returns_the_last_answer_readable(upstreams, make_mesh, c
     r = client_for(mesh).get(f"{URL}/x")
     assert r.status_code == 503 and r.json()["name"] == "failing"
     assert mesh.stats()["flaky"]["upstream_rq_retry_overflow"] == 1
+
+
+ROUTER = {"X-Envoy-Retry-On": "5xx", "x-envoy-max-retries": "2", "x-envoy-upstream-rq-timeout-ms": "900",
+          "x-envoy-custom": "kept"}
+
+
+def test_router_headers_are_not_sent_upstream(scenario, client_for):
+    # Envoy never forwards the router's x-envoy-* request headers (consumed or stripped);
+    # other headers go through.
+    c = client_for(scenario.mesh)
+    assert c.get(f"{URL}/x", headers=ROUTER).json()["envoy_headers"] == ["x-envoy-custom"]
+    scenario.assert_no_active_requests()

@@ -111,3 +111,10 @@ def test_tls_verifies_the_logical_host(tls_scenario, tls_files, session_for):
     assert seen == {"tls0", "tls1"}
     with pytest.raises(requests.exceptions.SSLError):  # the certificate is checked (unknown CA)
         s.get(f"{TLS_URL}/secure")
+
+
+def test_router_headers_are_not_sent_upstream(scenario, session_for):
+    # Envoy never forwards the router's x-envoy-* request headers (consumed or stripped).
+    s = session_for(scenario.mesh)
+    headers = {"X-Envoy-Retry-On": "5xx", "x-envoy-upstream-rq-per-try-timeout-ms": "500", "x-envoy-custom": "kept"}
+    assert s.get(f"{URL}/x", headers=headers).json()["envoy_headers"] == ["x-envoy-custom"]

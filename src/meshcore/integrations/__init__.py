@@ -26,6 +26,7 @@ from http import HTTPStatus
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from ..errors import Unavailable
+from ..resilience.router_headers import ROUTER_HEADERS
 
 __all__: List[str] = []
 
@@ -112,6 +113,16 @@ def _info(call: Any) -> Dict[str, Any]:
     attempts = call.attempts
     return {"cluster": call.cluster, "endpoint": attempts[-1].address if attempts else None,
             "route": call.route.route_name, "attempts": len(attempts)}
+
+
+def _drop_router_headers(headers: Any) -> Any:
+    """Remove the router's x-envoy-* request headers from a (case-insensitive) header mapping:
+    Envoy never sends them upstream (its router consumes them on internal requests, its
+    connection manager strips them from external ones). Returns ``headers``."""
+    for name in ROUTER_HEADERS:
+        if name in headers:
+            del headers[name]
+    return headers
 
 
 def _retries_possible(call: Any) -> bool:

@@ -48,7 +48,7 @@ from yarl import URL
 from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, Unavailable
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
-from . import _aroute, _fault_reply, _info, _local_reply, _reason, _Reply
+from . import _aroute, _drop_router_headers, _fault_reply, _info, _local_reply, _reason, _Reply
 
 __all__ = ["LocalResponse", "MeshSession"]
 
@@ -271,7 +271,7 @@ class MeshSession:
             extra["cookies"] = jar_cookies + list((user.items() if hasattr(user, "items") else user) or ())
 
         async def send(attempt: Any) -> aiohttp.ClientResponse:
-            h = own.copy()
+            h = _drop_router_headers(own.copy())
             h["Host"] = attempt.authority
             resp = await session.request(method, URL(attempt.url, encoded=True), headers=h,
                                          allow_redirects=False, **extra)

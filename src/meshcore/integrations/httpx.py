@@ -46,6 +46,7 @@ from ..errors import MeshError, NoRoute, Unavailable
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from . import (
     _aroute,
+    _drop_router_headers,
     _fault_reply,
     _info,
     _local_reply,
@@ -148,7 +149,7 @@ class _MeshTransportBase:
 
     @staticmethod
     def _attempt_request(mod: ModuleType, request: Any, attempt: Any, sni: str) -> Any:
-        headers = request.headers.copy()
+        headers = _drop_router_headers(request.headers.copy())
         headers["Host"] = attempt.authority
         extensions = dict(request.extensions)
         if attempt.timeout is not None:

@@ -42,7 +42,7 @@ from urllib3.util import Timeout as Urllib3Timeout
 from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, Unavailable
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
-from . import _fault_reply, _info, _local_reply, _min_timeout, _reason, _Reply, _route
+from . import _drop_router_headers, _fault_reply, _info, _local_reply, _min_timeout, _reason, _Reply, _route
 
 __all__ = ["MeshAdapter"]
 
@@ -120,6 +120,7 @@ class MeshAdapter(HTTPAdapter):
         def send(attempt: Any) -> Any:
             prepared = request.copy()
             prepared.url = attempt.url
+            _drop_router_headers(prepared.headers)
             prepared.headers["Host"] = attempt.authority
             prepared._meshcore_sni = sni
             response = base_send(prepared, stream=stream, timeout=_cap_timeout(timeout, attempt.timeout),

@@ -22,7 +22,9 @@ talking to its sidecar over loopback). On internal requests:
   ``retriable-status-codes``) (source/common/router/retry_state_impl.cc).
 
 They are inline headers in Envoy, whose HTTP/1 codec joins repeated values with ``,``; so are
-they here. meshcore does not remove them from the request the client then sends (Envoy does).
+they here. Envoy never sends them upstream (consumed on internal requests, stripped from
+external ones); the client integrations (httpx, requests, aiohttp) remove them likewise. With the
+plain API (``with mesh.request(...) as attempt``) the application sends its own headers.
 """
 
 from __future__ import annotations
