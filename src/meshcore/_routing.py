@@ -24,6 +24,8 @@ __all__ = [
     "redirect_location",
     "simple_atoi",
     "simple_atoi_u64",
+    "simple_atoi_unsigned",
+    "header_pairs",
     "split_host_port",
     "strip_path_params",
     "tls_redirect",
@@ -227,11 +229,26 @@ def simple_atoi(s: str, lo: int, hi: int) -> Optional[int]:
     return n if lo <= n <= hi else None
 
 
-def simple_atoi_u64(s: str) -> Optional[int]:
+def simple_atoi_unsigned(s: str, hi: int = 2**64 - 1) -> Optional[int]:
+    """absl::SimpleAtoi into an unsigned type of range [0, hi]: no ``-`` sign at all (not even
+    ``-0``)."""
     t = s.strip(_WHITESPACE)
     if t.startswith("-"):
         return None
-    return simple_atoi(s, 0, 2**64 - 1)
+    return simple_atoi(s, 0, hi)
+
+
+def simple_atoi_u64(s: str) -> Optional[int]:
+    return simple_atoi_unsigned(s)
+
+
+def header_pairs(headers: Any) -> List[Tuple[str, str]]:
+    """Headers given as a mapping or as ``(name, value)`` pairs, as a list of string pairs."""
+    if not headers:
+        return []
+    if hasattr(headers, "items"):
+        return [(str(k), str(v)) for k, v in headers.items()]
+    return [(str(k), str(v)) for k, v in headers]
 
 
 def split_host_port(host: str) -> Tuple[str, str]:

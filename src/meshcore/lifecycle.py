@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Any, Awaitable, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Awaitable, Callable, Optional, Tuple, TypeVar
 
+from ._routing import header_pairs
 from .errors import UpstreamError, UpstreamTimeout
 from .resilience.fault import NO_FAULT, ActiveFaults, FaultDecision, decide_fault, limit_faults
 from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retriable
@@ -44,15 +45,6 @@ def default_status_of(result: Any) -> Optional[int]:
     if status is None:
         status = getattr(result, "status", None)
     return status if isinstance(status, int) else None
-
-
-def header_pairs(headers: Any) -> List[Tuple[str, str]]:
-    """Headers given as a mapping or as ``(name, value)`` pairs, as a list of string pairs."""
-    if not headers:
-        return []
-    if hasattr(headers, "items"):
-        return [(str(k), str(v)) for k, v in headers.items()]
-    return [(str(k), str(v)) for k, v in headers]
 
 
 def fault_filter_for(cfg: Any, route: Any) -> Tuple[Optional[str], Any]:

@@ -36,6 +36,8 @@ import random
 import threading
 from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
+from .._routing import simple_atoi_unsigned
+
 __all__ = ["NO_FAULT", "ActiveFaults", "FaultDecision", "decide_fault", "limit_faults"]
 
 
@@ -53,23 +55,13 @@ NO_FAULT = FaultDecision(0.0, None, None)
 
 _UINT32_MAX = (1 << 32) - 1
 _UINT64_MAX = (1 << 64) - 1
-_ASCII_SPACE = " \t\n\v\f\r"  # absl::ascii_isspace
-_DIGITS = frozenset("0123456789")
 
 
 def _header_uint(headers: Mapping[str, str], name: str, maximum: int) -> Optional[int]:
     """``absl::SimpleAtoi`` of the header into an unsigned type of range [0, maximum]; ``None``
     when absent or invalid."""
     value = headers.get(name)
-    if value is None:
-        return None
-    text = value.strip(_ASCII_SPACE)
-    if text[:1] == "+":
-        text = text[1:]
-    if not text or not _DIGITS.issuperset(text):  # also refuses "-" (unsigned), "0x", "1_0", "١"
-        return None
-    n = int(text)
-    return n if n <= maximum else None
+    return None if value is None else simple_atoi_unsigned(value, maximum)
 
 
 def _header_per_million(headers: Mapping[str, str], name: str, per_million: int, denominator: int) -> int:

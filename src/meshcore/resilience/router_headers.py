@@ -34,6 +34,7 @@ import ipaddress
 from typing import Any, Dict, Optional, Tuple
 
 from .._route_model import RetryPolicy
+from .._routing import header_pairs, simple_atoi_unsigned
 from .retry import known_retry_conditions
 
 __all__ = ["ROUTER_HEADERS", "apply_router_headers", "is_internal_request", "router_headers_of"]
@@ -51,8 +52,6 @@ _SHORTEST = min(len(h) for h in ROUTER_HEADERS)  # 16: x-envoy-retry-on
 XFF = "x-forwarded-for"
 LOOPBACK = "127.0.0.1"
 
-_DIGITS = frozenset("0123456789")
-_UINT64_MAX = (1 << 64) - 1
 _UINT32_MAX = (1 << 32) - 1
 
 
@@ -60,14 +59,14 @@ def router_headers_of(headers: Any) -> Optional[Dict[str, str]]:
     """The router headers among ``headers`` (a mapping or ``(name, value)`` pairs), by lower-cased
     name, repeated values joined with ``,``; ``None`` when there are none (the common case)."""
     found: Optional[Dict[str, str]] = None
-    for name, value in (headers.items() if hasattr(headers, "items") else headers):
-        if not isinstance(name, str) or len(name) < _SHORTEST or name[0] not in "xX":
+    for name, value in header_pairs(headers):
+        if len(name) < _SHORTEST or name[0] not in "xX":
             continue
         key = name.lower()
         if key in ROUTER_HEADERS:
             if found is None:
                 found = {}
-            found[key] = f"{found[key]},{value}" if key in found else str(value)
+            found[key] = f"{found[key]},{value}" if key in found else value
     return found
 
 
@@ -77,8 +76,7 @@ def is_internal_request(listener: Any, headers: Any, source_ip: Optional[str] = 
     cidrs = getattr(listener, "internal_cidrs", ())
     if not cidrs:
         return False
-    xff_values = [str(v) for k, v in (headers.items() if hasattr(headers, "items") else headers)
-                  if isinstance(k, str) and k.lower() == XFF] if headers else []
+    xff_values = [v for k, v in header_pairs(headers) if k.lower() == XFF]
     if listener.use_remote_address:
         # XFF is appended to: a single address only if the request had none, and then the
         # remote address is the connection's (whatever xff_num_trusted_hops says)
@@ -99,24 +97,13 @@ def _in(address: str, cidrs: Any) -> bool:
     return any(ip in net for net in cidrs)
 
 
-def _uint(text: str, maximum: int = _UINT64_MAX) -> Optional[int]:
-    """``absl::SimpleAtoi`` into an unsigned integer: optional ASCII whitespace and ``+``."""
-    text = text.strip(" \t\n\v\f\r")
-    if text[:1] == "+":
-        text = text[1:]
-    if not text or not _DIGITS.issuperset(text):
-        return None
-    n = int(text)
-    return n if n <= maximum else None
-
-
 def apply_router_headers(policy: Optional[RetryPolicy], timeout: Optional[float],
                          found: Dict[str, str]) -> Tuple[Optional[RetryPolicy], Optional[float]]:
     """``(retry policy, route timeout in seconds)`` for a request carrying the router headers
     ``found`` (from :func:`router_headers_of`), given the route's own."""
     value = found.get(TIMEOUT_MS)
     if value is not None:
-        ms = _uint(value)
+        ms = simple_atoi_unsigned(value)
         if ms is not None:
             timeout = ms / 1000.0 if ms else None
     retry_on = found.get(RETRY_ON)
@@ -134,15 +121,16 @@ def apply_router_headers(policy: Optional[RetryPolicy], timeout: Optional[float]
     conditions = known_retry_conditions(changes.get("retry_on", policy.retry_on))
     max_retries = found.get(MAX_RETRIES)
     if max_retries is not None and conditions:
-        n = _uint(max_retries)
+        n = simple_atoi_unsigned(max_retries)
         if n is not None:
             changes["num_retries"] = n
     if codes is not None:
-        extra = tuple(c for c in (_uint(t, _UINT32_MAX) for t in codes.split(",") if t) if c is not None)
+        parsed = (simple_atoi_unsigned(t, _UINT32_MAX) for t in codes.split(",") if t)
+        extra = tuple(c for c in parsed if c is not None)
         if extra:
             changes["retriable_status_codes"] = policy.retriable_status_codes + extra
     if per_try is not None:
-        ms = _uint(per_try)
+        ms = simple_atoi_unsigned(per_try)
         if ms is not None:
             changes["per_try_timeout"] = ms / 1000.0 if ms else None
     return (dataclasses.replace(policy, **changes) if changes else policy), timeout
