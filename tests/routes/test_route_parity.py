@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshcore import ConfigError
 from meshcore._fast import routes_py
@@ -39,3 +41,24 @@ def test_c_and_py_decide_alike(seed):
         a = c.match(authority, path, headers, method=method, random_value=rv, source_ip="10.1.2.3")
         b = py.match(authority, path, headers, method=method, random_value=rv, source_ip="10.1.2.3")
         assert _summary(a) == _summary(b), (cfg, authority, path, headers, method, rv)
+
+
+_NAMES = ["Host", "host", ":path", "x-forwarded-proto", "X-Forwarded-Proto", "x-a", "X-A", "user-agent",
+          "x-envoy-retry-on", "content-type", "Straße", "x-b"]
+_VALUES = ["", "1", "HTTPS", "http", "ftp", "a,b", " v ", "application/grpc"]
+
+
+@pytest.mark.c_extension
+@settings(max_examples=300, deadline=None)
+@given(pairs=st.lists(st.tuples(st.sampled_from(_NAMES), st.sampled_from(_VALUES)), max_size=8),
+       as_dict=st.booleans(), authority=st.sampled_from([None, "", "a.com:80"]),
+       scheme=st.sampled_from(["http", "https"]))
+def test_header_normalisation_twins(pairs, as_dict, authority, scheme):
+    """routes_c.normalise_headers (C) gives _routing.normalise_headers' result: lower-cased
+    names, Host/pseudo-headers dropped, inline headers joined, effective scheme."""
+    from meshcore._fast import routes_c
+    from meshcore._routing import normalise_headers
+
+    headers = dict(pairs) if as_dict else pairs
+    assert routes_c.normalise_headers(headers, authority, "/p?q", "GET", scheme) == normalise_headers(
+        headers, authority, "/p?q", "GET", scheme)

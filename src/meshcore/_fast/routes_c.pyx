@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping as _AbcMapping
 
 from .._route_model import RouteConfigSpec
-from .._routing import (INLINE_HEADERS, RouteMatch, ascii_lower, empty_forwarded_proto, split_host_port,
+from .._routing import (INLINE_HEADERS, RouteMatch, ascii_lower, empty_forwarded_proto, is_grpc, split_host_port,
                         strip_path_params, tls_redirect)
 from . import routes_py as _py
 
@@ -626,12 +626,36 @@ cdef _NoHeaderPlan _no_header_plan(object r):
     return plan
 
 
+cdef int _test_passes(_HeaderTest t, object values) except -1:
+    """One header matcher (``routes_py._header_matches``) against a header's values: a list, or
+    one str; ``None`` or an empty list: the header is missing."""
+    cdef bint matched
+    if values is None or (type(values) is list and not values):
+        if not t.missing_as_empty:
+            if t.kind == 0:
+                return t.present if t.invert else not t.present
+            return 0
+        values = ""
+    if t.kind == 0:
+        matched = t.present
+    elif t.kind == 1:
+        matched = True
+    elif type(values) is str:
+        matched = t.string.matches(values)
+    else:
+        matched = False
+        for value in values:
+            if t.string.matches(value):
+                matched = True
+                break
+    return matched != t.invert
+
+
 cdef int _conditions_without_headers(_NoHeaderPlan plan, object authority, object full_path, object method,
                                      object scheme, uint64_t rv) except -1:
     """Runtime fraction, gRPC and header matchers of a request that carries no headers beyond
     the pseudo-headers: 1 matches, 0 does not, 2 undecided here (use the shared helpers)."""
     cdef _HeaderTest t
-    cdef bint matched
     if plan.undecided:
         return 2
     if plan.rt_den and not (rv % plan.rt_den) < plan.rt_num:
@@ -649,21 +673,7 @@ cdef int _conditions_without_headers(_NoHeaderPlan plan, object authority, objec
             value = scheme
         else:
             value = None
-        if value is None:
-            if not t.missing_as_empty:
-                if t.kind == 0:
-                    if not (t.present if t.invert else not t.present):
-                        return 0
-                    continue
-                return 0
-            value = ""
-        if t.kind == 0:
-            matched = t.present
-        elif t.kind == 1:
-            matched = True
-        else:
-            matched = t.string.matches(value)
-        if matched == t.invert:
+        if not _test_passes(t, value):
             return 0
     return 1
 
@@ -677,7 +687,7 @@ cdef inline str _lower(object name):
     return ascii_lower(name)
 
 
-cdef dict normalise_headers(object headers, object authority, object path, object method, object scheme):
+cpdef dict normalise_headers(object headers, object authority, object path, object method, object scheme):
     """``_routing.normalise_headers`` (same result), with dicts and lists of pairs walked in C."""
     cdef dict out = {}
     cdef str key
@@ -722,41 +732,14 @@ cdef int _conditions_with_headers(_NoHeaderPlan plan, dict hdrs, uint64_t rv) ex
     request with headers (``hdrs``: normalise_headers): 1 matches, 0 does not, 2 undecided here
     (query or range matchers: use the shared helpers)."""
     cdef _HeaderTest t
-    cdef bint matched
-    cdef str ct
     if plan.undecided:
         return 2
     if plan.rt_den and not (rv % plan.rt_den) < plan.rt_num:
         return 0
-    if plan.grpc:
-        # Grpc::Common::isGrpcRequestHeaders: content-type application/grpc or application/grpc+*
-        values = hdrs.get("content-type")
-        if not values:
-            return 0
-        ct = values[0]
-        if not (ct == "application/grpc" or ct.startswith("application/grpc+")):
-            return 0
+    if plan.grpc and not is_grpc(hdrs):
+        return 0
     for t in plan.tests:
-        values = hdrs.get(t.name)
-        if not values:
-            if not t.missing_as_empty:
-                if t.kind == 0:
-                    if not (t.present if t.invert else not t.present):
-                        return 0
-                    continue
-                return 0
-            values = [""]
-        if t.kind == 0:
-            matched = t.present
-        elif t.kind == 1:
-            matched = True
-        else:
-            matched = False
-            for value in values:
-                if t.string.matches(value):
-                    matched = True
-                    break
-        if matched == t.invert:
+        if not _test_passes(t, hdrs.get(t.name)):
             return 0
     return 1
 
