@@ -165,6 +165,20 @@ class MeshBase:
         if cfg is None or cfg.error is not None:
             raise Unavailable(self._why(target, cfg))
 
+    def _no_config(self, target: str, cfg: Optional[TargetConfig]) -> Unavailable:
+        """The error for a target without a usable configuration (``pick``, ``request``); a
+        target not yet asked for is fetched from now on."""
+        if cfg is None:
+            self._publisher.add_target(target)
+        return Unavailable(self._why(target, cfg))
+
+    def _no_cluster(self, target: str, path: str, m: RouteMatch, rt: Any) -> Unavailable:
+        """The error for a route whose cluster is missing (``rt`` None) or unusable (no balancer)."""
+        if rt is None:
+            return Unavailable(f"{target}{path}: cluster {m.cluster!r} not found "
+                               f"(route {m.route_name!r} -> {m.cluster_not_found_response_code})")
+        return Unavailable(f"{target}{path}: {rt.error} (xDS node {self.node_id!r})")
+
     def _why(self, target: str, cfg: Optional[TargetConfig]) -> str:
         if cfg is not None and cfg.error:
             reason = cfg.error
@@ -189,9 +203,7 @@ class MeshBase:
         """
         cfg = self._publisher.published.get(target)
         if cfg is None or cfg.error is not None:
-            if cfg is None:
-                self._publisher.add_target(target)
-            raise Unavailable(self._why(target, cfg))
+            raise self._no_config(target, cfg)
         m = cfg.route_table.match(cfg.authority, path, headers, method, scheme, None, source_ip)  # type: ignore[union-attr]
         if m is None:
             raise NoRoute(target, path)
@@ -199,12 +211,9 @@ class MeshBase:
         if cname is None:  # direct response or redirect
             return Pick(target, m, None, None, None)
         rt = cfg.clusters.get(cname)
-        if rt is None:
-            raise Unavailable(f"{target}{path}: cluster {cname!r} not found "
-                              f"(route {m.route_name!r} -> {m.cluster_not_found_response_code})")
+        if rt is None or rt.lb is None:
+            raise self._no_cluster(target, path, m, rt)
         lb = rt.lb
-        if lb is None:
-            raise Unavailable(f"{target}{path}: {rt.error} (xDS node {self.node_id!r})")
         if type(lb) is AggregateBalancer:
             ep, lb = lb.choose(m.hash)
         else:

@@ -11,7 +11,6 @@ meshcore[prometheus]``). Nothing is sent anywhere unless you register the collec
 
 from __future__ import annotations
 
-import bisect
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -37,11 +36,6 @@ class Histogram:
         self.counts = list(counts) if counts is not None else [0] * (len(BUCKETS_MS) + 1)
         self.sum = total
         self.count = count
-
-    def observe(self, value_ms: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS_MS, value_ms)] += 1
-        self.sum += value_ms
-        self.count += 1
 
     def quantile(self, q: float) -> Optional[float]:
         """The upper bound of the bucket holding quantile ``q`` (``None`` when empty)."""

@@ -395,3 +395,10 @@ def test_aggregate_cluster_outlier_detection_is_the_child_clusters(tmp_path, mes
         stats = mesh.stats()
         assert stats["primary"]["outlier_detection.ejections_enforced_total"] == 1
         assert stats["agg"]["upstream_rq_total"] == 12 and stats["agg"]["upstream_rq_503"] == 2
+
+
+def test_thresholds_take_integral_values_alike(callmod):
+    c = callmod.ClusterCounters()
+    c.set_thresholds(2.0, 1, 3, 1.0, (50, 1.0))
+    assert (c.max_connections, c.max_requests, c.max_retries, c.budget_percent, c.min_retry_concurrency) == (
+        2, 3, 1, 50.0, 1)

@@ -146,13 +146,13 @@ cdef class ClusterCounters:
                         ("max_requests", max_requests), ("max_retries", max_retries)):
             if not 0 <= v < 1 << 62:
                 raise ValueError(f"{name} out of range: {v!r}")
-        self.max_connections, self.max_pending_requests = max_connections, max_pending_requests
-        self.max_requests, self.max_retries = max_requests, max_retries
+        self.max_connections, self.max_pending_requests = int(max_connections), int(max_pending_requests)
+        self.max_requests, self.max_retries = int(max_requests), int(max_retries)
         if retry_budget is None:
             self.budget_percent, self.min_retry_concurrency = -1.0, 3
         else:
-            self.budget_percent = retry_budget[0]
-            self.min_retry_concurrency = retry_budget[1]
+            self.budget_percent = float(retry_budget[0])
+            self.min_retry_concurrency = int(retry_budget[1])
 
     @property
     def pending(self):
@@ -563,9 +563,7 @@ cdef class MeshCore:
     cdef _TargetEntry _entry(self, object target, object cfg):
         cdef _TargetEntry entry
         if cfg is None or cfg.error is not None:
-            if cfg is None:
-                self._publisher.add_target(target)
-            raise Unavailable(self._why(target, cfg))
+            raise self._no_config(target, cfg)
         entry = _TargetEntry.__new__(_TargetEntry)
         entry.cfg = cfg
         entry.route_table = cfg.route_table
@@ -582,12 +580,9 @@ cdef class MeshCore:
     cdef _ClusterEntry _resolve(self, _TargetEntry entry, object cluster, object m, object target, object path):
         cdef _ClusterEntry ce
         rt = entry.clusters.get(cluster)
-        if rt is None:
-            raise Unavailable(f"{target}{path}: cluster {cluster!r} not found "
-                              f"(route {m.route_name!r} -> {m.cluster_not_found_response_code})")
+        if rt is None or rt.lb is None:
+            raise self._no_cluster(target, path, m, rt)
         lb = rt.lb
-        if lb is None:
-            raise Unavailable(f"{target}{path}: {rt.error} (xDS node {self.node_id!r})")
         state = self._cluster_state(rt)
         ce = _ClusterEntry.__new__(_ClusterEntry)
         ce.rt = rt

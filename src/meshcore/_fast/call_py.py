@@ -473,9 +473,7 @@ class MeshCore:
 
     def _entry(self, target: str, cfg: Any) -> _TargetEntry:
         if cfg is None or cfg.error is not None:
-            if cfg is None:
-                self._publisher.add_target(target)
-            raise Unavailable(self._why(target, cfg))  # type: ignore[attr-defined]
+            raise self._no_config(target, cfg)  # type: ignore[attr-defined]
         entry = _TargetEntry(cfg)
         if len(self._targets) >= 4096:
             self._targets.clear()
@@ -484,11 +482,8 @@ class MeshCore:
 
     def _resolve(self, entry: _TargetEntry, cluster: str, m: Any, target: str, path: str) -> _ClusterEntry:
         rt = entry.clusters.get(cluster)
-        if rt is None:
-            raise Unavailable(f"{target}{path}: cluster {cluster!r} not found "
-                              f"(route {m.route_name!r} -> {m.cluster_not_found_response_code})")
-        if rt.lb is None:
-            raise Unavailable(f"{target}{path}: {rt.error} (xDS node {self.node_id!r})")  # type: ignore[attr-defined]
+        if rt is None or rt.lb is None:
+            raise self._no_cluster(target, path, m, rt)  # type: ignore[attr-defined]
         ce = _ClusterEntry(rt, self._cluster_state(rt))  # type: ignore[attr-defined]
         if ce.aggregate:
             self._resolve_children(ce, rt)
