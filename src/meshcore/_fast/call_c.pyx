@@ -531,6 +531,7 @@ cdef class _TargetEntry:
     cdef object cfg, route_table, clusters
     cdef CRouteTable fast_table  # route_table when it is the compiled RouteTable, else None
     cdef bint has_faults
+    cdef dict faults    # id(route spec) -> (fault config or None, its filter's ActiveFaults)
     cdef dict resolved  # cluster name -> _ClusterEntry
 
 
@@ -571,6 +572,7 @@ cdef class MeshCore:
             entry.fast_table = <CRouteTable>entry.route_table
         entry.clusters = cfg.clusters
         entry.has_faults = bool(cfg.fault_filters)
+        entry.faults = {}
         entry.resolved = {}
         if len(self._targets) >= 4096:
             self._targets.clear()
@@ -596,6 +598,19 @@ cdef class MeshCore:
             self._resolve_children(ce, rt)
         entry.resolved[cluster] = ce
         return ce
+
+    cdef tuple _route_fault(self, _TargetEntry entry, object route):
+        """(fault config, its filter's ActiveFaults) for a route of this configuration, or
+        (None, None): decided once per route (the configuration, and so the route, are fixed)."""
+        key = id(route)  # the route specs live as long as entry.cfg, which the entry holds
+        found = entry.faults.get(key)
+        if found is None:
+            name, spec = _fault_filter_for(entry.cfg, route)
+            if spec is not None and not (spec.delay_per_million or spec.abort_per_million):
+                spec = None  # a filter that can inject nothing (Istio's empty one): no fault step
+            found = (spec, self._fault_counter(entry.cfg, name)) if spec is not None else (None, None)
+            entry.faults[key] = found
+        return <tuple>found
 
     cdef _resolve_children(self, _ClusterEntry ce, object rt):
         """An aggregate cluster's children: their request state, for outlier detection."""
@@ -658,10 +673,7 @@ cdef class MeshCore:
             call._counters = ce.counters
             call._outlier = ce.outlier
         if entry.has_faults:
-            name, spec = _fault_filter_for(entry.cfg, m.route)
-            if spec is not None:
-                call._fault_spec = spec
-                call._faults = self._fault_counter(entry.cfg, name)
+            call._fault_spec, call._faults = self._route_fault(entry, m.route)
         call.mesh = self
         call.target = target
         call.authority = netloc

@@ -423,13 +423,15 @@ class Call:
 class _TargetEntry:
     """What ``request`` reads of one published TargetConfig, resolved once per configuration."""
 
-    __slots__ = ("cfg", "route_table", "clusters", "has_faults", "resolved")
+    __slots__ = ("cfg", "route_table", "clusters", "has_faults", "faults", "resolved")
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.route_table = cfg.route_table
         self.clusters = cfg.clusters
         self.has_faults = bool(cfg.fault_filters)
+        #: id(route spec) -> (fault config or None, its filter's ActiveFaults)
+        self.faults: Dict[int, Tuple[Any, Any]] = {}
         self.resolved: Dict[str, _ClusterEntry] = {}
 
 
@@ -490,6 +492,19 @@ class MeshCore:
         entry.resolved[cluster] = ce
         return ce
 
+    def _route_fault(self, entry: _TargetEntry, route: Any) -> Tuple[Any, Any]:
+        """(fault config, its filter's ActiveFaults) for a route of this configuration, or
+        (None, None): decided once per route (the configuration, and so the route, are fixed)."""
+        key = id(route)  # the route specs live as long as entry.cfg, which the entry holds
+        found = entry.faults.get(key)
+        if found is None:
+            name, spec = lifecycle.fault_filter_for(entry.cfg, route)
+            if spec is not None and not (spec.delay_per_million or spec.abort_per_million):
+                spec = None  # a filter that can inject nothing (Istio's empty one): no fault step
+            found = (spec, self._fault_counter(entry.cfg, name)) if spec is not None else (None, None)  # type: ignore[attr-defined]
+            entry.faults[key] = found
+        return found
+
     def _resolve_children(self, ce: _ClusterEntry, rt: Any) -> None:
         """An aggregate cluster's children: their request state, for outlier detection."""
         detectors: Dict[int, Any] = {}
@@ -547,10 +562,7 @@ class MeshCore:
         call._fault_spec = call._faults = None
         call._fault_active = False
         if entry.has_faults:
-            name, spec = lifecycle.fault_filter_for(entry.cfg, m.route)
-            if spec is not None:
-                call._fault_spec = spec
-                call._faults = self._fault_counter(entry.cfg, name)  # type: ignore[attr-defined]
+            call._fault_spec, call._faults = self._route_fault(entry, m.route)
         call.mesh = self
         call.target = target
         call.authority = netloc
