@@ -13,33 +13,52 @@ told apart by content) may have any of these shapes:
   or an admin ``/config_dump`` (``{"configs": [...]}``; static and dynamic active resources).
 
 A resource may also be wrapped in a ``envoy.service.discovery.v3.Resource`` (``{"@type": ...Resource,
-"name": ..., "resource": {...}}``). Field names may be camelCase or snake_case; unknown fields are
-ignored. Errors raise :class:`~meshcore.errors.ConfigError` naming the source and the resource
-(``ConfigError("file.yaml", "resources[3]", "unknown @type ...")``).
+"name": ..., "resource": {...}}``). Field names may be camelCase or snake_case.
+
+Parsing is as strict as Envoy's JSON/YAML loading: an unknown field, an unknown enum value name,
+a value of the wrong type, a non-string ``@type``, a string that is not valid UTF-8 (a lone
+surrogate) and nesting deeper than :data:`MAX_DEPTH` levels are errors. Binary resources
+(messages, ``Any``) keep protobuf's rule: unknown fields are ignored.
+
+``Any`` values (``typed_config`` ...) are parsed as their ``@type`` strictly. A type meshcore's
+protobuf registry lacks is looked up among the installed Envoy/xDS protos of its package
+(imported on first use). If that package exists but has no such message, the ``@type`` is an
+error (Envoy rejects unknown types too). A type from a package meshcore does not ship (Istio's
+``istio.*`` filters, a vendor's extension) cannot be checked here: it is kept, unchecked, as an
+``xds.type.v3.TypedStruct`` holding its type URL and fields, which is how Envoy itself accepts
+typed configs as JSON, and meshcore's decoders then report the wrapped type as unsupported where
+it matters.
+
+Errors raise :class:`~meshcore.errors.ConfigError` naming the source, the resource and the field
+path, e.g. ``ConfigError("file.yaml", "resources[3].lb_policy", "Cluster 'c1': unknown enum value
+'LEAST_REQUESTS' ...")``.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 import os
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
+import re
+import threading
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf import any_pb2, json_format
+from google.protobuf import any_pb2, descriptor_pool, json_format
 from google.protobuf.message import Message
 
 from ..errors import ConfigError
 from .model import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_URLS
 
 __all__ = [
-    "Resources", "MESSAGE_CLASSES", "parse_resources", "parse_resource", "load_resource_file",
-    "resource_name", "type_url_of",
+    "MAX_DEPTH", "Resources", "MESSAGE_CLASSES", "parse_resources", "parse_resource", "load_resource_file",
+    "decode_document", "resource_name", "type_url_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,15 +154,323 @@ def type_url_of(message: Message) -> str:
     return "type.googleapis.com/" + message.DESCRIPTOR.full_name
 
 
+# -- strict proto3-JSON parsing ---------------------------------------------------------------------
+
+#: Deepest nesting of objects and lists inside one resource (a ``typed_per_filter_config``
+#: Struct 1,000 levels deep would otherwise exhaust the interpreter's recursion limit).
+MAX_DEPTH = 100
+
+_TYPED_STRUCT_URL = "type.googleapis.com/xds.type.v3.TypedStruct"
+_TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+\Z")
+# Roots of the proto packages installed with meshcore (xds-protos): a package under one of these
+# that is not installed, or a message its package lacks, is unknown to Envoy as well.
+_PROTO_ROOTS = frozenset({"envoy", "xds", "udpa", "validate", "google"})
+_import_lock = threading.Lock()
+_imported_packages: Dict[str, bool] = {}
+_FIELDS: Dict[str, Dict[str, Any]] = {}
+
+
+def _safe(text: str) -> str:
+    """``text`` with lone surrogates escaped, fit for an error message."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _fields(desc: Any) -> Dict[str, Any]:
+    """Both spellings (snake_case name and lowerCamel json_name) of each field."""
+    fields = _FIELDS.get(desc.full_name)
+    if fields is None:
+        fields = {}
+        for f in desc.fields:
+            fields[f.name] = f
+            fields[f.json_name] = f
+        _FIELDS[desc.full_name] = fields
+    return fields
+
+
+def _is_repeated(field: Any) -> bool:
+    flag = getattr(field, "is_repeated", None)  # protobuf >= 6; ``label`` is deprecated there
+    return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
+
+
+def _is_map(field: Any) -> bool:
+    mt = field.message_type
+    return mt is not None and mt.GetOptions().map_entry
+
+
+def _import_package(package: str) -> bool:
+    """Import every ``*_pb2`` module of an installed proto package (registering its messages);
+    whether the package is installed. Only packages under :data:`_PROTO_ROOTS` are looked at."""
+    with _import_lock:
+        known = _imported_packages.get(package)
+        if known is not None:
+            return known
+        known = False
+        if package.split(".", 1)[0] in _PROTO_ROOTS:
+            try:
+                spec = importlib.util.find_spec(package)
+            except (ImportError, ValueError):
+                spec = None
+            locations = list(spec.submodule_search_locations or ()) if spec is not None else []
+            for directory in locations:
+                known = True
+                try:
+                    files = sorted(os.listdir(directory))
+                except OSError:
+                    continue
+                for filename in files:
+                    if filename.endswith("_pb2.py"):
+                        try:
+                            importlib.import_module(f"{package}.{filename[:-3]}")
+                        except Exception as exc:  # a module that does not import: its types stay unknown
+                            logger.debug("cannot import %s.%s: %s", package, filename[:-3], exc)
+        _imported_packages[package] = known
+        return known
+
+
+def _find_type(name: str) -> Tuple[Optional[Any], bool]:
+    """``(descriptor or None, whether the name's package is one meshcore has the protos of)``."""
+    pool = descriptor_pool.Default()
+    try:
+        return pool.FindMessageTypeByName(name), True
+    except KeyError:
+        pass
+    if not _TYPE_NAME.match(name):
+        return None, False
+    known = _import_package(name.rpartition(".")[0])
+    try:
+        return pool.FindMessageTypeByName(name), True
+    except KeyError:
+        return None, known
+
+
+class _StrictJson:
+    """Checks one resource's proto3 JSON against its descriptor and returns a copy ready for
+    ``json_format.ParseDict`` (unknown ``Any`` types wrapped in TypedStruct). Every problem is a
+    ``ConfigError(source, where + field path, "<Kind> '<name>': reason")``."""
+
+    def __init__(self, source: str, where: str, label: str) -> None:
+        self.source = source
+        self.where = where
+        self.label = label
+
+    def fail(self, path: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, _join(self.where, path), f"{self.label}: {reason}")
+
+    def message(self, value: Any, desc: Any, path: str, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise self.fail(path, f"nested deeper than {MAX_DEPTH} levels")
+        full = desc.full_name
+        if full == "google.protobuf.Any":
+            return self.any(value, path, depth)
+        if full.startswith("google.protobuf."):  # well-known types have their own JSON forms
+            self.plain(value, path, depth)
+            return value
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise self.fail(path, f"expected an object ({full}), got {_kind(value)}")
+        fields = _fields(desc)
+        out: Dict[str, Any] = {}
+        seen: Set[str] = set()
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise self.fail(path, f"field names must be strings, got {_kind(key)} {key!r}")
+            f = fields.get(key)
+            if f is None:
+                raise self.fail(_join(path, _safe(key)), f'unknown field "{_safe(key)}" in {full}')
+            if f.name in seen:
+                raise self.fail(_join(path, f.name), f"given twice ({f.name} and {f.json_name})")
+            seen.add(f.name)
+            out[key] = self.field(f, item, _join(path, f.name), depth + 1)
+        return out
+
+    def field(self, f: Any, value: Any, path: str, depth: int) -> Any:
+        if value is None:
+            return None
+        if _is_map(f):
+            if not isinstance(value, Mapping):
+                raise self.fail(path, f"expected an object (a map), got {_kind(value)}")
+            vf = f.message_type.fields_by_name["value"]
+            out = {}
+            for key, item in value.items():
+                if isinstance(key, str):
+                    self.string(key, path)
+                out[key] = self.value(vf, item, f"{path}[{_safe(str(key))}]", depth + 1)
+            return out
+        if _is_repeated(f):
+            if not isinstance(value, list):
+                raise self.fail(path, f"expected a list, got {_kind(value)}")
+            return [self.value(f, item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
+        return self.value(f, value, path, depth)
+
+    def value(self, f: Any, value: Any, path: str, depth: int) -> Any:
+        if f.message_type is not None:
+            return self.message(value, f.message_type, path, depth)
+        if isinstance(value, str):
+            self.string(value, path)
+            enum = f.enum_type
+            if enum is not None and value not in enum.values_by_name:
+                names = ", ".join(v.name for v in enum.values)
+                raise self.fail(path, f"unknown enum value '{_safe(value)}' for {enum.full_name} (one of: {names})")
+        return value
+
+    def any(self, value: Any, path: str, depth: int) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise self.fail(path, f"expected an object with @type (google.protobuf.Any), got {_kind(value)}")
+        if not value:
+            return value
+        type_url = value.get("@type")
+        if type_url is None:
+            raise self.fail(path, "@type is missing (google.protobuf.Any)")
+        if not isinstance(type_url, str):
+            raise self.fail(_join(path, "@type"), f"must be a string, got {_kind(type_url)}")
+        self.string(type_url, _join(path, "@type"))
+        rest = {k: v for k, v in value.items() if k != "@type"}
+        name = type_url.rpartition("/")[2]
+        desc, known_package = _find_type(name)
+        if desc is None:
+            if known_package or not _TYPE_NAME.match(name):
+                raise self.fail(_join(path, "@type"), f"unknown type {_safe(type_url)!r}")
+            self.plain(rest, path, depth)
+            logger.debug("%s: %s: type %s is not known here; kept unchecked", self.source,
+                         _join(self.where, path), type_url)
+            return {"@type": _TYPED_STRUCT_URL, "typeUrl": type_url, "value": rest}
+        if desc.full_name.startswith("google.protobuf."):  # {"@type": ..., "value": <its JSON>}
+            self.plain(rest, path, depth)
+            return value
+        out = self.message(rest, desc, path, depth)
+        out["@type"] = type_url
+        return out
+
+    def plain(self, value: Any, path: str, depth: int) -> None:
+        """Any JSON (Struct, wrappers, durations...): depth, string keys, valid strings."""
+        stack: List[Tuple[Any, int]] = [(value, depth)]
+        while stack:
+            node, d = stack.pop()
+            if isinstance(node, str):
+                self.string(node, path)
+            elif isinstance(node, (Mapping, list)):
+                if d > MAX_DEPTH:
+                    raise self.fail(path, f"nested deeper than {MAX_DEPTH} levels")
+                if isinstance(node, Mapping):
+                    for key, item in node.items():
+                        if not isinstance(key, str):
+                            raise self.fail(path, f"object keys must be strings, got {_kind(key)} {key!r}")
+                        self.string(key, path)
+                        stack.append((item, d + 1))
+                else:
+                    stack.extend((item, d + 1) for item in node)
+
+    def string(self, text: str, path: str) -> None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise self.fail(path, f"invalid UTF-8 in '{_safe(text)[:80]}' (a lone surrogate)") from None
+
+    def locate(self, value: Any, desc: Any, path: str) -> Tuple[str, str]:
+        """After ``ParseDict`` failed: the deepest field that fails on its own, and why."""
+        if isinstance(value, Mapping) and desc.full_name == "google.protobuf.Any" and "@type" in value:
+            inner, _ = _find_type(str(value["@type"]).rpartition("/")[2])
+            if inner is not None and not inner.full_name.startswith("google.protobuf."):
+                return self.locate({k: v for k, v in value.items() if k != "@type"}, inner, path)
+        if not isinstance(value, Mapping) or desc.full_name.startswith("google.protobuf."):
+            return path, _parse_problem(value, desc) or "invalid value"
+        fields = _fields(desc)
+        for key, item in value.items():
+            f = fields[key]
+            sub = _join(path, f.name)
+            reason = _parse_problem({key: item}, desc)
+            if reason is None:
+                continue
+            if f.message_type is not None and item is not None:
+                if _is_map(f) and isinstance(item, Mapping):
+                    vf = f.message_type.fields_by_name["value"]
+                    for k, v in item.items():
+                        if vf.message_type is not None and _parse_problem(v, vf.message_type):
+                            return self.locate(v, vf.message_type, f"{sub}[{_safe(str(k))}]")
+                elif _is_repeated(f) and isinstance(item, list):
+                    for i, v in enumerate(item):
+                        if _parse_problem(v, f.message_type):
+                            return self.locate(v, f.message_type, f"{sub}[{i}]")
+                elif not _is_map(f) and not _is_repeated(f):
+                    return self.locate(item, f.message_type, sub)
+            return sub, reason
+        return path, _parse_problem(value, desc) or "invalid value"
+
+
+def _parse_problem(value: Any, desc: Any) -> Optional[str]:
+    """Why ``ParseDict`` rejects ``value`` as a ``desc`` message (None: it does not)."""
+    from google.protobuf import message_factory
+
+    try:
+        json_format.ParseDict(value, message_factory.GetMessageClass(desc)())
+    except Exception as exc:  # the protobuf runtime's errors on odd input vary (SystemError...)
+        return _clean(exc)
+    return None
+
+
+_FAILED_TO_PARSE = re.compile(r"^(Failed to parse \w+ field: )+")
+_AT = re.compile(r" at [\w.\[\]\"]+\.?$")
+
+
+def _clean(exc: BaseException) -> str:
+    text = _safe(str(exc)).split("\n", 1)[0]
+    text = _AT.sub("", _FAILED_TO_PARSE.sub("", text)).strip()
+    return text or type(exc).__name__
+
+
+def _join(base: str, path: str) -> str:
+    if not path:
+        return base
+    if not base:
+        return path
+    return base + path if path.startswith("[") else f"{base}.{path}"
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _label(cls: type, body: Mapping[str, Any]) -> str:
+    """``Cluster 'c1'``: the kind and, when the body has one, the name of a resource."""
+    kind = cls.DESCRIPTOR.name
+    keys = ("cluster_name", "clusterName") if cls is endpoint_pb2.ClusterLoadAssignment else ("name",)
+    for key in keys:
+        name = body.get(key)
+        if isinstance(name, str) and name:
+            return f"{kind} '{_safe(name)}'"
+    return kind
+
+
+def _parse_strict(body: Mapping[str, Any], cls: type, source: str, where: str) -> Message:
+    checker = _StrictJson(source, where, _label(cls, body))
+    ready = checker.message(body, cls.DESCRIPTOR, "", 0)
+    message = cls()
+    try:
+        json_format.ParseDict(ready, message)
+    except Exception:  # noqa: BLE001 -- ParseError, TypeError, OverflowError, SystemError ...
+        path, reason = checker.locate(ready, cls.DESCRIPTOR, "")
+        raise checker.fail(path, reason) from None
+    return message
+
+
 def _decode_dict(obj: Mapping[str, Any], type_url: Optional[str], source: str, where: str) -> Message:
     """One resource dict (maybe with ``@type``, maybe Resource-wrapped) -> message."""
     declared = obj.get("@type")
     if declared is not None and not isinstance(declared, str):
-        raise ConfigError(source, where, f"@type must be a string, not {type(declared).__name__}")
+        raise ConfigError(source, _join(where, "@type"), f"must be a string, got {_kind(declared)}")
     if declared == _RESOURCE_WRAPPER:
         inner = obj.get("resource")
         if not isinstance(inner, Mapping):
             raise ConfigError(source, where, "Resource wrapper without a 'resource' object")
+        wrapper_fields = _fields(discovery_pb2.Resource.DESCRIPTOR)
+        for key in obj:
+            if key != "@type" and key not in wrapper_fields:
+                raise ConfigError(source, _join(where, _safe(str(key))),
+                                  f'unknown field "{_safe(str(key))}" in {discovery_pb2.Resource.DESCRIPTOR.full_name}')
         message = _decode_dict(inner, type_url, source, where + ".resource")
         wrapper_name = obj.get("name")
         if wrapper_name and wrapper_name != resource_name(message):
@@ -160,10 +487,7 @@ def _decode_dict(obj: Mapping[str, Any], type_url: Optional[str], source: str, w
     if cls is None:
         raise ConfigError(source, where, f"unknown @type {declared!r} (expected one of {', '.join(TYPE_URLS)})")
     body = {k: v for k, v in obj.items() if k != "@type"}
-    try:
-        return json_format.ParseDict(body, cls(), ignore_unknown_fields=True)
-    except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError(source, where, f"invalid {cls.DESCRIPTOR.name}: {exc}") from None
+    return _parse_strict(body, cls, source, where)
 
 
 def parse_resource(item: Union[Message, Mapping[str, Any]], source: str = "<resources>", where: str = "resource",
@@ -300,6 +624,37 @@ def parse_resources(obj: Any, source: str = "<resources>") -> Resources:
     return result
 
 
+def decode_document(text: Union[str, bytes], source: str) -> Any:
+    """A YAML or JSON document (told apart by content) -> Python objects; ``ConfigError(source,
+    "(document)", ...)`` when it cannot be read. YAML anchors that expand to far more nodes than
+    the text has characters (an "alias bomb") are refused."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(source, "(document)", f"not UTF-8: {exc}") from None
+    try:
+        doc = _decode_text(text, source)
+    except RecursionError:
+        raise ConfigError(source, "(document)", f"nested too deeply (more than {MAX_DEPTH} levels)") from None
+    _check_size(doc, 16 * len(text) + 1024, source)
+    return doc
+
+
+def _check_size(doc: Any, budget: int, source: str) -> None:
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(source, "(document)", "too many nodes for its size (YAML aliases expanding "
+                                                    "without bound?)")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def _decode_text(text: str, source: str) -> Any:
     stripped = text.lstrip()
     if stripped.startswith(("{", "[")):
@@ -314,7 +669,20 @@ def _decode_text(text: str, source: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(source, "(document)", f"invalid YAML/JSON: {exc}") from None
+        raise ConfigError(source, "(document)", f"invalid YAML/JSON: {_yaml_problem(exc)}") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a timestamp out of range
+        raise ConfigError(source, "(document)", f"invalid YAML: {_safe(str(exc))}") from None
+
+
+def _yaml_problem(exc: Any) -> str:
+    """PyYAML's message without its ``in "<unicode string>"`` lines: ``line L, column C: problem``."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return _safe(str(exc)).replace('in "<unicode string>", ', "")
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    return _safe(f"{where}: {problem}" + (f" ({context})" if context else ""))
 
 
 def load_resource_file(path: Union[str, "os.PathLike[str]"]) -> Resources:
@@ -325,4 +693,4 @@ def load_resource_file(path: Union[str, "os.PathLike[str]"]) -> Resources:
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(source, "(file)", f"cannot read: {exc}") from None
-    return parse_resources(_decode_text(text, source), source)
+    return parse_resources(decode_document(text, source), source)
