@@ -6,13 +6,15 @@ resource file (``--file resources.yaml``, no control plane) -- subscribes to the
 ``host:port`` names, waits up to ``--timeout`` seconds for them and prints, in the manner of
 ``istioctl proxy-config``:
 
-* ``status``: per resource type, name, version and ACKED / NACKED / REQUESTED / DOES_NOT_EXIST;
+* ``status``: per resource type, name, version and ACKED / NACKED / REQUESTED / DOES_NOT_EXIST,
+  with why a resource was rejected (its NACK's error text) or does not exist;
 * ``config-dump``: the CSDS ``ClientConfig`` as JSON (``Mesh.config_dump``);
 * ``clusters``: per cluster its policy and endpoints (health, weight, priority, locality, ejected);
 * ``route METHOD URL [-H 'name: value']``: the routing decision, explained (:mod:`meshcore.explain`).
 
-Exit status: 0 fine, 1 the mesh could not do it (a target not ready, a NACKed resource, no route),
-2 bad usage or configuration (bootstrap, resource file, arguments).
+Every command takes ``--json`` (``config-dump`` always prints JSON). Errors are one line on stderr,
+``meshcore COMMAND: ...``. Exit status: 0 fine, 1 the mesh could not do it (a target not ready, a
+NACKed resource, no route), 2 bad usage or configuration (bootstrap, resource file, arguments).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -35,6 +38,40 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(message)
         self.code = code
+
+
+_MARK = re.compile(r'^\s+in "[^"]*", line (\d+), column (\d+):?$')  # a YAML error's position line
+_ERRNO = re.compile(r"\[Errno \d+\] ([^:]+)(?:: '.*')?")  # "[Errno 2] No such file or directory: 'x'"
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: a YAML error's snippet and caret lines dropped, its ``in "<...>",
+    line 3, column 4:`` marks shortened to ``(line 3, column 4)``, an OSError's ``[Errno N]`` and
+    repeated path dropped."""
+    parts: List[str] = []
+    for line in text.splitlines():
+        mark = _MARK.match(line)
+        if mark:
+            if parts:
+                parts[-1] += f" (line {mark.group(1)}, column {mark.group(2)})"
+        elif line.strip() and not line[:1].isspace():
+            parts.append(line.strip())
+    return _ERRNO.sub(r"\1", "; ".join(parts))
+
+
+def config_error_text(exc: Exception, source: str = "") -> str:
+    """A ``ConfigError`` for one line of the CLI: ``source`` named once, a pseudo field such as
+    ``(document)`` or ``(root)`` left out."""
+    resource, field, reason = (getattr(exc, a, None) for a in ("resource", "field", "reason"))
+    if not isinstance(reason, str):
+        text = str(exc)
+        if source and text.startswith(f"{source}: "):
+            text = text[len(source) + 2:]
+        return one_line(f"{source}: {text}" if source else text)
+    where = [str(resource)] if resource else []
+    if field and not str(field).startswith("("):
+        where.append(f"field {field}")
+    return one_line(": ".join(where + [reason]))
 
 
 # -- arguments ----------------------------------------------------------------------------------------
@@ -64,6 +101,7 @@ def add_commands(sub: Any) -> Dict[str, Callable[[argparse.Namespace], int]]:
     p.add_argument("--type", action="append", default=[], choices=["lds", "rds", "cds", "eds"],
                    help="only resources of this type (repeatable)")
     p.add_argument("--no-resources", action="store_true", help="leave the resources out (status only)")
+    p.add_argument("--json", action="store_true", help="accepted like the other commands' (this is always JSON)")
     p = sub.add_parser("clusters", help="clusters of the targets: policy, endpoints, health, ejection")
     _source_arguments(p, many)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -101,10 +139,10 @@ def _run(args: argparse.Namespace, command: Callable[[Any, List[str], Dict[str, 
         errors = _wait(mesh, targets, args.timeout)
         return command(mesh, targets, errors, args)
     except CliError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        print(f"{prog}: {one_line(str(exc))}", file=sys.stderr)
         return exc.code
     except ConfigError as exc:
-        print(f"{prog}: invalid configuration: {exc}", file=sys.stderr)
+        print(f"{prog}: invalid configuration: {config_error_text(exc)}", file=sys.stderr)
         return 2
     finally:
         if mesh is not None:
@@ -123,8 +161,12 @@ def _open_mesh(args: argparse.Namespace, targets: List[str]) -> Tuple[Any, List[
             resources = load_resource_file(args.file)
         except OSError as exc:
             raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
-        except (ConfigError, ValueError) as exc:
-            raise CliError(f"bad resource file {args.file}: {exc}") from None
+        except ConfigError as exc:
+            if exc.field == "(file)":  # the loader's "cannot read: [Errno 2] ..."
+                raise CliError(config_error_text(exc)) from None
+            raise CliError(f"bad resource file {config_error_text(exc, args.file)}") from None
+        except ValueError as exc:
+            raise CliError(f"bad resource file {config_error_text(exc, args.file)}") from None
         if not targets:
             targets = sorted(resources.get(LISTENER, {}))
             if not targets:
@@ -134,7 +176,7 @@ def _open_mesh(args: argparse.Namespace, targets: List[str]) -> Tuple[Any, List[
         try:
             mesh = Mesh(args.bootstrap, delta=True if args.delta else None)
         except ConfigError as exc:
-            raise CliError(f"bad xDS bootstrap: {exc}") from None
+            raise CliError(f"bad xDS bootstrap: {config_error_text(exc)}") from None
         if not targets:
             mesh.close()
             raise CliError("give --target host:port (the client subscribes to the targets it is asked about)")
@@ -208,12 +250,30 @@ def _status(mesh: Any, targets: List[str], errors: Dict[str, str], args: argpars
     else:
         print(_source_line(mesh))
         print()
-        _table([(t["target"], "READY" if t["ready"] else "NOT READY", t["error"]) for t in tgt],
-               ("TARGET", "STATE", "REASON"))
+        _table([(t["target"], "READY" if t["ready"] else "NOT READY", _unprefixed(t["error"], t["target"]))
+                for t in tgt], ("TARGET", "STATE", "REASON"))
         print()
-        _table([(r["type"], r["name"], r["version"], r["status"], r["error"].replace("\n", " ")) for r in rows],
+        _table([(r["type"], r["name"], r["version"], r["status"], _why(mesh, r)) for r in rows],
                ("TYPE", "NAME", "VERSION", "STATUS", "ERROR"))
+        if nacked:
+            print()
+            print(f"{_plural(len(nacked), 'resource')} rejected (NACKED): see ERROR")
     return 1 if errors or nacked else 0
+
+
+def _unprefixed(text: str, name: str) -> str:
+    """``text`` on one line without a leading ``name: `` (the table names it already)."""
+    text = one_line(text)
+    return text[len(name) + 2:] if name and text.startswith(f"{name}: ") else text
+
+
+def _why(mesh: Any, row: Dict[str, Any]) -> str:
+    """The ERROR cell: the rejection reason, or why a resource does not exist."""
+    if row["error"]:
+        return _unprefixed(row["error"], row["name"])
+    if row["status"] == "DOES_NOT_EXIST":
+        return "not in the resource file" if mesh.bootstrap is None else "the xDS server does not have it"
+    return ""
 
 
 def _config_dump(mesh: Any, targets: List[str], errors: Dict[str, str], args: argparse.Namespace) -> int:
