@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 import warnings
@@ -249,6 +250,52 @@ def test_example_bootstrap_loads() -> None:
     import argparse
 
     assert add_arguments(argparse.ArgumentParser()).parse_args([]).address == server.server_uri
+
+
+def examples_commands(text: str) -> List[List[str]]:
+    """The commands of the ``sh`` blocks in the README's "The examples" section, split as a
+    shell would (comments dropped)."""
+    section = text.split("\n## The examples\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"^```sh\n(.*?)^```", section, re.S | re.M):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def test_examples_section_commands_run(example_dir: Dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The background servers (`... &`) are the ones the fixture runs; every other command runs
+    # in the example directory: `meshcore ...` in process, `python ...` as a process.
+    from meshcore.cli import main
+
+    commands = examples_commands(README.read_text(encoding="utf-8"))
+    assert len(commands) >= 5
+    monkeypatch.chdir(example_dir["root"])
+    for key, value in example_dir["env"].items():
+        monkeypatch.setenv(key, value)
+    background = [c[:-1] for c in commands if c[-1] == "&"]
+    assert background == [["python", "examples/upstreams.py"],
+                          ["meshcore", "control-plane", "--resources", "examples/mesh.yaml"]]
+    ran = 0
+    for words in commands:
+        if words[-1] == "&":
+            continue
+        if words[0] == "meshcore":
+            out = io.StringIO()
+            with redirect_stdout(out):
+                code = main(words[1:])
+            assert code == 0, (words, out.getvalue())
+            assert "reviews" in out.getvalue(), (words, out.getvalue())
+        else:
+            assert words[0] == "python", words
+            done = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True,
+                                  timeout=BLOCK_TIMEOUT)
+            assert done.returncode == 0, (words, done.stderr)
+            assert "reviews-v" in done.stdout, (words, done.stdout)
+        ran += 1
+    assert ran >= 4
 
 
 def _cli(*argv: str) -> str:
