@@ -7,8 +7,9 @@ source/common/http/hash_policy.cc, source/common/http/utility.cc (query parsing)
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Mapping as _AbcMapping  # isinstance against typing.Mapping is slow
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._fast.hashing_py import xxh64
 
@@ -17,6 +18,8 @@ __all__ = [
     "apply_rewrites",
     "ascii_lower",
     "compute_hash",
+    "hash_bytes",
+    "match_bytes",
     "header_values",
     "is_grpc",
     "normalise_headers",
@@ -55,6 +58,68 @@ INLINE_HEADERS = frozenset({
 def ascii_lower(s: str) -> str:
     """absl::AsciiStrToLower: only A-Z change."""
     return s.lower() if s.isascii() else s.translate(_ASCII_LOWER)
+
+
+# -- request strings that are not valid UTF-8 -----------------------------------------------------
+#
+# A server that decodes raw request bytes with ``surrogateescape`` hands us lone surrogates
+# (U+DC80..U+DCFF for each byte that is not UTF-8); callers may pass other lone surrogates too.
+# ``str.encode()`` refuses both, so every place that needs bytes goes through one of these:
+#
+# * matching (path tries, RE2): ``match_bytes``, UTF-8 with ``surrogatepass``. Every code point,
+#   lone surrogates included, becomes its own self-delimiting byte sequence, and a surrogate's
+#   sequence never occurs in configured strings (protobuf strings are valid UTF-8). So comparing
+#   these bytes is comparing code points: exact/prefix/suffix/contains matchers behave on bytes
+#   as on ``str``. RE2 reads such a sequence as one (non-ASCII) character.
+#   For text that came from ``surrogateescape`` decoding this is also Envoy's byte-wise result:
+#   configured (valid UTF-8) strings match the raw bytes exactly where they match the text.
+# * hashing: ``hash_bytes`` gives the bytes the server received: U+DC80..U+DCFF back to the byte
+#   they escape (Envoy hashes the raw header bytes), other lone surrogates with surrogatepass.
+
+
+def _raw_bytes_errors(err: UnicodeError) -> Tuple[bytes, int]:
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    out = bytearray()
+    for ch in err.object[err.start:err.end]:
+        cp = ord(ch)
+        if 0xDC80 <= cp <= 0xDCFF:
+            out.append(cp - 0xDC00)
+        else:
+            out += ch.encode("utf-8", "surrogatepass")
+    return bytes(out), err.end
+
+
+_RAW_BYTES = "meshcore.rawbytes"
+codecs.register_error(_RAW_BYTES, _raw_bytes_errors)
+
+
+def hash_bytes(s: str) -> bytes:
+    """The bytes a request string stands for, for hashing (see above)."""
+    try:
+        return s.encode()
+    except UnicodeEncodeError:
+        return s.encode("utf-8", _RAW_BYTES)
+
+
+def match_bytes(s: str) -> bytes:
+    """A request string as bytes for matching: UTF-8, lone surrogates passed through."""
+    return s.encode("utf-8", "surrogatepass")
+
+
+def regex_fullmatch(rx: Any, s: str) -> bool:
+    """``rx.fullmatch(s) is not None`` for any string (RE2 wants UTF-8: see ``match_bytes``)."""
+    try:
+        return rx.fullmatch(s) is not None
+    except UnicodeEncodeError:
+        return rx.fullmatch(match_bytes(s)) is not None
+
+
+def _from_match_bytes(b: bytes) -> str:
+    try:
+        return b.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:  # RE2's \C can cut a character: keep the odd bytes escaped
+        return b.decode("utf-8", "surrogateescape")
 
 
 class RouteMatch:
@@ -153,14 +218,49 @@ def normalise_headers(
 
 
 def empty_forwarded_proto(headers: Any) -> bool:
-    """A client-sent, empty x-forwarded-proto: Envoy's router finds no route at all."""
+    """A client-sent, empty x-forwarded-proto: Envoy's router finds no route at all.
+
+    Both twins call this first for every request with headers, so it is also where header
+    names and values are checked to be strings (TypeError otherwise), whichever twin runs."""
     if not headers:
         return False
     items = headers.items() if type(headers) is dict or isinstance(headers, _AbcMapping) else headers
+    found = False
+    empty = False
     for name, value in items:
-        if len(name) == 17 and ascii_lower(name) == "x-forwarded-proto":
-            return value == ""  # the first one decides (repeated values are joined with ",")
-    return False
+        if type(name) is not str or type(value) is not str:
+            _check_header(name, value)
+        if not found and len(name) == 17 and ascii_lower(name) == "x-forwarded-proto":
+            found = True
+            empty = value == ""  # the first one decides (repeated values are joined with ",")
+    return empty
+
+
+def _check_header(name: Any, value: Any) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"request header names must be str, got {type(name).__name__}")
+    if not isinstance(value, str):
+        raise TypeError(f"request header {name!r}: value must be str, got {type(value).__name__}")
+
+
+def check_request_args(authority: Any, path: Any, method: Any, scheme: Any, source_ip: Any) -> None:
+    """TypeError unless the request's scalar arguments are strings (``authority`` and
+    ``source_ip`` may be None). Both twins call it only when a quick type test fails."""
+    for arg, value, optional in (("path", path, False), ("method", method, False), ("scheme", scheme, False),
+                                 ("authority", authority, True), ("source_ip", source_ip, True)):
+        if not (isinstance(value, str) or (optional and value is None)):
+            raise TypeError(f"match(): {arg} must be str{' or None' if optional else ''}, got {type(value).__name__}")
+
+
+def request_headers(headers: Any) -> Any:
+    """Headers as given when they can be read twice (a mapping, list or tuple), else a list of
+    their pairs (an iterator would be used up by the first scan). Not for dicts (the caller's
+    fast path) or None."""
+    if type(headers) is list or type(headers) is tuple or isinstance(headers, (_AbcMapping, list, tuple)):
+        return headers
+    if isinstance(headers, (str, bytes)):
+        raise TypeError(f"headers must be a mapping or (name, value) pairs, got {type(headers).__name__}")
+    return list(headers)
 
 
 def effective_scheme(hdrs: Dict[str, List[str]], scheme: str) -> str:
@@ -348,59 +448,83 @@ def tls_redirect(vh: Any, hdrs: Dict[str, List[str]], host_header: str, full_pat
     return RouteMatch(vh.name, "", None, None, location, None, None, None, redirect_code=301)
 
 
-def _rewrite_one(rewrite: str, m: Any) -> str:
-    """RE2::Rewrite: \\0..\\9 are the match and its groups, \\\\ is a backslash."""
-    if "\\" not in rewrite:
+def _rewrite_one(rewrite: bytes, m: Any) -> bytes:
+    """RE2::Rewrite: \\0..\\9 are the match and its groups, \\\\ is a backslash (bytes)."""
+    if b"\\" not in rewrite:
         return rewrite
-    out = []
+    out: List[bytes] = []
     i = 0
     n = len(rewrite)
     while i < n:
         c = rewrite[i]
-        if c == "\\" and i + 1 < n:
+        if c == 92 and i + 1 < n:  # backslash
             d = rewrite[i + 1]
-            if d.isdigit() and d.isascii():
-                out.append(m.group(int(d)) or "")
+            if 48 <= d <= 57:
+                out.append(m.group(d - 48) or b"")
                 i += 2
                 continue
-            if d == "\\":
-                out.append("\\")
+            if d == 92:
+                out.append(b"\\")
                 i += 2
                 continue
-        out.append(c)
+        out.append(rewrite[i:i + 1])
         i += 1
-    return "".join(out)
+    return b"".join(out)
+
+
+def _char_len(data: bytes, p: int) -> int:
+    """Bytes of the UTF-8 character at ``p`` (1 for a byte that does not start one), as RE2's
+    GlobalReplace steps over an empty match (lone surrogates' sequences count as characters)."""
+    b = data[p]
+    n = 1 if b < 0xC0 else 2 if b < 0xE0 else 3 if b < 0xF0 else 4 if b < 0xF8 else 1
+    if n > 1:
+        if p + n > len(data):
+            return 1
+        for k in range(p + 1, p + n):
+            if not 0x80 <= data[k] <= 0xBF:
+                return 1
+    return n
 
 
 def re2_global_replace(rx: Any, rewrite: str, text: str) -> str:
     """RE2::GlobalReplace: replace every non-overlapping match; an empty match right where
-    the previous match ended is skipped (Python's re.sub would replace it)."""
-    out: List[str] = []
+    the previous match ended is skipped (Python's re.sub would replace it).
+
+    Runs over the text's bytes (``match_bytes``), encoded once: google-re2's ``search(str, pos)``
+    re-encodes the whole text and re-counts ``pos`` on every call, which made a header with many
+    matches quadratic (a 64 KiB value took 20 s)."""
+    data = match_bytes(text)
+    sub = rewrite.encode("utf-8", "surrogatepass")
+    out: List[bytes] = []
     p = 0
-    n = len(text)
+    n = len(data)
     last_end = -1
     count = 0
+    search = rx.search
     while p <= n:
-        m = rx.search(text, p)
+        m = search(data, p)
         if m is None:
             break
         start, end = m.span()
         if p < start:
-            out.append(text[p:start])
+            out.append(data[p:start])
         if start == last_end and start == end:
             if p < n:
-                out.append(text[p])
-            p += 1
+                step = _char_len(data, p)
+                out.append(data[p:p + step])
+                p += step
+            else:
+                p += 1
             continue
-        out.append(_rewrite_one(rewrite, m))
+        out.append(_rewrite_one(sub, m))
         p = end
         last_end = end
         count += 1
     if count == 0:
         return text
     if p < n:
-        out.append(text[p:])
-    return "".join(out)
+        out.append(data[p:])
+    return _from_match_bytes(b"".join(out))
 
 
 def _rotl1(h: int) -> int:
@@ -483,8 +607,11 @@ def headers_after_route(spec: Any, vh: Any, r: Any, entry: Any, hdrs: Dict[str, 
 
 
 def compute_hash(policies: Sequence[Any], hdrs: Dict[str, List[str]], full_path: str,
-                 source_ip: Optional[str]) -> Optional[int]:
-    """HashPolicyImpl::generateHash: combine the policies' hashes with rotl(h, 1) ^ new."""
+                 source_ip: Optional[str], hash64: Callable[..., int] = xxh64) -> Optional[int]:
+    """HashPolicyImpl::generateHash: combine the policies' hashes with rotl(h, 1) ^ new.
+
+    ``hash64`` is XXH64 (``hash64(data, seed)``): the compiled twin passes its C one, the pure
+    twin keeps the pure one. Strings are hashed as the bytes they stand for (``hash_bytes``)."""
     h: Optional[int] = None
     for p in policies:
         new: Optional[int] = None
@@ -495,22 +622,22 @@ def compute_hash(policies: Sequence[Any], hdrs: Dict[str, List[str]], full_path:
                 if p.regex_rewrite is not None:
                     rx, sub = p.regex_rewrite
                     vals = [re2_global_replace(rx, sub, v) for v in vals]
-                vals.sort(key=lambda v: v.encode())
+                raw = sorted([hash_bytes(v) for v in vals])
                 acc = 0
-                for v in vals:
-                    acc = xxh64(v.encode(), acc)
+                for b in raw:
+                    acc = hash64(b, acc)
                 new = acc
         elif p.kind == "cookie":
             value = _cookie(hdrs, p.name)
             if value:
-                new = xxh64(value.encode())
+                new = hash64(hash_bytes(value), 0)
         elif p.kind == "source_ip":
             if source_ip:
-                new = xxh64(source_ip.encode())
+                new = hash64(hash_bytes(source_ip), 0)
         elif p.kind == "query_parameter":
             value = parse_query(full_path).get(p.name)
             if value is not None:
-                new = xxh64(value.encode())
+                new = hash64(hash_bytes(value), 0)
         if new is not None:
             h = (_rotl1(h) if h is not None else 0) ^ new
         if p.terminal and h is not None:

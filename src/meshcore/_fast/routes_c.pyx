@@ -11,7 +11,7 @@ regexes, weighted clusters, hashes, rewrites) uses the shared helpers of ``route
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from cpython.exc cimport PyErr_Clear
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memchr, memcmp
 cimport cython
@@ -22,11 +22,18 @@ import os
 from collections.abc import Mapping as _AbcMapping
 
 from .._route_model import RouteConfigSpec
-from .._routing import (INLINE_HEADERS, RouteMatch, ascii_lower, empty_forwarded_proto, is_grpc, split_host_port,
-                        strip_path_params, tls_redirect)
+from .._routing import (INLINE_HEADERS, RouteMatch, ascii_lower, check_request_args, empty_forwarded_proto, is_grpc,
+                        match_bytes, regex_fullmatch, request_headers, split_host_port, strip_path_params,
+                        tls_redirect)
 from . import routes_py as _py
+from .lb_c import xxh64 as _xxh64  # request hashes with the compiled XXH64
 
 __all__ = ["RouteTable"]
+
+cdef extern from "Python.h":
+    # Declared without an exception value: NULL (lone surrogates, or not a str) is handled by
+    # _utf8 below, which clears the error and falls back, so the common path has no try block.
+    const char* _as_utf8 "PyUnicode_AsUTF8AndSize"(object s, Py_ssize_t* size)
 
 cdef enum:
     DEF_CANDIDATES = 64  # candidates kept on the stack; more spill to the heap
@@ -444,7 +451,7 @@ cdef class RouteTable:
                         object random_value, object source_ip):
         """:meth:`match` for compiled callers (no argument parsing)."""
         cdef Py_ssize_t size, match_len, vi, k, j
-        cdef const char* buf = PyUnicode_AsUTF8AndSize(path, &size)
+        cdef const char* buf
         cdef const char* hit
         cdef Candidates cand
         cdef _Vhost v
@@ -452,6 +459,17 @@ cdef class RouteTable:
         cdef int decided
         cdef Py_ssize_t skip_below
         cdef uint64_t rv
+        cdef list keep = None          # bytes standing for a path with lone surrogates
+        if (type(path) is not str or type(method) is not str or type(scheme) is not str
+                or (authority is not None and type(authority) is not str)
+                or (source_ip is not None and type(source_ip) is not str)):
+            check_request_args(authority, path, method, scheme, source_ip)  # TypeError unless str subclasses
+        buf = _as_utf8(path, &size)
+        if buf == NULL:
+            keep = []
+            buf = _utf8_fallback(path, &size, keep)
+        if headers is not None and type(headers) is not dict:
+            headers = request_headers(headers)  # iterators become lists (read more than once)
         full_path = path
         hit = <const char*>memchr(buf, 35, size)  # '#': Envoy strips the fragment
         if hit != NULL:
@@ -473,7 +491,11 @@ cdef class RouteTable:
         if self._ignore_params and memchr(buf, 59, match_len) != NULL:  # ';' in the path
             # Walk the path with every segment's ;params removed (a new string, only here).
             stripped = _py_match_path(full_path, True)
-            buf = PyUnicode_AsUTF8AndSize(stripped, &match_len)
+            buf = _as_utf8(stripped, &match_len)
+            if buf == NULL:
+                if keep is None:
+                    keep = []
+                buf = _utf8_fallback(stripped, &match_len, keep)
         cand.ids = cand.stack
         cand.n = 0
         cand.cap = DEF_CANDIDATES
@@ -530,11 +552,14 @@ cdef class RouteTable:
                     if match_path is None:
                         match_path = _py_match_path(full_path, self._ignore_params)
                     return _py._result(self.spec, v.spec, v.routes[ri], full_path, hdrs, authority, scheme, rv,
-                                       source_ip, match_path)
+                                       source_ip, match_path, _xxh64)
                 if v.kind[ri] == 2 and v.regex_set is None:
                     if match_path is None:
                         match_path = _py_match_path(full_path, self._ignore_params)
-                    if v.routes[ri].regex.fullmatch(match_path) is None:
+                    if keep is None:
+                        if v.routes[ri].regex.fullmatch(match_path) is None:
+                            continue
+                    elif not regex_fullmatch(v.routes[ri].regex, match_path):  # lone surrogates
                         continue
                 if not v.simple[ri]:
                     if not headers:  # no request headers: decide from the pseudo-headers alone
@@ -572,7 +597,7 @@ cdef class RouteTable:
                 if hdrs is None:
                     hdrs = normalise_headers(headers, authority, full_path, method, scheme)
                 return _py._result(self.spec, v.spec, v.routes[ri], full_path, hdrs, authority, scheme, rv,
-                                   source_ip, match_path)
+                                   source_ip, match_path, _xxh64)
             return None
         finally:
             if cand.heap:
@@ -750,6 +775,17 @@ cdef object _py_match_path(str full_path, bint ignore_params):
     if ignore_params:
         p = strip_path_params(p)
     return p
+
+
+cdef const char* _utf8_fallback(object s, Py_ssize_t* size, list keep) except NULL:
+    """Called with the error of ``_as_utf8(s)`` pending, ``s`` a str: it has lone surrogates, so
+    its ``_routing.match_bytes`` stand for it (kept alive in ``keep``) and the tries compare
+    code points exactly as the pure twin does."""
+    PyErr_Clear()
+    cdef bytes b = match_bytes(s)
+    keep.append(b)
+    size[0] = len(b)
+    return <const char*>b
 
 
 cdef bint _has_upper(str s):

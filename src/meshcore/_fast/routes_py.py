@@ -17,21 +17,26 @@ from __future__ import annotations
 import random
 
 import re2
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .._route_model import HeaderMatchSpec, RouteConfigSpec, RouteSpec, StringMatchSpec, VirtualHostSpec
+from .hashing_py import xxh64
 from .._routing import (
     RouteMatch,
     apply_rewrites,
     ascii_lower,
+    check_request_args,
     empty_forwarded_proto,
     compute_hash,
     headers_after_route,
     header_values,
     is_grpc,
+    match_bytes,
     normalise_headers,
     parse_query,
     redirect_location,
+    regex_fullmatch,
+    request_headers,
     simple_atoi,
     simple_atoi_u64,
     split_host_port,
@@ -55,8 +60,13 @@ class RegexSet:
 
     def Match(self, path: str) -> List[int]:  # noqa: N802  (re2.Set's spelling)
         out: List[int] = []
+        text: "str | bytes" = path
         for rset, base in self.chunks:
-            hit = rset.Match(path)
+            try:
+                hit = rset.Match(text)
+            except UnicodeEncodeError:  # lone surrogates: RE2 reads match_bytes (see _routing)
+                text = match_bytes(path)
+                hit = rset.Match(text)
             if hit:
                 out.extend(base + i for i in hit)
         return out
@@ -307,7 +317,16 @@ class RouteTable:
         random_value: Optional[int] = None,
         source_ip: Optional[str] = None,
     ) -> Optional[RouteMatch]:
-        """The route Envoy would pick for this request, or ``None`` (Envoy: 404 NR)."""
+        """The route Envoy would pick for this request, or ``None`` (Envoy: 404 NR).
+
+        Strings with lone surrogates (servers decoding bytes with ``surrogateescape`` make them)
+        match as their code points and hash as the bytes they stand for (``_routing``)."""
+        if (type(path) is not str or type(method) is not str or type(scheme) is not str
+                or (authority is not None and type(authority) is not str)
+                or (source_ip is not None and type(source_ip) is not str)):
+            check_request_args(authority, path, method, scheme, source_ip)
+        if headers is not None and type(headers) is not dict:
+            headers = request_headers(headers)
         full_path = path.split("#", 1)[0]
         if headers and empty_forwarded_proto(headers):
             return None
@@ -364,7 +383,10 @@ def _path_matches(r: RouteSpec, p: str) -> bool:
     if kind == "path":
         return p == value if r.case_sensitive else ascii_lower(p) == ascii_lower(value)
     if kind == "regex":
-        return r.regex.fullmatch(p) is not None
+        try:
+            return r.regex.fullmatch(p) is not None
+        except UnicodeEncodeError:  # lone surrogates (see _routing.match_bytes)
+            return regex_fullmatch(r.regex, p)
     # path_separated_prefix: p == value, or value is a prefix followed by '/'
     n = len(value)
     head = p[:n]
@@ -441,6 +463,7 @@ def _route_matches(
 def _result(
     spec: RouteConfigSpec, vh: VirtualHostSpec, r: RouteSpec, full_path: str, hdrs: Dict[str, List[str]],
     authority: Optional[str], scheme: str, random_value: int, source_ip: Optional[str], match_path: str,
+    hash64: Callable[..., int] = xxh64,
 ) -> RouteMatch:
     cluster: Optional[str] = None
     host_rewrite = r.host_rewrite_literal
@@ -482,7 +505,7 @@ def _result(
         # Envoy 1.40 hashes after the route's header mutations and rewrites.
         final_headers, final_path = headers_after_route(spec, vh, r, chosen_entry, hdrs, full_path, path_rewrite,
                                                         host_rewrite or None)
-        h = compute_hash(r.hash_policies, final_headers, final_path, source_ip)
+        h = compute_hash(r.hash_policies, final_headers, final_path, source_ip, hash64)
     return RouteMatch(
         virtual_host=vh.name, route_name=r.name, cluster=cluster, direct_response=(
             (r.direct_response.status, r.direct_response.body) if r.direct_response else None),
