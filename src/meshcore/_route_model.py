@@ -38,7 +38,10 @@ class StringMatchSpec:
     def matches(self, s: str) -> bool:
         kind = self.kind
         if kind == "regex":
-            return self.regex.fullmatch(s) is not None
+            try:
+                return self.regex.fullmatch(s) is not None
+            except UnicodeEncodeError:  # lone surrogates: RE2 reads them as _routing.match_bytes does
+                return self.regex.fullmatch(s.encode("utf-8", "surrogatepass")) is not None
         if self.ignore_case:
             # absl::EqualsIgnoreCase / StartsWithIgnoreCase: ASCII case folding only.
             s = _ascii_lower(s)
