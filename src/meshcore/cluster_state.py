@@ -2,7 +2,9 @@
 (``ClusterCounters``, compiled or pure twin), the outlier detector, and the cluster's stats.
 
 Kept by cluster name across configuration updates (a new Cluster resource updates the
-thresholds and the detector's settings; counts and ejections carry over).
+thresholds and the detector's settings; counts and ejections carry over). When a cluster leaves
+every published configuration the mesh retires its state once it is not :meth:`ClusterState.busy`
+(no request in flight): it is dropped and its stats fold into the registry's removed summary.
 """
 
 from __future__ import annotations
@@ -31,6 +33,16 @@ class ClusterState:
         self.stats.gauges["upstream_rq_pending_active"] = lambda: counters.pending
         self.stats.gauges["outlier_detection.ejections_active"] = (
             lambda: self.outlier.ejections_active if self.outlier is not None else 0)
+
+    def busy(self) -> bool:
+        """Whether requests (or retries) counted in this state are still in flight."""
+        counters = self.counters
+        return counters.active_requests > 0 or counters.active_retries > 0
+
+    def close(self) -> None:
+        """Retired: drop the gauges (their closures reference this state)."""
+        self.stats.gauges = {}
+        self.stats.extra = dict
 
     def configure(self, spec: Any) -> None:
         self.spec = spec

@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+import threading
+import weakref
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 import grpc
 
@@ -104,9 +106,16 @@ class MeshBase:
         self._started = False
         self._csds_server: Optional[grpc.Server] = None
         self._states: Dict[str, ClusterState] = {}
+        self._states_lock = threading.Lock()
+        #: clusters that left the configuration whose state waits for their requests in flight
+        self._retiring: Set[str] = set()
+        #: integrations told when clusters leave (``_clusters_removed(names)``); weak: a dropped
+        #: transport is not kept alive by the mesh
+        self._cluster_listeners: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._active_faults: Dict[Tuple[str, str], ActiveFaults] = {}  # (listener, fault filter) -> gauge
         self.stats_registry = StatsRegistry()
         self._rng = random.Random(seed)
+        self._publisher.on_clusters_removed = self._clusters_removed
 
     @classmethod
     def from_file(cls, path: Union[str, "os.PathLike[str]"], *, watch: bool = True, poll_interval: float = 1.0,
@@ -227,12 +236,64 @@ class MeshBase:
     def _cluster_state(self, rt: Any) -> "ClusterState":
         st = self._states.get(rt.name)
         if st is None:
-            st = self._states.setdefault(rt.name, ClusterState(self, rt.name))
+            with self._states_lock:  # one state per name: a second one would take over its stats
+                st = self._states.get(rt.name)
+                if st is None:
+                    st = self._states[rt.name] = ClusterState(self, rt.name)
+                    if rt.name not in self._publisher._runtimes:
+                        # resolved from a configuration that was replaced meanwhile: the removal
+                        # was announced before this state existed, so retire it now
+                        self._retiring.add(rt.name)
         if st.spec is not rt.spec:
             st.configure(rt.spec)
         if st.outlier is not None and st.synced is not rt.eds_spec:
             st.sync_hosts(rt)
         return st
+
+    def _clusters_removed(self, names: Iterable[str]) -> None:
+        """The publisher's hook (called under its lock): ``names`` left every configuration.
+
+        Their request state and stats go once their requests in flight finished (the counts
+        then move to the registry's bounded removed-clusters summary, see
+        :meth:`StatsRegistry.retire`); a name that comes back before keeps its state. The
+        integrations registered in ``_cluster_listeners`` are told too (they close the
+        cluster's connection pools once idle)."""
+        names = set(names)
+        with self._states_lock:
+            self._retiring.update(n for n in names if n in self._states)
+        self._reap()
+        for listener in list(self._cluster_listeners):
+            try:
+                listener._clusters_removed(names)
+            except Exception:  # an integration's bug must not break configuration updates
+                log.exception("cluster removal hook of %r failed", listener)
+
+    def _reap(self) -> None:
+        """Drop the state of retiring clusters that have no request in flight any more, and the
+        ``active_faults`` gauges of listeners no longer published (when idle)."""
+        live = self._publisher._runtimes
+        with self._states_lock:
+            for name in list(self._retiring):
+                st = self._states.get(name)
+                if name in live or st is None:
+                    self._retiring.discard(name)
+                    continue
+                if st.busy():
+                    continue  # its calls still count into it: retire it on a later pass
+                self._retiring.discard(name)
+                del self._states[name]
+                self.stats_registry.retire(name, st.stats)
+                st.close()
+            if self._active_faults:
+                listeners = {cfg.listener.name if cfg.listener is not None else cfg.target
+                             for cfg in self._publisher.published.values()}
+                for key, counter in list(self._active_faults.items()):
+                    if key[0] not in listeners and not counter.active:
+                        del self._active_faults[key]
+
+    def _is_live_cluster(self, name: str) -> bool:
+        """Whether a cluster of that name is in (or about to be in) a published configuration."""
+        return name in self._publisher._runtimes
 
     def _fault_counter(self, cfg: TargetConfig, filter_name: str) -> ActiveFaults:
         """The ``active_faults`` gauge of a listener's fault filter (``max_active_faults``)."""
@@ -260,7 +321,11 @@ class MeshBase:
         return list(found.values())
 
     def stats(self) -> Dict[str, Dict[str, Any]]:
-        """Per-cluster counters, gauges and the request-time histogram (Envoy's stat names)."""
+        """Per-cluster counters, gauges and the request-time histogram (Envoy's stat names) of
+        the clusters in use; a removed cluster's go once its requests finished (their sums:
+        ``stats_registry.removed()``)."""
+        if self._retiring:
+            self._reap()
         return self.stats_registry.snapshot()
 
     def prometheus_collector(self) -> Any:

@@ -7,6 +7,12 @@ Envoy's default buckets. :meth:`StatsRegistry.snapshot` returns plain dicts;
 :func:`prometheus_collector` exposes the same numbers as ``meshcore_cluster_<name>`` metrics with
 a ``cluster`` label (``prometheus_client`` is an optional dependency: ``pip install
 meshcore[prometheus]``). Nothing is sent anywhere unless you register the collector.
+
+Removed clusters: the registry lists the clusters in use. Once a cluster has left the
+configuration and its requests in flight finished, its stats leave the registry
+(:meth:`StatsRegistry.retire`) and its counters are added to one bounded summary,
+:meth:`StatsRegistry.removed` (``{"clusters": <how many were retired>, <counter>: <sum>, ...}``),
+so totals over time stay available without one entry per cluster name ever seen.
 """
 
 from __future__ import annotations
@@ -130,6 +136,27 @@ class StatsRegistry:
     def __init__(self) -> None:
         self._clusters: Dict[str, ClusterStats] = {}
         self._lock = threading.Lock()
+        self._removed: Dict[str, int] = {"clusters": 0}
+
+    def retire(self, name: str, stats: Optional[ClusterStats] = None) -> None:
+        """Drop ``name``'s stats (``stats``: only if it is still that object) and add its
+        counters to the :meth:`removed` summary."""
+        with self._lock:
+            current = self._clusters.get(name)
+            if current is None or (stats is not None and current is not stats):
+                return
+            del self._clusters[name]
+        counters = current.all_counters()
+        with self._lock:
+            removed = self._removed
+            removed["clusters"] += 1
+            for key, n in counters.items():
+                removed[key] = removed.get(key, 0) + n
+
+    def removed(self) -> Dict[str, int]:
+        """The summed counters of every retired cluster, and how many were retired."""
+        with self._lock:
+            return dict(self._removed)
 
     def cluster(self, name: str) -> ClusterStats:
         stats = self._clusters.get(name)

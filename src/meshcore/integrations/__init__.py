@@ -22,13 +22,17 @@ integration modules and are not public API.
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 from http import HTTPStatus
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from ..errors import Unavailable
 from ..resilience.router_headers import ROUTER_HEADERS
 
 __all__: List[str] = []
+
+log = logging.getLogger(__name__)
 
 
 class _Reply(NamedTuple):
@@ -140,3 +144,190 @@ def _min_timeout(value: Optional[float], cap: Optional[float]) -> Optional[float
     if value is None:
         return cap
     return min(value, cap)
+
+
+# -- mesh context on errors --------------------------------------------------------------------------
+
+
+def _context(call: Any = None, target: Optional[str] = None) -> Dict[str, Any]:
+    """What the mesh did for a failed request: target, cluster, attempts made, last endpoint."""
+    if call is None:
+        return {"target": target, "cluster": None, "attempts": 0, "endpoint": None, "route": None}
+    attempts = getattr(call, "attempts", None) or []
+    route = getattr(call, "route", None)
+    return {"target": getattr(call, "target", target), "cluster": getattr(call, "cluster", None),
+            "attempts": len(attempts), "endpoint": attempts[-1].address if attempts else None,
+            "route": getattr(route, "route_name", None)}
+
+
+def _add_context(exc: BaseException, call: Any = None, target: Optional[str] = None) -> BaseException:
+    """Attach the mesh context to ``exc`` (once): as ``exc.meshcore`` (a dict) and as a PEP 678
+    note (``add_note`` on Python >= 3.11; on 3.10 the note goes to ``__notes__``, which tools
+    such as pytest and ``exceptiongroup`` print). Returns ``exc``."""
+    if getattr(exc, "meshcore", None) is not None:
+        return exc
+    info = _context(call, target)
+    note = (f"meshcore: target {info['target']}, cluster {info['cluster']}, {info['attempts']} attempt(s), "
+            f"last endpoint {info['endpoint']}" + (f", route {info['route']!r}" if info["route"] else ""))
+    try:
+        exc.meshcore = info  # type: ignore[attr-defined]
+        add_note = getattr(exc, "add_note", None)
+        if add_note is not None:
+            add_note(note)
+        else:  # Python 3.10: no add_note; the attribute is what 3.11 would set
+            notes = getattr(exc, "__notes__", None)
+            exc.__notes__ = [*(notes or ()), note]  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # an exception type with __slots__: leave it as it is
+        log.debug("cannot annotate %r with %s", exc, note)
+    return exc
+
+
+# -- per-cluster pools that close when their cluster leaves -------------------------------------------
+
+
+class _Slot:
+    """One pool of an integration (an inner transport, a pool manager ...) and its requests in flight."""
+
+    __slots__ = ("key", "cluster", "pool", "inflight", "retired")
+
+    def __init__(self, key: Any, cluster: str, pool: Any) -> None:
+        self.key = key
+        self.cluster = cluster
+        self.pool = pool
+        self.inflight = 0
+        self.retired = False
+
+
+class _ClusterPools:
+    """The per-cluster pools of one integration instance.
+
+    ``acquire(key, cluster)`` returns the slot for ``key`` (``key[0]`` is not special: ``cluster``
+    names the cluster the pool belongs to), made with ``make(key)`` on first use and counted in
+    flight until ``release(slot)``. When the cluster leaves the mesh's configuration (the mesh
+    calls ``_clusters_removed``) its slots leave the table; each is closed with ``close(pool)``
+    as soon as it has no request in flight -- at once when idle, else by the ``release`` of its
+    last request. A release also retires a slot whose cluster is no longer live (a request
+    that was routed just before the removal and made its slot just after). ``close`` may be a
+    coroutine function (async integrations): closing then happens on the event loop that used
+    the pools.
+    """
+
+    def __init__(self, mesh: Any, make: Callable[[Any], Any], close: Callable[[Any], Any],
+                 is_async: bool = False) -> None:
+        self._mesh = mesh
+        self._make = make
+        self._close = close
+        self._async = is_async
+        self._lock = threading.Lock()
+        self._slots: Dict[Any, _Slot] = {}
+        self._loop: Any = None
+        self._tasks: Set[Any] = set()
+        self.closed_pools = 0  # pools closed because their cluster left (tests, introspection)
+        listeners = getattr(mesh, "_cluster_listeners", None)
+        if listeners is not None:
+            listeners.add(self)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def pools(self) -> Dict[Any, Any]:
+        with self._lock:
+            return {k: s.pool for k, s in self._slots.items()}
+
+    def acquire(self, key: Any, cluster: str) -> _Slot:
+        with self._lock:
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._slots[key] = _Slot(key, cluster, self._make(key))
+                log.debug("pool for cluster %r (%r)", cluster, key)
+            slot.inflight += 1
+        if self._async and self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return slot
+
+    def release(self, slot: _Slot) -> Optional[Any]:
+        """Count ``slot``'s request done; returns the pool to close now (``None``: none). Sync
+        pools are closed here; async callers ``await _ClusterPools.aclose_pool(...)`` it."""
+        with self._lock:
+            slot.inflight -= 1
+            if slot.inflight > 0:
+                return None
+            if not slot.retired:
+                live = getattr(self._mesh, "_is_live_cluster", None)
+                if live is None or live(slot.cluster):
+                    return None
+                slot.retired = True
+                if self._slots.get(slot.key) is slot:
+                    del self._slots[slot.key]
+            pool = slot.pool
+            slot.pool = None  # closed once
+        if pool is None:
+            return None
+        self.closed_pools += 1
+        log.debug("closing the pool of removed cluster %r", slot.cluster)
+        if not self._async:
+            self._close(pool)
+            return None
+        return pool
+
+    async def arelease(self, slot: _Slot) -> None:
+        pool = self.release(slot)
+        if pool is not None:
+            await self._close(pool)
+
+    def _clusters_removed(self, names: Set[str]) -> None:
+        """The mesh's hook (any thread): retire the pools of ``names``; close the idle ones."""
+        closing: List[Any] = []
+        with self._lock:
+            for key, slot in list(self._slots.items()):
+                if slot.cluster in names:
+                    slot.retired = True
+                    del self._slots[key]
+                    if slot.inflight <= 0 and slot.pool is not None:
+                        closing.append(slot.pool)
+                        slot.pool = None
+        if not closing:
+            return
+        self.closed_pools += len(closing)
+        log.debug("closing %d idle pool(s) of removed clusters %s", len(closing), sorted(names))
+        if not self._async:
+            for pool in closing:
+                self._close_quietly(pool)
+            return
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # never used on a loop (nothing opened) or its loop is gone
+        try:
+            loop.call_soon_threadsafe(self._spawn_closes, closing)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
+    def _close_quietly(self, pool: Any) -> None:
+        try:
+            self._close(pool)
+        except Exception:
+            log.exception("closing a pool of a removed cluster failed")
+
+    def _spawn_closes(self, pools: List[Any]) -> None:
+        async def close_all() -> None:
+            for pool in pools:
+                try:
+                    await self._close(pool)
+                except Exception:
+                    log.exception("closing a pool of a removed cluster failed")
+
+        task = asyncio.ensure_future(close_all())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def take_all(self) -> List[Any]:
+        """Empty the table (the integration closes): the pools to close."""
+        with self._lock:
+            slots, self._slots = list(self._slots.values()), {}
+            out = []
+            for slot in slots:
+                slot.retired = True
+                if slot.pool is not None:
+                    out.append(slot.pool)
+                    slot.pool = None
+        return out

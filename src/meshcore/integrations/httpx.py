@@ -18,14 +18,19 @@ attempt goes to the picked ``ip:port`` as a new request with the logical ``Host`
 ``sni_hostname`` extension set to the logical host (TLS SNI and certificate verification use the
 service name), and the client's ``timeout`` extension capped by the attempt's timeout. Attempts of
 a cluster share one inner transport (``HTTPTransport`` of the same library, or ``inner_factory``),
-so connection limits and keep-alive are per cluster. The response body is read within the attempt
+so connection limits and keep-alive are per cluster; the default inner transports of one
+``MeshTransport`` share one SSL context (made once from ``verify``/``cert``/``trust_env``; the
+verification name is still the logical host of each request). When a cluster leaves the mesh's
+configuration its inner transport is closed as soon as its requests in flight finished (never
+under one), so a mesh whose clusters come and go keeps no pools (or fds) for departed ones. The response body is read within the attempt
 (a per-try timeout covers it; a 5xx can be retried) and handed back as an unread, replayable stream;
 ``response.request`` is the original request and ``response.extensions["meshcore"]`` says
 ``{"cluster", "endpoint", "route", "attempts"}``.
 
 Direct-response and redirect routes, and fault-filter aborts, are answered without an upstream.
 Failures raise the library's exceptions: an upstream failure after the last attempt as the inner
-transport raised it; a route timeout as ``TimeoutException``; no healthy endpoint or an open circuit
+transport raised it, with the mesh's context attached (``exc.meshcore``: target, cluster, attempts,
+last endpoint, route; also a PEP 678 note); a route timeout as ``TimeoutException``; no healthy endpoint or an open circuit
 breaker as ``ConnectError``; no matching route as ``TransportError`` -- the meshcore error is the
 exception's ``__cause__``. Note that httpx timeouts bound each network operation, so in the sync
 transport a per-try timeout caps every connect/read/write rather than the attempt as a whole (the
@@ -45,12 +50,14 @@ from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, Unavailable
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from . import (
+    _add_context,
     _aroute,
     _drop_router_headers,
     _fault_reply,
     _info,
     _local_reply,
     _min_timeout,
+    _ClusterPools,
     _Reply,
     _retries_possible,
     _route,
@@ -116,8 +123,45 @@ class _MeshTransportBase:
         self._module = _library(module)
         self._ready_timeout = ready_timeout
         self._transport_kwargs = transport_kwargs
-        self._inner: Dict[Tuple[str, str, Optional[str]], Any] = {}
+        self._ssl: Dict[str, Any] = {}  # library name -> the SSL context its inner transports share
         self._lock = threading.Lock()
+        close = self._close_inner_sync if self._sync else self._close_inner_async
+        self._pools = _ClusterPools(mesh, self._new_inner, close, is_async=not self._sync)
+
+    @property
+    def _inner(self) -> Dict[Tuple[str, str, Optional[str]], Any]:
+        """``(library, cluster, sni) -> inner transport`` of the clusters in use."""
+        return self._pools.pools()
+
+    @staticmethod
+    def _close_inner_sync(inner: Any) -> None:
+        inner.close()
+
+    @staticmethod
+    async def _close_inner_async(inner: Any) -> None:
+        await inner.aclose()
+
+    def _new_inner(self, key: Tuple[str, str, Optional[str]]) -> Any:
+        name, cluster, _ = key
+        if self._factory is not None:
+            return self._factory(cluster)
+        mod = sys.modules[name]
+        kwargs = dict(self._transport_kwargs)
+        kwargs["verify"] = self._ssl_context(mod)
+        kwargs.pop("cert", None)  # in the shared context
+        cls = mod.HTTPTransport if self._sync else mod.AsyncHTTPTransport
+        return cls(http2=self._http2, **kwargs)
+
+    def _ssl_context(self, mod: ModuleType) -> Any:
+        """One SSL context per library for every inner transport (one each would cost ~0.8 MB
+        per cluster); certificate checks still use each request's logical host (``sni_hostname``)."""
+        ctx = self._ssl.get(mod.__name__)
+        if ctx is None:
+            kw = self._transport_kwargs
+            ctx = mod.create_ssl_context(verify=kw.get("verify", True), cert=kw.get("cert"),
+                                         trust_env=kw.get("trust_env", True))
+            self._ssl[mod.__name__] = ctx
+        return ctx
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -126,21 +170,9 @@ class _MeshTransportBase:
             return self._module
         return sys.modules[type(request).__module__.partition(".")[0]]
 
-    def _inner_for(self, mod: ModuleType, cluster: str, sni: Optional[str]) -> Any:
-        key = (mod.__name__, cluster, sni)
-        inner = self._inner.get(key)
-        if inner is None:
-            with self._lock:
-                inner = self._inner.get(key)
-                if inner is None:
-                    if self._factory is not None:
-                        inner = self._factory(cluster)
-                    else:
-                        cls = mod.HTTPTransport if self._sync else mod.AsyncHTTPTransport
-                        inner = cls(http2=self._http2, **self._transport_kwargs)
-                    self._inner[key] = inner
-                    log.debug("inner transport for cluster %r (sni %r)", cluster, sni)
-        return inner
+    def _slot_for(self, mod: ModuleType, cluster: str, sni: Optional[str]) -> Any:
+        """The cluster's inner transport (``slot.pool``), counted in flight until released."""
+        return self._pools.acquire((mod.__name__, cluster, sni), cluster)
 
     @staticmethod
     def _logical_url(request: Any) -> str:
@@ -199,7 +231,8 @@ class MeshTransport(_MeshTransportBase):
         if _retries_possible(call):
             request.read()  # a retry sends the body again
         sni = request.url.raw_host.decode("ascii")
-        inner = self._inner_for(mod, call.cluster, sni if request.url.scheme == "https" else None)
+        slot = self._slot_for(mod, call.cluster, sni if request.url.scheme == "https" else None)
+        inner = slot.pool
 
         def send(attempt: Any) -> _Answer:
             response = inner.handle_request(self._attempt_request(mod, request, attempt, sni))
@@ -215,13 +248,16 @@ class MeshTransport(_MeshTransportBase):
             log.debug("fault abort for %s: %s", call, e)
             return self._reply(mod, request, _fault_reply(e), call)
         except (MeshError, TimeoutError) as e:
-            raise self._mesh_error(mod, request, e) from e
+            raise _add_context(self._mesh_error(mod, request, e), call) from e
+        except Exception as e:
+            _add_context(e, call)
+            raise
+        finally:
+            self._pools.release(slot)
         return self._finish(mod, answer, request, call)
 
     def close(self) -> None:
-        with self._lock:
-            inner, self._inner = list(self._inner.values()), {}
-        for t in inner:
+        for t in self._pools.take_all():
             t.close()
 
     def __enter__(self) -> "MeshTransport":
@@ -249,7 +285,8 @@ class AsyncMeshTransport(_MeshTransportBase):
         if _retries_possible(call):
             await request.aread()
         sni = request.url.raw_host.decode("ascii")
-        inner = self._inner_for(mod, call.cluster, sni if request.url.scheme == "https" else None)
+        slot = self._slot_for(mod, call.cluster, sni if request.url.scheme == "https" else None)
+        inner = slot.pool
 
         async def send(attempt: Any) -> _Answer:
             response = await inner.handle_async_request(self._attempt_request(mod, request, attempt, sni))
@@ -265,13 +302,16 @@ class AsyncMeshTransport(_MeshTransportBase):
             log.debug("fault abort for %s: %s", call, e)
             return self._reply(mod, request, _fault_reply(e), call)
         except (MeshError, TimeoutError) as e:
-            raise self._mesh_error(mod, request, e) from e
+            raise _add_context(self._mesh_error(mod, request, e), call) from e
+        except Exception as e:
+            _add_context(e, call)
+            raise
+        finally:
+            await self._pools.arelease(slot)
         return self._finish(mod, answer, request, call)
 
     async def aclose(self) -> None:
-        with self._lock:
-            inner, self._inner = list(self._inner.values()), {}
-        for t in inner:
+        for t in self._pools.take_all():
             await t.aclose()
 
     async def __aenter__(self) -> "AsyncMeshTransport":

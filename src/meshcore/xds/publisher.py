@@ -86,6 +86,9 @@ class ConfigPublisher:
         self.last_publish: Optional[float] = None
         self.eds_fast_updates = 0
         self.rebuilds = 0
+        #: called (under the publisher's lock, after publishing) with the names of clusters that
+        #: left every configuration, published or pending: the mesh drops their state and pools
+        self.on_clusters_removed: Optional[Callable[[Set[str]], None]] = None
 
     # -- targets ---------------------------------------------------------------------------------
 
@@ -198,11 +201,14 @@ class ConfigPublisher:
                 _collect(rt, published_runtimes)
         built = {name: rt for name, rt in walk.runtimes.items() if rt is not None}
         self._index(list(published_runtimes.values()) + list(built.values()))
+        gone = self._runtimes.keys() - published_runtimes.keys() - built.keys()
         self._runtimes = {**published_runtimes, **built}
         if changed or published.keys() != self.published.keys():
             self.published = published
             self.last_publish = time.time()
             log.debug("published configuration %d (%d targets)", self.version, len(published))
+        if gone and self.on_clusters_removed is not None:
+            self.on_clusters_removed(gone)
         add = {t: sorted(walk.wanted[t] - self._wanted[t]) for t in TYPE_URLS}
         remove = {t: sorted(self._wanted[t] - walk.wanted[t]) for t in TYPE_URLS}
         self._wanted = walk.wanted
