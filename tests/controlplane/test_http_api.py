@@ -99,7 +99,7 @@ def test_errors(api: ControlPlane) -> None:
     assert status == 400 and "request body" in body["error"] and "resources[1]" in body["error"]
     assert api.resources(CLUSTER) == {}  # nothing applied
     status, body = call(api, "PUT", "/v1/resources", raw=b"{not json")
-    assert status == 400 and "invalid JSON" in body["error"]
+    assert status == 400 and "invalid YAML/JSON" in body["error"] and body["field"] == "(document)"
     status, body = call(api, "PUT", "/v1/snapshot", {"clusters": [{"name": "x", "connect_timeout": "never"}]})
     assert status == 400 and "clusters[0]" in body["error"]
     assert call(api, "GET", "/v1/resources/CDS/nope")[0] == 404

@@ -2,15 +2,18 @@
 
 * ``GET /v1/resources`` -> ``{type_url: {name: version}}`` (version = the delta content hash)
 * ``GET /v1/resources/<type>/<name>`` -> the resource as proto JSON (with ``@type``)
-* ``PUT /v1/resources`` -> upsert (one resource with ``@type``, a list, or any resource-file shape)
+* ``PUT /v1/resources`` -> upsert (one resource with ``@type``, a list, or any resource-file shape;
+  the body is JSON or YAML, told apart by content, parsed as strictly as a resource file)
 * ``PUT /v1/snapshot`` -> replace everything (same body shapes)
 * ``DELETE /v1/resources/<type>/<name>``
 * ``GET /v1/status`` -> ``{"version", "connected_streams"}``
 
 ``<type>`` is ``LDS``/``RDS``/``CDS``/``EDS``, a message name (``envoy.config.cluster.v3.Cluster``)
 or a full type URL (its ``/`` may stay unescaped). Path segments are URL-decoded, so names with
-``|`` or ``/`` work when escaped. Bad input answers 400 with the error text, unknown paths and
-resources 404. Writes answer ``{"version": "<global version>"}``.
+``|`` or ``/`` work when escaped. Bad input answers 400 with ``{"error": text, "resource": ...,
+"field": ...}`` (the field path names the resource's index in the body and the field in it, and the
+text names the resource: ``request body: field resources[0].lb_policy: Cluster 'c': unknown enum
+value ...``); unknown paths and resources answer 404. Writes answer ``{"version": "<global version>"}``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from google.protobuf.message import Message
 
 from ..errors import ConfigError
 from ..xds.model import SHORT_NAMES, TYPE_URLS
-from ..xds.resource_file import parse_resources
+from ..xds.resource_file import decode_document, parse_resources
 
 __all__ = ["HttpApi", "resolve_type"]
 
@@ -103,10 +106,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length > _MAX_BODY:
             raise _HttpError(413, "body too large")
         raw = self.rfile.read(length)
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise _HttpError(400, f"invalid JSON: {exc}") from None
+        return decode_document(raw, "request body")
 
     def _dispatch(self, method: str) -> None:
         try:
@@ -114,7 +114,7 @@ class _Handler(BaseHTTPRequestHandler):
         except _HttpError as exc:
             status, body = exc.status, {"error": str(exc)}
         except ConfigError as exc:
-            status, body = 400, {"error": str(exc)}
+            status, body = 400, {"error": str(exc), "resource": exc.resource, "field": exc.field}
         except Exception as exc:  # never kill the server thread
             logger.exception("HTTP API %s %s failed", method, self.path)
             status, body = 500, {"error": repr(exc)}
