@@ -8,7 +8,7 @@ from ._fast import IMPLEMENTATION, LoadBalancer, RouteTable, xxh64
 from ._routing import RouteMatch
 from ._model import Endpoint, HealthStatus, Locality
 from ._options import POLICIES, LbConfig
-from .errors import ConfigError, MeshError, NoRoute, Unavailable
+from .errors import ConfigError, MeshClosed, MeshError, NoRoute, NotReady, Unavailable
 
 __version__ = "0.1.0"
 
@@ -25,8 +25,10 @@ __all__ = [
     "CircuitBreakerOpen",
     "FaultAbort",
     "Mesh",
+    "MeshClosed",
     "MeshError",
     "NoRoute",
+    "NotReady",
     "Pick",
     "RouteMatch",
     "RouteTable",

@@ -29,6 +29,20 @@ class Unavailable(MeshError):
     """
 
 
+class NotReady(Unavailable):
+    """The target's configuration has not arrived yet and this call could not wait for it (an
+    event-loop thread, or ``ready_timeout=0``): wait with ``Mesh.wait_ready`` (or
+    ``await asyncio.to_thread(mesh.wait_ready, target)``) and try again."""
+
+    def __init__(self, target: str, message: str) -> None:
+        self.target = target
+        super().__init__(message)
+
+
+class MeshClosed(MeshError):
+    """The mesh was closed: it routes nothing any more and cannot be started again."""
+
+
 class NoRoute(MeshError):
     """No virtual host or route matches the request (Envoy: 404, response flag NR)."""
 

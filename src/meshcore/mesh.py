@@ -31,7 +31,7 @@ from ._routing import RouteMatch
 from ._url import parse_url, split_url
 from .call import core as call_core
 from .cluster_state import ClusterState
-from .errors import NoRoute, Unavailable
+from .errors import MeshClosed, NoRoute, NotReady, Unavailable
 from .resilience.fault import ActiveFaults
 from .stats import StatsRegistry, prometheus_collector
 from .xds.csds import add_csds_servicer, client_config, config_dump
@@ -87,7 +87,8 @@ class MeshBase:
     introspection. ``Mesh`` combines it with ``MeshCore`` (``request``), compiled or pure."""
 
     def __init__(self, bootstrap: BootstrapArg = None, *, delta: Optional[bool] = None,
-                 resource_timeout: float = 15.0, seed: Optional[int] = None, backoff: Any = None) -> None:
+                 resource_timeout: float = 15.0, seed: Optional[int] = None, backoff: Any = None,
+                 ready_timeout: float = 10.0) -> None:
         from .xds.bootstrap import Bootstrap, target_authority
         from .xds.client import XdsClient
         from .xds.publisher import ConfigPublisher
@@ -100,10 +101,15 @@ class MeshBase:
         self._source: Any = XdsClient(self.bootstrap, self._on_update, delta=delta,
                                       resource_timeout=resource_timeout, backoff=backoff)
         self._publisher = ConfigPublisher(self._source, self.bootstrap.listener_name, seed, target_authority)
-        self._init_data_plane(seed)
+        self._init_data_plane(seed, ready_timeout)
 
-    def _init_data_plane(self, seed: Optional[int]) -> None:
+    def _init_data_plane(self, seed: Optional[int], ready_timeout: float) -> None:
+        #: how long the first ``pick``/``request`` of a target waits for its configuration
+        #: (on a thread that may block; an event loop's thread gets :class:`NotReady` at once)
+        self.ready_timeout = float(ready_timeout)
+        self._unready: Dict[str, None] = {}  # targets whose first wait ran out: later uses fail fast
         self._started = False
+        self._closed = False
         self._csds_server: Optional[grpc.Server] = None
         self._states: Dict[str, ClusterState] = {}
         self._states_lock = threading.Lock()
@@ -119,7 +125,7 @@ class MeshBase:
 
     @classmethod
     def from_file(cls, path: Union[str, "os.PathLike[str]"], *, watch: bool = True, poll_interval: float = 1.0,
-                  seed: Optional[int] = None) -> "Mesh":
+                  seed: Optional[int] = None, ready_timeout: float = 10.0) -> "Mesh":
         """A mesh fed by a resource file (no control plane); the file is re-read when it changes.
         Targets name Listener resources directly."""
         from .xds.file_source import FileSource
@@ -130,22 +136,32 @@ class MeshBase:
         self._source = FileSource(os.fspath(path), None, watch=watch, poll_interval=poll_interval)
         self._source._on_update = self._on_update
         self._publisher = ConfigPublisher(self._source, lambda target: target, seed)
-        self._init_data_plane(seed)
+        self._init_data_plane(seed, ready_timeout)
         return self
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> "Mesh":
+        if self._closed:
+            raise MeshClosed("mesh is closed: start() after close() (make a new Mesh)")
         if not self._started:
             self._started = True
             self._source.start()
         return self
 
     def close(self) -> None:
+        """Stop the subscription and route nothing more: ``pick``, ``request`` and every
+        integration raise :class:`MeshClosed` from now on. Calling it again is harmless."""
+        self._closed = True
         if self._csds_server is not None:
             self._csds_server.stop(0)
             self._csds_server = None
         self._source.close()
+        self._publisher.close()  # publishes nothing: the next pick/request finds no configuration
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def __enter__(self) -> "Mesh":
         return self.start()
@@ -166,20 +182,85 @@ class MeshBase:
         """Start fetching the configuration of ``target`` (``pick`` and ``wait_ready`` do this too)."""
         self._publisher.add_target(target)
 
-    def wait_ready(self, target: str, timeout: float = 10.0) -> None:
-        """Block until ``target`` can be picked from; raise :class:`Unavailable` after ``timeout``."""
+    def wait_ready(self, target: str, timeout: Optional[float] = None) -> None:
+        """Block until ``target`` can be picked from; raise :class:`Unavailable` (or
+        :class:`MeshClosed`) after ``timeout`` seconds (default: the mesh's ``ready_timeout``)."""
+        if self._closed:
+            raise MeshClosed(f"{target}: mesh is closed")
         self.start()
         self._publisher.add_target(target)
-        cfg = self._publisher.wait_for(target, timeout)
+        cfg = self._publisher.wait_for(target, self.ready_timeout if timeout is None else timeout)
+        if cfg is None:
+            self._mark_unready(target)
         if cfg is None or cfg.error is not None:
-            raise Unavailable(self._why(target, cfg))
+            raise self._unusable(target, cfg)
+        self._unready.pop(target, None)
+
+    def _mark_unready(self, target: str) -> None:
+        """A wait for ``target`` ran out: ``pick``/``request`` fail at once until it arrives."""
+        if len(self._unready) >= 4096:
+            self._unready.clear()
+        self._unready[target] = None
+
+    def _config_for(self, target: str, cfg: Optional[TargetConfig]) -> TargetConfig:
+        """The slow path of ``pick``/``request`` when ``target`` has no usable published
+        configuration (``cfg``): the first use subscribes to it and, where this thread may
+        block, waits up to ``ready_timeout`` for it (a file source has it at once). A target
+        whose wait ran out before, or whose configuration failed, fails fast."""
+        if self._closed:
+            raise MeshClosed(f"{target}: mesh is closed")
+        if cfg is None:
+            if not self._started:
+                self.start()
+            self._publisher.add_target(target)  # a file source publishes it during this call
+            cfg = self._publisher.published.get(target)
+            if cfg is None and target not in self._unready:
+                if self.ready_timeout <= 0 or _on_event_loop():
+                    raise NotReady(target, self._why(target, None) + (
+                        "; not waited for on an event loop thread: use an async integration or "
+                        "`await asyncio.to_thread(mesh.wait_ready, target)`" if self.ready_timeout > 0 else ""))
+                cfg = self._publisher.wait_for(target, self.ready_timeout)
+                if self._closed:
+                    raise MeshClosed(f"{target}: mesh is closed")
+                if cfg is None:
+                    self._mark_unready(target)
+                    raise Unavailable(f"{self._why(target, None)}; waited {self.ready_timeout:g} s "
+                                      f"(later requests fail at once until it arrives)")
+        if cfg is None or cfg.error is not None:
+            raise self._unusable(target, cfg)
+        self._unready.pop(target, None)
+        return cfg
 
     def _no_config(self, target: str, cfg: Optional[TargetConfig]) -> Unavailable:
-        """The error for a target without a usable configuration (``pick``, ``request``); a
-        target not yet asked for is fetched from now on."""
-        if cfg is None:
-            self._publisher.add_target(target)
-        return Unavailable(self._why(target, cfg))
+        """The error for a target without a usable configuration."""
+        return self._unusable(target, cfg)
+
+    def _unusable(self, target: str, cfg: Optional[TargetConfig]) -> Unavailable:
+        """Why ``target`` cannot be routed: its configuration's error, or what it waits for; a
+        target whose listener does not exist also lists the nearest known targets."""
+        message = self._why(target, cfg)
+        if cfg is not None and cfg.listener is None:
+            near = self.nearest_targets(target)
+            if near:
+                message += "; nearest known targets: " + ", ".join(near)
+        return Unavailable(message)
+
+    def nearest_targets(self, target: str, n: int = 3) -> List[str]:
+        """Known targets (listener names the source has) that look most like ``target``."""
+        import difflib
+
+        from .xds.model import LISTENER
+
+        known: Dict[str, None] = {}
+        for entry in self._source.entries():
+            if entry.type_url == LISTENER and entry.has_value:
+                known[self._target_of_listener(entry.name)] = None
+        known.pop(target, None)
+        return difflib.get_close_matches(target, list(known), n=n, cutoff=0.5)
+
+    def _target_of_listener(self, name: str) -> str:
+        """The target a listener resource name stands for (templates: ``xdstp://.../<target>``)."""
+        return name.rsplit("/", 1)[-1] if "/" in name else name
 
     def _no_cluster(self, target: str, path: str, m: RouteMatch, rt: Any) -> Unavailable:
         """The error for a route whose cluster is missing (``rt`` None) or unusable (no balancer)."""
@@ -212,7 +293,7 @@ class MeshBase:
         """
         cfg = self._publisher.published.get(target)
         if cfg is None or cfg.error is not None:
-            raise self._no_config(target, cfg)
+            cfg = self._config_for(target, cfg)  # the first use (raises if unusable)
         m = cfg.route_table.match(cfg.authority, path, headers, method, scheme, None, source_ip)  # type: ignore[union-attr]
         if m is None:
             raise NoRoute(target, path)
@@ -360,6 +441,17 @@ class MeshBase:
             self._csds_server = server
             self._csds_port = port
         return self._csds_port
+
+
+def _on_event_loop() -> bool:
+    """Whether this thread runs an asyncio event loop (it must not block on a first wait)."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class Mesh(MeshBase, call_core.MeshCore):

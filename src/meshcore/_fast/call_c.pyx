@@ -564,7 +564,7 @@ cdef class MeshCore:
     cdef _TargetEntry _entry(self, object target, object cfg):
         cdef _TargetEntry entry
         if cfg is None or cfg.error is not None:
-            raise self._no_config(target, cfg)
+            cfg = self._config_for(target, cfg)  # the first use of a target (raises if unusable)
         entry = _TargetEntry.__new__(_TargetEntry)
         entry.cfg = cfg
         entry.route_table = cfg.route_table

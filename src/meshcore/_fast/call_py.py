@@ -475,7 +475,7 @@ class MeshCore:
 
     def _entry(self, target: str, cfg: Any) -> _TargetEntry:
         if cfg is None or cfg.error is not None:
-            raise self._no_config(target, cfg)  # type: ignore[attr-defined]
+            cfg = self._config_for(target, cfg)  # type: ignore[attr-defined]  # raises if unusable
         entry = _TargetEntry(cfg)
         if len(self._targets) >= 4096:
             self._targets.clear()

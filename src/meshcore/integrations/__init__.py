@@ -27,7 +27,7 @@ import threading
 from http import HTTPStatus
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
-from ..errors import Unavailable
+from ..errors import NotReady
 from ..resilience.router_headers import ROUTER_HEADERS
 
 __all__: List[str] = []
@@ -43,43 +43,32 @@ class _Reply(NamedTuple):
     body: bytes
 
 
-def _target(url: str) -> str:
-    """The ``host:port`` target ``Mesh.request`` derives from ``url`` (default ports 80/443)."""
-    from ..mesh import parse_url
-
-    return parse_url(url)[3]
-
-
-def _first_use(mesh: Any, url: str) -> Optional[str]:
-    """The target to wait for when ``url``'s target has no configuration yet (else ``None``)."""
-    target = _target(url)
-    return target if mesh.config(target) is None else None
-
-
 def _route(mesh: Any, url: str, method: str, headers: Any, ready_timeout: float) -> Any:
-    """``mesh.request``; the first request to a target waits up to ``ready_timeout`` for its
-    configuration (like a gRPC channel that is still resolving) instead of failing at once."""
+    """``mesh.request``. The mesh itself waits for a target's first configuration where it may
+    block; where it did not (its ``ready_timeout`` is 0), the first request to a target waits
+    up to ``ready_timeout`` here, like a gRPC channel that is still resolving."""
     try:
         return mesh.request(url, method, headers)
-    except Unavailable:
-        target = _first_use(mesh, url) if ready_timeout > 0 else None
-        if target is None:
+    except NotReady as e:
+        if ready_timeout <= 0:
             raise
+        target = e.target
     mesh.wait_ready(target, ready_timeout)
     return mesh.request(url, method, headers)
 
 
 async def _aroute(mesh: Any, url: str, method: str, headers: Any, ready_timeout: float,
                   timeout: Optional[float] = None) -> Any:
-    """:func:`_route` for event loops (the wait for configuration runs in a thread); ``timeout``
-    is the caller's deadline for the whole request (``Mesh.request(timeout=)``)."""
+    """:func:`_route` for event loops: the mesh never blocks a loop's thread, so the first
+    request to a target waits for its configuration in a worker thread; ``timeout`` is the
+    caller's deadline for the whole request (``Mesh.request(timeout=)``)."""
     kw = {"timeout": timeout} if timeout else {}
     try:
         return mesh.request(url, method, headers, **kw)
-    except Unavailable:
-        target = _first_use(mesh, url) if ready_timeout > 0 else None
-        if target is None:
+    except NotReady as e:
+        if ready_timeout <= 0:
             raise
+        target = e.target
     await asyncio.to_thread(mesh.wait_ready, target, ready_timeout)
     return mesh.request(url, method, headers, **kw)
 

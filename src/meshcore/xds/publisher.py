@@ -89,15 +89,23 @@ class ConfigPublisher:
         #: called (under the publisher's lock, after publishing) with the names of clusters that
         #: left every configuration, published or pending: the mesh drops their state and pools
         self.on_clusters_removed: Optional[Callable[[Set[str]], None]] = None
+        self._closed = False
 
     # -- targets ---------------------------------------------------------------------------------
 
     def add_target(self, target: str) -> None:
         with self._cond:
-            if target in self._targets:
+            if target in self._targets or self._closed:
                 return
             self._targets[target] = self._listener_name(target)
             self._rebuild()
+
+    def close(self) -> None:
+        """Publish nothing from now on (the mesh was closed): readers find no configuration."""
+        with self._cond:
+            self._closed = True
+            self.published = {}
+            self._cond.notify_all()
 
     def targets(self) -> Dict[str, str]:
         with self._cond:
@@ -112,7 +120,7 @@ class ConfigPublisher:
                 if cfg is not None:
                     return cfg
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self._closed:
                     return cfg
                 self._cond.wait(remaining)
 
@@ -120,6 +128,8 @@ class ConfigPublisher:
 
     def on_update(self, changed: Set[Key]) -> None:
         with self._cond:
+            if self._closed:
+                return
             if changed and all(t == ENDPOINT for t, _ in changed) and self._eds_fast_path(changed):
                 self.eds_fast_updates += 1
                 self._cond.notify_all()
@@ -171,6 +181,8 @@ class ConfigPublisher:
         return self.source.entry(type_url, name)
 
     def _rebuild(self) -> None:
+        if self._closed:
+            return
         self.rebuilds += 1
         walk = _Walk()
         published: Dict[str, TargetConfig] = {}

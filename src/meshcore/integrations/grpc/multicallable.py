@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import grpc
 
 from ...call import Attempt, Call, FaultAbort
-from ...errors import MeshError
+from ...errors import MeshClosed, MeshError
 from ...resilience.retry import RESET, TIMEOUT
 from ._types import Metadata
 from .endpoints import _EndpointChannel
@@ -52,6 +52,8 @@ class _MultiCallable:
             if fault.aborts:  # the RPC's own deadline stands (it started before the delay)
                 raise FaultAbort(fault.abort_http_status, fault.abort_grpc_status)
             attempt = call.start_attempt()
+        except MeshClosed:
+            raise  # a programming error, not an RPC status: the mesh was closed
         except (MeshError, MeshRpcError) as exc:
             return _mesh_error(exc, call)
         assert attempt is not None

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Tuple
 import grpc
 
 from ...call import Attempt, Call, UpstreamTimeout, default_classify
-from ...errors import MeshError
+from ...errors import MeshClosed, MeshError
 from ...resilience.retry import TIMEOUT
 from ._types import Metadata
 from .multicallable import _MultiCallable
@@ -117,6 +117,8 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         except UpstreamTimeout as exc:
             cause = exc.__cause__
             raise (cause.error if isinstance(cause, _AttemptFailed) else _mesh_error(exc)) from None
+        except MeshClosed:
+            raise  # a programming error, not an RPC status: the mesh was closed
         except MeshError as exc:
             raise _mesh_error(exc, call) from None
         if outcome.error is not None:
