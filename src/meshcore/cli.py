@@ -69,6 +69,10 @@ def _parser() -> Tuple[argparse.ArgumentParser, Dict[str, Callable[[argparse.Nam
     control_plane_cli.add_arguments(sub.add_parser(
         "control-plane", help="run the reference xDS control plane (ADS, SotW and delta)"))
     handlers["control-plane"] = control_plane_cli.run
+    for command in sub.choices.values():  # `meshcore status ... -v` works as well as `meshcore -v status ...`
+        if "-v" not in command._option_string_actions:
+            command.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                                 help="log more (-vv: debug)")
     return parser, handlers
 
 

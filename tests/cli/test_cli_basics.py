@@ -255,11 +255,15 @@ def test_control_plane_on_a_busy_port_says_one_line(busy_port):
     one_error_line(proc.stderr, "meshcore control-plane")
 
 
-@pytest.mark.parametrize("how", ["-v", "GRPC_VERBOSITY"])
+@pytest.mark.parametrize("how", ["-v", "-v after the command", "GRPC_VERBOSITY"])
 def test_grpc_core_lines_come_back_when_asked(busy_port, how):
-    """``-v`` re-enables gRPC's own logging; a GRPC_VERBOSITY the user set wins."""
+    """``-v`` (before or after the command) re-enables gRPC's own logging; a GRPC_VERBOSITY the user
+    set wins."""
     args = ["control-plane", "--address", f"127.0.0.1:{busy_port}"]
-    proc = cli("-v", *args, timeout=30) if how == "-v" else cli(*args, env={"GRPC_VERBOSITY": "ERROR"}, timeout=30)
+    if how == "GRPC_VERBOSITY":
+        proc = cli(*args, env={"GRPC_VERBOSITY": "ERROR"}, timeout=30)
+    else:
+        proc = cli("-v", *args, timeout=30) if how == "-v" else cli(*args, "-v", timeout=30)
     assert proc.returncode != 0
     assert GRPC_CORE_LINE.search(proc.stderr), proc.stderr
 
