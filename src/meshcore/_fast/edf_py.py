@@ -13,6 +13,7 @@ from typing import Callable, List, Sequence, Tuple
 
 __all__ = ["EdfScheduler"]
 
+_INF = float("inf")
 _PICKS_MODULUS = 429496729  # UINT_MAX / 10, Envoy's cap on createWithPicks' pre-picks
 
 
@@ -31,7 +32,10 @@ class EdfScheduler:
         self.order_offset = 0
 
     def add(self, weight: float, item: int) -> None:
-        heapq.heappush(self.heap, (self.current_time + 1.0 / weight, self.order_offset, item))
+        # Envoy divides doubles: a weight of 0 (least request with a huge active_request_bias)
+        # gives an infinite deadline, as in the compiled twin, instead of ZeroDivisionError.
+        step = 1.0 / weight if weight > 0.0 else _INF
+        heapq.heappush(self.heap, (self.current_time + step, self.order_offset, item))
         self.order_offset += 1
 
     def pick_and_add(self, weight_of: Callable[[int], float]) -> int:

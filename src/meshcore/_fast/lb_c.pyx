@@ -1025,10 +1025,13 @@ cdef class LoadBalancer:
         return candidate
 
     def release(self, endpoint):
-        """The request to ``endpoint`` finished (least-request accounting)."""
+        """The request to ``endpoint`` finished (least-request accounting). An Endpoint this
+        balancer does not have is ignored; anything but an Endpoint is a TypeError."""
         self._release(endpoint)
 
     cdef _release(self, object endpoint):
+        if type(endpoint) is not Endpoint and not isinstance(endpoint, Endpoint):
+            _not_endpoint("release", endpoint)
         cdef _Table t = self._table
         cdef object i = t.index.get(endpoint.key)
         cdef Py_ssize_t k
@@ -1041,12 +1044,16 @@ cdef class LoadBalancer:
 
     def active_requests(self, endpoint):
         """Requests picked for ``endpoint`` and not yet released (0 if unknown)."""
+        if not isinstance(endpoint, Endpoint):
+            _not_endpoint("active_requests", endpoint)
         cdef _Table t = self._table
         i = t.index.get(endpoint.key)
         return t.active[<Py_ssize_t>i] if i is not None else 0
 
     def set_ejected(self, endpoint, ejected=True):
         """Mark a host outlier-ejected (unhealthy) or restore it; rebuilds the table."""
+        if not isinstance(endpoint, Endpoint):
+            _not_endpoint("set_ejected", endpoint)
         key = endpoint.key
         with self._update_lock:
             if key not in self._table.index:
@@ -1059,6 +1066,8 @@ cdef class LoadBalancer:
                 self._publish(self._build(list(self._table.eps)))
 
     def is_ejected(self, endpoint):
+        if not isinstance(endpoint, Endpoint):
+            _not_endpoint("is_ejected", endpoint)
         return endpoint.key in self._ejected
 
     @property
@@ -1106,6 +1115,10 @@ cdef class LoadBalancer:
 
     def __repr__(self):
         return f"<LoadBalancer {self._config.policy} endpoints={len(self)} impl=c>"
+
+
+cdef _not_endpoint(str method, object obj):
+    raise TypeError(f"LoadBalancer.{method}() takes an Endpoint, got {type(obj).__name__}")
 
 
 @cython.boundscheck(False)

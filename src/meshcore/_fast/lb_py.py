@@ -144,7 +144,10 @@ class LoadBalancer:
             in_flight = active[i] + 1
             if bias == 1.0:
                 return weights[i] / in_flight
-            return weights[i] / float(in_flight) ** bias
+            try:
+                return weights[i] / float(in_flight) ** bias
+            except OverflowError:  # C's pow gives inf (Envoy's double arithmetic): weight 0
+                return 0.0
 
         t.edf_weight = weight_of  # hostWeight(), made once per table (reads live counters)
         for key, hosts in groups.sources:
@@ -252,7 +255,10 @@ class LoadBalancer:
         return candidate
 
     def release(self, endpoint: Endpoint) -> None:
-        """The request to ``endpoint`` finished (least-request accounting)."""
+        """The request to ``endpoint`` finished (least-request accounting). An Endpoint this
+        balancer does not have is ignored; anything but an Endpoint is a TypeError."""
+        if not isinstance(endpoint, Endpoint):
+            _not_endpoint("release", endpoint)
         with self._lock:
             t = self._table
             i = t.index.get(endpoint.key)
@@ -263,12 +269,16 @@ class LoadBalancer:
 
     def active_requests(self, endpoint: Endpoint) -> int:
         """Requests picked for ``endpoint`` and not yet released (0 if unknown)."""
+        if not isinstance(endpoint, Endpoint):
+            _not_endpoint("active_requests", endpoint)
         t = self._table
         i = t.index.get(endpoint.key)
         return t.active[i] if i is not None else 0
 
     def set_ejected(self, endpoint: Endpoint, ejected: bool = True) -> None:
         """Mark a host outlier-ejected (unhealthy) or restore it; rebuilds the table."""
+        if not isinstance(endpoint, Endpoint):
+            _not_endpoint("set_ejected", endpoint)
         with self._lock:
             key = endpoint.key
             if key not in self._table.index:
@@ -281,6 +291,8 @@ class LoadBalancer:
                 self._publish(self._build(self._table.layout.endpoints))
 
     def is_ejected(self, endpoint: Endpoint) -> bool:
+        if not isinstance(endpoint, Endpoint):
+            _not_endpoint("is_ejected", endpoint)
         return endpoint.key in self._ejected
 
     @property
@@ -322,6 +334,10 @@ class LoadBalancer:
 
     def __repr__(self) -> str:
         return f"<LoadBalancer {self._config.policy} endpoints={len(self)} impl=py>"
+
+
+def _not_endpoint(method: str, obj: object) -> None:
+    raise TypeError(f"LoadBalancer.{method}() takes an Endpoint, got {type(obj).__name__}")
 
 
 def _equal(weights: Sequence[int], hosts: Sequence[int]) -> bool:
