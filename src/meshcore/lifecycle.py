@@ -128,6 +128,7 @@ def _retry_delay(call: Any, a: Any) -> Optional[float]:
         return None  # decided without making the request's retry state (the common case)
     retry = call.retry
     if not retry.can_retry():
+        call._count("upstream_rq_retry_limit_exceeded")  # retriable, but no retries left (Envoy)
         return None
     remaining = call._remaining()
     if remaining is not None and remaining <= 0:
@@ -137,7 +138,10 @@ def _retry_delay(call: Any, a: Any) -> Optional[float]:
 
 
 def _final(call: Any, a: Any, result: Any, exc: Optional[BaseException]) -> Any:
-    if a.number > 1 and a.error is None and (a.status or 200) < 500:
+    # Envoy's RetryStateImpl: a request that was retried and whose last outcome the policy would
+    # not retry succeeded by retrying, whatever its status; judged like the retry decision
+    # (grpc-status included), so a gRPC error the policy retries is not a success
+    if a.number > 1 and not retriable(call.retry_policy, a.status, a.grpc_status, a.error):
         call._count("upstream_rq_retry_success")
     if exc is not None:
         if a.error == TIMEOUT and call.deadline is not None and time.monotonic() >= call.deadline:

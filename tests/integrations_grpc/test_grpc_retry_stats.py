@@ -1,0 +1,48 @@
+"""Retry stats of gRPC calls as Envoy counts them: a retried call whose last answer the policy
+would still retry (grpc-status UNAVAILABLE under ``retry_on: unavailable``) ran out of retries
+(``upstream_rq_retry_limit_exceeded``), not a retry success, although its HTTP status is 200."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+import meshcore
+from meshcore.controlplane import ControlPlane
+from meshcore.xds.client import Backoff
+
+from .conftest import SERVICE, TARGET, resources
+
+
+@pytest.fixture
+def only_flaky_mesh(servers):
+    """The ``main`` cluster holds only s1, whose ``Flaky`` always answers UNAVAILABLE."""
+    with ControlPlane() as cp:
+        cp.set_resources(resources(servers, main=("s1",)))
+        boot = {"xds_servers": [{"server_uri": cp.address, "channel_creds": [{"type": "insecure"}],
+                                 "server_features": ["xds_v3"]}],
+                "node": {"id": "meshcore-grpc-retry-stats", "cluster": "meshcore"}}
+        m = meshcore.Mesh(boot, backoff=Backoff(initial=0.05, multiplier=1.6, jitter=0.2, maximum=0.5), seed=5)
+        m.start()
+        m.wait_ready(TARGET, timeout=10)
+        try:
+            yield m
+        finally:
+            m.close()
+
+
+def test_exhausted_grpc_retries_count_limit_exceeded(only_flaky_mesh):
+    from meshcore.integrations.grpc import mesh_channel
+
+    mesh = only_flaky_mesh
+    with mesh_channel(mesh, TARGET) as ch:
+        flaky = ch.unary_unary(f"/{SERVICE}/Flaky")
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as info:
+                flaky(b"", timeout=5)
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert ch.unary_unary(f"/{SERVICE}/Hello")(b"", timeout=5) == b"s1"
+    st = mesh.stats()["main"]
+    assert st["upstream_rq_retry"] == 3 * 2  # num_retries 2 per call
+    assert st["upstream_rq_retry_limit_exceeded"] == 3
+    assert st.get("upstream_rq_retry_success", 0) == 0
