@@ -30,13 +30,15 @@ class Env:
 
     SLOW = 0.8
 
-    def __init__(self, cp: ControlPlane, upstreams: Any) -> None:
+    def __init__(self, cp: ControlPlane, upstreams: Any, ports: Any = None) -> None:
         self.cp = cp
-        self.fast = upstreams("fast")
-        self.slow = upstreams("slow", delay=self.SLOW)
         self.dead = dead_port()
-        self.clusters: Dict[str, List[int]] = {"keep": [self.fast.port], "old": [self.slow.port],
-                                               "dead": [self.dead]}
+        if ports is None:
+            self.fast = upstreams("fast")
+            self.slow = upstreams("slow", delay=self.SLOW)
+            ports = (self.fast.port, self.slow.port)
+        self.clusters: Dict[str, List[int]] = {"keep": [ports[0]], "old": [ports[1]], "dead": [self.dead]}
+        self.fast_port = ports[0]
         self.publish()
         boot = {"xds_servers": [{"server_uri": cp.address, "channel_creds": [{"type": "insecure"}],
                                  "server_features": ["xds_v3"]}],
@@ -139,7 +141,7 @@ def test_mesh_state_stays_bounded_over_many_cluster_names(env: Env) -> None:
     mesh = env.mesh
     for i in range(30):
         name = f"gen{i}"
-        env.clusters[name] = [env.fast.port]
+        env.clusters[name] = [env.fast_port]
         env.publish()
         wait_until(lambda: mesh._is_live_cluster(name), what=f"{name} published")
         call = mesh.request(f"{URL}/{name}")
@@ -201,7 +203,7 @@ def test_httpx_closes_removed_cluster_transport_after_in_flight_request(env: Env
         assert keep and keep[0].closed_at is None
         assert client.get(f"{URL}/").status_code == 200
         # an idle pool closes as soon as its cluster leaves
-        env.clusters["old2"] = [env.fast.port]
+        env.clusters["old2"] = [env.fast_port]
         env.publish()
         wait_until(lambda: env.mesh._is_live_cluster("old2"))
         assert client.get(f"{URL}/old2").status_code == 200
@@ -234,7 +236,7 @@ def test_httpx_async_closes_removed_cluster_transport_after_in_flight_request(en
             assert resp.status_code == 200 and resp.json()["name"] == "slow"
             assert old.closed_at is not None
             # idle: closed on this loop, from the xDS thread's notification
-            env.clusters["old2"] = [env.fast.port]
+            env.clusters["old2"] = [env.fast_port]
             await asyncio.to_thread(env.publish)
             while not env.mesh._is_live_cluster("old2"):
                 await asyncio.sleep(0.01)
@@ -256,7 +258,7 @@ def test_httpx_shares_one_ssl_context(env: Env) -> None:
 
     from meshcore.integrations.httpx import MeshTransport
 
-    env.clusters["other"] = [env.fast.port]
+    env.clusters["other"] = [env.fast_port]
     env.publish()
     wait_until(lambda: env.mesh._is_live_cluster("other"))
     transport = MeshTransport(env.mesh)
@@ -295,3 +297,161 @@ def test_httpx_failure_after_retries_carries_mesh_context(env: Env, mode: str) -
         import traceback
 
         assert "cluster dead" in "".join(traceback.format_exception(info.value))
+
+
+# -- requests ------------------------------------------------------------------------------------------
+
+
+def test_requests_clears_removed_cluster_pools_after_in_flight_request(env: Env) -> None:
+    import requests
+
+    from meshcore.integrations.requests import MeshAdapter
+
+    adapter = MeshAdapter(env.mesh)
+    with requests.Session() as session:
+        session.mount("http://", adapter)
+        assert session.get(f"{URL}/").status_code == 200
+        t, out = in_flight(env, lambda: session.get(f"{URL}/old"))
+        manager = adapter._pools.pools()["old"]
+        assert len(manager.pools) == 1
+        env.remove("old")
+        time.sleep(0.1)
+        assert len(manager.pools) == 1, "cleared under an in-flight request"
+        t.join(5)
+        assert out["result"].status_code == 200 and out["result"].json()["name"] == "slow"
+        assert len(manager.pools) == 0
+        assert list(adapter._pools.pools()) == ["keep"]
+        assert session.get(f"{URL}/").status_code == 200
+
+
+def test_requests_failure_after_retries_carries_mesh_context(env: Env) -> None:
+    import requests
+
+    from meshcore.integrations.requests import MeshAdapter
+
+    with requests.Session() as session:
+        session.mount("http://", MeshAdapter(env.mesh))
+        with pytest.raises(requests.ConnectionError) as info:
+            session.get(f"{URL}/dead")
+    check_notes(info.value, "dead", 3, f"127.0.0.1:{env.dead}")
+
+
+# -- aiohttp -------------------------------------------------------------------------------------------
+
+
+def _idle_ports(session: Any) -> List[int]:
+    return [key.port for key, conns in session.connector._conns.items() if conns]
+
+
+def test_aiohttp_closes_removed_cluster_connections_after_in_flight_request(env: Env) -> None:
+    from meshcore.integrations.aiohttp import MeshSession
+
+    async def main() -> None:
+        async with MeshSession(env.mesh) as http:
+            assert (await http.get(f"{URL}/")).status == 200
+            hits = env.slow.hits
+            task = asyncio.ensure_future(http.get(f"{URL}/old"))
+            while env.slow.hits == hits:
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(env.remove, "old")
+            await asyncio.sleep(0.1)
+            assert http._pools.closed_pools == 0, "closed under an in-flight request"
+            resp = await task
+            assert resp.status == 200 and (await resp.json())["name"] == "slow"
+            assert http._pools.closed_pools == 1
+            assert env.slow.port not in _idle_ports(http.session)  # its keep-alive connection closed
+            assert env.fast.port in _idle_ports(http.session)  # a live cluster's stays
+            assert (await http.get(f"{URL}/")).status == 200
+
+    asyncio.run(main())
+
+
+def test_aiohttp_failure_after_retries_carries_mesh_context(env: Env) -> None:
+    import aiohttp
+
+    from meshcore.integrations.aiohttp import MeshSession
+
+    async def main() -> None:
+        async with MeshSession(env.mesh) as http:
+            await http.get(f"{URL}/dead")
+
+    with pytest.raises(aiohttp.ClientConnectionError) as info:
+        asyncio.run(main())
+    check_notes(info.value, "dead", 3, f"127.0.0.1:{env.dead}")
+
+
+# -- gRPC ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def grpc_env() -> Iterator[Any]:
+    """Two gRPC servers (``old.S/Slow`` answers after SLOW s) behind ``keep`` and ``old``."""
+    import concurrent.futures
+
+    import grpc
+
+    arrived = threading.Event()
+
+    def slow(request: bytes, context: Any) -> bytes:
+        arrived.set()
+        time.sleep(Env.SLOW)
+        return b"slow:" + request
+
+    def fast(request: bytes, context: Any) -> bytes:
+        return b"fast:" + request
+
+    servers, ports = [], []
+    for handler in (fast, slow):
+        server = grpc.server(concurrent.futures.ThreadPoolExecutor(4))
+        methods = {"Slow": grpc.unary_unary_rpc_method_handler(handler)}
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("old.S", methods),
+                                         grpc.method_handlers_generic_handler("keep.S", methods)])
+        ports.append(server.add_insecure_port("127.0.0.1:0"))
+        server.start()
+        servers.append(server)
+    with ControlPlane() as cp:
+        e = Env(cp, None, ports)
+        e.arrived = arrived  # type: ignore[attr-defined]
+        try:
+            yield e
+        finally:
+            e.close()
+            for server in servers:
+                server.stop(0)
+
+
+def test_grpc_closes_departed_endpoint_channel_after_in_flight_rpc(grpc_env: Any) -> None:
+    import grpc
+
+    from meshcore.integrations.grpc import mesh_channel
+
+    env = grpc_env
+    with mesh_channel(env.mesh, TARGET) as channel:
+        assert channel.unary_unary("/keep.S/Slow")(b"a", timeout=5) == b"fast:a"
+        out: Dict[str, Any] = {}
+        t = threading.Thread(target=lambda: out.update(r=channel.unary_unary("/old.S/Slow")(b"b", timeout=5)))
+        t.start()
+        assert env.arrived.wait(5)
+        old_address = f"127.0.0.1:{env.clusters['old'][0]}"
+        (ep,) = [ep for ep in channel._pool._channels.values() if ep.address == old_address]
+        env.remove("old")
+        wait_until(lambda: old_address not in channel.endpoint_addresses(), what="the sweep")
+        assert ep.departed and ep.inflight == 1
+        t.join(5)
+        assert out.get("r") == b"slow:b", "the in-flight RPC was cut"
+        with pytest.raises(ValueError):  # grpcio refuses RPCs on a closed channel
+            ep.channel.unary_unary("/old.S/Slow")(b"c", timeout=1)
+        assert channel.endpoint_addresses() == [f"127.0.0.1:{env.fast_port}"]
+
+
+def test_grpc_failure_after_retries_carries_mesh_context(grpc_env: Any) -> None:
+    import grpc
+
+    from meshcore.integrations.grpc import mesh_channel
+
+    env = grpc_env
+    with mesh_channel(env.mesh, TARGET) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary("/dead.S/Slow")(b"x", timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    check_notes(info.value, "dead", 3, f"127.0.0.1:{env.dead}")

@@ -31,6 +31,12 @@ failure after the last attempt as aiohttp raised it; a per-try or route timeout 
 breaker as ``ClientConnectionError``; no matching route as ``ClientError`` -- the meshcore error is
 ``__cause__``. Hosts not matching ``hosts`` (fnmatch patterns; default: every host) go straight to
 the session.
+
+Failures after the last attempt carry the mesh's context (``exc.meshcore``: target, cluster,
+attempts, last endpoint, route; also a PEP 678 note). Connections live in the session's connector
+(aiohttp keys them by endpoint and closes idle ones after its keep-alive timeout); when a cluster
+leaves the mesh's configuration, the idle connections to its endpoints that no live cluster has
+are closed as soon as the cluster's requests in flight finished (never one in use).
 """
 
 from __future__ import annotations
@@ -48,7 +54,17 @@ from yarl import URL
 from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, Unavailable
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
-from . import _aroute, _drop_router_headers, _fault_reply, _info, _local_reply, _reason, _Reply
+from . import (
+    _add_context,
+    _aroute,
+    _ClusterPools,
+    _drop_router_headers,
+    _fault_reply,
+    _info,
+    _local_reply,
+    _reason,
+    _Reply,
+)
 
 __all__ = ["LocalResponse", "MeshSession"]
 
@@ -159,6 +175,28 @@ class MeshSession:
         self._owned = session is None
         self._hosts = tuple(hosts) if hosts is not None else None
         self._ready_timeout = ready_timeout
+        # per cluster: the (host, port) endpoints its attempts used (the "pool" closed when it leaves)
+        self._pools = _ClusterPools(mesh, lambda cluster: set(), self._close_endpoints, is_async=True)
+
+    async def _close_endpoints(self, used: Any) -> None:
+        """Close the idle connections to the endpoints in ``used`` that no live cluster has."""
+        session = self._session
+        connector = getattr(session, "connector", None) if session is not None else None
+        conns = getattr(connector, "_conns", None)
+        if not conns or not used:
+            return  # nothing idle (or an aiohttp without that table: its keep-alive timeout closes them)
+        live = set()
+        for rt in list(self._mesh._publisher._runtimes.values()):
+            lb = getattr(rt, "lb", None)
+            for ep in getattr(lb, "endpoints", ()) or ():
+                live.add(ep.key)
+        for key in list(conns):
+            host, port = getattr(key, "host", None), getattr(key, "port", None)
+            if (host, port) not in used or f"{host}:{port}" in live:
+                continue
+            for proto, _ in conns.pop(key, ()):
+                proto.close()
+            log.debug("closed the idle connections to %s:%s (its cluster left)", host, port)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -265,6 +303,8 @@ class MeshSession:
         extra = dict(kwargs)
         if url.scheme == "https":
             extra.setdefault("server_hostname", url.raw_host)
+        slot = self._pools.acquire(call.cluster, call.cluster)
+        used = slot.pool
         jar_cookies = [(k, m.value) for k, m in session.cookie_jar.filter_cookies(url).items()]
         if jar_cookies:
             user = extra.pop("cookies", None)
@@ -273,6 +313,9 @@ class MeshSession:
         async def send(attempt: Any) -> aiohttp.ClientResponse:
             h = _drop_router_headers(own.copy())
             h["Host"] = attempt.authority
+            if used is not None:
+                host, _, port = attempt.address.rpartition(":")
+                used.add((host.strip("[]"), int(port)))
             resp = await session.request(method, URL(attempt.url, encoded=True), headers=h,
                                          allow_redirects=False, **extra)
             try:
@@ -287,10 +330,17 @@ class MeshSession:
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
             return LocalResponse(method, url, _fault_reply(e), _info(call))
-        except aiohttp.ClientError:
-            raise  # the last attempt's own failure (ServerTimeoutError is an asyncio.TimeoutError too)
+        except aiohttp.ClientError as e:
+            # the last attempt's own failure (ServerTimeoutError is an asyncio.TimeoutError too)
+            _add_context(e, call)
+            raise
         except (MeshError, asyncio.TimeoutError) as e:
-            raise self._mesh_error(e) from e
+            raise _add_context(self._mesh_error(e), call) from e
+        except Exception as e:
+            _add_context(e, call)
+            raise
+        finally:
+            await self._pools.arelease(slot)
         if resp.cookies:
             session.cookie_jar.update_cookies(resp.cookies, url)
         resp.meshcore = _info(call)  # type: ignore[attr-defined]

@@ -15,10 +15,16 @@ header; for ``https`` the urllib3 pool gets ``server_hostname`` and ``assert_hos
 logical host (SNI and certificate verification use the service name; pools are keyed by it too).
 The body is read within the attempt, and the response's ``url``/``request``/``cookies`` are those
 of the original request; ``response.meshcore`` says ``{"cluster", "endpoint", "route", "attempts"}``.
+Each cluster's attempts use their own urllib3 ``PoolManager`` (``pool_connections`` endpoint pools
+of ``pool_maxsize`` connections, as ``HTTPAdapter`` sizes its own); when the cluster leaves the
+mesh's configuration that manager is cleared (its connections closed) once the cluster's requests
+in flight finished. Proxies from ``proxies``/the environment still go through the adapter's
+proxy managers.
 
 Direct-response and redirect routes and fault-filter aborts are answered without an upstream.
 Failures raise requests' exceptions: an upstream failure after the last attempt as
-``HTTPAdapter`` raised it; a route timeout as ``requests.exceptions.Timeout``; no healthy endpoint
+``HTTPAdapter`` raised it, with the mesh's context attached (``exc.meshcore``: target, cluster,
+attempts, last endpoint, route; also a PEP 678 note); a route timeout as ``requests.exceptions.Timeout``; no healthy endpoint
 or an open circuit breaker as ``ConnectionError``; no matching route as ``RequestException`` --
 the meshcore error is ``__cause__``. TLS needs requests >= 2.32.2
 (``build_connection_pool_key_attributes``). Keep the adapter's own ``max_retries`` at 0: the
@@ -33,8 +39,9 @@ from typing import Any, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from requests import exceptions as rexc
-from requests.adapters import HTTPAdapter
+from requests.adapters import HTTPAdapter, select_proxy
 from requests.cookies import RequestsCookieJar, extract_cookies_to_jar
+from urllib3 import PoolManager
 from urllib3 import exceptions as u3exc
 from urllib3.response import HTTPResponse
 from urllib3.util import Timeout as Urllib3Timeout
@@ -42,7 +49,18 @@ from urllib3.util import Timeout as Urllib3Timeout
 from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, Unavailable
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
-from . import _drop_router_headers, _fault_reply, _info, _local_reply, _min_timeout, _reason, _Reply, _route
+from . import (
+    _add_context,
+    _ClusterPools,
+    _drop_router_headers,
+    _fault_reply,
+    _info,
+    _local_reply,
+    _min_timeout,
+    _reason,
+    _Reply,
+    _route,
+)
 
 __all__ = ["MeshAdapter"]
 
@@ -93,6 +111,23 @@ class MeshAdapter(HTTPAdapter):
         self._mesh = mesh
         self._ready_timeout = ready_timeout
         super().__init__(**pool_kwargs)
+        self._pools = _ClusterPools(mesh, self._new_pool_manager, lambda pm: pm.clear())
+
+    def _new_pool_manager(self, cluster: str) -> PoolManager:
+        return PoolManager(num_pools=self._pool_connections, maxsize=self._pool_maxsize, block=self._pool_block)
+
+    def get_connection_with_tls_context(self, request: Any, verify: Any, proxies: Any = None, cert: Any = None) -> Any:
+        """An attempt's connection pool: from its cluster's pool manager (unless proxied)."""
+        manager = getattr(request, "_meshcore_pools", None)
+        if manager is None or select_proxy(request.url, proxies):
+            return super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+        host_params, pool_kwargs = self.build_connection_pool_key_attributes(request, verify, cert)
+        return manager.connection_from_host(**host_params, pool_kwargs=pool_kwargs)
+
+    def close(self) -> None:
+        super().close()
+        for manager in self._pools.take_all():
+            manager.clear()
 
     def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> Any:
         """Pool key of an attempt: TLS names the logical host (SNI, certificate check, pool key)."""
@@ -116,6 +151,7 @@ class MeshAdapter(HTTPAdapter):
             return self._reply(request, local, call)
         sni = urlsplit(request.url).hostname or ""
         base_send = super().send
+        slot = self._pools.acquire(call.cluster, call.cluster)
 
         def send(attempt: Any) -> Any:
             prepared = request.copy()
@@ -123,6 +159,7 @@ class MeshAdapter(HTTPAdapter):
             _drop_router_headers(prepared.headers)
             prepared.headers["Host"] = attempt.authority
             prepared._meshcore_sni = sni
+            prepared._meshcore_pools = slot.pool
             response = base_send(prepared, stream=stream, timeout=_cap_timeout(timeout, attempt.timeout),
                                  verify=verify, cert=cert, proxies=proxies)
             try:
@@ -138,7 +175,12 @@ class MeshAdapter(HTTPAdapter):
             log.debug("fault abort for %s: %s", call, e)
             return self._reply(request, _fault_reply(e), call)
         except (MeshError, TimeoutError) as e:
-            raise self._mesh_error(request, e) from e
+            raise _add_context(self._mesh_error(request, e), call) from e
+        except Exception as e:
+            _add_context(e, call)
+            raise
+        finally:
+            self._pools.release(slot)  # the body was read within the attempt: the connection is back
         response.url = request.url
         response.request = request
         response.cookies = RequestsCookieJar()

@@ -58,6 +58,15 @@ class MeshChannel(grpc.Channel):
         self._executor_lock = threading.Lock()
         self._connectivity = _Connectivity(self._state)
         mesh.watch(self._mesh_target)
+        listeners = getattr(mesh, "_cluster_listeners", None)
+        if listeners is not None:
+            listeners.add(self)  # weakly: clusters leaving sweep at once (see _clusters_removed)
+
+    def _clusters_removed(self, names: Set[str]) -> None:
+        """The mesh's hook (xDS thread): clusters left, so may endpoints -- sweep now (channels
+        still in use close when their last RPC finishes)."""
+        if not self._closed:
+            self.sweep()
 
     # -- routing ------------------------------------------------------------------------------------
 
@@ -102,7 +111,8 @@ class MeshChannel(grpc.Channel):
         return live
 
     def sweep(self) -> None:
-        """Close the idle channels to endpoints that are no longer in any cluster of the target."""
+        """Close the channels to endpoints that are no longer in any cluster of the target (idle
+        ones now, busy ones after their last RPC); also run whenever a cluster leaves the mesh."""
         self._last_sweep = time.monotonic()
         live = self._live_addresses()
         if live is not None:

@@ -25,13 +25,14 @@ def _host_of(authority: str) -> str:
 class _EndpointChannel:
     """One grpcio channel to one endpoint under one authority, with its multicallables."""
 
-    __slots__ = ("address", "authority", "channel", "inflight", "_callables")
+    __slots__ = ("address", "authority", "channel", "inflight", "departed", "_callables")
 
     def __init__(self, address: str, authority: str, channel: grpc.Channel) -> None:
         self.address = address
         self.authority = authority
         self.channel = channel
         self.inflight = 0
+        self.departed = False  # left the target's endpoints while in use: closed by the last release
         self._callables: Dict[Tuple[Any, ...], Any] = {}
 
     def multicallable(self, kind: str, path: str, serializer: Any, deserializer: Any, registered: bool) -> Any:
@@ -82,12 +83,22 @@ class _EndpointPool:
     def release(self, ep: _EndpointChannel) -> None:
         with self._lock:
             ep.inflight -= 1
+            last = ep.departed and ep.inflight <= 0
+        if last:
+            log.info("closing the channel to %s: its last RPC finished after it left the target", ep.address)
+            ep.channel.close()
 
     def sweep(self, live: Set[str]) -> None:
-        """Close the idle channels to endpoints not in ``live``."""
+        """Close the channels to endpoints not in ``live``: idle ones now, busy ones when their
+        last RPC finishes (they leave the table now: a returning endpoint gets a new channel)."""
         with self._lock:
-            gone = [key for key, ep in self._channels.items() if ep.address not in live and ep.inflight <= 0]
-            closing = [self._channels.pop(key) for key in gone]
+            gone = [key for key, ep in self._channels.items() if ep.address not in live]
+            departed = [self._channels.pop(key) for key in gone]
+            closing = []
+            for ep in departed:
+                ep.departed = True
+                if ep.inflight <= 0:
+                    closing.append(ep)
         for ep in closing:
             log.info("closing the channel to %s: no longer an endpoint of the target", ep.address)
             ep.channel.close()

@@ -13,6 +13,7 @@ import grpc
 from ...call import Attempt, Call, UpstreamTimeout, default_classify
 from ...errors import MeshClosed, MeshError
 from ...resilience.retry import TIMEOUT
+from .. import _add_context
 from ._types import Metadata
 from .multicallable import _MultiCallable
 from .status import MeshRpcError, _failure_kind, _mesh_error
@@ -113,16 +114,16 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
 
             outcome = call.run(send, status_of=_status_of, grpc_status_of=_grpc_status_of, classify=_classify)
         except _AttemptFailed as exc:
-            raise exc.error from None
+            raise _add_context(exc.error, call) from None
         except UpstreamTimeout as exc:
             cause = exc.__cause__
-            raise (cause.error if isinstance(cause, _AttemptFailed) else _mesh_error(exc)) from None
+            raise _add_context(cause.error if isinstance(cause, _AttemptFailed) else _mesh_error(exc), call) from None
         except MeshClosed:
             raise  # a programming error, not an RPC status: the mesh was closed
         except MeshError as exc:
-            raise _mesh_error(exc, call) from None
+            raise _add_context(_mesh_error(exc, call), call, self._channel.target) from None
         if outcome.error is not None:
-            raise outcome.error
+            raise _add_context(outcome.error, call)
         return outcome.response, outcome.rpc
 
     def _send(self, attempt: Attempt, request: Any, metadata: Metadata, credentials: Any,
