@@ -34,7 +34,10 @@ _PER_MILLION = {0: 10_000, 1: 100, 2: 1}
 
 
 def type_name(type_url: str) -> str:
-    """The message name of a type URL (``type.googleapis.com/a.b.C`` -> ``a.b.C``)."""
+    """The message name of a type URL (``type.googleapis.com/a.b.C`` -> ``a.b.C``); ``""`` for
+    anything but a string (a JSON ``@type`` can be any value), which names no message."""
+    if not isinstance(type_url, str):
+        return ""
     return type_url.rpartition("/")[2]
 
 
@@ -61,7 +64,9 @@ def unpack(
         msg = cls()
         try:
             json_format.ParseDict(json_format.MessageToDict(ts.value), msg)
-        except (json_format.ParseError, TypeError, ValueError) as e:
+        except RecursionError:  # a Struct nested deeper than the stack (protobuf stops at 100)
+            raise ConfigError(resource, f"{path}.value", f"invalid {name}: nested too deep") from None
+        except (json_format.ParseError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(resource, f"{path}.value", f"invalid {name}: {e}") from None
         return msg, name
     cls = classes.get(name)

@@ -304,12 +304,17 @@ def _coerce(obj: Any, cls: Any, name_field: str, default_resource: str, trim: An
             raise ConfigError(resource, str(key), f'unknown field "{key}" in {full_name}')
         if trim is None or field.name in trim:
             data[key] = value
-    data = _fix_anys(data, cls.DESCRIPTOR)
     msg = cls()
     try:
+        data = _fix_anys(data, cls.DESCRIPTOR)
         json_format.ParseDict(data, msg)
-    except (json_format.ParseError, TypeError, ValueError) as e:
-        path, reason = _locate(data, cls.DESCRIPTOR, "")
+    except _PARSE_ERRORS as e:
+        # AttributeError: ParseDict's reply to a non-string "@type"; RecursionError: nesting
+        # deeper than Python's stack (protobuf's own depth limit is 100).
+        try:
+            path, reason = _locate(data, cls.DESCRIPTOR, "")
+        except RecursionError:
+            path, reason = "", "nested too deep"
         raise ConfigError(resource, path or "<root>", reason or _clean(e)) from None
     return msg
 
@@ -416,10 +421,13 @@ def _message_class(desc: Any) -> Any:
     return message_factory.GetMessageClass(desc)
 
 
+_PARSE_ERRORS = (json_format.ParseError, TypeError, ValueError, AttributeError, RecursionError)
+
+
 def _parse_error(node: Any, desc: Any) -> Optional[Exception]:
     try:
         json_format.ParseDict(node, _message_class(desc)())
-    except (json_format.ParseError, TypeError, ValueError) as e:
+    except _PARSE_ERRORS as e:
         return e
     return None
 
@@ -474,6 +482,8 @@ def _locate_element(value: Any, desc: Any, path: str) -> Optional[Tuple[str, str
     if desc.full_name == "google.protobuf.Any" and isinstance(value, dict):
         inner = _find_message(str(value.get("@type", "")))
         if inner is None:
+            if not isinstance(value.get("@type"), str):
+                return f"{path}.@type", f"must be a type URL string, got {value.get('@type')!r}"
             return path, f"unknown Any type {value.get('@type')!r}"
         if not inner.full_name.startswith("google.protobuf."):
             return _locate(value, inner, path)
@@ -916,6 +926,11 @@ def _endpoint(
     try:
         _inet_pton(_AF_INET, host)  # accepts only canonical dotted quads: nothing to normalise
         address_key = host
+    except ValueError:  # "embedded null character": no address (IP or DNS name) has one
+        raise ConfigError(
+            resource, f"{_lbe_path(prefix, i, k)}.endpoint.address.socket_address.address",
+            f"malformed address {host!r}: contains a NUL character",
+        ) from None
     except OSError:
         if need_ip and not _is_ipv6_literal(host):
             raise ConfigError(
@@ -960,6 +975,8 @@ def _metadata(
         return None, None
     try:
         plain = {key: _struct(fm[key]) for key in fm}  # key iteration: faster than items() on upb maps
+    except RecursionError:  # protobuf's depth limit (100) normally stops this first
+        raise ConfigError(resource, f"{_lbe_path(prefix, i, k)}.metadata.filter_metadata", "nested too deep") from None
     except ValueError as e:
         raise ConfigError(resource, f"{_lbe_path(prefix, i, k)}.metadata.filter_metadata", str(e)) from None
     hash_key = None
