@@ -58,7 +58,9 @@ def test_named_subscriptions(cp: ControlPlane, open_stream) -> None:
     assert list(delta_versions(r)) == ["e2"]  # only the new name; nothing said about "missing"
     s.ack(r)
     s.send(ENDPOINT, subscribe=["e1"])  # re-subscribing something the client has: resent anyway
-    assert list(delta_versions(s.recv())) == ["e1"]
+    r = s.recv()
+    assert list(delta_versions(r)) == ["e1"]
+    s.ack(r)  # request-driven: nothing more is pushed for EDS until this ACK
     # unsubscribe: later changes of e1 are not sent; a change to e2 is
     s.send(ENDPOINT, unsubscribe=["e1"])
     s.barrier()
@@ -67,6 +69,7 @@ def test_named_subscriptions(cp: ControlPlane, open_stream) -> None:
     cp.update([_cla("e2", 22)])
     r = s.recv()
     assert list(delta_versions(r)) == ["e2"]
+    s.ack(r)
     # the missing name appears
     cp.update([_cla("missing", 9)])
     assert list(delta_versions(s.recv())) == ["missing"]
@@ -134,13 +137,19 @@ def test_star_subscription_and_unsubscribe_under_wildcard(cp: ControlPlane, open
     assert list(delta_versions(r)) == ["e1", "e2"]
     s.ack(r)
     cp.update([_cla("e3", 3)])
-    assert list(delta_versions(s.recv())) == ["e3"]
+    r = s.recv()
+    assert list(delta_versions(r)) == ["e3"]
+    s.ack(r)
     # unsubscribing a name that the wildcard still covers: the server must answer with it
     s.send(ENDPOINT, unsubscribe=["e1"])
-    assert list(delta_versions(s.recv())) == ["e1"]
+    r = s.recv()
+    assert list(delta_versions(r)) == ["e1"]
+    s.ack(r)
     # dropping the wildcard: nothing more unless named
     s.send(ENDPOINT, unsubscribe=["*"], subscribe=["e2"])
-    assert list(delta_versions(s.recv())) == ["e2"]
+    r = s.recv()
+    assert list(delta_versions(r)) == ["e2"]
+    s.ack(r)
     cp.update([_cla("e1", 11), _cla("e3", 33)])
     s.barrier()
 

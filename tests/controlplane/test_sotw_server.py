@@ -103,10 +103,10 @@ def test_stale_nonce_is_ignored(cp: ControlPlane, open_stream) -> None:
     s.ack(r1)
     cp.update([b.assignment("e1", [("127.0.0.1", 11)])])
     r2 = s.recv()
-    # a request still carrying the first nonce (even with a new name set) is dropped entirely
+    # a request still carrying the first nonce (with a new name set) is not answered ...
     s.send(ENDPOINT, ["e1", "e2"], version=r1.version_info, nonce=r1.nonce)
     s.barrier()
-    # the same change with the latest nonce is honoured
+    # ... but its subscription change is kept: the ACK of the latest response gets the new set
     s.send(ENDPOINT, ["e1", "e2"], version=r2.version_info, nonce=r2.nonce)
     assert resource_names(s.recv()) == ["e1", "e2"]
 
@@ -171,7 +171,7 @@ def test_missing_resource_is_sent_when_it_appears(cp: ControlPlane, open_stream)
     s.send(ROUTE, ["later"])
     r = s.recv()
     assert resource_names(r) == [] and r.version_info == "0"
-    s.ack(r)
+    s.ack(r, names=["later"])  # SotW requests carry the full name set
     v = cp.update([_rc("later"), _rc("other")])
     r = s.recv()
     assert (r.version_info, resource_names(r)) == (v, ["later"])

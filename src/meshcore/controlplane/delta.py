@@ -8,9 +8,14 @@ Per type URL the stream keeps the subscribed names, the wildcard flag and what t
   version differs are sent, plus ``removed_resources`` for claimed names we lack (if of interest).
   A first request without ``initial_resource_versions`` is always answered (possibly empty) so the
   client learns the server's state;
-* (un)subscriptions are applied whatever the nonce: newly subscribed names that exist are (re)sent,
-  even if the client has them; unsubscribing a name still covered by the wildcard resends it;
-* ACK / NACK (``response_nonce``, maybe ``error_detail``) -> recorded only;
+* request-driven: at most one response per type is outstanding (not yet ACKed/NACKed); what
+  becomes owed meanwhile (store changes, subscriptions) is coalesced into one response with the
+  newest state, sent when the outstanding one is answered;
+* (un)subscriptions are applied whatever the nonce (a stale one too): newly subscribed names that
+  exist are (re)sent, even if the client has them; unsubscribing a name still covered by the
+  wildcard resends it;
+* ACK / NACK (``response_nonce`` of the latest response, maybe ``error_detail``) -> the type is
+  free again: what is owed is sent;
 * store change -> changed and new resources, and ``removed_resources`` for deleted ones the client has.
 """
 
@@ -40,6 +45,8 @@ class _TypeState:
     has: Dict[str, str] = field(default_factory=dict)  # what the client has: name -> version
     version: str = ""  # type version last looked at
     nonce: str = ""
+    outstanding: bool = False  # the latest response is not yet ACKed / NACKed
+    force: Set[str] = field(default_factory=set)  # owed even if the client has them (subscribed again)
 
     def interested(self, name: str) -> bool:
         return self.wildcard or name in self.names
@@ -76,48 +83,67 @@ class DeltaStream:
             if fresh or removed or not claimed:
                 return [self._respond(url, state, snap, fresh, removed)]
             return []
-        if request.response_nonce and request.HasField("error_detail"):
-            logger.info("delta NACK for %s nonce %s: %s", url, request.response_nonce, request.error_detail.message)
-        fresh: Dict[str, Entry] = {}
         for name in subscribe:
             if name == "*":
-                if not state.wildcard:
-                    state.wildcard = True
-                    fresh.update(state.changed(entries)[0])
+                state.wildcard = True
                 continue
             state.names.add(name)
-            if name in entries:
-                fresh[name] = entries[name]  # always resend what is explicitly subscribed
+            state.force.add(name)  # always resend what is explicitly subscribed
         for name in unsubscribe:
             if name == "*":
                 state.wildcard = False
                 state.has = {n: v for n, v in state.has.items() if n in state.names}
+                state.force &= state.names
                 continue
             state.names.discard(name)
-            fresh.pop(name, None)
-            if state.wildcard and name in entries:
-                fresh[name] = entries[name]  # still covered by the wildcard: the server must answer
+            if state.wildcard:
+                state.force.add(name)  # still covered by the wildcard: the server must answer
             else:
+                state.force.discard(name)
                 state.has.pop(name, None)
-        if fresh:
-            return [self._respond(url, state, snap, dict(sorted(fresh.items())), [])]
-        return []
+        nonce = request.response_nonce
+        if nonce:
+            if nonce == state.nonce:
+                state.outstanding = False
+                if request.HasField("error_detail"):
+                    logger.debug("delta NACK for %s nonce %s: %s", url, nonce, request.error_detail.message)
+            else:
+                logger.debug("delta %s request with stale nonce %r (latest %r): subscriptions applied",
+                             url, nonce, state.nonce)
+        if state.outstanding:
+            return []
+        return self._owed(url, state, snap)
 
     def on_change(self, snap: Snapshot) -> List[DeltaResponse]:
+        """Responses owed after the store changed to ``snap`` (none for a type with one outstanding)."""
         out: List[DeltaResponse] = []
         for url in push_order(self._types):
             state = self._types[url]
-            if snap.type_version(url) == state.version:
-                continue
-            state.version = snap.type_version(url)
-            fresh, removed = state.changed(snap.of_type(url))
-            if fresh or removed:
-                out.append(self._respond(url, state, snap, fresh, removed))
+            if not state.outstanding and snap.type_version(url) != state.version:
+                out.extend(self._owed(url, state, snap))
         return out
+
+    def outstanding(self, type_url: str) -> bool:
+        """Whether the latest response of ``type_url`` awaits its ACK/NACK."""
+        state = self._types.get(type_url)
+        return state is not None and state.outstanding
+
+    def _owed(self, url: str, state: _TypeState, snap: Snapshot) -> List[DeltaResponse]:
+        entries = snap.of_type(url)
+        state.version = snap.type_version(url)
+        fresh, removed = state.changed(entries)
+        for name in state.force:
+            if name in entries and state.interested(name):
+                fresh[name] = entries[name]
+        state.force.clear()
+        if fresh or removed:
+            return [self._respond(url, state, snap, dict(sorted(fresh.items())), removed)]
+        return []
 
     def _respond(self, url: str, state: _TypeState, snap: Snapshot, fresh: Mapping[str, Entry],
                  removed: List[str]) -> DeltaResponse:
         state.nonce = self._nonce()
+        state.outstanding = True
         for name in removed:
             state.has.pop(name, None)
         for name, entry in fresh.items():

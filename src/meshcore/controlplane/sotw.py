@@ -1,12 +1,18 @@
 """State-of-the-world ADS protocol for one stream (no I/O: requests and store changes in, responses out).
 
-Per type URL the stream keeps the subscribed names (or wildcard), the last nonce and version sent
-and the content hash of every resource sent. Rules (what Envoy, grpcio and istiod agree on):
+Per type URL the stream keeps the subscribed names (or wildcard), the last nonce and version sent,
+the content hash of every resource sent, and whether the last response is still *outstanding*
+(not yet ACKed or NACKed). The stream is request-driven: at most one response per type is
+outstanding; store changes made meanwhile are coalesced into one response with the newest state,
+sent when the outstanding one is answered. Rules (what Envoy, grpcio and istiod agree on):
 
 * empty ``response_nonce`` (new subscription, reconnect) -> send every requested resource that exists;
-* a ``response_nonce`` that is not the latest one sent for the type -> ignore the request entirely;
-* a NACK (``error_detail``) -> record, do not resend (unless the name set changed);
-* a changed name set -> send every requested resource that exists; an ACK -> nothing;
+* a ``response_nonce`` that is not the latest one sent for the type (the client had not yet seen
+  the latest response) -> no response, but its name list is applied: a subscription change it
+  carries is answered together with the outstanding response's ACK, never lost;
+* ACK or NACK (``error_detail``) of the latest response -> the type is free again: send what is
+  owed since (a changed name set: every requested resource; store changes: as below), else nothing.
+  A NACKed content is not resent unless it changed;
 * store change -> LDS/CDS: the full requested set if any of it changed (absence = deletion);
   RDS/EDS and other types: only the resources that changed or appeared.
 
@@ -41,6 +47,8 @@ class _TypeState:
     nonce: str = ""  # latest nonce sent
     version: str = ""  # type version of the latest response
     sent: Dict[str, str] = field(default_factory=dict)  # name -> content hash sent
+    outstanding: bool = False  # the latest response is not yet ACKed / NACKed
+    resubscribed: bool = False  # the name set changed since the latest response: the full set is owed
 
     def set_names(self, names: List[str]) -> bool:
         """Apply a request's name list; True if the subscription changed."""
@@ -76,42 +84,62 @@ class SotwStream:
             if state is None:
                 state = self._types[url] = _TypeState()
             state.set_names(names)
+            state.resubscribed = False
             return [self._respond(url, state, snap, state.requested(snap.of_type(url)))]
+        if state.set_names(names):
+            state.resubscribed = True
         if request.response_nonce != state.nonce:
-            logger.debug("ignoring %s request with stale nonce %r (latest %r)", url, request.response_nonce,
-                         state.nonce)
-            return []
-        changed = state.set_names(names)
+            logger.debug("%s request with stale nonce %r (latest %r): not answered%s", url,
+                         request.response_nonce, state.nonce,
+                         ", its subscription change is kept" if state.resubscribed else "")
+            if state.outstanding:
+                return []  # the outstanding response's ACK will carry the answer
+            return self._owed(url, state, snap)
+        state.outstanding = False
         if request.HasField("error_detail"):
-            logger.info("NACK for %s version %s nonce %s: %s", url, state.version, request.response_nonce,
-                        request.error_detail.message)
-        if changed:
-            return [self._respond(url, state, snap, state.requested(snap.of_type(url)))]
-        return []
+            logger.debug("NACK for %s version %s nonce %s: %s", url, state.version, request.response_nonce,
+                         request.error_detail.message)
+        return self._owed(url, state, snap)
 
     def on_change(self, snap: Snapshot) -> List[SotwResponse]:
-        """Responses owed after the store changed to ``snap``."""
+        """Responses owed after the store changed to ``snap`` (none for a type with one outstanding)."""
         out: List[SotwResponse] = []
         for url in push_order(self._types):
             state = self._types[url]
-            if snap.type_version(url) == state.version:
-                continue
-            requested = state.requested(snap.of_type(url))
-            current = {n: e.version for n, e in requested.items()}
-            if url in FULL_STATE_TYPES:
-                if current != state.sent:
-                    out.append(self._respond(url, state, snap, requested))
-                continue
-            for gone in [n for n in state.sent if n not in current]:
-                del state.sent[gone]
-            fresh = {n: e for n, e in requested.items() if state.sent.get(n) != e.version}
-            if fresh:
-                out.append(self._respond(url, state, snap, fresh, replace_sent=False))
+            if not state.outstanding:
+                out.extend(self._owed(url, state, snap))
         return out
+
+    def outstanding(self, type_url: str) -> bool:
+        """Whether the latest response of ``type_url`` awaits its ACK/NACK."""
+        state = self._types.get(type_url)
+        return state is not None and state.outstanding
+
+    def _owed(self, url: str, state: _TypeState, snap: Snapshot) -> List[SotwResponse]:
+        """What the free type ``url`` is owed now: the full requested set after a subscription change;
+        after store changes LDS/CDS the full set if any of it changed, other types what changed."""
+        requested = state.requested(snap.of_type(url))
+        if state.resubscribed:
+            state.resubscribed = False
+            return [self._respond(url, state, snap, requested)]
+        if snap.type_version(url) == state.version:
+            return []
+        current = {n: e.version for n, e in requested.items()}
+        if url in FULL_STATE_TYPES:
+            if current != state.sent:
+                return [self._respond(url, state, snap, requested)]
+            return []
+        for gone in [n for n in state.sent if n not in current]:
+            del state.sent[gone]
+        fresh = {n: e for n, e in requested.items() if state.sent.get(n) != e.version}
+        if fresh:
+            return [self._respond(url, state, snap, fresh, replace_sent=False)]
+        return []
 
     def _respond(self, url: str, state: _TypeState, snap: Snapshot, entries: Mapping[str, Entry],
                  replace_sent: bool = True) -> SotwResponse:
         state.nonce = self._nonce()
+        state.outstanding = True
         state.version = snap.type_version(url)
         sent = {n: e.version for n, e in entries.items()}
         if replace_sent:
