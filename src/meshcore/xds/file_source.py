@@ -3,8 +3,9 @@
 The file holds the same Listener/RouteConfiguration/Cluster/ClusterLoadAssignment resources a
 control plane would send (shapes: ``meshcore.xds.resource_file``). It is the complete state:
 a resource missing from the file does not exist. A reload validates every resource; invalid
-ones keep their last good value (as a NACK would) and valid ones apply. A file that cannot be
-read or parsed at all changes nothing; the error is logged and shown in ``error``.
+ones keep their last good value (as a NACK would) and valid ones apply; an invalid resource
+without a last good value is unusable, and its entry (status NACKED, ``error``) says why. A file
+that cannot be read or parsed at all changes nothing; the error is logged and shown in ``error``.
 """
 
 from __future__ import annotations
@@ -107,20 +108,23 @@ class FileSource:
 
     def reload(self, notify: bool = True) -> List[str]:
         """Read the file again; returns the validation errors (empty when all is well)."""
-        from .resource_file import load_resource_file
+        from .resource_file import decode_document, parse_resources
 
         with self._lock:
             self._stamp = self._file_stamp()
             try:
-                with open(self.path, "rb") as f:
-                    data = f.read()
-                resources = load_resource_file(self.path)
-            except (OSError, ConfigError, ValueError) as e:
-                self.error = f"{self.path}: {e}"
+                try:
+                    with open(self.path, "rb") as f:
+                        data = f.read()
+                except OSError as e:
+                    raise ConfigError(self.path, "(file)", f"cannot read: {e.strerror or e}") from None
+                resources = parse_resources(decode_document(data, self.path), self.path)
+            except ConfigError as e:
+                self.error = str(e)  # names the file: its resource is the path
                 self.ambient_error = self.error
                 log.error("cannot load resources: %s", self.error)
                 if self.reloads == 0 and not notify:
-                    raise ConfigError(self.path, "", str(e)) from None
+                    raise
                 return [self.error]
             self.error = self.ambient_error = None
             version = hashlib.sha256(data).hexdigest()[:12]
@@ -138,9 +142,14 @@ class FileSource:
                         continue
                     try:
                         spec = rt.decode(msg)
-                    except ConfigError as err:
-                        errors.append(f"{name}: {err}")
-                        e.reject(str(err), version)
+                    except (ConfigError, ValueError, TypeError) as err:
+                        reason = str(err) if isinstance(err, ConfigError) else f"{name}: {err}"
+                        kind = f"{t.rsplit('.', 1)[-1]} {name!r}"
+                        if e.has_value:
+                            errors.append(f"{kind} kept at its last good value: {reason}")
+                        else:
+                            errors.append(f"{kind} rejected (no last good value, unusable): {reason}")
+                        e.reject(reason, version)
                         changed.add((t, name))
                         continue
                     from google.protobuf import any_pb2
@@ -158,7 +167,7 @@ class FileSource:
             self.version = version
             self.reloads += 1
             for msg in errors:
-                log.warning("%s: invalid resource kept at its last good value: %s", self.path, msg)
+                log.warning("%s: invalid resource: %s", self.path, msg)
         if notify and changed:
             self._on_update(changed)
         return errors

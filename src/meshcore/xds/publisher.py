@@ -111,6 +111,32 @@ class ConfigPublisher:
         with self._cond:
             return dict(self._targets)
 
+    def problems(self) -> Dict[str, List[str]]:
+        """Per target, why it or a cluster it routes to is unusable: a rejected or missing
+        listener / route configuration / cluster / assignment (``"Cluster 'a': rejected: field
+        connect_timeout: ..."``), or what a pending configuration waits for. Targets without a
+        problem are left out. (A rejected update of a resource that keeps its last good value is
+        no problem here; ``config_dump`` shows it as NACKED.)"""
+        with self._cond:
+            out: Dict[str, List[str]] = {}
+            for target in self._targets:
+                reasons: List[str] = []
+                cfg = self.published.get(target)
+                if cfg is not None and cfg.error:
+                    reasons.append(cfg.error)
+                stack = list(cfg.clusters.values()) if cfg is not None else []
+                while stack:
+                    rt = stack.pop()
+                    if rt.error and rt.error not in reasons:
+                        reasons.append(rt.error)
+                    stack.extend(rt.children)
+                missing = self.missing.get(target)
+                if missing:
+                    reasons.append("waiting for " + ", ".join(missing))
+                if reasons:
+                    out[target] = reasons
+            return out
+
     def wait_for(self, target: str, timeout: float) -> Optional[TargetConfig]:
         """Block until ``target`` has a published configuration, usable or failed (or ``timeout``)."""
         deadline = time.monotonic() + timeout
@@ -145,6 +171,9 @@ class ConfigPublisher:
             eds = self._eds_spec(name)
             if eds is None:
                 return False
+            entry = self.source.entry(ENDPOINT, name)
+            if not entry.has_value or any(rt.error is not None for rt in users):
+                return False  # rejected, removed or recovered: walk (records or clears the reason)
             for rt in users:
                 if rt.eds_spec is eds:
                     continue
@@ -322,9 +351,10 @@ class ConfigPublisher:
         if ce is None or not ce.has_value:
             why = _final_problem(ce)
             if why is not None:
+                why = f"Cluster {name!r}: {why}"
                 if old is not None and old.spec is None and old.error == why:
                     return old
-                return ClusterRuntime(name, None, error=f"Cluster {name!r}: {why}")
+                return ClusterRuntime(name, None, error=why)
             walk.missing.append(f"Cluster {name!r}")
             return None
         spec: ClusterSpec = ce.spec
@@ -339,6 +369,17 @@ class ConfigPublisher:
             if eds is None:
                 walk.missing.append(f"ClusterLoadAssignment {spec.eds_service_name!r}")
                 return None
+        rt = self._balanced_cluster(name, spec, eds, old)
+        if spec.kind == "EDS" and rt.lb is not None:
+            # no hosts because the assignment was rejected (or does not exist): say so on the
+            # runtime, which keeps its (empty) balancer as Envoy keeps such a cluster
+            ee = self.source.entry(ENDPOINT, spec.eds_service_name)
+            why = _final_problem(ee) if ee is not None and not ee.has_value else None
+            rt.error = f"Cluster {name!r}: ClusterLoadAssignment {spec.eds_service_name!r}: {why}" if why else None
+        return rt
+
+    def _balanced_cluster(self, name: str, spec: ClusterSpec, eds: Optional[EndpointsSpec],
+                          old: Optional[ClusterRuntime]) -> ClusterRuntime:
         if old is not None and old.spec is spec and old.lb is not None and not old.children:
             if old.eds_spec is eds:
                 return old
@@ -395,7 +436,10 @@ def _final_problem(entry: Any) -> Optional[str]:
     if entry is None:
         return None
     if entry.status == NACKED:
-        return entry.error
+        error = entry.error or ""
+        if error.startswith(entry.name + ": "):  # ConfigError text starts with the resource name
+            error = error[len(entry.name) + 2:]
+        return f"rejected: {error}"
     if entry.status == DOES_NOT_EXIST:
         return "does not exist"
     return None
