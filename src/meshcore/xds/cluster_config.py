@@ -68,6 +68,7 @@ from ..errors import ConfigError
 from ._decode import seconds, unpack
 from .lb_config import _CLUSTER_LB_FIELDS, _coerce, assignment_arguments, cluster_lb_arguments
 from .model import CircuitBreakers, ClusterSpec, OutlierDetectionSpec, UpstreamTlsSpec
+from .route_config import check_pgv
 
 __all__ = ["cluster_spec"]
 
@@ -153,6 +154,7 @@ def cluster_spec(cluster: Any) -> ClusterSpec:
         fields["http2"] = _http2(c, name)
     if c.alt_stat_name:
         fields["alt_stat_name"] = c.alt_stat_name
+    check_pgv(c, name)  # Envoy's proto validation and duration checks, after the specific ones
     return ClusterSpec(name=name, kind=kind, **fields)
 
 

@@ -40,7 +40,7 @@ from .._routing import ascii_lower
 from ..errors import ConfigError
 from .lb_config import _coerce
 
-__all__ = ["compile_regex", "route_config_spec"]
+__all__ = ["check_pgv", "compile_regex", "route_config_spec"]
 
 MAX_PROGRAM_SIZE = 100  # runtime re2.max_program_size.error_level default
 _UINT32_MAX = 0xFFFFFFFF
@@ -455,6 +455,7 @@ def route_config_spec(route_configuration: Any) -> RouteConfigSpec:
         vhosts.append(VirtualHostSpec(vh.name, tuple(domains), routes, _REQUIRE_TLS.get(vh.require_tls, "NONE"),
                                       vh_retry, vh_adds, vh_removes))
     rc_adds, rc_removes = _mutations(ctx, rc.request_headers_to_add, rc.request_headers_to_remove, "")
+    check_pgv(rc, ctx.resource)  # after the checks above, whose messages are more specific
     return RouteConfigSpec(
         name=rc.name,
         virtual_hosts=tuple(vhosts),
@@ -465,6 +466,283 @@ def route_config_spec(route_configuration: Any) -> RouteConfigSpec:
         headers_to_remove=rc_removes,
         most_specific_header_mutations_wins=rc.most_specific_header_mutations_wins,
     )
+
+
+# -- Envoy's proto validation (PGV) and duration checks, from the descriptors' annotations ----------
+
+_DURATION = "google.protobuf.Duration"
+_ANY = "google.protobuf.Any"
+_NO_NUL_CR_LF = re2.compile(r"^[^\x00\n\r]*$", _OPTIONS)
+_HEADER_NAME_STRICT = re2.compile(r"^:?[0-9a-zA-Z!#$%&'*+\-.^_|~`]+$", _OPTIONS)
+_HEADER_VALUE_STRICT = re2.compile(r"^[^\x00-\x08\x0A-\x1F\x7F]*$", _OPTIONS)
+_PATTERNS: Dict[str, Any] = {}
+_RULES: Dict[str, Any] = {}
+_NUMERIC = ("uint32", "uint64", "int32", "int64", "sint32", "sint64", "fixed32", "fixed64", "sfixed32",
+            "sfixed64", "double", "float")
+_WRAPPER_RULES = {"google.protobuf.UInt32Value": "uint32", "google.protobuf.UInt64Value": "uint64",
+                  "google.protobuf.Int32Value": "int32", "google.protobuf.Int64Value": "int64",
+                  "google.protobuf.DoubleValue": "double", "google.protobuf.FloatValue": "float",
+                  "google.protobuf.StringValue": "string", "google.protobuf.BoolValue": "bool"}
+# Repeated messages named by their ``name`` in field paths (as the decoders name them).
+_NAMED_ITEMS = frozenset({"envoy.config.route.v3.VirtualHost", "envoy.config.route.v3.Route",
+                          "envoy.config.route.v3.WeightedCluster.ClusterWeight"})
+
+
+class _TypeRules:
+    """What :class:`_Pgv` checks on one message type: rules by field name, the fields checked
+    even when unset (non-oneof scalars with rules, repeated fields with ``min_items``, required
+    messages) and the required oneofs."""
+
+    __slots__ = ("by_name", "always", "required", "oneofs")
+
+    def __init__(self, desc: Any) -> None:
+        from validate import validate_pb2
+
+        self.by_name: Dict[str, Any] = {}
+        self.always: List[Tuple[Any, Any]] = []
+        self.required: List[str] = []
+        for f in desc.fields:
+            opts = f.GetOptions()
+            if not opts.HasExtension(validate_pb2.rules):
+                continue
+            r = opts.Extensions[validate_pb2.rules]
+            self.by_name[f.name] = r
+            kind = r.WhichOneof("type")
+            if _repeated(f):
+                if kind == "repeated" and r.repeated.min_items > 0:
+                    self.always.append((f, r))
+            elif f.message_type is not None:
+                if kind is not None and getattr(getattr(r, kind), "required", False):
+                    self.required.append(f.name)
+            elif f.containing_oneof is None and kind is not None:
+                self.always.append((f, r))
+        self.oneofs = [o.name for o in desc.oneofs
+                       if o.GetOptions().HasExtension(validate_pb2.required)
+                       and o.GetOptions().Extensions[validate_pb2.required]]
+
+
+def _rules_of(desc: Any) -> _TypeRules:
+    rules = _RULES.get(desc.full_name)
+    if rules is None:
+        rules = _RULES[desc.full_name] = _TypeRules(desc)
+    return rules
+
+
+def _pattern(p: str) -> Any:
+    compiled = _PATTERNS.get(p)
+    if compiled is None:
+        compiled = _PATTERNS[p] = re2.compile(p, _OPTIONS)
+    return compiled
+
+
+def _dur(d: Any) -> Tuple[int, int]:
+    return (d.seconds, d.nanos)
+
+
+def _fmt_dur(d: Any) -> str:
+    return f"{d.seconds + d.nanos / 1e9:g}s"
+
+
+class _Pgv:
+    """Applies the PGV rules Envoy's generated validators apply (string lengths, well-known
+    header regexes, patterns, defined enums, numeric and duration bounds, required fields and
+    oneofs, item counts) and Envoy's check of every Duration (non-negative, in range). The first
+    violation is a ConfigError naming the field; descends into Any payloads of registered types."""
+
+    def __init__(self, resource: str) -> None:
+        self.resource = resource
+
+    def fail(self, path: str, reason: str) -> ConfigError:
+        return ConfigError(self.resource, path, reason)
+
+    def message(self, msg: Any, path: str, depth: int = 0) -> None:
+        desc = msg.DESCRIPTOR
+        if depth > 64:
+            return
+        name = desc.full_name
+        if name == _DURATION:
+            self.duration_range(msg, path)
+            return
+        if name == _ANY:
+            self.any(msg, path, depth)
+            return
+        if name.startswith("google.protobuf."):
+            return
+        rules = _rules_of(desc)
+        for oneof in rules.oneofs:
+            if msg.WhichOneof(oneof) is None:
+                raise self.fail(_at(path, oneof), f'field "{oneof}" is required (one of its members must be set)')
+        for name in rules.required:
+            if not msg.HasField(name):
+                raise self.fail(_at(path, name), "value is required")
+        for f, r in rules.always:
+            value = getattr(msg, f.name)
+            if _repeated(f):
+                if len(value) < r.repeated.min_items:
+                    raise self.fail(_at(path, f.name), f"value must contain at least {r.repeated.min_items} item(s)")
+            else:
+                self.scalar(f, r, r.WhichOneof("type"), value, _at(path, f.name))
+        by_name = rules.by_name
+        for f, value in msg.ListFields():
+            r = by_name.get(f.name)
+            repeated = _repeated(f)
+            if not repeated and f.message_type is None and (r is None or f.containing_oneof is None):
+                continue  # no rules, or checked above
+            sub = _at(path, f.name)
+            if not repeated:
+                self.value(f, r, value, sub, depth)
+                continue
+            if f.message_type is not None and f.message_type.GetOptions().map_entry:
+                self.map(f, r, value, sub, depth)
+                continue
+            items = None
+            if r is not None and r.WhichOneof("type") == "repeated":
+                rr = r.repeated
+                n = len(value)
+                if rr.HasField("max_items") and n > rr.max_items:
+                    raise self.fail(sub, f"value must contain no more than {rr.max_items} item(s)")
+                if rr.unique and f.message_type is None and len(set(value)) != n:
+                    raise self.fail(sub, "repeated value must contain unique items")
+                items = rr.items if rr.HasField("items") else None
+            if f.message_type is None and items is None:
+                continue
+            named = f.message_type is not None and f.message_type.full_name in _NAMED_ITEMS
+            for i, item in enumerate(value):
+                key = (item.name or i) if named else i
+                self.value(f, items, item, f"{sub}[{key}]", depth)
+
+    def map(self, f: Any, r: Any, value: Any, path: str, depth: int) -> None:
+        vf = f.message_type.fields_by_name["value"]
+        mr = r.map if r is not None and r.WhichOneof("type") == "map" else None
+        if mr is not None:
+            if mr.HasField("min_pairs") and len(value) < mr.min_pairs:
+                raise self.fail(path, f"value must contain at least {mr.min_pairs} pair(s)")
+            if mr.HasField("max_pairs") and len(value) > mr.max_pairs:
+                raise self.fail(path, f"value must contain no more than {mr.max_pairs} pair(s)")
+        kf = f.message_type.fields_by_name["key"]
+        for key in value:
+            sub = f"{path}[{key}]"
+            if mr is not None and mr.HasField("keys"):
+                self.value(kf, mr.keys, key, sub, depth)
+            self.value(vf, mr.values if mr is not None and mr.HasField("values") else None, value[key], sub, depth)
+
+    def value(self, f: Any, r: Any, value: Any, path: str, depth: int) -> None:
+        kind = r.WhichOneof("type") if r is not None else None
+        mt = f.message_type
+        if mt is not None:
+            wrapped = _WRAPPER_RULES.get(mt.full_name)
+            if wrapped is not None and kind == wrapped:
+                self.scalar(f, r, kind, value.value, path)
+            elif kind == "duration":
+                self.duration(r.duration, value, path)
+            elif kind == "any":
+                ar = r.any
+                if getattr(ar, 'in') and value.type_url not in getattr(ar, 'in'):
+                    raise self.fail(path, f"type URL must be in list {list(getattr(ar, 'in'))}")
+                if ar.not_in and value.type_url in ar.not_in:
+                    raise self.fail(path, f"type URL must not be in list {list(ar.not_in)}")
+            self.message(value, path, depth + 1)
+            return
+        if kind is not None:
+            self.scalar(f, r, kind, value, path)
+
+    def scalar(self, f: Any, r: Any, kind: str, value: Any, path: str) -> None:
+        if kind == "string":
+            self.string(r.string, value, path)
+        elif kind == "enum":
+            er = r.enum
+            if er.defined_only and f.enum_type is not None and value not in f.enum_type.values_by_number:
+                raise self.fail(path, f"value must be one of the defined enum values (got {value})")
+            if getattr(er, 'in') and value not in getattr(er, 'in'):
+                raise self.fail(path, f"value must be in list {list(getattr(er, 'in'))}")
+            if er.not_in and value in er.not_in:
+                raise self.fail(path, f"value must not be in list {list(er.not_in)}")
+        elif kind in _NUMERIC:
+            nr = getattr(r, kind)
+            for rule, ok, text in (("const", lambda b: value == b, "equal"),
+                                   ("lt", lambda b: value < b, "less than"),
+                                   ("lte", lambda b: value <= b, "less than or equal to"),
+                                   ("gt", lambda b: value > b, "greater than"),
+                                   ("gte", lambda b: value >= b, "greater than or equal to")):
+                if nr.HasField(rule) and not ok(getattr(nr, rule)):
+                    raise self.fail(path, f"value must be {text} {getattr(nr, rule)} (got {value})")
+            if getattr(nr, 'in') and value not in getattr(nr, 'in'):
+                raise self.fail(path, f"value must be in list {list(getattr(nr, 'in'))}")
+
+    def string(self, sr: Any, value: str, path: str) -> None:
+        if sr.HasField("min_len") and len(value) < sr.min_len:
+            raise self.fail(path, f"value length must be at least {sr.min_len} characters")
+        if sr.HasField("max_len") and len(value) > sr.max_len:
+            raise self.fail(path, f"value length must be at most {sr.max_len} characters")
+        if sr.HasField("min_bytes") or sr.HasField("max_bytes"):
+            size = len(value.encode("utf-8", "surrogatepass"))
+            if sr.HasField("min_bytes") and size < sr.min_bytes:
+                raise self.fail(path, f"value length must be at least {sr.min_bytes} bytes")
+            if sr.HasField("max_bytes") and size > sr.max_bytes:
+                raise self.fail(path, f"value length must be at most {sr.max_bytes} bytes")
+        which = sr.WhichOneof("well_known")
+        if which == "well_known_regex":
+            strict = sr.strict if sr.HasField("strict") else True
+            header_name = sr.well_known_regex == 1  # HTTP_HEADER_NAME (2: HTTP_HEADER_VALUE)
+            if sr.well_known_regex in (1, 2):
+                rx = _NO_NUL_CR_LF if not strict else (_HEADER_NAME_STRICT if header_name else _HEADER_VALUE_STRICT)
+                if value and rx.search(value) is None:
+                    raise self.fail(path, f"value does not match regex pattern {rx.pattern!r} (got {value!r})")
+        if sr.HasField("pattern") and _pattern(sr.pattern).search(value) is None:
+            raise self.fail(path, f"value does not match regex pattern {sr.pattern!r} (got {value!r})")
+        if sr.prefix and not value.startswith(sr.prefix):
+            raise self.fail(path, f"value does not have prefix {sr.prefix!r}")
+        if getattr(sr, 'in') and value not in getattr(sr, 'in'):
+            raise self.fail(path, f"value must be in list {list(getattr(sr, 'in'))}")
+
+    def duration(self, dr: Any, d: Any, path: str) -> None:
+        v = _dur(d)
+        for rule, ok, text in (("const", lambda b: v == b, "equal to"),
+                               ("lt", lambda b: v < b, "less than"),
+                               ("lte", lambda b: v <= b, "less than or equal to"),
+                               ("gt", lambda b: v > b, "greater than"),
+                               ("gte", lambda b: v >= b, "greater than or equal to")):
+            if dr.HasField(rule) and not ok(_dur(getattr(dr, rule))):
+                raise self.fail(path, f"value must be {text} {_fmt_dur(getattr(dr, rule))}")
+
+    def duration_range(self, d: Any, path: str) -> None:
+        from ._decode import MAX_DURATION_SECONDS
+
+        if d.seconds < 0 or d.nanos < 0:
+            raise self.fail(path, "Invalid duration: Expected positive duration")
+        if d.nanos > 999_999_999 or d.seconds > MAX_DURATION_SECONDS:
+            raise self.fail(path, "Invalid duration: Duration out-of-range")
+
+    def any(self, msg: Any, path: str, depth: int) -> None:
+        from google.protobuf import descriptor_pool, message_factory
+
+        if not msg.type_url:
+            return
+        try:
+            desc = descriptor_pool.Default().FindMessageTypeByName(msg.type_url.rpartition("/")[2])
+        except KeyError:
+            return  # a type meshcore has no protos for: its users decide
+        inner = message_factory.GetMessageClass(desc)()
+        try:
+            inner.ParseFromString(msg.value)
+        except Exception:  # noqa: BLE001 -- undecodable payloads are their decoders' errors
+            return
+        self.message(inner, path, depth + 1)
+
+
+def _repeated(f: Any) -> bool:
+    flag = getattr(f, "is_repeated", None)
+    return bool(flag) if flag is not None else f.label == f.LABEL_REPEATED
+
+
+def _at(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def check_pgv(message: Any, resource: str, prefix: str = "") -> None:
+    """Raise ``ConfigError(resource, field, reason)`` for the first violation of Envoy's proto
+    validation (PGV annotations) or duration range check in ``message`` (see :class:`_Pgv`)."""
+    _Pgv(resource).message(message, prefix)
 
 
 _ = route_components_pb2  # registers the route component messages used above
