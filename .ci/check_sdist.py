@@ -12,7 +12,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-TOP_LEVEL = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "requirements/cython.txt")
+TOP_LEVEL = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "requirements/cython.txt",
+             ".ci/check_sdist.py", ".ci/check_wheel.py")  # the last two: tests/test_package.py loads them
 SOURCE_SUFFIXES = (".py", ".pyi", ".pyx", ".pxd", ".h")
 GENERATED = (".c", ".so", ".pyd", ".dll", ".dylib", ".o", ".obj", ".html", ".pyc")
 
