@@ -6,7 +6,7 @@ Counters use Envoy's cluster stat names (``upstream_rq_total``, ``upstream_rq_2x
 Envoy's default buckets. :meth:`StatsRegistry.snapshot` returns plain dicts;
 :func:`prometheus_collector` exposes the same numbers as ``meshcore_cluster_<name>`` metrics with
 a ``cluster`` label (``prometheus_client`` is an optional dependency: ``pip install
-meshcore[prometheus]``). Nothing is sent anywhere unless you register the collector.
+"meshcore-xds[prometheus]"``). Nothing is sent anywhere unless you register the collector.
 
 Removed clusters: the registry lists the clusters in use. Once a cluster has left the
 configuration and its requests in flight finished, its stats leave the registry
