@@ -43,7 +43,7 @@ UPSTREAMS = 8
 # -- the child: control plane, upstreams, churn -----------------------------------------------------
 
 
-def _serve(eds_every: float, rds_every: float, cds_every: float) -> None:
+def _serve(eds_every: float, rds_every: float, cds_every: float, retries: float = 1.0) -> None:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from meshcore.controlplane import ControlPlane
@@ -93,9 +93,10 @@ def _serve(eds_every: float, rds_every: float, cds_every: float) -> None:
 
     def route_config(names: List[str]) -> Dict[str, Any]:
         rds_gen[0] += 1
-        routes = [{"name": f"to-{n}", "match": {"prefix": f"/{n}/"},
-                   "route": {"cluster": n, "timeout": f"{2 + rds_gen[0] % 3}s",
-                             "retry_policy": {"retry_on": "connect-failure,5xx", "num_retries": 1}}}
+        action: Dict[str, Any] = {"timeout": f"{2 + rds_gen[0] % 3}s"}
+        if retries:
+            action["retry_policy"] = {"retry_on": "connect-failure,5xx", "num_retries": 1}
+        routes = [{"name": f"to-{n}", "match": {"prefix": f"/{n}/"}, "route": {"cluster": n, **action}}
                   for n in names]
         routes.append({"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "stable"}})
         return {"name": "routes", "virtual_hosts": [{"name": "vh", "domains": [HOST, TARGET], "routes": routes}]}
@@ -246,13 +247,16 @@ def _sender(client: str, mesh: Any) -> Tuple[Callable[[str], int], Callable[[], 
 
 def run_soak(seconds: float, warmup: float, interval: float = 1.0, client: str = "httpx",
              eds_every: float = 0.01, rds_every: float = 0.1, cds_every: float = 0.5,
-             pickers: int = 4, on_sample: Optional[Callable[[Dict[str, float]], None]] = None) -> SoakResult:
+             pickers: int = 4, on_sample: Optional[Callable[[Dict[str, float]], None]] = None,
+             retries: bool = True) -> SoakResult:
+    """Run the churn for ``seconds``, sampling every ``interval``; ``retries``: the churned routes
+    carry a retry policy (every RDS push makes new policy objects)."""
     import meshcore
     from meshcore.errors import MeshError
     from meshcore.xds.client import Backoff
 
     child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", str(eds_every), str(rds_every),
-                              str(cds_every)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                              str(cds_every), str(int(retries))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         line = child.stdout.readline().split()  # type: ignore[union-attr]
         if not line or line[0] != "READY":
@@ -332,15 +336,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--client", default="httpx", choices=["httpx", "httpx-async", "requests"])
     p.add_argument("--verbose", action="store_true", help="print every sample")
+    p.add_argument("--no-retries", action="store_true", help="routes without retry policies")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     show = (lambda s: print(json.dumps({k: round(v, 1) for k, v in s.items()}), flush=True)) if args.verbose else None
-    result = run_soak(args.seconds, args.warmup, args.interval, args.client, on_sample=show)
+    result = run_soak(args.seconds, args.warmup, args.interval, args.client, on_sample=show,
+                      retries=not args.no_retries)
     print(result.report())
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        _serve(*(float(a) for a in sys.argv[2:5]))
+        _serve(*(float(a) for a in sys.argv[2:6]))
     else:
         main()
