@@ -269,7 +269,7 @@ def _cluster_pick(cfg: Any, m: Any, out: Dict[str, Any]) -> Dict[str, Any]:
         ep, leaf = lb.pick(m.hash), lb
     if ep is None:
         out["outcome"] = "unavailable"
-        out["error"] = f"no healthy upstream in cluster {name!r}"
+        out["error"] = f"no healthy upstream in cluster {name!r}" + (f" ({rt.error})" if rt.error else "")
         info["picked"] = None
         return info
     try:

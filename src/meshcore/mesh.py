@@ -245,6 +245,22 @@ class MeshBase:
                 message += "; nearest known targets: " + ", ".join(near)
         return Unavailable(message)
 
+    def _no_upstream(self, target: str, path: str, cluster: Optional[str]) -> Unavailable:
+        """The error for a cluster with no endpoint to pick; says why when the cluster's
+        endpoints were rejected or do not exist (the balancer is then kept, empty)."""
+        message = f"{target}{path}: no healthy upstream in cluster {cluster!r}"
+        cfg = self._publisher.published.get(target)
+        rt = cfg.clusters.get(cluster) if cfg is not None and cluster is not None else None
+        if rt is not None and rt.error:
+            message += f" ({rt.error})"
+        return Unavailable(message)
+
+    def problems(self) -> Dict[str, List[str]]:
+        """Per target asked for, why it (or a cluster it routes to) is unusable: a rejected or
+        missing listener, route configuration, cluster or assignment, or what a pending
+        configuration still waits for. Targets without a problem are left out."""
+        return self._publisher.problems()
+
     def nearest_targets(self, target: str, n: int = 3) -> List[str]:
         """Known targets (listener names the source has) that look most like ``target``."""
         import difflib
@@ -309,7 +325,7 @@ class MeshBase:
         else:
             ep = lb.pick(m.hash)
         if ep is None:
-            raise Unavailable(f"{target}{path}: no healthy upstream in cluster {cname!r}")
+            raise self._no_upstream(target, path, cname)
         return Pick(target, m, cname, ep, lb)
 
     # -- the request lifecycle -----------------------------------------------------------------------

@@ -20,7 +20,7 @@ from .routes_c cimport RouteTable as CRouteTable
 
 from .. import lifecycle
 from .._url import URL_CACHE, parse_url
-from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, Unavailable, UpstreamTimeout
+from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, UpstreamTimeout
 from ..resilience.fault import NO_FAULT
 from ..resilience.retry import CONNECT_FAILURE, RESET, RetryState, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS, apply_router_headers, is_internal_request, router_headers_of
@@ -475,7 +475,7 @@ cdef class Call:
             ep, lb = self._choose(self.route.hash)
             if ep is not None:
                 return ep, lb
-            raise Unavailable(f"{self.target}{self.path}: no healthy upstream in cluster {self.cluster!r}")
+            raise self.mesh._no_upstream(self.target, self.path, self.cluster)
         # a retry avoids the hosts already tried, re-picking up to host_selection_retry_max_attempts
         avoid = set()
         for prev in self.attempts:
@@ -494,7 +494,7 @@ cdef class Call:
                 lb.release(ep)
         if chosen is not None:
             return chosen  # every re-pick hit a tried host: Envoy then keeps the last pick
-        raise Unavailable(f"{self.target}{self.path}: no healthy upstream in cluster {self.cluster!r}")
+        raise self.mesh._no_upstream(self.target, self.path, self.cluster)
 
     # -- the single-attempt form ------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import lifecycle
 from .._url import URL_CACHE, parse_url
-from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, Unavailable, UpstreamTimeout
+from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, UpstreamTimeout
 from ..resilience.fault import NO_FAULT, FaultDecision
 from ..resilience.retry import CONNECT_FAILURE, RESET, RetryState, TIMEOUT
 from ..resilience.router_headers import apply_router_headers, is_internal_request, router_headers_of
@@ -369,7 +369,7 @@ class Call:
             ep, lb = self._choose(self.route.hash)
             if ep is not None:
                 return ep, lb
-            raise Unavailable(f"{self.target}{self.path}: no healthy upstream in cluster {self.cluster!r}")
+            raise self.mesh._no_upstream(self.target, self.path, self.cluster)
         # a retry avoids the hosts already tried, re-picking up to host_selection_retry_max_attempts
         avoid = {a.endpoint.key for a in self.attempts}
         chosen: Optional[Tuple[Any, Any]] = None
@@ -387,7 +387,7 @@ class Call:
                 lb.release(ep)
         if chosen is not None:
             return chosen  # every re-pick hit a tried host: Envoy then keeps the last pick
-        raise Unavailable(f"{self.target}{self.path}: no healthy upstream in cluster {self.cluster!r}")
+        raise self.mesh._no_upstream(self.target, self.path, self.cluster)
 
     # -- the single-attempt form ------------------------------------------------------------------
 
