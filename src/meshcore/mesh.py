@@ -294,6 +294,8 @@ class MeshBase:
         ambient = getattr(self._source, "ambient_error", None)
         if ambient:
             reason += f"; {ambient}"
+        if repr(self.node_id) in reason:  # the source's own error already names the node
+            return f"{target}: {reason}"
         return f"{target}: {reason} (xDS node {self.node_id!r})"
 
     # -- the hot path ------------------------------------------------------------------------------

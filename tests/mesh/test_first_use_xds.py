@@ -104,3 +104,17 @@ def test_close_and_restart(cp, make_mesh):
     cp.set_resources(mesh_resources(TARGET, [], [], [], "echo-routes"))
     time.sleep(0.1)
     assert mesh.config(TARGET) is None
+
+
+def test_unreachable_control_plane_names_the_node_once(make_mesh):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    from .shapes import bootstrap
+
+    mesh = make_mesh(bootstrap=bootstrap(None, node_id="lonely-node", uri=f"127.0.0.1:{dead}"), ready_timeout=1.0)
+    with pytest.raises(Unavailable) as info:
+        mesh.pick(TARGET, "/")
+    assert str(info.value).count("lonely-node") == 1, str(info.value)
