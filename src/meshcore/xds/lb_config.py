@@ -522,8 +522,13 @@ def _check_cluster(c: Any, name: str) -> None:
         raise ConfigError(
             name, "common_lb_config.consistent_hashing_lb_config.use_hostname_for_hashing",
             "Cannot use hostname for consistent hashing loadbalancing for cluster of type: "
-            f"'{_Cluster.DiscoveryType.Name(c.type)}'",
+            f"'{_enum_name(_Cluster.DiscoveryType, c.type)}'",
         )
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    """An enum value's name, or its number when the enum does not define it."""
+    return enum.Name(value) if value in enum.values() else str(value)
 
 
 def _lb_policy(c: Any, name: str) -> Tuple[str, Options, Where]:
@@ -553,6 +558,8 @@ def _lb_policy(c: Any, name: str) -> Tuple[str, Options, Where]:
     if c.lb_policy == _Cluster.LOAD_BALANCING_POLICY_CONFIG:
         raise ConfigError(name, "lb_policy", "LOAD_BALANCING_POLICY_CONFIG requires load_balancing_policy")
     if policy is None:
+        if c.lb_policy not in _Cluster.LbPolicy.values():  # Envoy: enum.defined_only
+            raise ConfigError(name, "lb_policy", f"value must be one of the defined enum values (got {c.lb_policy})")
         raise ConfigError(
             name, "lb_policy",
             f"{_Cluster.LbPolicy.Name(c.lb_policy)} is not supported "
