@@ -35,6 +35,9 @@ def _split(address: str) -> Tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"address must be host:port, got {address!r}")
+    if not host:  # grpc would bind every interface: say so explicitly instead
+        raise ValueError(f"address {address!r} names no host: use 127.0.0.1:{port}, or 0.0.0.0:{port} "
+                         f"for every interface")
     return host, int(port)
 
 
