@@ -48,7 +48,9 @@ class ControlPlane:
     serves a Unix domain socket, then :attr:`port` is None); ``http_address``
     enables the HTTP API (:mod:`.http_api`). Use as a context manager or call :meth:`start` /
     :meth:`stop`. Resources can be set before or after starting; every change is pushed to the
-    connected streams at once. ``history_limit`` bounds :attr:`history` (None: keep every event).
+    connected streams, request-driven: a type whose last response is not yet ACKed/NACKed gets
+    the newest state (all changes made meanwhile, coalesced) right after that ACK/NACK.
+    ``history_limit`` bounds :attr:`history` (None: keep every event).
     """
 
     def __init__(self, address: str = "127.0.0.1:0", http_address: Optional[str] = None,
