@@ -7,7 +7,7 @@ matchers.cc); the comments name the rule each field carries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
 __all__ = [
@@ -148,6 +148,9 @@ class RetryPolicy:
     retriable_status_codes: Tuple[int, ...] = ()
     retry_host_predicates: Tuple[str, ...] = ()
     host_selection_retry_max_attempts: int = 1
+    #: the lifecycle's compiled form (``resilience.retry``), made on first use; lives and dies
+    #: with the policy, so nothing keeps policies of replaced route tables alive
+    compiled: Any = field(default=None, init=False, repr=False, compare=False)
 
 
 @dataclass(slots=True)

@@ -154,7 +154,7 @@ def describe_action(r: RouteSpec) -> str:
 def _retry_policy(policy: Any) -> Optional[Dict[str, Any]]:
     if policy is None:
         return None
-    out = dataclasses.asdict(policy)
+    out = {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy) if f.compare}  # not the cache
     for k, v in out.items():
         if isinstance(v, tuple):
             out[k] = list(v)

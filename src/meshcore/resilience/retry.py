@@ -19,7 +19,7 @@ base default 25 ms). The exponent stops growing once ``(2^n - 1) * base`` exceed
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 __all__ = ["RetryState", "classify_status", "known_retry_conditions", "retriable", "CONNECT_FAILURE", "RESET", "TIMEOUT"]
 
@@ -58,10 +58,9 @@ def classify_status(status: Optional[int]) -> str:
 class _Compiled:
     """A RetryPolicy's parsed form, computed once per policy object."""
 
-    __slots__ = ("policy", "on", "grpc_codes", "status_codes", "max_retries", "base_ms", "max_ms")
+    __slots__ = ("on", "grpc_codes", "status_codes", "max_retries", "base_ms", "max_ms")
 
     def __init__(self, policy: Any) -> None:
-        self.policy = policy
         on = _split_conditions(policy.retry_on)
         self.on = frozenset(on)
         self.grpc_codes = frozenset(code for name, code in _GRPC_CODES.items() if name in on)
@@ -103,15 +102,16 @@ def retriable(policy: Any, status: Optional[int], grpc_status: Optional[int], er
     return policy is not None and _compiled(policy).retriable(status, grpc_status, error)
 
 
-_cache: Dict[int, _Compiled] = {}
-
-
 def _compiled(policy: Any) -> "_Compiled":
-    c = _cache.get(id(policy))
-    if c is None or c.policy is not policy:
-        if len(_cache) > 4096:
-            _cache.clear()
-        c = _cache[id(policy)] = _Compiled(policy)
+    """The compiled form of a RetryPolicy, kept on the policy itself (a policy made elsewhere,
+    without that slot, is compiled each time)."""
+    c = getattr(policy, "compiled", None)
+    if c is None:
+        c = _Compiled(policy)
+        try:
+            policy.compiled = c
+        except AttributeError:
+            pass
     return c
 
 
