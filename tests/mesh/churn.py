@@ -54,7 +54,7 @@ class ChurnResult:
         for short in ("LDS", "RDS", "CDS", "EDS"):
             if short in self.requests:
                 lines.append(f"  {short}: {self.requests[short]} requests with a nonce, "
-                             f"{self.stale.get(short, 0)} stale ({self.stale_percent(short):.1f} %)")
+                             f"{self.stale.get(short, 0)} with a stale nonce ({self.stale_percent(short):.1f} %)")
         for kind, values in sorted(self.delays.items()):
             if values:
                 q = sorted(values)
