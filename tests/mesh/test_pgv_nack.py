@@ -19,5 +19,6 @@ def test_pgv_violation_is_nacked_and_last_good_kept(cp, make_mesh):
                        start=mark)
     message = nack["error_detail"]["message"]
     assert "routes[bad].route.timeout" in message and "Expected positive duration" in message, message
+    assert "routes: routes:" not in message, message  # the resource is named once
     wait(lambda: status_of(mesh, ROUTE, "routes")["client_status"] == "NACKED")
     assert mesh.pick(TARGET, "/bad").route_name == "to-b"  # the last good table: no route "bad"

@@ -481,8 +481,9 @@ class XdsClient:
             msg = rt.message_class.FromString(data)
             spec = rt.decode(msg)
         except ConfigError as err:
-            reason = str(err)
-            self._reject(e, f"{name}: {reason}", version, index, errors, changed)
+            reason = str(err)  # names the resource already when the decoder knew its name
+            self._reject(e, reason if reason.startswith(f"{name}: ") else f"{name}: {reason}",
+                         version, index, errors, changed)
             return
         except _message.DecodeError as err:
             self._reject(e, f"{name}: cannot decode: {err}", version, index, errors, changed)
