@@ -36,3 +36,76 @@ cdef inline int bytes_cmp(const char* a, Py_ssize_t a_len, const char* b, Py_ssi
     if a_len != b_len:
         return -1 if a_len < b_len else 1
     return 0
+
+
+# Hot arrays (the per-pick data of large tables): 2 MiB-aligned anonymous mappings with
+# transparent huge pages requested, so a random pick costs no TLB walk; reported to
+# tracemalloc (domain HOT_DOMAIN) so memory accounting stays honest. Small arrays, and
+# platforms without mmap, use PyMem_Malloc. Memory is zero-filled either way.
+cdef extern from *:
+    """
+    #include <string.h>
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    #define MESHCORE_HOT_MMAP 1
+    #else
+    #define MESHCORE_HOT_MMAP 0
+    #endif
+    #define MESHCORE_HOT_DOMAIN 0x6d657368u
+    #define MESHCORE_HOT_ALIGN ((size_t)2 << 20)
+    #define MESHCORE_HOT_MIN ((size_t)1 << 20)
+
+    /* Bytes actually reserved for a request of `size` (the size to pass to hot_free). */
+    static inline size_t meshcore_hot_size(size_t size) {
+        if (!MESHCORE_HOT_MMAP || size < MESHCORE_HOT_MIN) return size ? size : 1;
+        return (size + MESHCORE_HOT_ALIGN - 1) & ~(MESHCORE_HOT_ALIGN - 1);
+    }
+
+    static inline void* meshcore_hot_alloc(size_t size) {
+        size_t real = meshcore_hot_size(size);
+    #if MESHCORE_HOT_MMAP
+        if (size >= MESHCORE_HOT_MIN) {
+            size_t span = real + MESHCORE_HOT_ALIGN;
+            char* raw = (char*)mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            char* p;
+            if (raw == (char*)MAP_FAILED) return NULL;
+            p = (char*)(((size_t)raw + MESHCORE_HOT_ALIGN - 1) & ~(MESHCORE_HOT_ALIGN - 1));
+            if (p > raw) munmap(raw, (size_t)(p - raw));
+            if (raw + span > p + real) munmap(p + real, (size_t)(raw + span - (p + real)));
+    #ifdef MADV_HUGEPAGE
+            madvise(p, real, MADV_HUGEPAGE);
+    #endif
+            PyTraceMalloc_Track(MESHCORE_HOT_DOMAIN, (uintptr_t)p, real);
+            return p;
+        }
+    #endif
+        {
+            void* q = PyMem_Malloc(real);
+            if (q) memset(q, 0, real);
+            return q;
+        }
+    }
+
+    static inline void meshcore_hot_free(void* p, size_t size) {
+        if (p == NULL) return;
+    #if MESHCORE_HOT_MMAP
+        if (size >= MESHCORE_HOT_MIN) {
+            PyTraceMalloc_Untrack(MESHCORE_HOT_DOMAIN, (uintptr_t)p);
+            munmap(p, meshcore_hot_size(size));
+            return;
+        }
+    #endif
+        PyMem_Free(p);
+    }
+    """
+    size_t meshcore_hot_size(size_t size) noexcept nogil
+    void* meshcore_hot_alloc(size_t size) noexcept nogil
+    void meshcore_hot_free(void* p, size_t size) noexcept nogil
+
+
+cdef inline void* hot_alloc(size_t size) except NULL:
+    """meshcore_hot_alloc or MemoryError; free with hot_free(p, the same size)."""
+    cdef void* p = meshcore_hot_alloc(size)
+    if p == NULL:
+        raise MemoryError()
+    return p

@@ -13,13 +13,14 @@ interpreter importing it re-enables the GIL.
 """
 
 from cpython.long cimport PyLong_AsUnsignedLongLongMask
+from cpython.object cimport PyObject
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.math cimport ceil, floor, pow
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 cimport cython
 
-from ._common cimport bytes_cmp, qsort, splitmix_next, zalloc
+from ._common cimport bytes_cmp, hot_alloc, meshcore_hot_free, qsort, splitmix_next, zalloc
 
 import os
 import threading
@@ -422,13 +423,33 @@ cdef Edf* _edf_create(int32_t* items, Py_ssize_t n, double* weight_of, uint64_t 
 # Per-host state and the table
 # ---------------------------------------------------------------------------------------
 
+ctypedef struct HostSlot:
+    # The per-pick data of one host, 16 bytes: a P2C candidate's counter and, if it wins,
+    # the Endpoint to return share a cache line.
+    PyObject* ep        # borrowed: _Table.eps holds the reference for the table's lifetime
+    int64_t active      # in-flight requests (carried over at publish)
+
+
+ctypedef struct RingSlot:
+    uint64_t hash
+    int64_t host        # host index (int64: 16-byte entries, never straddling a line)
+
+
 @cython.final
 cdef class _Table:
     """One snapshot. Set up in ``LoadBalancer._build``, read-only afterwards except for
-    the EDF heaps (advanced by picks) and the host states' counters."""
-    cdef list eps                   # Endpoint per host index
+    the EDF heaps (advanced by picks) and the host slots' counters.
+
+    The per-pick arrays (slots, by_ptr, src_hosts, rings, Maglev tables) come from
+    ``hot_alloc`` (huge pages when large); each records its byte size for ``hot_free``."""
+    cdef list eps                   # Endpoint per host index (owns the slots' references)
     cdef dict index                 # host key -> host index
-    cdef int64_t* active            # in-flight requests per host index (carried at publish)
+    cdef HostSlot* slots            # per host index
+    cdef size_t slots_bytes
+    cdef int32_t* by_ptr            # open addressing (linear probing): Endpoint address -> host
+    cdef size_t by_ptr_bytes        # index, -1 = empty; capacity a power of two >= 2 n_hosts,
+    cdef uint64_t by_ptr_mask       # so it always has empty entries and probes terminate
+    cdef int by_ptr_shift           # 64 - log2(capacity), in 1..63
     cdef int64_t* carry             # host index in the previous table, or -1; NULL once published
     cdef uint32_t* weights          # host weight per host index
     cdef Py_ssize_t n_hosts
@@ -440,20 +461,24 @@ cdef class _Table:
     cdef Py_ssize_t n_sources
     cdef int64_t* src_off           # per source: offset into src_hosts
     cdef int64_t* src_len
+    cdef int64_t* src_first         # per source: h if its hosts are h, h+1, ..., else -1
     cdef int64_t* src_rr            # per source: slot in LoadBalancer._rr, or -1
     cdef Edf** src_edf              # per source: host EDF or NULL
     cdef int32_t* src_hosts         # all sources' host indices, concatenated
+    cdef size_t src_hosts_bytes
     cdef Edf** loc_edf              # per priority x {healthy, degraded}: locality EDF or NULL
     cdef double** loc_weights       # matching effective locality weights (by locality index)
-    cdef uint64_t** ring_hash       # per priority: sorted ring hashes
-    cdef int32_t** ring_host        # per priority: host index per ring entry
+    cdef RingSlot** ring            # per priority: ring entries sorted by (hash, order)
     cdef int64_t* ring_len
+    cdef int32_t** ring_bucket      # per priority: 2^bits + 1 entries, see _ring_buckets
+    cdef int32_t* ring_shift        # per priority: 64 - bits
     cdef int32_t** maglev           # per priority: table of table_size host indices, or NULL
     cdef uint64_t maglev_size
 
     def __dealloc__(self):
         cdef Py_ssize_t i
-        PyMem_Free(self.active)
+        meshcore_hot_free(self.slots, self.slots_bytes)
+        meshcore_hot_free(self.by_ptr, self.by_ptr_bytes)
         PyMem_Free(self.carry)
         PyMem_Free(self.weights)
         PyMem_Free(self.healthy_load)
@@ -462,8 +487,9 @@ cdef class _Table:
         PyMem_Free(self.source_base)
         PyMem_Free(self.src_off)
         PyMem_Free(self.src_len)
+        PyMem_Free(self.src_first)
         PyMem_Free(self.src_rr)
-        PyMem_Free(self.src_hosts)
+        meshcore_hot_free(self.src_hosts, self.src_hosts_bytes)
         if self.src_edf != NULL:
             for i in range(self.n_sources):
                 _edf_free(self.src_edf[i])
@@ -474,19 +500,37 @@ cdef class _Table:
                 PyMem_Free(self.loc_weights[i])
             PyMem_Free(self.loc_edf)
             PyMem_Free(self.loc_weights)
-        if self.ring_hash != NULL:
+        if self.ring != NULL:
             for i in range(self.n_prio):
-                PyMem_Free(self.ring_hash[i])
-                PyMem_Free(self.ring_host[i])
-            PyMem_Free(self.ring_hash)
-            PyMem_Free(self.ring_host)
+                meshcore_hot_free(self.ring[i], sizeof(RingSlot) * self.ring_len[i])
+                if self.ring_bucket[i] != NULL:
+                    meshcore_hot_free(self.ring_bucket[i], sizeof(int32_t) * ((<size_t>1 << (64 - self.ring_shift[i])) + 1))
+            PyMem_Free(self.ring)
             PyMem_Free(self.ring_len)
+            PyMem_Free(self.ring_bucket)
+            PyMem_Free(self.ring_shift)
         if self.maglev != NULL:
             for i in range(self.n_prio):
-                PyMem_Free(self.maglev[i])
+                meshcore_hot_free(self.maglev[i], sizeof(int32_t) * self.maglev_size)
             PyMem_Free(self.maglev)
 
 
+@cython.boundscheck(False)
+@cython.cdivision(True)
+cdef inline Py_ssize_t _by_ptr(_Table t, PyObject* ep) noexcept:
+    """Host index of the Endpoint object at ``ep`` (identity), or -1: one probe, as a rule,
+    whose host slot is the one a release then updates."""
+    # Fibonacci hashing of the address; i is masked to the capacity. Entries are -1 or a
+    # host index < n_hosts (filled in _build), and the table always has an empty entry.
+    cdef uint64_t i = ((<uint64_t><size_t>ep) * 0x9E3779B97F4A7C15ULL) >> t.by_ptr_shift
+    cdef int32_t v
+    while True:
+        v = t.by_ptr[i]
+        if v < 0:
+            return -1
+        if t.slots[v].ep == ep:
+            return v
+        i = (i + 1) & t.by_ptr_mask
 
 
 ctypedef struct RingEntry:
@@ -607,7 +651,7 @@ cdef class LoadBalancer:
         cdef int64_t active
         if self._code != LR or self._bias == 0.0:
             return w
-        active = t.active[host] + 1
+        active = t.slots[host].active + 1
         if self._bias == 1.0:
             return w / <double>active
         return w / pow(<double>active, self._bias)
@@ -625,17 +669,20 @@ cdef class LoadBalancer:
         t.eps = eps
         t.index = layout.index
         t.n_hosts = n
-        t.active = <int64_t*>zalloc(sizeof(int64_t) * n)
+        t.slots_bytes = sizeof(HostSlot) * n
+        t.slots = <HostSlot*>hot_alloc(t.slots_bytes)
         t.carry = <int64_t*>zalloc(sizeof(int64_t) * n)
         i = 0
         for ep in eps:
             key = (<object>ep).key
             j = old_index.get(key, -1)
             t.carry[i] = j
+            t.slots[i].ep = <PyObject*>ep
             # Counters as of now (least-request EDF weights); refreshed again at publish.
-            t.active[i] = old.active[j] if j >= 0 else 0
+            t.slots[i].active = old.slots[j].active if j >= 0 else 0
             ejected.append(key in ejected_keys)
             i += 1
+        _fill_by_ptr(t)
         groups = _build.partition(layout, ejected, cfg)
         plan = groups.plan
         t.n_prio = layout.priorities
@@ -662,12 +709,14 @@ cdef class LoadBalancer:
             t.source_base[p] = layout.source_base[p]
         t.src_off = <int64_t*>zalloc(sizeof(int64_t) * t.n_sources)
         t.src_len = <int64_t*>zalloc(sizeof(int64_t) * t.n_sources)
+        t.src_first = <int64_t*>zalloc(sizeof(int64_t) * t.n_sources)
         t.src_rr = <int64_t*>zalloc(sizeof(int64_t) * t.n_sources)
         t.src_edf = <Edf**>zalloc(sizeof(Edf*) * t.n_sources)
         total = 0
         for key, hosts in sources:
             total += len(hosts)
-        t.src_hosts = <int32_t*>zalloc(sizeof(int32_t) * total)
+        t.src_hosts_bytes = sizeof(int32_t) * total
+        t.src_hosts = <int32_t*>hot_alloc(t.src_hosts_bytes)
         # Host weights by host index, evaluated once (hostWeight at build time).
         cdef double* weight_buf = <double*>zalloc(sizeof(double) * (n if n > 0 else 1))
         cdef int32_t* host_buf
@@ -683,6 +732,12 @@ cdef class LoadBalancer:
                 for h in hosts:
                     t.src_hosts[k] = h
                     k += 1
+                host_buf = t.src_hosts + t.src_off[i]
+                t.src_first[i] = host_buf[0] if t.src_len[i] > 0 else -1
+                for j in range(1, t.src_len[i]):
+                    if host_buf[j] != host_buf[0] + j:
+                        t.src_first[i] = -1
+                        break
                 t.src_rr[i] = self._rr_slot(key) if self._code == RR else -1
                 if self._code == RANDOM or t.src_len[i] <= 1:
                     continue
@@ -735,9 +790,10 @@ cdef class LoadBalancer:
         cdef list hosts
         cdef int32_t* hw_host
         cdef double* hw_w
-        t.ring_hash = <uint64_t**>zalloc(sizeof(uint64_t*) * t.n_prio)
-        t.ring_host = <int32_t**>zalloc(sizeof(int32_t*) * t.n_prio)
+        t.ring = <RingSlot**>zalloc(sizeof(RingSlot*) * t.n_prio)
         t.ring_len = <int64_t*>zalloc(sizeof(int64_t) * t.n_prio)
+        t.ring_bucket = <int32_t**>zalloc(sizeof(int32_t*) * t.n_prio)
+        t.ring_shift = <int32_t*>zalloc(sizeof(int32_t) * t.n_prio)
         t.maglev = <int32_t**>zalloc(sizeof(int32_t*) * t.n_prio)
         t.maglev_size = cfg.table_size
         cdef list keys = [(<str>hk).encode() for hk in layout.hash_keys]
@@ -820,12 +876,12 @@ cdef class LoadBalancer:
                     current += 1
                 PyMem_Free(kb)
             qsort(ring, count, sizeof(RingEntry), _ring_cmp)
-            t.ring_hash[p] = <uint64_t*>zalloc(sizeof(uint64_t) * count)
-            t.ring_host[p] = <int32_t*>zalloc(sizeof(int32_t) * count)
-            for i in range(<uint64_t>count):
-                t.ring_hash[p][i] = ring[i].hash
-                t.ring_host[p][i] = ring[i].host
+            t.ring[p] = <RingSlot*>hot_alloc(sizeof(RingSlot) * count)
             t.ring_len[p] = count
+            for i in range(<uint64_t>count):
+                t.ring[p][i].hash = ring[i].hash
+                t.ring[p][i].host = ring[i].host
+            _ring_buckets(t, p)
         finally:
             PyMem_Free(ring)
 
@@ -842,7 +898,7 @@ cdef class LoadBalancer:
         cdef MaglevEntry* entries = <MaglevEntry*>zalloc(sizeof(MaglevEntry) * n)
         cdef uint64_t* nxt = <uint64_t*>zalloc(sizeof(uint64_t) * n)
         cdef double* target = <double*>zalloc(sizeof(double) * n)
-        cdef int32_t* table = <int32_t*>zalloc(sizeof(int32_t) * size)
+        cdef int32_t* table = <int32_t*>hot_alloc(sizeof(int32_t) * size)
         cdef uint64_t filled = 0, c, slot
         cdef uint32_t iteration = 1
         try:
@@ -880,7 +936,7 @@ cdef class LoadBalancer:
             PyMem_Free(entries)
             PyMem_Free(nxt)
             PyMem_Free(target)
-            PyMem_Free(table)
+            meshcore_hot_free(table, sizeof(int32_t) * size)
 
     cdef _publish(self, _Table t):
         """Carry surviving hosts' in-flight counts over, then swap the table.
@@ -893,7 +949,7 @@ cdef class LoadBalancer:
         if old is not None:
             for i in range(t.n_hosts):
                 # carry[i] is an index into old's arrays (from old.index) or -1.
-                t.active[i] = old.active[t.carry[i]] if t.carry[i] >= 0 else 0
+                t.slots[i].active = old.slots[t.carry[i]].active if t.carry[i] >= 0 else 0
         self._table = t
         PyMem_Free(t.carry)
         t.carry = NULL
@@ -924,15 +980,16 @@ cdef class LoadBalancer:
     @cython.cdivision(True)
     cdef object _pick(self, object hash):
         cdef _Table t = self._table
-        cdef uint64_t h, x, acc
-        cdef int32_t p = 0, host
+        cdef uint64_t h
+        cdef int32_t p = 0
+        cdef int64_t host
         cdef bint degraded = False
-        cdef int64_t sid, n, lo, hi, mid
+        cdef int64_t sid, n, first
         cdef int32_t* hosts
         cdef Edf* edf
         cdef Edf* loc
         cdef int32_t locality
-        cdef uint64_t* ring
+        cdef HostSlot* slot
         if self._code >= RING:
             if hash is None:
                 h = splitmix_next(&self._rng)
@@ -940,87 +997,77 @@ cdef class LoadBalancer:
                 h = PyLong_AsUnsignedLongLongMask(hash)
             p = _choose_priority(t, h, &degraded)
             if self._code == RING:
-                n = t.ring_len[p]
-                if n == 0:
+                if t.ring_len[p] == 0:
                     return None
-                ring = t.ring_hash[p]
-                # Envoy's ketama search (ring_hash_lb.cc) returns the first entry whose hash
-                # is >= h, or entry 0 past the end: a lower bound with wrap-around (including
-                # on equal hashes and h == 0). Done branch-free; indices stay in [0, n).
-                # Invariant: lo + hi <= n and the answer is in [lo, lo + hi].
-                lo = 0
-                hi = n
-                while hi > 1:
-                    mid = hi // 2
-                    lo += mid * <int64_t>(ring[lo + mid] < h)
-                    hi -= mid
-                mid = lo + <int64_t>(ring[lo] < h)
-                if mid == n:
-                    mid = 0
-                host = t.ring_host[p][mid]
+                host = _ring_lookup(t, p, h)
             else:
                 if t.maglev[p] == NULL:
                     return None
                 # h % maglev_size < maglev_size == allocated length of every maglev table.
                 host = t.maglev[p][h % t.maglev_size]
-            if MESHCORE_DEBUG:
-                assert 0 <= host < t.n_hosts, (host, t.n_hosts)
-            t.active[host] += 1
-            return t.eps[host]
-        h = splitmix_next(&self._rng)
-        p = _choose_priority(t, h, &degraded)
-        # source ids come from _build.partition: base + {0 all, 1 healthy, 2 degraded,
-        # 3 + 2i locality-healthy i, 4 + 2i locality-degraded i}; all < n_sources.
-        sid = t.source_base[p]
-        if not t.panic[p]:
-            loc = NULL
-            if t.loc_edf != NULL:
-                loc = t.loc_edf[2 * p + degraded]
-            if loc != NULL:
-                locality = loc.heap[0].item
-                _edf_replace_top(loc, t.loc_weights[2 * p + degraded][locality])
-                sid += 3 + 2 * locality + degraded
-            else:
-                sid += 1 + degraded
-        if MESHCORE_DEBUG:
-            assert 0 <= sid < t.n_sources, (sid, t.n_sources)
-        n = t.src_len[sid]
-        hosts = t.src_hosts + t.src_off[sid]
-        if self._code == RANDOM:
-            if n == 0:
-                return None
-            host = hosts[h % <uint64_t>n]
         else:
-            edf = t.src_edf[sid]
-            if edf != NULL:
-                if edf.classes != NULL:
-                    host = _edf_class_pick(edf)
+            h = splitmix_next(&self._rng)
+            p = _choose_priority(t, h, &degraded)
+            # source ids come from _build.partition: base + {0 all, 1 healthy, 2 degraded,
+            # 3 + 2i locality-healthy i, 4 + 2i locality-degraded i}; all < n_sources.
+            sid = t.source_base[p]
+            if not t.panic[p]:
+                loc = NULL
+                if t.loc_edf != NULL:
+                    loc = t.loc_edf[2 * p + degraded]
+                if loc != NULL:
+                    locality = loc.heap[0].item
+                    _edf_replace_top(loc, t.loc_weights[2 * p + degraded][locality])
+                    sid += 3 + 2 * locality + degraded
                 else:
-                    host = edf.heap[0].item
-                    _edf_replace_top(edf, self._host_weight(t, host))
-            elif n == 0:
-                return None
-            elif self._code == RR:
-                # src_rr[sid] is a slot < _rr_len for every RR source (set in _build).
-                host = hosts[self._rr[t.src_rr[sid]] % <uint64_t>n]
-                self._rr[t.src_rr[sid]] += 1
+                    sid += 1 + degraded
+            if MESHCORE_DEBUG:
+                assert 0 <= sid < t.n_sources, (sid, t.n_sources)
+            n = t.src_len[sid]
+            first = t.src_first[sid]
+            hosts = t.src_hosts + t.src_off[sid]
+            if self._code == RANDOM:
+                if n == 0:
+                    return None
+                # A source of consecutive hosts skips its host list (one memory access less).
+                host = first + <int64_t>(h % <uint64_t>n) if first >= 0 else hosts[h % <uint64_t>n]
             else:
-                host = self._p2c(t, hosts, n)
+                edf = t.src_edf[sid]
+                if edf != NULL:
+                    if edf.classes != NULL:
+                        host = _edf_class_pick(edf)
+                    else:
+                        host = edf.heap[0].item
+                        _edf_replace_top(edf, self._host_weight(t, <int32_t>host))
+                elif n == 0:
+                    return None
+                elif self._code == RR:
+                    # src_rr[sid] is a slot < _rr_len for every RR source (set in _build).
+                    host = hosts[self._rr[t.src_rr[sid]] % <uint64_t>n]
+                    self._rr[t.src_rr[sid]] += 1
+                else:
+                    host = self._p2c(t, hosts, n, first)
         if MESHCORE_DEBUG:
             assert 0 <= host < t.n_hosts, (host, t.n_hosts)
-        t.active[host] += 1
-        return t.eps[host]
+        # The one touch of the Endpoint object: the reference taken for the return value.
+        slot = &t.slots[host]
+        slot.active += 1
+        return <object>slot.ep
 
     @cython.boundscheck(False)
     @cython.wraparound(False)
     @cython.cdivision(True)
-    cdef int32_t _p2c(self, _Table t, int32_t* hosts, int64_t n):
-        # n > 0 (checked by the caller); indices are `draw % n`.
-        cdef int32_t candidate = hosts[splitmix_next(&self._rng) % <uint64_t>n], sampled
+    cdef inline int64_t _p2c(self, _Table t, int32_t* hosts, int64_t n, int64_t first) noexcept:
+        # n > 0 (checked by the caller); indices are `draw % n` < n; first >= 0 means hosts[i]
+        # == first + i. All draws are made before the counters are compared, so the
+        # candidates' host slots are loaded in parallel.
+        cdef uint64_t d0 = splitmix_next(&self._rng) % <uint64_t>n, d1
+        cdef int64_t candidate = first + <int64_t>d0 if first >= 0 else hosts[d0], sampled
         cdef uint32_t c
         for c in range(1, self._choice_count):
-            sampled = hosts[splitmix_next(&self._rng) % <uint64_t>n]
-            if t.active[sampled] < t.active[candidate]:
+            d1 = splitmix_next(&self._rng) % <uint64_t>n
+            sampled = first + <int64_t>d1 if first >= 0 else hosts[d1]
+            if t.slots[sampled].active < t.slots[candidate].active:
                 candidate = sampled
         return candidate
 
@@ -1033,12 +1080,19 @@ cdef class LoadBalancer:
         if type(endpoint) is not Endpoint and not isinstance(endpoint, Endpoint):
             _not_endpoint("release", endpoint)
         cdef _Table t = self._table
-        cdef object i = t.index.get(endpoint.key)
-        cdef Py_ssize_t k
-        if i is not None:
-            k = i
-            if t.active[k] > 0:
-                t.active[k] -= 1
+        cdef Py_ssize_t k = _by_ptr(t, <PyObject*>endpoint)
+        if k < 0:
+            k = self._index_of(t, endpoint)
+            if k < 0:
+                return
+        # k < n_hosts: from by_ptr or index, both built for t.
+        if t.slots[k].active > 0:
+            t.slots[k].active -= 1
+
+    cdef Py_ssize_t _index_of(self, _Table t, object endpoint) except -2:
+        """An equal Endpoint that is not the table's own object: by key (-1 if unknown)."""
+        i = t.index.get(endpoint.key)
+        return -1 if i is None else <Py_ssize_t>i
 
     # -- introspection and host state ----------------------------------------------------
 
@@ -1047,8 +1101,10 @@ cdef class LoadBalancer:
         if not isinstance(endpoint, Endpoint):
             _not_endpoint("active_requests", endpoint)
         cdef _Table t = self._table
-        i = t.index.get(endpoint.key)
-        return t.active[<Py_ssize_t>i] if i is not None else 0
+        cdef Py_ssize_t k = _by_ptr(t, <PyObject*>endpoint)
+        if k < 0:
+            k = self._index_of(t, endpoint)
+        return t.slots[k].active if k >= 0 else 0
 
     def set_ejected(self, endpoint, ejected=True):
         """Mark a host outlier-ejected (unhealthy) or restore it; rebuilds the table."""
@@ -1093,15 +1149,16 @@ cdef class LoadBalancer:
             return []
         out = []
         for p in range(t.n_prio):
+            counts = {}
             if self._code == RING:
-                hosts = t.ring_host[p]
                 size = t.ring_len[p]
+                for k in range(size):
+                    counts[t.ring[p][k].host] = counts.get(t.ring[p][k].host, 0) + 1
             else:
                 hosts = t.maglev[p]
                 size = t.maglev_size if hosts != NULL else 0
-            counts = {}
-            for k in range(size):
-                counts[hosts[k]] = counts.get(hosts[k], 0) + 1
+                for k in range(size):
+                    counts[hosts[k]] = counts.get(hosts[k], 0) + 1
             out.append({
                 "size": size,
                 "min_entries_per_host": min(counts.values()) if counts else 0,
@@ -1138,6 +1195,79 @@ cdef inline int32_t _choose_priority(_Table t, uint64_t h, bint* degraded) noexc
             return p
     degraded[0] = False
     return 0
+
+
+cdef int _fill_by_ptr(_Table t) except -1:
+    """Build t.by_ptr over t.slots[0:n_hosts] (every slot's ep set)."""
+    cdef int bits = 1
+    cdef Py_ssize_t i
+    cdef uint64_t cap, j
+    while (<uint64_t>1 << bits) < <uint64_t>(2 * t.n_hosts):
+        bits += 1
+    cap = <uint64_t>1 << bits
+    t.by_ptr_bytes = sizeof(int32_t) * cap
+    t.by_ptr = <int32_t*>hot_alloc(t.by_ptr_bytes)
+    t.by_ptr_mask = cap - 1
+    t.by_ptr_shift = 64 - bits
+    memset(t.by_ptr, 0xFF, t.by_ptr_bytes)  # -1 everywhere
+    for i in range(t.n_hosts):
+        j = ((<uint64_t><size_t>t.slots[i].ep) * 0x9E3779B97F4A7C15ULL) >> t.by_ptr_shift
+        while t.by_ptr[j] >= 0:
+            j = (j + 1) & t.by_ptr_mask
+        t.by_ptr[j] = <int32_t>i
+    return 0
+
+
+cdef int _ring_buckets(_Table t, Py_ssize_t p) except -1:
+    """Direct-mapped index over ring ``p`` by the top ``bits`` bits of the hash.
+
+    Bucket b covers hashes [b << shift, (b + 1) << shift). Its entry is the index of the
+    first ring entry with hash >= b << shift when some ring hash falls inside the bucket,
+    else ``-1 - host``: every hash of the bucket then maps to that one host (the first
+    entry past the bucket, wrapping to entry 0). Entry 2^bits is a sentinel (n)."""
+    cdef int64_t n = t.ring_len[p], i = 0
+    cdef int bits = 1
+    cdef uint64_t b, nb
+    cdef int shift
+    cdef RingSlot* ring = t.ring[p]
+    cdef int32_t* bucket
+    while bits < 24 and (<int64_t>1 << bits) < 2 * n:
+        bits += 1
+    shift = 64 - bits
+    nb = <uint64_t>1 << bits
+    bucket = <int32_t*>hot_alloc(sizeof(int32_t) * (nb + 1))
+    t.ring_bucket[p] = bucket
+    t.ring_shift[p] = shift
+    for b in range(nb):
+        while i < n and (ring[i].hash >> shift) < b:
+            i += 1
+        # ring[0:i] < b << shift <= ring[i].hash
+        if i < n and (ring[i].hash >> shift) == b:
+            bucket[b] = <int32_t>i
+        else:
+            bucket[b] = <int32_t>(-1 - ring[i if i < n else 0].host)
+    bucket[nb] = <int32_t>n
+    return 0
+
+
+@cython.boundscheck(False)
+@cython.cdivision(True)
+cdef inline int64_t _ring_lookup(_Table t, int32_t p, uint64_t h) noexcept:
+    """Envoy's ketama search (ring_hash_lb.cc): the first entry whose hash is >= h, or entry
+    0 past the end (a lower bound with wrap-around, equal hashes and h == 0 included)."""
+    # ring_len[p] > 0 (checked by the caller). h >> shift < 2^bits, the bucket count; a
+    # non-negative bucket entry is an index < n at which hashes of that bucket start, and the
+    # scan stops at n at the latest.
+    cdef RingSlot* ring = t.ring[p]
+    cdef int64_t n = t.ring_len[p]
+    cdef int32_t v = t.ring_bucket[p][h >> t.ring_shift[p]]
+    cdef int64_t i
+    if v < 0:
+        return -1 - <int64_t>v
+    i = v
+    while i < n and ring[i].hash < h:
+        i += 1
+    return ring[i if i < n else 0].host
 
 
 cdef int _format_u64(uint64_t v, char* out) noexcept nogil:
