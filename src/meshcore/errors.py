@@ -14,7 +14,9 @@ class ConfigError(ValueError):
         self.resource = resource
         self.field = field
         self.reason = reason
-        super().__init__(f"{resource}: field {field}: {reason}")
+        # a pseudo field ("(document)", "(file)", "(root)": the whole thing) is not worth a word
+        where = f"field {field}: " if field and not field.startswith("(") else ""
+        super().__init__(f"{resource}: {where}{reason}")
 
 
 class MeshError(Exception):

@@ -692,5 +692,6 @@ def load_resource_file(path: Union[str, "os.PathLike[str]"]) -> Resources:
         with open(source, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(source, "(file)", f"cannot read: {exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)  # the path once
+        raise ConfigError(source, "(file)", f"cannot read: {reason}") from None
     return parse_resources(decode_document(text, source), source)
