@@ -78,6 +78,7 @@ def test_put_get_delete_and_push(api: ControlPlane) -> None:
         assert status == 200
         r = s.recv()
         assert (r.version_info, resource_names(r)) == (body["version"], ["c2"])
+        s.ack(r, names=[])
         # PUT /v1/snapshot replaces everything
         status, body = call(api, "PUT", "/v1/snapshot", {"clusters": [{"name": "only", "type": "EDS"}]})
         assert status == 200
