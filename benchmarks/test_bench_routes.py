@@ -3,6 +3,8 @@
 Istio-like: many virtual hosts (service FQDN, short names, host:port), few routes each.
 Gateway-like: one virtual host with many exact, prefix, regex and header routes.
 The request hits the LAST route of its kind, as Envoy's config_impl_speed_test does.
+Mixed: one virtual host of 1,000 routes in rotation exact / prefix / safe_regex / prefix +
+exact header (issue 12); hits on the first, middle and last route of each kind, and a miss.
 """
 
 from __future__ import annotations
@@ -96,3 +98,71 @@ def test_build_10k(benchmark, RT, kind):
     spec = route_config_spec(gateway_like(10_000, "prefix") if kind == "prefix" else istio_like(10_000))
     benchmark.group = f"route table build 10k {kind} (from parsed spec)"
     benchmark.pedantic(RT, args=(spec,), rounds=5, iterations=1)
+
+
+MIXED_KINDS = ("exact", "prefix", "regex", "header")
+
+
+def mixed_route(i: int) -> dict:
+    """Route ``i`` of the mixed table: kind ``MIXED_KINDS[i % 4]``."""
+    kind = MIXED_KINDS[i % 4]
+    if kind == "exact":
+        match = {"path": f"/exact/{i}/item"}
+    elif kind == "prefix":
+        match = {"prefix": f"/prefix/{i}/"}
+    elif kind == "regex":
+        match = {"safe_regex": {"regex": f"/regex/[a-z]+/{i}"}}
+    else:
+        match = {"prefix": "/hdr/", "headers": [{"name": "x-tenant", "exact_match": f"t-{i}"}]}
+    return {"name": f"r{i}", "match": match, "route": {"cluster": f"c{i}"}}
+
+
+def mixed_like(n_routes: int = 1000) -> dict:
+    routes = [mixed_route(i) for i in range(n_routes)]
+    return {"name": "mixed", "virtual_hosts": [{"name": "mixed", "domains": ["*"], "routes": routes}]}
+
+
+def mixed_request(i: int):
+    """A request matched by route ``i`` of the mixed table (and by no earlier route)."""
+    kind = MIXED_KINDS[i % 4]
+    if kind == "exact":
+        return f"/exact/{i}/item", None
+    if kind == "prefix":
+        return f"/prefix/{i}/x?y=1", None
+    if kind == "regex":
+        return f"/regex/abc/{i}", None
+    return "/hdr/v1", [("x-tenant", f"t-{i}")]
+
+
+def mixed_targets(n_routes: int = 1000):
+    """(label, route index) per kind: its first route, the one at the middle, its last."""
+    out = []
+    for k, kind in enumerate(MIXED_KINDS):
+        mid = n_routes // 2 - (n_routes // 2) % 4 + k
+        last = n_routes - 1 - ((n_routes - 1 - k) % 4)
+        out += [(f"{kind}-{pos}", i) for pos, i in (("first", k), ("mid", mid), ("last", last))]
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_tables():
+    return {}
+
+
+@pytest.mark.parametrize("target", [label for label, _ in mixed_targets()] + ["miss-header", "miss-path"])
+def test_match_mixed(benchmark, RT, mixed_tables, target):
+    rt = mixed_tables.get(RT)
+    if rt is None:
+        rt = mixed_tables[RT] = RT.from_xds(mixed_like(1000))
+    if target == "miss-header":  # every header route is a candidate; none matches
+        path, headers, want = "/hdr/v1", [("x-tenant", "t-nobody")], None
+    elif target == "miss-path":
+        path, headers, want = "/nothing/here", None, None
+    else:
+        i = dict(mixed_targets())[target]
+        path, headers = mixed_request(i)
+        want = f"r{i}"
+    m = rt.match("gw.example.com", path, headers)
+    assert (m.route_name if m else None) == want
+    benchmark.group = f"route match mixed n=1000 {target}"
+    benchmark(rt.match, "gw.example.com", path, headers)

@@ -10,7 +10,9 @@ pre-built result: no allocation. Everything else (header, query, runtime and gRP
 regexes, weighted clusters, hashes, rewrites) uses the shared helpers of ``routes_py``.
 """
 
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.object cimport PyObject
 from cpython.exc cimport PyErr_Clear
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memchr, memcmp
@@ -30,6 +32,12 @@ from .lb_c import xxh64 as _xxh64  # request hashes with the compiled XXH64
 
 __all__ = ["RouteTable"]
 
+try:  # google-re2's binding-level anchor (its Match skips the wrapper's Python frames)
+    import re2 as _re2_mod
+    _ANCHOR_BOTH = _re2_mod._Anchor.ANCHOR_BOTH
+except AttributeError:  # another google-re2 layout: regexes run through their public fullmatch
+    _ANCHOR_BOTH = None
+
 cdef extern from "Python.h":
     # Declared without an exception value: NULL (lone surrogates, or not a str) is handled by
     # _utf8 below, which clears the error and falls back, so the common path has no try block.
@@ -41,20 +49,29 @@ cdef enum:
 
 
 
+cdef enum:
+    # The route lists of a trie node, in this order (prefix-like lists first: a walk visits
+    # L_PREFIX .. L_REGEX of every node it passes, L_EXACT .. L_EGROUP of the node it ends at).
+    L_PREFIX = 0    # prefix / path_separated_prefix routes whose key ends here
+    L_PGROUP = 1    # header indexes (index in _Vhost.hidx) of those slots
+    L_REGEX = 2     # regex routes whose literal prefix ends here
+    L_EXACT = 3     # exact-path routes
+    L_EGROUP = 4    # header indexes of exact-path slots
+    N_LISTS = 5
+
+
 @cython.final
 cdef class _Trie:
     """Byte trie flattened into arrays. Node 0 is the root. Edges of a node are contiguous
-    and sorted by label; each node lists the routes whose prefix / exact path ends there."""
+    and sorted by label; each node has N_LISTS lists of route (or header index) numbers:
+    list j of node x is ids[off[x * N_LISTS + j] : off[x * N_LISTS + j + 1]], ascending."""
     cdef Py_ssize_t n_nodes
     cdef int32_t* edge_start       # per node: first edge
     cdef int32_t* edge_count       # per node: number of edges
     cdef uint8_t* edge_label       # per edge
     cdef int32_t* edge_child       # per edge: child node
-    cdef int32_t* prefix_off       # per node: offset in ids of routes with this prefix
-    cdef int32_t* prefix_cnt
-    cdef int32_t* exact_off        # per node: routes with this exact path
-    cdef int32_t* exact_cnt
-    cdef int32_t* ids              # route indices, ascending within each list
+    cdef int32_t* off              # n_nodes * N_LISTS + 1 list offsets into ids
+    cdef int32_t* ids
     cdef bint empty
 
     def __dealloc__(self):
@@ -62,10 +79,7 @@ cdef class _Trie:
         PyMem_Free(self.edge_count)
         PyMem_Free(self.edge_label)
         PyMem_Free(self.edge_child)
-        PyMem_Free(self.prefix_off)
-        PyMem_Free(self.prefix_cnt)
-        PyMem_Free(self.exact_off)
-        PyMem_Free(self.exact_cnt)
+        PyMem_Free(self.off)
         PyMem_Free(self.ids)
 
 
@@ -81,38 +95,41 @@ cdef int _int32_cmp(const void* a, const void* b) noexcept nogil:
 ctypedef struct TrieKey:
     const unsigned char* key
     Py_ssize_t length
-    int32_t route
-    int32_t exact
+    int32_t route                  # route index, or header index number (L_PGROUP / L_EGROUP)
+    int32_t lst                    # L_*
 
 
 cdef int _key_cmp(const void* a, const void* b) noexcept nogil:
     cdef TrieKey* x = <TrieKey*>a
     cdef TrieKey* y = <TrieKey*>b
     cdef int r = bytes_cmp(<const char*>x.key, x.length, <const char*>y.key, y.length)
-    return r if r != 0 else x.route - y.route
+    if r != 0:
+        return r
+    if x.lst != y.lst:
+        return x.lst - y.lst
+    return x.route - y.route
 
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-cdef _Trie _build_trie(list prefixes, list exacts):
-    """prefixes / exacts: (key bytes, route index). Built from the sorted keys in one pass:
-    each key shares its longest common prefix with the previous one, so new nodes are always
-    the last child of their parent and children come out in label order."""
+cdef _Trie _build_trie(list entries):
+    """entries: (key bytes, route or header index number, L_* list). Built from the sorted keys
+    in one pass: each key shares its longest common prefix with the previous one, so new nodes
+    are always the last child of their parent and children come out in label order."""
     cdef _Trie t = _Trie()
-    cdef Py_ssize_t n_keys = len(prefixes) + len(exacts), total = 0, i, d, lcp, n_nodes = 1
-    cdef Py_ssize_t e, k, node, child, q_head, q_tail
+    cdef Py_ssize_t n_keys = len(entries), total = 0, i, d, lcp, n_nodes = 1
+    cdef Py_ssize_t e, k, node, child, q_head, q_tail, slot
     t.empty = n_keys == 0
-    entries = prefixes + exacts
     cdef TrieKey* keys = <TrieKey*>zalloc(sizeof(TrieKey) * (n_keys or 1))
     for i in range(n_keys):
-        key, ri = entries[i]
-        keys[i].key = <const unsigned char*><const char*>key
+        key, ri, lst = entries[i]
+        keys[i].key = <const unsigned char*><const char*>key  # entries (and so key) outlive the build
         keys[i].length = len(key)
         keys[i].route = ri
-        keys[i].exact = i >= len(prefixes)
+        keys[i].lst = lst
         total += len(key)
     qsort(keys, n_keys, sizeof(TrieKey), _key_cmp)
-    # Linked form: first/last child and next sibling per node; routes as per-node lists.
+    # Linked form: first/last child and next sibling per node.
     cdef Py_ssize_t cap = total + 1
     cdef int32_t* first_child = <int32_t*>zalloc(sizeof(int32_t) * cap)
     cdef int32_t* last_child = <int32_t*>zalloc(sizeof(int32_t) * cap)
@@ -122,11 +139,14 @@ cdef _Trie _build_trie(list prefixes, list exacts):
     cdef int32_t* order = <int32_t*>zalloc(sizeof(int32_t) * cap)
     cdef int32_t* key_node = <int32_t*>zalloc(sizeof(int32_t) * (n_keys or 1))
     cdef int32_t* new_id = <int32_t*>zalloc(sizeof(int32_t) * cap)
+    cdef int32_t* fill = NULL
     try:
         first_child[0] = -1
         last_child[0] = -1
         next_sibling[0] = -1
         stack[0] = 0
+        # Nodes created: at most one per key byte, so n_nodes <= total + 1 = cap; stack depth
+        # is a key length (<= total).
         for i in range(n_keys):
             lcp = 0
             if i:
@@ -155,11 +175,9 @@ cdef _Trie _build_trie(list prefixes, list exacts):
         t.edge_count = <int32_t*>zalloc(sizeof(int32_t) * n_nodes)
         t.edge_label = <uint8_t*>zalloc(n_nodes)
         t.edge_child = <int32_t*>zalloc(sizeof(int32_t) * n_nodes)
-        t.prefix_off = <int32_t*>zalloc(sizeof(int32_t) * n_nodes)
-        t.prefix_cnt = <int32_t*>zalloc(sizeof(int32_t) * n_nodes)
-        t.exact_off = <int32_t*>zalloc(sizeof(int32_t) * n_nodes)
-        t.exact_cnt = <int32_t*>zalloc(sizeof(int32_t) * n_nodes)
+        t.off = <int32_t*>zalloc(sizeof(int32_t) * (n_nodes * N_LISTS + 1))
         t.ids = <int32_t*>zalloc(sizeof(int32_t) * (n_keys or 1))
+        fill = <int32_t*>zalloc(sizeof(int32_t) * (n_nodes * N_LISTS + 1))
         order[0] = 0
         new_id[0] = 0
         q_head = 0
@@ -180,33 +198,21 @@ cdef _Trie _build_trie(list prefixes, list exacts):
                 k += 1
                 child = next_sibling[child]
             t.edge_count[q_head] = <int32_t>k
-            t.prefix_cnt[q_head] = 0
-            t.exact_cnt[q_head] = 0
             q_head += 1
-        # Route lists: keys are sorted by (bytes, route), so per node and kind they come out
-        # ascending. Count, then place.
+        # Lists: count per (node, list), prefix sums, then place. Keys are sorted by (bytes,
+        # list, number), so every list comes out ascending.
         for i in range(n_keys):
-            node = new_id[key_node[i]]
-            if keys[i].exact:
-                t.exact_cnt[node] += 1
-            else:
-                t.prefix_cnt[node] += 1
+            fill[new_id[key_node[i]] * N_LISTS + keys[i].lst] += 1
         k = 0
-        for node in range(n_nodes):
-            t.prefix_off[node] = <int32_t>k
-            k += t.prefix_cnt[node]
-            t.exact_off[node] = <int32_t>k
-            k += t.exact_cnt[node]
-            t.prefix_cnt[node] = 0
-            t.exact_cnt[node] = 0
+        for slot in range(n_nodes * N_LISTS):
+            t.off[slot] = <int32_t>k
+            k += fill[slot]
+            fill[slot] = t.off[slot]
+        t.off[n_nodes * N_LISTS] = <int32_t>k
         for i in range(n_keys):
-            node = new_id[key_node[i]]
-            if keys[i].exact:
-                t.ids[t.exact_off[node] + t.exact_cnt[node]] = keys[i].route
-                t.exact_cnt[node] += 1
-            else:
-                t.ids[t.prefix_off[node] + t.prefix_cnt[node]] = keys[i].route
-                t.prefix_cnt[node] += 1
+            slot = new_id[key_node[i]] * N_LISTS + keys[i].lst
+            t.ids[fill[slot]] = keys[i].route
+            fill[slot] += 1
     finally:
         PyMem_Free(keys)
         PyMem_Free(first_child)
@@ -217,6 +223,7 @@ cdef _Trie _build_trie(list prefixes, list exacts):
         PyMem_Free(order)
         PyMem_Free(key_node)
         PyMem_Free(new_id)
+        PyMem_Free(fill)
     return t
 
 
@@ -248,7 +255,22 @@ ctypedef struct Candidates:
     bint heap
 
 
-cdef int _push(Candidates* c, int32_t* src, Py_ssize_t count) except -1:
+ctypedef struct RegexSeen:
+    # Regex routes a walk made candidates: how many, and the first (every list ascends).
+    Py_ssize_t count
+    int32_t first
+
+
+cdef inline void _init(Candidates* c) noexcept nogil:
+    c.ids = c.stack
+    c.n = 0
+    c.cap = DEF_CANDIDATES
+    c.heap = False
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int _push(Candidates* c, const int32_t* src, Py_ssize_t count) except -1:
     cdef Py_ssize_t i
     cdef int32_t* grown
     if c.n + count > c.cap:
@@ -260,6 +282,7 @@ cdef int _push(Candidates* c, int32_t* src, Py_ssize_t count) except -1:
         c.ids = grown
         c.cap = (c.cap + count) * 2
         c.heap = True
+    # c.ids has room for c.n + count (grown above); src has count entries (the caller's list).
     for i in range(count):
         c.ids[c.n + i] = src[i]
     c.n += count
@@ -268,15 +291,169 @@ cdef int _push(Candidates* c, int32_t* src, Py_ssize_t count) except -1:
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-cdef int _walk(_Trie t, const unsigned char* p, Py_ssize_t n, bint lower, Candidates* c) except -1:
+cdef void _sort(Candidates* c) noexcept:
+    """Route order: insertion sort for a handful of candidates, qsort beyond."""
+    cdef Py_ssize_t k, j
+    cdef int32_t tmp
+    if c.n > 32:
+        qsort(c.ids, c.n, sizeof(int32_t), _int32_cmp)
+        return
+    # 0 <= j < k < c.n throughout.
+    for k in range(1, c.n):
+        tmp = c.ids[k]
+        j = k - 1
+        while j >= 0 and c.ids[j] > tmp:
+            c.ids[j + 1] = c.ids[j]
+            j -= 1
+        c.ids[j + 1] = tmp
+
+
+@cython.final
+cdef class _HeaderIndex:
+    """The header-indexed routes of one slot and header (routes_py.Slot.by_header[name]):
+    request value -> its routes, ascending."""
+    cdef str name                  # lower-cased, ASCII (header names are validated tokens)
+    cdef dict number               # header value -> k
+    cdef int32_t* off              # k -> first route in ids; off[k + 1]: one past its last
+    cdef int32_t* ids
+
+    def __dealloc__(self):
+        PyMem_Free(self.off)
+        PyMem_Free(self.ids)
+
+
+cdef _HeaderIndex _header_index(str name, dict by_value):
+    cdef _HeaderIndex h = _HeaderIndex()
+    cdef Py_ssize_t k = 0, n = 0
+    h.name = name
+    h.number = {}
+    h.off = <int32_t*>zalloc(sizeof(int32_t) * (len(by_value) + 1))
+    h.ids = <int32_t*>zalloc(sizeof(int32_t) * (sum(len(v) for v in by_value.values()) or 1))
+    for value, routes in by_value.items():
+        h.number[value] = k
+        h.off[k] = <int32_t>n
+        for ri in routes:
+            h.ids[n] = ri
+            n += 1
+        k += 1
+    h.off[k] = <int32_t>n
+    return h
+
+
+cdef extern from "Python.h":
+    int PyDict_Next(object d, Py_ssize_t* pos, PyObject** key, PyObject** value)
+    bint PyUnicode_IS_COMPACT_ASCII(object s)
+    const char* PyUnicode_DATA(object s)
+    Py_ssize_t PyUnicode_GET_LENGTH(object s)
+
+
+cdef inline bint _same_name(object name, str lowered):
+    """ascii_lower(name) == lowered (a request header name against an indexed one), without
+    making the lower-cased string."""
+    cdef Py_ssize_t n, i
+    cdef const char* a
+    cdef const char* b
+    cdef char ch
+    if name is lowered:
+        return True
+    if type(name) is not str:
+        return ascii_lower(name) == lowered  # a str subclass (checked by empty_forwarded_proto)
+    n = PyUnicode_GET_LENGTH(name)
+    if n != PyUnicode_GET_LENGTH(lowered):
+        return False
+    if not (PyUnicode_IS_COMPACT_ASCII(name) and PyUnicode_IS_COMPACT_ASCII(lowered)):
+        return ascii_lower(name) == lowered
+    # Both compact ASCII strings of length n: n bytes each.
+    a = PyUnicode_DATA(name)
+    b = PyUnicode_DATA(lowered)
+    for i in range(n):
+        ch = a[i]
+        if 65 <= ch <= 90:
+            ch += 32
+        if ch != b[i]:
+            return False
+    return True
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int _push_value(Candidates* c, _HeaderIndex h, object value) except -1:
+    cdef object k = h.number.get(value)
+    cdef Py_ssize_t i
+    if k is not None:
+        i = <Py_ssize_t>k  # 0 <= i < len(number): off has len(number) + 1 entries
+        _push(c, h.ids + h.off[i], h.off[i + 1] - h.off[i])
+    return 0
+
+
+cdef int _push_header_hits(Candidates* c, _HeaderIndex h, object headers) except -1:
+    """The routes of ``h`` whose value the request carries in header ``h.name``: every value of
+    it, as normalise_headers would collect them (``h.name`` is not coalesced, pseudo or host)."""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* key
+    cdef PyObject* value
+    if headers is None:
+        return 0
+    if type(headers) is dict:
+        while PyDict_Next(headers, &pos, &key, &value):
+            if _same_name(<object>key, h.name):
+                _push_value(c, h, <object>value)
+        return 0
+    if type(headers) is list:
+        for item in <list>headers:
+            if type(item) is tuple and len(<tuple>item) == 2:
+                if _same_name((<tuple>item)[0], h.name):
+                    _push_value(c, h, (<tuple>item)[1])
+            else:
+                name, val = item
+                if _same_name(name, h.name):
+                    _push_value(c, h, val)
+        return 0
+    items = headers.items() if isinstance(headers, _AbcMapping) else headers
+    for name, val in items:
+        if _same_name(name, h.name):
+            _push_value(c, h, val)
+    return 0
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int _visit(_Trie t, Py_ssize_t node, Py_ssize_t first, Py_ssize_t last, Candidates* c, RegexSeen* rx,
+                list hidx, object headers) except -1:
+    """Lists first .. last of ``node``: plain routes to the candidates, header indexes looked up,
+    regex routes counted."""
+    cdef const int32_t* off = t.off + node * N_LISTS  # node < n_nodes: off has n_nodes * N_LISTS + 1
+    cdef Py_ssize_t j, g, a, b
+    for j in range(first, last + 1):
+        a = off[j]
+        b = off[j + 1]
+        if a == b:
+            continue
+        if j == L_PREFIX or j == L_EXACT:
+            _push(c, t.ids + a, b - a)
+        elif j == L_REGEX:
+            if rx.count == 0 or t.ids[a] < rx.first:
+                rx.first = t.ids[a]
+            rx.count += b - a
+        else:  # L_PGROUP / L_EGROUP: numbers of header indexes (< len(hidx), set in _build_vhost)
+            for g in range(a, b):
+                _push_header_hits(c, <_HeaderIndex>hidx[t.ids[g]], headers)
+    return 0
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int _walk(_Trie t, const unsigned char* p, Py_ssize_t n, bint lower, Candidates* c, RegexSeen* rx,
+               list hidx, object headers) except -1:
     if t.empty:
         return 0
     cdef int32_t node = 0, child
     cdef Py_ssize_t i
     cdef uint8_t b
-    if t.prefix_cnt[0]:
-        _push(c, t.ids + t.prefix_off[0], t.prefix_cnt[0])
-    for i in range(n):
+    # Nodes are < n_nodes (edge_child entries are node numbers).
+    if t.off[0] != t.off[L_EXACT]:
+        _visit(t, 0, L_PREFIX, L_REGEX, c, rx, hidx, headers)
+    for i in range(n):  # p has n bytes
         b = p[i]
         if lower and 65 <= b <= 90:
             b += 32
@@ -284,10 +461,10 @@ cdef int _walk(_Trie t, const unsigned char* p, Py_ssize_t n, bint lower, Candid
         if child < 0:
             return 0
         node = child
-        if t.prefix_cnt[node]:
-            _push(c, t.ids + t.prefix_off[node], t.prefix_cnt[node])
-    if t.exact_cnt[node]:
-        _push(c, t.ids + t.exact_off[node], t.exact_cnt[node])
+        if t.off[node * N_LISTS] != t.off[node * N_LISTS + L_EXACT]:
+            _visit(t, node, L_PREFIX, L_REGEX, c, rx, hidx, headers)
+    if t.off[node * N_LISTS + L_EXACT] != t.off[node * N_LISTS + N_LISTS]:
+        _visit(t, node, L_EXACT, L_EGROUP, c, rx, hidx, headers)
     return 0
 
 
@@ -296,33 +473,39 @@ cdef class _Vhost:
     cdef object spec
     cdef str name
     cdef bint require_tls          # spec.require_tls is not "NONE"
-    cdef _Trie cs                  # case-sensitive prefixes / exact paths
+    cdef _Trie cs                  # case-sensitive prefixes / exact paths / regex literal prefixes
     cdef _Trie ci                  # ASCII-lower-cased (case_sensitive: false)
-    cdef int32_t* always           # regex routes (every request is a candidate)
-    cdef Py_ssize_t n_always
+    cdef list hidx                 # _HeaderIndex per header-indexed slot (numbers in the tries)
+    cdef int32_t* regex_route      # per pattern of regex_set: its route (ascending)
+    cdef Py_ssize_t n_regex
     cdef uint8_t* kind             # per route: 0 prefix/path, 1 separated, 2 regex
     cdef uint8_t* simple           # per route: decided by the path alone
+    cdef uint8_t* by_index         # per route: decided by the path and its indexed header
     cdef int64_t* plen             # per route: UTF-8 byte length of the prefix (separated check)
     cdef uint8_t* is_static        # per route: the result does not depend on the request
     cdef list static               # per route: the shared RouteMatch, made on first use
     cdef list no_header            # per route: _NoHeaderPlan (None for routes decided by the path)
+    cdef list rx_match             # per route: its regex's binding-level Match (None: use fullmatch)
     cdef tuple routes
-    cdef object regex_set          # RE2 set of the regex routes (None: check them one by one)
-    cdef int32_t* group_of         # per route: index in `groups` (a header dispatch run) or -1
-    cdef list groups               # routes_py.HeaderGroup per run
+    cdef object regex_set          # routes_py.RegexSet of the regex routes (None: fewer than two)
+    cdef list raw_set              # regex_set.raw: (binding-level set, base) per chunk, or None
 
     def __dealloc__(self):
-        PyMem_Free(self.always)
+        PyMem_Free(self.regex_route)
         PyMem_Free(self.kind)
         PyMem_Free(self.simple)
+        PyMem_Free(self.by_index)
         PyMem_Free(self.plen)
         PyMem_Free(self.is_static)
-        PyMem_Free(self.group_of)
 
 
 cdef bint _is_static(object r):
     return (r.action in ("cluster", "direct") and not r.hash_policies and r.prefix_rewrite is None
             and r.regex_rewrite is None)
+
+
+_LISTS = {("prefix", "ids"): L_PREFIX, ("prefix", "groups"): L_PGROUP, ("prefix", "regex"): L_REGEX,
+          ("exact", "ids"): L_EXACT, ("exact", "groups"): L_EGROUP}
 
 
 cdef _Vhost _build_vhost(object vh):
@@ -334,42 +517,43 @@ cdef _Vhost _build_vhost(object vh):
     v.routes = tuple(vh.routes)
     v.kind = <uint8_t*>zalloc(n)
     v.simple = <uint8_t*>zalloc(n)
+    v.by_index = <uint8_t*>zalloc(n)
     v.plen = <int64_t*>zalloc(sizeof(int64_t) * n)
     v.is_static = <uint8_t*>zalloc(n)
-    cs_prefix, cs_exact, ci_prefix, ci_exact, always = [], [], [], [], []
-    group_of, v.groups = _py.header_groups(vh.routes)
-    v.group_of = <int32_t*>zalloc(sizeof(int32_t) * (n or 1))
-    for i in range(n):
-        v.group_of[i] = group_of[i]
+    v.rx_match = [None] * n
     for r in vh.routes:
         i = r.index
-        key = (<str>r.path_value).encode()
-        v.plen[i] = len(key)
-        v.simple[i] = not (r.headers or r.query or r.runtime_fraction is not None or r.grpc)
+        v.plen[i] = len((<str>r.path_value).encode())
+        v.simple[i] = _py.decided_by_path(r)
+        v.by_index[i] = _py.decided_by_index(r)
         v.is_static[i] = _is_static(r)
-        if group_of[i] >= 0 and (<object>v.groups[group_of[i]]).start != i:
-            v.kind[i] = 0  # a header dispatch run is entered through its first route only
-            continue
+        v.kind[i] = 2 if r.path_kind == "regex" else (1 if r.path_kind == "separated" else 0)
         if r.path_kind == "regex":
-            v.kind[i] = 2
-            always.append(i)
-        else:
-            v.kind[i] = 1 if r.path_kind == "separated" else 0
-            exact = r.path_kind == "path"
-            if r.case_sensitive or (r.path_kind == "prefix" and r.path_value in ("", "/")):
-                (cs_exact if exact else cs_prefix).append((key, i))
-            else:
-                lowered = ascii_lower(r.path_value).encode()
-                (ci_exact if exact else ci_prefix).append((lowered, i))
+            if _ANCHOR_BOTH is not None:
+                v.rx_match[i] = getattr(getattr(r.regex, "_regexp", None), "Match", None)
+    entries = {"cs": [], "ci": []}
+    v.hidx = []
+    for (table, kind, key), slot in _py.slots(vh.routes).items():
+        bkey = (<str>key).encode()
+        out = entries[table]
+        for ri in (<object>slot).ids:
+            out.append((bkey, ri, _LISTS[kind, "ids"]))
+        for ri in (<object>slot).regex_ids:
+            out.append((bkey, ri, _LISTS[kind, "regex"]))
+        for name, by_value in (<object>slot).by_header.items():
+            out.append((bkey, len(v.hidx), _LISTS[kind, "groups"]))
+            v.hidx.append(_header_index(name, by_value))
     v.static = [None] * n
     v.no_header = [None if v.simple[i] else _no_header_plan(vh.routes[i]) for i in range(n)]
-    v.cs = _build_trie(cs_prefix, cs_exact)
-    v.ci = _build_trie(ci_prefix, ci_exact)
-    v.regex_set = _py.regex_set([vh.routes[i].path_value for i in always])
-    v.n_always = len(always)
-    v.always = <int32_t*>zalloc(sizeof(int32_t) * (v.n_always or 1))
-    for i in range(v.n_always):
-        v.always[i] = always[i]
+    v.cs = _build_trie(entries["cs"])
+    v.ci = _build_trie(entries["ci"])
+    regexes = [r.index for r in vh.routes if r.path_kind == "regex"]
+    v.regex_set = _py.regex_set([vh.routes[i].path_value for i in regexes])
+    v.raw_set = v.regex_set.raw if v.regex_set is not None else None
+    v.n_regex = len(regexes)
+    v.regex_route = <int32_t*>zalloc(sizeof(int32_t) * (v.n_regex or 1))
+    for i in range(v.n_regex):
+        v.regex_route[i] = regexes[i]
     return v
 
 
@@ -454,10 +638,12 @@ cdef class RouteTable:
         cdef const char* buf
         cdef const char* hit
         cdef Candidates cand
+        cdef Candidates rx_hits
+        cdef RegexSeen rx
         cdef _Vhost v
-        cdef int32_t ri, tmp
+        cdef int32_t ri, best
         cdef int decided
-        cdef Py_ssize_t skip_below
+        cdef bint regex_phase
         cdef uint64_t rv
         cdef list keep = None          # bytes standing for a path with lone surrogates
         if (type(path) is not str or type(method) is not str or type(scheme) is not str
@@ -468,14 +654,14 @@ cdef class RouteTable:
         if buf == NULL:
             keep = []
             buf = _utf8_fallback(path, &size, keep)
-        if headers is not None and type(headers) is not dict:
+        if headers is not None and type(headers) is not dict and type(headers) is not list:
             headers = request_headers(headers)  # iterators become lists (read more than once)
         full_path = path
         hit = <const char*>memchr(buf, 35, size)  # '#': Envoy strips the fragment
         if hit != NULL:
             size = hit - buf
             full_path = path.split("#", 1)[0]
-        if headers and empty_forwarded_proto(headers):
+        if headers and _empty_forwarded_proto(headers):
             return None
         vi = self._find_vhost(authority, headers, full_path, method, scheme)
         if vi < 0:
@@ -496,76 +682,54 @@ cdef class RouteTable:
                 if keep is None:
                     keep = []
                 buf = _utf8_fallback(stripped, &match_len, keep)
-        cand.ids = cand.stack
-        cand.n = 0
-        cand.cap = DEF_CANDIDATES
-        cand.heap = False
+        _init(&cand)
+        _init(&rx_hits)
+        rx.count = 0
+        rx.first = -1
         try:
-            _walk(v.cs, <const unsigned char*>buf, match_len, False, &cand)
-            _walk(v.ci, <const unsigned char*>buf, match_len, True, &cand)
+            _walk(v.cs, <const unsigned char*>buf, match_len, False, &cand, &rx, v.hidx, headers)
+            _walk(v.ci, <const unsigned char*>buf, match_len, True, &cand, &rx, v.hidx, headers)
+            _sort(&cand)
             match_path = None
-            if v.regex_set is not None:
-                match_path = _py_match_path(full_path, self._ignore_params)
-                matched = v.regex_set.Match(match_path)
-                if matched:
-                    for k in matched:
-                        _push(&cand, v.always + <Py_ssize_t>k, 1)
-            elif v.n_always:
-                _push(&cand, v.always, v.n_always)
-            # Route order: insertion sort for a handful of candidates, qsort beyond.
-            if cand.n > 32:
-                qsort(cand.ids, cand.n, sizeof(int32_t), _int32_cmp)
-            else:
-                for k in range(1, cand.n):
-                    tmp = cand.ids[k]
-                    j = k - 1
-                    while j >= 0 and cand.ids[j] > tmp:
-                        cand.ids[j + 1] = cand.ids[j]
-                        j -= 1
-                    cand.ids[j + 1] = tmp
             hdrs = None
             query_cache = None  # made on first use: parse_query(path), once per request
             if random_value is None:
                 rv = splitmix_next(&self._rng)
             else:
                 rv = random_value & 0xFFFFFFFFFFFFFFFF
-            skip_below = -1
-            for k in range(cand.n):
-                ri = cand.ids[k]
-                if (k and ri == cand.ids[k - 1]) or ri < skip_below:
-                    continue
-                if v.kind[ri] == 1:
-                    # path_separated_prefix: the prefix must end the path or precede '/'.
-                    if not (v.plen[ri] == match_len or (v.plen[ri] < match_len and buf[v.plen[ri]] == 47)):
+            # Two passes, first match wins. 1: the non-regex candidates in route order, up to
+            # the first that matches (best). 2: only if a regex route comes before best, the
+            # regex routes before it that match (one RE2 set pass over the path), in order.
+            best = -1
+            regex_phase = False
+            k = 0
+            while True:
+                if not regex_phase:
+                    if k == cand.n:
+                        regex_phase = True
+                        if not _regexes_before(v, -1, &rx, &rx_hits, buf, match_len):
+                            break
+                        k = 0
                         continue
-                if v.group_of[ri] >= 0:
-                    # A header dispatch run: all its routes share this path matcher, so ri is
-                    # the run's first route and the run decides at once.
-                    group = v.groups[v.group_of[ri]]
-                    if hdrs is None:
-                        hdrs = normalise_headers(headers, authority, full_path, method, scheme)
-                    winner = group.decide(hdrs)
-                    if winner is None:
-                        skip_below = group.end
+                    ri = cand.ids[k]  # k < cand.n
+                    k += 1
+                    if k > 1 and ri == cand.ids[k - 2]:
                         continue
-                    ri = winner
-                    if match_path is None:
-                        match_path = _py_match_path(full_path, self._ignore_params)
-                    return _py._result(self.spec, v.spec, v.routes[ri], full_path, hdrs, authority, scheme, rv,
-                                       source_ip, match_path, _xxh64)
-                if v.kind[ri] == 2 and v.regex_set is None:
-                    if match_path is None:
-                        match_path = _py_match_path(full_path, self._ignore_params)
-                    if keep is None:
-                        if v.routes[ri].regex.fullmatch(match_path) is None:
+                    if v.kind[ri] == 1:
+                        # path_separated_prefix: the prefix must end the path or precede '/'.
+                        if not (v.plen[ri] == match_len or (v.plen[ri] < match_len and buf[v.plen[ri]] == 47)):
                             continue
-                    elif not regex_fullmatch(v.routes[ri].regex, match_path):  # lone surrogates
-                        continue
-                if not v.simple[ri]:
+                else:
+                    if k == rx_hits.n:
+                        break
+                    ri = rx_hits.ids[k]  # k < rx_hits.n; ascending
+                    k += 1
+                    if best >= 0 and ri >= best:
+                        break
+                if not (v.simple[ri] or v.by_index[ri]):
                     if not headers:  # no request headers: decide from the pseudo-headers alone
                         decided = _conditions_without_headers(<_NoHeaderPlan>v.no_header[ri], authority,
-                                                              full_path, method,
-                                                              scheme, rv)
+                                                              full_path, method, scheme, rv)
                     else:
                         if hdrs is None:
                             hdrs = normalise_headers(headers, authority, full_path, method, scheme)
@@ -573,35 +737,93 @@ cdef class RouteTable:
                     if decided == 0:
                         continue
                     if decided == 2:
-                        if match_path is None:
-                            match_path = _py_match_path(full_path, self._ignore_params)
                         if hdrs is None:
                             hdrs = normalise_headers(headers, authority, full_path, method, scheme)
                         if query_cache is None:
                             query_cache = []
-                        if not _py._route_matches(v.routes[ri], match_path, full_path, hdrs, rv, query_cache):
+                        if not _py._conditions_match(v.routes[ri], full_path, hdrs, rv, query_cache):
                             continue
-                if v.is_static[ri]:
-                    result = v.static[ri]
-                    if result is None:
-                        r = v.routes[ri]
-                        result = RouteMatch(
-                            v.name, r.name, r.cluster if r.action == "cluster" else None,
-                            (r.direct_response.status, r.direct_response.body) if r.direct_response else None,
-                            None, r.timeout, r.retry_policy, None, None, r.host_rewrite_literal or None,
-                            r.cluster_not_found_response_code, None, r)
-                        v.static[ri] = result
-                    return result
-                if match_path is None:
-                    match_path = _py_match_path(full_path, self._ignore_params)
-                if hdrs is None:
-                    hdrs = normalise_headers(headers, authority, full_path, method, scheme)
-                return _py._result(self.spec, v.spec, v.routes[ri], full_path, hdrs, authority, scheme, rv,
-                                   source_ip, match_path, _xxh64)
-            return None
+                if regex_phase:
+                    best = ri
+                    break
+                best = ri
+                regex_phase = True
+                if not _regexes_before(v, best, &rx, &rx_hits, buf, match_len):
+                    break
+                k = 0
+            if best < 0:
+                return None
+            ri = best
+            if v.is_static[ri]:
+                result = v.static[ri]
+                if result is None:
+                    r = v.routes[ri]
+                    result = RouteMatch(
+                        v.name, r.name, r.cluster if r.action == "cluster" else None,
+                        (r.direct_response.status, r.direct_response.body) if r.direct_response else None,
+                        None, r.timeout, r.retry_policy, None, None, r.host_rewrite_literal or None,
+                        r.cluster_not_found_response_code, None, r)
+                    v.static[ri] = result
+                return result
+            if match_path is None:
+                match_path = _py_match_path(full_path, self._ignore_params)
+            if hdrs is None:
+                hdrs = normalise_headers(headers, authority, full_path, method, scheme)
+            return _py._result(self.spec, v.spec, v.routes[ri], full_path, hdrs, authority, scheme, rv,
+                               source_ip, match_path, _xxh64)
         finally:
             if cand.heap:
                 PyMem_Free(cand.ids)
+            if rx_hits.heap:
+                PyMem_Free(rx_hits.ids)
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef bint _regexes_before(_Vhost v, int32_t best, RegexSeen* rx, Candidates* out, const char* buf,
+                          Py_ssize_t match_len) except -1:
+    """The regex candidates before route ``best`` (-1: all) whose regex fully matches the path
+    (``buf``: its match_len bytes, as matched), into ``out`` in route order. False when no
+    regex candidate comes before ``best`` (nothing to do). Several: one pass of the virtual
+    host's RE2 set (a regex matches only paths with its literal prefix, so every route it
+    reports is a candidate); one: that regex alone."""
+    cdef Py_ssize_t i, base
+    cdef int32_t ri
+    if rx.count == 0 or (best >= 0 and rx.first >= best):
+        return False
+    text = PyBytes_FromStringAndSize(buf, match_len)
+    if rx.count == 1:
+        ri = rx.first  # the only regex candidate
+        if _regex_matches(v, ri, text):
+            _push(out, &ri, 1)
+        return True
+    if v.regex_set is None:
+        # No RE2 set (a pattern RE2 could not put in one): each regex route before best.
+        for i in range(v.n_regex):
+            ri = v.regex_route[i]  # i < n_regex
+            if best >= 0 and ri >= best:
+                break
+            if _regex_matches(v, ri, text):
+                _push(out, &ri, 1)
+        return True
+    if v.raw_set is not None:
+        for chunk, base in v.raw_set:
+            for i in chunk.Match(text) or ():
+                # base + i < n_regex (a pattern of this chunk)
+                _push(out, v.regex_route + base + <Py_ssize_t>i, 1)
+    else:
+        for i in v.regex_set.Match(text.decode("utf-8", "surrogatepass")):
+            _push(out, v.regex_route + i, 1)
+    _sort(out)
+    return True
+
+
+cdef bint _regex_matches(_Vhost v, int32_t ri, bytes text) except -1:
+    """Route ``ri``'s regex fully matches ``text`` (the match path's bytes)."""
+    fullmatch = v.rx_match[ri]
+    if fullmatch is not None:
+        return (<tuple>(<list>fullmatch(_ANCHOR_BOTH, text, 0, len(text)))[0])[0] >= 0
+    return (<object>v.routes[ri]).regex.fullmatch(text) is not None
+
 
 
 @cython.final
@@ -767,6 +989,36 @@ cdef int _conditions_with_headers(_NoHeaderPlan plan, dict hdrs, uint64_t rv) ex
         if not _test_passes(t, hdrs.get(t.name)):
             return 0
     return 1
+
+
+cdef bint _empty_forwarded_proto(object headers) except -1:
+    """``_routing.empty_forwarded_proto`` (same result, same TypeErrors) with dicts and lists of
+    str pairs walked in C; anything else goes to it."""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* key
+    cdef PyObject* value
+    cdef bint found = False, empty = False
+    if type(headers) is dict:
+        while PyDict_Next(headers, &pos, &key, &value):
+            if type(<object>key) is not str or type(<object>value) is not str:
+                return empty_forwarded_proto(headers)  # checks (TypeError) or str subclasses
+            if not found and PyUnicode_GET_LENGTH(<object>key) == 17 and _same_name(<object>key, "x-forwarded-proto"):
+                found = True
+                empty = PyUnicode_GET_LENGTH(<object>value) == 0
+        return empty
+    if type(headers) is not list:
+        return empty_forwarded_proto(headers)
+    for item in <list>headers:
+        if type(item) is not tuple or len(<tuple>item) != 2:
+            return empty_forwarded_proto(headers)
+        name = (<tuple>item)[0]
+        val = (<tuple>item)[1]
+        if type(name) is not str or type(val) is not str:
+            return empty_forwarded_proto(headers)
+        if not found and PyUnicode_GET_LENGTH(name) == 17 and _same_name(name, "x-forwarded-proto"):
+            found = True
+            empty = PyUnicode_GET_LENGTH(val) == 0  # the first one decides
+    return empty
 
 
 cdef object _py_match_path(str full_path, bint ignore_params):

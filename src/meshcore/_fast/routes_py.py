@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from .._route_model import HeaderMatchSpec, RouteConfigSpec, RouteSpec, StringMatchSpec, VirtualHostSpec
 from .hashing_py import xxh64
 from .._routing import (
+    INLINE_HEADERS,
     RouteMatch,
     apply_rewrites,
     ascii_lower,
@@ -53,10 +54,15 @@ class RegexSet:
     """All path regexes of a virtual host as RE2 sets (full match): one pass over the path
     finds every matching regex route. Large groups are split into chunks RE2 can compile."""
 
-    __slots__ = ("chunks",)
+    __slots__ = ("chunks", "raw")
 
     def __init__(self, chunks: List[Tuple[Any, int]]) -> None:
         self.chunks = chunks  # (compiled set, index of its first pattern)
+        # google-re2's binding under its Set wrapper (takes UTF-8 bytes, skips the wrapper's
+        # Python frame); None when this version of the package has no such attribute.
+        raw = [getattr(rset, "_set", None) for rset, _ in chunks]
+        self.raw: Optional[List[Tuple[Any, int]]] = (
+            None if any(r is None for r in raw) else [(r, base) for r, (_, base) in zip(raw, chunks)])
 
     def Match(self, path: str) -> List[int]:  # noqa: N802  (re2.Set's spelling)
         out: List[int] = []
@@ -100,132 +106,186 @@ def regex_set(patterns: Sequence[str], chunk: int = 256) -> Optional[RegexSet]:
     return RegexSet(chunks)
 
 
-class HeaderGroup:
-    """A run of consecutive routes that differ only in one exact header value (a common
-    gateway shape: ``prefix /api`` + ``x-tenant: tN``). First-match-wins over the run is one
-    dictionary lookup per header value instead of one matcher per route."""
+# -- the candidate index, shared by both twins --------------------------------------------------
+#
+# Every route of a virtual host sits in exactly one slot, keyed by what its path matcher
+# requires of the path:
+#
+# * prefix / path / path_separated_prefix: the (ASCII-lower-cased, for case_sensitive: false)
+#   prefix or path. A route is a candidate only if the path starts with / equals its key.
+# * safe_regex: the literal prefix every full match of the regex starts with, as RE2 proves it
+#   (``regex_literal_prefix``; often "/api/" and the like, "" when nothing is fixed). A regex
+#   route is a candidate only if the path starts with it; the regex itself runs only when the
+#   route comes before the best non-regex match (first match wins).
+# * routes (other than regex ones) with an exact header matcher on an ordinary header
+#   (``indexed_header``) sit in their slot's header index: name -> value -> routes. They are
+#   candidates only if the request carries that value, so a table of tenant routes on one prefix
+#   costs one dictionary lookup per request value, wherever the routes are in the table.
+#
+# Every index only drops routes it proves cannot match; candidates are then tried in route
+# order, so the decision is Envoy's linear scan.
 
-    __slots__ = ("start", "end", "name", "first_route")
-
-    def __init__(self, start: int, end: int, name: str, first_route: Dict[str, int]) -> None:
-        self.start = start  # first route index of the run
-        self.end = end  # one past the last
-        self.name = name  # the header
-        self.first_route = first_route  # header value -> first route of the run expecting it
-
-    def decide(self, hdrs: Dict[str, List[str]]) -> Optional[int]:
-        """The route of the run that matches first, or None."""
-        best: Optional[int] = None
-        for value in hdrs.get(self.name) or ():
-            ri = self.first_route.get(value)
-            if ri is not None and (best is None or ri < best):
-                best = ri
-        return best
+REGEX_PREFIX_MAXLEN = 128  # bytes of a regex's range RE2 explores for its literal prefix
 
 
-def _dispatch_key(r: RouteSpec) -> Optional[Tuple[Any, ...]]:
-    if r.query or r.runtime_fraction is not None or r.grpc or len(r.headers) != 1:
+def regex_literal_prefix(rx: Any) -> str:
+    """The longest ASCII string every full match of ``rx`` (a compiled google-re2 regex) starts
+    with. RE2's PossibleMatchRange bounds every string the regex matches, anchored at the
+    start: min <= s <= max (bytewise); any s between two strings sharing a prefix starts with
+    it. Non-ASCII bytes end the prefix (a path's bytes are compared as ASCII). "" when RE2 cannot
+    tell (the route is then a candidate for every path)."""
+    try:
+        lo, hi = rx.possiblematchrange(REGEX_PREFIX_MAXLEN)
+    except Exception:  # noqa: BLE001  (re2.error: RE2 cannot bound it; or no such method)
+        return ""
+    n = 0
+    limit = min(len(lo), len(hi))
+    while n < limit and lo[n] == hi[n] and lo[n] < 0x80:
+        n += 1
+    return bytes(lo[:n]).decode("ascii")
+
+
+def indexed_header(r: RouteSpec) -> Optional[HeaderMatchSpec]:
+    """The header matcher of ``r`` its slot's header index keys it by, or None: the first one
+    that is a plain exact match (case-sensitive, not inverted, a missing header does not
+    match) on a header whose normalised values are the request's own, one by one, in order:
+    not a pseudo-header, ``host`` (read from :authority) or a header Envoy coalesces with ","
+    (``INLINE_HEADERS``, x-forwarded-proto among them). Regex routes are never header-indexed
+    (RE2 sets decide them)."""
+    if r.path_kind == "regex":
         return None
-    if r.path_kind not in ("prefix", "path", "separated"):
-        return None
-    h = r.headers[0]
-    if (h.kind != "string" or h.invert or h.treat_missing_as_empty or h.string is None
-            or h.string.kind != "exact" or h.string.ignore_case):
-        return None
-    return (r.path_kind, r.path_value, r.case_sensitive, h.name)
+    for h in r.headers:
+        if (h.kind == "string" and not h.invert and not h.treat_missing_as_empty and h.string is not None
+                and h.string.kind == "exact" and not h.string.ignore_case and h.name[:1] != ":"
+                and h.name != "host" and h.name not in INLINE_HEADERS):
+            return h
+    return None
 
 
-def header_groups(routes: Sequence[RouteSpec], min_size: int = 4) -> Tuple[List[int], List[HeaderGroup]]:
-    """(group index per route or -1, the groups) for runs of at least ``min_size`` routes."""
-    group_of = [-1] * len(routes)
-    groups: List[HeaderGroup] = []
-    i = 0
-    n = len(routes)
-    while i < n:
-        key = _dispatch_key(routes[i])
-        j = i + 1
-        if key is not None:
-            while j < n and _dispatch_key(routes[j]) == key:
-                j += 1
-            if j - i >= min_size:
-                first: Dict[str, int] = {}
-                for k in range(i, j):
-                    first.setdefault(routes[k].headers[0].string.value, k)  # type: ignore[union-attr]
-                for k in range(i, j):
-                    group_of[k] = len(groups)
-                groups.append(HeaderGroup(i, j, key[3], first))
-        i = j
-    return group_of, groups
+def decided_by_path(r: RouteSpec) -> bool:
+    """No condition beyond the path matcher."""
+    return not (r.headers or r.query or r.runtime_fraction is not None or r.grpc)
+
+
+def decided_by_index(r: RouteSpec) -> bool:
+    """Its conditions are the path and its indexed header alone: a candidate the header index
+    produced (and whose path matched) matches."""
+    return (len(r.headers) == 1 and indexed_header(r) is r.headers[0] and not r.query
+            and r.runtime_fraction is None and not r.grpc)
+
+
+SlotKey = Tuple[str, str, str]  # (table: "cs" / "ci", kind: "prefix" / "exact", key)
+
+
+def slot_of(r: RouteSpec) -> SlotKey:
+    """Where the route sits: case-sensitive or lower-cased table, prefix or exact path, key."""
+    kind, value = r.path_kind, r.path_value
+    if kind == "regex":
+        return ("cs", "prefix", regex_literal_prefix(r.regex))
+    table = "cs" if r.case_sensitive or (kind == "prefix" and value in ("", "/")) else "ci"
+    key = value if table == "cs" else ascii_lower(value)
+    return (table, "exact" if kind == "path" else "prefix", key)
+
+
+class Slot:
+    """The routes of one index key: plain ones, regex ones and header-indexed ones, each list
+    in route order."""
+
+    __slots__ = ("ids", "regex_ids", "by_header")
+
+    def __init__(self) -> None:
+        self.ids: List[int] = []
+        self.regex_ids: List[int] = []
+        self.by_header: Dict[str, Dict[str, List[int]]] = {}  # header -> value -> routes
+
+    def add(self, r: RouteSpec) -> None:
+        h = indexed_header(r)
+        if r.path_kind == "regex":
+            self.regex_ids.append(r.index)
+        elif h is not None:
+            self.by_header.setdefault(h.name, {}).setdefault(h.string.value, []).append(r.index)  # type: ignore[union-attr]
+        else:
+            self.ids.append(r.index)
+
+
+def slots(routes: Sequence[RouteSpec]) -> Dict[SlotKey, Slot]:
+    """Every route of a virtual host in its slot (routes taken in order: lists ascend)."""
+    out: Dict[SlotKey, Slot] = {}
+    for r in routes:
+        key = slot_of(r)
+        slot = out.get(key)
+        if slot is None:
+            slot = out[key] = Slot()
+        slot.add(r)
+    return out
 
 
 class _VhostIndex:
-    """Candidate index of one virtual host's routes."""
+    """Candidate index of one virtual host's routes (see the comment above ``regex_literal_prefix``)."""
 
     __slots__ = ("spec", "exact", "exact_ci", "prefix", "prefix_ci", "prefix_lens", "prefix_ci_lens",
-                 "always", "regex_set", "n_routes", "group_of", "groups")
+                 "regex_set", "regex_routes", "n_routes", "by_path", "by_index")
 
     def __init__(self, spec: VirtualHostSpec) -> None:
         self.spec = spec
-        self.exact: Dict[str, List[int]] = {}
-        self.exact_ci: Dict[str, List[int]] = {}
-        self.prefix: Dict[str, List[int]] = {}
-        self.prefix_ci: Dict[str, List[int]] = {}
-        self.always: List[int] = []  # regex routes: checked for every path
-        self.group_of, self.groups = header_groups(spec.routes)
-        for r in spec.routes:
-            g = self.group_of[r.index]
-            if g >= 0 and self.groups[g].start != r.index:
-                continue  # a header dispatch run is entered through its first route only
-            kind, value = r.path_kind, r.path_value
-            if kind == "regex":
-                self.always.append(r.index)
-            elif kind == "path":
-                if r.case_sensitive:
-                    self.exact.setdefault(value, []).append(r.index)
-                else:
-                    self.exact_ci.setdefault(ascii_lower(value), []).append(r.index)
-            else:  # prefix / separated: indexed by the prefix, separated re-checked
-                if r.case_sensitive or kind == "prefix" and value in ("", "/"):
-                    self.prefix.setdefault(value, []).append(r.index)
-                else:
-                    self.prefix_ci.setdefault(ascii_lower(value), []).append(r.index)
-        self.regex_set = regex_set([spec.routes[i].path_value for i in self.always])
+        tables: Dict[Tuple[str, str], Dict[str, Slot]] = {
+            ("cs", "exact"): {}, ("ci", "exact"): {}, ("cs", "prefix"): {}, ("ci", "prefix"): {}}
+        for (table, kind, key), slot in slots(spec.routes).items():
+            tables[(table, kind)][key] = slot
+        self.exact = tables[("cs", "exact")]
+        self.exact_ci = tables[("ci", "exact")]
+        self.prefix = tables[("cs", "prefix")]
+        self.prefix_ci = tables[("ci", "prefix")]
+        regexes = [r for r in spec.routes if r.path_kind == "regex"]
+        self.regex_set = regex_set([r.path_value for r in regexes])
+        self.regex_routes = [r.index for r in regexes]  # pattern of the set -> its route
         self.prefix_lens = sorted({len(p) for p in self.prefix})
         self.prefix_ci_lens = sorted({len(p) for p in self.prefix_ci})
         self.n_routes = len(spec.routes)
+        self.by_path = [decided_by_path(r) for r in spec.routes]
+        self.by_index = [decided_by_index(r) for r in spec.routes]
 
-    def candidates(self, path: str) -> List[int]:
-        out: List[int] = []
+    def slots_for(self, path: str) -> List[Slot]:
+        """The slots whose key the path starts with (prefix) or equals (exact)."""
+        out: List[Slot] = []
         hit = self.exact.get(path)
         if hit:
-            out.extend(hit)
+            out.append(hit)
         lowered = ascii_lower(path) if (self.exact_ci or self.prefix_ci) else path
         if self.exact_ci:
             hit = self.exact_ci.get(lowered)
             if hit:
-                out.extend(hit)
+                out.append(hit)
         n = len(path)
         for length in self.prefix_lens:
             if length > n:
                 break
             hit = self.prefix.get(path[:length])
             if hit:
-                out.extend(hit)
+                out.append(hit)
         for length in self.prefix_ci_lens:
             if length > n:
                 break
             hit = self.prefix_ci.get(lowered[:length])
             if hit:
-                out.extend(hit)
-        if self.regex_set is not None:
-            matched = self.regex_set.Match(path)
-            if matched:
-                always = self.always
-                out.extend(always[i] for i in matched)
-        else:
-            out.extend(self.always)
-        out.sort()
+                out.append(hit)
         return out
+
+    def candidates(self, path: str, hdrs: Dict[str, List[str]]) -> Tuple[List[int], List[int]]:
+        """(non-regex candidates, regex candidates), each in route order."""
+        out: List[int] = []
+        regex: List[int] = []
+        for slot in self.slots_for(path):
+            out.extend(slot.ids)
+            regex.extend(slot.regex_ids)
+            for name, by_value in slot.by_header.items():
+                for value in hdrs.get(name) or ():
+                    hit = by_value.get(value)
+                    if hit:
+                        out.extend(hit)
+        out.sort()
+        regex.sort()
+        return out, regex
 
 
 DomainMaps = Tuple[Dict[str, int], List[Tuple[int, Dict[str, int]]], List[Tuple[int, Dict[str, int]]], Optional[int]]
@@ -348,29 +408,52 @@ class RouteTable:
             match_path = strip_path_params(match_path)
         query_cache: List[Any] = []
         routes = index.spec.routes
-        group_of = index.group_of
-        skip_below = -1
-        for ri in index.candidates(match_path):
-            if ri < skip_below:
-                continue
-            g = group_of[ri]
-            if g >= 0:
-                group = index.groups[g]
-                # Every route of the run shares the path matcher, so all are candidates and
-                # ri is the run's first; the run decides at once.
-                winner = group.decide(hdrs) if _path_matches(routes[ri], match_path) else None
-                if winner is None:
-                    skip_below = group.end
-                    continue
-                ri = winner
-                r = routes[ri]
-                return _result(self.spec, index.spec, r, full_path, hdrs, authority, scheme, random_value,
-                               source_ip, match_path)
+        plain, regex = index.candidates(match_path, hdrs)
+        winner: Optional[int] = None
+        for ri in plain:
             r = routes[ri]
-            if _route_matches(r, match_path, full_path, hdrs, random_value, query_cache):
-                return _result(self.spec, index.spec, r, full_path, hdrs, authority, scheme, random_value,
-                               source_ip, match_path)
+            if r.path_kind == "separated" and not _path_matches(r, match_path):
+                continue  # the prefix matched; the character after it did not
+            if index.by_path[ri] or index.by_index[ri] or _conditions_match(
+                    r, full_path, hdrs, random_value, query_cache):
+                winner = ri
+                break
+        if regex:
+            # Regex routes run only when they come before the best non-regex match.
+            earlier = regex if winner is None else [ri for ri in regex if ri < winner]
+            if earlier:
+                found = _first_regex_match(index, earlier, match_path, full_path, hdrs, random_value, query_cache)
+                if found is not None:
+                    winner = found
+        if winner is None:
+            return None
+        return _result(self.spec, index.spec, routes[winner], full_path, hdrs, authority, scheme, random_value,
+                       source_ip, match_path)
+
+
+def _first_regex_match(
+    index: _VhostIndex, earlier: List[int], match_path: str, full_path: str, hdrs: Dict[str, List[str]],
+    random_value: int, query_cache: List[Any],
+) -> Optional[int]:
+    """The first of the regex candidates ``earlier`` (in route order) that matches: one pass of
+    the virtual host's RE2 set when there are several, else the regex itself."""
+    routes = index.spec.routes
+    if len(earlier) > 1 and index.regex_set is not None:
+        # A regex matches only paths with its literal prefix: every route the set reports is a
+        # regex candidate, so those up to the last of ``earlier`` are the ones to try.
+        last = earlier[-1]
+        for ri in sorted(index.regex_routes[i] for i in index.regex_set.Match(match_path)):
+            if ri > last:
+                break
+            if index.by_path[ri] or _conditions_match(routes[ri], full_path, hdrs, random_value, query_cache):
+                return ri
         return None
+    for ri in earlier:
+        r = routes[ri]
+        if regex_fullmatch(r.regex, match_path) and (
+                index.by_path[ri] or _conditions_match(r, full_path, hdrs, random_value, query_cache)):
+            return ri
+    return None
 
 
 def _path_matches(r: RouteSpec, p: str) -> bool:
@@ -432,12 +515,18 @@ def _route_matches(
     r: RouteSpec, match_path: str, full_path: str, hdrs: Dict[str, List[str]], random_value: int,
     query_cache: List[Any],
 ) -> bool:
+    """Route ``r`` matches the request (Envoy's per-route test in its linear scan)."""
+    return _path_matches(r, match_path) and _conditions_match(r, full_path, hdrs, random_value, query_cache)
+
+
+def _conditions_match(
+    r: RouteSpec, full_path: str, hdrs: Dict[str, List[str]], random_value: int, query_cache: List[Any],
+) -> bool:
+    """Everything of ``r``'s match but the path: runtime fraction, gRPC, headers, query."""
     if r.runtime_fraction is not None:
         numerator, denominator = r.runtime_fraction
         if not random_value % denominator < numerator:
             return False
-    if not _path_matches(r, match_path):
-        return False
     if r.grpc and not is_grpc(hdrs):
         return False
     for h in r.headers:
