@@ -9,17 +9,22 @@ Mount it on a service (or on everything under a scheme)::
     session.mount("http://reviews.default.svc.cluster.local:9080", MeshAdapter(mesh))
     session.get("http://reviews.default.svc.cluster.local:9080/reviews/1")
 
-Per request: ``Mesh.request`` routes it, ``Call.run`` applies the route's policies, and each
-attempt is sent by ``HTTPAdapter.send`` to the picked ``ip:port`` with the logical ``Host``
-header; for ``https`` the urllib3 pool gets ``server_hostname`` and ``assert_hostname`` = the
-logical host (SNI and certificate verification use the service name; pools are keyed by it too).
-The body is read within the attempt, and the response's ``url``/``request``/``cookies`` are those
-of the original request; ``response.meshcore`` says ``{"cluster", "endpoint", "route", "attempts"}``.
+Per request: ``Mesh.request`` routes it (the request's headers as a list of pairs, which the
+compiled route matcher reads directly), ``Call.run`` applies the route's policies, and each
+attempt goes straight to urllib3: the cluster's connection pool for the picked ``ip:port``
+(``HTTPConnectionPool.urlopen``, as ``HTTPAdapter.send`` calls it) with the logical ``Host``
+header; for ``https`` the pool gets ``server_hostname`` and ``assert_hostname`` = the logical host
+(SNI and certificate verification use the service name; pools are keyed by it too). The
+response is built by ``HTTPAdapter.build_response`` from the original request, so its
+``url``/``request``/``cookies`` are the logical ones and the Session's redirect, cookie and auth
+handling sees what it would see without the mesh. The body is read within the attempt;
+``response.meshcore`` says ``{"cluster", "endpoint", "route", "attempts"}``.
 Each cluster's attempts use their own urllib3 ``PoolManager`` (``pool_connections`` endpoint pools
-of ``pool_maxsize`` connections, as ``HTTPAdapter`` sizes its own); when the cluster leaves the
-mesh's configuration that manager is cleared (its connections closed) once the cluster's requests
-in flight finished. Proxies from ``proxies``/the environment still go through the adapter's
-proxy managers.
+of ``pool_maxsize`` connections, as ``HTTPAdapter`` sizes its own; the adapter's
+``init_poolmanager`` keywords apply to them too), looked up per attempt by endpoint in a small
+table in front of it; when the cluster leaves the mesh's configuration that manager is cleared
+(its connections closed) once the cluster's requests in flight finished. Proxied requests
+(``proxies``/the environment) still go through the adapter's proxy managers.
 
 Direct-response and redirect routes and fault-filter aborts are answered without an upstream.
 Failures raise requests' exceptions: an upstream failure after the last attempt as
@@ -35,20 +40,24 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any, Optional, Tuple, Union
+import threading
+from operator import attrgetter
+from typing import Any, Dict, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from requests import exceptions as rexc
 from requests.adapters import HTTPAdapter, select_proxy
 from requests.cookies import RequestsCookieJar, extract_cookies_to_jar
+from requests.structures import CaseInsensitiveDict
 from urllib3 import PoolManager
 from urllib3 import exceptions as u3exc
 from urllib3.response import HTTPResponse
 from urllib3.util import Timeout as Urllib3Timeout
 
 from ..call import FaultAbort, UpstreamTimeout, default_classify
-from ..errors import MeshError, NoRoute, Unavailable
+from ..errors import MeshError, NoRoute, NotReady, Unavailable
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
+from ..resilience.router_headers import ROUTER_HEADERS
 from . import (
     _add_context,
     _ClusterPools,
@@ -67,6 +76,9 @@ __all__ = ["MeshAdapter"]
 log = logging.getLogger(__name__)
 
 TimeoutArg = Union[None, float, Tuple[Optional[float], Optional[float]], Urllib3Timeout]
+
+_status_of = attrgetter("status_code")  # a requests Response always has an int status here
+_MEMO_MAX = 256  # bounded memo tables (timeouts, TLS names)
 
 
 def _classify(exc: BaseException) -> Optional[str]:
@@ -102,6 +114,66 @@ def _cap_timeout(timeout: TimeoutArg, cap: Optional[float]) -> TimeoutArg:
     return _min_timeout(timeout, cap)
 
 
+def _urllib3_timeout(timeout: TimeoutArg) -> Urllib3Timeout:
+    """What ``HTTPAdapter.send`` hands urllib3 for a requests ``timeout`` argument."""
+    if isinstance(timeout, tuple):
+        try:
+            connect, read = timeout
+        except ValueError:
+            raise ValueError(f"Invalid timeout {timeout}. Pass a (connect, read) timeout tuple, "
+                             f"or a single float to set both timeouts to the same value.") from None
+        return Urllib3Timeout(connect=connect, read=read)
+    if isinstance(timeout, Urllib3Timeout):
+        return timeout
+    return Urllib3Timeout(connect=timeout, read=timeout)
+
+
+def _requests_error(e: BaseException, request: Any) -> BaseException:
+    """The requests exception ``HTTPAdapter.send`` raises for a urllib3 failure (same mapping);
+    ``e`` itself when it has none."""
+    if isinstance(e, (u3exc.ProtocolError, OSError)):
+        return rexc.ConnectionError(e, request=request)
+    if isinstance(e, u3exc.MaxRetryError):
+        reason = e.reason
+        if isinstance(reason, u3exc.ConnectTimeoutError) and not isinstance(reason, u3exc.NewConnectionError):
+            return rexc.ConnectTimeout(e, request=request)
+        if isinstance(reason, u3exc.ResponseError):
+            return rexc.RetryError(e, request=request)
+        if isinstance(reason, u3exc.ProxyError):
+            return rexc.ProxyError(e, request=request)
+        if isinstance(reason, u3exc.SSLError):
+            return rexc.SSLError(e, request=request)
+        return rexc.ConnectionError(e, request=request)
+    if isinstance(e, u3exc.ClosedPoolError):
+        return rexc.ConnectionError(e, request=request)
+    if isinstance(e, u3exc.ProxyError):
+        return rexc.ProxyError(e)
+    if isinstance(e, u3exc.SSLError):
+        return rexc.SSLError(e, request=request)
+    if isinstance(e, u3exc.ReadTimeoutError):
+        return rexc.ReadTimeout(e, request=request)
+    if isinstance(e, u3exc.InvalidHeader):
+        return rexc.InvalidHeader(e, request=request)
+    return e
+
+
+class _ClusterManager(PoolManager):
+    """A cluster's urllib3 ``PoolManager`` with a table in front of it: attempt key (the
+    endpoint; for https also the TLS name and settings) -> its connection pool. The table is
+    a cache: a pool the manager evicted (and so closed) is fetched again."""
+
+    _TABLE_MAX = 256
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.by_attempt: Dict[Any, Any] = {}
+        self.lock = threading.Lock()
+
+    def clear(self) -> None:
+        self.by_attempt = {}
+        super().clear()
+
+
 class MeshAdapter(HTTPAdapter):
     """A ``requests`` ``HTTPAdapter`` sending through the mesh (see the module docstring)."""
 
@@ -112,12 +184,21 @@ class MeshAdapter(HTTPAdapter):
         self._ready_timeout = ready_timeout
         super().__init__(**pool_kwargs)
         self._pools = _ClusterPools(mesh, self._new_pool_manager, lambda pm: pm.clear())
+        self._timeouts: Dict[Any, Urllib3Timeout] = {}  # (timeout argument, attempt cap) -> urllib3's
+        self._tls_names: Dict[str, str] = {}  # authority -> host name (SNI, certificate check)
 
     def _new_pool_manager(self, cluster: str) -> PoolManager:
-        return PoolManager(num_pools=self._pool_connections, maxsize=self._pool_maxsize, block=self._pool_block)
+        kw = dict(self.poolmanager.connection_pool_kw)  # init_poolmanager's extra keywords
+        kw.update(num_pools=self._pool_connections, maxsize=self._pool_maxsize, block=self._pool_block)
+        return _ClusterManager(**kw)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:  # pragma: no cover - pickling adapters is rare
+        super().__setstate__(state)
+        self._timeouts, self._tls_names = {}, {}
 
     def get_connection_with_tls_context(self, request: Any, verify: Any, proxies: Any = None, cert: Any = None) -> Any:
-        """An attempt's connection pool: from its cluster's pool manager (unless proxied)."""
+        """An attempt's connection pool (proxied requests): from its cluster's pool manager
+        unless the request goes through a proxy."""
         manager = getattr(request, "_meshcore_pools", None)
         if manager is None or select_proxy(request.url, proxies):
             return super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
@@ -139,16 +220,129 @@ class MeshAdapter(HTTPAdapter):
                 pool_kwargs["assert_hostname"] = sni
         return host_params, pool_kwargs
 
+    # -- the request path ----------------------------------------------------------------------
+
     def send(self, request: Any, stream: bool = False, timeout: TimeoutArg = None, verify: Any = True,
              cert: Any = None, proxies: Any = None) -> Any:
+        url = request.url
+        method = request.method or "GET"
+        headers = request.headers
+        store = headers._store if type(headers) is CaseInsensitiveDict else None
+        pairs = list(store.values()) if store is not None else list(headers.items())
         try:
-            call = _route(self._mesh, request.url, request.method or "GET", request.headers.items(),
-                          self._ready_timeout)
+            try:
+                call = self._mesh.request(url, method, pairs)
+            except NotReady:
+                call = _route(self._mesh, url, method, pairs, self._ready_timeout)
         except (Unavailable, NoRoute) as e:
             raise self._mesh_error(request, e) from e
-        local = _local_reply(call)
-        if local is not None:
-            return self._reply(request, local, call)
+        cluster = call.cluster
+        if cluster is None:  # a direct response or a redirect
+            return self._reply(request, _local_reply(call), call)  # type: ignore[arg-type]
+        if proxies and select_proxy(url, proxies):
+            return self._send_proxied(call, request, stream, timeout, verify, cert, proxies)
+
+        # per request, not per attempt: what urllib3 sends (it copies the headers it is given)
+        if store is not None and "host" not in store and ROUTER_HEADERS.isdisjoint(store):
+            send_headers = dict(pairs)
+        else:
+            send_headers = dict(_drop_router_headers(CaseInsensitiveDict(pairs)).items())
+            send_headers.pop(next((k for k in send_headers if k.lower() == "host"), None), None)
+        send_headers["Host"] = call.route.host_rewrite or call.authority  # = every attempt's authority
+        body = request.body
+        chunked = not (body is None or "Content-Length" in headers)
+        https = call.scheme == "https"
+        sni = self._tls_name(call.authority) if https else None
+        route_name = call.route.route_name
+        timeouts = self._timeouts
+        retries = self.max_retries
+        slot = self._pools.acquire(cluster, cluster)
+        manager = slot.pool
+
+        def send(attempt: Any) -> Any:
+            ep_key = attempt.endpoint.key
+            key = (ep_key, sni, verify, cert) if https else ep_key
+            pool = manager.by_attempt.get(key)
+            if pool is None or pool.pool is None:  # new, or closed by the manager's eviction
+                pool = self._pool_for(manager, key, attempt, request, https, sni, verify, cert)
+            cap = attempt.timeout
+            try:
+                resolved = timeouts[timeout, cap]
+            except KeyError:
+                resolved = timeouts[timeout, cap] = _urllib3_timeout(_cap_timeout(timeout, cap))
+                if len(timeouts) > _MEMO_MAX:
+                    timeouts.clear()
+            except TypeError:  # an unhashable timeout argument (a list)
+                resolved = _urllib3_timeout(_cap_timeout(timeout, cap))
+            try:
+                raw = pool.urlopen(method=method, url=attempt.path, body=body, headers=send_headers,
+                                   redirect=False, assert_same_host=False, preload_content=False,
+                                   decode_content=False, retries=retries, timeout=resolved, chunked=chunked)
+            except (u3exc.HTTPError, OSError) as e:
+                error = _requests_error(e, request)
+                if error is e:
+                    raise
+                raise error  # as HTTPAdapter.send raises it (the urllib3 error as its context)
+            response = self.build_response(request, raw)
+            try:
+                _ = response.content  # read within the attempt (status and body known)
+            except BaseException:
+                response.close()
+                raise
+            response.meshcore = {"cluster": cluster, "endpoint": ep_key, "route": route_name,
+                                 "attempts": attempt.number}
+            return response
+
+        try:
+            return call.run(send, status_of=_status_of, classify=_classify)
+        except FaultAbort as e:
+            log.debug("fault abort for %s: %s", call, e)
+            return self._reply(request, _fault_reply(e), call)
+        except (MeshError, TimeoutError) as e:
+            raise _add_context(self._mesh_error(request, e), call) from e
+        except Exception as e:
+            _add_context(e, call)
+            raise
+        finally:
+            self._pools.release(slot)  # the body was read within the attempt: the connection is back
+
+    def _tls_name(self, authority: str) -> str:
+        """The host name of an authority (``host[:port]``, ``[v6]:port``): SNI and the name the
+        certificate is checked against."""
+        name = self._tls_names.get(authority)
+        if name is None:
+            name = urlsplit(f"//{authority}").hostname or ""
+            if len(self._tls_names) >= _MEMO_MAX:
+                self._tls_names.clear()
+            self._tls_names[authority] = name
+        return name
+
+    def _pool_for(self, manager: _ClusterManager, key: Any, attempt: Any, request: Any, https: bool,
+                  sni: Optional[str], verify: Any, cert: Any) -> Any:
+        """The connection pool of an attempt key (first use, or after the manager evicted it):
+        ``HTTPAdapter``'s pool settings for the request, the endpoint as host, and for https the
+        logical host as ``server_hostname``/``assert_hostname``."""
+        _, pool_kwargs = HTTPAdapter.build_connection_pool_key_attributes(self, request, verify, cert)
+        if https:
+            pool_kwargs["server_hostname"] = sni
+            if verify is not False:
+                pool_kwargs["assert_hostname"] = sni
+        host, _, port = attempt.endpoint.key.rpartition(":")
+        with manager.lock:
+            pool = manager.connection_from_host(host.strip("[]"), int(port), "https" if https else "http",
+                                                pool_kwargs=pool_kwargs)
+            if https:
+                self.cert_verify(pool, request.url, verify, cert)
+            table = manager.by_attempt
+            if len(table) >= _ClusterManager._TABLE_MAX:
+                table.clear()
+            table[key] = pool
+        return pool
+
+    def _send_proxied(self, call: Any, request: Any, stream: bool, timeout: TimeoutArg, verify: Any,
+                      cert: Any, proxies: Any) -> Any:
+        """A request that goes through a proxy: each attempt is a copy of the request to the
+        endpoint, sent by ``HTTPAdapter.send`` through the adapter's proxy manager."""
         sni = urlsplit(request.url).hostname or ""
         base_send = super().send
         slot = self._pools.acquire(call.cluster, call.cluster)
@@ -163,7 +357,7 @@ class MeshAdapter(HTTPAdapter):
             response = base_send(prepared, stream=stream, timeout=_cap_timeout(timeout, attempt.timeout),
                                  verify=verify, cert=cert, proxies=proxies)
             try:
-                _ = response.content  # read within the attempt (status and body known)
+                _ = response.content
             except BaseException:
                 response.close()
                 raise
@@ -180,7 +374,7 @@ class MeshAdapter(HTTPAdapter):
             _add_context(e, call)
             raise
         finally:
-            self._pools.release(slot)  # the body was read within the attempt: the connection is back
+            self._pools.release(slot)
         response.url = request.url
         response.request = request
         response.cookies = RequestsCookieJar()
