@@ -20,6 +20,24 @@ from .streaming import _StreamStream, _StreamUnary, _UnaryStream
 from .unary import _UnaryUnary
 
 _GRPC_HEADERS = (("content-type", "application/grpc"), ("te", "trailers"))
+#: the headers of an RPC without metadata, shared by all of them (a dict: the route table reads
+#: it without converting it; nothing in meshcore writes to request headers)
+_GRPC_HEADER_DICT = dict(_GRPC_HEADERS)
+
+
+def _headers(metadata: Metadata) -> Any:
+    """The request headers routing sees: gRPC's own plus the call's metadata (``-bin`` values
+    base64-encoded, as they travel). No metadata: one shared dict (nothing allocated)."""
+    if not metadata:
+        return _GRPC_HEADER_DICT
+    headers: List[Tuple[str, str]] = list(_GRPC_HEADERS)
+    for pair in metadata:
+        value = pair[1]
+        if type(value) is not str and isinstance(value, bytes):
+            headers.append((pair[0], base64.b64encode(value).decode("ascii")))  # -bin metadata travels base64
+        else:
+            headers.append(pair if type(pair) is tuple else (pair[0], value))
+    return headers
 
 
 def _split_target(target: str) -> Tuple[str, str]:
@@ -50,6 +68,12 @@ class MeshChannel(grpc.Channel):
         self.authority, self._mesh_target = _split_target(target)
         self._scheme = "https" if credentials is not None else "http"
         self._pool = _EndpointPool(credentials, options)
+        self._url_prefix = f"{self._scheme}://{self.authority}"
+        # where published configurations are read (a dict replaced on every publish): one
+        # lookup tells whether the target is resolved yet; a mesh without one is asked config()
+        self._publisher = getattr(mesh, "_publisher", None)
+        self._request = mesh.request
+        self._slots: dict = {}  # (kind, path, serializers, registered) -> its slot in each endpoint's cache
         self._sweep_interval = sweep_interval
         self._resolve_timeout = resolve_timeout
         self._last_sweep = time.monotonic()
@@ -70,35 +94,39 @@ class MeshChannel(grpc.Channel):
 
     # -- routing ------------------------------------------------------------------------------------
 
-    def _route(self, method: str, metadata: Metadata, timeout: Optional[float]) -> Call:
-        """Route one RPC (method path + metadata); the call's deadline is the earlier of the
-        route timeout and the caller's ``timeout``."""
+    def _route(self, url: str, metadata: Metadata, timeout: Optional[float]) -> Call:
+        """Route one RPC (``url``: scheme, authority and method path; metadata); the call's
+        deadline is the earlier of the route timeout and the caller's ``timeout``."""
         if self._closed:
             raise MeshRpcError(grpc.StatusCode.CANCELLED, "channel closed")
-        if self.mesh.config(self._mesh_target) is None:
+        publisher = self._publisher
+        if (publisher.published.get(self._mesh_target) if publisher is not None
+                else self.mesh.config(self._mesh_target)) is None:
             # like a gRPC channel still resolving: wait for the configuration (not past the
             # caller's deadline); request() then says precisely what is missing
             try:
                 self.mesh.wait_ready(self._mesh_target, self._resolve_timeout if timeout is None else timeout)
             except MeshError:
                 pass
-        headers: List[Tuple[str, str]] = list(_GRPC_HEADERS)
-        for key, value in metadata or ():
-            if isinstance(value, bytes):
-                value = base64.b64encode(value).decode("ascii")  # -bin metadata travels base64-encoded
-            headers.append((key, value))
-        url = f"{self._scheme}://{self.authority}{method}"
-        call = self.mesh.request(url, "POST", headers, target=self._mesh_target)
+        call = self._request(url, "POST", _headers(metadata), target=self._mesh_target)
         if timeout is not None:
             deadline = time.monotonic() + timeout
-            if call.deadline is None or deadline < call.deadline:
+            limit = call.deadline
+            if limit is None or deadline < limit:
                 call.deadline = deadline
         return call
+
+    def _slot(self, key: Tuple[Any, ...]) -> object:
+        """The cache slot of a multicallable signature (equal signatures share one)."""
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots.setdefault(key, object())
+        return slot
 
     def _acquire(self, attempt: Attempt) -> _EndpointChannel:
         if self._sweep_interval is not None and time.monotonic() - self._last_sweep >= self._sweep_interval:
             self.sweep()
-        return self._pool.acquire(attempt.address, attempt.authority)
+        return self._pool.acquire(attempt.endpoint.key, attempt.authority)
 
     def _live_addresses(self) -> Optional[Set[str]]:
         cfg = self.mesh.config(self._mesh_target)

@@ -25,7 +25,7 @@ def _host_of(authority: str) -> str:
 class _EndpointChannel:
     """One grpcio channel to one endpoint under one authority, with its multicallables."""
 
-    __slots__ = ("address", "authority", "channel", "inflight", "departed", "_callables")
+    __slots__ = ("address", "authority", "channel", "inflight", "departed", "callables")
 
     def __init__(self, address: str, authority: str, channel: grpc.Channel) -> None:
         self.address = address
@@ -33,16 +33,18 @@ class _EndpointChannel:
         self.channel = channel
         self.inflight = 0
         self.departed = False  # left the target's endpoints while in use: closed by the last release
-        self._callables: Dict[Tuple[Any, ...], Any] = {}
+        #: the grpcio multicallables made on this channel, by the MeshChannel's slot of their
+        #: signature (kind, path, serializers, registered)
+        self.callables: Dict[object, Any] = {}
 
-    def multicallable(self, kind: str, path: str, serializer: Any, deserializer: Any, registered: bool) -> Any:
-        key = (kind, path, serializer, deserializer, registered)
-        mc = self._callables.get(key)
+    def multicallable(self, slot: object, kind: str, path: str, serializer: Any, deserializer: Any,
+                      registered: bool) -> Any:
+        mc = self.callables.get(slot)
         if mc is None:
             factory = getattr(self.channel, kind)
             mc = factory(path, request_serializer=serializer, response_deserializer=deserializer,
                          _registered_method=registered)
-            self._callables[key] = mc
+            self.callables[slot] = mc
         return mc
 
 

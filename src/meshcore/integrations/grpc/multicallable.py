@@ -31,9 +31,21 @@ class _MultiCallable:
         self._serializer = serializer
         self._deserializer = deserializer
         self._registered = bool(registered)
+        self._url = channel._url_prefix + method  # what the mesh routes (made once, not per RPC)
+        # the grpcio multicallable of this signature, per endpoint channel, cached under one slot
+        self._slot = channel._slot((self._kind, method, serializer, deserializer, self._registered))
 
     def _target_callable(self, ep: _EndpointChannel, attempt: Attempt) -> Any:
-        return ep.multicallable(self._kind, attempt.path, self._serializer, self._deserializer, self._registered)
+        path = attempt.path
+        if path == self._method:
+            mc = ep.callables.get(self._slot)
+            if mc is not None:
+                return mc
+            return ep.multicallable(self._slot, self._kind, path, self._serializer, self._deserializer,
+                                    self._registered)
+        # a route's path rewrite: another method on the wire
+        key = self._channel._slot((self._kind, path, self._serializer, self._deserializer, self._registered))
+        return ep.multicallable(key, self._kind, path, self._serializer, self._deserializer, self._registered)
 
     def _stream(self, start: Callable[[Any, Optional[float]], Any], timeout: Optional[float],
                 metadata: Metadata) -> Any:
@@ -42,7 +54,7 @@ class _MultiCallable:
         ch = self._channel
         call: Optional[Call] = None
         try:
-            call = ch._route(self._method, metadata, timeout)
+            call = ch._route(self._url, metadata, timeout)
             fault = call.fault()
             try:
                 if fault.delay:

@@ -1,18 +1,27 @@
 """Unary-unary RPCs: ``__call__``/``with_call``/``future`` under the whole router lifecycle
-(:meth:`meshcore.Call.run`: retries, timeouts, circuit breakers, outlier detection)."""
+(:meth:`meshcore.Call.run`: retries, timeouts, circuit breakers, outlier detection).
+
+Blocking calls (``__call__``, ``with_call``) run the router loop of ``meshcore.lifecycle.run``
+inline on the caller's thread: the fault step, the first attempt sent straight to the endpoint's
+grpcio multicallable (``__call__`` for ``__call__``: grpcio makes no call object), and, only
+when that outcome is retriable or failed, the rest of the loop with lifecycle's own retry,
+back-off and final-outcome steps. A successful first attempt allocates nothing beyond the
+mesh's ``Call`` and ``Attempt``. ``future`` runs :meth:`Call.run` on the channel's pool."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import threading
 import time
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import grpc
 
 from ...call import Attempt, Call, UpstreamTimeout, default_classify
 from ...errors import MeshClosed, MeshError
-from ...resilience.retry import TIMEOUT
+from ...lifecycle import _final, _outcome, _retry_delay
+from ...resilience.fault import NO_FAULT
+from ...resilience.retry import TIMEOUT, retriable
 from .. import _add_context
 from ._types import Metadata
 from .multicallable import _MultiCallable
@@ -54,6 +63,34 @@ def _classify(exc: BaseException) -> Optional[str]:
     return default_classify(exc)
 
 
+def _apply_fault(call: Call, fault: Any) -> None:
+    """``lifecycle.fault_step`` after its decision: sleep the delay (the route timeout then
+    starts), answer an abort (``FaultAbort``); the fault stops counting as active either way."""
+    try:
+        if fault.delay:
+            time.sleep(fault.delay)
+    except BaseException:
+        call._release_fault()
+        raise
+    call._after_fault(fault)
+
+
+_OK_RETRIED: Dict[int, Tuple[Any, bool]] = {}  # id(retry policy) -> (the policy, retries an OK answer)
+
+
+def _retries_ok(policy: Any) -> bool:
+    """Whether ``policy`` retries a gRPC OK answer (HTTP 200, grpc-status 0): almost never, but
+    ``retriable_status_codes`` may name 200. Remembered per policy (held, so its id stays its own)."""
+    known = _OK_RETRIED.get(id(policy))
+    if known is not None and known[0] is policy:
+        return known[1]
+    verdict = retriable(policy, 200, 0, None)
+    if len(_OK_RETRIED) >= 256:
+        _OK_RETRIED.clear()  # route tables replaced many times over: start again
+    _OK_RETRIED[id(policy)] = (policy, verdict)
+    return verdict
+
+
 class _Invocation:
     """Cancellation state shared by a unary future and the attempts made for it."""
 
@@ -85,12 +122,12 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
     def __call__(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
                  credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
                  compression: Optional[grpc.Compression] = None) -> Any:
-        return self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)[0]
+        return self._blocking(request, timeout, metadata, credentials, wait_for_ready, compression, False)
 
     def with_call(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
                   credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
                   compression: Optional[grpc.Compression] = None) -> Tuple[Any, grpc.Call]:
-        return self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
+        return self._blocking(request, timeout, metadata, credentials, wait_for_ready, compression, True)
 
     def future(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
                credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
@@ -102,12 +139,112 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                                               wait_for_ready, compression, inv)
         return _UnaryFuture(cf, inv, deadline)
 
+    def _blocking(self, request: Any, timeout: Optional[float], metadata: Metadata, credentials: Any,
+                  wait_for_ready: Optional[bool], compression: Any, with_call: bool) -> Any:
+        """A blocking RPC: ``lifecycle.run`` inline, its first attempt without intermediaries.
+        Returns the response (``with_call``: ``(response, call)``)."""
+        call: Optional[Call] = None
+        try:
+            ch = self._channel
+            call = ch._route(self._url, metadata, timeout)
+            fault = call.fault()  # lifecycle.fault_step, its decision made here
+            if fault is not NO_FAULT:
+                _apply_fault(call, fault)
+            a = call.start_attempt()  # the first attempt: a refusal raises, never None
+            attempt_timeout = a.timeout
+            if attempt_timeout is None or attempt_timeout > 0:
+                if ch._sweep_interval is not None and time.monotonic() - ch._last_sweep >= ch._sweep_interval:
+                    ch.sweep()
+                ep = ch._pool.acquire(a.endpoint.key, a.authority)
+                try:
+                    mc = ep.callables.get(self._slot) if a.path == self._method else None
+                    if mc is None:
+                        mc = self._target_callable(ep, a)
+                    started = time.monotonic()
+                    if with_call:
+                        result = mc.with_call(request, timeout=attempt_timeout, metadata=metadata,
+                                              credentials=credentials, wait_for_ready=wait_for_ready,
+                                              compression=compression)
+                    else:
+                        result = mc(request, timeout=attempt_timeout, metadata=metadata, credentials=credentials,
+                                    wait_for_ready=wait_for_ready, compression=compression)
+                except grpc.RpcError as err:
+                    outcome, exc = self._failed(err, attempt_timeout, time.monotonic() - started), None
+                except BaseException as e:  # noqa: BLE001  (classified below, as lifecycle.run does)
+                    outcome, exc = None, e
+                else:
+                    ch._pool.release(ep)
+                    a.finish(200, 0)  # the server answered OK: HTTP 200, grpc-status 0
+                    policy = call.retry_policy
+                    if policy is None or not _retries_ok(policy):
+                        return result  # final (a first attempt: no retry to count as a success)
+                    outcome = _Outcome(result[0] if with_call else result, result[1] if with_call else None,
+                                       None, 0)
+                    return self._result(self._retry(call, a, outcome, None, request, metadata, credentials,
+                                                    wait_for_ready, compression, None), call, with_call)
+                ch._pool.release(ep)
+            else:
+                outcome, exc = None, _AttemptFailed(TIMEOUT, MeshRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                                          "Deadline Exceeded"))
+            if isinstance(outcome, _AttemptFailed):
+                outcome, exc = None, outcome
+            _outcome(a, outcome, exc, _classify, _status_of, _grpc_status_of)
+            outcome = self._retry(call, a, outcome, exc, request, metadata, credentials, wait_for_ready,
+                                  compression, None)
+        except _AttemptFailed as exc:
+            raise _add_context(exc.error, call) from None
+        except UpstreamTimeout as exc:
+            cause = exc.__cause__
+            raise _add_context(cause.error if isinstance(cause, _AttemptFailed) else _mesh_error(exc), call) from None
+        except MeshClosed:
+            raise  # a programming error, not an RPC status: the mesh was closed
+        except MeshError as exc:
+            raise _add_context(_mesh_error(exc, call), call, self._channel.target) from None
+        return self._result(outcome, call, with_call)
+
+    @staticmethod
+    def _result(outcome: "_Outcome", call: Call, with_call: bool) -> Any:
+        if outcome.error is not None:
+            raise _add_context(outcome.error, call)
+        return (outcome.response, outcome.rpc) if with_call else outcome.response
+
+    @staticmethod
+    def _failed(err: grpc.RpcError, timeout: Optional[float], elapsed: float) -> Any:
+        """An attempt's grpcio error: ``_AttemptFailed`` for a transport failure, else the
+        server's answer (an ``_Outcome`` with its grpc-status)."""
+        kind = _failure_kind(err, timeout, elapsed)
+        if kind is not None:
+            return _AttemptFailed(kind, err)
+        return _Outcome(None, err, err, err.code().value[0])
+
+    def _retry(self, call: Call, a: Attempt, result: Any, exc: Optional[BaseException], request: Any,
+               metadata: Metadata, credentials: Any, wait_for_ready: Optional[bool], compression: Any,
+               inv: Optional["_Invocation"]) -> "_Outcome":
+        """``lifecycle.run`` after an attempt whose outcome is recorded: retries while the policy
+        says so, then the final outcome (returned, or raised)."""
+        while True:
+            delay = _retry_delay(call, a)
+            if delay is None:
+                return _final(call, a, result, exc)
+            if delay:
+                time.sleep(delay)
+            a = call.start_attempt()
+            if a is None:  # retry overflow: the last outcome stands
+                return _final(call, call.attempts[-1], result, exc)
+            result, exc = None, None
+            try:
+                result = self._send(a, request, metadata, credentials, wait_for_ready, compression, inv)
+            except BaseException as e:  # noqa: BLE001  (classified by _outcome)
+                exc = e
+            _outcome(a, result, exc, _classify, _status_of, _grpc_status_of)
+
     def _invoke(self, request: Any, timeout: Optional[float], metadata: Metadata, credentials: Any,
                 wait_for_ready: Optional[bool], compression: Any,
                 inv: Optional[_Invocation] = None) -> Tuple[Any, grpc.Call]:
+        """A ``future()``'s RPC under :meth:`Call.run` (on the channel's pool)."""
         call: Optional[Call] = None
         try:
-            call = self._channel._route(self._method, metadata, timeout)
+            call = self._channel._route(self._url, metadata, timeout)
 
             def send(attempt: Attempt) -> _Outcome:
                 return self._send(attempt, request, metadata, credentials, wait_for_ready, compression, inv)

@@ -1,0 +1,433 @@
+"""gRPC unary calls: meshcore's ``MeshChannel`` vs grpcio's own proxyless xDS channel vs a direct
+channel, same server, same resources, one client process, interleaved blocks.
+
+Processes: a grpcio server answering ``/bench.Echo/Hello`` (raw bytes in, ``b"ok"`` out) in its
+own process (``python test_bench_grpc.py --serve``), and the reference control plane
+(``python -m meshcore.controlplane.cli``) in another, serving one set of resources: an API
+listener ``TARGET`` naming the RouteConfiguration ``routes`` whose only route (prefix ``/``) has
+a 5 s timeout and a retry policy (``unavailable``, 2 retries), the EDS cluster ``svc``
+(ROUND_ROBIN) and its assignment (the server). Both pinned to CPU 1 on a 2+ CPU machine; this
+process (client, mesh, grpcio's xDS client) on CPU 0.
+
+Modes (one channel each, made once, every mode's multicallable ``_registered_method=True``):
+
+* ``direct``: ``grpc.insecure_channel("127.0.0.1:<port>")`` (the baseline);
+* ``meshcore``: ``mesh_channel(mesh, TARGET)``; the ``Mesh`` is fed over ADS by the control plane;
+* ``native-xds``: ``grpc.insecure_channel("xds:///" + TARGET)``: grpcio's built-in xDS client
+  (C-core), bootstrapped (``GRPC_XDS_BOOTSTRAP_CONFIG``) to the same control plane.
+
+Figures: unary latency p50/p99 and client CPU per call (``integration_harness.run_interleaved``:
+rotated blocks, ``getrusage`` CPU, added = median over repetitions of mode - direct); throughput
+of ``CALLERS`` threads in a closed loop (calls/s, CPU per call), interleaved blocks too; and
+meshcore's own time per call *in situ* (the time outside the endpoint's grpcio call, with the
+same wrapper around a direct call subtracted), because the loopback figures' noise is larger
+than the cost measured. Printed (``-s``) and in ``extra_info``.
+
+``MESHCORE_BENCH_QUICK=1``: a few seconds in all (CI's smoke run). Run: ``pytest
+benchmarks/test_bench_grpc.py --benchmark-only -s`` or ``python benchmarks/test_bench_grpc.py
+[--profile]``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from integration_harness import QUICK, extra_info, markdown, profile_sync, run_interleaved  # noqa: E402
+from test_bench_sidecar import pctl, pin, run_ns, self_ns, system_ns  # noqa: E402
+
+TARGET = "echo.bench.svc.cluster.local:50051"
+METHOD = "/bench.Echo/Hello"
+CALLERS = 4
+CLIENT_CPU, SERVER_CPU = 0, 1
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER = {"name": "envoy.filters.http.router",
+          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+
+
+def resources(port: int) -> Dict[str, List[Any]]:
+    """What both clients get: listener, routes (timeout + retry policy), cluster, assignment."""
+    route = {"name": "r-echo", "match": {"prefix": "/"},
+             "route": {"cluster": "svc", "timeout": "5s",
+                       "retry_policy": {"retry_on": "unavailable", "num_retries": 2}}}
+    return {
+        "listeners": [{"name": TARGET, "api_listener": {"api_listener": {
+            "@type": HCM_TYPE, "rds": {"config_source": {"ads": {}}, "route_config_name": "routes"},
+            "http_filters": [ROUTER]}}}],
+        "routes": [{"name": "routes", "virtual_hosts": [{"name": "echo", "domains": ["*"], "routes": [route]}]}],
+        "clusters": [{"name": "svc", "type": "EDS", "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN",
+                      "eds_cluster_config": {"eds_config": {"ads": {}}}}],
+        # grpcio's xDS client wants a locality weight (it refuses an assignment without one)
+        "endpoints": [{"cluster_name": "svc", "endpoints": [{
+            "locality": {"region": "local", "zone": "z1"}, "load_balancing_weight": 1,
+            "lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                                         "port_value": port}}}}]}]}],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------
+
+
+def serve() -> None:
+    """The server process: prints its port, serves until stdin closes."""
+    from concurrent import futures
+
+    import grpc
+
+    def hello(request: bytes, context: Any) -> bytes:
+        return b"ok"
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=CALLERS + 2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Hello": grpc.unary_unary_rpc_method_handler(hello)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(port, flush=True)
+    sys.stdin.read()
+    server.stop(0)
+
+
+def _child(argv: List[str], tmpdir: str, name: str) -> Tuple[subprocess.Popen, str]:
+    """A child process (its own session, dies with us) and the first line it prints."""
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    from envoy_process import die_with_parent, kill
+
+    err = open(os.path.join(tmpdir, f"{name}.stderr"), "wb")
+    proc = subprocess.Popen(die_with_parent(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                            start_new_session=True)
+    err.close()
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    if not line:
+        kill(proc)
+        with open(os.path.join(tmpdir, f"{name}.stderr")) as f:
+            raise RuntimeError(f"{name} did not start: {f.read()[-2000:]}")
+    return proc, line
+
+
+class GrpcRig:
+    """Server, control plane, mesh and the three channels (duck-types the harness's Rig)."""
+
+    def __init__(self, pin_cpus: bool = True) -> None:
+        import grpc
+
+        import meshcore
+        from meshcore.integrations.grpc import mesh_channel
+        from meshcore.xds.client import Backoff
+
+        self.pinned = pin_cpus and (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
+        self.saved_affinity = os.sched_getaffinity(0) if self.pinned else None
+        self.tmpdir = tempfile.mkdtemp(prefix="meshcore-bench-grpc-")
+        self.server: Optional[subprocess.Popen] = None
+        self.cp: Optional[subprocess.Popen] = None
+        self.mesh: Any = None
+        self.channels: Dict[str, Any] = {}
+        self._saved_env = os.environ.get("GRPC_XDS_BOOTSTRAP_CONFIG")
+        try:
+            self.server, line = _child([sys.executable, os.path.abspath(__file__), "--serve"], self.tmpdir, "server")
+            self.port = int(line)
+            path = os.path.join(self.tmpdir, "resources.json")
+            with open(path, "w") as f:
+                json.dump(resources(self.port), f)
+            self.cp, line = _child([sys.executable, "-m", "meshcore.controlplane.cli", "--address", "127.0.0.1:0",
+                                    "--resources", path, "--no-watch", "--log-level", "warning"], self.tmpdir, "cp")
+            xds = line.split("xds=", 1)[1].split()[0]
+            boot = {"xds_servers": [{"server_uri": xds, "channel_creds": [{"type": "insecure"}],
+                                     "server_features": ["xds_v3"]}],
+                    "node": {"id": "bench-grpc", "cluster": "bench", "locality": {"zone": "z1"}}}
+            self.mesh = meshcore.Mesh(boot, backoff=Backoff(0.05, 1.6, 0.2, 0.5)).start()
+            self.mesh.wait_ready(TARGET, timeout=15)
+            # grpcio reads its bootstrap when its first xds: channel is made (then it is kept)
+            os.environ["GRPC_XDS_BOOTSTRAP_CONFIG"] = json.dumps(boot)
+            self.channels = {"direct": grpc.insecure_channel(f"127.0.0.1:{self.port}"),
+                             "meshcore": mesh_channel(self.mesh, TARGET),
+                             "native-xds": grpc.insecure_channel("xds:///" + TARGET)}
+            self.calls = {name: ch.unary_unary(METHOD, _registered_method=True) for name, ch in self.channels.items()}
+            for name, call in self.calls.items():  # connected and resolved before any block
+                assert call(b"hi", timeout=15, wait_for_ready=True) == b"ok", name
+            self.pin_all()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "GrpcRig":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def pin_all(self) -> None:
+        if not self.pinned:
+            return
+        pin(os.getpid(), {CLIENT_CPU})
+        for proc in (self.server, self.cp):
+            if proc is not None:
+                pin(proc.pid, {SERVER_CPU})
+
+    def pids(self) -> Dict[str, int]:
+        # the harness's "proxy" column: the control plane (idle during the blocks)
+        return {"proxy": self.cp.pid, "upstream": self.server.pid}  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        from envoy_process import kill
+
+        for ch in self.channels.values():
+            ch.close()
+        self.channels = {}
+        if self.mesh is not None:
+            self.mesh.close()
+            self.mesh = None
+        if self.server is not None and self.server.stdin is not None:
+            self.server.stdin.close()
+        for proc in (self.server, self.cp):
+            if proc is not None:
+                kill(proc)
+        self.server = self.cp = None
+        if self._saved_env is None:
+            os.environ.pop("GRPC_XDS_BOOTSTRAP_CONFIG", None)
+        else:
+            os.environ["GRPC_XDS_BOOTSTRAP_CONFIG"] = self._saved_env
+        if self.saved_affinity is not None:
+            pin(os.getpid(), self.saved_affinity)
+            self.saved_affinity = None
+        import shutil
+
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+MODES = ["direct", "meshcore", "native-xds"]
+
+
+def modes(rig: GrpcRig) -> Dict[str, Callable[[], Any]]:
+    def make(name: str) -> Callable[[], Any]:
+        call = rig.calls[name]
+
+        def factory() -> Callable[[str], bytes]:
+            def send(path: str) -> bytes:
+                return call(b"hi", timeout=5)
+            return send
+        return factory
+    return {name: make(name) for name in MODES}
+
+
+def latency(rig: GrpcRig, **kw: Any) -> Dict[str, Any]:
+    return run_interleaved(rig, modes(rig), path=METHOD, expect=lambda r: r == b"ok", **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Throughput: CALLERS threads, closed loop, interleaved blocks
+# --------------------------------------------------------------------------------------------
+
+
+def _throughput_block(call: Any, seconds: float, callers: int) -> Tuple[int, float, int]:
+    """(calls completed, wall seconds, client CPU ns) of ``callers`` threads calling back to back."""
+    stop = threading.Event()
+    counts = [0] * callers
+    errors: List[BaseException] = []
+    start = threading.Barrier(callers + 1)
+
+    def worker(i: int) -> None:
+        n = 0
+        start.wait()
+        try:
+            while not stop.is_set():
+                call(b"hi", timeout=5)
+                n += 1
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+        counts[i] = n
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(callers)]
+    for t in threads:
+        t.start()
+    c0, w0 = self_ns(), time.perf_counter()
+    start.wait()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    wall, cpu = time.perf_counter() - w0, self_ns() - c0
+    if errors:
+        raise errors[0]
+    return sum(counts), wall, cpu
+
+
+def throughput(rig: GrpcRig, reps: Optional[int] = None, seconds: Optional[float] = None,
+               callers: int = CALLERS) -> Dict[str, Dict[str, Any]]:
+    reps = reps if reps is not None else (2 if QUICK else 7)
+    seconds = seconds if seconds is not None else (0.3 if QUICK else 1.5)
+    rig.pin_all()
+    rows: Dict[str, List[Tuple[float, float, float]]] = {m: [] for m in MODES}
+    for rep in range(reps):
+        k = rep % len(MODES)
+        order = MODES[k:] + MODES[:k]
+        for m in (order[::-1] if rep % 2 else order):
+            _throughput_block(rig.calls[m], min(0.2, seconds / 3), callers)  # warm-up
+            gc.collect()
+            s0 = system_ns()[0]
+            p0 = sum(run_ns(p) for p in rig.pids().values())
+            n, wall, cpu = _throughput_block(rig.calls[m], seconds, callers)
+            others = system_ns()[0] - s0 - cpu - (sum(run_ns(p) for p in rig.pids().values()) - p0)
+            rows[m].append((n / wall, cpu / max(1, n) / 1e3, max(0.0, others / 1e9 / wall)))
+    med = statistics.median
+    out: Dict[str, Dict[str, Any]] = {}
+    for m in MODES:
+        r = rows[m]
+        out[m] = {"calls_per_s": med(x[0] for x in r), "cpu_us": med(x[1] for x in r),
+                  "calls_per_s_min": min(x[0] for x in r), "calls_per_s_max": max(x[0] for x in r),
+                  "foreign_cores": max(x[2] for x in r), "callers": callers, "reps": reps, "seconds": seconds}
+        if m != "direct":
+            out[m]["ratio"] = med(a[0] / b[0] for a, b in zip(r, rows["direct"]))
+        if m == "meshcore":
+            out[m]["ratio_vs_native"] = med(a[0] / b[0] for a, b in zip(r, rows["native-xds"]))
+    return out
+
+
+def throughput_markdown(t: Dict[str, Dict[str, Any]]) -> str:
+    any_row = next(iter(t.values()))
+    lines = [f"{any_row['callers']} callers, closed loop, {any_row['reps']} reps x {any_row['seconds']}s blocks "
+             f"interleaved (medians; max other-process CPU {max(r['foreign_cores'] for r in t.values()):.2f} cores)",
+             "| mode | calls/s (min..max) | client CPU µs/call | vs direct | meshcore vs native |",
+             "| --- | --- | --- | --- | --- |"]
+    for m, r in t.items():
+        lines.append(f"| {m} | {r['calls_per_s']:.0f} ({r['calls_per_s_min']:.0f}..{r['calls_per_s_max']:.0f}) "
+                     f"| {r['cpu_us']:.1f} | {r.get('ratio', 1.0):.3f} | "
+                     f"{r['ratio_vs_native']:.3f} |" if m == "meshcore" else
+                     f"| {m} | {r['calls_per_s']:.0f} ({r['calls_per_s_min']:.0f}..{r['calls_per_s_max']:.0f}) "
+                     f"| {r['cpu_us']:.1f} | {r.get('ratio', 1.0):.3f} | - |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# meshcore's own time per call, in situ
+# --------------------------------------------------------------------------------------------
+
+
+class _Timed:
+    """Wraps a grpcio multicallable, recording the time spent inside each call."""
+
+    def __init__(self, mc: Any, sink: List[int]) -> None:
+        self.mc, self.sink = mc, sink
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        pc = time.perf_counter_ns
+        t = pc()
+        try:
+            return self.mc(*args, **kw)
+        finally:
+            self.sink.append(pc() - t)
+
+
+def in_situ(rig: GrpcRig, n: Optional[int] = None, reps: Optional[int] = None) -> Dict[str, float]:
+    """Median µs per call spent outside the endpoint's grpcio call: meshcore's channel, minus the
+    same measurement around a direct call (the wrapper's own cost); interleaved blocks."""
+    from meshcore.integrations.grpc import mesh_channel
+
+    n = n if n is not None else (300 if QUICK else 3000)
+    reps = reps if reps is not None else (2 if QUICK else 5)
+    inner: List[int] = []
+    ch = mesh_channel(rig.mesh, TARGET)
+    mesh_call = ch.unary_unary(METHOD, _registered_method=True)
+    direct = _Timed(rig.calls["direct"], inner)
+    assert mesh_call(b"hi", timeout=5) == b"ok"
+    for ep in list(ch._pool._channels.values()):  # every endpoint's multicallable, timed
+        for slot, mc in list(ep.callables.items()):
+            ep.callables[slot] = _Timed(mc, inner)
+    out: Dict[str, List[float]] = {"meshcore": [], "direct": []}
+    pc = time.perf_counter_ns
+    try:
+        for rep in range(reps):
+            for name, fn in ((("meshcore", mesh_call), ("direct", direct)) if rep % 2 == 0
+                             else (("direct", direct), ("meshcore", mesh_call))):
+                for _ in range(n // 10):
+                    fn(b"hi", timeout=5)
+                inner.clear()
+                total = []
+                for _ in range(n):
+                    t = pc()
+                    fn(b"hi", timeout=5)
+                    total.append(pc() - t)
+                out[name].append(statistics.median(a - b for a, b in zip(total, inner)) / 1e3)
+    finally:
+        ch.close()
+    mesh_us, wrap_us = statistics.median(out["meshcore"]), statistics.median(out["direct"])
+    return {"meshcore_outside_us": mesh_us, "wrapper_us": wrap_us, "meshcore_own_us": mesh_us - wrap_us}
+
+
+# --------------------------------------------------------------------------------------------
+# pytest
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rig():
+    with GrpcRig() as r:
+        yield r
+
+
+@pytest.mark.benchmark(group="grpc")
+def test_grpc_unary_latency(benchmark, rig):
+    out: Dict[str, Any] = {}
+    benchmark.pedantic(lambda: out.update(latency(rig)), rounds=1, iterations=1)
+    benchmark.extra_info.update(extra_info(out))
+    m, x = out["modes"]["meshcore"], out["modes"]["native-xds"]
+    benchmark.extra_info["meshcore_vs_native_p50"] = round(m["p50_us"] / x["p50_us"], 4)
+    print("\n" + markdown(out, "gRPC unary: direct vs meshcore vs grpcio native xDS"))
+    print(f"meshcore / native-xds p50: {m['p50_us'] / x['p50_us']:.3f}")
+    assert m["n"] > 0 and x["n"] > 0
+
+
+@pytest.mark.benchmark(group="grpc")
+def test_grpc_throughput(benchmark, rig):
+    out: Dict[str, Any] = {}
+    benchmark.pedantic(lambda: out.update(throughput(rig)), rounds=1, iterations=1)
+    for m, r in out.items():
+        for k, v in r.items():
+            benchmark.extra_info[f"{m}_{k}"] = round(v, 4) if isinstance(v, float) else v
+    print("\n" + throughput_markdown(out))
+    assert all(r["calls_per_s"] > 0 for r in out.values())
+
+
+@pytest.mark.benchmark(group="grpc")
+def test_grpc_meshcore_own_time(benchmark, rig):
+    out: Dict[str, float] = {}
+    benchmark.pedantic(lambda: out.update(in_situ(rig)), rounds=1, iterations=1)
+    benchmark.extra_info.update({k: round(v, 3) for k, v in out.items()})
+    print(f"\nmeshcore's own time per unary call, in situ: {out['meshcore_own_us']:.1f} µs "
+          f"(outside grpcio {out['meshcore_outside_us']:.1f} µs, wrapper {out['wrapper_us']:.1f} µs)")
+
+
+def _main(argv: List[str]) -> None:
+    if "--serve" in argv:
+        serve()
+        return
+    with GrpcRig() as r:
+        if "--profile" in argv:
+            call = r.calls["meshcore"]
+            print(profile_sync(lambda path: call(b"hi", timeout=5), n=3000))
+            return
+        print(markdown(latency(r), "gRPC unary: direct vs meshcore vs grpcio native xDS"), flush=True)
+        print(throughput_markdown(throughput(r)), flush=True)
+        s = in_situ(r)
+        print(f"meshcore's own time per call in situ: {s['meshcore_own_us']:.1f} µs "
+              f"(outside {s['meshcore_outside_us']:.1f}, wrapper {s['wrapper_us']:.1f})")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -1,0 +1,127 @@
+"""The blocking unary path (``__call__`` / ``with_call``): the router loop run inline, the first
+attempt straight to the endpoint's grpcio multicallable, and the state made once per channel
+(URLs, multicallable slots, the header dict of RPCs without metadata)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, List
+
+import grpc
+import pytest
+from envoy.config.route.v3 import route_components_pb2
+from google.protobuf import wrappers_pb2
+
+import meshcore
+from meshcore.controlplane import ControlPlane
+from meshcore.controlplane import builders as b
+from meshcore.integrations.grpc import mesh_channel
+from meshcore.integrations.grpc import channel as channel_mod
+from meshcore.xds.client import Backoff
+
+from .conftest import SERVICE, TARGET
+
+
+def _resources(ports: dict) -> List[Any]:
+    host = TARGET.rsplit(":", 1)[0]
+    # /Alias is Hello on the wire (a path rewrite); /Again retries OK answers (200 retriable)
+    alias = b.route(path=f"/{SERVICE}/Alias", cluster="main", name="alias")
+    alias.route.prefix_rewrite = f"/{SERVICE}/Hello"
+    again = b.route(path=f"/{SERVICE}/Again", cluster="main", name="again")
+    again.route.prefix_rewrite = f"/{SERVICE}/Hello"
+    again.route.retry_policy.CopyFrom(route_components_pb2.RetryPolicy(
+        retry_on="retriable-status-codes", retriable_status_codes=[200],
+        num_retries=wrappers_pb2.UInt32Value(value=1)))
+    default = b.route(prefix="/", cluster="main", name="default", timeout=5.0)
+    default.route.retry_policy.CopyFrom(route_components_pb2.RetryPolicy(
+        retry_on="unavailable", num_retries=wrappers_pb2.UInt32Value(value=2)))
+    return [
+        b.api_listener(TARGET, route_config_name="fast-routes"),
+        b.route_config("fast-routes", [b.virtual_host("echo", [host, TARGET], [alias, again, default])]),
+        b.cluster("main"),
+        b.assignment("main", [("127.0.0.1", ports[n]) for n in ("s2", "s3")]),
+    ]
+
+
+@pytest.fixture
+def fast_mesh(servers) -> Iterator[meshcore.Mesh]:
+    with ControlPlane() as cp:
+        cp.set_resources(_resources(servers))
+        boot = {"xds_servers": [{"server_uri": cp.address, "channel_creds": [{"type": "insecure"}],
+                                 "server_features": ["xds_v3"]}],
+                "node": {"id": "meshcore-grpc-fast", "cluster": "meshcore"}}
+        m = meshcore.Mesh(boot, backoff=Backoff(initial=0.05, multiplier=1.6, jitter=0.2, maximum=0.5), seed=3)
+        m.start()
+        m.wait_ready(TARGET, timeout=10)
+        try:
+            yield m
+        finally:
+            m.close()
+
+
+def test_call_and_with_call(fast_mesh):
+    with mesh_channel(fast_mesh, TARGET) as ch:
+        hello = ch.unary_unary(f"/{SERVICE}/Hello")
+        assert hello(b"", timeout=5) in (b"s2", b"s3")
+        reply, call = hello.with_call(b"", timeout=5, metadata=[("x-user", "u1"), ("trace-bin", b"\x00\xff")])
+        assert reply in (b"s2", b"s3")
+        assert call.code() is grpc.StatusCode.OK
+    st = fast_mesh.stats()["main"]
+    assert st["upstream_rq_total"] == 2 and st["upstream_rq_active"] == 0
+    assert channel_mod._GRPC_HEADER_DICT == {"content-type": "application/grpc", "te": "trailers"}
+
+
+def test_path_rewrite_sends_the_rewritten_method(fast_mesh):
+    with mesh_channel(fast_mesh, TARGET) as ch:
+        alias = ch.unary_unary(f"/{SERVICE}/Alias")
+        assert {alias(b"", timeout=5) for _ in range(4)} == {b"s2", b"s3"}
+        hello = ch.unary_unary(f"/{SERVICE}/Hello")
+        hello(b"", timeout=5)
+        # Alias on the wire is Hello: one grpcio multicallable per endpoint serves both
+        for ep in ch._pool._channels.values():
+            assert len(ep.callables) == 1
+
+
+def test_ok_answer_retried_when_the_policy_names_200(fast_mesh):
+    with mesh_channel(fast_mesh, TARGET) as ch:
+        again = ch.unary_unary(f"/{SERVICE}/Again")
+        for _ in range(3):
+            reply, call = again.with_call(b"", timeout=5)
+            assert reply in (b"s2", b"s3") and call.code() is grpc.StatusCode.OK
+            assert again(b"", timeout=5) in (b"s2", b"s3")
+        assert ch.unary_unary(f"/{SERVICE}/Hello")(b"", timeout=5) in (b"s2", b"s3")
+    st = fast_mesh.stats()["main"]
+    assert st["upstream_rq_total"] == 6 * 2 + 1  # every Again call retried its OK answer once
+    assert st["upstream_rq_retry"] == 6
+    assert st["upstream_rq_retry_limit_exceeded"] == 6  # still retriable, no retry left (Envoy)
+
+
+def test_multicallables_share_their_slot(fast_mesh):
+    with mesh_channel(fast_mesh, TARGET) as ch:
+        for _ in range(50):  # stubs made per request: no growth per multicallable
+            assert ch.unary_unary(f"/{SERVICE}/Hello")(b"", timeout=5) in (b"s2", b"s3")
+        assert len(ch._slots) == 1
+        for ep in ch._pool._channels.values():
+            assert len(ep.callables) == 1
+        ch.unary_unary(f"/{SERVICE}/Hello", request_serializer=bytes)(b"", timeout=5)
+        assert len(ch._slots) == 2  # another signature, another slot
+
+
+def test_serializer_failure_releases_the_attempt(fast_mesh):
+    def bad(request: Any) -> bytes:
+        raise ValueError("cannot serialize")
+
+    with mesh_channel(fast_mesh, TARGET) as ch:
+        hello = ch.unary_unary(f"/{SERVICE}/Hello", request_serializer=bad)
+        with pytest.raises(grpc.RpcError) as info:
+            hello(b"", timeout=5)
+        assert info.value.code() is grpc.StatusCode.INTERNAL
+        assert all(ep.inflight == 0 for ep in ch._pool._channels.values())
+    assert fast_mesh.stats()["main"]["upstream_rq_active"] == 0
+
+
+def test_deadline_spent_before_the_attempt(fast_mesh):
+    with mesh_channel(fast_mesh, TARGET) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            ch.unary_unary(f"/{SERVICE}/Hello")(b"", timeout=0)
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert fast_mesh.stats()["main"]["upstream_rq_active"] == 0
