@@ -38,33 +38,29 @@ cdef inline int bytes_cmp(const char* a, Py_ssize_t a_len, const char* b, Py_ssi
     return 0
 
 
-# Hot arrays (the per-pick data of large tables): 2 MiB-aligned anonymous mappings with
-# transparent huge pages requested, so a random pick costs no TLB walk; reported to
-# tracemalloc (domain HOT_DOMAIN) so memory accounting stays honest. Small arrays, and
-# platforms without mmap, use PyMem_Malloc. Memory is zero-filled either way.
+# Hot arrays (the per-pick data of large tables): anonymous mappings starting on a 2 MiB
+# boundary with transparent huge pages requested, so a random pick into them costs no TLB
+# walk for every whole 2 MiB they span (the tail uses normal pages: no memory is added).
+# Reported to tracemalloc (domain MESHCORE_HOT_DOMAIN) like any other allocation. Arrays
+# under 2 MiB, and platforms without mmap, use PyMem_Malloc. Zero-filled either way.
 cdef extern from *:
     """
     #include <string.h>
     #if defined(__linux__)
     #include <sys/mman.h>
+    #include <unistd.h>
     #define MESHCORE_HOT_MMAP 1
     #else
     #define MESHCORE_HOT_MMAP 0
     #endif
     #define MESHCORE_HOT_DOMAIN 0x6d657368u
     #define MESHCORE_HOT_ALIGN ((size_t)2 << 20)
-    #define MESHCORE_HOT_MIN ((size_t)1 << 20)
-
-    /* Bytes actually reserved for a request of `size` (the size to pass to hot_free). */
-    static inline size_t meshcore_hot_size(size_t size) {
-        if (!MESHCORE_HOT_MMAP || size < MESHCORE_HOT_MIN) return size ? size : 1;
-        return (size + MESHCORE_HOT_ALIGN - 1) & ~(MESHCORE_HOT_ALIGN - 1);
-    }
 
     static inline void* meshcore_hot_alloc(size_t size) {
-        size_t real = meshcore_hot_size(size);
     #if MESHCORE_HOT_MMAP
-        if (size >= MESHCORE_HOT_MIN) {
+        if (size >= MESHCORE_HOT_ALIGN) {
+            size_t page = (size_t)sysconf(_SC_PAGESIZE);
+            size_t real = (size + page - 1) & ~(page - 1);
             size_t span = real + MESHCORE_HOT_ALIGN;
             char* raw = (char*)mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
             char* p;
@@ -75,13 +71,13 @@ cdef extern from *:
     #ifdef MADV_HUGEPAGE
             madvise(p, real, MADV_HUGEPAGE);
     #endif
-            PyTraceMalloc_Track(MESHCORE_HOT_DOMAIN, (uintptr_t)p, real);
+            PyTraceMalloc_Track(MESHCORE_HOT_DOMAIN, (uintptr_t)p, size);
             return p;
         }
     #endif
         {
-            void* q = PyMem_Malloc(real);
-            if (q) memset(q, 0, real);
+            void* q = PyMem_Malloc(size ? size : 1);
+            if (q) memset(q, 0, size ? size : 1);
             return q;
         }
     }
@@ -89,23 +85,31 @@ cdef extern from *:
     static inline void meshcore_hot_free(void* p, size_t size) {
         if (p == NULL) return;
     #if MESHCORE_HOT_MMAP
-        if (size >= MESHCORE_HOT_MIN) {
+        if (size >= MESHCORE_HOT_ALIGN) {
+            size_t page = (size_t)sysconf(_SC_PAGESIZE);
             PyTraceMalloc_Untrack(MESHCORE_HOT_DOMAIN, (uintptr_t)p);
-            munmap(p, meshcore_hot_size(size));
+            munmap(p, (size + page - 1) & ~(page - 1));
             return;
         }
     #endif
         PyMem_Free(p);
     }
     """
-    size_t meshcore_hot_size(size_t size) noexcept nogil
     void* meshcore_hot_alloc(size_t size) noexcept nogil
     void meshcore_hot_free(void* p, size_t size) noexcept nogil
 
 
 cdef inline void* hot_alloc(size_t size) except NULL:
-    """meshcore_hot_alloc or MemoryError; free with hot_free(p, the same size)."""
+    """meshcore_hot_alloc or MemoryError; free with meshcore_hot_free(p, the same size)."""
     cdef void* p = meshcore_hot_alloc(size)
     if p == NULL:
         raise MemoryError()
     return p
+
+
+cdef inline uint64_t splitmix_at(uint64_t state) noexcept nogil:
+    """The output splitmix_next gives when it advances the state to ``state`` (no state)."""
+    cdef uint64_t z = state
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+    return z ^ (z >> 31)

@@ -444,12 +444,11 @@ cdef class _Table:
     ``hot_alloc`` (huge pages when large); each records its byte size for ``hot_free``."""
     cdef list eps                   # Endpoint per host index (owns the slots' references)
     cdef dict index                 # host key -> host index
-    cdef HostSlot* slots            # per host index
-    cdef size_t slots_bytes
+    cdef HostSlot* slots            # per host index; one hot block with by_ptr after it
+    cdef size_t hot_bytes           # size of that block
     cdef int32_t* by_ptr            # open addressing (linear probing): Endpoint address -> host
-    cdef size_t by_ptr_bytes        # index, -1 = empty; capacity a power of two >= 2 n_hosts,
-    cdef uint64_t by_ptr_mask       # so it always has empty entries and probes terminate
-    cdef int by_ptr_shift           # 64 - log2(capacity), in 1..63
+    cdef uint64_t by_ptr_mask       # index, -1 = empty; capacity a power of two >= 2 n_hosts,
+    cdef int by_ptr_shift           # so it always has empty entries; 64 - log2(capacity), 1..63
     cdef int64_t* carry             # host index in the previous table, or -1; NULL once published
     cdef uint32_t* weights          # host weight per host index
     cdef Py_ssize_t n_hosts
@@ -477,8 +476,7 @@ cdef class _Table:
 
     def __dealloc__(self):
         cdef Py_ssize_t i
-        meshcore_hot_free(self.slots, self.slots_bytes)
-        meshcore_hot_free(self.by_ptr, self.by_ptr_bytes)
+        meshcore_hot_free(self.slots, self.hot_bytes)
         PyMem_Free(self.carry)
         PyMem_Free(self.weights)
         PyMem_Free(self.healthy_load)
@@ -669,8 +667,7 @@ cdef class LoadBalancer:
         t.eps = eps
         t.index = layout.index
         t.n_hosts = n
-        t.slots_bytes = sizeof(HostSlot) * n
-        t.slots = <HostSlot*>hot_alloc(t.slots_bytes)
+        _alloc_hosts(t, n)
         t.carry = <int64_t*>zalloc(sizeof(int64_t) * n)
         i = 0
         for ep in eps:
@@ -712,36 +709,53 @@ cdef class LoadBalancer:
         t.src_first = <int64_t*>zalloc(sizeof(int64_t) * t.n_sources)
         t.src_rr = <int64_t*>zalloc(sizeof(int64_t) * t.n_sources)
         t.src_edf = <Edf**>zalloc(sizeof(Edf*) * t.n_sources)
+        # A source whose hosts are consecutive indices (all hosts of a priority, or its healthy
+        # ones when all are healthy: the common case) is stored as its first index only;
+        # the others are listed in src_hosts.
+        cdef int64_t first
         total = 0
-        for key, hosts in sources:
-            total += len(hosts)
+        for i in range(t.n_sources):
+            hosts = sources[i][1]
+            t.src_len[i] = len(hosts)
+            first = hosts[0] if t.src_len[i] > 0 else -1
+            for j in range(1, t.src_len[i]):
+                if <int64_t>hosts[j] != first + j:
+                    first = -1
+                    break
+            t.src_first[i] = first
+            if first < 0:
+                t.src_off[i] = total
+                total += t.src_len[i]
+            else:
+                t.src_off[i] = -1
         t.src_hosts_bytes = sizeof(int32_t) * total
         t.src_hosts = <int32_t*>hot_alloc(t.src_hosts_bytes)
         # Host weights by host index, evaluated once (hostWeight at build time).
         cdef double* weight_buf = <double*>zalloc(sizeof(double) * (n if n > 0 else 1))
+        cdef int32_t* range_buf = NULL
         cdef int32_t* host_buf
         cdef bint equal
         for j in range(n):
             weight_buf[j] = self._host_weight(t, <int32_t>j)
         try:
-            k = 0
             for i in range(t.n_sources):
                 key, hosts = sources[i]
-                t.src_off[i] = k
-                t.src_len[i] = len(hosts)
-                for h in hosts:
-                    t.src_hosts[k] = h
-                    k += 1
-                host_buf = t.src_hosts + t.src_off[i]
-                t.src_first[i] = host_buf[0] if t.src_len[i] > 0 else -1
-                for j in range(1, t.src_len[i]):
-                    if host_buf[j] != host_buf[0] + j:
-                        t.src_first[i] = -1
-                        break
+                first = t.src_first[i]
+                if first < 0:
+                    host_buf = t.src_hosts + t.src_off[i]
+                    k = 0
+                    for h in hosts:
+                        host_buf[k] = h
+                        k += 1
                 t.src_rr[i] = self._rr_slot(key) if self._code == RR else -1
                 if self._code == RANDOM or t.src_len[i] <= 1:
                     continue
-                host_buf = t.src_hosts + t.src_off[i]
+                if first >= 0:  # the EDF takes a host list: first, first + 1, ...
+                    if range_buf == NULL:
+                        range_buf = <int32_t*>zalloc(sizeof(int32_t) * n)
+                    for j in range(t.src_len[i]):
+                        range_buf[j] = <int32_t>(first + j)
+                    host_buf = range_buf
                 equal = True
                 for j in range(1, t.src_len[i]):
                     if t.weights[host_buf[j]] != t.weights[host_buf[0]]:
@@ -754,6 +768,7 @@ cdef class LoadBalancer:
                     _edf_to_classes(t.src_edf[i], weight_buf)
         finally:
             PyMem_Free(weight_buf)
+            PyMem_Free(range_buf)
         if cfg.locality_weighted:
             t.loc_edf = <Edf**>zalloc(sizeof(Edf*) * 2 * t.n_prio)
             t.loc_weights = <double**>zalloc(sizeof(double*) * 2 * t.n_prio)
@@ -990,6 +1005,7 @@ cdef class LoadBalancer:
         cdef Edf* loc
         cdef int32_t locality
         cdef HostSlot* slot
+        cdef uint64_t idx
         if self._code >= RING:
             if hash is None:
                 h = splitmix_next(&self._rng)
@@ -1025,6 +1041,7 @@ cdef class LoadBalancer:
                 assert 0 <= sid < t.n_sources, (sid, t.n_sources)
             n = t.src_len[sid]
             first = t.src_first[sid]
+            # Only read when first < 0; then src_off[sid] is the source's offset in src_hosts.
             hosts = t.src_hosts + t.src_off[sid]
             if self._code == RANDOM:
                 if n == 0:
@@ -1043,8 +1060,9 @@ cdef class LoadBalancer:
                     return None
                 elif self._code == RR:
                     # src_rr[sid] is a slot < _rr_len for every RR source (set in _build).
-                    host = hosts[self._rr[t.src_rr[sid]] % <uint64_t>n]
+                    idx = self._rr[t.src_rr[sid]] % <uint64_t>n
                     self._rr[t.src_rr[sid]] += 1
+                    host = first + <int64_t>idx if first >= 0 else hosts[idx]
                 else:
                     host = self._p2c(t, hosts, n, first)
         if MESHCORE_DEBUG:
@@ -1197,19 +1215,26 @@ cdef inline int32_t _choose_priority(_Table t, uint64_t h, bint* degraded) noexc
     return 0
 
 
-cdef int _fill_by_ptr(_Table t) except -1:
-    """Build t.by_ptr over t.slots[0:n_hosts] (every slot's ep set)."""
+cdef int _alloc_hosts(_Table t, Py_ssize_t n) except -1:
+    """Allocate t.slots (n entries) and t.by_ptr (empty) as one hot block."""
     cdef int bits = 1
-    cdef Py_ssize_t i
-    cdef uint64_t cap, j
-    while (<uint64_t>1 << bits) < <uint64_t>(2 * t.n_hosts):
+    cdef uint64_t cap
+    while (<uint64_t>1 << bits) < <uint64_t>(2 * n):
         bits += 1
     cap = <uint64_t>1 << bits
-    t.by_ptr_bytes = sizeof(int32_t) * cap
-    t.by_ptr = <int32_t*>hot_alloc(t.by_ptr_bytes)
+    t.hot_bytes = sizeof(HostSlot) * n + sizeof(int32_t) * cap
+    t.slots = <HostSlot*>hot_alloc(t.hot_bytes)
+    t.by_ptr = <int32_t*>(t.slots + n)  # 16-byte slots: by_ptr is aligned
     t.by_ptr_mask = cap - 1
     t.by_ptr_shift = 64 - bits
-    memset(t.by_ptr, 0xFF, t.by_ptr_bytes)  # -1 everywhere
+    memset(t.by_ptr, 0xFF, sizeof(int32_t) * cap)  # -1 everywhere
+    return 0
+
+
+cdef int _fill_by_ptr(_Table t) except -1:
+    """Index t.slots[0:n_hosts] (every slot's ep set) in t.by_ptr."""
+    cdef Py_ssize_t i
+    cdef uint64_t j
     for i in range(t.n_hosts):
         j = ((<uint64_t><size_t>t.slots[i].ep) * 0x9E3779B97F4A7C15ULL) >> t.by_ptr_shift
         while t.by_ptr[j] >= 0:
