@@ -22,9 +22,7 @@ import os
 import random
 import threading
 import weakref
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
-
-import grpc
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 from ._model import Endpoint
 from ._routing import RouteMatch
@@ -34,8 +32,10 @@ from .cluster_state import ClusterState
 from .errors import MeshClosed, NoRoute, NotReady, Unavailable
 from .resilience.fault import ActiveFaults
 from .stats import StatsRegistry, prometheus_collector
-from .xds.csds import add_csds_servicer, client_config, config_dump
 from .xds.snapshot import AggregateBalancer, TargetConfig
+
+if TYPE_CHECKING:
+    import grpc  # imported where a CSDS server is made (the xDS client imports it for its stream)
 
 __all__ = ["Mesh", "Pick", "parse_url", "split_url"]
 
@@ -110,7 +110,7 @@ class MeshBase:
         self._unready: Dict[str, None] = {}  # targets whose first wait ran out: later uses fail fast
         self._started = False
         self._closed = False
-        self._csds_server: Optional[grpc.Server] = None
+        self._csds_server: Optional["grpc.Server"] = None
         self._states: Dict[str, ClusterState] = {}
         self._states_lock = threading.Lock()
         #: clusters that left the configuration whose state waits for their requests in flight
@@ -438,6 +438,8 @@ class MeshBase:
         return self._publisher.published.get(target)
 
     def _client_configs(self, include_resources: bool = True) -> List[Any]:
+        from .xds.csds import client_config  # CSDS protos: loaded on first use
+
         static = self.bootstrap is None
         return [client_config(self._source.entries(), self._source.node, "", static, include_resources)]
 
@@ -445,6 +447,8 @@ class MeshBase:
         """The client's resources, shaped like CSDS's ``ClientConfig`` (proto3 JSON, snake_case):
         per resource its name, version, status (ACKED/NACKED/REQUESTED/DOES_NOT_EXIST), last
         update, the resource as received and the last error."""
+        from .xds.csds import config_dump
+
         return config_dump(self._client_configs(include_resources)[0])
 
     def serve_csds(self, address: str = "127.0.0.1:0") -> int:
@@ -452,6 +456,10 @@ class MeshBase:
         from concurrent import futures
 
         if self._csds_server is None:
+            import grpc
+
+            from .xds.csds import add_csds_servicer
+
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
             add_csds_servicer(server, self._client_configs)
             port = server.add_insecure_port(address)

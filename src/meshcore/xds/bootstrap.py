@@ -49,13 +49,15 @@ import os
 import sys
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import quote, unquote, urlsplit
 
-import grpc
 from envoy.config.core.v3 import base_pb2
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import grpc  # imported by channel_credentials (loading a bootstrap needs no grpc)
 
 __all__ = [
     "API_TYPES",
@@ -246,6 +248,8 @@ class XdsServer:
         for key in ("ca_certificate_file", "certificate_file", "private_key_file"):
             path = creds.config.get(key)
             files[key] = None if path is None else _read_file(path, self.source, f"{base}.{key}")
+        import grpc
+
         return grpc.ssl_channel_credentials(
             root_certificates=files["ca_certificate_file"],
             private_key=files["private_key_file"],
