@@ -19,9 +19,9 @@ import grpc
 
 from ...call import Attempt, Call, UpstreamTimeout, default_classify
 from ...errors import MeshClosed, MeshError
-from ...lifecycle import _final, _outcome, _retry_delay
+from ...lifecycle import _final, _retry_delay
 from ...resilience.fault import NO_FAULT
-from ...resilience.retry import TIMEOUT, retriable
+from ...resilience.retry import RESET, TIMEOUT, retriable
 from .. import _add_context
 from ._types import Metadata
 from .multicallable import _MultiCallable
@@ -61,6 +61,19 @@ def _classify(exc: BaseException) -> Optional[str]:
     if isinstance(exc, _AttemptFailed):
         return exc.kind
     return default_classify(exc)
+
+
+def _record(a: Attempt, outcome: Optional[_Outcome], exc: Optional[BaseException]) -> None:
+    """An attempt's outcome, recorded on it (stats, breakers, outlier detection) as the router
+    loop does: a server's answer is HTTP 200 with its grpc-status; an exception is a transport
+    failure of its kind, or (not an upstream failure, e.g. a bug) re-raised after a ``reset``."""
+    if exc is not None:
+        kind = _classify(exc)
+        a.finish(error=kind or RESET)
+        if kind is None:
+            raise exc
+    else:
+        a.finish(200, outcome.grpc_status)  # type: ignore[union-attr]
 
 
 def _apply_fault(call: Call, fault: Any) -> None:
@@ -188,7 +201,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                                                                           "Deadline Exceeded"))
             if isinstance(outcome, _AttemptFailed):
                 outcome, exc = None, outcome
-            _outcome(a, outcome, exc, _classify, _status_of, _grpc_status_of)
+            _record(a, outcome, exc)
             outcome = self._retry(call, a, outcome, exc, request, metadata, credentials, wait_for_ready,
                                   compression, None)
         except _AttemptFailed as exc:
@@ -234,9 +247,9 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             result, exc = None, None
             try:
                 result = self._send(a, request, metadata, credentials, wait_for_ready, compression, inv)
-            except BaseException as e:  # noqa: BLE001  (classified by _outcome)
+            except BaseException as e:  # noqa: BLE001  (classified by _record)
                 exc = e
-            _outcome(a, result, exc, _classify, _status_of, _grpc_status_of)
+            _record(a, result, exc)
 
     def _invoke(self, request: Any, timeout: Optional[float], metadata: Metadata, credentials: Any,
                 wait_for_ready: Optional[bool], compression: Any,
