@@ -15,7 +15,7 @@ import meshcore
 from meshcore.controlplane import ControlPlane
 from meshcore.controlplane import builders as b
 from meshcore.integrations.grpc import mesh_channel
-from meshcore.integrations.grpc import channel as channel_mod
+from meshcore.integrations.grpc import _metadata as channel_mod
 from meshcore.xds.client import Backoff
 
 from .conftest import SERVICE, TARGET

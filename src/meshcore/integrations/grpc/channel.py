@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import threading
 import time
@@ -12,33 +11,13 @@ import grpc
 
 from ...call import Attempt, Call
 from ...errors import MeshError
+from ._metadata import _GRPC_HEADER_DICT, _GRPC_HEADERS, _headers  # noqa: F401
 from ._types import Metadata, Options
 from .connectivity import _Connectivity
 from .endpoints import _EndpointChannel, _EndpointPool
 from .status import MeshRpcError
 from .streaming import _StreamStream, _StreamUnary, _UnaryStream
 from .unary import _UnaryUnary
-
-_GRPC_HEADERS = (("content-type", "application/grpc"), ("te", "trailers"))
-#: the headers of an RPC without metadata, shared by all of them (a dict: the route table reads
-#: it without converting it; nothing in meshcore writes to request headers)
-_GRPC_HEADER_DICT = dict(_GRPC_HEADERS)
-
-
-def _headers(metadata: Metadata) -> Any:
-    """The request headers routing sees: gRPC's own plus the call's metadata (``-bin`` values
-    base64-encoded, as they travel). No metadata: one shared dict (nothing allocated)."""
-    if not metadata:
-        return _GRPC_HEADER_DICT
-    headers: List[Tuple[str, str]] = list(_GRPC_HEADERS)
-    for pair in metadata:
-        value = pair[1]
-        if type(value) is not str and isinstance(value, bytes):
-            headers.append((pair[0], base64.b64encode(value).decode("ascii")))  # -bin metadata travels base64
-        else:
-            headers.append(pair if type(pair) is tuple else (pair[0], value))
-    return headers
-
 
 def _split_target(target: str) -> Tuple[str, str]:
     """``(authority, mesh target)``: ``xds:///name:port`` and ``xds://auth/name:port`` route for
@@ -96,25 +75,29 @@ class MeshChannel(grpc.Channel):
 
     def _route(self, url: str, metadata: Metadata, timeout: Optional[float]) -> Call:
         """Route one RPC (``url``: scheme, authority and method path; metadata); the call's
-        deadline is the earlier of the route timeout and the caller's ``timeout``."""
+        deadline is the earlier of the route timeout and the caller's ``timeout``. (Blocking
+        unary calls do the same inline: ``_UnaryUnary.__call__``.)"""
         if self._closed:
             raise MeshRpcError(grpc.StatusCode.CANCELLED, "channel closed")
         publisher = self._publisher
-        if (publisher.published.get(self._mesh_target) if publisher is not None
-                else self.mesh.config(self._mesh_target)) is None:
-            # like a gRPC channel still resolving: wait for the configuration (not past the
-            # caller's deadline); request() then says precisely what is missing
-            try:
-                self.mesh.wait_ready(self._mesh_target, self._resolve_timeout if timeout is None else timeout)
-            except MeshError:
-                pass
+        if publisher is None or publisher.published.get(self._mesh_target) is None:
+            self._await_config(timeout)
         call = self._request(url, "POST", _headers(metadata), target=self._mesh_target)
         if timeout is not None:
-            deadline = time.monotonic() + timeout
+            deadline = call.started + timeout
             limit = call.deadline
             if limit is None or deadline < limit:
                 call.deadline = deadline
         return call
+
+    def _await_config(self, timeout: Optional[float]) -> None:
+        """Like a gRPC channel still resolving: wait for the target's configuration (not past the
+        caller's deadline) if it has none yet; ``request()`` then says precisely what is missing."""
+        if self.mesh.config(self._mesh_target) is None:
+            try:
+                self.mesh.wait_ready(self._mesh_target, self._resolve_timeout if timeout is None else timeout)
+            except MeshError:
+                pass
 
     def _slot(self, key: Tuple[Any, ...]) -> object:
         """The cache slot of a multicallable signature (equal signatures share one)."""

@@ -23,6 +23,7 @@ from ...lifecycle import _final, _retry_delay
 from ...resilience.fault import NO_FAULT
 from ...resilience.retry import RESET, TIMEOUT, retriable
 from .. import _add_context
+from ._metadata import _GRPC_HEADER_DICT, _headers
 from ._types import Metadata
 from .multicallable import _MultiCallable
 from .status import MeshRpcError, _failure_kind, _mesh_error
@@ -134,47 +135,40 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
 
     def __call__(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
                  credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
-                 compression: Optional[grpc.Compression] = None) -> Any:
-        return self._blocking(request, timeout, metadata, credentials, wait_for_ready, compression, False)
-
-    def with_call(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
-                  credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
-                  compression: Optional[grpc.Compression] = None) -> Tuple[Any, grpc.Call]:
-        return self._blocking(request, timeout, metadata, credentials, wait_for_ready, compression, True)
-
-    def future(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
-               credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
-               compression: Optional[grpc.Compression] = None) -> "_UnaryFuture":
-        """The RPC, retries included, on the channel's thread pool (see the module doc)."""
-        inv = _Invocation()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        cf = self._channel._executor().submit(self._invoke, request, timeout, metadata, credentials,
-                                              wait_for_ready, compression, inv)
-        return _UnaryFuture(cf, inv, deadline)
-
-    def _blocking(self, request: Any, timeout: Optional[float], metadata: Metadata, credentials: Any,
-                  wait_for_ready: Optional[bool], compression: Any, with_call: bool) -> Any:
-        """A blocking RPC: ``lifecycle.run`` inline, its first attempt without intermediaries.
-        Returns the response (``with_call``: ``(response, call)``)."""
+                 compression: Optional[grpc.Compression] = None, *, _with_call: bool = False) -> Any:
+        """A blocking RPC: ``lifecycle.run`` inline (``MeshChannel._route`` too), its first
+        attempt straight to the endpoint's grpcio multicallable. Returns the response
+        (``_with_call``: ``(response, call)``, for :meth:`with_call`)."""
+        ch = self._channel
         call: Optional[Call] = None
         try:
-            ch = self._channel
-            call = ch._route(self._url, metadata, timeout)
+            if ch._closed:
+                raise MeshRpcError(grpc.StatusCode.CANCELLED, "channel closed")
+            publisher = ch._publisher
+            if publisher is None or publisher.published.get(ch._mesh_target) is None:
+                ch._await_config(timeout)
+            call = ch._request(self._url, "POST", _GRPC_HEADER_DICT if not metadata else _headers(metadata),
+                               target=ch._mesh_target)
+            if timeout is not None:
+                deadline = call.started + timeout
+                limit = call.deadline
+                if limit is None or deadline < limit:
+                    call.deadline = deadline
             fault = call.fault()  # lifecycle.fault_step, its decision made here
             if fault is not NO_FAULT:
                 _apply_fault(call, fault)
             a = call.start_attempt()  # the first attempt: a refusal raises, never None
             attempt_timeout = a.timeout
             if attempt_timeout is None or attempt_timeout > 0:
-                if ch._sweep_interval is not None and time.monotonic() - ch._last_sweep >= ch._sweep_interval:
+                started = time.monotonic()
+                if ch._sweep_interval is not None and started - ch._last_sweep >= ch._sweep_interval:
                     ch.sweep()
                 ep = ch._pool.acquire(a.endpoint.key, a.authority)
                 try:
                     mc = ep.callables.get(self._slot) if a.path == self._method else None
                     if mc is None:
                         mc = self._target_callable(ep, a)
-                    started = time.monotonic()
-                    if with_call:
+                    if _with_call:
                         result = mc.with_call(request, timeout=attempt_timeout, metadata=metadata,
                                               credentials=credentials, wait_for_ready=wait_for_ready,
                                               compression=compression)
@@ -189,12 +183,17 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                     ch._pool.release(ep)
                     a.finish(200, 0)  # the server answered OK: HTTP 200, grpc-status 0
                     policy = call.retry_policy
-                    if policy is None or not _retries_ok(policy):
+                    if policy is None:
+                        return result
+                    known = _OK_RETRIED.get(id(policy))
+                    if known is not None and known[0] is policy and not known[1]:
                         return result  # final (a first attempt: no retry to count as a success)
-                    outcome = _Outcome(result[0] if with_call else result, result[1] if with_call else None,
+                    if not _retries_ok(policy):
+                        return result
+                    outcome = _Outcome(result[0] if _with_call else result, result[1] if _with_call else None,
                                        None, 0)
                     return self._result(self._retry(call, a, outcome, None, request, metadata, credentials,
-                                                    wait_for_ready, compression, None), call, with_call)
+                                                    wait_for_ready, compression, None), call, _with_call)
                 ch._pool.release(ep)
             else:
                 outcome, exc = None, _AttemptFailed(TIMEOUT, MeshRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -212,8 +211,23 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         except MeshClosed:
             raise  # a programming error, not an RPC status: the mesh was closed
         except MeshError as exc:
-            raise _add_context(_mesh_error(exc, call), call, self._channel.target) from None
-        return self._result(outcome, call, with_call)
+            raise _add_context(_mesh_error(exc, call), call, ch.target) from None
+        return self._result(outcome, call, _with_call)
+
+    def with_call(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
+                  credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
+                  compression: Optional[grpc.Compression] = None) -> Tuple[Any, grpc.Call]:
+        return self(request, timeout, metadata, credentials, wait_for_ready, compression, _with_call=True)
+
+    def future(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
+               credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
+               compression: Optional[grpc.Compression] = None) -> "_UnaryFuture":
+        """The RPC, retries included, on the channel's thread pool (see the module doc)."""
+        inv = _Invocation()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cf = self._channel._executor().submit(self._invoke, request, timeout, metadata, credentials,
+                                              wait_for_ready, compression, inv)
+        return _UnaryFuture(cf, inv, deadline)
 
     @staticmethod
     def _result(outcome: "_Outcome", call: Call, with_call: bool) -> Any:
