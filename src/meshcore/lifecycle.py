@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
+import weakref
 from typing import Any, Awaitable, Callable, Optional, Tuple, TypeVar
 
+from ._route_model import RetryPolicy
 from ._routing import header_pairs
 from .errors import UpstreamError, UpstreamTimeout
 from .resilience.fault import NO_FAULT, ActiveFaults, FaultDecision, decide_fault, limit_faults
@@ -83,43 +86,18 @@ def fault_step(call: Any) -> None:
     """The fault filter for ``call`` before its first attempt: decide, sleep the delay (the
     route timeout then starts), answer an abort (``FaultAbort``)."""
     d = call.fault()
-    if d is NO_FAULT:
-        return
-    try:
-        if d.delay:
-            time.sleep(d.delay)
-    except BaseException:
-        call._release_fault()
-        raise
-    call._after_fault(d)
+    if d is not NO_FAULT:
+        _fault_delay(call, d)
 
 
 async def fault_step_async(call: Any) -> None:
     """:func:`fault_step` with ``asyncio.sleep`` (a cancelled delay ends the active fault)."""
     d = call.fault()
-    if d is NO_FAULT:
-        return
-    try:
-        if d.delay:
-            await asyncio.sleep(d.delay)
-    except BaseException:
-        call._release_fault()
-        raise
-    call._after_fault(d)
+    if d is not NO_FAULT:
+        await _fault_delay_async(call, d)
 
 
 # -- the router loop ------------------------------------------------------------------------------
-
-
-def _outcome(a: Any, result: Any, exc: Optional[BaseException], classify: Classify, status_of: StatusOf,
-             grpc_status_of: Optional[StatusOf]) -> None:
-    if exc is not None:
-        kind = classify(exc)
-        a.finish(error=kind or RESET)
-        if kind is None:
-            raise exc
-    else:
-        a.finish(status_of(result), grpc_status_of(result) if grpc_status_of else None)
 
 
 def _retry_delay(call: Any, a: Any) -> Optional[float]:
@@ -152,24 +130,71 @@ def _final(call: Any, a: Any, result: Any, exc: Optional[BaseException]) -> Any:
     return result
 
 
+def _fault_delay(call: Any, d: Any) -> None:
+    """The fault filter's delay (slept) and abort for ``d``, a decision other than NO_FAULT."""
+    try:
+        if d.delay:
+            time.sleep(d.delay)
+    except BaseException:
+        call._release_fault()
+        raise
+    call._after_fault(d)
+
+
+async def _fault_delay_async(call: Any, d: Any) -> None:
+    try:
+        if d.delay:
+            await asyncio.sleep(d.delay)
+    except BaseException:
+        call._release_fault()
+        raise
+    call._after_fault(d)
+
+
+def _final_answer(policy: Any, status: Optional[int], grpc_status: Optional[int]) -> bool:
+    """Whether an answer (no upstream error) is final under ``policy``: ``not retriable(...)``,
+    decided without a call for the usual answer (no grpc-status, below 409: only
+    ``retriable_status_codes`` can retry it)."""
+    if policy is None:
+        return True
+    if grpc_status is None and status is not None and status < 409:
+        compiled = policy.compiled if type(policy) is RetryPolicy else None
+        if compiled is not None:
+            return status not in compiled.status_codes
+    return not retriable(policy, status, grpc_status, None)
+
+
 def run(call: Any, send: Callable[[Any], R], status_of: StatusOf, grpc_status_of: Optional[StatusOf],
         classify: Classify) -> R:
-    """``Call.run``: fault, then attempts until one is final (see ``meshcore.call``)."""
-    fault_step(call)
+    """``Call.run``: fault, then attempts until one is final (see ``meshcore.call``). The usual
+    request (no fault, a first answer the policy does not retry) takes the straight path: pick,
+    send, record, return."""
+    d = call.fault()
+    if d is not NO_FAULT:
+        _fault_delay(call, d)
     last_result: Any = None
     last_exc: Optional[BaseException] = None
     while True:
         a = call.start_attempt()
         if a is None:  # retry overflow: the last outcome stands
             return _final(call, call.attempts[-1], last_result, last_exc)
-        _close(last_result)  # a retry was admitted: the previous response is discarded
-        result: Any = None
-        exc: Optional[BaseException] = None
+        if last_result is not None:
+            _close(last_result)  # a retry was admitted: the previous response is discarded
         try:
             result = send(a)
-        except BaseException as e:  # noqa: BLE001  (classified below)
-            exc = e
-        _outcome(a, result, exc, classify, status_of, grpc_status_of)
+        except BaseException as e:  # noqa: BLE001  (classified)
+            kind = classify(e)
+            a.finish(error=kind or RESET)
+            if kind is None:
+                raise
+            result, exc = None, e
+        else:
+            exc = None
+            status = status_of(result)
+            grpc_status = grpc_status_of(result) if grpc_status_of is not None else None
+            a.finish(status, grpc_status)
+            if a.number == 1 and _final_answer(call.retry_policy, status, grpc_status):
+                return result
         last_result, last_exc = result, exc
         delay = _retry_delay(call, a)
         if delay is None:
@@ -178,27 +203,140 @@ def run(call: Any, send: Callable[[Any], R], status_of: StatusOf, grpc_status_of
             time.sleep(delay)
 
 
+class _Deadline:
+    """One attempt's deadline on an event loop (see :class:`_Deadlines`)."""
+
+    __slots__ = ("when", "task", "fired", "cancelling")
+
+    def __init__(self, when: float, task: Any) -> None:
+        self.when = when
+        self.task = task
+        self.fired = False
+        # cancellation requests the task had before this deadline (3.11+: Task.cancelling)
+        self.cancelling = task.cancelling() if _HAS_UNCANCEL else 0
+
+
+_HAS_UNCANCEL = hasattr(asyncio.Task, "uncancel")
+
+
+class _Deadlines:
+    """The attempt deadlines of one event loop, served by one timer.
+
+    ``asyncio.wait_for`` makes a task per attempt and ``asyncio.timeout`` a timer handle per
+    attempt (a heap push through ``TimerHandle.__lt__`` in Python and a cancelled handle to clean
+    up: several µs each). Here an attempt registers its deadline in a dict; the loop holds one
+    timer, armed at the earliest deadline it knows of (re-armed only when an earlier one
+    arrives, which equal timeouts started later never are). When it fires, the attempts whose
+    deadline passed have their task cancelled (``TimeoutError`` in the attempt, as with
+    ``asyncio.timeout``) and it is re-armed at the earliest remaining deadline.
+    """
+
+    __slots__ = ("loop", "pending", "handle", "armed_at")
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+        self.pending: dict = {}
+        self.handle: Any = None
+        self.armed_at = 0.0
+
+    def add(self, timeout: float) -> _Deadline:
+        loop = self.loop
+        d = _Deadline(loop.time() + timeout, asyncio.current_task(loop))
+        self.pending[d] = None
+        if self.handle is None or d.when < self.armed_at:
+            if self.handle is not None:
+                self.handle.cancel()
+            self.armed_at = d.when
+            self.handle = loop.call_at(d.when, self._fire)
+        return d
+
+    def _fire(self) -> None:
+        self.handle = None
+        now = self.loop.time()
+        earliest = None
+        for d in list(self.pending):
+            if d.when <= now:
+                del self.pending[d]
+                d.fired = True
+                d.task.cancel()
+            elif earliest is None or d.when < earliest:
+                earliest = d.when
+        if earliest is not None:
+            self.armed_at = earliest
+            self.handle = self.loop.call_at(earliest, self._fire)
+
+
+_loop_deadlines: Tuple[Any, Any] = (None, None)  # (loop, its _Deadlines): the last loop used
+_deadlines_of: "weakref.WeakKeyDictionary[Any, _Deadlines]" = weakref.WeakKeyDictionary()
+_deadlines_lock = threading.Lock()
+
+
+def _deadlines() -> _Deadlines:
+    global _loop_deadlines
+    loop = asyncio.get_running_loop()
+    last_loop, dl = _loop_deadlines
+    if last_loop is loop:
+        return dl
+    with _deadlines_lock:
+        dl = _deadlines_of.get(loop)
+        if dl is None:
+            dl = _deadlines_of[loop] = _Deadlines(loop)
+    _loop_deadlines = (loop, dl)
+    return dl
+
+
+def _timed_out(d: _Deadline) -> bool:
+    """After a CancelledError in an attempt: whether its deadline caused it (then the
+    cancellation is taken back, as ``asyncio.timeout`` does, and a TimeoutError raised)."""
+    if not d.fired:
+        return False
+    if _HAS_UNCANCEL:
+        return d.task.uncancel() <= d.cancelling
+    return True
+
+
 async def run_async(call: Any, send: Callable[[Any], Awaitable[R]], status_of: StatusOf,
                     grpc_status_of: Optional[StatusOf], classify: Classify) -> R:
-    """``Call.run_async``: :func:`run` for coroutines (sleeps with ``asyncio.sleep``)."""
-    await fault_step_async(call)
+    """``Call.run_async``: :func:`run` for coroutines (sleeps with ``asyncio.sleep``; an attempt
+    with a timeout is cancelled at it)."""
+    d = call.fault()
+    if d is not NO_FAULT:
+        await _fault_delay_async(call, d)
     last_result: Any = None
     last_exc: Optional[BaseException] = None
     while True:
         a = call.start_attempt()
         if a is None:  # retry overflow: the last outcome stands
             return _final(call, call.attempts[-1], last_result, last_exc)
-        await _aclose(last_result)
-        result: Any = None
-        exc: Optional[BaseException] = None
+        if last_result is not None:
+            await _aclose(last_result)
         try:
             if a.timeout is not None:
-                result = await asyncio.wait_for(send(a), a.timeout)
+                dl = _deadlines()
+                d = dl.add(a.timeout)
+                try:
+                    result = await send(a)
+                except asyncio.CancelledError as cancelled:
+                    if _timed_out(d):
+                        raise TimeoutError(f"attempt timed out after {a.timeout:.3f}s") from cancelled
+                    raise
+                finally:
+                    dl.pending.pop(d, None)
             else:
                 result = await send(a)
         except BaseException as e:  # noqa: BLE001
-            exc = e
-        _outcome(a, result, exc, classify, status_of, grpc_status_of)
+            kind = classify(e)
+            a.finish(error=kind or RESET)
+            if kind is None:
+                raise
+            result, exc = None, e
+        else:
+            exc = None
+            status = status_of(result)
+            grpc_status = grpc_status_of(result) if grpc_status_of is not None else None
+            a.finish(status, grpc_status)
+            if a.number == 1 and _final_answer(call.retry_policy, status, grpc_status):
+                return result
         last_result, last_exc = result, exc
         delay = _retry_delay(call, a)
         if delay is None:

@@ -14,11 +14,16 @@ Mount them on the mesh's domain so only mesh hosts are affected::
         await ac.get("http://reviews.default.svc.cluster.local:9080/reviews/1")
 
 Per request: ``Mesh.request`` routes it, ``Call.run`` applies the route's policies, and each
-attempt goes to the picked ``ip:port`` as a new request with the logical ``Host`` header, the
-``sni_hostname`` extension set to the logical host (TLS SNI and certificate verification use the
-service name), and the client's ``timeout`` extension capped by the attempt's timeout. Attempts of
-a cluster share one inner transport (``HTTPTransport`` of the same library, or ``inner_factory``),
-so connection limits and keep-alive are per cluster; the default inner transports of one
+attempt goes to the picked ``ip:port`` with the logical ``Host`` header, the ``sni_hostname``
+extension set to the logical host (TLS SNI and certificate verification use the service name), and
+the client's ``timeout`` extension capped by the attempt's timeout. Attempts of a cluster share one
+inner transport (``HTTPTransport`` of the same library, or ``inner_factory``), so connection limits
+and keep-alive are per cluster. When the inner transport is the library's own (or a subclass that
+keeps its ``handle_request``), an attempt is handed straight to its connection pool (httpcore /
+httpcore2) as the pool's request for ``ip:port``, the way the transport itself would send it: no
+second client-level request (no second URL parse), the router headers dropped and ``Host`` set in
+the one pass that builds the header list, httpcore errors mapped by the library's own mapping;
+other inner transports get an ``httpx.Request`` for ``ip:port``; the default inner transports of one
 ``MeshTransport`` share one SSL context (made once from ``verify``/``cert``/``trust_env``; the
 verification name is still the logical host of each request). When a cluster leaves the mesh's
 configuration its inner transport is closed as soon as its requests in flight finished (never
@@ -39,16 +44,20 @@ async transport also cancels the attempt at its deadline).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
+import operator
 import sys
 import threading
 from types import ModuleType
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from ..call import FaultAbort, UpstreamTimeout, default_classify
-from ..errors import MeshError, NoRoute, Unavailable
+from ..errors import MeshError, NoRoute, NotReady, Unavailable
+from ..lifecycle import run as _run, run_async as _run_async
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
+from ..resilience.router_headers import ROUTER_HEADERS
 from . import (
     _add_context,
     _aroute,
@@ -68,6 +77,12 @@ __all__ = ["AsyncMeshTransport", "MeshTransport"]
 log = logging.getLogger(__name__)
 
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
+_TIMEOUT_SET = frozenset(_TIMEOUT_KEYS)
+_status_code = operator.attrgetter("status_code")
+# header names (lower-cased bytes) not copied to an attempt: the router's, and Host (set anew)
+_DROP = frozenset([n.encode("ascii") for n in ROUTER_HEADERS] + [b"host"])
+_SCHEMES = {"http": b"http", "https": b"https"}
+_CACHE_MAX = 4096
 
 
 def _library(module: Union[None, str, ModuleType]) -> Optional[ModuleType]:
@@ -87,10 +102,47 @@ def _classify(mod: ModuleType, exc: BaseException) -> Optional[str]:
     return default_classify(exc)
 
 
+class _Lib:
+    """What the transports use of one client library (httpx or httpx2), resolved once."""
+
+    __slots__ = ("mod", "name", "classify", "Response", "ByteStream", "map_exc", "handle", "ahandle")
+
+    def __init__(self, mod: ModuleType) -> None:
+        self.mod = mod
+        self.name = mod.__name__
+        self.classify = functools.partial(_classify, mod)
+        self.Response = mod.Response
+        self.ByteStream = mod.ByteStream
+        default = sys.modules.get(f"{self.name}._transports.default")
+        self.map_exc = getattr(default, "map_httpcore_exceptions", None)
+        # the library transports' own handle_request: a subclass keeping it sends like them
+        self.handle = getattr(getattr(mod, "HTTPTransport", None), "handle_request", None)
+        self.ahandle = getattr(getattr(mod, "AsyncHTTPTransport", None), "handle_async_request", None)
+
+
+class _Inner:
+    """A cluster's inner transport and, when it sends like the library's own, its connection pool
+    and that pool's ``Request``/``URL`` classes (``pool`` None: attempts go through ``transport``)."""
+
+    __slots__ = ("transport", "pool", "Request", "URL", "map_exc")
+
+    def __init__(self, transport: Any, lib: _Lib, sync: bool) -> None:
+        self.transport = transport
+        self.pool = self.Request = self.URL = self.map_exc = None
+        handle = lib.handle if sync else lib.ahandle
+        method = "handle_request" if sync else "handle_async_request"
+        pool = getattr(transport, "_pool", None)
+        if (handle is not None and lib.map_exc is not None and pool is not None
+                and getattr(type(transport), method, None) is handle and hasattr(pool, method)):
+            core = sys.modules.get(type(pool).__module__.partition(".")[0])
+            if core is not None and hasattr(core, "Request") and hasattr(core, "URL"):
+                self.pool, self.Request, self.URL, self.map_exc = pool, core.Request, core.URL, lib.map_exc
+
+
 class _Answer(NamedTuple):
-    """An attempt's response, read. A plain record on purpose: ``Call.run`` closes the responses
-    it retries (and may still return one when a retry cannot be made), so the httpx ``Response``
-    is built once, from the final answer."""
+    """An attempt's response, read (the path through an inner transport of another kind). A plain
+    record on purpose: ``Call.run`` closes the responses it retries (and may still return one
+    when a retry cannot be made), so the httpx ``Response`` is built once, from the final answer."""
 
     status_code: int
     headers: Any
@@ -125,32 +177,39 @@ class _MeshTransportBase:
         self._transport_kwargs = transport_kwargs
         self._ssl: Dict[str, Any] = {}  # library name -> the SSL context its inner transports share
         self._lock = threading.Lock()
+        self._libs: Dict[Any, _Lib] = {}  # request type -> its library
+        self._fixed_lib = _Lib(self._module) if self._module is not None else None
+        self._origins: Dict[str, Tuple[bytes, int]] = {}  # endpoint key -> (host, port) for the pool
+        self._ascii: Dict[str, bytes] = {}  # authority -> its bytes (the Host header)
+        self._urls: Dict[Any, Tuple[str, bytes, str, Optional[str]]] = {}  # see _url_parts
         close = self._close_inner_sync if self._sync else self._close_inner_async
         self._pools = _ClusterPools(mesh, self._new_inner, close, is_async=not self._sync)
 
     @property
     def _inner(self) -> Dict[Tuple[str, str, Optional[str]], Any]:
         """``(library, cluster, sni) -> inner transport`` of the clusters in use."""
-        return self._pools.pools()
+        return {k: v.transport for k, v in self._pools.pools().items()}
 
     @staticmethod
-    def _close_inner_sync(inner: Any) -> None:
-        inner.close()
+    def _close_inner_sync(inner: _Inner) -> None:
+        inner.transport.close()
 
     @staticmethod
-    async def _close_inner_async(inner: Any) -> None:
-        await inner.aclose()
+    async def _close_inner_async(inner: _Inner) -> None:
+        await inner.transport.aclose()
 
-    def _new_inner(self, key: Tuple[str, str, Optional[str]]) -> Any:
+    def _new_inner(self, key: Tuple[str, str, Optional[str]]) -> _Inner:
         name, cluster, _ = key
-        if self._factory is not None:
-            return self._factory(cluster)
         mod = sys.modules[name]
-        kwargs = dict(self._transport_kwargs)
-        kwargs["verify"] = self._ssl_context(mod)
-        kwargs.pop("cert", None)  # in the shared context
-        cls = mod.HTTPTransport if self._sync else mod.AsyncHTTPTransport
-        return cls(http2=self._http2, **kwargs)
+        if self._factory is not None:
+            transport = self._factory(cluster)
+        else:
+            kwargs = dict(self._transport_kwargs)
+            kwargs["verify"] = self._ssl_context(mod)
+            kwargs.pop("cert", None)  # in the shared context
+            cls = mod.HTTPTransport if self._sync else mod.AsyncHTTPTransport
+            transport = cls(http2=self._http2, **kwargs)
+        return _Inner(transport, self._lib_named(name), self._sync)
 
     def _ssl_context(self, mod: ModuleType) -> Any:
         """One SSL context per library for every inner transport (one each would cost ~0.8 MB
@@ -165,10 +224,24 @@ class _MeshTransportBase:
 
     # -- helpers -------------------------------------------------------------------------------
 
+    def _lib(self, request: Any) -> _Lib:
+        if self._fixed_lib is not None:
+            return self._fixed_lib
+        lib = self._libs.get(type(request))
+        if lib is None:
+            lib = self._libs[type(request)] = _Lib(sys.modules[type(request).__module__.partition(".")[0]])
+        return lib
+
+    def _lib_named(self, name: str) -> _Lib:
+        if self._fixed_lib is not None and self._fixed_lib.name == name:
+            return self._fixed_lib
+        for lib in list(self._libs.values()):
+            if lib.name == name:
+                return lib
+        return _Lib(sys.modules[name])
+
     def _mod(self, request: Any) -> ModuleType:
-        if self._module is not None:
-            return self._module
-        return sys.modules[type(request).__module__.partition(".")[0]]
+        return self._lib(request).mod
 
     def _slot_for(self, mod: ModuleType, cluster: str, sni: Optional[str]) -> Any:
         """The cluster's inner transport (``slot.pool``), counted in flight until released."""
@@ -178,6 +251,81 @@ class _MeshTransportBase:
     def _logical_url(request: Any) -> str:
         url = request.url
         return f"{url.scheme}://{url.netloc.decode('ascii')}{url.raw_path.decode('ascii')}"
+
+    @staticmethod
+    def _mesh_headers(request: Any) -> Any:
+        """The request's headers as ``(name, value)`` string pairs (lower-cased names) for routing."""
+        headers = request.headers
+        try:
+            return [(k.decode(), v.decode()) for _, k, v in headers._list]
+        except (AttributeError, UnicodeDecodeError):
+            return headers.multi_items()
+
+    def _url_parts(self, url: Any) -> Tuple[str, bytes, str, Optional[str]]:
+        """``(logical URL, raw path, path, SNI host or None)`` of a request URL, kept per parsed
+        URL (httpx's own parse result, a tuple of strings) for the URLs a client repeats."""
+        ref = getattr(url, "_uri_reference", None)
+        parts = self._urls.get(ref) if ref is not None else None
+        if parts is None:
+            raw_path = url.raw_path
+            path = raw_path.decode("ascii")
+            scheme = url.scheme
+            parts = (f"{scheme}://{url.netloc.decode('ascii')}{path}", raw_path, path,
+                     url.raw_host.decode("ascii") if scheme == "https" else None)
+            if ref is not None:
+                if len(self._urls) >= _CACHE_MAX:
+                    self._urls.clear()
+                self._urls[ref] = parts
+        return parts
+
+    def _host(self, authority: str) -> bytes:
+        b = self._ascii.get(authority)
+        if b is None:
+            if len(self._ascii) >= _CACHE_MAX:
+                self._ascii.clear()
+            b = self._ascii[authority] = authority.encode("ascii")
+        return b
+
+    def _origin(self, endpoint: Any) -> Tuple[bytes, int]:
+        o = self._origins.get(endpoint.key)
+        if o is None:
+            if len(self._origins) >= _CACHE_MAX:
+                self._origins.clear()
+            o = self._origins[endpoint.key] = (endpoint.address.encode("ascii"), int(endpoint.port))
+        return o
+
+    def _core_request(self, inner: _Inner, request: Any, attempt: Any, scheme: bytes, target: bytes,
+                      path: str, sni: Optional[str]) -> Any:
+        """The pool's request for one attempt: ``ip:port`` of the picked endpoint, the logical Host
+        (router headers dropped), the timeouts capped by the attempt's, SNI the logical host."""
+        host, port = self._origin(attempt.endpoint)
+        headers: List[Tuple[bytes, bytes]] = [(b"Host", self._host(attempt.authority))]
+        try:
+            lst = request.headers._list
+        except AttributeError:
+            lst = [(k, k.lower(), v) for k, v in request.headers.raw]
+        headers += [(k, v) for k, lk, v in lst if lk not in _DROP]
+        extensions = request.extensions
+        cap = attempt.timeout
+        if cap is not None or sni is not None:
+            extensions = dict(extensions)
+            if cap is not None:
+                if cap < 0.001:
+                    cap = 0.001  # spent (the deadline passed in a back-off): sockets reject <= 0
+                timeout = extensions.get("timeout")
+                if timeout is not None and len(timeout) == 4 and timeout.keys() >= _TIMEOUT_SET:
+                    timeout = {k: cap if v is None or v > cap else v for k, v in timeout.items()}
+                else:
+                    timeout = dict(timeout or {})
+                    for k in _TIMEOUT_KEYS:
+                        timeout[k] = _min_timeout(timeout.get(k), cap)
+                extensions["timeout"] = timeout
+            if sni is not None:
+                extensions["sni_hostname"] = sni
+        if attempt.path is not path:  # the route rewrote the path
+            target = attempt.path.encode("ascii")
+        return inner.Request(request.method, inner.URL(scheme=scheme, host=host, port=port, target=target),
+                             headers=headers, content=request.stream, extensions=extensions)
 
     @staticmethod
     def _attempt_request(mod: ModuleType, request: Any, attempt: Any, sni: str) -> Any:
@@ -214,51 +362,104 @@ class _MeshTransportBase:
             return mod.TransportError(str(exc), request=request)
         return mod.ConnectError(str(exc), request=request)
 
+    @staticmethod
+    def _call_info(response: Any, call: Any, last: Any) -> Any:
+        """``response.extensions["meshcore"]`` (``last``: the final attempt; the call's list of
+        attempts is made only for a retried request)."""
+        if last is None or last.number > 1:
+            response.extensions["meshcore"] = _info(call)
+        else:
+            response.extensions["meshcore"] = {"cluster": call.cluster, "endpoint": last.endpoint.key,
+                                               "route": call.route.route_name, "attempts": 1}
+        return response
+
+
+def _final_response(lib: _Lib, request: Any, resp: Any, raw: bytes) -> Any:
+    """The client's response from the pool's (read) response: one ``Response``, an unread,
+    replayable stream of the raw body; the pool's network stream is not handed out."""
+    ext = resp.extensions
+    ext.pop("network_stream", None)
+    return lib.Response(resp.status, headers=resp.headers, stream=lib.ByteStream(raw), request=request,
+                        extensions=ext)
+
 
 class MeshTransport(_MeshTransportBase):
     """An httpx/httpx2 ``BaseTransport`` routing through the mesh (see the module docstring)."""
 
     def handle_request(self, request: Any) -> Any:
-        mod = self._mod(request)
+        lib = self._lib(request)
+        url = request.url
+        logical, raw_path, path, sni = self._url_parts(url)
+        headers = self._mesh_headers(request)
         try:
-            call = _route(self._mesh, self._logical_url(request), request.method,
-                          request.headers.multi_items(), self._ready_timeout)
-        except (Unavailable, NoRoute) as e:
-            raise self._mesh_error(mod, request, e) from e
-        local = _local_reply(call)
-        if local is not None:
-            return self._reply(mod, request, local, call)
-        if _retries_possible(call):
-            request.read()  # a retry sends the body again
-        sni = request.url.raw_host.decode("ascii")
-        slot = self._slot_for(mod, call.cluster, sni if request.url.scheme == "https" else None)
-        inner = slot.pool
-
-        def send(attempt: Any) -> _Answer:
-            response = inner.handle_request(self._attempt_request(mod, request, attempt, sni))
             try:
-                raw = b"".join(response.iter_raw())
-            finally:
-                response.close()
-            return _Answer.of(response, raw)
+                call = self._mesh.request(logical, request.method, headers)
+            except NotReady:
+                call = _route(self._mesh, logical, request.method, headers, self._ready_timeout)
+        except (Unavailable, NoRoute) as e:
+            raise self._mesh_error(lib.mod, request, e) from e
+        if call.cluster is None:
+            local = _local_reply(call)
+            if local is not None:
+                return self._reply(lib.mod, request, local, call)
+        if call.retry_policy is not None and _retries_possible(call):
+            request.read()  # a retry sends the body again
+        scheme = url.scheme
+        slot = self._pools.acquire((lib.name, call.cluster, sni), call.cluster)
+        inner = slot.pool
+        last: Any = None  # the last attempt sent straight to the pool
+        if inner.pool is not None:
+            pool = inner.pool
+            make = self._core_request
+            scheme_b = _SCHEMES.get(scheme) or url.raw_scheme
+            call_path = call.path
+
+            def send(attempt: Any) -> Any:
+                req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni)
+                try:
+                    resp = pool.handle_request(req)
+                    try:
+                        raw = b"".join(resp.stream)
+                    finally:
+                        resp.close()
+                except Exception as exc:
+                    with inner.map_exc():  # the library's own httpcore -> httpx mapping
+                        raise exc
+                nonlocal last
+                last = attempt
+                return _final_response(lib, request, resp, raw)
+        else:
+            transport = inner.transport
+            mod = lib.mod
+
+            def send(attempt: Any) -> Any:
+                response = transport.handle_request(self._attempt_request(mod, request, attempt,
+                                                                          url.raw_host.decode("ascii")))
+                try:
+                    raw = b"".join(response.iter_raw())
+                finally:
+                    response.close()
+                return _Answer.of(response, raw)
 
         try:
-            answer = call.run(send, classify=lambda exc: _classify(mod, exc))
+            answer = _run(call, send, _status_code, None, lib.classify)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
-            return self._reply(mod, request, _fault_reply(e), call)
+            return self._reply(lib.mod, request, _fault_reply(e), call)
         except (MeshError, TimeoutError) as e:
-            raise _add_context(self._mesh_error(mod, request, e), call) from e
+            raise _add_context(self._mesh_error(lib.mod, request, e), call) from e
         except Exception as e:
             _add_context(e, call)
             raise
         finally:
             self._pools.release(slot)
-        return self._finish(mod, answer, request, call)
+        if type(answer) is _Answer:
+            return self._finish(lib.mod, answer, request, call)
+        return self._call_info(answer, call, last)
 
     def close(self) -> None:
         for t in self._pools.take_all():
-            t.close()
+            t.transport.close()
 
     def __enter__(self) -> "MeshTransport":
         return self
@@ -273,46 +474,81 @@ class AsyncMeshTransport(_MeshTransportBase):
     _sync = False
 
     async def handle_async_request(self, request: Any) -> Any:
-        mod = self._mod(request)
+        lib = self._lib(request)
+        url = request.url
+        logical, raw_path, path, sni = self._url_parts(url)
+        headers = self._mesh_headers(request)
         try:
-            call = await _aroute(self._mesh, self._logical_url(request), request.method,
-                                 request.headers.multi_items(), self._ready_timeout)
-        except (Unavailable, NoRoute) as e:
-            raise self._mesh_error(mod, request, e) from e
-        local = _local_reply(call)
-        if local is not None:
-            return self._reply(mod, request, local, call)
-        if _retries_possible(call):
-            await request.aread()
-        sni = request.url.raw_host.decode("ascii")
-        slot = self._slot_for(mod, call.cluster, sni if request.url.scheme == "https" else None)
-        inner = slot.pool
-
-        async def send(attempt: Any) -> _Answer:
-            response = await inner.handle_async_request(self._attempt_request(mod, request, attempt, sni))
             try:
-                raw = b"".join([chunk async for chunk in response.aiter_raw()])
-            finally:
-                await response.aclose()
-            return _Answer.of(response, raw)
+                call = self._mesh.request(logical, request.method, headers)
+            except NotReady:
+                call = await _aroute(self._mesh, logical, request.method, headers, self._ready_timeout)
+        except (Unavailable, NoRoute) as e:
+            raise self._mesh_error(lib.mod, request, e) from e
+        if call.cluster is None:
+            local = _local_reply(call)
+            if local is not None:
+                return self._reply(lib.mod, request, local, call)
+        if call.retry_policy is not None and _retries_possible(call):
+            await request.aread()
+        scheme = url.scheme
+        slot = self._pools.acquire((lib.name, call.cluster, sni), call.cluster)
+        inner = slot.pool
+        last: Any = None  # the last attempt sent straight to the pool
+        if inner.pool is not None:
+            pool = inner.pool
+            make = self._core_request
+            scheme_b = _SCHEMES.get(scheme) or url.raw_scheme
+            call_path = call.path
+
+            async def send(attempt: Any) -> Any:
+                req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni)
+                try:
+                    resp = await pool.handle_async_request(req)
+                    try:
+                        raw = b"".join([chunk async for chunk in resp.stream])
+                    finally:
+                        await resp.aclose()
+                except Exception as exc:
+                    with inner.map_exc():  # the library's own httpcore -> httpx mapping
+                        raise exc
+                nonlocal last
+                last = attempt
+                return _final_response(lib, request, resp, raw)
+        else:
+            transport = inner.transport
+            mod = lib.mod
+
+            async def send(attempt: Any) -> Any:
+                response = await transport.handle_async_request(
+                    self._attempt_request(mod, request, attempt, url.raw_host.decode("ascii")))
+                try:
+                    raw = b"".join([chunk async for chunk in response.aiter_raw()])
+                finally:
+                    await response.aclose()
+                return _Answer.of(response, raw)
 
         try:
-            answer = await call.run_async(send, classify=lambda exc: _classify(mod, exc))
+            answer = await _run_async(call, send, _status_code, None, lib.classify)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
-            return self._reply(mod, request, _fault_reply(e), call)
+            return self._reply(lib.mod, request, _fault_reply(e), call)
         except (MeshError, TimeoutError) as e:
-            raise _add_context(self._mesh_error(mod, request, e), call) from e
+            raise _add_context(self._mesh_error(lib.mod, request, e), call) from e
         except Exception as e:
             _add_context(e, call)
             raise
         finally:
-            await self._pools.arelease(slot)
-        return self._finish(mod, answer, request, call)
+            closing = self._pools.release(slot)  # (arelease without its coroutine)
+            if closing is not None:
+                await self._close_inner_async(closing)
+        if type(answer) is _Answer:
+            return self._finish(lib.mod, answer, request, call)
+        return self._call_info(answer, call, last)
 
     async def aclose(self) -> None:
         for t in self._pools.take_all():
-            await t.aclose()
+            await t.transport.aclose()
 
     async def __aenter__(self) -> "AsyncMeshTransport":
         return self
