@@ -19,10 +19,8 @@ def _headers(metadata: Metadata) -> Any:
     if not metadata:
         return _GRPC_HEADER_DICT
     headers: List[Tuple[str, str]] = list(_GRPC_HEADERS)
-    for pair in metadata:
-        value = pair[1]
+    for key, value in metadata:
         if type(value) is not str and isinstance(value, bytes):
-            headers.append((pair[0], base64.b64encode(value).decode("ascii")))  # -bin metadata travels base64
-        else:
-            headers.append(pair if type(pair) is tuple else (pair[0], value))
+            value = base64.b64encode(value).decode("ascii")  # -bin metadata travels base64-encoded
+        headers.append((key, value))
     return headers
