@@ -12,9 +12,14 @@ the picked endpoint's URL::
 
 Per request: ``Mesh.request`` routes it (query ``params`` and the session's default headers
 included), ``Call.run_async`` applies the route's policies, and each attempt is
-``session.request(method, "http://ip:port/path", headers={"Host": <authority>}, server_hostname=
-<logical host>)`` (``server_hostname`` only for ``https``: SNI and certificate verification use the
-service name, and it is part of aiohttp's connection key). The body is read within the attempt,
+``session.request(method, URL("http://ip:port/path"), headers={..., "Host": <authority>},
+server_hostname=<logical host>)`` (``server_hostname`` only for ``https``: SNI and certificate
+verification use the service name, and it is part of aiohttp's connection key), so the session's
+connector pools the connections per endpoint. The attempt's deadline (per-try timeout, route
+timeout, the caller's ``total``) is the one timer the attempt runs under: aiohttp gets the
+request's ``ClientTimeout`` without its ``total`` (``connect``, ``sock_connect``, ``sock_read``
+still apply). What does not change between requests is made once: the endpoint URLs, the
+per-host routing decision, the timeouts. The body is read within the attempt,
 so the returned ``aiohttp.ClientResponse`` has its status and body; its ``url`` is the endpoint's
 URL, ``resp.meshcore`` says ``{"cluster", "endpoint", "route", "attempts"}``. Cookies are stored
 in and sent from the session's jar under the logical URL. Redirects are followed here (``allow_
@@ -45,15 +50,18 @@ import asyncio
 import fnmatch
 import json as _json
 import logging
-from typing import Any, Awaitable, Callable, Generator, Iterable, List, Optional, Union
+from operator import attrgetter
+from typing import Any, Awaitable, Callable, Dict, Generator, Iterable, List, Optional, Union
 
 import aiohttp
+import attr
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ..call import FaultAbort, UpstreamTimeout, default_classify
-from ..errors import MeshError, NoRoute, Unavailable
+from ..errors import MeshError, NoRoute, NotReady, Unavailable
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
+from ..resilience.router_headers import ROUTER_HEADERS
 from . import (
     _add_context,
     _aroute,
@@ -72,6 +80,30 @@ log = logging.getLogger(__name__)
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", ())
+_UNSET: Any = object()
+_MEMO_MAX = 256  # bounded memo tables (URLs as given, routed hosts, timeouts)
+_URLS_MAX = 1024  # endpoint URLs (scheme, endpoint, path)
+_SHORTEST_ROUTER_HEADER = min(len(h) for h in ROUTER_HEADERS)
+_status_of = attrgetter("status")
+
+
+def _plain(headers: Any, own: Any) -> bool:
+    """Whether a request's headers can be sent as a plain dict plus ``Host``: a dict (or none)
+    without a ``Host`` or router header."""
+    if headers is not None and type(headers) is not dict:
+        return False
+    for name, _ in own:
+        if type(name) is not str:
+            return False
+        n = len(name)
+        if n == 4 and name.lower() == "host" or n >= _SHORTEST_ROUTER_HEADER and name.lower() in ROUTER_HEADERS:
+            return False
+    return True
+
+
+def _endpoint_key(host: Any, port: Any) -> str:
+    """``ip:port`` / ``[v6]:port``, as ``Endpoint.key`` spells it, of a connector key."""
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def _classify(exc: BaseException) -> Optional[str]:
@@ -146,6 +178,8 @@ Response = Union[aiohttp.ClientResponse, LocalResponse]
 class _RequestContext:
     """``await ms.get(...)`` or ``async with ms.get(...) as resp`` (released on exit)."""
 
+    __slots__ = ("_coro", "_resp")
+
     def __init__(self, coro: Awaitable[Response]) -> None:
         self._coro = coro
         self._resp: Optional[Response] = None
@@ -175,8 +209,14 @@ class MeshSession:
         self._owned = session is None
         self._hosts = tuple(hosts) if hosts is not None else None
         self._ready_timeout = ready_timeout
-        # per cluster: the (host, port) endpoints its attempts used (the "pool" closed when it leaves)
+        # per cluster: the endpoints (keys) its attempts used (the "pool" closed when it leaves)
         self._pools = _ClusterPools(mesh, lambda cluster: set(), self._close_endpoints, is_async=True)
+        # made once, looked up per request (bounded): URLs as given, routed hosts, endpoint URLs,
+        # the attempts' timeouts
+        self._urls: Dict[str, URL] = {}
+        self._routed_hosts: Dict[str, bool] = {}
+        self._endpoint_urls: Dict[Any, URL] = {}  # (scheme, endpoint key, path) -> URL
+        self._timeouts: Dict[int, Any] = {}  # id(request's ClientTimeout) -> (it, the attempts' one)
 
     async def _close_endpoints(self, used: Any) -> None:
         """Close the idle connections to the endpoints in ``used`` that no live cluster has."""
@@ -192,7 +232,8 @@ class MeshSession:
                 live.add(ep.key)
         for key in list(conns):
             host, port = getattr(key, "host", None), getattr(key, "port", None)
-            if (host, port) not in used or f"{host}:{port}" in live:
+            ep_key = _endpoint_key(host, port)
+            if ep_key not in used or ep_key in live:
                 continue
             for proto, _ in conns.pop(key, ()):
                 proto.close()
@@ -210,25 +251,25 @@ class MeshSession:
         return _RequestContext(self._request(method, url, **kwargs))
 
     def get(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        return self.request("GET", url, **kwargs)
+        return _RequestContext(self._request("GET", url, **kwargs))
 
     def head(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
         return self.request("HEAD", url, allow_redirects=kwargs.pop("allow_redirects", False), **kwargs)
 
     def options(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        return self.request("OPTIONS", url, **kwargs)
+        return _RequestContext(self._request("OPTIONS", url, **kwargs))
 
     def post(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        return self.request("POST", url, **kwargs)
+        return _RequestContext(self._request("POST", url, **kwargs))
 
     def put(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        return self.request("PUT", url, **kwargs)
+        return _RequestContext(self._request("PUT", url, **kwargs))
 
     def patch(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        return self.request("PATCH", url, **kwargs)
+        return _RequestContext(self._request("PATCH", url, **kwargs))
 
     def delete(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        return self.request("DELETE", url, **kwargs)
+        return _RequestContext(self._request("DELETE", url, **kwargs))
 
     async def close(self) -> None:
         """Close the session if this wrapper made it."""
@@ -245,32 +286,72 @@ class MeshSession:
     # -- internals -------------------------------------------------------------------------------
 
     def _routed(self, url: URL) -> bool:
-        if url.scheme not in ("http", "https"):
+        scheme = url.scheme
+        if scheme != "http" and scheme != "https":
             return False
-        return self._hosts is None or any(fnmatch.fnmatch(url.host or "", p) for p in self._hosts)
+        if self._hosts is None:
+            return True
+        host = url.host or ""
+        routed = self._routed_hosts.get(host)
+        if routed is None:
+            routed = any(fnmatch.fnmatch(host, p) for p in self._hosts)
+            if len(self._routed_hosts) >= _MEMO_MAX:
+                self._routed_hosts.clear()
+            self._routed_hosts[host] = routed
+        return routed
+
+    def _parse(self, url: str) -> URL:
+        parsed = URL(url)
+        if len(self._urls) >= _MEMO_MAX:
+            self._urls.clear()
+        self._urls[url] = parsed
+        return parsed
+
+    def _attempt_timeout(self, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
+        """The request's ``ClientTimeout`` without its ``total``: the attempt's deadline (the
+        route's timeouts and the caller's total) is the router loop's timer."""
+        found = attr.evolve(timeout, total=None)
+        if len(self._timeouts) >= _MEMO_MAX:
+            self._timeouts.clear()
+        self._timeouts[id(timeout)] = (timeout, found)  # holds ``timeout``: its id is not reused
+        return found
 
     async def _request(self, method: str, url: Union[str, URL], *, params: Any = None, headers: Any = None,
                        allow_redirects: bool = True, max_redirects: int = 10, **kwargs: Any) -> Response:
         method = method.upper()
-        url = URL(url)
+        session = self._session or self.session
+        if type(url) is str:
+            text: Optional[str] = url
+            url = self._urls.get(url) or self._parse(url)
+        else:
+            text, url = None, URL(url)
         if params:
             extend = getattr(url, "extend_query", None)  # yarl >= 1.9
             url = extend(params) if extend else url.with_query([*url.query.items(),
                                                                  *URL("/").with_query(params).query.items()])
+            text = None
         check = kwargs.pop("raise_for_status", None)
         if check is None:
-            check = getattr(self.session, "_raise_for_status", False)
+            check = getattr(session, "_raise_for_status", False)
+        # a 5xx must reach the retry policy: raise_for_status applies to the final answer only
+        kwargs["raise_for_status"] = False
+        timeout = kwargs.pop("timeout", _UNSET)
+        if timeout is _UNSET:
+            timeout = session.timeout
+        elif not isinstance(timeout, aiohttp.ClientTimeout):
+            timeout = aiohttp.ClientTimeout(total=timeout)
         history: List[Response] = []
         while True:
-            # a 5xx must reach the retry policy: raise_for_status applies to the final answer only
-            resp = await self._once(method, url, headers, {**kwargs, "raise_for_status": False})
+            if self._routed(url):
+                resp = await self._routed_request(session, method, url, text, headers, timeout, kwargs)
+            else:
+                resp = await session.request(method, url, headers=headers, allow_redirects=False,
+                                             timeout=timeout, **kwargs)
+            if not allow_redirects or resp.status not in _REDIRECTS:
+                break
             location = resp.headers.get("Location")
-            if not allow_redirects or resp.status not in _REDIRECTS or not location:
-                if check is True:
-                    resp.raise_for_status()
-                elif callable(check):
-                    await check(resp)
-                return resp
+            if not location:
+                break
             history.append(resp)
             if len(history) > max_redirects:
                 resp.release()
@@ -281,52 +362,99 @@ class MeshSession:
                 kwargs.pop("data", None)
                 kwargs.pop("json", None)
             url = url.join(URL(location))
+            text = None
+        if check is True:
+            resp.raise_for_status()
+        elif callable(check):
+            await check(resp)
+        return resp
 
-    async def _once(self, method: str, url: URL, headers: Any, kwargs: Any) -> Response:
-        session = self.session
-        if not self._routed(url):
-            return await session.request(method, url, headers=headers, allow_redirects=False, **kwargs)
-        own = CIMultiDict(headers or {})
-        merged = CIMultiDict(session.headers)
-        for name in set(own.keys()):
-            merged.popall(name, None)
-        merged.extend(own)
-        timeout = kwargs.get("timeout")
-        total = getattr(timeout if isinstance(timeout, aiohttp.ClientTimeout) else session.timeout, "total", None)
-        try:  # the session's total timeout bounds the whole request, retries included
-            call = await _aroute(self._mesh, str(url), method, list(merged.items()), self._ready_timeout, total)
+    async def _routed_request(self, session: aiohttp.ClientSession, method: str, url: URL, text: Optional[str],
+                              headers: Any, timeout: aiohttp.ClientTimeout, kwargs: Dict[str, Any]) -> Response:
+        # the request's headers: routed as pairs (with the session's defaults), sent without the
+        # router's x-envoy-* headers and with the logical Host (aiohttp adds the defaults itself)
+        if headers is None:
+            own: Any = None
+        elif isinstance(headers, (dict, CIMultiDict, CIMultiDictProxy)):
+            own = list(headers.items())
+        else:
+            own = list(headers.items() if hasattr(headers, "items") else headers)
+        defaults = session.headers
+        if defaults:
+            merged = CIMultiDict(defaults)
+            if own:
+                for name in {k for k, _ in own}:
+                    merged.popall(name, None)
+                merged.extend(own)
+            pairs: Any = list(merged.items())
+        else:
+            pairs = own
+        total = timeout.total
+        target_url = str(url) if text is None else text
+        mesh = self._mesh
+        try:  # the total timeout bounds the whole request, retries included
+            try:
+                call = mesh.request(target_url, method, pairs, timeout=total) if total else \
+                    mesh.request(target_url, method, pairs)
+            except NotReady:
+                call = await _aroute(mesh, target_url, method, pairs, self._ready_timeout, total)
         except (Unavailable, NoRoute) as e:
             raise self._mesh_error(e) from e
-        local = _local_reply(call)
-        if local is not None:
-            return LocalResponse(method, url, local, _info(call))
-        extra = dict(kwargs)
-        if url.scheme == "https":
-            extra.setdefault("server_hostname", url.raw_host)
-        slot = self._pools.acquire(call.cluster, call.cluster)
+        cluster = call.cluster
+        if cluster is None:  # a direct response or a redirect
+            return LocalResponse(method, url, _local_reply(call), _info(call))  # type: ignore[arg-type]
+        send_headers: Any
+        if own is None:
+            send_headers = {}
+        elif _plain(headers, own):
+            send_headers = dict(own)
+        else:
+            send_headers = _drop_router_headers(CIMultiDict(own))
+            send_headers.popall("Host", None)
+        send_headers["Host"] = call.route.host_rewrite or call.authority  # = every attempt's authority
+        memo = self._timeouts.get(id(timeout))
+        attempt_timeout = memo[1] if memo is not None else self._attempt_timeout(timeout)
+        scheme = call.scheme
+        jar = session.cookie_jar
+        if scheme == "https" or len(jar):
+            kwargs = dict(kwargs)
+            if scheme == "https":
+                kwargs.setdefault("server_hostname", url.raw_host)
+            if len(jar):  # the jar's cookies for the logical URL (aiohttp would look under the endpoint's)
+                jar_cookies = [(k, m.value) for k, m in jar.filter_cookies(url).items()]
+                if jar_cookies:
+                    user = kwargs.pop("cookies", None)
+                    kwargs["cookies"] = jar_cookies + list((user.items() if hasattr(user, "items") else user) or ())
+        slot = self._pools.acquire(cluster, cluster)
         used = slot.pool
-        jar_cookies = [(k, m.value) for k, m in session.cookie_jar.filter_cookies(url).items()]
-        if jar_cookies:
-            user = extra.pop("cookies", None)
-            extra["cookies"] = jar_cookies + list((user.items() if hasattr(user, "items") else user) or ())
+        urls = self._endpoint_urls
+        route_name = call.route.route_name
+        request = session.request
 
         async def send(attempt: Any) -> aiohttp.ClientResponse:
-            h = _drop_router_headers(own.copy())
-            h["Host"] = attempt.authority
+            ep_key = attempt.endpoint.key
             if used is not None:
-                host, _, port = attempt.address.rpartition(":")
-                used.add((host.strip("[]"), int(port)))
-            resp = await session.request(method, URL(attempt.url, encoded=True), headers=h,
-                                         allow_redirects=False, **extra)
+                used.add(ep_key)
+            key = (scheme, ep_key, attempt.path)
+            target = urls.get(key)
+            if target is None:
+                target = URL(f"{scheme}://{ep_key}{attempt.path}", encoded=True)
+                if len(urls) >= _URLS_MAX:
+                    urls.clear()
+                urls[key] = target
+            resp = await request(method, target, headers=send_headers, allow_redirects=False,
+                                 timeout=attempt_timeout, **kwargs)
             try:
                 await resp.read()
             except BaseException:
                 resp.close()
                 raise
+            resp.meshcore = {"cluster": cluster, "endpoint": ep_key, "route": route_name,  # type: ignore[attr-defined]
+                             "attempts": attempt.number}
             return resp
 
         try:
-            resp = await call.run_async(send, classify=_classify)
+            resp = await call.run_async(send, status_of=_status_of, classify=_classify)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
             return LocalResponse(method, url, _fault_reply(e), _info(call))
@@ -340,10 +468,11 @@ class MeshSession:
             _add_context(e, call)
             raise
         finally:
-            await self._pools.arelease(slot)
+            closing = self._pools.release(slot)
+            if closing is not None:
+                await self._close_endpoints(closing)
         if resp.cookies:
-            session.cookie_jar.update_cookies(resp.cookies, url)
-        resp.meshcore = _info(call)  # type: ignore[attr-defined]
+            jar.update_cookies(resp.cookies, url)
         return resp
 
     @staticmethod
