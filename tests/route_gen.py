@@ -794,3 +794,152 @@ def shrink_request_candidates(req: Request) -> list[Request]:
     if req.method != "GET":
         out.append(dataclasses.replace(req, method="GET"))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# mixed tables (issue 12): one virtual host of ~1,000 routes mixing exact paths, prefixes,
+# safe_regex and header-matched routes in any order, the shape where route indexes must prove
+# what they skip (first match wins over the whole table)
+# --------------------------------------------------------------------------------------------
+
+MIXED_PREFIXES = ["/hdr/", "/hdr/", "/hdr/", "/api/", "/api/v1/", "/api/v1/", "/HDR/", "/h"] * 3 + ["/"]
+MIXED_TENANTS = 80  # header values t-0 .. t-39: values repeat across routes (first match wins)
+MIXED_REGEXES = [  # (pattern template, a path it matches), {i} the route's number
+    ("/r/[a-z]+/{i}", "/r/abc/{i}"),
+    ("/r/{i}/.*", "/r/{i}/x/y"),
+    ("(?i)/rx/{i}", "/RX/{i}"),
+    ("/r/(a|b)/{i}/?", "/r/b/{i}/"),
+    (".*/z{i}", "/any/z{i}"),
+    ("/api/v1/[0-9]+/{i}", "/api/v1/42/{i}"),
+    ("/hdr/[a-z]*{i}", "/hdr/q{i}"),
+]
+
+
+def _mixed_headers(r: random.Random) -> list[dict]:
+    """The header matchers of a header-matched route. Most are the indexed shape (an exact
+    value of an ordinary header); matchers that match most requests (inverted, missing treated
+    as empty, presence) come after an indexed one, so they do not shadow the rest of the table."""
+    tenant = f"t-{r.randrange(MIXED_TENANTS)}"
+    roll = r.random()
+    name = r.choice(["x-tenant", "x-tenant", "X-Tenant", "x-env"])
+    indexed = {"name": name, "exact_match": tenant}
+    if roll < 0.55:
+        return [indexed]
+    if roll < 0.62:
+        return [{"name": "x-tenant", "string_match": {"exact": tenant}}]
+    if roll < 0.67:
+        return [{"name": "x-tenant", "string_match": {"exact": tenant.upper(), "ignore_case": True}}]
+    if roll < 0.72:
+        return [{"name": "x-tenant", "prefix_match": tenant}]
+    if roll < 0.77:
+        return [{"name": "user-agent", "exact_match": tenant}]  # coalesced (inline): not indexed
+    if roll < 0.82:
+        return [indexed, {"name": "x-tenant", "exact_match": f"t-{r.randrange(MIXED_TENANTS)}", "invert_match": True}]
+    if roll < 0.86:
+        return [indexed, {"name": "x-empty", "string_match": {"exact": ""}, "treat_missing_header_as_empty": True}]
+    if roll < 0.90:
+        return [indexed, {"name": ":method", "exact_match": "POST"}]
+    if roll < 0.94:
+        return [{"name": "x-env", "present_match": True}, indexed]
+    return [indexed, {"name": r.choice(["x-tenant", "x-env"]), "exact_match": f"t-{r.randrange(MIXED_TENANTS)}"}]
+
+
+def gen_mixed_config(r: random.Random, n_routes: int = 1000) -> dict:
+    routes = []
+    for i in range(n_routes):
+        kind = r.choice(["exact", "prefix", "regex", "header", "header", "exact_header"])
+        m: dict = {}
+        if kind == "exact":
+            m["path"] = r.choice([f"/e/{i}/item", f"/e/{r.randrange(n_routes)}/item", "/hdr/", "/api/v1/"])
+            if r.random() < 0.15:
+                m["case_sensitive"] = False
+        elif kind == "prefix":
+            roll = r.random()
+            if roll < 0.7:
+                m["prefix"] = r.choice([f"/p/{i}/", f"/p/{i}", f"/P/{i}/"])
+            elif roll < 0.85:
+                m["path_separated_prefix"] = f"/s/{i}"
+            else:
+                m["prefix"] = r.choice(["/p/", "/api/v1/x", "/hdr/q1"])
+            if r.random() < 0.2:
+                m["case_sensitive"] = False
+        elif kind == "regex":
+            pattern, _ = r.choice(MIXED_REGEXES)
+            m["safe_regex"] = {"regex": pattern.format(i=i)}
+        else:
+            if kind == "exact_header":
+                m["path"] = r.choice(["/hdr/", "/api/v1/", f"/e/{i}/item"])
+            else:
+                m["prefix"] = r.choice(MIXED_PREFIXES)
+                if r.random() < 0.1:
+                    m["case_sensitive"] = False
+            m["headers"] = _mixed_headers(r)
+            if r.random() < 0.05:
+                m["query_parameters"] = [{"name": "q", "present_match": True}]
+        route: dict = {"name": f"m{i}", "match": m, "route": {"cluster": CLUSTERS[i % len(CLUSTERS)]}}
+        routes.append(route)
+    return {"name": "mixed", "virtual_hosts": [{"name": "mixed", "domains": ["*"], "routes": routes}]}
+
+
+def _mixed_request_for(r: random.Random, route: dict) -> tuple[str, list[tuple[str, str]]]:
+    """A path and headers aimed at ``route`` (often matching it, sometimes a near miss)."""
+    m = route["match"]
+    headers: list[tuple[str, str]] = []
+    if "path" in m:
+        path = m["path"]
+    elif "prefix" in m:
+        path = m["prefix"] + r.choice(["", "x", "v1/", "q1"])
+    elif "path_separated_prefix" in m:
+        path = m["path_separated_prefix"] + r.choice(["", "/", "/x", "x"])
+    else:
+        pattern = m["safe_regex"]["regex"]
+        n = re.search(r"(\d+)", pattern).group(1)
+        template = next((p for t, p in MIXED_REGEXES if t.format(i=n) == pattern), "/r/abc/" + n)
+        path = template.format(i=n)
+    for h in m.get("headers", []):
+        name = h["name"].lower()
+        if name[:1] == ":":
+            continue  # :method: the request's method (gen_mixed_request)
+        if "exact_match" in h:
+            headers.append((name, h["exact_match"]))
+        elif "string_match" in h:
+            headers.append((name, h["string_match"]["exact"]))
+        elif "prefix_match" in h:
+            headers.append((name, h["prefix_match"] + "1"))
+        else:
+            headers.append((name, f"t-{r.randrange(MIXED_TENANTS)}"))
+    if "query_parameters" in m and r.random() < 0.7:
+        path += "?q=1"
+    # mutations: other tenants, repeats, case, dropped headers, a query, path case
+    if r.random() < 0.3:
+        headers.append((r.choice(["x-tenant", "X-Tenant", "x-env"]), f"t-{r.randrange(MIXED_TENANTS)}"))
+    if r.random() < 0.15 and headers:
+        headers.pop(r.randrange(len(headers)))
+    if r.random() < 0.15:
+        headers = [(k.upper() if r.random() < 0.5 else k, v) for k, v in headers]
+    if r.random() < 0.1:
+        path += "?a=b"
+    if r.random() < 0.1:
+        path = _flip_case(r, path)
+    r.shuffle(headers)
+    return path, headers
+
+
+def gen_mixed_request(r: random.Random, cfg: dict) -> Request:
+    routes = cfg["virtual_hosts"][0]["routes"]
+    if r.random() < 0.9:
+        path, headers = _mixed_request_for(r, r.choice(routes))
+    else:
+        path = r.choice(["/nothing", "/hdr", "/e/x/item", "/r/ABC/1", "/p", "/s/1x"])
+        headers = [("x-tenant", f"t-{r.randrange(MIXED_TENANTS + 5)}")] if r.random() < 0.5 else []
+    method = "POST" if r.random() < 0.3 else "GET"
+    return Request(authority="mixed.example.com", path=path, method=method, headers=tuple(headers),
+                   random_value=r.randrange(2**64))
+
+
+def generate_mixed(seed: int, n_routes: int = 1000, n_requests: int = 200) -> Case:
+    """A mixed table (see ``gen_mixed_config``) and requests aimed at its routes."""
+    r = random.Random(seed)
+    cfg = gen_mixed_config(r, n_routes)
+    reqs = [gen_mixed_request(r, cfg) for _ in range(n_requests)]
+    return Case(seed=seed, config=cfg, requests=reqs, extra_clusters=list(CLUSTERS))

@@ -55,6 +55,7 @@ from route_gen import (  # noqa: E402
     CLUSTERS,
     Case,
     generate,
+    generate_mixed,
     shrink_candidates,
     shrink_request_candidates,
     weighted_selection_value,
@@ -889,6 +890,57 @@ def test_generated_config_matches_envoy(seed: int, impl: str, RouteTable: Any, e
     dis = disagreements(table, case.config, case.requests, decisions)
     if dis:
         fail_with(dis, RouteTable, impl, f"generated config seed {seed} (route_gen.generate({seed}, {N_REQUESTS}))", len(case.requests))
+
+
+# --------------------------------------------------------------------------------------------
+# 3b. Mixed 1,000-route tables (route_gen.generate_mixed): exact paths, prefixes, regexes and
+#     header-matched routes in any order, where meshcore's indexes must prove every route they
+#     skip. Short by default (MESHCORE_ROUTE_ORACLE_MIXED_CONFIGS tables, default 2, x 200
+#     requests); ``-m soak`` runs MESHCORE_SOAK_EXAMPLES more tables (default 20) x 1,000 requests.
+# --------------------------------------------------------------------------------------------
+
+MIXED_CONFIGS = int(os.environ.get("MESHCORE_ROUTE_ORACLE_MIXED_CONFIGS", "2"))
+MIXED_SEEDS = [BASE_SEED + s for s in range(MIXED_CONFIGS)]
+
+
+def _mixed_envoy_answers(seeds: list[int], n_requests: int) -> dict[int, tuple[Case, list[Decision]]]:
+    out: dict[int, tuple[Case, list[Decision]]] = {}
+    for start in range(0, len(seeds), 10):  # 10 tables of 1,000 routes per Envoy
+        chunk = [generate_mixed(s, 1000, n_requests) for s in seeds[start : start + 10]]
+        with RouteOracle([c.config for c in chunk], extra_clusters=CLUSTERS) as oracle:
+            for i, c in enumerate(chunk):
+                out[c.seed] = (c, oracle.decide_all(c.requests, i))
+            assert oracle.upstream_retries() == 0, "Envoy retried upstream requests: answers are not first tries"
+    return out
+
+
+def _check_mixed(answers: dict[int, tuple[Case, list[Decision]]], impl: str, RouteTable: Any) -> None:  # noqa: N803
+    routed = 0
+    for seed, (case, decisions) in answers.items():
+        routed += sum(d.kind == "route" for d in decisions)
+        table = RouteTable.from_xds(case.config)
+        dis = disagreements(table, case.config, case.requests, decisions)
+        if dis:
+            fail_with(dis, RouteTable, impl, f"mixed table seed {seed} (route_gen.generate_mixed({seed}, 1000, "
+                      f"{len(case.requests)}))", len(case.requests))
+    total = sum(len(c.requests) for c, _ in answers.values())
+    assert routed >= total // 2, f"only {routed} of {total} requests routed: the generator misses its routes"
+
+
+@pytest.fixture(scope="module")
+def mixed_envoy_answers() -> dict[int, tuple[Case, list[Decision]]]:
+    return _mixed_envoy_answers(MIXED_SEEDS, 200)
+
+
+def test_mixed_tables_match_envoy(impl: str, RouteTable: Any, mixed_envoy_answers: dict) -> None:  # noqa: N803
+    _check_mixed(mixed_envoy_answers, impl, RouteTable)
+
+
+@pytest.mark.soak
+def test_mixed_tables_match_envoy_long(impl: str, RouteTable: Any) -> None:  # noqa: N803
+    n = int(os.environ.get("MESHCORE_SOAK_EXAMPLES", "20"))
+    seeds = [BASE_SEED + 10_000 + s for s in range(n)]
+    _check_mixed(_mixed_envoy_answers(seeds, 1000), impl, RouteTable)
 
 
 # --------------------------------------------------------------------------------------------

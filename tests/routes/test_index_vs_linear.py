@@ -3,13 +3,17 @@ first-match-wins linear scan over the routes, which is what Envoy does."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshcore._fast import routes_py
-from meshcore._routing import normalise_headers, strip_path_params
+from meshcore._routing import normalise_headers, regex_fullmatch, strip_path_params
 from oracle_common import route_table_class
+from route_gen import generate_mixed
 
 from .gen import requests, route_config
 
@@ -91,3 +95,41 @@ def test_header_dispatch_runs(impl, seed):
         m = rt.match(authority, path, headers, method=method, random_value=1)
         assert (m.route_name if m else None) == linear(ref, authority, path, headers, method, 1), (
             cfg, path, headers)
+
+
+MIXED_SEEDS = int(os.environ.get("MESHCORE_ROUTE_MIXED_SEEDS", "4"))
+
+
+@pytest.mark.parametrize("seed", range(MIXED_SEEDS))
+def test_mixed_tables(impl, seed):
+    """1,000 routes mixing exact paths, prefixes, regexes and header-matched routes in any order
+    (route_gen.generate_mixed): the tries, regex literal prefixes, RE2 sets and header indexes
+    pick the route a linear scan picks."""
+    case = generate_mixed(seed, 1000, 150)
+    ref, rt = tables(impl, case.config)
+    for rq in case.requests:
+        m = rt.match(rq.authority, rq.path, list(rq.headers), method=rq.method, random_value=rq.random_value)
+        want = linear(ref, rq.authority, rq.path, list(rq.headers), rq.method, rq.random_value)
+        assert (m.route_name if m else None) == want, (seed, rq)
+
+
+REGEX_CASES = [r"/api/v[0-9]+", r"/foo/.*", r"/(api|foo)/[^/]+", r"(?i)/api/.*", r".*bar.*", r"/foo/bar/?",
+               r"/v1/[0-9]{1,3}", r"/[a-z]+", r"/x%2[Ff]y", r"/a\.b(/.*)?", r"/users/[0-9]+/?", r"^/abc",
+               r"/ab?c", r"/é/x", r"\C/x", r"/a{2}b", r"/a|/b", r"(/x)?/y", r"/q\b", r"/[^/]*", r"/api/v1/\d+"]
+PATH_ALPHABET = ["/", "a", "b", "c", "x", "y", "api", "API", "foo", "bar", "v1", "1", "2", ".", "%2F", "é", "\udc80"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(pattern=st.sampled_from(REGEX_CASES), parts=st.lists(st.sampled_from(PATH_ALPHABET), max_size=8))
+def test_regex_literal_prefix_is_proven(pattern, parts):
+    """Every path a regex fully matches starts with its literal prefix (what the index keys
+    regex routes by): RE2's PossibleMatchRange bounds, read as a prefix, never drop a match."""
+    import re2
+
+    rx = re2.compile(pattern)
+    prefix = routes_py.regex_literal_prefix(rx)
+    path = "".join(parts)
+    if regex_fullmatch(rx, path):
+        assert path.startswith(prefix), (pattern, prefix, path)
+    # and the prefixes the index relies on are the expected ones, not just "" everywhere
+    assert routes_py.regex_literal_prefix(re2.compile(r"/users/[0-9]+/?")) == "/users/"

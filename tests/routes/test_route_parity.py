@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from meshcore import ConfigError
 from meshcore._fast import routes_py
 
+from route_gen import generate_mixed
+
 from .gen import requests, route_config
 
 CONFIGS = int(os.environ.get("MESHCORE_ROUTE_PARITY_CONFIGS", "120"))
@@ -62,3 +64,20 @@ def test_header_normalisation_twins(pairs, as_dict, authority, scheme):
     headers = dict(pairs) if as_dict else pairs
     assert routes_c.normalise_headers(headers, authority, "/p?q", "GET", scheme) == normalise_headers(
         headers, authority, "/p?q", "GET", scheme)
+
+
+@pytest.mark.c_extension
+@pytest.mark.parametrize("seed", range(int(os.environ.get("MESHCORE_ROUTE_MIXED_SEEDS", "4"))))
+def test_c_and_py_decide_alike_on_mixed_tables(seed):
+    """1,000-route mixed tables (route_gen.generate_mixed), requests as lists and as dicts."""
+    from meshcore._fast import routes_c
+
+    case = generate_mixed(seed, 1000, 200)
+    c = routes_c.RouteTable.from_xds(case.config)
+    py = routes_py.RouteTable.from_xds(case.config)
+    forms = (list, dict, tuple, lambda pairs: iter(list(pairs)))  # an iterator per call: read once
+    for rq in case.requests:
+        for form in forms:
+            a = c.match(rq.authority, rq.path, form(rq.headers), method=rq.method, random_value=rq.random_value)
+            b = py.match(rq.authority, rq.path, form(rq.headers), method=rq.method, random_value=rq.random_value)
+            assert _summary(a) == _summary(b), (seed, rq, form)

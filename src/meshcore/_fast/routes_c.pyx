@@ -1,13 +1,19 @@
 # cython: language_level=3, embedsignature=True
 """RouteTable, compiled twin of ``routes_py`` (same decisions, same results).
 
-Per virtual host, exact-path and prefix routes live in byte tries (one case-sensitive, one
-over ASCII-lower-cased bytes for ``case_sensitive: false``); a request walks the path once,
-collecting candidate route indices, and only candidates are evaluated, in route order, so
-first-match-wins is exactly Envoy's linear scan. Routes whose match is decided by the path
-alone, and whose result does not depend on the request, are answered from C with a shared,
-pre-built result: no allocation. Everything else (header, query, runtime and gRPC matchers,
-regexes, weighted clusters, hashes, rewrites) uses the shared helpers of ``routes_py``.
+Per virtual host, routes live in byte tries (one case-sensitive, one over ASCII-lower-cased
+bytes for ``case_sensitive: false``), keyed by the slots of ``routes_py.slots``: exact paths,
+prefixes, regexes by their RE2-proven literal prefix, and in each slot a header index (exact
+value of an ordinary header -> routes). A request walks the path once, collecting candidate
+route indices (header indexes looked up with the request's values, regex routes only counted);
+the candidates are evaluated in route order up to the first match, and the regex routes before
+it, if any, are decided by one pass of the virtual host's RE2 set. So first-match-wins is
+exactly Envoy's linear scan, and no index drops a route it has not proven cannot match.
+
+Routes decided by the path alone (or by the path and their indexed header), whose result does
+not depend on the request, are answered from C with a shared, pre-built result: no allocation.
+Everything else (other header, query, runtime and gRPC matchers, weighted clusters, hashes,
+rewrites) uses the shared helpers of ``routes_py``.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize

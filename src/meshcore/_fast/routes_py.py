@@ -1,8 +1,10 @@
 """RouteTable, pure-Python twin: Envoy 1.40's route matching over a RouteConfiguration.
 
 First match wins, exactly as Envoy's linear scan, but routes are indexed: exact paths by hash,
-prefixes by length-bucketed hash maps, and only the candidate routes are evaluated, in route
-order. Virtual hosts are resolved through hash maps (exact, then suffix wildcards longest
+prefixes (and each regex's RE2-proven literal prefix) by length-bucketed hash maps, exact header
+conditions by value within each of those slots, and only the candidate routes are evaluated, in
+route order; regexes run (one RE2 set pass) only when a regex route comes before the best
+non-regex match. See the comment above ``regex_literal_prefix``. Virtual hosts are resolved through hash maps (exact, then suffix wildcards longest
 first, then prefix wildcards longest first, then ``*``).
 
 Request model (what Envoy's HCM hands the router for a plain-HTTP request): ``:authority`` is
