@@ -56,6 +56,8 @@ class MeshChannel(grpc.Channel):
         self._sweep_interval = sweep_interval
         self._resolve_timeout = resolve_timeout
         self._last_sweep = time.monotonic()
+        #: when an RPC starting sweeps next (infinity: sweep_interval None)
+        self._next_sweep = float("inf") if sweep_interval is None else self._last_sweep + sweep_interval
         self._closed = False
         self._pool_executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._executor_lock = threading.Lock()
@@ -107,7 +109,7 @@ class MeshChannel(grpc.Channel):
         return slot
 
     def _acquire(self, attempt: Attempt) -> _EndpointChannel:
-        if self._sweep_interval is not None and time.monotonic() - self._last_sweep >= self._sweep_interval:
+        if time.monotonic() >= self._next_sweep:
             self.sweep()
         return self._pool.acquire(attempt.endpoint.key, attempt.authority)
 
@@ -125,6 +127,8 @@ class MeshChannel(grpc.Channel):
         """Close the channels to endpoints that are no longer in any cluster of the target (idle
         ones now, busy ones after their last RPC); also run whenever a cluster leaves the mesh."""
         self._last_sweep = time.monotonic()
+        if self._sweep_interval is not None:
+            self._next_sweep = self._last_sweep + self._sweep_interval
         live = self._live_addresses()
         if live is not None:
             self._pool.sweep(live)

@@ -70,7 +70,8 @@ class _EndpointPool:
         return grpc.insecure_channel(address, options)
 
     def acquire(self, address: str, authority: str) -> _EndpointChannel:
-        """The channel to ``address`` (created on first use), counted as in use until released."""
+        """The channel to ``address`` (created on first use), counted as in use until released.
+        (Blocking unary calls do the common case inline: ``_UnaryUnary.__call__``.)"""
         with self._lock:
             if self._closed:
                 raise MeshRpcError(grpc.StatusCode.CANCELLED, "channel closed")
@@ -83,12 +84,17 @@ class _EndpointPool:
             return ep
 
     def release(self, ep: _EndpointChannel) -> None:
+        """An RPC on ``ep`` finished (blocking unary calls do this inline, under the same lock)."""
         with self._lock:
             ep.inflight -= 1
             last = ep.departed and ep.inflight <= 0
         if last:
-            log.info("closing the channel to %s: its last RPC finished after it left the target", ep.address)
-            ep.channel.close()
+            self.close_departed(ep)
+
+    def close_departed(self, ep: _EndpointChannel) -> None:
+        """Close ``ep``, which left the target, now that its last RPC finished."""
+        log.info("closing the channel to %s: its last RPC finished after it left the target", ep.address)
+        ep.channel.close()
 
     def sweep(self, live: Set[str]) -> None:
         """Close the channels to endpoints not in ``live``: idle ones now, busy ones when their

@@ -132,6 +132,9 @@ class _Invocation:
 
 class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
     _kind = "unary_unary"
+    #: the last retry policy found not to retry an OK answer (most RPCs of a multicallable
+    #: take the same route, so the same policy object)
+    _final_ok: Any = None
 
     def __call__(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
                  credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
@@ -161,9 +164,18 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             attempt_timeout = a.timeout
             if attempt_timeout is None or attempt_timeout > 0:
                 started = time.monotonic()
-                if ch._sweep_interval is not None and started - ch._last_sweep >= ch._sweep_interval:
+                if started >= ch._next_sweep:
                     ch.sweep()
-                ep = ch._pool.acquire(a.endpoint.key, a.authority)
+                pool = ch._pool
+                key = (a.endpoint.key, a.authority)
+                lock = pool._lock
+                lock.acquire()  # _EndpointPool.acquire's common case, inline
+                ep = None if pool._closed else pool._channels.get(key)
+                if ep is not None:
+                    ep.inflight += 1
+                lock.release()
+                if ep is None:
+                    ep = pool.acquire(*key)  # the first RPC to the endpoint (or a closed channel)
                 try:
                     mc = ep.callables.get(self._slot) if a.path == self._method else None
                     if mc is None:
@@ -172,6 +184,8 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                         result = mc.with_call(request, timeout=attempt_timeout, metadata=metadata,
                                               credentials=credentials, wait_for_ready=wait_for_ready,
                                               compression=compression)
+                    elif metadata is None and credentials is None and wait_for_ready is None and compression is None:
+                        result = mc(request, timeout=attempt_timeout)
                     else:
                         result = mc(request, timeout=attempt_timeout, metadata=metadata, credentials=credentials,
                                     wait_for_ready=wait_for_ready, compression=compression)
@@ -180,21 +194,24 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                 except BaseException as e:  # noqa: BLE001  (classified below, as lifecycle.run does)
                     outcome, exc = None, e
                 else:
-                    ch._pool.release(ep)
+                    lock.acquire()  # _EndpointPool.release, inline
+                    ep.inflight -= 1
+                    last = ep.departed and ep.inflight <= 0
+                    lock.release()
+                    if last:
+                        pool.close_departed(ep)
                     a.finish(200, 0)  # the server answered OK: HTTP 200, grpc-status 0
                     policy = call.retry_policy
-                    if policy is None:
-                        return result
-                    known = _OK_RETRIED.get(id(policy))
-                    if known is not None and known[0] is policy and not known[1]:
+                    if policy is None or policy is self._final_ok:
                         return result  # final (a first attempt: no retry to count as a success)
                     if not _retries_ok(policy):
+                        self._final_ok = policy  # the route's policy: the same object for its next RPCs
                         return result
                     outcome = _Outcome(result[0] if _with_call else result, result[1] if _with_call else None,
                                        None, 0)
                     return self._result(self._retry(call, a, outcome, None, request, metadata, credentials,
                                                     wait_for_ready, compression, None), call, _with_call)
-                ch._pool.release(ep)
+                pool.release(ep)
             else:
                 outcome, exc = None, _AttemptFailed(TIMEOUT, MeshRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                                                           "Deadline Exceeded"))
