@@ -110,18 +110,24 @@ def _cap_timeout(timeout: TimeoutArg, cap: Optional[float]) -> TimeoutArg:
         return (_min_timeout(connect if isinstance(connect, (int, float)) else None, cap),
                 _min_timeout(read if isinstance(read, (int, float)) else None, cap))
     if isinstance(timeout, tuple):
-        return (_min_timeout(timeout[0], cap), _min_timeout(timeout[1], cap))
+        connect, read = _connect_read(timeout)
+        return (_min_timeout(connect, cap), _min_timeout(read, cap))
     return _min_timeout(timeout, cap)
+
+
+def _connect_read(timeout: tuple) -> Tuple[Any, Any]:
+    try:
+        connect, read = timeout
+    except ValueError:
+        raise ValueError(f"Invalid timeout {timeout}. Pass a (connect, read) timeout tuple, "
+                         f"or a single float to set both timeouts to the same value.") from None
+    return connect, read
 
 
 def _urllib3_timeout(timeout: TimeoutArg) -> Urllib3Timeout:
     """What ``HTTPAdapter.send`` hands urllib3 for a requests ``timeout`` argument."""
     if isinstance(timeout, tuple):
-        try:
-            connect, read = timeout
-        except ValueError:
-            raise ValueError(f"Invalid timeout {timeout}. Pass a (connect, read) timeout tuple, "
-                             f"or a single float to set both timeouts to the same value.") from None
+        connect, read = _connect_read(timeout)
         return Urllib3Timeout(connect=connect, read=read)
     if isinstance(timeout, Urllib3Timeout):
         return timeout
