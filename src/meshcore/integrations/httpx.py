@@ -83,6 +83,8 @@ _status_code = operator.attrgetter("status_code")
 _DROP = frozenset([n.encode("ascii") for n in ROUTER_HEADERS] + [b"host"])
 _SCHEMES = {"http": b"http", "https": b"https"}
 _CACHE_MAX = 4096
+_HEADERS_MAX = 256  # header lists kept (each a few hundred bytes)
+_SECRET = frozenset([b"authorization", b"proxy-authorization", b"cookie"])
 
 
 def _library(module: Union[None, str, ModuleType]) -> Optional[ModuleType]:
@@ -182,6 +184,7 @@ class _MeshTransportBase:
         self._origins: Dict[str, Tuple[bytes, int]] = {}  # endpoint key -> (host, port) for the pool
         self._ascii: Dict[str, bytes] = {}  # authority -> its bytes (the Host header)
         self._urls: Dict[Any, Tuple[str, bytes, str, Optional[str]]] = {}  # see _url_parts
+        self._headers: Dict[Tuple[Any, ...], Tuple[Tuple[str, str], ...]] = {}  # see _mesh_headers
         close = self._close_inner_sync if self._sync else self._close_inner_async
         self._pools = _ClusterPools(mesh, self._new_inner, close, is_async=not self._sync)
 
@@ -252,14 +255,27 @@ class _MeshTransportBase:
         url = request.url
         return f"{url.scheme}://{url.netloc.decode('ascii')}{url.raw_path.decode('ascii')}"
 
-    @staticmethod
-    def _mesh_headers(request: Any) -> Any:
-        """The request's headers as ``(name, value)`` string pairs (lower-cased names) for routing."""
+    def _mesh_headers(self, request: Any) -> Any:
+        """The request's headers as ``(name, value)`` string pairs (lower-cased names) for routing:
+        a tuple kept per header list, as a client sends the same headers again and again (not
+        for lists carrying credentials, which are decoded for their request only)."""
         headers = request.headers
         try:
-            return [(k.decode(), v.decode()) for _, k, v in headers._list]
-        except (AttributeError, UnicodeDecodeError):
+            key = tuple(headers._list)
+        except AttributeError:
             return headers.multi_items()
+        pairs = self._headers.get(key)
+        if pairs is None:
+            try:
+                pairs = tuple([(k.decode(), v.decode()) for _, k, v in key])
+            except UnicodeDecodeError:
+                return headers.multi_items()
+            if any(k in _SECRET for _, k, _ in key):
+                return pairs  # credentials are not kept beyond their request
+            if len(self._headers) >= _HEADERS_MAX:
+                self._headers.clear()
+            self._headers[key] = pairs
+        return pairs
 
     def _url_parts(self, url: Any) -> Tuple[str, bytes, str, Optional[str]]:
         """``(logical URL, raw path, path, SNI host or None)`` of a request URL, kept per parsed
