@@ -43,17 +43,40 @@ def test_pick(benchmark, LB, policy, n):
                        iterations=1, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("n", [1000])
-def test_pick_release_least_request(benchmark, LB, n):
-    lb = LB(endpoints(n), policy="LEAST_REQUEST", seed=1)
+PR_SIZES = [100, 10_000, 100_000]
+if os.environ.get("MESHCORE_BENCH_QUICK"):
+    PR_SIZES = [100, 10_000]
+
+
+@pytest.mark.parametrize("n", PR_SIZES)
+@pytest.mark.parametrize("policy", ["LEAST_REQUEST", "LEAST_REQUEST_WEIGHTED", "RANDOM", "ROUND_ROBIN",
+                                    "RING_HASH", "MAGLEV"])
+def test_pick_release(benchmark, LB, policy, n):
+    """pick then release, the request path's pair: per pair, Python call overhead included.
+
+    Hashes (ring hash, Maglev) are distinct, so every pick lands on a random host: at 100k
+    endpoints nearly every pick then touches an Endpoint object not in cache."""
+    weighted = policy.endswith("_WEIGHTED")
+    name = policy.replace("_WEIGHTED", "")
+    lb = LB(endpoints(n, weighted), policy=name, seed=1)
     pick, release = lb.pick, lb.release
+    # A fresh slice of hashes per round: repeating hashes would keep their hosts cached.
+    pool = [(i * 0x9E3779B97F4A7C15) & (2**64 - 1) for i in range(40 * BATCH)]
+    rounds = iter(range(0, len(pool), BATCH))
 
     def run():
         for _ in range(BATCH):
             release(pick())
 
-    benchmark.group = f"pick+release LEAST_REQUEST n={n}"
-    benchmark.pedantic(run, rounds=30, iterations=1, warmup_rounds=1)
+    def run_hashed():
+        start = next(rounds)
+        for h in pool[start:start + BATCH]:
+            release(pick(h))
+
+    benchmark.group = f"pick+release {policy} n={n}"
+    benchmark.extra_info["per"] = BATCH
+    benchmark.pedantic(run_hashed if name in ("RING_HASH", "MAGLEV") else run, rounds=30, iterations=1,
+                       warmup_rounds=2)
 
 
 @pytest.mark.parametrize("policy", ["ROUND_ROBIN", "LEAST_REQUEST", "MAGLEV"])

@@ -113,3 +113,19 @@ cdef inline uint64_t splitmix_at(uint64_t state) noexcept nogil:
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
     return z ^ (z >> 31)
+
+
+# Cache prefetch hints (no-ops where the compiler has none). A prefetch never faults, so
+# any address may be given; a wrong guess costs a little bandwidth, never correctness.
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define meshcore_prefetch_w(p) __builtin_prefetch((const void*)(p), 1, 3)
+    #define meshcore_prefetch_r(p) __builtin_prefetch((const void*)(p), 0, 3)
+    #else
+    #define meshcore_prefetch_w(p) ((void)(p))
+    #define meshcore_prefetch_r(p) ((void)(p))
+    #endif
+    """
+    void prefetch_w "meshcore_prefetch_w"(const void* p) noexcept nogil
+    void prefetch_r "meshcore_prefetch_r"(const void* p) noexcept nogil

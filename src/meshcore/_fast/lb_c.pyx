@@ -6,6 +6,13 @@ returns; it never calls back into Python code. Tables are built off to the side 
 in ``_build_c``, rings and Maglev tables here) and published by one reference assignment,
 which, under the GIL, no pick can observe half-done.
 
+Large sets: what a pick reads per host lives in compact C arrays indexed by host (``HostSlot``:
+the Endpoint pointer and its in-flight count, 16 bytes), placed on huge pages when they span
+2 MiB or more. A pick touches the Endpoint object once, to return it; a release finds the
+host by the object's address (``by_ptr``), by key only for an equal object that is not the
+table's own. Random and least-request picks over large tables prefetch for the picks ahead
+(``_look_ahead``), which hides most of the cache misses on Endpoint objects.
+
 Implementation note: every pick and every publish runs with the GIL held and without
 releasing it, so a pick sees exactly one table and counter updates are not torn. The
 module therefore does not declare itself free-threading compatible: on a free-threaded
@@ -20,7 +27,8 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 cimport cython
 
-from ._common cimport bytes_cmp, hot_alloc, meshcore_hot_free, qsort, splitmix_next, zalloc
+from ._common cimport (bytes_cmp, hot_alloc, meshcore_hot_alloc, meshcore_hot_free, prefetch_r, prefetch_w, qsort,
+                      splitmix_at, splitmix_next, zalloc)
 
 import os
 import threading
@@ -36,6 +44,22 @@ __all__ = ["LoadBalancer", "xxh64"]
 
 cdef enum:
     EDF_ARITY = 2   # children per node of the host EDF heap
+    LOOKAHEAD_MAX_CHOICES = 4
+
+cdef uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL  # SplitMix64's increment
+
+# Tables with at least this many hosts prefetch for the picks ahead (_look_ahead): the
+# Endpoint objects of such a set no longer stay in cache between two picks of one.
+cdef Py_ssize_t _lookahead_min_hosts = 8192
+
+
+def _set_lookahead_min_hosts(n):
+    """Benchmarks and tests only: the look-ahead threshold for tables built from now on;
+    returns the previous one."""
+    global _lookahead_min_hosts
+    previous = _lookahead_min_hosts
+    _lookahead_min_hosts = n
+    return previous
 
 cdef enum Policy:
     RR = 0
@@ -247,7 +271,7 @@ cdef inline void _edf_replace_top(Edf* e, double weight) noexcept nogil:
 cdef void _edf_free(Edf* e) noexcept:
     cdef Py_ssize_t c
     if e != NULL:
-        PyMem_Free(e.heap)
+        meshcore_hot_free(e.heap, sizeof(EdfEntry) * e.size)  # NULL in class mode
         if e.classes != NULL:
             for c in range(e.n_classes):
                 PyMem_Free(e.classes[c].q)
@@ -361,7 +385,7 @@ cdef int _edf_to_classes(Edf* e, double* weight_of) except -1:
         while c > 0:
             c -= 1
             _class_sift_down(e, c)
-        PyMem_Free(e.heap)
+        meshcore_hot_free(e.heap, sizeof(EdfEntry) * n)
         e.heap = NULL
         return 0
     finally:
@@ -380,7 +404,7 @@ cdef Edf* _edf_create(int32_t* items, Py_ssize_t n, double* weight_of, uint64_t 
     cdef Edf* e = <Edf*>PyMem_Malloc(sizeof(Edf))
     if e == NULL:
         raise MemoryError()
-    e.heap = <EdfEntry*>PyMem_Malloc(sizeof(EdfEntry) * (n if n > 0 else 1))
+    e.heap = <EdfEntry*>meshcore_hot_alloc(sizeof(EdfEntry) * n)  # hot: heap picks walk it
     if e.heap == NULL:
         PyMem_Free(e)
         raise MemoryError()
@@ -473,6 +497,7 @@ cdef class _Table:
     cdef int32_t* ring_shift        # per priority: 64 - bits
     cdef int32_t** maglev           # per priority: table of table_size host indices, or NULL
     cdef uint64_t maglev_size
+    cdef bint lookahead             # n_hosts >= _lookahead_min_hosts when built
 
     def __dealloc__(self):
         cdef Py_ssize_t i
@@ -583,6 +608,13 @@ cdef class LoadBalancer:
     cdef Py_ssize_t _rr_len
     cdef Py_ssize_t _rr_cap
     cdef _Table _table
+    cdef uint64_t _gen                 # tables published so far (look-ahead validity)
+    # Look-ahead (see _look_ahead): host candidates of the pick that starts at RNG state
+    # _ahead_state on table number _ahead_gen; _ahead_n == 0 when nothing is cached.
+    cdef uint64_t _ahead_state
+    cdef uint64_t _ahead_gen
+    cdef int32_t _ahead_n
+    cdef int64_t _ahead_host[LOOKAHEAD_MAX_CHOICES]
     cdef object _update_lock           # serialises builders: carry indices refer to _table
     cdef object __weakref__
 
@@ -668,6 +700,7 @@ cdef class LoadBalancer:
         t.index = layout.index
         t.n_hosts = n
         _alloc_hosts(t, n)
+        t.lookahead = n >= _lookahead_min_hosts
         t.carry = <int64_t*>zalloc(sizeof(int64_t) * n)
         i = 0
         for ep in eps:
@@ -727,7 +760,7 @@ cdef class LoadBalancer:
                 t.src_off[i] = total
                 total += t.src_len[i]
             else:
-                t.src_off[i] = -1
+                t.src_off[i] = 0  # no list; never read
         t.src_hosts_bytes = sizeof(int32_t) * total
         t.src_hosts = <int32_t*>hot_alloc(t.src_hosts_bytes)
         # Host weights by host index, evaluated once (hostWeight at build time).
@@ -966,6 +999,8 @@ cdef class LoadBalancer:
                 # carry[i] is an index into old's arrays (from old.index) or -1.
                 t.slots[i].active = old.slots[t.carry[i]].active if t.carry[i] >= 0 else 0
         self._table = t
+        self._gen += 1
+        self._ahead_n = 0
         PyMem_Free(t.carry)
         t.carry = NULL
         if self._ejected:
@@ -1041,13 +1076,15 @@ cdef class LoadBalancer:
                 assert 0 <= sid < t.n_sources, (sid, t.n_sources)
             n = t.src_len[sid]
             first = t.src_first[sid]
-            # Only read when first < 0; then src_off[sid] is the source's offset in src_hosts.
+            # Read only when first < 0; src_off[sid] is then the source's offset in src_hosts.
             hosts = t.src_hosts + t.src_off[sid]
             if self._code == RANDOM:
                 if n == 0:
                     return None
                 # A source of consecutive hosts skips its host list (one memory access less).
                 host = first + <int64_t>(h % <uint64_t>n) if first >= 0 else hosts[h % <uint64_t>n]
+                if t.lookahead:
+                    self._look_ahead(t)
             else:
                 edf = t.src_edf[sid]
                 if edf != NULL:
@@ -1056,6 +1093,8 @@ cdef class LoadBalancer:
                     else:
                         host = edf.heap[0].item
                         _edf_replace_top(edf, self._host_weight(t, <int32_t>host))
+                        if t.lookahead:  # the next pick's host is the new top (same table)
+                            _prefetch_host(t, edf.heap[0].item)
                 elif n == 0:
                     return None
                 elif self._code == RR:
@@ -1065,6 +1104,8 @@ cdef class LoadBalancer:
                     host = first + <int64_t>idx if first >= 0 else hosts[idx]
                 else:
                     host = self._p2c(t, hosts, n, first)
+                    if t.lookahead:
+                        self._look_ahead(t)
         if MESHCORE_DEBUG:
             assert 0 <= host < t.n_hosts, (host, t.n_hosts)
         # The one touch of the Endpoint object: the reference taken for the return value.
@@ -1088,6 +1129,63 @@ cdef class LoadBalancer:
             if t.slots[sampled].active < t.slots[candidate].active:
                 candidate = sampled
         return candidate
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    @cython.cdivision(True)
+    cdef void _look_ahead(self, _Table t) noexcept:
+        """Random and least request (P2C): start loading what the next picks will touch.
+
+        A pick's draws are a pure function of the RNG state and the table, so the hosts of
+        the picks ahead are known now: for the pick after next, prefetch its candidates'
+        host slots (and remember the candidates); for the next pick (candidates remembered
+        by the previous pick), choose the likely winner from those slots, now in cache,
+        and prefetch its Endpoint object and its by_ptr entry (the release). By the time
+        the caller picks again, the DRAM accesses of that pick are done or under way.
+        Nothing here changes state a pick reads, so the picks are what they would be
+        without it; a guess made stale by a release or an update only wastes a prefetch."""
+        cdef uint64_t s = self._rng, base, h, d
+        cdef int64_t w, c, n, first, sid
+        cdef int32_t k, count, p
+        cdef bint degraded = False
+        cdef PyObject* ep
+        cdef int32_t* hosts
+        # The next pick. _ahead_host[k] < n_hosts of table _ahead_gen, which is t.
+        if self._ahead_n > 0 and self._ahead_state == s and self._ahead_gen == self._gen:
+            w = self._ahead_host[0]
+            for k in range(1, self._ahead_n):
+                c = self._ahead_host[k]
+                if t.slots[c].active < t.slots[w].active:
+                    w = c
+            ep = t.slots[w].ep
+            prefetch_w(ep)
+            prefetch_r(&t.by_ptr[((<uint64_t><size_t>ep) * 0x9E3779B97F4A7C15ULL) >> t.by_ptr_shift])
+        # The pick after next: it starts once the next pick has made its draws.
+        self._ahead_n = 0
+        count = 1 if self._code == RANDOM else <int32_t>self._choice_count
+        if count > LOOKAHEAD_MAX_CHOICES:
+            return
+        base = s + GOLDEN * <uint64_t>(1 + (0 if self._code == RANDOM else count))
+        h = splitmix_at(base + GOLDEN)
+        p = _choose_priority(t, h, &degraded)
+        sid = t.source_base[p]
+        if not t.panic[p]:
+            if t.loc_edf != NULL and t.loc_edf[2 * p + degraded] != NULL:
+                return  # the locality scheduler's state decides: not predicted
+            sid += 1 + degraded
+        n = t.src_len[sid]
+        if n == 0 or t.src_edf[sid] != NULL:
+            return
+        first = t.src_first[sid]
+        hosts = t.src_hosts + t.src_off[sid]  # read only when first < 0 (then a valid offset)
+        for k in range(count):
+            d = (h if self._code == RANDOM else splitmix_at(base + GOLDEN * <uint64_t>(2 + k))) % <uint64_t>n
+            c = first + <int64_t>d if first >= 0 else hosts[d]
+            self._ahead_host[k] = c
+            prefetch_w(&t.slots[c])
+        self._ahead_n = count
+        self._ahead_state = base
+        self._ahead_gen = self._gen
 
     def release(self, endpoint):
         """The request to ``endpoint`` finished (least-request accounting). An Endpoint this
@@ -1213,6 +1311,15 @@ cdef inline int32_t _choose_priority(_Table t, uint64_t h, bint* degraded) noexc
             return p
     degraded[0] = False
     return 0
+
+
+@cython.boundscheck(False)
+cdef inline void _prefetch_host(_Table t, int64_t host) noexcept:
+    """Prefetch what picking and releasing ``host`` touches beyond its slot."""
+    # host < n_hosts: the callers pass host indices of t (an EDF item of t).
+    cdef PyObject* ep = t.slots[host].ep
+    prefetch_w(ep)
+    prefetch_r(&t.by_ptr[((<uint64_t><size_t>ep) * 0x9E3779B97F4A7C15ULL) >> t.by_ptr_shift])
 
 
 cdef int _alloc_hosts(_Table t, Py_ssize_t n) except -1:
