@@ -510,10 +510,6 @@ cdef bint _is_static(object r):
             and r.regex_rewrite is None)
 
 
-_LISTS = {("prefix", "ids"): L_PREFIX, ("prefix", "groups"): L_PGROUP, ("prefix", "regex"): L_REGEX,
-          ("exact", "ids"): L_EXACT, ("exact", "groups"): L_EGROUP}
-
-
 cdef _Vhost _build_vhost(object vh):
     cdef _Vhost v = _Vhost()
     cdef Py_ssize_t n = len(vh.routes), i
@@ -527,28 +523,34 @@ cdef _Vhost _build_vhost(object vh):
     v.plen = <int64_t*>zalloc(sizeof(int64_t) * n)
     v.is_static = <uint8_t*>zalloc(n)
     v.rx_match = [None] * n
+    entries = {"cs": [], "ci": []}
+    groups = {}                    # (table, kind, key, header) -> value -> routes (routes_py.Slot.by_header)
     for r in vh.routes:
         i = r.index
         v.plen[i] = len((<str>r.path_value).encode())
-        v.simple[i] = _py.decided_by_path(r)
-        v.by_index[i] = _py.decided_by_index(r)
+        v.simple[i] = not (r.headers or r.query or r.runtime_fraction is not None or r.grpc)  # decided_by_path
+        v.by_index[i] = bool(r.headers) and _py.decided_by_index(r)
         v.is_static[i] = _is_static(r)
-        v.kind[i] = 2 if r.path_kind == "regex" else (1 if r.path_kind == "separated" else 0)
+        table, kind, key = _py.slot_of(r)
         if r.path_kind == "regex":
+            v.kind[i] = 2
             if _ANCHOR_BOTH is not None:
                 v.rx_match[i] = getattr(getattr(r.regex, "_regexp", None), "Match", None)
-    entries = {"cs": [], "ci": []}
+            (<list>entries[table]).append(((<str>key).encode(), i, L_REGEX))
+            continue
+        v.kind[i] = 1 if r.path_kind == "separated" else 0
+        h = _py.indexed_header(r) if r.headers else None
+        if h is None:
+            (<list>entries[table]).append(((<str>key).encode(), i, L_PREFIX if kind == "prefix" else L_EXACT))
+        else:
+            by_value = groups.get((table, kind, key, h.name))
+            if by_value is None:
+                by_value = groups[table, kind, key, h.name] = {}
+            by_value.setdefault(h.string.value, []).append(i)
     v.hidx = []
-    for (table, kind, key), slot in _py.slots(vh.routes).items():
-        bkey = (<str>key).encode()
-        out = entries[table]
-        for ri in (<object>slot).ids:
-            out.append((bkey, ri, _LISTS[kind, "ids"]))
-        for ri in (<object>slot).regex_ids:
-            out.append((bkey, ri, _LISTS[kind, "regex"]))
-        for name, by_value in (<object>slot).by_header.items():
-            out.append((bkey, len(v.hidx), _LISTS[kind, "groups"]))
-            v.hidx.append(_header_index(name, by_value))
+    for (table, kind, key, name), by_value in groups.items():
+        (<list>entries[table]).append(((<str>key).encode(), len(v.hidx), L_PGROUP if kind == "prefix" else L_EGROUP))
+        v.hidx.append(_header_index(name, by_value))
     v.static = [None] * n
     v.no_header = [None if v.simple[i] else _no_header_plan(vh.routes[i]) for i in range(n)]
     v.cs = _build_trie(entries["cs"])

@@ -189,25 +189,36 @@ def slot_of(r: RouteSpec) -> SlotKey:
     return (table, "exact" if kind == "path" else "prefix", key)
 
 
+_NO_ROUTES: Tuple[int, ...] = ()
+
+
 class Slot:
     """The routes of one index key: plain ones, regex ones and header-indexed ones, each list
-    in route order."""
+    in route order. Lists and the header map are made on first use (most slots hold one
+    plain route: a 10,000-route table builds 10,000 of them)."""
 
     __slots__ = ("ids", "regex_ids", "by_header")
 
     def __init__(self) -> None:
-        self.ids: List[int] = []
-        self.regex_ids: List[int] = []
-        self.by_header: Dict[str, Dict[str, List[int]]] = {}  # header -> value -> routes
+        self.ids: "List[int] | Tuple[int, ...]" = _NO_ROUTES
+        self.regex_ids: "List[int] | Tuple[int, ...]" = _NO_ROUTES
+        self.by_header: Optional[Dict[str, Dict[str, List[int]]]] = None  # header -> value -> routes
 
     def add(self, r: RouteSpec) -> None:
-        h = indexed_header(r)
         if r.path_kind == "regex":
-            self.regex_ids.append(r.index)
-        elif h is not None:
+            if not self.regex_ids:
+                self.regex_ids = []
+            self.regex_ids.append(r.index)  # type: ignore[union-attr]
+            return
+        h = indexed_header(r) if r.headers else None
+        if h is not None:
+            if self.by_header is None:
+                self.by_header = {}
             self.by_header.setdefault(h.name, {}).setdefault(h.string.value, []).append(r.index)  # type: ignore[union-attr]
         else:
-            self.ids.append(r.index)
+            if not self.ids:
+                self.ids = []
+            self.ids.append(r.index)  # type: ignore[union-attr]
 
 
 def slots(routes: Sequence[RouteSpec]) -> Dict[SlotKey, Slot]:
@@ -245,7 +256,7 @@ class _VhostIndex:
         self.prefix_ci_lens = sorted({len(p) for p in self.prefix_ci})
         self.n_routes = len(spec.routes)
         self.by_path = [decided_by_path(r) for r in spec.routes]
-        self.by_index = [decided_by_index(r) for r in spec.routes]
+        self.by_index = [bool(r.headers) and decided_by_index(r) for r in spec.routes]
 
     def slots_for(self, path: str) -> List[Slot]:
         """The slots whose key the path starts with (prefix) or equals (exact)."""
@@ -280,6 +291,8 @@ class _VhostIndex:
         for slot in self.slots_for(path):
             out.extend(slot.ids)
             regex.extend(slot.regex_ids)
+            if slot.by_header is None:
+                continue
             for name, by_value in slot.by_header.items():
                 for value in hdrs.get(name) or ():
                     hit = by_value.get(value)
