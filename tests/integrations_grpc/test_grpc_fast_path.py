@@ -125,3 +125,65 @@ def test_deadline_spent_before_the_attempt(fast_mesh):
             ch.unary_unary(f"/{SERVICE}/Hello")(b"", timeout=0)
         assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert fast_mesh.stats()["main"]["upstream_rq_active"] == 0
+
+
+def _by_own_headers(ports: dict, grpc_matcher: bool) -> List[Any]:
+    """Calls carrying content-type application/grpc (or any gRPC request: the grpc matcher) go to
+    ``main``; anything else to ``canary``."""
+    host = TARGET.rsplit(":", 1)[0]
+    first = b.route(prefix="/", cluster="main", name="grpc-only",
+                    headers=None if grpc_matcher else {"content-type": "application/grpc"})
+    if grpc_matcher:
+        first.match.grpc.SetInParent()
+    rest = b.route(prefix="/", cluster="canary", name="others")
+    return [
+        b.api_listener(TARGET, route_config_name="fast-routes"),
+        b.route_config("fast-routes", [b.virtual_host("echo", [host, TARGET], [first, rest])]),
+        b.cluster("main"),
+        b.cluster("canary"),
+        b.assignment("main", [("127.0.0.1", ports[n]) for n in ("s2", "s3")]),
+        b.assignment("canary", [("127.0.0.1", ports["c1"])]),
+    ]
+
+
+def _wait_for_route(mesh: meshcore.Mesh, name: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        cfg = mesh.config(TARGET)
+        if cfg is not None and name in repr(cfg.route_table.spec):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"route {name!r} never published")
+
+
+def test_calls_without_metadata_routed_by_grpc_headers_where_the_config_reads_them(servers):
+    with ControlPlane() as cp:
+        cp.set_resources(_resources(servers))
+        boot = {"xds_servers": [{"server_uri": cp.address, "channel_creds": [{"type": "insecure"}],
+                                 "server_features": ["xds_v3"]}],
+                "node": {"id": "meshcore-grpc-own-headers", "cluster": "meshcore"}}
+        mesh = meshcore.Mesh(boot, backoff=Backoff(initial=0.05, multiplier=1.6, jitter=0.2, maximum=0.5), seed=3)
+        mesh.start()
+        mesh.wait_ready(TARGET, timeout=10)
+        try:
+            with mesh_channel(mesh, TARGET) as ch:
+                hello = ch.unary_unary(f"/{SERVICE}/Hello")
+                assert hello(b"", timeout=5) in (b"s2", b"s3")
+                plain = mesh.config(TARGET)
+                assert ch._plain_cfg is plain  # nothing reads content-type/te: routed without them
+                for grpc_matcher in (False, True):
+                    cp.set_resources(_by_own_headers(servers, grpc_matcher))
+                    _wait_for_route(mesh, "others")
+                    headed = mesh.config(TARGET)
+                    for _ in range(6):  # the gRPC headers reach the route table: never canary
+                        assert hello(b"", timeout=5) in (b"s2", b"s3")
+                        assert hello(b"", timeout=5, metadata=[("x-user", "u")]) in (b"s2", b"s3")
+                    assert ch._headed_cfg is headed
+                    cp.set_resources(_resources(servers))
+                    _wait_for_route(mesh, "alias")
+                    assert hello(b"", timeout=5) in (b"s2", b"s3")
+                    assert ch._plain_cfg is mesh.config(TARGET)
+        finally:
+            mesh.close()

@@ -11,7 +11,7 @@ import grpc
 
 from ...call import Attempt, Call
 from ...errors import MeshError
-from ._metadata import _GRPC_HEADER_DICT, _GRPC_HEADERS, _headers  # noqa: F401
+from ._metadata import _GRPC_HEADER_DICT, _GRPC_HEADERS, _headers, _routes_by_own_headers  # noqa: F401
 from ._types import Metadata, Options
 from .connectivity import _Connectivity
 from .endpoints import _EndpointChannel, _EndpointPool
@@ -52,7 +52,11 @@ class MeshChannel(grpc.Channel):
         # lookup tells whether the target is resolved yet; a mesh without one is asked config()
         self._publisher = getattr(mesh, "_publisher", None)
         self._request = mesh.request
-        self._slots: dict = {}  # (kind, path, serializers, registered) -> its slot in each endpoint's cache
+        self._slots: dict = {}
+        #: the last published configuration found not to route by gRPC's own headers (calls
+        #: without metadata are routed without them), and the last one found to
+        self._plain_cfg: Any = None
+        self._headed_cfg: Any = None  # (kind, path, serializers, registered) -> its slot in each endpoint's cache
         self._sweep_interval = sweep_interval
         self._resolve_timeout = resolve_timeout
         self._last_sweep = time.monotonic()
@@ -100,6 +104,19 @@ class MeshChannel(grpc.Channel):
                 self.mesh.wait_ready(self._mesh_target, self._resolve_timeout if timeout is None else timeout)
             except MeshError:
                 pass
+
+    def _routes_plain(self, cfg: Any) -> bool:
+        """Whether ``cfg`` routes calls without metadata alike with and without gRPC's own
+        headers (decided once per published configuration)."""
+        if cfg is self._plain_cfg:
+            return True
+        if cfg is self._headed_cfg or cfg.error is not None:
+            return False
+        if _routes_by_own_headers(cfg):
+            self._headed_cfg = cfg
+            return False
+        self._plain_cfg = cfg
+        return True
 
     def _slot(self, key: Tuple[Any, ...]) -> object:
         """The cache slot of a multicallable signature (equal signatures share one)."""

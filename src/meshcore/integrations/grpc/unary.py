@@ -148,10 +148,23 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             if ch._closed:
                 raise MeshRpcError(grpc.StatusCode.CANCELLED, "channel closed")
             publisher = ch._publisher
-            if publisher is None or publisher.published.get(ch._mesh_target) is None:
+            cfg = None if publisher is None else publisher.published.get(ch._mesh_target)
+            if cfg is None:
                 ch._await_config(timeout)
-            call = ch._request(self._url, "POST", _GRPC_HEADER_DICT if not metadata else _headers(metadata),
-                               target=ch._mesh_target)
+            if metadata:
+                call = ch._request(self._url, "POST", _headers(metadata), target=ch._mesh_target)
+            elif cfg is None or not (cfg is ch._plain_cfg or ch._routes_plain(cfg)):
+                call = ch._request(self._url, "POST", _GRPC_HEADER_DICT, target=ch._mesh_target)
+            else:
+                # nothing in this configuration reads gRPC's own headers: route without them, and
+                # again with them unless request() used this configuration (published dicts are
+                # replaced whole, and a configuration object never comes back)
+                try:
+                    call = ch._request(self._url, "POST", None, target=ch._mesh_target)
+                except MeshError:
+                    call = None  # under a newer configuration? decided with the headers
+                if call is None or publisher.published.get(ch._mesh_target) is not cfg:
+                    call = ch._request(self._url, "POST", _GRPC_HEADER_DICT, target=ch._mesh_target)
             if timeout is not None:
                 deadline = call.started + timeout
                 limit = call.deadline
