@@ -177,7 +177,7 @@ def _add_context(exc: BaseException, call: Any = None, target: Optional[str] = N
 class _Slot:
     """One pool of an integration (an inner transport, a pool manager ...) and its requests in flight."""
 
-    __slots__ = ("key", "cluster", "pool", "inflight", "retired")
+    __slots__ = ("key", "cluster", "pool", "inflight", "retired", "removals")
 
     def __init__(self, key: Any, cluster: str, pool: Any) -> None:
         self.key = key
@@ -185,6 +185,7 @@ class _Slot:
         self.pool = pool
         self.inflight = 0
         self.retired = False
+        self.removals = -1  # the table's removal count when its cluster was last seen live (-1: not)
 
 
 class _ClusterPools:
@@ -196,7 +197,9 @@ class _ClusterPools:
     calls ``_clusters_removed``) its slots leave the table; each is closed with ``close(pool)``
     as soon as it has no request in flight -- at once when idle, else by the ``release`` of its
     last request. A release also retires a slot whose cluster is no longer live (a request
-    that was routed just before the removal and made its slot just after). ``close`` may be a
+    that was routed just before the removal and made its slot just after); it asks the mesh
+    only when a removal was announced since the slot's cluster was last seen live (otherwise
+    it is still live: a removal of it retires the slot). ``close`` may be a
     coroutine function (async integrations): closing then happens on the event loop that used
     the pools.
     """
@@ -211,6 +214,7 @@ class _ClusterPools:
         self._slots: Dict[Any, _Slot] = {}
         self._loop: Any = None
         self._tasks: Set[Any] = set()
+        self._removals = 0  # cluster removals announced so far
         self.closed_pools = 0  # pools closed because their cluster left (tests, introspection)
         listeners = getattr(mesh, "_cluster_listeners", None)
         if listeners is not None:
@@ -218,6 +222,10 @@ class _ClusterPools:
 
     def __len__(self) -> int:
         return len(self._slots)
+
+    def _live(self, cluster: str) -> bool:
+        live = getattr(self._mesh, "_is_live_cluster", None)
+        return live is None or live(cluster)
 
     def pools(self) -> Dict[Any, Any]:
         with self._lock:
@@ -228,6 +236,8 @@ class _ClusterPools:
             slot = self._slots.get(key)
             if slot is None:
                 slot = self._slots[key] = _Slot(key, cluster, self._make(key))
+                if self._live(cluster):
+                    slot.removals = self._removals
                 log.debug("pool for cluster %r (%r)", cluster, key)
             slot.inflight += 1
         if self._async and self._loop is None:
@@ -242,8 +252,10 @@ class _ClusterPools:
             if slot.inflight > 0:
                 return None
             if not slot.retired:
-                live = getattr(self._mesh, "_is_live_cluster", None)
-                if live is None or live(slot.cluster):
+                if slot.removals == self._removals:
+                    return None  # live when last seen and no cluster left since: still live
+                if self._live(slot.cluster):
+                    slot.removals = self._removals
                     return None
                 slot.retired = True
                 if self._slots.get(slot.key) is slot:
@@ -268,6 +280,7 @@ class _ClusterPools:
         """The mesh's hook (any thread): retire the pools of ``names``; close the idle ones."""
         closing: List[Any] = []
         with self._lock:
+            self._removals += 1
             for key, slot in list(self._slots.items()):
                 if slot.cluster in names:
                     slot.retired = True
