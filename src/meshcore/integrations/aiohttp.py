@@ -101,6 +101,22 @@ def _plain(headers: Any, own: Any) -> bool:
     return True
 
 
+def _store_cookies(jar: Any, resp: Any, url: URL) -> None:
+    """The answer's cookies into the jar under the logical URL (aiohttp stored them under the
+    endpoint's): from the raw Set-Cookie headers where aiohttp keeps them (3.12+; no
+    ``SimpleCookie`` made for an answer without cookies)."""
+    raw = getattr(resp, "_raw_cookie_headers", _UNSET)
+    if raw is _UNSET:
+        if resp.cookies:
+            jar.update_cookies(resp.cookies, url)
+    elif raw:
+        update = getattr(jar, "update_cookies_from_headers", None)
+        if update is not None:
+            update(raw, url)
+        else:
+            jar.update_cookies(resp.cookies, url)
+
+
 def _endpoint_key(host: Any, port: Any) -> str:
     """``ip:port`` / ``[v6]:port``, as ``Endpoint.key`` spells it, of a connector key."""
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
@@ -213,7 +229,7 @@ class MeshSession:
         self._pools = _ClusterPools(mesh, lambda cluster: set(), self._close_endpoints, is_async=True)
         # made once, looked up per request (bounded): URLs as given, routed hosts, endpoint URLs,
         # the attempts' timeouts
-        self._urls: Dict[str, URL] = {}
+        self._urls: Dict[str, Any] = {}  # URL as given -> (parsed, whether it is routed)
         self._routed_hosts: Dict[str, bool] = {}
         self._endpoint_urls: Dict[Any, URL] = {}  # (scheme, endpoint key, path) -> URL
         self._timeouts: Dict[int, Any] = {}  # id(request's ClientTimeout) -> (it, the attempts' one)
@@ -300,12 +316,13 @@ class MeshSession:
             self._routed_hosts[host] = routed
         return routed
 
-    def _parse(self, url: str) -> URL:
+    def _parse(self, url: str) -> Any:
         parsed = URL(url)
+        entry = (parsed, self._routed(parsed))
         if len(self._urls) >= _MEMO_MAX:
             self._urls.clear()
-        self._urls[url] = parsed
-        return parsed
+        self._urls[url] = entry
+        return entry
 
     def _attempt_timeout(self, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
         """The request's ``ClientTimeout`` without its ``total``: the attempt's deadline (the
@@ -322,14 +339,16 @@ class MeshSession:
         session = self._session or self.session
         if type(url) is str:
             text: Optional[str] = url
-            url = self._urls.get(url) or self._parse(url)
+            url, routed = self._urls.get(url) or self._parse(url)
         else:
             text, url = None, URL(url)
+            routed = self._routed(url)
         if params:
             extend = getattr(url, "extend_query", None)  # yarl >= 1.9
             url = extend(params) if extend else url.with_query([*url.query.items(),
                                                                  *URL("/").with_query(params).query.items()])
             text = None
+            routed = self._routed(url)
         check = kwargs.pop("raise_for_status", None)
         if check is None:
             check = getattr(session, "_raise_for_status", False)
@@ -340,37 +359,6 @@ class MeshSession:
             timeout = session.timeout
         elif not isinstance(timeout, aiohttp.ClientTimeout):
             timeout = aiohttp.ClientTimeout(total=timeout)
-        history: List[Response] = []
-        while True:
-            if self._routed(url):
-                resp = await self._routed_request(session, method, url, text, headers, timeout, kwargs)
-            else:
-                resp = await session.request(method, url, headers=headers, allow_redirects=False,
-                                             timeout=timeout, **kwargs)
-            if not allow_redirects or resp.status not in _REDIRECTS:
-                break
-            location = resp.headers.get("Location")
-            if not location:
-                break
-            history.append(resp)
-            if len(history) > max_redirects:
-                resp.release()
-                raise aiohttp.TooManyRedirects(resp.request_info, tuple(history))
-            resp.release()
-            if resp.status == 303 and method != "HEAD" or resp.status in (301, 302) and method == "POST":
-                method = "GET"
-                kwargs.pop("data", None)
-                kwargs.pop("json", None)
-            url = url.join(URL(location))
-            text = None
-        if check is True:
-            resp.raise_for_status()
-        elif callable(check):
-            await check(resp)
-        return resp
-
-    async def _routed_request(self, session: aiohttp.ClientSession, method: str, url: URL, text: Optional[str],
-                              headers: Any, timeout: aiohttp.ClientTimeout, kwargs: Dict[str, Any]) -> Response:
         # the request's headers: routed as pairs (with the session's defaults), sent without the
         # router's x-envoy-* headers and with the logical Host (aiohttp adds the defaults itself)
         if headers is None:
@@ -389,20 +377,78 @@ class MeshSession:
             pairs: Any = list(merged.items())
         else:
             pairs = own
+        history: Optional[List[Response]] = None
         total = timeout.total
-        target_url = str(url) if text is None else text
         mesh = self._mesh
-        try:  # the total timeout bounds the whole request, retries included
-            try:
-                call = mesh.request(target_url, method, pairs, timeout=total) if total else \
-                    mesh.request(target_url, method, pairs)
-            except NotReady:
-                call = await _aroute(mesh, target_url, method, pairs, self._ready_timeout, total)
-        except (Unavailable, NoRoute) as e:
-            raise self._mesh_error(e) from e
-        cluster = call.cluster
-        if cluster is None:  # a direct response or a redirect
-            return LocalResponse(method, url, _local_reply(call), _info(call))  # type: ignore[arg-type]
+        while True:  # one pass per hop: routing and the router loop inline (no coroutine of their own)
+            resp: Response
+            if not routed:
+                resp = await session.request(method, url, headers=headers, allow_redirects=False,
+                                             timeout=timeout, **kwargs)
+            else:
+                target_url = str(url) if text is None else text
+                try:  # the total timeout bounds the whole request, retries included
+                    try:
+                        call = mesh.request(target_url, method, pairs, timeout=total) if total else \
+                            mesh.request(target_url, method, pairs)
+                    except NotReady:
+                        call = await _aroute(mesh, target_url, method, pairs, self._ready_timeout, total)
+                except (Unavailable, NoRoute) as e:
+                    raise self._mesh_error(e) from e
+                if call.cluster is None:  # a direct response or a redirect
+                    resp = LocalResponse(method, url, _local_reply(call), _info(call))  # type: ignore[arg-type]
+                else:
+                    send, slot, jar = self._sender(session, call, method, url, headers, own, timeout, kwargs)
+                    try:
+                        resp = await call.run_async(send, status_of=_status_of, classify=_classify)
+                    except FaultAbort as e:
+                        log.debug("fault abort for %s: %s", call, e)
+                        resp = LocalResponse(method, url, _fault_reply(e), _info(call))
+                    except aiohttp.ClientError as e:
+                        # the last attempt's own failure (ServerTimeoutError is an asyncio.TimeoutError too)
+                        _add_context(e, call)
+                        raise
+                    except (MeshError, asyncio.TimeoutError) as e:
+                        raise _add_context(self._mesh_error(e), call) from e
+                    except Exception as e:
+                        _add_context(e, call)
+                        raise
+                    else:
+                        if getattr(resp, "_raw_cookie_headers", True):  # aiohttp < 3.12: no such field
+                            _store_cookies(jar, resp, url)
+                    finally:
+                        closing = self._pools.release(slot)
+                        if closing is not None:
+                            await self._close_endpoints(closing)
+            if not allow_redirects or resp.status not in _REDIRECTS:
+                break
+            location = resp.headers.get("Location")
+            if not location:
+                break
+            if history is None:
+                history = []
+            history.append(resp)
+            if len(history) > max_redirects:
+                resp.release()
+                raise aiohttp.TooManyRedirects(resp.request_info, tuple(history))
+            resp.release()
+            if resp.status == 303 and method != "HEAD" or resp.status in (301, 302) and method == "POST":
+                method = "GET"
+                kwargs.pop("data", None)
+                kwargs.pop("json", None)
+            url = url.join(URL(location))
+            text = None
+            routed = self._routed(url)
+        if check is True:
+            resp.raise_for_status()
+        elif callable(check):
+            await check(resp)
+        return resp
+
+    def _sender(self, session: aiohttp.ClientSession, call: Any, method: str, url: URL, headers: Any, own: Any,
+                timeout: aiohttp.ClientTimeout, kwargs: Dict[str, Any]) -> Any:
+        """``(send, slot, jar)`` for a routed hop: ``send(attempt)`` sends one attempt to its
+        endpoint with the session (its slot counted in flight until released)."""
         send_headers: Any
         if own is None:
             send_headers = {}
@@ -416,15 +462,17 @@ class MeshSession:
         attempt_timeout = memo[1] if memo is not None else self._attempt_timeout(timeout)
         scheme = call.scheme
         jar = session.cookie_jar
-        if scheme == "https" or len(jar):
+        has_cookies = len(jar)
+        if has_cookies or scheme == "https":
             kwargs = dict(kwargs)
             if scheme == "https":
                 kwargs.setdefault("server_hostname", url.raw_host)
-            if len(jar):  # the jar's cookies for the logical URL (aiohttp would look under the endpoint's)
+            if has_cookies:  # the jar's cookies for the logical URL (aiohttp would look under the endpoint's)
                 jar_cookies = [(k, m.value) for k, m in jar.filter_cookies(url).items()]
                 if jar_cookies:
                     user = kwargs.pop("cookies", None)
                     kwargs["cookies"] = jar_cookies + list((user.items() if hasattr(user, "items") else user) or ())
+        cluster = call.cluster
         slot = self._pools.acquire(cluster, cluster)
         used = slot.pool
         urls = self._endpoint_urls
@@ -453,27 +501,7 @@ class MeshSession:
                              "attempts": attempt.number}
             return resp
 
-        try:
-            resp = await call.run_async(send, status_of=_status_of, classify=_classify)
-        except FaultAbort as e:
-            log.debug("fault abort for %s: %s", call, e)
-            return LocalResponse(method, url, _fault_reply(e), _info(call))
-        except aiohttp.ClientError as e:
-            # the last attempt's own failure (ServerTimeoutError is an asyncio.TimeoutError too)
-            _add_context(e, call)
-            raise
-        except (MeshError, asyncio.TimeoutError) as e:
-            raise _add_context(self._mesh_error(e), call) from e
-        except Exception as e:
-            _add_context(e, call)
-            raise
-        finally:
-            closing = self._pools.release(slot)
-            if closing is not None:
-                await self._close_endpoints(closing)
-        if resp.cookies:
-            jar.update_cookies(resp.cookies, url)
-        return resp
+        return send, slot, jar
 
     @staticmethod
     def _mesh_error(exc: BaseException) -> BaseException:
