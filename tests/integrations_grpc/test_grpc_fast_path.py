@@ -187,3 +187,16 @@ def test_calls_without_metadata_routed_by_grpc_headers_where_the_config_reads_th
                     assert ch._plain_cfg is mesh.config(TARGET)
         finally:
             mesh.close()
+
+
+def test_closed_channel_ends_the_attempt(fast_mesh):
+    ch = mesh_channel(fast_mesh, TARGET)
+    hello = ch.unary_unary(f"/{SERVICE}/Hello")
+    assert hello(b"", timeout=5) in (b"s2", b"s3")
+    ch._pool.close()  # the endpoint pool closes under a routed call
+    with pytest.raises(grpc.RpcError) as info:
+        hello(b"", timeout=5)
+    assert info.value.code() is grpc.StatusCode.CANCELLED
+    st = fast_mesh.stats()["main"]
+    assert st["upstream_rq_active"] == 0 and st["upstream_rq_rx_reset"] == 1  # finished as a reset
+    ch.close()

@@ -177,18 +177,24 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             attempt_timeout = a.timeout
             if attempt_timeout is None or attempt_timeout > 0:
                 started = time.monotonic()
-                if started >= ch._next_sweep:
-                    ch.sweep()
                 pool = ch._pool
-                key = (a.endpoint.key, a.authority)
                 lock = pool._lock
-                lock.acquire()  # _EndpointPool.acquire's common case, inline
-                ep = None if pool._closed else pool._channels.get(key)
-                if ep is not None:
-                    ep.inflight += 1
-                lock.release()
-                if ep is None:
-                    ep = pool.acquire(*key)  # the first RPC to the endpoint (or a closed channel)
+                try:
+                    if started >= ch._next_sweep:
+                        ch.sweep()
+                    key = (a.endpoint.key, a.authority)
+                    lock.acquire()  # _EndpointPool.acquire's common case, inline
+                    try:  # (try/finally: as safe as `with`, and cheaper)
+                        ep = None if pool._closed else pool._channels.get(key)
+                        if ep is not None:
+                            ep.inflight += 1
+                    finally:
+                        lock.release()
+                    if ep is None:
+                        ep = pool.acquire(*key)  # the first RPC to the endpoint (or a closed channel)
+                except BaseException as e:  # noqa: BLE001  (the attempt ends as a reset; re-raised)
+                    _record(a, None, e)
+                    raise
                 try:
                     mc = ep.callables.get(self._slot) if a.path == self._method else None
                     if mc is None:
@@ -208,9 +214,11 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                     outcome, exc = None, e
                 else:
                     lock.acquire()  # _EndpointPool.release, inline
-                    ep.inflight -= 1
-                    last = ep.departed and ep.inflight <= 0
-                    lock.release()
+                    try:
+                        ep.inflight -= 1
+                        last = ep.departed and ep.inflight <= 0
+                    finally:
+                        lock.release()
                     if last:
                         pool.close_departed(ep)
                     a.finish(200, 0)  # the server answered OK: HTTP 200, grpc-status 0
