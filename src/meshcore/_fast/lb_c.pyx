@@ -495,6 +495,7 @@ cdef class _Table:
     cdef int64_t* ring_len
     cdef int32_t** ring_bucket      # per priority: 2^bits + 1 entries, see _ring_buckets
     cdef int32_t* ring_shift        # per priority: 64 - bits
+    cdef size_t* ring_bytes         # per priority: one hot block, the ring then its buckets
     cdef int32_t** maglev           # per priority: table of table_size host indices, or NULL
     cdef uint64_t maglev_size
     cdef bint lookahead             # n_hosts >= _lookahead_min_hosts when built
@@ -525,10 +526,9 @@ cdef class _Table:
             PyMem_Free(self.loc_weights)
         if self.ring != NULL:
             for i in range(self.n_prio):
-                meshcore_hot_free(self.ring[i], sizeof(RingSlot) * self.ring_len[i])
-                if self.ring_bucket[i] != NULL:
-                    meshcore_hot_free(self.ring_bucket[i], sizeof(int32_t) * ((<size_t>1 << (64 - self.ring_shift[i])) + 1))
+                meshcore_hot_free(self.ring[i], self.ring_bytes[i])
             PyMem_Free(self.ring)
+            PyMem_Free(self.ring_bytes)
             PyMem_Free(self.ring_len)
             PyMem_Free(self.ring_bucket)
             PyMem_Free(self.ring_shift)
@@ -842,6 +842,7 @@ cdef class LoadBalancer:
         t.ring_len = <int64_t*>zalloc(sizeof(int64_t) * t.n_prio)
         t.ring_bucket = <int32_t**>zalloc(sizeof(int32_t*) * t.n_prio)
         t.ring_shift = <int32_t*>zalloc(sizeof(int32_t) * t.n_prio)
+        t.ring_bytes = <size_t*>zalloc(sizeof(size_t) * t.n_prio)
         t.maglev = <int32_t**>zalloc(sizeof(int32_t*) * t.n_prio)
         t.maglev_size = cfg.table_size
         cdef list keys = [(<str>hk).encode() for hk in layout.hash_keys]
@@ -924,8 +925,7 @@ cdef class LoadBalancer:
                     current += 1
                 PyMem_Free(kb)
             qsort(ring, count, sizeof(RingEntry), _ring_cmp)
-            t.ring[p] = <RingSlot*>hot_alloc(sizeof(RingSlot) * count)
-            t.ring_len[p] = count
+            _ring_alloc(t, p, count)
             for i in range(<uint64_t>count):
                 t.ring[p][i].hash = ring[i].hash
                 t.ring[p][i].host = ring[i].host
@@ -1350,6 +1350,19 @@ cdef int _fill_by_ptr(_Table t) except -1:
     return 0
 
 
+cdef int _ring_alloc(_Table t, Py_ssize_t p, int64_t n) except -1:
+    """One hot block for ring ``p`` (n > 0 entries) and its bucket index (sized here)."""
+    cdef int bits = 1
+    while bits < 24 and (<int64_t>1 << bits) < 2 * n:
+        bits += 1
+    t.ring_len[p] = n
+    t.ring_shift[p] = 64 - bits
+    t.ring_bytes[p] = sizeof(RingSlot) * n + sizeof(int32_t) * ((<size_t>1 << bits) + 1)
+    t.ring[p] = <RingSlot*>hot_alloc(t.ring_bytes[p])
+    t.ring_bucket[p] = <int32_t*>(t.ring[p] + n)  # 16-byte entries: aligned
+    return 0
+
+
 cdef int _ring_buckets(_Table t, Py_ssize_t p) except -1:
     """Direct-mapped index over ring ``p`` by the top ``bits`` bits of the hash.
 
@@ -1358,18 +1371,10 @@ cdef int _ring_buckets(_Table t, Py_ssize_t p) except -1:
     else ``-1 - host``: every hash of the bucket then maps to that one host (the first
     entry past the bucket, wrapping to entry 0). Entry 2^bits is a sentinel (n)."""
     cdef int64_t n = t.ring_len[p], i = 0
-    cdef int bits = 1
-    cdef uint64_t b, nb
-    cdef int shift
+    cdef int shift = t.ring_shift[p]
+    cdef uint64_t b, nb = <uint64_t>1 << (64 - shift)
     cdef RingSlot* ring = t.ring[p]
-    cdef int32_t* bucket
-    while bits < 24 and (<int64_t>1 << bits) < 2 * n:
-        bits += 1
-    shift = 64 - bits
-    nb = <uint64_t>1 << bits
-    bucket = <int32_t*>hot_alloc(sizeof(int32_t) * (nb + 1))
-    t.ring_bucket[p] = bucket
-    t.ring_shift[p] = shift
+    cdef int32_t* bucket = t.ring_bucket[p]
     for b in range(nb):
         while i < n and (ring[i].hash >> shift) < b:
             i += 1
