@@ -85,6 +85,7 @@ _SCHEMES = {"http": b"http", "https": b"https"}
 _CACHE_MAX = 4096
 _HEADERS_MAX = 256  # header lists kept (each a few hundred bytes)
 _SECRET = frozenset([b"authorization", b"proxy-authorization", b"cookie"])
+_new = object.__new__
 
 
 def _library(module: Union[None, str, ModuleType]) -> Optional[ModuleType]:
@@ -104,10 +105,44 @@ def _classify(mod: ModuleType, exc: BaseException) -> Optional[str]:
     return default_classify(exc)
 
 
+def _probe_headers(cls: Any) -> bool:
+    """Whether ``cls`` (the library's ``Headers``) made from byte pairs is exactly its ``_list``
+    of ``(name, lower-cased name, value)`` and ``_encoding`` None: then a response's headers
+    (httpcore's, byte pairs by construction) are made without the per-item type dispatch."""
+    try:
+        h = cls([(b"X-A", b"b"), (b"c", b"D")])
+        _new(cls)  # (instantiable without its constructor)
+        return vars(h) == {"_list": [(b"X-A", b"x-a", b"b"), (b"c", b"c", b"D")], "_encoding": None}
+    except Exception:  # noqa: BLE001  (another shape: the library's constructor is used)
+        return False
+
+
+def _probe_core(core: ModuleType) -> bool:
+    """Whether httpcore's ``URL(scheme=, host=, port=, target=)`` and ``Request`` given bytes
+    (method, URL parts, header pairs), a stream object and an extensions dict only store them:
+    then an attempt's request is made by setting those attributes (the arguments are bytes
+    already; its constructor would check and copy them again)."""
+    try:
+        stream, ext, headers = object(), {}, [(b"a", b"b")]
+        url = core.URL(scheme=b"http", host=b"h", port=1, target=b"/t")
+        req = core.Request(b"GET", url, headers=headers, content=stream, extensions=ext)
+        return (vars(url) == {"scheme": b"http", "host": b"h", "port": 1, "target": b"/t"}
+                and set(vars(req)) == {"method", "url", "headers", "stream", "extensions"}
+                and req.method == b"GET" and req.url is url and req.headers == headers
+                and req.stream is stream and req.extensions is ext)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+_CORE_BARE: Dict[str, bool] = {}
+_METHODS = {m: m.encode("ascii") for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+
+
 class _Lib:
     """What the transports use of one client library (httpx or httpx2), resolved once."""
 
-    __slots__ = ("mod", "name", "classify", "Response", "ByteStream", "map_exc", "handle", "ahandle")
+    __slots__ = ("mod", "name", "classify", "Response", "ByteStream", "map_exc", "handle", "ahandle", "Headers",
+                 "bare_headers")
 
     def __init__(self, mod: ModuleType) -> None:
         self.mod = mod
@@ -115,6 +150,8 @@ class _Lib:
         self.classify = functools.partial(_classify, mod)
         self.Response = mod.Response
         self.ByteStream = mod.ByteStream
+        self.Headers = getattr(mod, "Headers", None)
+        self.bare_headers = _probe_headers(self.Headers)
         default = sys.modules.get(f"{self.name}._transports.default")
         self.map_exc = getattr(default, "map_httpcore_exceptions", None)
         # the library transports' own handle_request: a subclass keeping it sends like them
@@ -126,11 +163,12 @@ class _Inner:
     """A cluster's inner transport and, when it sends like the library's own, its connection pool
     and that pool's ``Request``/``URL`` classes (``pool`` None: attempts go through ``transport``)."""
 
-    __slots__ = ("transport", "pool", "Request", "URL", "map_exc")
+    __slots__ = ("transport", "pool", "Request", "URL", "map_exc", "bare")
 
     def __init__(self, transport: Any, lib: _Lib, sync: bool) -> None:
         self.transport = transport
         self.pool = self.Request = self.URL = self.map_exc = None
+        self.bare = False
         handle = lib.handle if sync else lib.ahandle
         method = "handle_request" if sync else "handle_async_request"
         pool = getattr(transport, "_pool", None)
@@ -139,6 +177,10 @@ class _Inner:
             core = sys.modules.get(type(pool).__module__.partition(".")[0])
             if core is not None and hasattr(core, "Request") and hasattr(core, "URL"):
                 self.pool, self.Request, self.URL, self.map_exc = pool, core.Request, core.URL, lib.map_exc
+                bare = _CORE_BARE.get(core.__name__)
+                if bare is None:
+                    bare = _CORE_BARE[core.__name__] = _probe_core(core)
+                self.bare = bare
 
 
 class _Answer(NamedTuple):
@@ -182,9 +224,9 @@ class _MeshTransportBase:
         self._libs: Dict[Any, _Lib] = {}  # request type -> its library
         self._fixed_lib = _Lib(self._module) if self._module is not None else None
         self._origins: Dict[str, Tuple[bytes, int]] = {}  # endpoint key -> (host, port) for the pool
-        self._ascii: Dict[str, bytes] = {}  # authority -> its bytes (the Host header)
+        self._ascii: Dict[str, Tuple[bytes, bytes]] = {}  # authority -> its Host header pair
         self._urls: Dict[Any, Tuple[str, bytes, str, Optional[str]]] = {}  # see _url_parts
-        self._headers: Dict[Tuple[Any, ...], Tuple[Tuple[str, str], ...]] = {}  # see _mesh_headers
+        self._headers: Dict[Tuple[Any, ...], List[Tuple[str, str]]] = {}  # see _mesh_headers
         close = self._close_inner_sync if self._sync else self._close_inner_async
         self._pools = _ClusterPools(mesh, self._new_inner, close, is_async=not self._sync)
 
@@ -255,27 +297,32 @@ class _MeshTransportBase:
         url = request.url
         return f"{url.scheme}://{url.netloc.decode('ascii')}{url.raw_path.decode('ascii')}"
 
-    def _mesh_headers(self, request: Any) -> Any:
-        """The request's headers as ``(name, value)`` string pairs (lower-cased names) for routing:
-        a tuple kept per header list, as a client sends the same headers again and again (not
-        for lists carrying credentials, which are decoded for their request only)."""
+    def _mesh_headers(self, request: Any) -> Tuple[Any, Optional[Tuple[Tuple[bytes, bytes], ...]]]:
+        """``(routing view, upstream pairs)`` of the request's headers. The routing view: the
+        ``(name, value)`` string pairs (lower-cased names) the mesh routes by; the upstream pairs:
+        the ``(name, value)`` byte pairs an attempt sends after its ``Host`` (router headers and
+        Host dropped), or None (made per attempt). Both are kept per header list, as a client
+        sends the same headers again and again (not for lists carrying credentials, which are
+        decoded for their request only). The routing view is a list, not a tuple: the route
+        table walks lists of str pairs in C (a tuple costs ~0.7 us more); the mesh only reads it."""
         headers = request.headers
         try:
             key = tuple(headers._list)
         except AttributeError:
-            return headers.multi_items()
-        pairs = self._headers.get(key)
-        if pairs is None:
+            return headers.multi_items(), None
+        both = self._headers.get(key)
+        if both is None:
             try:
-                pairs = tuple([(k.decode(), v.decode()) for _, k, v in key])
+                pairs = [(k.decode(), v.decode()) for _, k, v in key]
             except UnicodeDecodeError:
-                return headers.multi_items()
+                return headers.multi_items(), None
+            both = (pairs, tuple([(k, v) for k, lk, v in key if lk not in _DROP]))
             if any(k in _SECRET for _, k, _ in key):
-                return pairs  # credentials are not kept beyond their request
+                return both  # credentials are not kept beyond their request
             if len(self._headers) >= _HEADERS_MAX:
                 self._headers.clear()
-            self._headers[key] = pairs
-        return pairs
+            self._headers[key] = both
+        return both
 
     def _url_parts(self, url: Any) -> Tuple[str, bytes, str, Optional[str]]:
         """``(logical URL, raw path, path, SNI host or None)`` of a request URL, kept per parsed
@@ -294,12 +341,13 @@ class _MeshTransportBase:
                 self._urls[ref] = parts
         return parts
 
-    def _host(self, authority: str) -> bytes:
+    def _host(self, authority: str) -> Tuple[bytes, bytes]:
+        """The ``Host`` header pair of ``authority``."""
         b = self._ascii.get(authority)
         if b is None:
             if len(self._ascii) >= _CACHE_MAX:
                 self._ascii.clear()
-            b = self._ascii[authority] = authority.encode("ascii")
+            b = self._ascii[authority] = (b"Host", authority.encode("ascii"))
         return b
 
     def _origin(self, endpoint: Any) -> Tuple[bytes, int]:
@@ -311,16 +359,20 @@ class _MeshTransportBase:
         return o
 
     def _core_request(self, inner: _Inner, request: Any, attempt: Any, scheme: bytes, target: bytes,
-                      path: str, sni: Optional[str]) -> Any:
+                      path: str, sni: Optional[str], upstream: Optional[Tuple[Tuple[bytes, bytes], ...]]) -> Any:
         """The pool's request for one attempt: ``ip:port`` of the picked endpoint, the logical Host
-        (router headers dropped), the timeouts capped by the attempt's, SNI the logical host."""
+        (router headers dropped), the timeouts capped by the attempt's, SNI the logical host.
+        ``upstream``: the header pairs after Host (see ``_mesh_headers``; None: made here)."""
         host, port = self._origin(attempt.endpoint)
-        headers: List[Tuple[bytes, bytes]] = [(b"Host", self._host(attempt.authority))]
-        try:
-            lst = request.headers._list
-        except AttributeError:
-            lst = [(k, k.lower(), v) for k, v in request.headers.raw]
-        headers += [(k, v) for k, lk, v in lst if lk not in _DROP]
+        headers: List[Tuple[bytes, bytes]] = [self._host(attempt.authority)]
+        if upstream is not None:
+            headers += upstream  # a list of its own: the pool's request may be changed by it
+        else:
+            try:
+                lst = request.headers._list
+            except AttributeError:
+                lst = [(k, k.lower(), v) for k, v in request.headers.raw]
+            headers += [(k, v) for k, lk, v in lst if lk not in _DROP]
         extensions = request.extensions
         cap = attempt.timeout
         if cap is not None or sni is not None:
@@ -340,6 +392,16 @@ class _MeshTransportBase:
                 extensions["sni_hostname"] = sni
         if attempt.path is not path:  # the route rewrote the path
             target = attempt.path.encode("ascii")
+        if inner.bare:
+            method = _METHODS.get(request.method)
+            if method is not None and "target" not in extensions:
+                # what the constructors store, made without their checks (see _probe_core)
+                u = _new(inner.URL)
+                u.scheme, u.host, u.port, u.target = scheme, host, port, target
+                req = _new(inner.Request)
+                req.method, req.url, req.headers, req.stream, req.extensions = (
+                    method, u, headers, request.stream, extensions)
+                return req
         return inner.Request(request.method, inner.URL(scheme=scheme, host=host, port=port, target=target),
                              headers=headers, content=request.stream, extensions=extensions)
 
@@ -395,7 +457,13 @@ def _final_response(lib: _Lib, request: Any, resp: Any, raw: bytes) -> Any:
     replayable stream of the raw body; the pool's network stream is not handed out."""
     ext = resp.extensions
     ext.pop("network_stream", None)
-    return lib.Response(resp.status, headers=resp.headers, stream=lib.ByteStream(raw), request=request,
+    headers = resp.headers
+    if lib.bare_headers:  # byte pairs (httpcore's): the library's Headers as it would make them
+        h = _new(lib.Headers)
+        h._list = [(k, k.lower(), v) for k, v in headers]
+        h._encoding = None
+        headers = h
+    return lib.Response(resp.status, headers=headers, stream=lib.ByteStream(raw), request=request,
                         extensions=ext)
 
 
@@ -406,7 +474,7 @@ class MeshTransport(_MeshTransportBase):
         lib = self._lib(request)
         url = request.url
         logical, raw_path, path, sni = self._url_parts(url)
-        headers = self._mesh_headers(request)
+        headers, upstream = self._mesh_headers(request)
         try:
             try:
                 call = self._mesh.request(logical, request.method, headers)
@@ -431,13 +499,16 @@ class MeshTransport(_MeshTransportBase):
             call_path = call.path
 
             def send(attempt: Any) -> Any:
-                req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni)
+                req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni, upstream)
                 try:
                     resp = pool.handle_request(req)
+                    stream = resp.stream
                     try:
-                        raw = b"".join(resp.stream)
-                    finally:
-                        resp.close()
+                        raw = b"".join(stream)
+                    finally:  # resp.close() without its sync/async type test (an ABC check)
+                        close = getattr(stream, "close", None)
+                        if close is not None:
+                            close()
                 except Exception as exc:
                     with inner.map_exc():  # the library's own httpcore -> httpx mapping
                         raise exc
@@ -493,7 +564,7 @@ class AsyncMeshTransport(_MeshTransportBase):
         lib = self._lib(request)
         url = request.url
         logical, raw_path, path, sni = self._url_parts(url)
-        headers = self._mesh_headers(request)
+        headers, upstream = self._mesh_headers(request)
         try:
             try:
                 call = self._mesh.request(logical, request.method, headers)
@@ -518,13 +589,16 @@ class AsyncMeshTransport(_MeshTransportBase):
             call_path = call.path
 
             async def send(attempt: Any) -> Any:
-                req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni)
+                req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni, upstream)
                 try:
                     resp = await pool.handle_async_request(req)
+                    stream = resp.stream
                     try:
-                        raw = b"".join([chunk async for chunk in resp.stream])
-                    finally:
-                        await resp.aclose()
+                        raw = b"".join([chunk async for chunk in stream])
+                    finally:  # resp.aclose() without its sync/async type test (an ABC check)
+                        aclose = getattr(stream, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
                 except Exception as exc:
                     with inner.map_exc():  # the library's own httpcore -> httpx mapping
                         raise exc
