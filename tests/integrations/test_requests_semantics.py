@@ -93,3 +93,30 @@ def test_timeout_argument_is_capped_by_the_route_and_keeps_requests_forms(sessio
         assert session.get(f"{URL}/t", timeout=t).status_code == 200
     with pytest.raises(ValueError):
         session.get(f"{URL}/t", timeout=(1, 2, 3))
+
+
+def test_pool_settings_of_an_adapter_subclass_apply_to_endpoint_pools(tls_scenario, tls_files):
+    """``build_connection_pool_key_attributes`` (requests' documented hook, e.g. for an
+    ``ssl_context``) shapes the endpoint pools; the logical host stays the TLS name."""
+    import ssl
+
+    from .conftest import TLS_URL
+
+    mesh, _ = tls_scenario
+    ctx = ssl.create_default_context(cafile=tls_files["ca"])
+    used = []
+
+    class Custom(MeshAdapter):
+        def build_connection_pool_key_attributes(self, request, verify, cert=None):
+            host_params, kw = super().build_connection_pool_key_attributes(request, verify, cert)
+            kw["ssl_context"] = ctx
+            used.append(kw)
+            return host_params, kw
+
+    with requests.Session() as s:
+        s.trust_env = False
+        s.mount("https://", Custom(mesh))
+        for _ in range(4):
+            body = s.get(f"{TLS_URL}/secure").json()  # verified with the context's CA
+            assert body["sni"] == HOST and body["host"] == f"{HOST}:8443"
+    assert len(used) == 2  # once per endpoint pool, not per request

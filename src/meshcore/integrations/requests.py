@@ -328,7 +328,7 @@ class MeshAdapter(HTTPAdapter):
         """The connection pool of an attempt key (first use, or after the manager evicted it):
         ``HTTPAdapter``'s pool settings for the request, the endpoint as host, and for https the
         logical host as ``server_hostname``/``assert_hostname``."""
-        _, pool_kwargs = HTTPAdapter.build_connection_pool_key_attributes(self, request, verify, cert)
+        _, pool_kwargs = self.build_connection_pool_key_attributes(request, verify, cert)  # subclasses' too
         if https:
             pool_kwargs["server_hostname"] = sni
             if verify is not False:
