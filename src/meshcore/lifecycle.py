@@ -217,6 +217,8 @@ class _Deadline:
 
 
 _HAS_UNCANCEL = hasattr(asyncio.Task, "uncancel")
+_get_running_loop = asyncio.get_running_loop
+_current_task = asyncio.current_task
 
 
 class _Deadlines:
@@ -241,7 +243,7 @@ class _Deadlines:
 
     def add(self, timeout: float) -> _Deadline:
         loop = self.loop
-        d = _Deadline(loop.time() + timeout, asyncio.current_task(loop))
+        d = _Deadline(loop.time() + timeout, _current_task(loop))
         self.pending[d] = None
         if self.handle is None or d.when < self.armed_at:
             if self.handle is not None:
@@ -312,7 +314,9 @@ async def run_async(call: Any, send: Callable[[Any], Awaitable[R]], status_of: S
             await _aclose(last_result)
         try:
             if a.timeout is not None:
-                dl = _deadlines()
+                last_loop, dl = _loop_deadlines  # (_deadlines() inline for the loop used last)
+                if last_loop is not _get_running_loop():
+                    dl = _deadlines()
                 d = dl.add(a.timeout)
                 try:
                     result = await send(a)

@@ -486,8 +486,8 @@ class MeshTransport(_MeshTransportBase):
             local = _local_reply(call)
             if local is not None:
                 return self._reply(lib.mod, request, local, call)
-        if call.retry_policy is not None and _retries_possible(call):
-            request.read()  # a retry sends the body again
+        if call.retry_policy is not None and not hasattr(request, "_content") and _retries_possible(call):
+            request.read()  # a retry sends the body again (unless read already, as without a body)
         scheme = url.scheme
         slot = self._pools.acquire((lib.name, call.cluster, sni), call.cluster)
         inner = slot.pool
@@ -576,8 +576,8 @@ class AsyncMeshTransport(_MeshTransportBase):
             local = _local_reply(call)
             if local is not None:
                 return self._reply(lib.mod, request, local, call)
-        if call.retry_policy is not None and _retries_possible(call):
-            await request.aread()
+        if call.retry_policy is not None and not hasattr(request, "_content") and _retries_possible(call):
+            await request.aread()  # (a coroutine only when there is something to read)
         scheme = url.scheme
         slot = self._pools.acquire((lib.name, call.cluster, sni), call.cluster)
         inner = slot.pool
@@ -593,8 +593,11 @@ class AsyncMeshTransport(_MeshTransportBase):
                 try:
                     resp = await pool.handle_async_request(req)
                     stream = resp.stream
+                    chunks: List[bytes] = []
                     try:
-                        raw = b"".join([chunk async for chunk in stream])
+                        async for chunk in stream:  # (a comprehension would be one more coroutine)
+                            chunks.append(chunk)
+                        raw = b"".join(chunks)
                     finally:  # resp.aclose() without its sync/async type test (an ABC check)
                         aclose = getattr(stream, "aclose", None)
                         if aclose is not None:
