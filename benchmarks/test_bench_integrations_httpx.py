@@ -13,6 +13,12 @@ The async run is the same with ``AsyncClient`` / ``AsyncMeshTransport``. Figures
 ``extra_info`` and printed (``-s``). Run: ``pytest benchmarks/test_bench_integrations_httpx.py
 --benchmark-only -s`` or ``python benchmarks/test_bench_integrations_httpx.py [sync|async|httpx2]
 [--rate N] [--profile]``.
+
+``test_httpx_added_cpu_no_io`` (no Envoy needed) measures meshcore's added CPU per request without
+the network's noise: the same two clients (direct, and mounted ``MeshTransport`` on the logical
+URL, route with a timeout and a retry policy) over an in-memory httpcore pool answering at once,
+interleaved rounds, median of the within-round differences (``python
+benchmarks/test_bench_integrations_httpx.py --no-io`` prints the same table).
 """
 
 from __future__ import annotations
@@ -115,6 +121,17 @@ def test_httpx_added_cost(benchmark, rig, kind):
 
 def _main(argv: list) -> None:
     kinds = [a for a in argv if a in ("sync", "async", "sync-httpx2", "async-httpx2")] or ["sync", "async"]
+    if "--no-io" in argv:
+        mesh = no_io_mesh()
+        try:
+            print("| client | direct µs | meshcore µs | added µs (CPU) |\n|---|---|---|---|")
+            for kind in kinds if any(a in argv for a in KIND_NAMES) else NO_IO_KINDS:
+                lib = _lib("httpx2" if kind.endswith("httpx2") else "httpx")
+                r = no_io_added(mesh, lib, kind.startswith("async"))
+                print(f"| {kind} | {r['direct']:.1f} | {r['meshcore']:.1f} | {r['added']:+.1f} |", flush=True)
+        finally:
+            mesh.close()
+        return
     rate = float(argv[argv.index("--rate") + 1]) if "--rate" in argv else None
     with Rig() as r:
         if "--profile" in argv:
@@ -137,6 +154,10 @@ def _main(argv: list) -> None:
             return
         for kind in kinds:
             print(markdown(experiment(kind, r, rate=rate), f"httpx {kind}"), flush=True)
+
+
+KIND_NAMES = ("sync", "async", "sync-httpx2", "async-httpx2")
+NO_IO_KINDS = ["sync", "async"] + (["sync-httpx2", "async-httpx2"] if _lib("httpx2") is not None else [])
 
 
 if __name__ == "__main__":
@@ -259,3 +280,53 @@ def no_io_added(mesh: Any, lib: Any, is_async: bool, url_path: str = PATH, n: in
             loop.close()
     med = statistics.median
     return {"direct": med(ds), "meshcore": med(ms), "added": med([m - d for d, m in zip(ds, ms)])}
+
+
+def no_io_mesh() -> Any:
+    """A mesh from a resource file (:func:`integration_harness.resources`: routes with a timeout
+    and a retry policy) whose one endpoint is never dialled (the pools are canned)."""
+    import json
+    import tempfile
+
+    import meshcore
+    from integration_harness import TARGET, resources
+
+    d = tempfile.mkdtemp(prefix="meshcore-bench-noio-")
+    path = os.path.join(d, "mesh.json")
+    with open(path, "w") as f:
+        json.dump(resources([9]), f)
+    mesh = meshcore.Mesh.from_file(path, watch=False, seed=1).start()
+    mesh.wait_ready(TARGET, timeout=15)
+    return mesh
+
+
+@pytest.fixture(scope="module")
+def no_io_rig():
+    mesh = no_io_mesh()
+    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if saved is not None and len(saved) > 1:
+        os.sched_setaffinity(0, {min(saved)})  # one CPU: no migrations between the two clients
+    try:
+        yield mesh
+    finally:
+        if saved is not None:
+            os.sched_setaffinity(0, saved)
+        mesh.close()
+
+
+@pytest.mark.skipif(_lib("httpx") is None, reason="needs httpx")
+@pytest.mark.benchmark(group="integrations-httpx-no-io")
+@pytest.mark.parametrize("kind", NO_IO_KINDS)
+def test_httpx_added_cpu_no_io(benchmark, no_io_rig, kind):
+    """meshcore's added CPU per request through an httpx/httpx2 client, no I/O: direct vs mounted
+    MeshTransport, interleaved rounds in one run (see :func:`no_io_added`)."""
+    lib = _lib("httpx2" if kind.endswith("httpx2") else "httpx")
+    n, rounds = (50, 5) if QUICK else (300, 41)
+    out: Dict[str, float] = {}
+    benchmark.pedantic(lambda: out.update(no_io_added(no_io_rig, lib, kind.startswith("async"), n=n, rounds=rounds)),
+                       rounds=1, iterations=1)
+    benchmark.extra_info.update({"direct_us": round(out["direct"], 2), "meshcore_us": round(out["meshcore"], 2),
+                                 "added_us": round(out["added"], 2), "requests_per_round": n, "rounds": rounds})
+    print(f"\nhttpx no-I/O {kind}: direct {out['direct']:.1f} us, meshcore {out['meshcore']:.1f} us, "
+          f"added {out['added']:+.1f} us CPU per request")
+    assert out["meshcore"] > 0 and out["direct"] > 0
