@@ -212,6 +212,49 @@ class _RequestContext:
             self._resp.release()
 
 
+class _Sender:
+    """One routed request's ``send(attempt)``: the attempt to its endpoint with the session."""
+
+    __slots__ = ("request", "method", "headers", "timeout", "kwargs", "scheme", "cluster", "route_name", "used",
+                 "urls")
+
+    def __init__(self, request: Any, method: str, headers: Any, timeout: Any, kwargs: Dict[str, Any], call: Any,
+                 used: Any, urls: Dict[Any, URL]) -> None:
+        self.request = request
+        self.method = method
+        self.headers = headers
+        self.timeout = timeout
+        self.kwargs = kwargs
+        self.scheme = call.scheme
+        self.cluster = call.cluster
+        self.route_name = call.route.route_name
+        self.used = used
+        self.urls = urls
+
+    async def send(self, attempt: Any) -> aiohttp.ClientResponse:
+        ep_key = attempt.endpoint.key
+        if self.used is not None:
+            self.used.add(ep_key)
+        key = (self.scheme, ep_key, attempt.path)
+        urls = self.urls
+        target = urls.get(key)
+        if target is None:
+            target = URL(f"{self.scheme}://{ep_key}{attempt.path}", encoded=True)
+            if len(urls) >= _URLS_MAX:
+                urls.clear()
+            urls[key] = target
+        resp = await self.request(self.method, target, headers=self.headers, allow_redirects=False,
+                                  timeout=self.timeout, **self.kwargs)
+        try:
+            await resp.read()
+        except BaseException:
+            resp.close()
+            raise
+        resp.meshcore = {"cluster": self.cluster, "endpoint": ep_key, "route": self.route_name,  # type: ignore[attr-defined]
+                         "attempts": attempt.number}
+        return resp
+
+
 class MeshSession:
     """Routes each request through the mesh, then sends it with an ``aiohttp.ClientSession``."""
 
@@ -378,6 +421,7 @@ class MeshSession:
         else:
             pairs = own
         history: Optional[List[Response]] = None
+        attempt_timeout = None
         total = timeout.total
         mesh = self._mesh
         while True:  # one pass per hop: routing and the router loop inline (no coroutine of their own)
@@ -398,7 +442,25 @@ class MeshSession:
                 if call.cluster is None:  # a direct response or a redirect
                     resp = LocalResponse(method, url, _local_reply(call), _info(call))  # type: ignore[arg-type]
                 else:
-                    send, slot, jar = self._sender(session, call, method, url, headers, own, timeout, kwargs)
+                    # what the attempts send (made once per request: aiohttp copies the headers)
+                    if own is None:
+                        send_headers: Any = {}
+                    elif _plain(headers, own):
+                        send_headers = dict(own)
+                    else:
+                        send_headers = _drop_router_headers(CIMultiDict(own))
+                        send_headers.popall("Host", None)
+                    send_headers["Host"] = call.route.host_rewrite or call.authority  # every attempt's
+                    if attempt_timeout is None:
+                        memo = self._timeouts.get(id(timeout))
+                        attempt_timeout = memo[1] if memo is not None else self._attempt_timeout(timeout)
+                    jar = session.cookie_jar
+                    extra = kwargs
+                    if len(jar) or call.scheme == "https":
+                        extra = self._extra(jar, call.scheme, url, kwargs)
+                    slot = self._pools.acquire(call.cluster, call.cluster)
+                    send = _Sender(session.request, method, send_headers, attempt_timeout, extra, call, slot.pool,
+                                   self._endpoint_urls).send
                     try:
                         resp = await call.run_async(send, status_of=_status_of, classify=_classify)
                     except FaultAbort as e:
@@ -445,63 +507,19 @@ class MeshSession:
             await check(resp)
         return resp
 
-    def _sender(self, session: aiohttp.ClientSession, call: Any, method: str, url: URL, headers: Any, own: Any,
-                timeout: aiohttp.ClientTimeout, kwargs: Dict[str, Any]) -> Any:
-        """``(send, slot, jar)`` for a routed hop: ``send(attempt)`` sends one attempt to its
-        endpoint with the session (its slot counted in flight until released)."""
-        send_headers: Any
-        if own is None:
-            send_headers = {}
-        elif _plain(headers, own):
-            send_headers = dict(own)
-        else:
-            send_headers = _drop_router_headers(CIMultiDict(own))
-            send_headers.popall("Host", None)
-        send_headers["Host"] = call.route.host_rewrite or call.authority  # = every attempt's authority
-        memo = self._timeouts.get(id(timeout))
-        attempt_timeout = memo[1] if memo is not None else self._attempt_timeout(timeout)
-        scheme = call.scheme
-        jar = session.cookie_jar
-        has_cookies = len(jar)
-        if has_cookies or scheme == "https":
-            kwargs = dict(kwargs)
-            if scheme == "https":
-                kwargs.setdefault("server_hostname", url.raw_host)
-            if has_cookies:  # the jar's cookies for the logical URL (aiohttp would look under the endpoint's)
-                jar_cookies = [(k, m.value) for k, m in jar.filter_cookies(url).items()]
-                if jar_cookies:
-                    user = kwargs.pop("cookies", None)
-                    kwargs["cookies"] = jar_cookies + list((user.items() if hasattr(user, "items") else user) or ())
-        cluster = call.cluster
-        slot = self._pools.acquire(cluster, cluster)
-        used = slot.pool
-        urls = self._endpoint_urls
-        route_name = call.route.route_name
-        request = session.request
-
-        async def send(attempt: Any) -> aiohttp.ClientResponse:
-            ep_key = attempt.endpoint.key
-            if used is not None:
-                used.add(ep_key)
-            key = (scheme, ep_key, attempt.path)
-            target = urls.get(key)
-            if target is None:
-                target = URL(f"{scheme}://{ep_key}{attempt.path}", encoded=True)
-                if len(urls) >= _URLS_MAX:
-                    urls.clear()
-                urls[key] = target
-            resp = await request(method, target, headers=send_headers, allow_redirects=False,
-                                 timeout=attempt_timeout, **kwargs)
-            try:
-                await resp.read()
-            except BaseException:
-                resp.close()
-                raise
-            resp.meshcore = {"cluster": cluster, "endpoint": ep_key, "route": route_name,  # type: ignore[attr-defined]
-                             "attempts": attempt.number}
-            return resp
-
-        return send, slot, jar
+    @staticmethod
+    def _extra(jar: Any, scheme: str, url: URL, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """The attempts' keyword arguments for https (the logical host as ``server_hostname``) or
+        with cookies in the jar (those of the logical URL: aiohttp would look under the endpoint's)."""
+        extra = dict(kwargs)
+        if scheme == "https":
+            extra.setdefault("server_hostname", url.raw_host)
+        if len(jar):
+            jar_cookies = [(k, m.value) for k, m in jar.filter_cookies(url).items()]
+            if jar_cookies:
+                user = extra.pop("cookies", None)
+                extra["cookies"] = jar_cookies + list((user.items() if hasattr(user, "items") else user) or ())
+        return extra
 
     @staticmethod
     def _mesh_error(exc: BaseException) -> BaseException:
