@@ -6,7 +6,7 @@ given, with Envoy's wording where Envoy has one.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from google.protobuf import json_format
 from google.protobuf import message as _message
@@ -19,7 +19,8 @@ try:
 except ImportError:  # pragma: no cover  (older xds-protos)
     _udpa_typed_struct = None
 
-__all__ = ["MAX_DURATION_SECONDS", "per_million", "seconds", "type_name", "unpack"]
+__all__ = ["MAX_DURATION_SECONDS", "json_fields", "is_map", "is_repeated", "per_million", "seconds", "type_name",
+           "unpack"]
 
 #: Envoy converts durations to int64 nanoseconds; from this many seconds on it reports
 #: "Duration out-of-range" (measured on Envoy 1.40: 9223372035.999999999 s passes).
@@ -107,3 +108,30 @@ def per_million(fraction: Any, resource: str, path: str) -> int:
     if factor is None:
         raise ConfigError(resource, f"{path}.denominator", f"unknown denominator {fraction.denominator}")
     return min(fraction.numerator * factor, 1_000_000)
+
+
+# -- protobuf descriptors (the JSON/YAML readers of resource files and of typed LB configs) ------
+
+_JSON_FIELDS: Dict[str, Dict[str, Any]] = {}
+
+
+def json_fields(desc: Any) -> Dict[str, Any]:
+    """A message's fields by both spellings: snake_case name and lowerCamel ``json_name``."""
+    fields = _JSON_FIELDS.get(desc.full_name)
+    if fields is None:
+        fields = {}
+        for f in desc.fields:
+            fields[f.name] = f
+            fields[f.json_name] = f
+        _JSON_FIELDS[desc.full_name] = fields
+    return fields
+
+
+def is_repeated(field: Any) -> bool:
+    flag = getattr(field, "is_repeated", None)  # protobuf >= 6; ``label`` is deprecated there
+    return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
+
+
+def is_map(field: Any) -> bool:
+    mt = field.message_type
+    return mt is not None and mt.GetOptions().map_entry

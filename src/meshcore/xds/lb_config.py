@@ -117,6 +117,7 @@ from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2  # noqa: F401
 from .._model import Endpoint, HealthStatus, Locality, _normalise_address, trusted_endpoint
 from .._options import LbConfig
 from ..errors import ConfigError
+from ._decode import is_map, is_repeated, json_fields
 
 __all__ = ["assignment_arguments", "cluster_lb_arguments", "load_balancer_arguments"]
 
@@ -287,7 +288,7 @@ def _coerce(obj: Any, cls: Any, name_field: str, default_resource: str, trim: An
     if not isinstance(obj, Mapping):
         raise TypeError(f"expected a {full_name} message or dict, got {type(obj).__name__}")
 
-    fields = _json_fields(cls.DESCRIPTOR)
+    fields = json_fields(cls.DESCRIPTOR)
     resource = default_resource
     for key in (name_field, _snake_to_camel(name_field)):
         if isinstance(obj.get(key), str) and obj[key]:
@@ -328,29 +329,6 @@ def _type_name(type_url: str) -> str:
     return type_url.rsplit("/", 1)[-1]
 
 
-_FIELD_MAPS: Dict[str, Dict[str, Any]] = {}
-
-
-def _json_fields(desc: Any) -> Dict[str, Any]:
-    """Both spellings (snake_case name and lowerCamel json_name) of each field."""
-    fields = _FIELD_MAPS.get(desc.full_name)
-    if fields is None:
-        fields = {}
-        for f in desc.fields:
-            fields[f.name] = f
-            fields[f.json_name] = f
-        _FIELD_MAPS[desc.full_name] = fields
-    return fields
-
-
-def _is_map(field: Any) -> bool:
-    mt = field.message_type
-    return mt is not None and mt.GetOptions().map_entry
-
-
-def _is_repeated(field: Any) -> bool:
-    flag = getattr(field, "is_repeated", None)  # protobuf >= 6; ``label`` is deprecated there
-    return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
 
 
 def _find_message(type_url: str) -> Optional[Any]:
@@ -369,16 +347,16 @@ def _fix_anys(node: Any, desc: Any) -> Any:
     """
     if not isinstance(node, dict):
         return node
-    fields = _json_fields(desc)
+    fields = json_fields(desc)
     out = {}
     for key, value in node.items():
         f = fields.get(key)
         if f is not None and f.message_type is not None:
-            if _is_map(f):
+            if is_map(f):
                 vf = f.message_type.fields_by_name["value"]
                 if vf.message_type is not None and isinstance(value, dict):
                     value = {k: _fix_value(v, vf.message_type) for k, v in value.items()}
-            elif _is_repeated(f):
+            elif is_repeated(f):
                 if isinstance(value, list):
                     value = [_fix_value(v, f.message_type) for v in value]
             else:
@@ -437,7 +415,7 @@ def _locate(node: Any, desc: Any, path: str) -> Tuple[str, str]:
     if not isinstance(node, dict):
         err = _parse_error(node, desc)
         return path, _clean(err) if err else "invalid value"
-    fields = _json_fields(desc)
+    fields = json_fields(desc)
     for key, value in node.items():
         if key == "@type":
             continue
@@ -457,7 +435,7 @@ def _locate_field(f: Any, value: Any, path: str) -> Optional[Tuple[str, str]]:
     mt = f.message_type
     if mt is None:
         return None
-    if _is_map(f):
+    if is_map(f):
         vf = mt.fields_by_name["value"]
         if vf.message_type is not None and isinstance(value, dict):
             for k, v in value.items():
@@ -465,7 +443,7 @@ def _locate_field(f: Any, value: Any, path: str) -> Optional[Tuple[str, str]]:
                 if found:
                     return found
         return None
-    if _is_repeated(f):
+    if is_repeated(f):
         if isinstance(value, list):
             for i, v in enumerate(value):
                 found = _locate_element(v, mt, f"{path}[{i}]")

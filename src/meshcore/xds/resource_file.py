@@ -54,6 +54,7 @@ from google.protobuf import any_pb2, descriptor_pool, json_format
 from google.protobuf.message import Message
 
 from ..errors import ConfigError
+from ._decode import is_map, is_repeated, json_fields
 from .model import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_URLS
 
 __all__ = [
@@ -167,34 +168,12 @@ _TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+\Z")
 _PROTO_ROOTS = frozenset({"envoy", "xds", "udpa", "validate", "google"})
 _import_lock = threading.Lock()
 _imported_packages: Dict[str, bool] = {}
-_FIELDS: Dict[str, Dict[str, Any]] = {}
 
 
 def _safe(text: str) -> str:
     """``text`` with lone surrogates escaped, fit for an error message."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
-
-def _fields(desc: Any) -> Dict[str, Any]:
-    """Both spellings (snake_case name and lowerCamel json_name) of each field."""
-    fields = _FIELDS.get(desc.full_name)
-    if fields is None:
-        fields = {}
-        for f in desc.fields:
-            fields[f.name] = f
-            fields[f.json_name] = f
-        _FIELDS[desc.full_name] = fields
-    return fields
-
-
-def _is_repeated(field: Any) -> bool:
-    flag = getattr(field, "is_repeated", None)  # protobuf >= 6; ``label`` is deprecated there
-    return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
-
-
-def _is_map(field: Any) -> bool:
-    mt = field.message_type
-    return mt is not None and mt.GetOptions().map_entry
 
 
 def _import_package(package: str) -> bool:
@@ -269,7 +248,7 @@ class _StrictJson:
             return None
         if not isinstance(value, Mapping):
             raise self.fail(path, f"expected an object ({full}), got {_kind(value)}")
-        fields = _fields(desc)
+        fields = json_fields(desc)
         out: Dict[str, Any] = {}
         seen: Set[str] = set()
         for key, item in value.items():
@@ -287,7 +266,7 @@ class _StrictJson:
     def field(self, f: Any, value: Any, path: str, depth: int) -> Any:
         if value is None:
             return None
-        if _is_map(f):
+        if is_map(f):
             if not isinstance(value, Mapping):
                 raise self.fail(path, f"expected an object (a map), got {_kind(value)}")
             vf = f.message_type.fields_by_name["value"]
@@ -297,7 +276,7 @@ class _StrictJson:
                     self.string(key, path)
                 out[key] = self.value(vf, item, f"{path}[{_safe(str(key))}]", depth + 1)
             return out
-        if _is_repeated(f):
+        if is_repeated(f):
             if not isinstance(value, list):
                 raise self.fail(path, f"expected a list, got {_kind(value)}")
             return [self.value(f, item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
@@ -377,7 +356,7 @@ class _StrictJson:
                 return self.locate({k: v for k, v in value.items() if k != "@type"}, inner, path)
         if not isinstance(value, Mapping) or desc.full_name.startswith("google.protobuf."):
             return path, _parse_problem(value, desc) or "invalid value"
-        fields = _fields(desc)
+        fields = json_fields(desc)
         for key, item in value.items():
             f = fields[key]
             sub = _join(path, f.name)
@@ -385,16 +364,16 @@ class _StrictJson:
             if reason is None:
                 continue
             if f.message_type is not None and item is not None:
-                if _is_map(f) and isinstance(item, Mapping):
+                if is_map(f) and isinstance(item, Mapping):
                     vf = f.message_type.fields_by_name["value"]
                     for k, v in item.items():
                         if vf.message_type is not None and _parse_problem(v, vf.message_type):
                             return self.locate(v, vf.message_type, f"{sub}[{_safe(str(k))}]")
-                elif _is_repeated(f) and isinstance(item, list):
+                elif is_repeated(f) and isinstance(item, list):
                     for i, v in enumerate(item):
                         if _parse_problem(v, f.message_type):
                             return self.locate(v, f.message_type, f"{sub}[{i}]")
-                elif not _is_map(f) and not _is_repeated(f):
+                elif not is_map(f) and not is_repeated(f):
                     return self.locate(item, f.message_type, sub)
             return sub, reason
         return path, _parse_problem(value, desc) or "invalid value"
@@ -466,7 +445,7 @@ def _decode_dict(obj: Mapping[str, Any], type_url: Optional[str], source: str, w
         inner = obj.get("resource")
         if not isinstance(inner, Mapping):
             raise ConfigError(source, where, "Resource wrapper without a 'resource' object")
-        wrapper_fields = _fields(discovery_pb2.Resource.DESCRIPTOR)
+        wrapper_fields = json_fields(discovery_pb2.Resource.DESCRIPTOR)
         for key in obj:
             if key != "@type" and key not in wrapper_fields:
                 raise ConfigError(source, _join(where, _safe(str(key))),
