@@ -169,14 +169,20 @@ def cp(servers):
         yield plane
 
 
-@pytest.fixture
-def mesh(cp) -> Iterator[meshcore.Mesh]:
+def ready_mesh(cp: ControlPlane, node_id: str, seed: int) -> meshcore.Mesh:
+    """A started mesh on ``cp`` (fast reconnect backoff) with TARGET's configuration in."""
     boot = {"xds_servers": [{"server_uri": cp.address, "channel_creds": [{"type": "insecure"}],
                              "server_features": ["xds_v3"]}],
-            "node": {"id": "meshcore-grpc-test", "cluster": "meshcore", "locality": {"zone": "z1"}}}
-    m = meshcore.Mesh(boot, backoff=Backoff(initial=0.05, multiplier=1.6, jitter=0.2, maximum=0.5), seed=7)
+            "node": {"id": node_id, "cluster": "meshcore", "locality": {"zone": "z1"}}}
+    m = meshcore.Mesh(boot, backoff=Backoff(initial=0.05, multiplier=1.6, jitter=0.2, maximum=0.5), seed=seed)
     m.start()
     m.wait_ready(TARGET, timeout=10)
+    return m
+
+
+@pytest.fixture
+def mesh(cp) -> Iterator[meshcore.Mesh]:
+    m = ready_mesh(cp, "meshcore-grpc-test", 7)
     try:
         yield m
     finally:

@@ -16,9 +16,8 @@ from meshcore.controlplane import ControlPlane
 from meshcore.controlplane import builders as b
 from meshcore.integrations.grpc import mesh_channel
 from meshcore.integrations.grpc import _metadata as channel_mod
-from meshcore.xds.client import Backoff
 
-from .conftest import SERVICE, TARGET
+from .conftest import SERVICE, TARGET, ready_mesh
 
 
 def _resources(ports: dict) -> List[Any]:
@@ -46,12 +45,7 @@ def _resources(ports: dict) -> List[Any]:
 def fast_mesh(servers) -> Iterator[meshcore.Mesh]:
     with ControlPlane() as cp:
         cp.set_resources(_resources(servers))
-        boot = {"xds_servers": [{"server_uri": cp.address, "channel_creds": [{"type": "insecure"}],
-                                 "server_features": ["xds_v3"]}],
-                "node": {"id": "meshcore-grpc-fast", "cluster": "meshcore"}}
-        m = meshcore.Mesh(boot, backoff=Backoff(initial=0.05, multiplier=1.6, jitter=0.2, maximum=0.5), seed=3)
-        m.start()
-        m.wait_ready(TARGET, timeout=10)
+        m = ready_mesh(cp, "meshcore-grpc-fast", 3)
         try:
             yield m
         finally:
@@ -161,12 +155,7 @@ def _wait_for_route(mesh: meshcore.Mesh, name: str) -> None:
 def test_calls_without_metadata_routed_by_grpc_headers_where_the_config_reads_them(servers):
     with ControlPlane() as cp:
         cp.set_resources(_resources(servers))
-        boot = {"xds_servers": [{"server_uri": cp.address, "channel_creds": [{"type": "insecure"}],
-                                 "server_features": ["xds_v3"]}],
-                "node": {"id": "meshcore-grpc-own-headers", "cluster": "meshcore"}}
-        mesh = meshcore.Mesh(boot, backoff=Backoff(initial=0.05, multiplier=1.6, jitter=0.2, maximum=0.5), seed=3)
-        mesh.start()
-        mesh.wait_ready(TARGET, timeout=10)
+        mesh = ready_mesh(cp, "meshcore-grpc-own-headers", 3)
         try:
             with mesh_channel(mesh, TARGET) as ch:
                 hello = ch.unary_unary(f"/{SERVICE}/Hello")

@@ -7,11 +7,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-import meshcore
 from meshcore.controlplane import ControlPlane
-from meshcore.xds.client import Backoff
 
-from .conftest import SERVICE, TARGET, resources
+from .conftest import SERVICE, TARGET, ready_mesh, resources
 
 
 @pytest.fixture
@@ -19,12 +17,7 @@ def only_flaky_mesh(servers):
     """The ``main`` cluster holds only s1, whose ``Flaky`` always answers UNAVAILABLE."""
     with ControlPlane() as cp:
         cp.set_resources(resources(servers, main=("s1",)))
-        boot = {"xds_servers": [{"server_uri": cp.address, "channel_creds": [{"type": "insecure"}],
-                                 "server_features": ["xds_v3"]}],
-                "node": {"id": "meshcore-grpc-retry-stats", "cluster": "meshcore"}}
-        m = meshcore.Mesh(boot, backoff=Backoff(initial=0.05, multiplier=1.6, jitter=0.2, maximum=0.5), seed=5)
-        m.start()
-        m.wait_ready(TARGET, timeout=10)
+        m = ready_mesh(cp, "meshcore-grpc-retry-stats", 5)
         try:
             yield m
         finally:
