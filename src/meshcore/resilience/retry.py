@@ -21,7 +21,8 @@ from __future__ import annotations
 import random
 from typing import Any, Optional
 
-__all__ = ["RetryState", "classify_status", "known_retry_conditions", "retriable", "CONNECT_FAILURE", "RESET", "TIMEOUT"]
+__all__ = ["RetryState", "classify_status", "known_retry_conditions", "retriable", "retries_ok_answer", "CONNECT_FAILURE",
+           "RESET", "TIMEOUT"]
 
 CONNECT_FAILURE = "connect-failure"
 RESET = "reset"
@@ -58,7 +59,7 @@ def classify_status(status: Optional[int]) -> str:
 class _Compiled:
     """A RetryPolicy's parsed form, computed once per policy object."""
 
-    __slots__ = ("on", "grpc_codes", "status_codes", "max_retries", "base_ms", "max_ms")
+    __slots__ = ("on", "grpc_codes", "status_codes", "max_retries", "base_ms", "max_ms", "retries_ok")
 
     def __init__(self, policy: Any) -> None:
         on = _split_conditions(policy.retry_on)
@@ -68,6 +69,9 @@ class _Compiled:
         self.max_retries = policy.num_retries
         self.base_ms = max(1, int(round(policy.base_interval * 1000)))
         self.max_ms = max(self.base_ms, int(round((policy.max_interval or policy.base_interval * 10) * 1000)))
+        #: whether a gRPC OK answer (HTTP 200, grpc-status 0) is retried: only if
+        #: ``retriable_status_codes`` names 200
+        self.retries_ok = _retriable(self.on, self.grpc_codes, self.status_codes, 200, 0, None)
 
     def retriable(self, status: Optional[int], grpc_status: Optional[int], error: Optional[str]) -> bool:
         return _retriable(self.on, self.grpc_codes, self.status_codes, status, grpc_status, error)
@@ -100,6 +104,11 @@ def retriable(policy: Any, status: Optional[int], grpc_status: Optional[int], er
     """Whether ``policy`` (a RetryPolicy, or ``None``: no retries) retries this outcome, without
     making a request's retry state."""
     return policy is not None and _compiled(policy).retriable(status, grpc_status, error)
+
+
+def retries_ok_answer(policy: Any) -> bool:
+    """Whether ``policy`` (``None``: no retries) retries a gRPC OK answer; decided once per policy."""
+    return policy is not None and _compiled(policy).retries_ok
 
 
 def _compiled(policy: Any) -> "_Compiled":

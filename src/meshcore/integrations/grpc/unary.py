@@ -13,15 +13,15 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import grpc
 
 from ...call import Attempt, Call, UpstreamTimeout, default_classify
 from ...errors import MeshClosed, MeshError
-from ...lifecycle import _final, _retry_delay
+from ...lifecycle import _fault_delay, _final, _retry_delay
 from ...resilience.fault import NO_FAULT
-from ...resilience.retry import RESET, TIMEOUT, retriable
+from ...resilience.retry import RESET, TIMEOUT, retries_ok_answer
 from .. import _add_context
 from ._metadata import _GRPC_HEADER_DICT, _headers
 from ._types import Metadata
@@ -75,34 +75,6 @@ def _record(a: Attempt, outcome: Optional[_Outcome], exc: Optional[BaseException
             raise exc
     else:
         a.finish(200, outcome.grpc_status)  # type: ignore[union-attr]
-
-
-def _apply_fault(call: Call, fault: Any) -> None:
-    """``lifecycle.fault_step`` after its decision: sleep the delay (the route timeout then
-    starts), answer an abort (``FaultAbort``); the fault stops counting as active either way."""
-    try:
-        if fault.delay:
-            time.sleep(fault.delay)
-    except BaseException:
-        call._release_fault()
-        raise
-    call._after_fault(fault)
-
-
-_OK_RETRIED: Dict[int, Tuple[Any, bool]] = {}  # id(retry policy) -> (the policy, retries an OK answer)
-
-
-def _retries_ok(policy: Any) -> bool:
-    """Whether ``policy`` retries a gRPC OK answer (HTTP 200, grpc-status 0): almost never, but
-    ``retriable_status_codes`` may name 200. Remembered per policy (held, so its id stays its own)."""
-    known = _OK_RETRIED.get(id(policy))
-    if known is not None and known[0] is policy:
-        return known[1]
-    verdict = retriable(policy, 200, 0, None)
-    if len(_OK_RETRIED) >= 256:
-        _OK_RETRIED.clear()  # route tables replaced many times over: start again
-    _OK_RETRIED[id(policy)] = (policy, verdict)
-    return verdict
 
 
 class _Invocation:
@@ -172,7 +144,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                     call.deadline = deadline
             fault = call.fault()  # lifecycle.fault_step, its decision made here
             if fault is not NO_FAULT:
-                _apply_fault(call, fault)
+                _fault_delay(call, fault)
             a = call.start_attempt()  # the first attempt: a refusal raises, never None
             attempt_timeout = a.timeout
             if attempt_timeout is None or attempt_timeout > 0:
@@ -225,7 +197,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                     policy = call.retry_policy
                     if policy is None or policy is self._final_ok:
                         return result  # final (a first attempt: no retry to count as a success)
-                    if not _retries_ok(policy):
+                    if not retries_ok_answer(policy):
                         self._final_ok = policy  # the route's policy: the same object for its next RPCs
                         return result
                     outcome = _Outcome(result[0] if _with_call else result, result[1] if _with_call else None,
