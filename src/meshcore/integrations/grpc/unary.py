@@ -77,6 +77,18 @@ def _record(a: Attempt, outcome: Optional[_Outcome], exc: Optional[BaseException
         a.finish(200, outcome.grpc_status)  # type: ignore[union-attr]
 
 
+def _client_error(exc: MeshError, call: Optional[Call], target: str) -> BaseException:
+    """The grpc.RpcError a unary call raises for a mesh outcome, with the mesh's context: an
+    attempt's transport failure as grpcio reported it, a route timeout (the last attempt's
+    failure if it was one), else the mesh's own decision as a status."""
+    if isinstance(exc, _AttemptFailed):
+        return _add_context(exc.error, call)
+    if isinstance(exc, UpstreamTimeout):
+        cause = exc.__cause__
+        return _add_context(cause.error if isinstance(cause, _AttemptFailed) else _mesh_error(exc), call)
+    return _add_context(_mesh_error(exc, call), call, target)
+
+
 class _Invocation:
     """Cancellation state shared by a unary future and the attempts made for it."""
 
@@ -213,15 +225,10 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             _record(a, outcome, exc)
             outcome = self._retry(call, a, outcome, exc, request, metadata, credentials, wait_for_ready,
                                   compression, None)
-        except _AttemptFailed as exc:
-            raise _add_context(exc.error, call) from None
-        except UpstreamTimeout as exc:
-            cause = exc.__cause__
-            raise _add_context(cause.error if isinstance(cause, _AttemptFailed) else _mesh_error(exc), call) from None
         except MeshClosed:
             raise  # a programming error, not an RPC status: the mesh was closed
         except MeshError as exc:
-            raise _add_context(_mesh_error(exc, call), call, ch.target) from None
+            raise _client_error(exc, call, ch.target) from None
         return self._result(outcome, call, _with_call)
 
     def with_call(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
@@ -287,15 +294,10 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                 return self._send(attempt, request, metadata, credentials, wait_for_ready, compression, inv)
 
             outcome = call.run(send, status_of=_status_of, grpc_status_of=_grpc_status_of, classify=_classify)
-        except _AttemptFailed as exc:
-            raise _add_context(exc.error, call) from None
-        except UpstreamTimeout as exc:
-            cause = exc.__cause__
-            raise _add_context(cause.error if isinstance(cause, _AttemptFailed) else _mesh_error(exc), call) from None
         except MeshClosed:
             raise  # a programming error, not an RPC status: the mesh was closed
         except MeshError as exc:
-            raise _add_context(_mesh_error(exc, call), call, self._channel.target) from None
+            raise _client_error(exc, call, self._channel.target) from None
         if outcome.error is not None:
             raise _add_context(outcome.error, call)
         return outcome.response, outcome.rpc
