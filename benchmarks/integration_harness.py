@@ -119,14 +119,42 @@ def resources(upstream_ports: Sequence[int], *, timeout: str = "5s", num_retries
     }
 
 
-class Rig:
+class PinnedRig:
+    """What every rig shares: the client process on CPU 0 and its helper processes (``_helpers``:
+    objects with a ``pid``) on CPU 1 when there are 2+ CPUs; ``with`` closes it."""
+
+    def _init_pinning(self, pin_cpus: bool) -> None:
+        self.pinned = pin_cpus and (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
+        self.saved_affinity = os.sched_getaffinity(0) if self.pinned else None
+
+    def _helpers(self) -> List[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> "PinnedRig":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def pin_all(self) -> None:
+        if not self.pinned:
+            return
+        pin(os.getpid(), {CLIENT_CPU})
+        for proc in self._helpers():
+            if proc is not None:
+                pin(proc.pid, {PROXY_CPU})
+
+
+class Rig(PinnedRig):
     """Upstream Envoy, sidecar Envoy, file-fed mesh; ``close()`` (or ``with``) stops them."""
 
     def __init__(self, n_upstreams: int = 1, *, pin_cpus: bool = True, **resource_kw: Any) -> None:
         import meshcore
 
-        self.pinned = pin_cpus and (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
-        self.saved_affinity = os.sched_getaffinity(0) if self.pinned else None
+        self._init_pinning(pin_cpus)
         self.tmpdir = tempfile.mkdtemp(prefix="meshcore-bench-integrations-")
         self.upstream: Optional[StaticEnvoy] = None
         self.sidecar: Optional[StaticEnvoy] = None
@@ -149,19 +177,8 @@ class Rig:
             self.close()
             raise
 
-    def __enter__(self) -> "Rig":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def pin_all(self) -> None:
-        if not self.pinned:
-            return
-        pin(os.getpid(), {CLIENT_CPU})
-        for e in (self.upstream, self.sidecar):
-            if e is not None:
-                pin(e.pid, {PROXY_CPU})
+    def _helpers(self) -> List[Any]:
+        return [self.upstream, self.sidecar]
 
     def pids(self) -> Dict[str, int]:
         return {"proxy": self.sidecar.pid, "upstream": self.upstream.pid}  # type: ignore[union-attr]

@@ -47,13 +47,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from integration_harness import QUICK, extra_info, markdown, profile_sync, run_interleaved  # noqa: E402
-from test_bench_sidecar import pctl, pin, run_ns, self_ns, system_ns  # noqa: E402
+from integration_harness import QUICK, PinnedRig, extra_info, markdown, profile_sync, run_interleaved  # noqa: E402
+from test_bench_sidecar import pin, run_ns, self_ns, system_ns  # noqa: E402
 
 TARGET = "echo.bench.svc.cluster.local:50051"
 METHOD = "/bench.Echo/Hello"
 CALLERS = 4
-CLIENT_CPU, SERVER_CPU = 0, 1
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = {"name": "envoy.filters.http.router",
           "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
@@ -121,8 +120,8 @@ def _child(argv: List[str], tmpdir: str, name: str) -> Tuple[subprocess.Popen, s
     return proc, line
 
 
-class GrpcRig:
-    """Server, control plane, mesh and the three channels (duck-types the harness's Rig)."""
+class GrpcRig(PinnedRig):
+    """Server, control plane, mesh and the three channels (the harness's Rig for gRPC)."""
 
     def __init__(self, pin_cpus: bool = True) -> None:
         import grpc
@@ -131,8 +130,7 @@ class GrpcRig:
         from meshcore.integrations.grpc import mesh_channel
         from meshcore.xds.client import Backoff
 
-        self.pinned = pin_cpus and (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
-        self.saved_affinity = os.sched_getaffinity(0) if self.pinned else None
+        self._init_pinning(pin_cpus)
         self.tmpdir = tempfile.mkdtemp(prefix="meshcore-bench-grpc-")
         self.server: Optional[subprocess.Popen] = None
         self.cp: Optional[subprocess.Popen] = None
@@ -166,19 +164,8 @@ class GrpcRig:
             self.close()
             raise
 
-    def __enter__(self) -> "GrpcRig":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def pin_all(self) -> None:
-        if not self.pinned:
-            return
-        pin(os.getpid(), {CLIENT_CPU})
-        for proc in (self.server, self.cp):
-            if proc is not None:
-                pin(proc.pid, {SERVER_CPU})
+    def _helpers(self) -> List[Any]:
+        return [self.server, self.cp]
 
     def pids(self) -> Dict[str, int]:
         # the harness's "proxy" column: the control plane (idle during the blocks)
