@@ -160,9 +160,6 @@ KIND_NAMES = ("sync", "async", "sync-httpx2", "async-httpx2")
 NO_IO_KINDS = ["sync", "async"] + (["sync-httpx2", "async-httpx2"] if _lib("httpx2") is not None else [])
 
 
-if __name__ == "__main__":
-    _main(sys.argv[1:])
-
 
 # --------------------------------------------------------------------------------------------
 # Without I/O: the same clients over an in-memory httpcore pool (low noise; meshcore's added
@@ -330,3 +327,7 @@ def test_httpx_added_cpu_no_io(benchmark, no_io_rig, kind):
     print(f"\nhttpx no-I/O {kind}: direct {out['direct']:.1f} us, meshcore {out['meshcore']:.1f} us, "
           f"added {out['added']:+.1f} us CPU per request")
     assert out["meshcore"] > 0 and out["direct"] > 0
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -363,8 +363,10 @@ class _MeshTransportBase:
         """The pool's request for one attempt: ``ip:port`` of the picked endpoint, the logical Host
         (router headers dropped), the timeouts capped by the attempt's, SNI the logical host.
         ``upstream``: the header pairs after Host (see ``_mesh_headers``; None: made here)."""
-        host, port = self._origin(attempt.endpoint)
-        headers: List[Tuple[bytes, bytes]] = [self._host(attempt.authority)]
+        endpoint = attempt.endpoint
+        host, port = self._origins.get(endpoint.key) or self._origin(endpoint)
+        authority = attempt.authority
+        headers: List[Tuple[bytes, bytes]] = [self._ascii.get(authority) or self._host(authority)]
         if upstream is not None:
             headers += upstream  # a list of its own: the pool's request may be changed by it
         else:
@@ -381,8 +383,12 @@ class _MeshTransportBase:
                 if cap < 0.001:
                     cap = 0.001  # spent (the deadline passed in a back-off): sockets reject <= 0
                 timeout = extensions.get("timeout")
-                if timeout is not None and len(timeout) == 4 and timeout.keys() >= _TIMEOUT_SET:
-                    timeout = {k: cap if v is None or v > cap else v for k, v in timeout.items()}
+                if type(timeout) is dict and len(timeout) == 4 and timeout.keys() >= _TIMEOUT_SET:
+                    c, r, w, p = timeout["connect"], timeout["read"], timeout["write"], timeout["pool"]
+                    timeout = {"connect": cap if c is None or c > cap else c,  # (httpx's order)
+                               "read": cap if r is None or r > cap else r,
+                               "write": cap if w is None or w > cap else w,
+                               "pool": cap if p is None or p > cap else p}
                 else:
                     timeout = dict(timeout or {})
                     for k in _TIMEOUT_KEYS:
