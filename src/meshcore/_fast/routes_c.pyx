@@ -663,7 +663,10 @@ cdef class RouteTable:
             keep = []
             buf = _utf8_fallback(path, &size, keep)
         if headers is not None and type(headers) is not dict and type(headers) is not list:
-            headers = request_headers(headers)  # iterators become lists (read more than once)
+            if type(headers) is tuple:
+                headers = list(<tuple>headers)  # the same pairs, walked in C as lists are (~0.7 us less)
+            else:
+                headers = request_headers(headers)  # iterators become lists (read more than once)
         full_path = path
         hit = <const char*>memchr(buf, 35, size)  # '#': Envoy strips the fragment
         if hit != NULL:
