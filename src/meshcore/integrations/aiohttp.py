@@ -212,11 +212,24 @@ class _RequestContext:
             self._resp.release()
 
 
+class _Pool:
+    """A cluster's "pool": the endpoints (keys) its attempts used, closed when the cluster leaves,
+    and the senders of its requests without per-request arguments (made once, reused)."""
+
+    __slots__ = ("used", "senders")
+
+    def __init__(self) -> None:
+        self.used: set = set()
+        self.senders: Dict[Any, _Sender] = {}
+
+
 class _Sender:
-    """One routed request's ``send(attempt)``: the attempt to its endpoint with the session."""
+    """``send(attempt)`` of a routed request: the attempt to its endpoint with the session. One
+    without per-request arguments (headers, keyword arguments, cookies) is shared by the requests
+    of its cluster, route, authority, method and timeout (aiohttp copies the headers)."""
 
     __slots__ = ("request", "method", "headers", "timeout", "kwargs", "scheme", "cluster", "route_name", "used",
-                 "urls")
+                 "urls", "route")
 
     def __init__(self, request: Any, method: str, headers: Any, timeout: Any, kwargs: Dict[str, Any], call: Any,
                  used: Any, urls: Dict[Any, URL]) -> None:
@@ -227,6 +240,7 @@ class _Sender:
         self.kwargs = kwargs
         self.scheme = call.scheme
         self.cluster = call.cluster
+        self.route = call.route  # held: shared senders are keyed by its id
         self.route_name = call.route.route_name
         self.used = used
         self.urls = urls
@@ -243,8 +257,13 @@ class _Sender:
             if len(urls) >= _URLS_MAX:
                 urls.clear()
             urls[key] = target
-        resp = await self.request(self.method, target, headers=self.headers, allow_redirects=False,
-                                  timeout=self.timeout, **self.kwargs)
+        kwargs = self.kwargs
+        if kwargs:
+            resp = await self.request(self.method, target, headers=self.headers, allow_redirects=False,
+                                      timeout=self.timeout, **kwargs)
+        else:
+            resp = await self.request(self.method, target, headers=self.headers, allow_redirects=False,
+                                      timeout=self.timeout)
         try:
             await resp.read()
         except BaseException:
@@ -269,16 +288,20 @@ class MeshSession:
         self._hosts = tuple(hosts) if hosts is not None else None
         self._ready_timeout = ready_timeout
         # per cluster: the endpoints (keys) its attempts used (the "pool" closed when it leaves)
-        self._pools = _ClusterPools(mesh, lambda cluster: set(), self._close_endpoints, is_async=True)
+        self._pools = _ClusterPools(mesh, lambda cluster: _Pool(), self._close_endpoints, is_async=True)
         # made once, looked up per request (bounded): URLs as given, routed hosts, endpoint URLs,
         # the attempts' timeouts
         self._urls: Dict[str, Any] = {}  # URL as given -> (parsed, whether it is routed)
         self._routed_hosts: Dict[str, bool] = {}
         self._endpoint_urls: Dict[Any, URL] = {}  # (scheme, endpoint key, path) -> URL
         self._timeouts: Dict[int, Any] = {}  # id(request's ClientTimeout) -> (it, the attempts' one)
+        # the session's fixed settings, read once: (session, default headers, timeout, cookie jar,
+        # raise_for_status default)
+        self._bound: Any = (None, None, None, None, False)
 
-    async def _close_endpoints(self, used: Any) -> None:
-        """Close the idle connections to the endpoints in ``used`` that no live cluster has."""
+    async def _close_endpoints(self, pool: Any) -> None:
+        """Close the idle connections to the endpoints ``pool`` used that no live cluster has."""
+        used = pool.used if isinstance(pool, _Pool) else pool
         session = self._session
         connector = getattr(session, "connector", None) if session is not None else None
         conns = getattr(connector, "_conns", None)
@@ -307,7 +330,7 @@ class MeshSession:
 
     def request(self, method: str, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
         """Like ``ClientSession.request`` (awaitable, or an async context manager)."""
-        return _RequestContext(self._request(method, url, **kwargs))
+        return _RequestContext(self._request(method.upper(), url, **kwargs))
 
     def get(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
         return _RequestContext(self._request("GET", url, **kwargs))
@@ -376,10 +399,20 @@ class MeshSession:
         self._timeouts[id(timeout)] = (timeout, found)  # holds ``timeout``: its id is not reused
         return found
 
+    def _bind(self, session: aiohttp.ClientSession) -> Any:
+        """The session's settings that do not change (its default headers are read per request:
+        that mapping may be changed in place)."""
+        self._bound = (session, session.headers, session.timeout, session.cookie_jar,
+                       getattr(session, "_raise_for_status", False))
+        return self._bound
+
     async def _request(self, method: str, url: Union[str, URL], *, params: Any = None, headers: Any = None,
                        allow_redirects: bool = True, max_redirects: int = 10, **kwargs: Any) -> Response:
-        method = method.upper()
         session = self._session or self.session
+        bound = self._bound
+        if bound[0] is not session:
+            bound = self._bind(session)
+        _, defaults, timeout, jar, session_check = bound
         if type(url) is str:
             text: Optional[str] = url
             url, routed = self._urls.get(url) or self._parse(url)
@@ -392,16 +425,18 @@ class MeshSession:
                                                                  *URL("/").with_query(params).query.items()])
             text = None
             routed = self._routed(url)
-        check = kwargs.pop("raise_for_status", None)
-        if check is None:
-            check = getattr(session, "_raise_for_status", False)
-        # a 5xx must reach the retry policy: raise_for_status applies to the final answer only
-        kwargs["raise_for_status"] = False
-        timeout = kwargs.pop("timeout", _UNSET)
-        if timeout is _UNSET:
-            timeout = session.timeout
-        elif not isinstance(timeout, aiohttp.ClientTimeout):
-            timeout = aiohttp.ClientTimeout(total=timeout)
+        check = session_check
+        if kwargs:
+            check = kwargs.pop("raise_for_status", None)
+            if check is None:
+                check = session_check
+            given = kwargs.pop("timeout", _UNSET)
+            if given is not _UNSET:
+                timeout = given if isinstance(given, aiohttp.ClientTimeout) else aiohttp.ClientTimeout(total=given)
+        own_kwargs = bool(kwargs)  # any left for the attempts (then sent per request)
+        if session_check:
+            # a 5xx must reach the retry policy: raise_for_status applies to the final answer only
+            kwargs["raise_for_status"] = False
         # the request's headers: routed as pairs (with the session's defaults), sent without the
         # router's x-envoy-* headers and with the logical Host (aiohttp adds the defaults itself)
         if headers is None:
@@ -410,7 +445,6 @@ class MeshSession:
             own = list(headers.items())
         else:
             own = list(headers.items() if hasattr(headers, "items") else headers)
-        defaults = session.headers
         if defaults:
             merged = CIMultiDict(defaults)
             if own:
@@ -442,27 +476,28 @@ class MeshSession:
                 if call.cluster is None:  # a direct response or a redirect
                     resp = LocalResponse(method, url, _local_reply(call), _info(call))  # type: ignore[arg-type]
                 else:
-                    # what the attempts send (made once per request: aiohttp copies the headers)
-                    if own is None:
-                        send_headers: Any = {}
-                    elif _plain(headers, own):
-                        send_headers = dict(own)
-                    else:
-                        send_headers = _drop_router_headers(CIMultiDict(own))
-                        send_headers.popall("Host", None)
-                    send_headers["Host"] = call.route.host_rewrite or call.authority  # every attempt's
                     if attempt_timeout is None:
                         memo = self._timeouts.get(id(timeout))
                         attempt_timeout = memo[1] if memo is not None else self._attempt_timeout(timeout)
-                    jar = session.cookie_jar
-                    extra = kwargs
-                    if len(jar) or call.scheme == "https":
-                        extra = self._extra(jar, call.scheme, url, kwargs)
                     slot = self._pools.acquire(call.cluster, call.cluster)
-                    send = _Sender(session.request, method, send_headers, attempt_timeout, extra, call, slot.pool,
-                                   self._endpoint_urls).send
                     try:
-                        resp = await call.run_async(send, status_of=_status_of, classify=_classify)
+                        pool = slot.pool
+                        if own is None and not own_kwargs and pool is not None and not len(jar) and \
+                                (not defaults or call.scheme == "http"):
+                            # no per-request arguments: the cluster's sender for this route, authority,
+                            # method and timeout (made once)
+                            key = (id(call.route), call.authority, call.scheme, method, id(attempt_timeout))
+                            sender = pool.senders.get(key)
+                            if sender is None:
+                                sender = self._sender(session, method, headers, own, attempt_timeout, jar, url, kwargs,
+                                                      call, pool)
+                                if len(pool.senders) >= _MEMO_MAX:
+                                    pool.senders.clear()
+                                pool.senders[key] = sender
+                        else:
+                            sender = self._sender(session, method, headers, own, attempt_timeout, jar, url, kwargs, call,
+                                                  pool)
+                        resp = await call.run_async(sender.send, status_of=_status_of, classify=_classify)
                     except FaultAbort as e:
                         log.debug("fault abort for %s: %s", call, e)
                         resp = LocalResponse(method, url, _fault_reply(e), _info(call))
@@ -506,6 +541,25 @@ class MeshSession:
         elif callable(check):
             await check(resp)
         return resp
+
+    def _sender(self, session: aiohttp.ClientSession, method: str, headers: Any, own: Any, timeout: Any, jar: Any,
+                url: URL, kwargs: Dict[str, Any], call: Any, pool: Optional[_Pool]) -> _Sender:
+        """A routed request's sender: the headers its attempts send (made once: aiohttp copies
+        them) with the logical Host, its keyword arguments (https: the logical SNI; the jar's
+        cookies of the logical URL)."""
+        if own is None:
+            send_headers: Any = {}
+        elif _plain(headers, own):
+            send_headers = dict(own)
+        else:
+            send_headers = _drop_router_headers(CIMultiDict(own))
+            send_headers.popall("Host", None)
+        send_headers["Host"] = call.route.host_rewrite or call.authority  # every attempt's
+        extra = kwargs
+        if len(jar) or call.scheme == "https":
+            extra = self._extra(jar, call.scheme, url, kwargs)
+        return _Sender(session.request, method, send_headers, timeout, extra, call,
+                       pool.used if pool is not None else None, self._endpoint_urls)
 
     @staticmethod
     def _extra(jar: Any, scheme: str, url: URL, kwargs: Dict[str, Any]) -> Dict[str, Any]:
