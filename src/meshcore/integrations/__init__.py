@@ -213,6 +213,7 @@ class _ClusterPools:
         self._lock = threading.Lock()
         self._slots: Dict[Any, _Slot] = {}
         self._loop: Any = None
+        self._loop_thread: Optional[int] = None
         self._tasks: Set[Any] = set()
         self._removals = 0  # cluster removals announced so far
         self.closed_pools = 0  # pools closed because their cluster left (tests, introspection)
@@ -232,6 +233,11 @@ class _ClusterPools:
             return {k: s.pool for k, s in self._slots.items()}
 
     def acquire(self, key: Any, cluster: str) -> _Slot:
+        if self._async:  # async pools change only on their event loop (removals hop onto it): no lock
+            slot = self._slots.get(key)
+            if slot is not None:
+                slot.inflight += 1
+                return slot
         with self._lock:
             slot = self._slots.get(key)
             if slot is None:
@@ -242,13 +248,19 @@ class _ClusterPools:
             slot.inflight += 1
         if self._async and self._loop is None:
             self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
         return slot
 
     def release(self, slot: _Slot) -> Optional[Any]:
         """Count ``slot``'s request done; returns the pool to close now (``None``: none). Sync
         pools are closed here; async callers ``await _ClusterPools.aclose_pool(...)`` it."""
-        with self._lock:
+        if self._async:
             slot.inflight -= 1
+            if slot.inflight > 0 or not slot.retired and slot.removals == self._removals:
+                return None  # in use, or live when last seen and no cluster left since
+        with self._lock:
+            if not self._async:
+                slot.inflight -= 1
             if slot.inflight > 0:
                 return None
             if not slot.retired:
@@ -277,7 +289,18 @@ class _ClusterPools:
             await self._close(pool)
 
     def _clusters_removed(self, names: Set[str]) -> None:
-        """The mesh's hook (any thread): retire the pools of ``names``; close the idle ones."""
+        """The mesh's hook (any thread): retire the pools of ``names``; close the idle ones. Async
+        pools: on their event loop (their requests count themselves there without a lock)."""
+        loop = self._loop
+        if loop is not None and self._loop_thread != threading.get_ident():
+            try:
+                loop.call_soon_threadsafe(self._retire, names)
+                return
+            except RuntimeError:  # the loop closed: no request of it is in flight
+                pass
+        self._retire(names)
+
+    def _retire(self, names: Set[str]) -> None:
         closing: List[Any] = []
         with self._lock:
             self._removals += 1
@@ -299,6 +322,9 @@ class _ClusterPools:
         loop = self._loop
         if loop is None or loop.is_closed():
             return  # never used on a loop (nothing opened) or its loop is gone
+        if asyncio._get_running_loop() is loop:  # on it (the removal hopped there)
+            self._spawn_closes(closing)
+            return
         try:
             loop.call_soon_threadsafe(self._spawn_closes, closing)
         except RuntimeError:  # the loop closed meanwhile
