@@ -296,8 +296,8 @@ class MeshSession:
         self._endpoint_urls: Dict[Any, URL] = {}  # (scheme, endpoint key, path) -> URL
         self._timeouts: Dict[int, Any] = {}  # id(request's ClientTimeout) -> (it, the attempts' one)
         # the session's fixed settings, read once: (session, default headers, timeout, cookie jar,
-        # raise_for_status default)
-        self._bound: Any = (None, None, None, None, False)
+        # raise_for_status default, the attempts' timeout)
+        self._bound: Any = (None, None, None, None, False, None)
 
     async def _close_endpoints(self, pool: Any) -> None:
         """Close the idle connections to the endpoints ``pool`` used that no live cluster has."""
@@ -402,8 +402,9 @@ class MeshSession:
     def _bind(self, session: aiohttp.ClientSession) -> Any:
         """The session's settings that do not change (its default headers are read per request:
         that mapping may be changed in place)."""
-        self._bound = (session, session.headers, session.timeout, session.cookie_jar,
-                       getattr(session, "_raise_for_status", False))
+        timeout = session.timeout
+        self._bound = (session, session.headers, timeout, session.cookie_jar,
+                       getattr(session, "_raise_for_status", False), self._attempt_timeout(timeout))
         return self._bound
 
     async def _request(self, method: str, url: Union[str, URL], *, params: Any = None, headers: Any = None,
@@ -412,7 +413,7 @@ class MeshSession:
         bound = self._bound
         if bound[0] is not session:
             bound = self._bind(session)
-        _, defaults, timeout, jar, session_check = bound
+        _, defaults, timeout, jar, session_check, attempt_timeout = bound
         if type(url) is str:
             text: Optional[str] = url
             url, routed = self._urls.get(url) or self._parse(url)
@@ -433,6 +434,7 @@ class MeshSession:
             given = kwargs.pop("timeout", _UNSET)
             if given is not _UNSET:
                 timeout = given if isinstance(given, aiohttp.ClientTimeout) else aiohttp.ClientTimeout(total=given)
+                attempt_timeout = None  # the request's own (looked up when routed)
         own_kwargs = bool(kwargs)  # any left for the attempts (then sent per request)
         if session_check:
             # a 5xx must reach the retry policy: raise_for_status applies to the final answer only
@@ -455,7 +457,6 @@ class MeshSession:
         else:
             pairs = own
         history: Optional[List[Response]] = None
-        attempt_timeout = None
         total = timeout.total
         mesh = self._mesh
         while True:  # one pass per hop: routing and the router loop inline (no coroutine of their own)
