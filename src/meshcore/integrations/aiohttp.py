@@ -19,8 +19,9 @@ connector pools the connections per endpoint. The attempt's deadline (per-try ti
 timeout, the caller's ``total``) is the one timer the attempt runs under: aiohttp gets the
 request's ``ClientTimeout`` without its ``total`` (``connect``, ``sock_connect``, ``sock_read``
 still apply). What does not change between requests is made once: the endpoint URLs, the
-per-host routing decision, the timeouts. The body is read within the attempt,
-so the returned ``aiohttp.ClientResponse`` has its status and body; its ``url`` is the endpoint's
+per-host routing decision, the timeouts and, for a request without headers, keyword arguments
+or cookies of its own, what its attempts send (the headers with the logical ``Host``). The body
+is read within the attempt, so the returned ``aiohttp.ClientResponse`` has its status and body; its ``url`` is the endpoint's
 URL, ``resp.meshcore`` says ``{"cluster", "endpoint", "route", "attempts"}``. Cookies are stored
 in and sent from the session's jar under the logical URL. Redirects are followed here (``allow_
 redirects``, ``max_redirects``), each hop routed again, so they never bypass the mesh, and
