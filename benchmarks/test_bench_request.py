@@ -129,3 +129,50 @@ def test_run_with_one_retry(benchmark, mesh):
     benchmark(one)
     st = mesh.stats()["svc"]
     assert st["upstream_rq_active"] == 0 and st["upstream_rq_retry_success"] >= 1
+
+
+# -- the async router loop and cold caches --------------------------------------------------------
+
+BATCH = 100
+
+
+async def _send_ok(attempt):
+    return OK
+
+
+@pytest.mark.benchmark(group="request-run-async-x100")
+def test_run_async_x100(benchmark, mesh):
+    """``await mesh.request(url).run_async(send)`` 100 times in one coroutine (the route has a
+    timeout, so each attempt registers its deadline): the figure / 100 is one request (plus
+    1/100 of ``run_until_complete``)."""
+    import asyncio
+
+    async def many():
+        for _ in range(BATCH):
+            await mesh.request(URL).run_async(_send_ok)
+
+    loop = asyncio.new_event_loop()
+    try:
+        benchmark(lambda: loop.run_until_complete(many()))
+    finally:
+        loop.close()
+    assert mesh.stats()["svc"]["upstream_rq_active"] == 0
+
+
+_THRASH = bytearray(32 << 20)  # larger than the last-level cache
+
+
+def _thrash() -> None:
+    """Evict the caches as a network wait does (every 64-byte line of 32 MB written)."""
+    _THRASH[::64] = b"\x01" * (len(_THRASH) // 64)
+
+
+@pytest.mark.benchmark(group="request-run-cold")
+def test_run_cold(benchmark, mesh):
+    """``run`` with the caches evicted before each request (the figure in situ, between waits)."""
+    def send(attempt):
+        return OK
+
+    benchmark.pedantic(lambda: mesh.request(URL).run(send), setup=_thrash, rounds=300, iterations=1,
+                       warmup_rounds=5)
+    assert mesh.stats()["svc"]["upstream_rq_active"] == 0
