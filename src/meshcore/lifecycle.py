@@ -167,19 +167,16 @@ def _final_answer(policy: Any, status: Optional[int], grpc_status: Optional[int]
 def run(call: Any, send: Callable[[Any], R], status_of: StatusOf, grpc_status_of: Optional[StatusOf],
         classify: Classify) -> R:
     """``Call.run``: fault, then attempts until one is final (see ``meshcore.call``). The usual
-    request (no fault, a first answer the policy does not retry) takes the straight path: pick,
-    send, record, return."""
-    d = call.fault()
-    if d is not NO_FAULT:
-        _fault_delay(call, d)
-    last_result: Any = None
-    last_exc: Optional[BaseException] = None
-    while True:
+    request (no fault filter, a first answer the policy does not retry) takes the straight path:
+    ``first_attempt`` (breakers and pick), send, ``finish_final`` (record, and the policy's
+    verdict), return."""
+    a = call.first_attempt()
+    if a is None:  # a fault filter applies: its step runs before the first attempt
+        d = call.fault()
+        if d is not NO_FAULT:
+            _fault_delay(call, d)
         a = call.start_attempt()
-        if a is None:  # retry overflow: the last outcome stands
-            return _final(call, call.attempts[-1], last_result, last_exc)
-        if last_result is not None:
-            _close(last_result)  # a retry was admitted: the previous response is discarded
+    while True:
         try:
             result = send(a)
         except BaseException as e:  # noqa: BLE001  (classified)
@@ -190,30 +187,18 @@ def run(call: Any, send: Callable[[Any], R], status_of: StatusOf, grpc_status_of
             result, exc = None, e
         else:
             exc = None
-            status = status_of(result)
-            grpc_status = grpc_status_of(result) if grpc_status_of is not None else None
-            a.finish(status, grpc_status)
-            if a.number == 1 and _final_answer(call.retry_policy, status, grpc_status):
+            if a.finish_final(status_of(result), grpc_status_of(result) if grpc_status_of is not None else None):
                 return result
-        last_result, last_exc = result, exc
         delay = _retry_delay(call, a)
         if delay is None:
             return _final(call, a, result, exc)
         if delay:
             time.sleep(delay)
-
-
-class _Deadline:
-    """One attempt's deadline on an event loop (see :class:`_Deadlines`)."""
-
-    __slots__ = ("when", "task", "fired", "cancelling")
-
-    def __init__(self, when: float, task: Any) -> None:
-        self.when = when
-        self.task = task
-        self.fired = False
-        # cancellation requests the task had before this deadline (3.11+: Task.cancelling)
-        self.cancelling = task.cancelling() if _HAS_UNCANCEL else 0
+        a = call.start_attempt()
+        if a is None:  # retry overflow: the last outcome stands
+            return _final(call, call.attempts[-1], result, exc)
+        if result is not None:
+            _close(result)  # a retry was admitted: the previous response is discarded
 
 
 _HAS_UNCANCEL = hasattr(asyncio.Task, "uncancel")
@@ -226,46 +211,70 @@ class _Deadlines:
 
     ``asyncio.wait_for`` makes a task per attempt and ``asyncio.timeout`` a timer handle per
     attempt (a heap push through ``TimerHandle.__lt__`` in Python and a cancelled handle to clean
-    up: several µs each). Here an attempt registers its deadline in a dict; the loop holds one
+    up: several µs each). Here an attempt registers its deadline in a dict, ``pending``: key (the
+    attempt itself in the router loop) -> ``(when, task, cancelling)``, ``cancelling`` being the
+    cancellation requests the task had before (3.11+: ``Task.cancelling``). The loop holds one
     timer, armed at the earliest deadline it knows of (re-armed only when an earlier one
     arrives, which equal timeouts started later never are). When it fires, the attempts whose
-    deadline passed have their task cancelled (``TimeoutError`` in the attempt, as with
-    ``asyncio.timeout``) and it is re-armed at the earliest remaining deadline.
+    deadline passed move to ``fired`` (key -> cancelling) and have their task cancelled
+    (``TimeoutError`` in the attempt, as with ``asyncio.timeout``); it is re-armed at the
+    earliest remaining deadline.
     """
 
-    __slots__ = ("loop", "pending", "handle", "armed_at")
+    __slots__ = ("loop", "pending", "fired", "handle", "armed_at")
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
         self.pending: dict = {}
+        self.fired: dict = {}
         self.handle: Any = None
         self.armed_at = 0.0
 
-    def add(self, timeout: float) -> _Deadline:
+    def add(self, timeout: float, key: Any = None) -> Any:
+        """Register a deadline ``timeout`` seconds from now for the current task under ``key``
+        (a new one if ``None``); returns the key (withdraw it with ``pending.pop(key, None)``)."""
         loop = self.loop
-        d = _Deadline(loop.time() + timeout, _current_task(loop))
-        self.pending[d] = None
-        if self.handle is None or d.when < self.armed_at:
-            if self.handle is not None:
-                self.handle.cancel()
-            self.armed_at = d.when
-            self.handle = loop.call_at(d.when, self._fire)
-        return d
+        if key is None:
+            key = object()
+        task = _current_task(loop)
+        when = loop.time() + timeout
+        self.pending[key] = (when, task, task.cancelling() if _HAS_UNCANCEL else 0)
+        if self.handle is None or when < self.armed_at:
+            self._arm(when)
+        return key
+
+    def _arm(self, when: float) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.armed_at = when
+        self.handle = self.loop.call_at(when, self._fire)
 
     def _fire(self) -> None:
         self.handle = None
         now = self.loop.time()
         earliest = None
-        for d in list(self.pending):
-            if d.when <= now:
-                del self.pending[d]
-                d.fired = True
-                d.task.cancel()
-            elif earliest is None or d.when < earliest:
-                earliest = d.when
+        pending = self.pending
+        for key, (when, task, cancelling) in list(pending.items()):
+            if when <= now:
+                del pending[key]
+                self.fired[key] = cancelling
+                task.cancel()
+            elif earliest is None or when < earliest:
+                earliest = when
         if earliest is not None:
             self.armed_at = earliest
             self.handle = self.loop.call_at(earliest, self._fire)
+
+    def timed_out(self, key: Any) -> bool:
+        """After a CancelledError in the attempt registered as ``key``: whether its deadline
+        caused it (then the cancellation is taken back, as ``asyncio.timeout`` does, and the
+        caller raises a TimeoutError). Forgets the key either way."""
+        cancelling = self.fired.pop(key, None)
+        if cancelling is None:
+            return False
+        if _HAS_UNCANCEL:
+            return _current_task(self.loop).uncancel() <= cancelling
+        return True
 
 
 _loop_deadlines: Tuple[Any, Any] = (None, None)  # (loop, its _Deadlines): the last loop used
@@ -287,45 +296,41 @@ def _deadlines() -> _Deadlines:
     return dl
 
 
-def _timed_out(d: _Deadline) -> bool:
-    """After a CancelledError in an attempt: whether its deadline caused it (then the
-    cancellation is taken back, as ``asyncio.timeout`` does, and a TimeoutError raised)."""
-    if not d.fired:
-        return False
-    if _HAS_UNCANCEL:
-        return d.task.uncancel() <= d.cancelling
-    return True
-
-
 async def run_async(call: Any, send: Callable[[Any], Awaitable[R]], status_of: StatusOf,
                     grpc_status_of: Optional[StatusOf], classify: Classify) -> R:
     """``Call.run_async``: :func:`run` for coroutines (sleeps with ``asyncio.sleep``; an attempt
-    with a timeout is cancelled at it)."""
-    d = call.fault()
-    if d is not NO_FAULT:
-        await _fault_delay_async(call, d)
-    last_result: Any = None
-    last_exc: Optional[BaseException] = None
-    while True:
+    with a timeout is cancelled at it). The attempt's deadline is registered inline in the
+    loop's :class:`_Deadlines`, keyed by the attempt (no object per attempt besides its entry)."""
+    a = call.first_attempt()
+    if a is None:  # a fault filter applies: its step runs before the first attempt
+        d = call.fault()
+        if d is not NO_FAULT:
+            await _fault_delay_async(call, d)
         a = call.start_attempt()
-        if a is None:  # retry overflow: the last outcome stands
-            return _final(call, call.attempts[-1], last_result, last_exc)
-        if last_result is not None:
-            await _aclose(last_result)
+    while True:
         try:
-            if a.timeout is not None:
+            timeout = a.timeout
+            if timeout is not None:
+                loop = _get_running_loop()
                 last_loop, dl = _loop_deadlines  # (_deadlines() inline for the loop used last)
-                if last_loop is not _get_running_loop():
+                if last_loop is not loop:
                     dl = _deadlines()
-                d = dl.add(a.timeout)
+                # dl.add(timeout, a) inline
+                task = _current_task(loop)
+                when = loop.time() + timeout
+                pending = dl.pending
+                pending[a] = (when, task, task.cancelling() if _HAS_UNCANCEL else 0)
+                if when < dl.armed_at or dl.handle is None:
+                    dl._arm(when)
                 try:
                     result = await send(a)
                 except asyncio.CancelledError as cancelled:
-                    if _timed_out(d):
-                        raise TimeoutError(f"attempt timed out after {a.timeout:.3f}s") from cancelled
+                    if dl.timed_out(a):
+                        raise TimeoutError(f"attempt timed out after {timeout:.3f}s") from cancelled
                     raise
                 finally:
-                    dl.pending.pop(d, None)
+                    if pending.pop(a, None) is None:  # its deadline fired (and send went on)
+                        dl.fired.pop(a, None)
             else:
                 result = await send(a)
         except BaseException as e:  # noqa: BLE001
@@ -336,17 +341,18 @@ async def run_async(call: Any, send: Callable[[Any], Awaitable[R]], status_of: S
             result, exc = None, e
         else:
             exc = None
-            status = status_of(result)
-            grpc_status = grpc_status_of(result) if grpc_status_of is not None else None
-            a.finish(status, grpc_status)
-            if a.number == 1 and _final_answer(call.retry_policy, status, grpc_status):
+            if a.finish_final(status_of(result), grpc_status_of(result) if grpc_status_of is not None else None):
                 return result
-        last_result, last_exc = result, exc
         delay = _retry_delay(call, a)
         if delay is None:
             return _final(call, a, result, exc)
         if delay:
             await asyncio.sleep(delay)
+        a = call.start_attempt()
+        if a is None:  # retry overflow: the last outcome stands
+            return _final(call, call.attempts[-1], result, exc)
+        if result is not None:
+            await _aclose(result)
 
 
 def _close(result: Any) -> None:

@@ -402,3 +402,41 @@ def test_thresholds_take_integral_values_alike(callmod):
     c.set_thresholds(2.0, 1, 3, 1.0, (50, 1.0))
     assert (c.max_connections, c.max_requests, c.max_retries, c.budget_percent, c.min_retry_concurrency) == (
         2, 3, 1, 50.0, 1)
+
+
+@pytest.mark.parametrize("retry", [None, {"retry_on": "5xx,retriable-status-codes,cancelled", "num_retries": 2,
+                                          "retriable_status_codes": [404, 200]}])
+def test_first_attempt_and_finish_final(tmp_path, mesh_cls, retry):
+    """The router's straight path: ``first_attempt`` is ``start_attempt`` unless a fault filter
+    applies (``None``: the fault step first); ``finish_final`` records like ``finish`` and says
+    whether the first attempt's answer ends the request (``lifecycle._final_answer``)."""
+    from meshcore import lifecycle
+
+    path = os.path.join(str(tmp_path), "r.json")
+    write_resources(path, retry=retry)
+    cases = [(200, None), (204, None), (404, None), (408, None), (409, None), (503, None), (200, 0), (200, 1),
+             (None, None), (700, None), (-1, None), (True, None)]
+    with mesh_cls.from_file(path, watch=False, seed=1) as mesh:
+        mesh.wait_ready("svc.local:80", timeout=5)
+        for status, grpc_status in cases:
+            call = mesh.request("http://svc.local/")
+            a = call.first_attempt()
+            assert a is not None and a.number == 1 and call.attempts == [a]
+            expected = lifecycle._final_answer(call.retry_policy, status, grpc_status)
+            assert a.finish_final(status, grpc_status) is expected, (status, grpc_status)
+            assert (a.status, a.grpc_status, a.error) == (status, grpc_status, None)
+            a.finish_final(500)
+            assert a.status == status  # recorded once
+            if retry is not None:
+                b = call.start_attempt()
+                assert b.number == 2 and b.finish_final(200) is False  # a retry's outcome: the retry decision
+        assert mesh.stats()["svc"]["upstream_rq_active"] == 0
+        assert mesh.stats()["svc"]["upstream_rq_completed"] == len(cases) * (1 if retry is None else 2)
+
+    write_resources(path, fault={"delay": {"fixed_delay": "0.001s", "percentage": {"numerator": 0}},
+                                 "abort": {"http_status": 503, "percentage": {"numerator": 100}}})
+    with mesh_cls.from_file(path, watch=False, seed=1) as mesh:
+        mesh.wait_ready("svc.local:80", timeout=5)
+        call = mesh.request("http://svc.local/")
+        assert call.first_attempt() is None and call.attempts == []  # the fault step comes first
+        assert mesh.stats()["svc"].get("upstream_rq_total", 0) == 0

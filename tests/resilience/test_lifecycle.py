@@ -385,3 +385,58 @@ def test_fault_percentage_headers(upstreams, mesh_with):
     assert e.value.http_status == 503
     zero = {**abort, "x-envoy-fault-abort-request-percentage": "0"}
     assert all(mesh.request(URL + "/", headers=zero).run(send).status_code == 200 for _ in range(20))
+
+
+def test_async_attempt_deadlines_leave_nothing_behind(mesh_with):
+    """``run_async`` registers each attempt's deadline under the attempt in the loop's table:
+    withdrawn when it ends; a fired deadline gives ``TimeoutError`` (an upstream timeout, retried
+    under the policy) and is forgotten, even when ``send`` swallows the cancellation; an outside
+    cancellation stays a CancelledError."""
+    import asyncio
+
+    from meshcore import lifecycle
+
+    mesh = mesh_with([closed_port(), closed_port()], timeout="2s",
+                     retry={"retry_on": "5xx", "num_retries": 1, "per_try_timeout": "0.05s",
+                            "retry_back_off": {"base_interval": "0.001s"}})
+
+    class Ok:
+        status_code = 200
+
+    async def main() -> None:
+        dl = lifecycle._deadlines()
+
+        async def slow_first(a):
+            if a.number == 1:
+                await asyncio.sleep(1)
+            return Ok()
+
+        call = mesh.request(URL + "/")
+        assert isinstance(await call.run_async(slow_first), Ok)
+        assert [a.error for a in call.attempts] == ["timeout", None]
+        assert mesh.stats()["shop"]["upstream_rq_per_try_timeout"] == 1
+        assert not dl.pending and not dl.fired
+
+        async def swallow(a):
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                pass
+            return Ok()
+
+        call = mesh.request(URL + "/")
+        assert isinstance(await call.run_async(swallow), Ok)
+        assert len(call.attempts) == 1 and not dl.pending and not dl.fired
+
+        async def hang(a):
+            await asyncio.sleep(5)
+
+        task = asyncio.ensure_future(mesh.request(URL + "/").run_async(hang))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not dl.pending and not dl.fired
+
+    asyncio.run(main())
+    assert_no_inflight(mesh)

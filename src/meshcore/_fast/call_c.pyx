@@ -19,6 +19,7 @@ from .lb_c cimport lb_pick, lb_release
 from .routes_c cimport RouteTable as CRouteTable
 
 from .. import lifecycle
+from .._route_model import RetryPolicy
 from .._url import URL_CACHE, parse_url
 from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, UpstreamTimeout
 from ..resilience.fault import NO_FAULT
@@ -62,6 +63,8 @@ cdef object _fault_step = lifecycle.fault_step
 cdef object _run = lifecycle.run
 cdef object _run_async = lifecycle.run_async
 cdef object _default_status_of = lifecycle.default_status_of
+cdef object _final_answer = lifecycle._final_answer
+cdef object _RetryPolicy = RetryPolicy
 cdef object _CONNECT_FAILURE = CONNECT_FAILURE
 cdef object _TIMEOUT = TIMEOUT
 cdef object _RESET = RESET
@@ -93,6 +96,22 @@ cdef object _router_headers(object headers):
                 return _router_headers_of(headers)
         return None
     return _router_headers_of(headers)
+
+
+cdef bint _final_first(object policy, object status, object grpc_status) except -1:
+    """``lifecycle._final_answer``: decided in C for the usual answer (no policy; or no
+    grpc-status and a status below 409 under a compiled RetryPolicy, which only its
+    ``retriable_status_codes`` can retry)."""
+    cdef long long s
+    if policy is None:
+        return True
+    if grpc_status is None and status is not None and type(policy) is _RetryPolicy:
+        s = _status_index(status)
+        if 0 <= s < 409:
+            compiled = (<object>policy).compiled
+            if compiled is not None:
+                return status not in compiled.status_codes
+    return bool(_final_answer(policy, status, grpc_status))
 
 
 cdef inline long long _status_index(object status) except -2:
@@ -257,7 +276,7 @@ cdef class Attempt:
     cdef readonly int number
     cdef public object endpoint, timeout, status, grpc_status, error, authority, path, scheme, method
     cdef public object headers, cluster
-    cdef object _lb, _outlier
+    cdef object _lb, _outlier, _policy  # _policy: the call's retry policy (finish_final)
     cdef ClusterCounters _counters
     cdef bint _retry, _finished, _fast_lb  # _fast_lb: _lb is exactly the compiled LoadBalancer
     cdef double _started
@@ -274,6 +293,15 @@ cdef class Attempt:
     def finish(self, status=None, grpc_status=None, error=None):
         """Record the outcome (once): releases the endpoint, feeds stats and outlier detection."""
         self._finish(status, grpc_status, error)
+
+    def finish_final(self, status, grpc_status=None):
+        """``finish(status, grpc_status)`` for an answer (no upstream error), then whether it ends
+        the request at once: the first attempt's answer that the call's retry policy does not
+        retry (a later attempt's outcome is left to the retry decision: ``False``)."""
+        self._finish(status, grpc_status, None)
+        if self.number != 1:
+            return False
+        return _final_first(self._policy, status, grpc_status)
 
     cdef int _finish(self, object status, object grpc_status, object error) except -1:
         if self._finished:
@@ -397,6 +425,13 @@ cdef class Call:
             return per_try
         return remaining
 
+    def first_attempt(self):
+        """``start_attempt()`` when no fault filter applies to the request; ``None`` when one
+        does (the router then runs the fault step first, and ``start_attempt``)."""
+        if self._fault_spec is not None:
+            return None
+        return self._start_attempt()
+
     def start_attempt(self):
         """Pick an endpoint and pass the circuit breakers; ``None`` when a retry may not be made
         (retry overflow). Raises ``Unavailable`` / ``CircuitBreakerOpen`` for the first attempt."""
@@ -445,6 +480,7 @@ cdef class Call:
         else:  # an aggregate cluster: the host's own (child) cluster detects outliers (Envoy)
             a._outlier = self._child_outliers.get(id(lb))
         a._retry = retry
+        a._policy = self.retry_policy
         now = monotonic()
         a._started = now
         a.timeout = self._try_timeout(now)

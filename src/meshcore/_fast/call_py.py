@@ -172,7 +172,8 @@ class Attempt:
     """One try of a call: the endpoint, where to send, and how long it may take."""
 
     __slots__ = ("number", "endpoint", "timeout", "status", "grpc_status", "error", "authority", "path", "scheme",
-                 "method", "headers", "cluster", "_lb", "_counters", "_outlier", "_retry", "_started", "_finished")
+                 "method", "headers", "cluster", "_lb", "_counters", "_outlier", "_retry", "_started", "_finished",
+                 "_policy")
 
     number: int
     endpoint: Any
@@ -213,6 +214,13 @@ class Attempt:
                 if grpc_status:  # Envoy feeds outlier detection grpcToHttpStatus(grpc-status)
                     status = GRPC_TO_HTTP.get(grpc_status, 500)
                 outlier.record(self.endpoint.key, status)
+
+    def finish_final(self, status: Optional[int], grpc_status: Optional[int] = None) -> bool:
+        """``finish(status, grpc_status)`` for an answer (no upstream error), then whether it ends
+        the request at once: the first attempt's answer that the call's retry policy does not
+        retry (a later attempt's outcome is left to the retry decision: ``False``)."""
+        self.finish(status, grpc_status)
+        return self.number == 1 and lifecycle._final_answer(self._policy, status, grpc_status)
 
     # the single-attempt form: ``with mesh.request(...) as attempt``
     def __enter__(self) -> "Attempt":
@@ -304,6 +312,13 @@ class Call:
             return per_try
         return remaining
 
+    def first_attempt(self) -> Optional[Attempt]:
+        """``start_attempt()`` when no fault filter applies to the request; ``None`` when one
+        does (the router then runs the fault step first, and ``start_attempt``)."""
+        if self._fault_spec is not None:
+            return None
+        return self.start_attempt()
+
     def start_attempt(self) -> Optional[Attempt]:
         """Pick an endpoint and pass the circuit breakers; ``None`` when a retry may not be made
         (retry overflow). Raises ``Unavailable`` / ``CircuitBreakerOpen`` for the first attempt."""
@@ -346,6 +361,7 @@ class Call:
         else:  # an aggregate cluster: the host's own (child) cluster detects outliers (Envoy)
             a._outlier = self._child_outliers.get(id(lb))
         a._retry = retry
+        a._policy = self.retry_policy
         a._finished = False
         now = time.monotonic()
         a._started = now
