@@ -127,3 +127,19 @@ def test_broken_file_is_a_clear_error_at_start(tmp_path):
     path.write_text("listeners: [ {name: x\n")
     with pytest.raises(ConfigError, match="broken.yaml"):
         meshcore.Mesh.from_file(path)
+
+
+def test_route_table_cache_forgets_route_configs_no_longer_used(mesh_file):
+    mesh, path = mesh_file
+    mesh.wait_ready(TARGET)
+    for i in range(3):  # the listener moves to a new route configuration each time
+        ports = (("a", [9001, 9002]), ("b", [9003]))
+        data = mesh_resources(TARGET, [route("default", "a")], [cluster(n) for n, _ in ports],
+                              [assignment(n, p) for n, p in ports], f"routes-{i}")
+        old = mesh.config(TARGET)
+        _write(path, data)
+        assert _wait(lambda: mesh.config(TARGET) is not old)
+        p = mesh.pick(TARGET, "/x")
+        assert p.cluster == "a"
+        p.done()
+        assert set(mesh._publisher._tables) == {f"routes-{i}"}

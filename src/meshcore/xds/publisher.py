@@ -57,6 +57,7 @@ class _Walk:
         self.wanted: Dict[str, Set[str]] = {t: set() for t in TYPE_URLS}
         self.runtimes: Dict[str, Optional[ClusterRuntime]] = {}
         self.missing: List[str] = []
+        self.tables: Set[str] = set()  # the route-table cache keys this walk used
 
 
 class ConfigPublisher:
@@ -241,6 +242,8 @@ class ConfigPublisher:
             for rt in cfg.clusters.values():
                 _collect(rt, published_runtimes)
         built = {name: rt for name, rt in walk.runtimes.items() if rt is not None}
+        if self._tables.keys() - walk.tables:  # route configurations no target uses any more
+            self._tables = {k: v for k, v in self._tables.items() if k in walk.tables}
         self._index(list(published_runtimes.values()) + list(built.values()))
         gone = self._runtimes.keys() - published_runtimes.keys() - built.keys()
         self._runtimes = {**published_runtimes, **built}
@@ -320,6 +323,7 @@ class ConfigPublisher:
                 walk.missing.append(f"RouteConfiguration {rname!r}")
                 return None
             rspec, rkey = re.spec, rname
+        walk.tables.add(rkey)
         cached = self._tables.get(rkey)
         if cached is None or cached[0] is not rspec:
             cached = (rspec, RouteTable(rspec), referenced_clusters(rspec))
