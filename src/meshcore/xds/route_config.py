@@ -38,6 +38,7 @@ from .._route_model import (
 )
 from .._routing import ascii_lower
 from ..errors import ConfigError
+from ._decode import MAX_DURATION_SECONDS, is_repeated, type_name
 from .lb_config import _coerce
 
 __all__ = ["check_pgv", "compile_regex", "route_config_spec"]
@@ -508,7 +509,7 @@ class _TypeRules:
             r = opts.Extensions[validate_pb2.rules]
             self.by_name[f.name] = r
             kind = r.WhichOneof("type")
-            if _repeated(f):
+            if is_repeated(f):
                 if kind == "repeated" and r.repeated.min_items > 0:
                     self.always.append((f, r))
             elif f.message_type is not None:
@@ -577,7 +578,7 @@ class _Pgv:
                 raise self.fail(_at(path, name), "value is required")
         for f, r in rules.always:
             value = getattr(msg, f.name)
-            if _repeated(f):
+            if is_repeated(f):
                 if len(value) < r.repeated.min_items:
                     raise self.fail(_at(path, f.name), f"value must contain at least {r.repeated.min_items} item(s)")
             else:
@@ -585,7 +586,7 @@ class _Pgv:
         by_name = rules.by_name
         for f, value in msg.ListFields():
             r = by_name.get(f.name)
-            repeated = _repeated(f)
+            repeated = is_repeated(f)
             if not repeated and f.message_type is None and (r is None or f.containing_oneof is None):
                 continue  # no rules, or checked above
             sub = _at(path, f.name)
@@ -706,8 +707,6 @@ class _Pgv:
                 raise self.fail(path, f"value must be {text} {_fmt_dur(getattr(dr, rule))}")
 
     def duration_range(self, d: Any, path: str) -> None:
-        from ._decode import MAX_DURATION_SECONDS
-
         if d.seconds < 0 or d.nanos < 0:
             raise self.fail(path, "Invalid duration: Expected positive duration")
         if d.nanos > 999_999_999 or d.seconds > MAX_DURATION_SECONDS:
@@ -719,7 +718,7 @@ class _Pgv:
         if not msg.type_url:
             return
         try:
-            desc = descriptor_pool.Default().FindMessageTypeByName(msg.type_url.rpartition("/")[2])
+            desc = descriptor_pool.Default().FindMessageTypeByName(type_name(msg.type_url))
         except KeyError:
             return  # a type meshcore has no protos for: its users decide
         inner = message_factory.GetMessageClass(desc)()
@@ -728,11 +727,6 @@ class _Pgv:
         except Exception:  # noqa: BLE001 -- undecodable payloads are their decoders' errors
             return
         self.message(inner, path, depth + 1)
-
-
-def _repeated(f: Any) -> bool:
-    flag = getattr(f, "is_repeated", None)
-    return bool(flag) if flag is not None else f.label == f.LABEL_REPEATED
 
 
 def _at(path: str, name: str) -> str:
