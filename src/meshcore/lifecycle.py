@@ -221,14 +221,20 @@ class _Deadlines:
     earliest remaining deadline.
     """
 
-    __slots__ = ("loop", "pending", "fired", "handle", "armed_at")
+    __slots__ = ("_loop_ref", "pending", "fired", "handle", "armed_at")
 
     def __init__(self, loop: Any) -> None:
-        self.loop = loop
+        # weakly: this object is the value of a WeakKeyDictionary keyed by the loop, and a
+        # value referencing its key would keep every closed loop (and its table) alive
+        self._loop_ref = weakref.ref(loop)
         self.pending: dict = {}
         self.fired: dict = {}
         self.handle: Any = None
         self.armed_at = 0.0
+
+    @property
+    def loop(self) -> Any:
+        return self._loop_ref()
 
     def add(self, timeout: float, key: Any = None) -> Any:
         """Register a deadline ``timeout`` seconds from now for the current task under ``key``

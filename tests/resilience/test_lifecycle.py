@@ -440,3 +440,30 @@ def test_async_attempt_deadlines_leave_nothing_behind(mesh_with):
 
     asyncio.run(main())
     assert_no_inflight(mesh)
+
+
+def test_deadline_tables_of_closed_event_loops_are_freed():
+    """Each event loop's deadline table is kept weakly by its loop: once ``asyncio.run`` closed a
+    loop and it is gone, loop and table are collected (at most the last loop used is held)."""
+    import asyncio
+    import gc
+    import weakref
+
+    from meshcore import lifecycle
+
+    loops = []
+
+    async def main() -> None:
+        dl = lifecycle._deadlines()
+        key = dl.add(0.001)
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            assert dl.timed_out(key)
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+
+    for _ in range(4):
+        asyncio.run(main())
+    gc.collect()
+    assert sum(ref() is not None for ref in loops) <= 1
+    assert sum(ref() in lifecycle._deadlines_of for ref in loops if ref() is not None) <= 1
