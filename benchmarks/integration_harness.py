@@ -64,7 +64,8 @@ for _p in (HERE, os.path.join(ROOT, "tests")):
 
 from envoy_process import find_envoy, socket_address  # noqa: E402
 from test_bench_sidecar import (  # noqa: E402
-    HCM_TYPE, ROUTER, StaticEnvoy, pctl, pin, run_ns, self_ns, sidecar_bootstrap, system_ns, upstream_bootstrap,
+    HCM_TYPE, ROUTER, StaticEnvoy, paced, pctl, pin, run_ns, self_ns, sidecar_bootstrap, system_ns,
+    upstream_bootstrap,
 )
 
 __all__ = ["HOST", "PORT", "TARGET", "PATH", "PERTRY_PATH", "PLAIN_PATH", "QUICK", "Rig", "envoy_available",
@@ -224,21 +225,7 @@ def _sync_block(send: Callable[[str], Any], path: str, seconds: float, rate: Opt
             if e >= end:
                 break
         return lat, out, late
-    n = max(1, int(rate * seconds))
-    interval = 1.0 / rate
-    pc, sleep = time.perf_counter, time.sleep
-    t0 = pc() + 0.001
-    for i in range(n):
-        due = t0 + i * interval
-        now = pc()
-        if due > now:
-            sleep(due - now)
-        elif now - due > interval:
-            late += 1
-        s = pcn()
-        out.append(send(path))
-        lat.append(pcn() - s)
-    return lat, out, late
+    return paced(send, rate, seconds, path)  # the sidecar benchmark's open loop, send(path) per request
 
 
 async def _async_block(send: Callable[[str], Any], path: str, seconds: float, rate: Optional[float],

@@ -473,13 +473,14 @@ class Rig:
                 "inflates the absolute figures; read them relatively):\n" + "\n".join(lines))
 
 
-def paced(send: Callable[[], bytes], rate: float, seconds: float) -> Tuple[List[int], List[bytes], int]:
-    """Open loop: request i starts at t0 + i/rate (sleeping until then). Returns the latencies
-    (ns, send start to last byte), the bodies and how many starts were more than one interval late."""
+def paced(send: Callable[..., Any], rate: float, seconds: float, *args: Any) -> Tuple[List[int], List[Any], int]:
+    """Open loop: request i, ``send(*args)``, starts at t0 + i/rate (sleeping until then). Returns the
+    latencies (ns, send start to last byte), what ``send`` returned (the bodies) and how many starts
+    were more than one interval late. ``integration_harness`` paces its sync blocks with it too."""
     n = max(1, int(rate * seconds))
     interval = 1.0 / rate
     lat: List[int] = []
-    bodies: List[bytes] = []
+    bodies: List[Any] = []
     late = 0
     pc, pcn, sleep = time.perf_counter, time.perf_counter_ns, time.sleep
     t0 = pc() + 0.001
@@ -491,7 +492,7 @@ def paced(send: Callable[[], bytes], rate: float, seconds: float) -> Tuple[List[
         elif now - due > interval:
             late += 1
         s = pcn()
-        body = send()
+        body = send(*args)
         lat.append(pcn() - s)
         bodies.append(body)
     return lat, bodies, late
