@@ -220,3 +220,23 @@ def test_file_errors(tmp_path) -> None:
     with pytest.raises(ConfigError) as info:
         load_resource_file(wrong)
     assert (info.value.resource, info.value.field) == (str(wrong), "resources[1]")
+
+
+def test_unknown_type_packages_are_not_remembered() -> None:
+    """The table of imported proto packages holds installed packages only: a file's made-up
+    ``@type`` names (any number of them) leave nothing behind."""
+    from meshcore.xds import resource_file
+
+    for i in range(3):
+        pkg = f"envoy.no_such_package_{i}.v3"
+        route = {"@type": ROUTE, "name": f"r{i}", "virtual_hosts": [{
+            "name": "vh", "domains": ["*"],
+            "typed_per_filter_config": {"f": {"@type": f"type.googleapis.com/{pkg}.Thing", "x": 1}}}]}
+        parse_resource(route)  # an uninstalled package: kept unchecked (TypedStruct)
+        assert pkg not in resource_file._imported_packages
+    route = {"@type": ROUTE, "name": "ok", "virtual_hosts": [{
+        "name": "vh", "domains": ["*"],
+        "typed_per_filter_config": {"f": {"@type": "type.googleapis.com/envoy.config.rbac.v3.NoSuchMessage"}}}]}
+    with pytest.raises(ConfigError, match="unknown type"):  # an installed package lacking the message
+        parse_resource(route)
+    assert "envoy.config.rbac.v3" in resource_file._imported_packages

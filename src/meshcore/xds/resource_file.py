@@ -54,7 +54,7 @@ from google.protobuf import any_pb2, descriptor_pool, json_format
 from google.protobuf.message import Message
 
 from ..errors import ConfigError
-from ._decode import is_map, is_repeated, json_fields
+from ._decode import is_map, is_repeated, json_fields, type_name
 from .model import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_URLS
 
 __all__ = [
@@ -167,7 +167,7 @@ _TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+\Z")
 # that is not installed, or a message its package lacks, is unknown to Envoy as well.
 _PROTO_ROOTS = frozenset({"envoy", "xds", "udpa", "validate", "google"})
 _import_lock = threading.Lock()
-_imported_packages: Dict[str, bool] = {}
+_imported_packages: Set[str] = set()  # installed packages already imported (never a missing one)
 
 
 def _safe(text: str) -> str:
@@ -175,14 +175,14 @@ def _safe(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-
 def _import_package(package: str) -> bool:
     """Import every ``*_pb2`` module of an installed proto package (registering its messages);
-    whether the package is installed. Only packages under :data:`_PROTO_ROOTS` are looked at."""
+    whether the package is installed. Only packages under :data:`_PROTO_ROOTS` are looked at.
+    Only installed packages are remembered: the ``@type`` values of a file (any names at all)
+    must not grow a table that lives as long as the process."""
     with _import_lock:
-        known = _imported_packages.get(package)
-        if known is not None:
-            return known
+        if package in _imported_packages:
+            return True
         known = False
         if package.split(".", 1)[0] in _PROTO_ROOTS:
             try:
@@ -202,7 +202,8 @@ def _import_package(package: str) -> bool:
                             importlib.import_module(f"{package}.{filename[:-3]}")
                         except Exception as exc:  # a module that does not import: its types stay unknown
                             logger.debug("cannot import %s.%s: %s", package, filename[:-3], exc)
-        _imported_packages[package] = known
+        if known:
+            _imported_packages.add(package)
         return known
 
 
@@ -307,7 +308,7 @@ class _StrictJson:
             raise self.fail(_join(path, "@type"), f"must be a string, got {_kind(type_url)}")
         self.string(type_url, _join(path, "@type"))
         rest = {k: v for k, v in value.items() if k != "@type"}
-        name = type_url.rpartition("/")[2]
+        name = type_name(type_url)
         desc, known_package = _find_type(name)
         if desc is None:
             if known_package or not _TYPE_NAME.match(name):
@@ -351,7 +352,7 @@ class _StrictJson:
     def locate(self, value: Any, desc: Any, path: str) -> Tuple[str, str]:
         """After ``ParseDict`` failed: the deepest field that fails on its own, and why."""
         if isinstance(value, Mapping) and desc.full_name == "google.protobuf.Any" and "@type" in value:
-            inner, _ = _find_type(str(value["@type"]).rpartition("/")[2])
+            inner, _ = _find_type(type_name(str(value["@type"])))
             if inner is not None and not inner.full_name.startswith("google.protobuf."):
                 return self.locate({k: v for k, v in value.items() if k != "@type"}, inner, path)
         if not isinstance(value, Mapping) or desc.full_name.startswith("google.protobuf."):
