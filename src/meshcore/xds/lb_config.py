@@ -329,8 +329,6 @@ def _type_name(type_url: str) -> str:
     return type_url.rsplit("/", 1)[-1]
 
 
-
-
 def _find_message(type_url: str) -> Optional[Any]:
     try:
         return descriptor_pool.Default().FindMessageTypeByName(_type_name(type_url))
