@@ -481,10 +481,7 @@ def _path_matches(r: RouteSpec, p: str) -> bool:
     if kind == "path":
         return p == value if r.case_sensitive else ascii_lower(p) == ascii_lower(value)
     if kind == "regex":
-        try:
-            return r.regex.fullmatch(p) is not None
-        except UnicodeEncodeError:  # lone surrogates (see _routing.match_bytes)
-            return regex_fullmatch(r.regex, p)
+        return regex_fullmatch(r.regex, p)  # lone surrogates too (see _routing.match_bytes)
     # path_separated_prefix: p == value, or value is a prefix followed by '/'
     n = len(value)
     head = p[:n]
