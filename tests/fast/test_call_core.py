@@ -418,12 +418,14 @@ def test_first_attempt_and_finish_final(tmp_path, mesh_cls, retry):
              (None, None), (700, None), (-1, None), (True, None)]
     with mesh_cls.from_file(path, watch=False, seed=1) as mesh:
         mesh.wait_ready("svc.local:80", timeout=5)
+        verdicts = {}
         for status, grpc_status in cases:
             call = mesh.request("http://svc.local/")
             a = call.first_attempt()
             assert a is not None and a.number == 1 and call.attempts == [a]
             expected = lifecycle._final_answer(call.retry_policy, status, grpc_status)
             assert a.finish_final(status, grpc_status) is expected, (status, grpc_status)
+            verdicts[(status, grpc_status)] = expected
             assert (a.status, a.grpc_status, a.error) == (status, grpc_status, None)
             a.finish_final(500)
             assert a.status == status  # recorded once
@@ -432,6 +434,13 @@ def test_first_attempt_and_finish_final(tmp_path, mesh_cls, retry):
                 assert b.number == 2 and b.finish_final(200) is False  # a retry's outcome: the retry decision
         assert mesh.stats()["svc"]["upstream_rq_active"] == 0
         assert mesh.stats()["svc"]["upstream_rq_completed"] == len(cases) * (1 if retry is None else 2)
+        # the oracle itself, pinned: without a policy every answer is final; with it the
+        # retriable status codes (404, 200) and 5xx are not, other statuses are
+        if retry is None:
+            assert all(verdicts.values())
+        else:
+            assert verdicts[(204, None)] and verdicts[(409, None)]
+            assert not (verdicts[(200, None)] or verdicts[(404, None)] or verdicts[(503, None)])
 
     write_resources(path, fault={"delay": {"fixed_delay": "0.001s", "percentage": {"numerator": 0}},
                                  "abort": {"http_status": 503, "percentage": {"numerator": 100}}})
