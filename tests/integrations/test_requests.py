@@ -118,3 +118,20 @@ def test_router_headers_are_not_sent_upstream(scenario, session_for):
     s = session_for(scenario.mesh)
     headers = {"X-Envoy-Retry-On": "5xx", "x-envoy-upstream-rq-per-try-timeout-ms": "500", "x-envoy-custom": "kept"}
     assert s.get(f"{URL}/x", headers=headers).json()["envoy_headers"] == ["x-envoy-custom"]
+
+
+def test_proxied_requests_share_the_direct_paths_handling(scenario, session_for, upstreams):
+    """A request through a proxy (here a loopback upstream standing in as the forward proxy) is
+    sent per attempt by ``HTTPAdapter.send``; a fault abort is still answered locally and the
+    logical url/request/meshcore info are those of the direct path."""
+    s = session_for(scenario.mesh)
+    proxy = upstreams("proxy")
+    proxies = {"http": f"http://127.0.0.1:{proxy.port}"}
+    r = s.get(f"{URL}/items/1", proxies=proxies)
+    assert r.status_code == 200 and r.json()["name"] == "proxy"
+    assert r.url == f"{URL}/items/1" and r.request.url == r.url
+    assert r.meshcore["cluster"] == "main" and r.meshcore["attempts"] == 1
+    r = s.get(f"{URL}/fault", proxies=proxies)
+    assert r.status_code == 418 and r.text == "fault filter abort" and r.url == f"{URL}/fault"
+    assert r.meshcore["attempts"] == 0 and scenario.faulty.hits == 0
+    scenario.assert_no_active_requests()

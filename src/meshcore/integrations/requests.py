@@ -42,7 +42,7 @@ import io
 import logging
 import threading
 from operator import attrgetter
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from requests import exceptions as rexc
@@ -299,8 +299,14 @@ class MeshAdapter(HTTPAdapter):
                                  "attempts": attempt.number}
             return response
 
+        return self._run(call, request, slot, send)
+
+    def _run(self, call: Any, request: Any, slot: Any, send: Callable[[Any], Any]) -> Any:
+        """``call.run(send)`` for both paths: a fault abort answered locally, mesh errors as
+        requests' exceptions, the mesh's context on every failure; the cluster's pool slot is
+        released at the end (each attempt read its body: its connection is back)."""
         try:
-            return call.run(send, status_of=_status_of, classify=_classify)
+            return call.run(send, status_of=_status_of, classify=_classify)  # send returns a Response
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
             return self._reply(request, _fault_reply(e), call)
@@ -310,7 +316,7 @@ class MeshAdapter(HTTPAdapter):
             _add_context(e, call)
             raise
         finally:
-            self._pools.release(slot)  # the body was read within the attempt: the connection is back
+            self._pools.release(slot)
 
     def _tls_name(self, authority: str) -> str:
         """The host name of an authority (``host[:port]``, ``[v6]:port``): SNI and the name the
@@ -369,18 +375,7 @@ class MeshAdapter(HTTPAdapter):
                 raise
             return response
 
-        try:
-            response = call.run(send, classify=_classify)
-        except FaultAbort as e:
-            log.debug("fault abort for %s: %s", call, e)
-            return self._reply(request, _fault_reply(e), call)
-        except (MeshError, TimeoutError) as e:
-            raise _add_context(self._mesh_error(request, e), call) from e
-        except Exception as e:
-            _add_context(e, call)
-            raise
-        finally:
-            self._pools.release(slot)
+        response = self._run(call, request, slot, send)  # (a local reply already has what follows)
         response.url = request.url
         response.request = request
         response.cookies = RequestsCookieJar()
