@@ -22,7 +22,9 @@ __all__ = [
     "LoadBalancer",
     "Locality",
     "Call",
+    "CertificatesUnavailable",
     "CircuitBreakerOpen",
+    "FileCertificateSource",
     "FaultAbort",
     "Mesh",
     "MeshClosed",
@@ -32,9 +34,12 @@ __all__ = [
     "Pick",
     "RouteMatch",
     "RouteTable",
+    "TlsHandshakeError",
     "Unavailable",
     "UpstreamError",
     "UpstreamTimeout",
+    "UpstreamTls",
+    "WorkloadIdentity",
     "__version__",
     "xxh64",
 ]
@@ -42,7 +47,8 @@ __all__ = [
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _LAZY = {"Mesh": "mesh", "Pick": "mesh", "Call": "call", "CircuitBreakerOpen": "call", "FaultAbort": "call",
-         "UpstreamError": "call", "UpstreamTimeout": "call"}  # the xDS layer imports grpc: loaded on first use
+         "UpstreamError": "call", "UpstreamTimeout": "call", "CertificatesUnavailable": "tls",
+         "FileCertificateSource": "tls", "TlsHandshakeError": "tls", "UpstreamTls": "tls", "WorkloadIdentity": "tls"}  # the xDS layer imports grpc: loaded on first use
 
 
 def __getattr__(name: str) -> object:

@@ -88,6 +88,10 @@ def _source_arguments(p: argparse.ArgumentParser, targets_help: str) -> None:
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long to wait for the targets' configuration (default %(default)s)")
     p.add_argument("--delta", action="store_true", help="use the incremental (delta) ADS variant")
+    p.add_argument("--certificates", metavar="DIR", default=None,
+                   help="the workload's certificates for mesh TLS (Istio layout: cert-chain.pem, key.pem, "
+                        "root-cert.pem; default: MESHCORE_CERTIFICATES, the bootstrap's provider \"default\", "
+                        "Istio's output directory)")
 
 
 def add_commands(sub: Any) -> Dict[str, Callable[[argparse.Namespace], int]]:
@@ -171,10 +175,10 @@ def _open_mesh(args: argparse.Namespace, targets: List[str]) -> Tuple[Any, List[
             targets = sorted(resources.get(LISTENER, {}))
             if not targets:
                 raise CliError(f"{args.file} has no listeners; give --target")
-        mesh = Mesh.from_file(args.file, watch=False)
+        mesh = Mesh.from_file(args.file, watch=False, certificates=args.certificates)
     else:
         try:
-            mesh = Mesh(args.bootstrap, delta=True if args.delta else None)
+            mesh = Mesh(args.bootstrap, delta=True if args.delta else None, certificates=args.certificates)
         except ConfigError as exc:
             raise CliError(f"bad xDS bootstrap: {config_error_text(exc)}") from None
         if not targets:
@@ -245,10 +249,13 @@ def _status(mesh: Any, targets: List[str], errors: Dict[str, str], args: argpars
     rows = resource_status(mesh)
     tgt = _target_rows(mesh, targets, errors)
     nacked = [r for r in rows if r["status"] == "NACKED"]
+    ident = mesh.identity()
     if args.json:
-        _dump_json({"node": mesh.node_id, "targets": tgt, "resources": rows})
+        _dump_json({"node": mesh.node_id, "identity": ident.as_dict() if ident is not None else None,
+                    "targets": tgt, "resources": rows})
     else:
         print(_source_line(mesh))
+        print(identity_line(ident))
         print()
         _table([(t["target"], "READY" if t["ready"] else "NOT READY", _unprefixed(t["error"], t["target"]))
                 for t in tgt], ("TARGET", "STATE", "REASON"))
@@ -259,6 +266,33 @@ def _status(mesh: Any, targets: List[str], errors: Dict[str, str], args: argpars
             print()
             print(f"{_plural(len(nacked), 'resource')} rejected (NACKED): see ERROR")
     return 1 if errors or nacked else 0
+
+
+def identity_line(ident: Any) -> str:
+    """One line on the workload identity mesh TLS presents (``Mesh.identity()``)."""
+    if ident is None:
+        return "identity: none (no workload certificates: mesh TLS clusters cannot be used)"
+    if ident.generation == 0:
+        return f"identity: UNAVAILABLE from {ident.source}: {one_line(ident.problem or '')}"
+    who = ident.spiffe_id or (", ".join(ident.uri_sans + ident.dns_sans) or "(roots only)")
+    text = f"identity: {who}, {_plural(ident.root_count, 'root')}"
+    if ident.not_after is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ident.not_after))
+        left = ident.seconds_left or 0.0
+        text += f", expires {when} (in {_duration_text(left)})" if left > 0 else f", EXPIRED {when}"
+    if ident.problem:
+        text += f"; WARNING: {one_line(ident.problem)}"
+    return text
+
+
+def _duration_text(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"
 
 
 def _unprefixed(text: str, name: str) -> str:

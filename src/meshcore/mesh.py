@@ -35,6 +35,7 @@ from .stats import StatsRegistry, prometheus_collector
 from .xds.snapshot import AggregateBalancer, TargetConfig
 
 if TYPE_CHECKING:
+    from .tls import UpstreamTls, WorkloadIdentity
     import grpc  # imported where a CSDS server is made (the xDS client imports it for its stream)
 
 __all__ = ["Mesh", "Pick", "parse_url", "split_url"]
@@ -88,7 +89,11 @@ class MeshBase:
 
     def __init__(self, bootstrap: BootstrapArg = None, *, delta: Optional[bool] = None,
                  resource_timeout: float = 15.0, seed: Optional[int] = None, backoff: Any = None,
-                 ready_timeout: float = 10.0) -> None:
+                 ready_timeout: float = 10.0, certificates: Any = None) -> None:
+        """``certificates``: this workload's certificates for mesh TLS (a directory in Istio's
+        layout, ``cert-chain.pem``/``key.pem``/``root-cert.pem``, or a
+        :class:`~meshcore.tls.FileCertificateSource`); see :mod:`meshcore.tls.manager` for where
+        they come from when it is not given."""
         from .xds.bootstrap import Bootstrap, target_authority
         from .xds.client import XdsClient
         from .xds.publisher import ConfigPublisher
@@ -101,9 +106,9 @@ class MeshBase:
         self._source: Any = XdsClient(self.bootstrap, self._on_update, delta=delta,
                                       resource_timeout=resource_timeout, backoff=backoff)
         self._publisher = ConfigPublisher(self._source, self.bootstrap.listener_name, seed, target_authority)
-        self._init_data_plane(seed, ready_timeout)
+        self._init_data_plane(seed, ready_timeout, certificates)
 
-    def _init_data_plane(self, seed: Optional[int], ready_timeout: float) -> None:
+    def _init_data_plane(self, seed: Optional[int], ready_timeout: float, certificates: Any = None) -> None:
         #: how long the first ``pick``/``request`` of a target waits for its configuration
         #: (on a thread that may block; an event loop's thread gets :class:`NotReady` at once)
         self.ready_timeout = float(ready_timeout)
@@ -121,11 +126,16 @@ class MeshBase:
         self._active_faults: Dict[Tuple[str, str], ActiveFaults] = {}  # (listener, fault filter) -> gauge
         self.stats_registry = StatsRegistry()
         self._rng = random.Random(seed)
+        from .tls.manager import TlsManager
+
+        providers = self.bootstrap.certificate_providers if self.bootstrap is not None else None
+        #: certificate sources and each cluster socket's TLS (``upstream_tls``)
+        self.tls = TlsManager(providers, certificates, self._tls_recorder)
         self._publisher.on_clusters_removed = self._clusters_removed
 
     @classmethod
     def from_file(cls, path: Union[str, "os.PathLike[str]"], *, watch: bool = True, poll_interval: float = 1.0,
-                  seed: Optional[int] = None, ready_timeout: float = 10.0) -> "Mesh":
+                  seed: Optional[int] = None, ready_timeout: float = 10.0, certificates: Any = None) -> "Mesh":
         """A mesh fed by a resource file (no control plane); the file is re-read when it changes.
         Targets name Listener resources directly."""
         from .xds.file_source import FileSource
@@ -136,7 +146,7 @@ class MeshBase:
         self._source = FileSource(os.fspath(path), None, watch=watch, poll_interval=poll_interval)
         self._source._on_update = self._on_update
         self._publisher = ConfigPublisher(self._source, lambda target: target, seed)
-        self._init_data_plane(seed, ready_timeout)
+        self._init_data_plane(seed, ready_timeout, certificates)
         return self
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -298,6 +308,33 @@ class MeshBase:
             return f"{target}: {reason}"
         return f"{target}: {reason} (xDS node {self.node_id!r})"
 
+    # -- TLS ----------------------------------------------------------------------------------------
+
+    def _tls_recorder(self, cluster: str) -> Any:
+        stats = self.stats_registry.cluster(cluster)
+        return stats.inc
+
+    def identity(self) -> Optional["WorkloadIdentity"]:
+        """This workload's certificate as mesh TLS presents it (SPIFFE ID, expiry, root count,
+        any problem), or ``None`` when it has no certificates."""
+        return self.tls.identity()
+
+    def upstream_tls(self, cluster: str, endpoint: Any) -> Optional["UpstreamTls"]:
+        """The TLS a new connection to ``endpoint`` of ``cluster`` must use (``None``: plaintext).
+
+        Raises :class:`~meshcore.tls.TlsHandshakeError` (a connect failure) when the cluster
+        needs TLS and its certificates cannot be had: never plaintext instead."""
+        st = self._states.get(cluster)
+        spec = st.spec if st is not None else None
+        if spec is None:
+            rt = self._publisher._runtimes.get(cluster)
+            spec = rt.spec if rt is not None else None
+            if spec is None:
+                return None
+        if spec.tls is None and not spec.transport_socket_matches:
+            return None
+        return self.tls.for_endpoint(cluster, spec, endpoint)
+
     # -- the hot path ------------------------------------------------------------------------------
 
     def pick(self, target: str, path: str = "/", method: str = "GET", headers: Any = None, *,
@@ -429,7 +466,7 @@ class MeshBase:
 
     def prometheus_collector(self) -> Any:
         """A ``prometheus_client`` collector of :meth:`stats` (``meshcore_cluster_*`` metrics)."""
-        return prometheus_collector(self.stats_registry)
+        return prometheus_collector(self.stats_registry, self.tls.sources)
 
     # -- introspection -----------------------------------------------------------------------------
 

@@ -176,8 +176,12 @@ def _metric_name(stat: str) -> str:
     return "meshcore_cluster_" + stat.replace(".", "_")
 
 
-def prometheus_collector(registry: StatsRegistry) -> Any:
-    """A ``prometheus_client`` collector for ``registry`` (register it with ``REGISTRY.register``)."""
+def prometheus_collector(registry: StatsRegistry, certificate_sources: Any = None) -> Any:
+    """A ``prometheus_client`` collector for ``registry`` (register it with ``REGISTRY.register``).
+
+    ``certificate_sources()`` (optional) gives ``{name: FileCertificateSource}``: each adds
+    ``meshcore_certificate_expiry_seconds`` (seconds until its leaf expires), and the
+    ``meshcore_certificate_reload_failures`` / ``meshcore_certificate_reloads`` counters."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
     class MeshcoreCollector:
@@ -206,8 +210,27 @@ def prometheus_collector(registry: StatsRegistry) -> Any:
                 buckets = [(str(b / 1000.0), c) for b, c in snap["buckets"]] + [("+Inf", h.count)]
                 fam.add_metric([stats.name], buckets, sum_value=h.sum / 1000.0)
             yield from families.values()
+            if certificate_sources is not None:
+                yield from _certificate_metrics(certificate_sources(), GaugeMetricFamily, CounterMetricFamily)
 
         def describe(self) -> List[Any]:
             return []
 
     return MeshcoreCollector()
+
+
+def _certificate_metrics(sources: Dict[str, Any], gauge: Any, counter: Any) -> Iterator[Any]:
+    expiry = gauge("meshcore_certificate_expiry_seconds",
+                   "Seconds until the workload certificate expires (negative: expired)", labels=["source"])
+    ok = gauge("meshcore_certificate_loaded", "1 when a good certificate set is in use", labels=["source"])
+    reloads = counter("meshcore_certificate_reloads", "Good certificate sets loaded", labels=["source"])
+    failures = counter("meshcore_certificate_reload_failures",
+                       "Certificate reads that failed (the last good set stayed in use)", labels=["source"])
+    for name, src in sorted(sources.items()):
+        ident = src.identity()
+        if ident.seconds_left is not None:
+            expiry.add_metric([name], ident.seconds_left)
+        ok.add_metric([name], 1 if ident.generation else 0)
+        reloads.add_metric([name], src.reloads)
+        failures.add_metric([name], src.reload_failures)
+    yield from (expiry, ok, reloads, failures)

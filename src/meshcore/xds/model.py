@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
 from .._model import Endpoint
-from .._route_model import RouteConfigSpec
+from .._route_model import RouteConfigSpec, StringMatchSpec
 
 __all__ = [
     "LISTENER", "ROUTE", "CLUSTER", "ENDPOINT", "TYPE_URLS", "SHORT_NAMES",
     "FaultSpec", "HttpFilterSpec", "ListenerSpec",
-    "CircuitBreakers", "OutlierDetectionSpec", "UpstreamTlsSpec", "ClusterSpec", "EndpointsSpec",
+    "CircuitBreakers", "OutlierDetectionSpec", "CertificateRef", "SanMatcherSpec", "UpstreamTlsSpec",
+    "TransportSocketMatchSpec", "ClusterSpec", "EndpointsSpec",
 ]
 
 _PREFIX = "type.googleapis.com/"
@@ -135,13 +136,82 @@ class OutlierDetectionSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class CertificateRef:
+    """Where a TLS context's identity (certificate chain + key) or roots come from.
+
+    ``kind`` is ``"provider"``: a bootstrap ``certificate_providers`` instance (``name``; A29's
+    ``CertificateProviderPluginInstance``, ``certificate_name`` kept for the record: ``file_watcher``
+    ignores it), or ``"sds"``: an SDS secret (``name``, Istio's ``default`` for the workload identity
+    and ``ROOTCA`` for the roots), resolved from the mesh's certificate source.
+    """
+
+    kind: str
+    name: str
+    certificate_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SanMatcherSpec:
+    """One subject-alt-name matcher of a validation context.
+
+    ``san_type`` is ``"DNS"``, ``"URI"``, ``"EMAIL"`` or ``"IP_ADDRESS"`` (typed
+    ``match_typed_subject_alt_names``), or ``""`` for the deprecated untyped
+    ``match_subject_alt_names``, which Envoy tries against the DNS, URI, email and IP SANs.
+    ``matcher`` is a :class:`~meshcore._route_model.StringMatchSpec`; a DNS matcher of kind
+    ``exact`` also accepts a wildcard SAN covering the value (RFC 6125, as Envoy does).
+    """
+
+    san_type: str
+    matcher: StringMatchSpec
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamTlsSpec:
-    """``envoy.transport_sockets.tls`` UpstreamTlsContext, reduced to what a client channel needs."""
+    """``envoy.transport_sockets.tls`` UpstreamTlsContext, reduced to what a client connection needs.
+
+    ``roots`` is required (A29: no validation context, no TLS); ``identity`` is ``None`` for one-way
+    TLS (Istio ``SIMPLE``). An empty ``san_matchers`` means no SAN check (chain validation only).
+    ``alpn_protocols`` empty: the client offers Istio's values for its protocol (see
+    :mod:`meshcore.tls.upstream`). Versions are ``"TLSv1_0"`` .. ``"TLSv1_3"`` or ``""`` for
+    Envoy's client defaults (TLS 1.2 .. 1.3).
+    """
 
     sni: str = ""
-    certificate_provider_instance: str = ""  # bootstrap certificate_providers key for the identity
-    ca_provider_instance: str = ""  # bootstrap certificate_providers key for the roots
-    match_subject_alt_names: Tuple[str, ...] = ()  # exact SAN values (Istio: SPIFFE ids)
+    identity: Optional[CertificateRef] = None
+    roots: Optional[CertificateRef] = None
+    san_matchers: Tuple[SanMatcherSpec, ...] = ()
+    alpn_protocols: Tuple[str, ...] = ()
+    min_version: str = ""
+    max_version: str = ""
+    cipher_suites: Tuple[str, ...] = ()
+    auto_host_sni: bool = False
+    auto_sni_san_validation: bool = False
+
+    @property
+    def certificate_provider_instance(self) -> str:
+        """The identity's certificate provider instance name ("" when none or from SDS)."""
+        ref = self.identity
+        return ref.name if ref is not None and ref.kind == "provider" else ""
+
+    @property
+    def ca_provider_instance(self) -> str:
+        """The roots' certificate provider instance name ("" when from SDS)."""
+        ref = self.roots
+        return ref.name if ref is not None and ref.kind == "provider" else ""
+
+
+@dataclass(frozen=True, slots=True)
+class TransportSocketMatchSpec:
+    """One ``Cluster.transport_socket_matches`` entry (Istio's auto-mTLS).
+
+    ``match`` holds the sorted ``(key, value)`` pairs an endpoint's
+    ``filter_metadata["envoy.transport_socket_match"]`` must all carry (empty: every endpoint);
+    ``tls`` is ``None`` for ``raw_buffer`` (plaintext).
+    """
+
+    name: str
+    match: Tuple[Tuple[str, Any], ...] = ()
+    tls: Optional[UpstreamTlsSpec] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +241,7 @@ class ClusterSpec:
     circuit_breakers: CircuitBreakers = field(default_factory=CircuitBreakers)
     outlier_detection: Optional[OutlierDetectionSpec] = None
     tls: Optional[UpstreamTlsSpec] = None
+    transport_socket_matches: Tuple[TransportSocketMatchSpec, ...] = ()
     http2: bool = False  # typed_extension_protocol_options asks for HTTP/2 upstream
     alt_stat_name: str = ""
 

@@ -1,0 +1,320 @@
+"""TLS to one upstream cluster (an ``UpstreamTlsContext``): the client context, SNI, ALPN, and the
+peer check every integration runs after the handshake and before the first request byte.
+
+What is verified, always: the peer's chain up to the cluster's roots (OpenSSL, ``CERT_REQUIRED``;
+expired or not-yet-valid certificates fail), then its subject alt names against the cluster's SAN
+matchers (:mod:`meshcore.tls.san`; none configured: chain only, as Envoy). Host name checking
+is off because mesh identities are SPIFFE URIs, which OpenSSL's host check does not know; the
+SAN matchers replace it. There is no way to turn verification off.
+
+Client libraries change the context they are handed (httpcore sets ALPN at every connect,
+urllib3 sets ``verify_mode``/``check_hostname`` and loads its own CA bundle): the contexts made
+here are locked once built, so those calls are ignored and the mesh's settings stay.
+
+ALPN: a cluster that names no ALPN, or names Istio's (``istio``, ``istio-peer-exchange``), gets
+what an Istio sidecar's ``istio.alpn`` filter sends per request: ``istio-http/1.1, istio, http/1.1``
+for HTTP/1.1 and ``istio-h2, istio, h2`` for HTTP/2. Without an ``istio-*`` value a sidecar'd
+server serves the connection through its TCP filter chain and skips its HTTP authorization. Any
+other configured list is offered as it is.
+
+Failures raise :class:`TlsHandshakeError` (an :class:`~meshcore.errors.UpstreamError` of kind
+``connect-failure``: retried per ``retry_on: connect-failure`` and fed to outlier detection) naming
+the cluster, the endpoint and the reason, and count Envoy's cluster stats ``ssl.handshake``,
+``ssl.connection_error``, ``ssl.fail_verify_error``, ``ssl.fail_verify_san``,
+``ssl.fail_verify_no_cert``.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from ..errors import UpstreamError
+from .certificates import CertificatesUnavailable, FileCertificateSource
+from .san import describe_matchers, describe_sans, peer_sans, sans_match
+
+__all__ = ["UpstreamTls", "TlsHandshakeError", "ISTIO_ALPN", "alpn_for", "is_deferred_rejection"]
+
+#: what Istio's ``istio.alpn`` HTTP filter offers per downstream protocol
+#: (``pilot/pkg/xds/filters/filters.go``)
+ISTIO_ALPN: Dict[str, Tuple[str, ...]] = {
+    "http/1.0": ("istio-http/1.0", "istio", "http/1.0"),
+    "http/1.1": ("istio-http/1.1", "istio", "http/1.1"),
+    "h2": ("istio-h2", "istio", "h2"),
+}
+_ISTIO_MARKERS = frozenset({"istio", "istio-peer-exchange"})
+_VERSIONS = {"TLSv1_0": ssl.TLSVersion.TLSv1, "TLSv1_1": ssl.TLSVersion.TLSv1_1,
+             "TLSv1_2": ssl.TLSVersion.TLSv1_2, "TLSv1_3": ssl.TLSVersion.TLSv1_3}
+
+
+def alpn_for(configured: Tuple[str, ...], protocol: str) -> Tuple[str, ...]:
+    """The ALPN list a connection for ``protocol`` (``http/1.1``, ``h2``) offers (see module doc)."""
+    if not configured or _ISTIO_MARKERS.intersection(configured):
+        return ISTIO_ALPN.get(protocol, ISTIO_ALPN["http/1.1"])
+    return configured
+
+
+class TlsHandshakeError(UpstreamError):
+    """TLS to an upstream failed: a connect failure. ``stat`` is the Envoy ``ssl.*`` stat counted."""
+
+    def __init__(self, cluster: str, endpoint: str, reason: str, stat: str = "ssl.connection_error",
+                 cause: Optional[BaseException] = None) -> None:
+        self.cluster = cluster
+        self.endpoint = endpoint
+        self.reason = reason
+        self.stat = stat
+        super().__init__("connect-failure", f"TLS to {endpoint} (cluster {cluster}) failed: {reason}", cause)
+
+
+def is_deferred_rejection(exc: BaseException) -> bool:
+    """Whether an error on the FIRST read of a fresh TLS 1.3 connection is the server refusing
+    the client certificate after the handshake (it closes or sends an alert): then the request
+    never reached the application and the failure is a connect failure, not a reset."""
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError)):
+        return True
+    if isinstance(exc, ssl.SSLError):
+        text = f"{exc.reason or ''} {exc}".upper()
+        return "ALERT" in text or "CERTIFICATE" in text or "EOF" in text
+    return False
+
+
+class _LockedContext(ssl.SSLContext):
+    """An SSL context whose security settings cannot be changed once built (see module doc)."""
+
+    _locked = False
+
+    def set_alpn_protocols(self, alpn_protocols: Any) -> None:
+        if not self._locked:
+            super().set_alpn_protocols(alpn_protocols)
+
+    def load_verify_locations(self, *a: Any, **kw: Any) -> None:
+        if not self._locked:
+            super().load_verify_locations(*a, **kw)
+
+    def load_cert_chain(self, *a: Any, **kw: Any) -> None:
+        if not self._locked:
+            super().load_cert_chain(*a, **kw)
+
+    def load_default_certs(self, *a: Any, **kw: Any) -> None:
+        if not self._locked:
+            super().load_default_certs(*a, **kw)
+
+    def set_default_verify_paths(self) -> None:
+        if not self._locked:
+            super().set_default_verify_paths()
+
+    def set_ciphers(self, ciphers: str) -> None:
+        if not self._locked:
+            super().set_ciphers(ciphers)
+
+    @property  # type: ignore[override]
+    def verify_mode(self) -> ssl.VerifyMode:
+        return ssl.SSLContext.verify_mode.__get__(self)  # type: ignore[attr-defined,no-any-return]
+
+    @verify_mode.setter
+    def verify_mode(self, value: Any) -> None:
+        if not self._locked:
+            ssl.SSLContext.verify_mode.__set__(self, value)  # type: ignore[attr-defined]
+
+    @property  # type: ignore[override]
+    def check_hostname(self) -> bool:
+        return ssl.SSLContext.check_hostname.__get__(self)  # type: ignore[attr-defined,no-any-return]
+
+    @check_hostname.setter
+    def check_hostname(self, value: Any) -> None:
+        if not self._locked:
+            ssl.SSLContext.check_hostname.__set__(self, value)  # type: ignore[attr-defined]
+
+    @property  # type: ignore[override]
+    def minimum_version(self) -> ssl.TLSVersion:
+        return ssl.SSLContext.minimum_version.__get__(self)  # type: ignore[attr-defined,no-any-return]
+
+    @minimum_version.setter
+    def minimum_version(self, value: Any) -> None:
+        if not self._locked:
+            ssl.SSLContext.minimum_version.__set__(self, value)  # type: ignore[attr-defined]
+
+    @property  # type: ignore[override]
+    def maximum_version(self) -> ssl.TLSVersion:
+        return ssl.SSLContext.maximum_version.__get__(self)  # type: ignore[attr-defined,no-any-return]
+
+    @maximum_version.setter
+    def maximum_version(self, value: Any) -> None:
+        if not self._locked:
+            ssl.SSLContext.maximum_version.__set__(self, value)  # type: ignore[attr-defined]
+
+
+def _envoy_ciphers(suites: Tuple[str, ...]) -> str:
+    """Envoy's cipher list (BoringSSL ``[A|B]`` equal-preference groups) as an OpenSSL string."""
+    names = []
+    for s in suites:
+        for name in s.strip("[]").split("|"):
+            if name:
+                names.append(name)
+    return ":".join(names)
+
+
+class UpstreamTls:
+    """The TLS a cluster's connections (or one transport-socket match of it) use.
+
+    ``identity``/``roots`` are certificate sources (``roots`` required; ``identity`` ``None`` for
+    one-way TLS). ``record(stat)`` counts a cluster stat. One object per cluster and socket
+    configuration: integrations key their connection pools by it.
+    """
+
+    def __init__(self, spec: Any, cluster: str, identity: Optional[FileCertificateSource],
+                 roots: FileCertificateSource, record: Callable[[str], None]) -> None:
+        self.spec = spec
+        self.cluster = cluster
+        self._identity = identity
+        self._roots = roots
+        self._record = record
+        self._lock = threading.Lock()
+        #: (protocol, identity generation, roots generation) -> context
+        self._contexts: Dict[Tuple[str, int, int], ssl.SSLContext] = {}
+        matchers = spec.san_matchers
+        self._matchers = matchers
+        self.mutual = identity is not None
+
+    def __repr__(self) -> str:
+        kind = "mTLS" if self.mutual else "TLS"
+        return f"UpstreamTls({self.cluster!r}, {kind}, sni={self.spec.sni!r})"
+
+    # -- what a connection needs ------------------------------------------------------------------
+
+    def server_hostname(self, endpoint: Any = None) -> Optional[str]:
+        """SNI for a connection to ``endpoint`` (``auto_host_sni``: its EDS hostname), or ``None``."""
+        spec = self.spec
+        if spec.auto_host_sni and endpoint is not None and getattr(endpoint, "hostname", ""):
+            return str(endpoint.hostname)
+        return spec.sni or None
+
+    def alpn(self, protocol: str = "http/1.1") -> Tuple[str, ...]:
+        return alpn_for(self.spec.alpn_protocols, protocol)
+
+    def context(self, protocol: str = "http/1.1") -> ssl.SSLContext:
+        """The client context for a new connection now (current certificates; cached per
+        certificate generation). Raises :class:`TlsHandshakeError` if certificates are missing."""
+        try:
+            roots = self._roots.current()
+            ident = self._identity.current() if self._identity is not None else None
+        except CertificatesUnavailable as e:
+            self._record("ssl.connection_error")
+            raise TlsHandshakeError(self.cluster, "(no connection made)", str(e), cause=e) from None
+        if roots.roots_pem is None:
+            raise TlsHandshakeError(self.cluster, "(no connection made)",
+                                    f"certificate source {self._roots.name!r} has no root certificates")
+        if ident is not None and ident.chain_pem is None:
+            raise TlsHandshakeError(self.cluster, "(no connection made)",
+                                    f"certificate source {self._identity.name!r} has no certificate chain")  # type: ignore[union-attr]
+        key = (protocol, ident.generation if ident is not None else 0, roots.generation)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            with self._lock:
+                ctx = self._contexts.get(key)
+                if ctx is None:
+                    ctx = self._build(protocol, ident, roots)
+                    # older generations: connections already made keep their own reference
+                    self._contexts = {k: v for k, v in self._contexts.items() if k[0] != protocol}
+                    self._contexts[key] = ctx
+        return ctx
+
+    def _build(self, protocol: str, ident: Any, roots: Any) -> ssl.SSLContext:
+        spec = self.spec
+        ctx = _LockedContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False  # SAN matchers instead (SPIFFE URIs); see check_peer
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.minimum_version = _VERSIONS.get(spec.min_version, ssl.TLSVersion.TLSv1_2)
+        ctx.maximum_version = _VERSIONS.get(spec.max_version, ssl.TLSVersion.TLSv1_3)
+        roots.load_into(ctx)
+        if ident is not None:
+            ident.load_into(ctx)
+        if spec.cipher_suites:
+            try:
+                ctx.set_ciphers(_envoy_ciphers(spec.cipher_suites))
+            except ssl.SSLError:
+                pass  # names OpenSSL does not know: its defaults (TLS 1.3 suites are not affected)
+        ctx.set_alpn_protocols(list(self.alpn(protocol)))
+        ctx._locked = True  # type: ignore[attr-defined]
+        return ctx
+
+    # -- after the handshake ----------------------------------------------------------------------
+
+    def check_peer(self, ssl_object: Any, endpoint: str) -> None:
+        """Check a finished handshake's peer (an ``SSLSocket``/``SSLObject``) against the SAN
+        matchers; counts ``ssl.handshake`` or the failure. Call before sending anything."""
+        cert = ssl_object.getpeercert() if ssl_object is not None else None
+        if not cert:
+            self._record("ssl.fail_verify_no_cert")
+            raise TlsHandshakeError(self.cluster, endpoint, "the server presented no certificate",
+                                    "ssl.fail_verify_no_cert")
+        matchers = self._matchers
+        if self.spec.auto_sni_san_validation:
+            sni = self.server_hostname()
+            if sni:
+                from .._route_model import StringMatchSpec
+                from ..xds.model import SanMatcherSpec
+                matchers = (SanMatcherSpec("DNS", StringMatchSpec("exact", sni)),)
+        if matchers:
+            sans = peer_sans(cert)
+            if not sans_match(matchers, sans):
+                self._record("ssl.fail_verify_san")
+                raise TlsHandshakeError(
+                    self.cluster, endpoint,
+                    f"the server's certificate SANs {describe_sans(sans)} match none of the expected "
+                    f"{describe_matchers(matchers)}", "ssl.fail_verify_san")
+        self._record("ssl.handshake")
+
+    def handshake_error(self, exc: BaseException, endpoint: str) -> TlsHandshakeError:
+        """A handshake exception as a :class:`TlsHandshakeError` (counted)."""
+        if isinstance(exc, TlsHandshakeError):
+            return exc
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            stat = "ssl.fail_verify_error"
+            reason = f"the server's certificate failed verification: {exc.verify_message or exc}"
+        elif isinstance(exc, ssl.SSLError):
+            stat = "ssl.connection_error"
+            reason = f"TLS handshake failed: {exc.reason or exc}"
+        elif isinstance(exc, (ConnectionResetError, BrokenPipeError, EOFError)):
+            stat = "ssl.connection_error"
+            reason = "the server closed the connection during the TLS handshake"
+        else:
+            stat = "ssl.connection_error"
+            reason = f"TLS handshake failed: {type(exc).__name__}: {exc}"
+        self._record(stat)
+        return TlsHandshakeError(self.cluster, endpoint, reason, stat, exc)
+
+    def deferred_rejection(self, exc: BaseException, endpoint: str) -> TlsHandshakeError:
+        """The error for a fresh connection closed on its first read (see :func:`is_deferred_rejection`)."""
+        self._record("ssl.connection_error")
+        return TlsHandshakeError(
+            self.cluster, endpoint,
+            "the server closed the connection right after the TLS handshake, before answering "
+            f"(it refused this workload's certificate?): {type(exc).__name__}: {exc}",
+            "ssl.connection_error", exc)
+
+    # -- blocking sockets -------------------------------------------------------------------------
+
+    def wrap_socket(self, sock: socket.socket, endpoint: str, protocol: str = "http/1.1",
+                    server_hostname: Optional[str] = None, ep: Any = None) -> ssl.SSLSocket:
+        """Handshake on a connected blocking socket (its timeout applies) and check the peer.
+        On failure the socket is closed and :class:`TlsHandshakeError` raised."""
+        ctx = self.context(protocol)
+        sni = server_hostname if server_hostname is not None else self.server_hostname(ep)
+        try:
+            tls = ctx.wrap_socket(sock, server_hostname=sni, do_handshake_on_connect=False)
+            tls.do_handshake()
+        except (OSError, ValueError) as e:
+            if isinstance(e, socket.timeout):
+                sock.close()
+                raise
+            sock.close()
+            raise self.handshake_error(e, endpoint) from None
+        try:
+            self.check_peer(tls, endpoint)
+        except TlsHandshakeError:
+            tls.close()
+            raise
+        return tls
