@@ -137,23 +137,28 @@ class CertificateSet:
         self.not_before = leaf.not_valid_before_utc.timestamp()
         self.not_after = leaf.not_valid_after_utc.timestamp()
 
-    def load_into(self, ctx: ssl.SSLContext) -> None:
-        """Put this set's identity (if any) and roots (if any) into ``ctx``."""
-        if self.roots_pem is not None:
-            ctx.load_verify_locations(cadata=self.roots_pem.decode("ascii"))
-        if self.chain_pem is not None:
-            # the stdlib loads a chain and key only from files: private copies of exactly the bytes
-            # that were checked (the originals may already be half-rewritten)
-            tmp = tempfile.mkdtemp(prefix="meshcore-tls-")
-            try:
-                chain, key = os.path.join(tmp, "chain.pem"), os.path.join(tmp, "key.pem")
-                for path, data in ((chain, self.chain_pem), (key, self.key_pem)):
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(data or b"")
-                ctx.load_cert_chain(chain, key)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+    def load_roots_into(self, ctx: ssl.SSLContext) -> None:
+        """Trust this set's roots in ``ctx`` (ValueError if it has none)."""
+        if self.roots_pem is None:
+            raise ValueError("no root certificates")
+        ctx.load_verify_locations(cadata=self.roots_pem.decode("ascii"))
+
+    def load_identity_into(self, ctx: ssl.SSLContext) -> None:
+        """Present this set's chain and key from ``ctx`` (ValueError if it has none)."""
+        if self.chain_pem is None:
+            raise ValueError("no certificate chain")
+        # the stdlib loads a chain and key only from files: private copies of exactly the bytes
+        # that were checked (the originals may already be half-rewritten)
+        tmp = tempfile.mkdtemp(prefix="meshcore-tls-")
+        try:
+            chain, key = os.path.join(tmp, "chain.pem"), os.path.join(tmp, "key.pem")
+            for path, data in ((chain, self.chain_pem), (key, self.key_pem)):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data or b"")
+            ctx.load_cert_chain(chain, key)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_roots(pem: bytes) -> int:

@@ -228,9 +228,9 @@ class UpstreamTls:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.minimum_version = _VERSIONS.get(spec.min_version, ssl.TLSVersion.TLSv1_2)
         ctx.maximum_version = _VERSIONS.get(spec.max_version, ssl.TLSVersion.TLSv1_3)
-        roots.load_into(ctx)
+        roots.load_roots_into(ctx)
         if ident is not None:
-            ident.load_into(ctx)
+            ident.load_identity_into(ctx)
         if spec.cipher_suites:
             try:
                 ctx.set_ciphers(_envoy_ciphers(spec.cipher_suites))
