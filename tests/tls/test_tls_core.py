@@ -121,10 +121,15 @@ def test_identity_of_an_istio_directory(pki: Pki) -> None:
     assert ident.as_dict()["spiffe_id"] == ident.spiffe_id
 
 
-def test_two_level_chain_and_expired_leaf(pki: Pki) -> None:
+def test_two_level_chain_and_expired_leaf(pki: Pki, caplog: Any) -> None:
     assert FileCertificateSource.from_directory(pki.paths("client_via_intermediate").dir).identity().problem is None
-    expired = FileCertificateSource.from_directory(pki.paths("expired_client").dir).identity()
+    src = FileCertificateSource.from_directory(pki.paths("expired_client").dir)
+    with caplog.at_level("WARNING", logger="meshcore.tls.certificates"):
+        expired = src.identity()
+        src.refresh(force=True)
     assert expired.seconds_left < 0 and "expired" in expired.problem
+    warnings = [r.getMessage() for r in caplog.records if "expired" in r.getMessage()]
+    assert len(warnings) == 2 and "expired_client" in warnings[0]  # once per generation
 
 
 def test_missing_files_mean_no_tls_with_a_clear_error(tmp_path: Any) -> None:

@@ -161,6 +161,18 @@ class CertificateSet:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _expiry_problem(s: CertificateSet) -> Optional[str]:
+    if s.not_after is None:
+        return None
+    left = s.not_after - time.time()
+    lifetime = s.not_after - (s.not_before or s.not_after)
+    if left <= 0:
+        return f"the certificate expired {-left:.0f} s ago"
+    if lifetime > 0 and left < lifetime * _EXPIRY_WARN_FRACTION:
+        return f"the certificate expires in {left:.0f} s and was not renewed"
+    return None
+
+
 def _check_roots(pem: bytes) -> int:
     """The number of CA certificates in a PEM bundle (raises ValueError if there is none)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -209,6 +221,7 @@ class FileCertificateSource:
         self.problem: Optional[str] = None  # why the last read failed (None: it did not)
         self.reloads = 0  # good sets loaded
         self.reload_failures = 0
+        self._warned: Any = None
 
     @classmethod
     def from_directory(cls, path: str, *, refresh_interval: float = 600.0) -> "FileCertificateSource":
@@ -247,6 +260,7 @@ class FileCertificateSource:
                 stats = tuple(_stat_key(p) for p in self.files)
                 if not force and stats == self._stats and self._set is not None:
                     self._next_check = now + self.refresh_interval
+                    self._warn_expiry(self._set)
                     return False
                 data = [self._read(p) for p in (self.certificate_file, self.private_key_file,
                                                 self.ca_certificate_file)]
@@ -269,7 +283,16 @@ class FileCertificateSource:
             if new.generation > 1:
                 log.info("certificates %r: loaded generation %d (%s)", self.name, new.generation,
                          new.spiffe_id or f"{new.root_count} roots")
+            self._warn_expiry(new)
             return True
+
+    def _warn_expiry(self, s: CertificateSet) -> None:
+        """Log (once per generation and state) a certificate that expired or is about to."""
+        state = _expiry_problem(s)
+        key = (s.generation, state is not None and state.split(" ", 3)[2])
+        if state is not None and key != self._warned:
+            self._warned = key
+            log.warning("certificates %r: %s", self.name, state)
 
     @staticmethod
     def _read(path: Optional[str]) -> Optional[bytes]:
@@ -288,13 +311,7 @@ class FileCertificateSource:
         if s is None:
             return WorkloadIdentity(self.name, None, (), (), None, None, None, 0, 0,
                                     problem or "not read yet")
-        left = None
-        if s.not_after is not None:
-            left = s.not_after - time.time()
-            lifetime = s.not_after - (s.not_before or s.not_after)
-            if left <= 0:
-                problem = problem or f"the certificate expired {-left:.0f} s ago"
-            elif lifetime > 0 and left < lifetime * _EXPIRY_WARN_FRACTION:
-                problem = problem or f"the certificate expires in {left:.0f} s and was not renewed"
+        left = s.not_after - time.time() if s.not_after is not None else None
+        problem = problem or _expiry_problem(s)
         return WorkloadIdentity(self.name, s.spiffe_id, s.uri_sans, s.dns_sans, s.not_before, s.not_after,
                                 left, s.root_count, s.generation, problem)
