@@ -444,3 +444,59 @@ def test_transport_socket_matches_pick_per_endpoint() -> None:
         TransportSocketMatchSpec("both", (("a", "1"), ("b", ("x", "y"))), mtls),))
     assert socket_spec_for(multi, _ep(4, {"envoy.transport_socket_match": {"a": "1", "b": ["x", "y"]}})) is mtls
     assert socket_spec_for(multi, _ep(4, {"envoy.transport_socket_match": {"a": "1"}})) is None
+
+
+# -- A87: SPIFFE trust bundle maps ------------------------------------------------------------------------
+
+
+def _bundle_map(path: Any, domains: Dict[str, List[Any]]) -> str:
+    import base64
+    import json
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    doc = {"trust_domains": {td: {"keys": [{"use": "x509-svid", "kty": "EC",
+                                            "x5c": [base64.b64encode(ca.cert.public_bytes(Encoding.DER)).decode()]}
+                                           for ca in cas] + [{"use": "jwt-svid", "kid": "ignored"}]}
+                             for td, cas in domains.items()}}
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    return str(path)
+
+
+def test_spiffe_bundle_map_checks_each_peer_against_its_own_trust_domain(pki: Pki, tmp_path: Any,
+                                                                          server_factory: Any) -> None:
+    bundle = _bundle_map(tmp_path / "bundles.json", {"cluster.local": [pki.root], "other.domain": [pki.evil_root]})
+    me = pki.paths("client")
+    src = FileCertificateSource(me.chain, me.key, ca_certificate_file="/nonexistent/ignored.pem",
+                                spiffe_trust_bundle_map_file=bundle)
+    assert src.identity().root_count == 2
+    up = TlsManager(None, src).upstream("c", mtls_spec())
+    for good in ("server", "client_via_intermediate"):
+        srv = server_factory(pki.server_context(good))
+        connect(up, srv.port).close()
+    # a cluster.local identity issued by the other domain's root: OpenSSL accepts (the union), A87 does not
+    evil = server_factory(pki.server_context("evil_client"))
+    with pytest.raises(TlsHandshakeError, match="not in trust domain 'cluster.local'"):
+        connect(up, evil.port)
+    # an other.domain identity issued by the cluster.local root
+    other = server_factory(pki.server_context("other_td_client"))
+    with pytest.raises(TlsHandshakeError, match="not in trust domain 'other.domain'"):
+        connect(up, other.port)
+
+
+def test_spiffe_bundle_map_unknown_domain_and_bad_files(pki: Pki, tmp_path: Any, server_factory: Any) -> None:
+    bundle = _bundle_map(tmp_path / "b.json", {"spiffe://other.domain": [pki.root]})
+    me = pki.paths("client")
+    up = TlsManager(None, FileCertificateSource(me.chain, me.key, spiffe_trust_bundle_map_file=bundle)).upstream(
+        "c", mtls_spec())
+    srv = server_factory(pki.server_context("server"))
+    with pytest.raises(TlsHandshakeError, match="no trust bundle for trust domain 'cluster.local'"):
+        connect(up, srv.port)
+    for text, msg in (("[]", "trust_domains"), ("{", "not JSON"),
+                      ('{"trust_domains": {"a": {"keys": [{"use": "x509-svid", "x5c": ["!!"]}]}}}', "base64"),
+                      ('{"trust_domains": {"a": {"keys": []}}}', "no x509-svid")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(CertificatesUnavailable, match=msg):
+            FileCertificateSource(spiffe_trust_bundle_map_file=str(bad)).current()

@@ -29,12 +29,12 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 from ..errors import MeshError
 
 __all__ = ["CertificatesUnavailable", "CertificateSet", "FileCertificateSource", "WorkloadIdentity",
-           "ISTIO_FILE_NAMES"]
+           "ISTIO_FILE_NAMES", "parse_spiffe_bundle_map"]
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,12 @@ class CertificateSet:
     """
 
     __slots__ = ("generation", "chain_pem", "key_pem", "roots_pem", "root_count", "uri_sans", "dns_sans",
-                 "not_before", "not_after", "_files")
+                 "not_before", "not_after", "bundles")
 
     def __init__(self, generation: int, chain_pem: Optional[bytes], key_pem: Optional[bytes],
-                 roots_pem: Optional[bytes]) -> None:
+                 roots_pem: Optional[bytes], bundles: Optional[Mapping[str, FrozenSet[bytes]]] = None) -> None:
+        #: A87: trust domain -> the DER roots trusted for it (``roots_pem`` is then their union)
+        self.bundles = bundles
         self.generation = generation
         self.chain_pem = chain_pem
         self.key_pem = key_pem
@@ -100,7 +102,6 @@ class CertificateSet:
         self.not_before: Optional[float] = None
         self.not_after: Optional[float] = None
         self.root_count = 0
-        self._files: Optional[Tuple[str, str]] = None
         if roots_pem is not None:
             self.root_count = _check_roots(roots_pem)
         if chain_pem is not None:
@@ -186,6 +187,45 @@ def _check_roots(pem: bytes) -> int:
     return n
 
 
+def parse_spiffe_bundle_map(data: bytes) -> Tuple[Dict[str, FrozenSet[bytes]], bytes]:
+    """A SPIFFE trust bundle map (A87: ``{"trust_domains": {td: {"keys": [{"use": "x509-svid",
+    "x5c": [base64 DER]}]}}}``) -> ``({td: DER roots}, their union as PEM)``; ValueError if malformed."""
+    import base64
+    import json
+
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise ValueError(f"SPIFFE bundle map: not JSON ({e})") from None
+    tds = doc.get("trust_domains") if isinstance(doc, dict) else None
+    if not isinstance(tds, dict):
+        raise ValueError("SPIFFE bundle map: \"trust_domains\" must be an object")
+    bundles: Dict[str, FrozenSet[bytes]] = {}
+    pems: List[str] = []
+    for td, bundle in tds.items():
+        name = td[len("spiffe://"):] if td.startswith("spiffe://") else td
+        keys = bundle.get("keys") if isinstance(bundle, dict) else None
+        if not isinstance(keys, list):
+            raise ValueError(f"SPIFFE bundle map: trust domain {td!r}: \"keys\" must be a list")
+        ders = set()
+        for i, key in enumerate(keys):
+            if not isinstance(key, dict) or key.get("use") != "x509-svid":
+                continue  # JWT keys and others: not for TLS
+            x5c = key.get("x5c")
+            if not isinstance(x5c, list) or len(x5c) != 1 or not isinstance(x5c[0], str):
+                raise ValueError(f"SPIFFE bundle map: trust domain {td!r}: keys[{i}].x5c must hold one certificate")
+            try:
+                der = base64.b64decode(x5c[0], validate=True)
+            except ValueError:
+                raise ValueError(f"SPIFFE bundle map: trust domain {td!r}: keys[{i}].x5c is not base64") from None
+            ders.add(der)
+            pems.append(ssl.DER_cert_to_PEM_cert(der))
+        bundles[name.lower()] = frozenset(ders)
+    if not pems:
+        raise ValueError("SPIFFE bundle map: no x509-svid certificate")
+    return bundles, "".join(pems).encode("ascii")
+
+
 def _stat_key(path: str) -> Tuple[int, int, int]:
     st = os.stat(path)
     return (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -201,9 +241,14 @@ class FileCertificateSource:
 
     def __init__(self, certificate_file: Optional[str] = None, private_key_file: Optional[str] = None,
                  ca_certificate_file: Optional[str] = None, *, refresh_interval: float = 600.0,
-                 name: str = "") -> None:
-        if certificate_file is None and ca_certificate_file is None:
-            raise ValueError("a certificate source needs certificate_file or ca_certificate_file")
+                 name: str = "", spiffe_trust_bundle_map_file: Optional[str] = None) -> None:
+        """``spiffe_trust_bundle_map_file`` (A87): roots per SPIFFE trust domain; when set,
+        ``ca_certificate_file`` is ignored and each peer is checked against its own domain's roots."""
+        if spiffe_trust_bundle_map_file is not None:
+            ca_certificate_file = None
+        if certificate_file is None and ca_certificate_file is None and spiffe_trust_bundle_map_file is None:
+            raise ValueError("a certificate source needs certificate_file, ca_certificate_file "
+                             "or spiffe_trust_bundle_map_file")
         if (certificate_file is None) != (private_key_file is None):
             raise ValueError("certificate_file and private_key_file go together")
         if not refresh_interval > 0:
@@ -212,6 +257,7 @@ class FileCertificateSource:
         self.certificate_file = certificate_file
         self.private_key_file = private_key_file
         self.ca_certificate_file = ca_certificate_file
+        self.spiffe_trust_bundle_map_file = spiffe_trust_bundle_map_file
         self.refresh_interval = float(refresh_interval)
         self._lock = threading.Lock()
         self._set: Optional[CertificateSet] = None
@@ -231,7 +277,8 @@ class FileCertificateSource:
 
     @property
     def files(self) -> List[str]:
-        return [p for p in (self.certificate_file, self.private_key_file, self.ca_certificate_file) if p]
+        return [p for p in (self.certificate_file, self.private_key_file, self.ca_certificate_file,
+                            self.spiffe_trust_bundle_map_file) if p]
 
     def current(self) -> CertificateSet:
         """The good set to use now (re-reading the files first when due).
@@ -264,7 +311,11 @@ class FileCertificateSource:
                     return False
                 data = [self._read(p) for p in (self.certificate_file, self.private_key_file,
                                                 self.ca_certificate_file)]
-                new = CertificateSet(self._generation + 1, data[0], data[1], data[2])
+                bundles = None
+                if self.spiffe_trust_bundle_map_file is not None:
+                    raw = self._read(self.spiffe_trust_bundle_map_file) or b""
+                    bundles, data[2] = parse_spiffe_bundle_map(raw)
+                new = CertificateSet(self._generation + 1, data[0], data[1], data[2], bundles)
             except (OSError, ValueError) as e:
                 self.reload_failures += 1
                 problem = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)

@@ -23,6 +23,7 @@ import threading
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from .certificates import ISTIO_FILE_NAMES, CertificatesUnavailable, FileCertificateSource, WorkloadIdentity
+from .sds import ISTIO_SDS_SOCKET, SdsCertificateSource
 from .upstream import TlsHandshakeError, UpstreamTls
 
 __all__ = ["TlsManager", "socket_spec_for", "ENV_CERTIFICATES", "ISTIO_CERT_DIRS"]
@@ -30,6 +31,10 @@ __all__ = ["TlsManager", "socket_spec_for", "ENV_CERTIFICATES", "ISTIO_CERT_DIRS
 ENV_CERTIFICATES = "MESHCORE_CERTIFICATES"
 #: where Istio puts workload certificates for a proxyless app (``OUTPUT_CERTS``) and its old mount
 ISTIO_CERT_DIRS = ("/var/lib/istio/data", "/etc/certs")
+#: the Istio agent's SDS socket (sidecars fetch ``default``/``ROOTCA`` there); used after the directories
+ISTIO_SDS_SOCKETS = (ISTIO_SDS_SOCKET,)
+#: ``certificates="sds:<grpc target>"`` (or ``$MESHCORE_CERTIFICATES`` so): fetch them over SDS
+SDS_PREFIX = "sds:"
 _MATCH_KEY = "envoy.transport_socket_match"
 
 
@@ -86,13 +91,18 @@ class TlsManager:
                 self._workload_tried = True
         return self._workload
 
-    def _find_workload(self) -> Optional[FileCertificateSource]:
+    def _find_workload(self) -> Optional[Any]:
+        """A FileCertificateSource or an SdsCertificateSource (same interface), or None."""
         explicit = self._explicit
-        if isinstance(explicit, FileCertificateSource):
+        if isinstance(explicit, (FileCertificateSource, SdsCertificateSource)):
             return explicit
+        if isinstance(explicit, str) and explicit.startswith(SDS_PREFIX):
+            return SdsCertificateSource(explicit[len(SDS_PREFIX):], name=explicit)
         if explicit is not None:
             return FileCertificateSource.from_directory(os.fspath(explicit))
         env = os.environ.get(ENV_CERTIFICATES)
+        if env and env.startswith(SDS_PREFIX):
+            return SdsCertificateSource(env[len(SDS_PREFIX):], name=env)
         if env:
             return FileCertificateSource.from_directory(env)
         if "default" in self._providers:
@@ -100,6 +110,9 @@ class TlsManager:
         for d in ISTIO_CERT_DIRS:
             if os.path.exists(os.path.join(d, ISTIO_FILE_NAMES[0])):
                 return FileCertificateSource.from_directory(d)
+        for sock in ISTIO_SDS_SOCKETS:
+            if os.path.exists(sock):
+                return SdsCertificateSource("unix://" + os.path.abspath(sock), name="sds:unix://" + sock)
         return None
 
     def _provider_source(self, name: str) -> FileCertificateSource:
@@ -114,7 +127,8 @@ class TlsManager:
                 f"certificate provider {name!r}: plugin {provider.plugin_name!r} is not supported (file_watcher is)")
         src = FileCertificateSource(provider.certificate_file, provider.private_key_file,
                                     provider.ca_certificate_file, refresh_interval=provider.refresh_interval,
-                                    name=name)
+                                    name=name, spiffe_trust_bundle_map_file=getattr(
+                                        provider, "spiffe_trust_bundle_map_file", None))
         self._sources[name] = src
         return src
 

@@ -156,6 +156,40 @@ def _envoy_ciphers(suites: Tuple[str, ...]) -> str:
     return ":".join(names)
 
 
+def _spiffe_trust_domain(uri: str) -> Optional[str]:
+    """The trust domain of a valid SPIFFE ID (lower-cased), else ``None``."""
+    if not uri.lower().startswith("spiffe://"):
+        return None
+    td, _, path = uri[9:].partition("/")
+    if not td or any(not (c.isascii() and (c.isalnum() or c in "-._")) for c in td):
+        return None
+    if path and (path.endswith("/") or "//" in path or any(seg in (".", "..") for seg in path.split("/"))):
+        return None
+    return td.lower()
+
+
+def _verified_root_der(ssl_object: Any) -> Optional[bytes]:
+    """The DER of the root the peer's chain was verified to (``None``: unknown)."""
+    getter = getattr(ssl_object, "get_verified_chain", None)  # Python 3.13+
+    if getter is None:
+        inner = getattr(ssl_object, "_sslobj", None)
+        getter = getattr(inner, "get_verified_chain", None)
+    if getter is None:
+        return None
+    try:
+        chain = getter()
+    except (ssl.SSLError, ValueError, AttributeError):
+        return None
+    if not chain:
+        return None
+    last = chain[-1]
+    if isinstance(last, bytes):
+        return last
+    import _ssl
+
+    return last.public_bytes(_ssl.ENCODING_DER)  # type: ignore[no-any-return]
+
+
 class UpstreamTls:
     """The TLS a cluster's connections (or one transport-socket match of it) use.
 
@@ -250,6 +284,9 @@ class UpstreamTls:
             self._record("ssl.fail_verify_no_cert")
             raise TlsHandshakeError(self.cluster, endpoint, "the server presented no certificate",
                                     "ssl.fail_verify_no_cert")
+        roots = self._roots.peek()
+        if roots is not None and roots.bundles is not None:
+            self._check_trust_domain(ssl_object, cert, roots.bundles, endpoint)
         matchers = self._matchers
         if self.spec.auto_sni_san_validation:
             sni = self.server_hostname()
@@ -266,6 +303,26 @@ class UpstreamTls:
                     f"the server's certificate SANs {describe_sans(sans)} match none of the expected "
                     f"{describe_matchers(matchers)}", "ssl.fail_verify_san")
         self._record("ssl.handshake")
+
+    def _check_trust_domain(self, ssl_object: Any, cert: Dict[str, Any], bundles: Any, endpoint: str) -> None:
+        """A87: the peer has exactly one URI SAN, a SPIFFE ID, and its chain ends at a root of
+        that ID's trust domain (not merely at some root of the map)."""
+        uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+        td = _spiffe_trust_domain(uris[0]) if len(uris) == 1 else None
+        if td is None:
+            self._record("ssl.fail_verify_error")
+            raise TlsHandshakeError(self.cluster, endpoint, "SPIFFE bundle map in use: the server's certificate must "
+                                    f"carry exactly one URI SAN that is a SPIFFE ID, it has {uris}",
+                                    "ssl.fail_verify_error")
+        trusted = bundles.get(td)
+        root = _verified_root_der(ssl_object)
+        if trusted is None or root is None or root not in trusted:
+            self._record("ssl.fail_verify_error")
+            why = (f"no trust bundle for trust domain {td!r}" if trusted is None else
+                   "the verified chain could not be read" if root is None else
+                   f"its chain ends at a root that is not in trust domain {td!r}'s bundle")
+            raise TlsHandshakeError(self.cluster, endpoint, f"the server's SPIFFE ID {uris[0]}: {why}",
+                                    "ssl.fail_verify_error")
 
     def handshake_error(self, exc: BaseException, endpoint: str) -> TlsHandshakeError:
         """A handshake exception as a :class:`TlsHandshakeError` (counted)."""

@@ -315,6 +315,11 @@ class CertificateProvider:
         return self.config.get("ca_certificate_file")
 
     @property
+    def spiffe_trust_bundle_map_file(self) -> Optional[str]:
+        """``file_watcher``: a SPIFFE trust bundle map (A87); when set, ``ca_certificate_file`` is ignored."""
+        return self.config.get("spiffe_trust_bundle_map_file")
+
+    @property
     def refresh_interval(self) -> float:
         """``file_watcher``: how often to re-read the files, in seconds (default 600)."""
         raw = self.config.get("refresh_interval")
@@ -527,6 +532,9 @@ def _check_tls_config(config: Mapping[str, Any], resource: str, base: str) -> No
         )
     if config.get("refresh_interval") is not None:
         _duration_seconds(config["refresh_interval"], resource, f"{base}.refresh_interval")
+    bundle = config.get("spiffe_trust_bundle_map_file")
+    if bundle is not None and (not isinstance(bundle, str) or not bundle):
+        raise BootstrapError(resource, f"{base}.spiffe_trust_bundle_map_file", f"must be a non-empty string, got {bundle!r}")
 
 
 class _Reader:
@@ -665,8 +673,10 @@ class _Reader:
             config = {} if config is None else self.obj(config, f"{path}.config")
             if plugin == "file_watcher":
                 _check_tls_config(config, self.source, f"{path}.config")
-                if config.get("certificate_file") is None and config.get("ca_certificate_file") is None:
-                    raise self.error(f"{path}.config", "file_watcher needs certificate_file or ca_certificate_file")
+                if (config.get("certificate_file") is None and config.get("ca_certificate_file") is None
+                        and config.get("spiffe_trust_bundle_map_file") is None):
+                    raise self.error(f"{path}.config", "file_watcher needs certificate_file, ca_certificate_file "
+                                                       "or spiffe_trust_bundle_map_file")
             providers[name] = CertificateProvider(plugin, config)
         return providers
 
