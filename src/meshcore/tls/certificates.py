@@ -318,7 +318,8 @@ class FileCertificateSource:
                 new = CertificateSet(self._generation + 1, data[0], data[1], data[2], bundles)
             except (OSError, ValueError) as e:
                 self.reload_failures += 1
-                problem = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
+                problem = (f"cannot read {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename
+                           else f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
                 if problem != self.problem:
                     log.warning("certificates %r: %s; %s", self.name, problem,
                                 "keeping the last good ones" if self._set is not None else "no TLS until fixed")
