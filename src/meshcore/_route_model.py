@@ -26,14 +26,18 @@ __all__ = [
 ]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class StringMatchSpec:
-    """``envoy.type.matcher.v3.StringMatcher``. ``kind``: exact/prefix/suffix/contains/regex."""
+    """``envoy.type.matcher.v3.StringMatcher``. ``kind``: exact/prefix/suffix/contains/regex.
+
+    Frozen and hashable (it sits in the hashable ``xds.model.SanMatcherSpec``); equality and hash
+    leave out the compiled ``regex``, which ``value`` (the pattern) already determines.
+    """
 
     kind: str
     value: str
     ignore_case: bool = False
-    regex: Any = None  # compiled RE2 (google-re2) for kind == "regex"; full match
+    regex: Any = field(default=None, compare=False)  # compiled RE2 (google-re2) for kind == "regex"; full match
 
     def matches(self, s: str) -> bool:
         kind = self.kind

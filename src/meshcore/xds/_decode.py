@@ -1,4 +1,5 @@
-"""Small helpers shared by the xDS decoders: typed ``Any`` values, durations and percentages.
+"""Small helpers shared by the xDS decoders: typed ``Any`` values, durations, percentages, RE2
+regexes and ``StringMatcher``.
 
 Each helper raises :class:`~meshcore.errors.ConfigError` naming the resource and field path it is
 given, with Envoy's wording where Envoy has one.
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import re2
 from google.protobuf import json_format
 from google.protobuf import message as _message
 from xds.type.v3 import typed_struct_pb2 as _xds_typed_struct
 
+from .._route_model import StringMatchSpec
 from ..errors import ConfigError
 
 try:
@@ -19,8 +22,8 @@ try:
 except ImportError:  # pragma: no cover  (older xds-protos)
     _udpa_typed_struct = None
 
-__all__ = ["MAX_DURATION_SECONDS", "json_fields", "is_map", "is_repeated", "per_million", "seconds", "type_name",
-           "unpack"]
+__all__ = ["MAX_DURATION_SECONDS", "MAX_PROGRAM_SIZE", "compile_regex", "json_fields", "is_map", "is_repeated",
+           "per_million", "seconds", "string_matcher", "type_name", "unpack"]
 
 #: Envoy converts durations to int64 nanoseconds; from this many seconds on it reports
 #: "Duration out-of-range" (measured on Envoy 1.40: 9223372035.999999999 s passes).
@@ -108,6 +111,49 @@ def per_million(fraction: Any, resource: str, path: str) -> int:
     if factor is None:
         raise ConfigError(resource, f"{path}.denominator", f"unknown denominator {fraction.denominator}")
     return min(fraction.numerator * factor, 1_000_000)
+
+
+# -- regexes and string matchers -----------------------------------------------------------------
+
+MAX_PROGRAM_SIZE = 100  # runtime re2.max_program_size.error_level default
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+
+
+def compile_regex(pattern: str, resource: str, where: str) -> Any:
+    """Compile with RE2 semantics, rejecting what Envoy rejects (bad syntax; an RE2 program
+    larger than :data:`MAX_PROGRAM_SIZE`)."""
+    try:
+        compiled = re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as e:
+        raise ConfigError(resource, where, f"invalid regex {pattern!r}: {e}") from None
+    size = compiled.programsize
+    if size > MAX_PROGRAM_SIZE:
+        raise ConfigError(
+            resource, where,
+            f"regex {pattern!r} is too complex: RE2 program size {size} > max program size {MAX_PROGRAM_SIZE}",
+        )
+    return compiled
+
+
+def string_matcher(m: Any, resource: str, where: str) -> StringMatchSpec:
+    """An ``envoy.type.matcher.v3.StringMatcher`` as a :class:`StringMatchSpec`, with Envoy's
+    checks: a match pattern is required, ``prefix``/``suffix``/``contains`` must not be empty,
+    ``ignore_case`` is refused on ``safe_regex``, ``custom`` (extension matchers) is unsupported."""
+    kind = m.WhichOneof("match_pattern")
+    if kind is None:
+        raise ConfigError(resource, where, "string matcher has no match pattern")
+    if kind == "safe_regex":
+        if m.ignore_case:
+            raise ConfigError(resource, where + ".ignore_case", "ignore_case has no effect for safe_regex")
+        return StringMatchSpec("regex", m.safe_regex.regex, False,
+                               compile_regex(m.safe_regex.regex, resource, where + ".safe_regex.regex"))
+    if kind not in ("exact", "prefix", "suffix", "contains"):
+        raise ConfigError(resource, where + "." + kind, "unsupported string matcher")
+    value = getattr(m, kind)
+    if kind != "exact" and not value:
+        raise ConfigError(resource, where + "." + kind, "value length must be at least 1")
+    return StringMatchSpec(kind, value, m.ignore_case)
 
 
 # -- protobuf descriptors (the JSON/YAML readers of resource files and of typed LB configs) ------

@@ -122,6 +122,9 @@ class XdsClient:
         self.node = bootstrap.node
         self.delta = (getattr(bootstrap, "api_type", "GRPC") == "DELTA_GRPC") if delta is None else delta
         self._servers = tuple(bootstrap.xds_servers)
+        # TLS contexts may name only these certificate provider instances (A29); None: unchecked
+        providers = getattr(bootstrap, "certificate_providers", None)
+        self._cert_providers = None if providers is None else frozenset(providers)
         self._on_update = on_update or (lambda changed: None)
         self._resource_timeout = resource_timeout
         self._backoff = backoff or Backoff()
@@ -479,7 +482,7 @@ class XdsClient:
             return
         try:
             msg = rt.message_class.FromString(data)
-            spec = rt.decode(msg)
+            spec = rt.decode(msg, providers=self._cert_providers)
         except ConfigError as err:
             reason = str(err)  # names the resource already when the decoder knew its name
             self._reject(e, reason if reason.startswith(f"{name}: ") else f"{name}: {reason}",

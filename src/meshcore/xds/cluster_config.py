@@ -38,12 +38,12 @@ Other fields, with Envoy's defaults and checks:
   (``max_ejection_percent``, ``enforcing_*``, ``failure_percentage_threshold``) <= 100, and
   ``max_ejection_time`` >= ``base_ejection_time``. An unset ``max_ejection_time`` is recorded as
   max(300 s, base_ejection_time), which is what Envoy 1.40 accepts. ``monitors`` is ignored.
-* ``transport_socket``: ``UpstreamTlsContext`` -> :class:`UpstreamTlsSpec` (see :func:`_tls`),
-  ``RawBuffer`` -> plaintext, anything else (for example Istio's ``internal_upstream``) is an
-  error. ``transport_socket_matches`` is ignored: gRPC NACKs it, but Istio's Envoy-sidecar
-  clusters carry it (auto-mTLS by endpoint ``tlsMode`` metadata, with SDS certificates meshcore
-  cannot load anyway), and ignoring it means always taking the plaintext fallback. Istio's
-  proxyless generator sets ``transport_socket`` instead.
+* ``transport_socket``: ``UpstreamTlsContext`` -> :class:`UpstreamTlsSpec`, ``RawBuffer`` ->
+  plaintext (``tls`` None), anything else (for example Istio's ``internal_upstream``) is an
+  error; ``name`` and ``typed_config`` are required. ``transport_socket_matches`` (Istio's
+  sidecar auto-mTLS) -> :class:`TransportSocketMatchSpec` each (``name`` required, ``match``
+  as sorted hashable ``(key, value)`` pairs, the socket validated like ``transport_socket``).
+  ``transport_socket_matcher`` (the matcher-tree form) is an error. TLS details below.
 * ``typed_extension_protocol_options``: the ``HttpProtocolOptions`` entry (key
   ``envoy.extensions.upstreams.http.v3.HttpProtocolOptions`` or
   ``envoy.upstreams.http.http_protocol_options``) sets ``http2`` for an explicit
@@ -52,22 +52,62 @@ Other fields, with Envoy's defaults and checks:
   Other keys are ignored (Envoy rejects names it has no extension for). The deprecated
   cluster-level ``http2_protocol_options`` also sets ``http2``.
 * ``alt_stat_name`` is copied.
+
+TLS (``UpstreamTlsContext``), Envoy's meaning with gRPC A29's limits (see :func:`_tls`):
+
+* Identity (optional: none is one-way TLS): ``tls_certificate_provider_instance``, else the
+  deprecated ``tls_certificate_certificate_provider_instance`` -> ``CertificateRef("provider",
+  instance_name, certificate_name)``; else ``tls_certificate_sds_secret_configs`` (exactly one;
+  Envoy refuses more for clients) -> ``CertificateRef("sds", name)`` (Istio: ``default``; the
+  ``sds_config`` is not used, the mesh's certificate source resolves the name). Inline or file
+  ``tls_certificates``, ``custom_handshaker``, ``custom_tls_certificate_selector`` and
+  ``tls_certificate_certificate_provider`` are errors.
+* Roots (required, A29): ``ca_certificate_provider_instance`` of ``validation_context`` or of
+  ``combined_validation_context.default_validation_context``, else the deprecated
+  ``validation_context_certificate_provider_instance`` (top level or in the combined context,
+  as Istio's proxyless generator sends), else ``validation_context_sds_secret_config`` (top
+  level or combined; Istio sidecars: ``ROOTCA``). ``trusted_ca``, ``watched_directory``,
+  ``system_root_certs``, ``crl``, ``custom_validator_config``, ``max_verify_depth``,
+  ``verify_certificate_spki``/``_hash``, ``require_signed_certificate_timestamp: true``,
+  ``allow_expired_certificate: true`` and ``trust_chain_verification: ACCEPT_UNTRUSTED`` are
+  errors (nothing may verify less than Envoy would). ``only_verify_leaf_cert_crl`` is ignored
+  (meaningless without ``crl``).
+* SAN matchers: ``match_typed_subject_alt_names`` (DNS, URI, EMAIL, IP_ADDRESS; OTHER_NAME and
+  unspecified types are errors), else the deprecated untyped ``match_subject_alt_names`` (type
+  ``""``: any SAN of those four types); full StringMatcher semantics (``_decode.string_matcher``).
+* ``sni`` (at most 255 bytes), ``auto_host_sni``, ``auto_sni_san_validation``, ``alpn_protocols``
+  (split on ``,``, empty entries dropped, as Envoy does; over 255 bytes is an error) and
+  ``tls_params`` (min/max version, ``cipher_suites``; min above max is an error; A29 NACKs
+  ``tls_params`` but Envoy honours it and Istio's sidecar clusters set it) are recorded.
+  ``ecdh_curves``, ``signature_algorithms``, ``compliance_policies``, ``key_log``,
+  ``allow_renegotiation``, ``max_session_keys`` and ``enforce_rsa_key_usage`` are ignored.
+* With ``providers`` (the bootstrap's ``certificate_providers`` names), a provider instance
+  name it does not define is an error (A29).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import json_format
 
 from ..errors import ConfigError
-from ._decode import seconds, unpack
+from ._decode import seconds, string_matcher, unpack
 from .lb_config import _CLUSTER_LB_FIELDS, _coerce, assignment_arguments, cluster_lb_arguments
-from .model import CircuitBreakers, ClusterSpec, OutlierDetectionSpec, UpstreamTlsSpec
+from .model import (
+    CertificateRef,
+    CircuitBreakers,
+    ClusterSpec,
+    OutlierDetectionSpec,
+    SanMatcherSpec,
+    TransportSocketMatchSpec,
+    UpstreamTlsSpec,
+)
 from .route_config import check_pgv
 
 __all__ = ["cluster_spec"]
@@ -91,7 +131,8 @@ _HPO_KEYS = (_HPO.DESCRIPTOR.full_name, "envoy.upstreams.http.http_protocol_opti
 # Cluster fields parsed from a dict (the rest is only checked to be a known field name).
 _CLUSTER_FIELDS = _CLUSTER_LB_FIELDS | {
     "eds_cluster_config", "connect_timeout", "circuit_breakers", "outlier_detection",
-    "transport_socket", "typed_extension_protocol_options", "http2_protocol_options", "alt_stat_name",
+    "transport_socket", "transport_socket_matches", "transport_socket_matcher", "typed_extension_protocol_options",
+    "http2_protocol_options", "alt_stat_name",
 }
 
 _DEFAULT_BREAKERS = CircuitBreakers()
@@ -112,8 +153,13 @@ _DEFAULT_MAX_EJECTION_TIME = 300.0
 _MODELLED = frozenset(OutlierDetectionSpec.__dataclass_fields__)  # type: ignore[attr-defined]
 
 
-def cluster_spec(cluster: Any) -> ClusterSpec:
-    """Validate and convert a Cluster; raise ``ConfigError`` naming the field."""
+def cluster_spec(cluster: Any, providers: Optional[Collection[str]] = None) -> ClusterSpec:
+    """Validate and convert a Cluster; raise ``ConfigError`` naming the field.
+
+    ``providers``: the certificate provider instance names the bootstrap defines (its
+    ``certificate_providers`` mapping will do); a TLS context naming another instance is an
+    error (A29). ``None`` skips that check (resources from a file, no bootstrap).
+    """
     c = _coerce(cluster, _Cluster, "name", "Cluster", trim=_CLUSTER_FIELDS)
     name = c.name
     if not name:
@@ -149,7 +195,11 @@ def cluster_spec(cluster: Any) -> ClusterSpec:
     if c.HasField("outlier_detection"):
         fields["outlier_detection"] = _outlier_detection(c.outlier_detection, name)
     if c.HasField("transport_socket"):
-        fields["tls"] = _transport_socket(c.transport_socket, name)
+        fields["tls"] = _transport_socket(c.transport_socket, name, "transport_socket", providers)
+    if len(c.transport_socket_matches):
+        fields["transport_socket_matches"] = _socket_matches(c, name, providers)
+    if c.HasField("transport_socket_matcher"):
+        raise ConfigError(name, "transport_socket_matcher", "not supported (use transport_socket_matches)")
     if c.HasField("http2_protocol_options") or len(c.typed_extension_protocol_options):
         fields["http2"] = _http2(c, name)
     if c.alt_stat_name:
@@ -281,127 +331,278 @@ def _outlier_detection(od: Any, name: str) -> OutlierDetectionSpec:
     return OutlierDetectionSpec(**values)
 
 
-# -- transport socket and protocol options ------------------------------------------------------
+# -- transport sockets ----------------------------------------------------------------------------
+
+_TLS_VERSIONS = {0: "", 1: "TLSv1_0", 2: "TLSv1_1", 3: "TLSv1_2", 4: "TLSv1_3"}  # TlsParameters.TlsProtocol
+_SAN_TYPES = {1: "EMAIL", 2: "DNS", 3: "URI", 4: "IP_ADDRESS"}  # SubjectAltNameMatcher.SanType
+_OTHER_NAME = 5
+_ACCEPT_UNTRUSTED = 1  # CertificateValidationContext.TrustChainVerification
+_ROOTS_ONLY_FROM = "roots come only from ca_certificate_provider_instance or an SDS validation context secret"
+_NO_TRUSTED_CA_SAN = "SAN-based verification of peer certificates without trusted CA is insecure and not allowed"
+_UNSUPPORTED_COMMON = {
+    "custom_handshaker": "custom handshakers are not supported (gRPC A29)",
+    "custom_tls_certificate_selector": "custom TLS certificate selectors are not supported",
+    "tls_certificate_certificate_provider": "not supported (use tls_certificate_provider_instance)",
+}
+_UNSUPPORTED_VALIDATION = {
+    "trusted_ca": f"inline or file CA certificates are not supported: {_ROOTS_ONLY_FROM}",
+    "watched_directory": f"not supported: {_ROOTS_ONLY_FROM}",
+    "system_root_certs": f"system root certificates are not supported: {_ROOTS_ONLY_FROM}",
+    "crl": "certificate revocation lists are not supported (gRPC A29)",
+    "custom_validator_config": "custom certificate validators are not supported (gRPC A29)",
+    "max_verify_depth": "not supported: the certificate chain depth cannot be limited",
+}
+_UNSUPPORTED_VALIDATION_LISTS = {
+    "verify_certificate_spki": "certificate pinning is not supported (gRPC A29)",
+    "verify_certificate_hash": "certificate pinning is not supported (gRPC A29)",
+}
 
 
-def _transport_socket(ts: Any, name: str) -> Optional[UpstreamTlsSpec]:
+def _transport_socket(
+    ts: Any, name: str, path: str, providers: Optional[Collection[str]]
+) -> Optional[UpstreamTlsSpec]:
+    """A ``TransportSocket``: ``UpstreamTlsContext`` -> :class:`UpstreamTlsSpec`, ``RawBuffer`` ->
+    ``None`` (plaintext); anything else is an error."""
     if not ts.name:
-        raise ConfigError(name, "transport_socket.name", "value length must be at least 1 characters")
+        raise ConfigError(name, f"{path}.name", "value length must be at least 1 characters")
     if not ts.HasField("typed_config"):
         raise ConfigError(
-            name, "transport_socket.typed_config", f"Didn't find a registered implementation for {ts.name!r}"
+            name, f"{path}.typed_config", f"Didn't find a registered implementation for {ts.name!r}"
         )
-    msg, type_name = unpack(ts.typed_config, _SOCKETS, name, "transport_socket.typed_config")
+    msg, type_name = unpack(ts.typed_config, _SOCKETS, name, f"{path}.typed_config")
     if msg is None:
         raise ConfigError(
-            name, "transport_socket.typed_config",
+            name, f"{path}.typed_config",
             f"unsupported transport socket {type_name} (supported: UpstreamTlsContext, RawBuffer)",
         )
     if type_name == _RAW_NAME:
         return None
-    return _tls(msg, name, "transport_socket.typed_config")
+    return _tls(msg, name, f"{path}.typed_config", providers)
 
 
-def _tls(ctx: Any, name: str, path: str) -> UpstreamTlsSpec:
-    """``UpstreamTlsContext`` -> :class:`UpstreamTlsSpec`, following gRPC's client rules (A29).
+def _socket_matches(c: Any, name: str, providers: Optional[Collection[str]]) -> Tuple[TransportSocketMatchSpec, ...]:
+    out = []
+    for i, m in enumerate(c.transport_socket_matches):
+        path = f"transport_socket_matches[{i}]"
+        if not m.name:
+            raise ConfigError(name, f"{path}.name", "value length must be at least 1 characters")
+        tls = _transport_socket(m.transport_socket, name, f"{path}.transport_socket", providers)
+        out.append(TransportSocketMatchSpec(m.name, _frozen(json_format.MessageToDict(m.match)), tls))
+    return tuple(out)
 
-    Certificates come only from certificate provider instances (named in the bootstrap's
-    ``certificate_providers``; the caller checks the names exist): the identity from
-    ``tls_certificate_provider_instance`` (or the deprecated
-    ``tls_certificate_certificate_provider_instance``), the roots from the validation context's
-    ``ca_certificate_provider_instance`` (or the deprecated
-    ``validation_context_certificate_provider_instance``, as Istio's proxyless generator sends).
-    A root provider is required. SDS, inline or file certificates, ``tls_params``,
-    ``custom_handshaker``, custom validators, SPKI/hash pins, CRLs, signed-certificate-timestamp
-    checks and typed SAN matchers are errors; SAN matchers must be ``exact`` (case-sensitive).
-    ``sni`` is limited to 255 bytes (Envoy).
+
+def _frozen(value: Any) -> Any:
+    """A JSON value (from a ``Struct``) as a hashable one: objects -> key-sorted ``(key, value)``
+    tuples, lists -> tuples."""
+    if isinstance(value, dict):
+        return tuple(sorted(((k, _frozen(v)) for k, v in value.items()), key=lambda kv: kv[0]))
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _tls(ctx: Any, name: str, path: str, providers: Optional[Collection[str]]) -> UpstreamTlsSpec:
+    """``UpstreamTlsContext`` -> :class:`UpstreamTlsSpec` (Envoy's meaning, gRPC A29's limits).
+
+    Identity: ``tls_certificate_provider_instance``, else the deprecated
+    ``tls_certificate_certificate_provider_instance``, else the one
+    ``tls_certificate_sds_secret_configs`` entry (by name; its ``sds_config`` is not used: the
+    mesh's certificate source resolves the name); none is one-way TLS. Roots: see
+    :func:`_roots`. ``providers`` (instance names from the bootstrap, ``None`` = unchecked)
+    makes an unknown provider instance name an error (A29).
     """
     sni = ctx.sni
-    if len(sni.encode()) > 255:
+    if len(sni.encode("utf-8", "surrogatepass")) > 255:
         raise ConfigError(name, f"{path}.sni", "value length must be at most 255 bytes")
     common = ctx.common_tls_context
     cpath = f"{path}.common_tls_context"
-    for field in ("tls_certificates", "tls_certificate_sds_secret_configs"):
-        if len(getattr(common, field)):
-            raise ConfigError(
-                name, f"{cpath}.{field}",
-                "only certificate provider instances are supported (tls_certificate_provider_instance)",
-            )
-    for field in ("tls_params", "custom_handshaker", "custom_tls_certificate_selector",
-                  "tls_certificate_certificate_provider"):
+    for field, reason in _UNSUPPORTED_COMMON.items():
         if common.HasField(field):
-            raise ConfigError(name, f"{cpath}.{field}", "not supported")
+            raise ConfigError(name, f"{cpath}.{field}", reason)
+    if len(common.tls_certificates):
+        raise ConfigError(
+            name, f"{cpath}.tls_certificates",
+            "inline or file certificates are not supported: meshcore takes the identity only from a "
+            "certificate provider instance (tls_certificate_provider_instance) or an SDS secret name "
+            "(tls_certificate_sds_secret_configs)",
+        )
+    identity = _identity(common, name, cpath, providers)
+    roots, san_matchers = _roots(common, name, cpath, providers)
+    fields: Dict[str, Any] = {}
+    if common.HasField("tls_params"):
+        fields.update(_tls_params(common.tls_params, name, f"{cpath}.tls_params"))
+    alpn = _alpn(common.alpn_protocols, name, f"{cpath}.alpn_protocols")
+    return UpstreamTlsSpec(
+        sni=sni, identity=identity, roots=roots, san_matchers=san_matchers, alpn_protocols=alpn,
+        auto_host_sni=ctx.auto_host_sni, auto_sni_san_validation=ctx.auto_sni_san_validation, **fields,
+    )
 
-    identity = ""
+
+def _identity(common: Any, name: str, cpath: str, providers: Optional[Collection[str]]) -> Optional[CertificateRef]:
     for field in ("tls_certificate_provider_instance", "tls_certificate_certificate_provider_instance"):
         if common.HasField(field):
-            identity = _instance(getattr(common, field), name, f"{cpath}.{field}")
-            break
+            return _provider(getattr(common, field), name, f"{cpath}.{field}", providers)
+    sds = common.tls_certificate_sds_secret_configs
+    if len(sds) > 1:
+        raise ConfigError(name, f"{cpath}.tls_certificate_sds_secret_configs",
+                          "Multiple TLS certificates are not supported for client contexts")
+    if len(sds) == 1:
+        return _sds(sds[0], name, f"{cpath}.tls_certificate_sds_secret_configs[0]")
+    return None
 
-    roots = ""
-    sans: Tuple[str, ...] = ()
+
+def _provider(instance: Any, name: str, path: str, providers: Optional[Collection[str]]) -> CertificateRef:
+    """A ``CertificateProviderPluginInstance`` (or the deprecated ``CertificateProviderInstance``)."""
+    instance_name = instance.instance_name
+    if not instance_name:
+        raise ConfigError(name, f"{path}.instance_name", "value length must be at least 1 characters")
+    if providers is not None and instance_name not in providers:
+        raise ConfigError(name, f"{path}.instance_name",
+                          f'unrecognized certificate provider instance name: "{instance_name}"')
+    return CertificateRef("provider", instance_name, instance.certificate_name)
+
+
+def _sds(config: Any, name: str, path: str) -> CertificateRef:
+    if not config.name:
+        raise ConfigError(name, f"{path}.name", "value length must be at least 1 characters")
+    return CertificateRef("sds", config.name)
+
+
+def _roots(
+    common: Any, name: str, cpath: str, providers: Optional[Collection[str]]
+) -> Tuple[CertificateRef, Tuple[SanMatcherSpec, ...]]:
+    """The roots and SAN matchers of a CommonTlsContext's ``validation_context_type``.
+
+    ``validation_context`` (roots from its ``ca_certificate_provider_instance``),
+    ``combined_validation_context`` (roots from ``default_validation_context``'s
+    ``ca_certificate_provider_instance``, else the deprecated
+    ``validation_context_certificate_provider_instance``, else ``validation_context_sds_secret_config``),
+    or the top-level deprecated ``validation_context_certificate_provider_instance`` or
+    ``validation_context_sds_secret_config`` (roots only). No roots is an error (A29; Envoy
+    refuses SAN matchers without a trusted CA).
+    """
     which = common.WhichOneof("validation_context_type")
     vpath = f"{cpath}.{which}"
+    if which == "validation_context_certificate_provider_instance":
+        return _provider(common.validation_context_certificate_provider_instance, name, vpath, providers), ()
+    if which == "validation_context_sds_secret_config":
+        return _sds(common.validation_context_sds_secret_config, name, vpath), ()
+    if which == "validation_context_certificate_provider":
+        raise ConfigError(name, vpath, "not supported (use ca_certificate_provider_instance)")
+    roots: Optional[CertificateRef] = None
+    sans: Tuple[SanMatcherSpec, ...] = ()
     if which == "validation_context":
-        roots, sans = _validation_context(common.validation_context, name, vpath)
+        roots, sans = _validation_context(common.validation_context, name, vpath, providers)
     elif which == "combined_validation_context":
         combined = common.combined_validation_context
-        if combined.HasField("validation_context_sds_secret_config"):
-            raise ConfigError(name, f"{vpath}.validation_context_sds_secret_config", "SDS is not supported")
         if combined.HasField("validation_context_certificate_provider"):
-            raise ConfigError(name, f"{vpath}.validation_context_certificate_provider", "not supported")
+            raise ConfigError(name, f"{vpath}.validation_context_certificate_provider",
+                              "not supported (use ca_certificate_provider_instance)")
         roots, sans = _validation_context(combined.default_validation_context, name,
-                                          f"{vpath}.default_validation_context")
-        if not roots and combined.HasField("validation_context_certificate_provider_instance"):
-            roots = _instance(combined.validation_context_certificate_provider_instance, name,
-                              f"{vpath}.validation_context_certificate_provider_instance")
-    elif which == "validation_context_certificate_provider_instance":
-        roots = _instance(common.validation_context_certificate_provider_instance, name, vpath)
-    elif which is not None:
-        raise ConfigError(name, vpath, "not supported (use a certificate provider instance)")
-    if not roots:
+                                          f"{vpath}.default_validation_context", providers)
+        if roots is None and combined.HasField("validation_context_certificate_provider_instance"):
+            roots = _provider(combined.validation_context_certificate_provider_instance, name,
+                              f"{vpath}.validation_context_certificate_provider_instance", providers)
+        if roots is None and combined.HasField("validation_context_sds_secret_config"):
+            roots = _sds(combined.validation_context_sds_secret_config, name,
+                         f"{vpath}.validation_context_sds_secret_config")
+    if roots is None:
+        if sans:
+            raise ConfigError(name, vpath, _NO_TRUSTED_CA_SAN)
         raise ConfigError(
-            name, cpath, "a CA certificate provider instance is required "
-            "(validation_context.ca_certificate_provider_instance)",
+            name, cpath if which is None else vpath,
+            "no root certificates: a client needs a validation context with ca_certificate_provider_instance "
+            "or an SDS validation context secret (gRPC A29)",
         )
-    return UpstreamTlsSpec(sni=sni, certificate_provider_instance=identity, ca_provider_instance=roots,
-                           match_subject_alt_names=sans)
+    return roots, sans
 
 
-def _instance(instance: Any, name: str, path: str) -> str:
-    if not instance.instance_name:
-        raise ConfigError(name, f"{path}.instance_name", "value length must be at least 1 characters")
-    return instance.instance_name
-
-
-_UNSUPPORTED_VALIDATION = (
-    "trusted_ca", "watched_directory", "crl", "custom_validator_config", "system_root_certs",
-)
-_UNSUPPORTED_VALIDATION_LISTS = (
-    "verify_certificate_spki", "verify_certificate_hash", "match_typed_subject_alt_names",
-)
-
-
-def _validation_context(vc: Any, name: str, path: str) -> Tuple[str, Tuple[str, ...]]:
-    """``(root provider instance name or "", exact SAN values)`` of a CertificateValidationContext."""
-    for field in _UNSUPPORTED_VALIDATION:
+def _validation_context(
+    vc: Any, name: str, path: str, providers: Optional[Collection[str]]
+) -> Tuple[Optional[CertificateRef], Tuple[SanMatcherSpec, ...]]:
+    """``(roots from ca_certificate_provider_instance or None, SAN matchers)`` of a
+    CertificateValidationContext; whatever would verify less than Envoy is an error."""
+    for field, reason in _UNSUPPORTED_VALIDATION.items():
         if vc.HasField(field):
-            raise ConfigError(name, f"{path}.{field}", "not supported (use ca_certificate_provider_instance)")
-    for field in _UNSUPPORTED_VALIDATION_LISTS:
+            raise ConfigError(name, f"{path}.{field}", reason)
+    for field, reason in _UNSUPPORTED_VALIDATION_LISTS.items():
         if len(getattr(vc, field)):
-            raise ConfigError(name, f"{path}.{field}", "not supported")
-    if vc.HasField("require_signed_certificate_timestamp") and vc.require_signed_certificate_timestamp.value:
-        raise ConfigError(name, f"{path}.require_signed_certificate_timestamp", "not supported")
-    roots = ""
+            raise ConfigError(name, f"{path}.{field}", reason)
+    if vc.require_signed_certificate_timestamp.value:
+        raise ConfigError(name, f"{path}.require_signed_certificate_timestamp",
+                          "signed certificate timestamps are not supported (gRPC A29)")
+    if vc.allow_expired_certificate:
+        raise ConfigError(name, f"{path}.allow_expired_certificate",
+                          "accepting expired certificates is not supported: peer certificates are always fully verified")
+    if vc.trust_chain_verification:
+        if vc.trust_chain_verification == _ACCEPT_UNTRUSTED:
+            raise ConfigError(name, f"{path}.trust_chain_verification",
+                              "ACCEPT_UNTRUSTED is not supported: peer certificates are always verified")
+        raise ConfigError(name, f"{path}.trust_chain_verification",
+                          f"value must be one of the defined enum values (got {vc.trust_chain_verification})")
+    roots = None
     if vc.HasField("ca_certificate_provider_instance"):
-        roots = _instance(vc.ca_certificate_provider_instance, name, f"{path}.ca_certificate_provider_instance")
+        roots = _provider(vc.ca_certificate_provider_instance, name, f"{path}.ca_certificate_provider_instance",
+                          providers)
     sans = []
-    for i, m in enumerate(vc.match_subject_alt_names):
-        if m.WhichOneof("match_pattern") != "exact" or m.ignore_case:
-            raise ConfigError(name, f"{path}.match_subject_alt_names[{i}]",
-                              "only exact, case-sensitive subject alt name matchers are supported")
-        sans.append(m.exact)
+    if len(vc.match_typed_subject_alt_names):  # the untyped list is then ignored (Envoy)
+        for i, m in enumerate(vc.match_typed_subject_alt_names):
+            sans.append(_typed_san(m, name, f"{path}.match_typed_subject_alt_names[{i}]"))
+    else:
+        for i, m in enumerate(vc.match_subject_alt_names):
+            sans.append(SanMatcherSpec("", string_matcher(m, name, f"{path}.match_subject_alt_names[{i}]")))
     return roots, tuple(sans)
+
+
+def _typed_san(m: Any, name: str, path: str) -> SanMatcherSpec:
+    san_type = _SAN_TYPES.get(m.san_type)
+    if san_type is None:
+        if m.san_type == 0:
+            reason = "a SAN type is required (SAN_TYPE_UNSPECIFIED)"
+        elif m.san_type == _OTHER_NAME:
+            reason = "OTHER_NAME subject alt name matchers are not supported"
+        else:
+            reason = f"value must be one of the defined enum values (got {m.san_type})"
+        raise ConfigError(name, f"{path}.san_type", reason)
+    if not m.HasField("matcher"):
+        raise ConfigError(name, f"{path}.matcher", "value is required")
+    return SanMatcherSpec(san_type, string_matcher(m.matcher, name, f"{path}.matcher"))
+
+
+def _tls_params(tp: Any, name: str, path: str) -> Dict[str, Any]:
+    """``min_version``/``max_version``/``cipher_suites`` of TlsParameters. ``ecdh_curves``,
+    ``signature_algorithms`` and ``compliance_policies`` are accepted and ignored (the TLS
+    library's defaults apply)."""
+    versions = []
+    for field in ("tls_minimum_protocol_version", "tls_maximum_protocol_version"):
+        v = getattr(tp, field)
+        if v not in _TLS_VERSIONS:
+            raise ConfigError(name, f"{path}.{field}", f"value must be one of the defined enum values (got {v})")
+        versions.append(v)
+    low, high = versions
+    if low and high and low > high:
+        raise ConfigError(
+            name, f"{path}.tls_minimum_protocol_version",
+            f"minimum TLS version {_TLS_VERSIONS[low]} is above the maximum {_TLS_VERSIONS[high]}",
+        )
+    return {"min_version": _TLS_VERSIONS[low], "max_version": _TLS_VERSIONS[high],
+            "cipher_suites": tuple(tp.cipher_suites)}
+
+
+def _alpn(protocols: Any, name: str, path: str) -> Tuple[str, ...]:
+    """Envoy joins ``alpn_protocols`` with ``,`` and splits the result again, dropping empty
+    entries; a protocol of more than 255 bytes is an error."""
+    out = []
+    for i, entry in enumerate(protocols):
+        for protocol in entry.split(","):
+            if len(protocol.encode("utf-8", "surrogatepass")) > 255:
+                raise ConfigError(name, f"{path}[{i}]", "Invalid ALPN protocol string (more than 255 bytes)")
+            if protocol:
+                out.append(protocol)
+    return tuple(out)
+
+
+# -- protocol options -----------------------------------------------------------------------------
 
 
 def _http2(c: Any, name: str) -> bool:

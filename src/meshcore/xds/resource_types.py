@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Collection, Dict, Optional
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -18,25 +18,29 @@ __all__ = ["ResourceType", "RESOURCE_TYPES", "RESOURCE_WRAPPER"]
 RESOURCE_WRAPPER = "type.googleapis.com/envoy.service.discovery.v3.Resource"
 
 
-def _listener(msg: Any) -> Any:
+# Every decoder takes ``providers``: the bootstrap's certificate provider instance names (None
+# when there is no bootstrap, for example resources from a file: the names are then not checked).
+
+
+def _listener(msg: Any, providers: Optional[Collection[str]] = None) -> Any:
     from .listener_config import listener_spec
 
     return listener_spec(msg)
 
 
-def _route(msg: Any) -> Any:
+def _route(msg: Any, providers: Optional[Collection[str]] = None) -> Any:
     from .route_config import route_config_spec
 
     return route_config_spec(msg)
 
 
-def _cluster(msg: Any) -> Any:
+def _cluster(msg: Any, providers: Optional[Collection[str]] = None) -> Any:
     from .cluster_config import cluster_spec
 
-    return cluster_spec(msg)
+    return cluster_spec(msg, providers)
 
 
-def _endpoints(msg: Any) -> Any:
+def _endpoints(msg: Any, providers: Optional[Collection[str]] = None) -> Any:
     from .endpoint_config import endpoints_spec
 
     return endpoints_spec(msg)
@@ -47,7 +51,7 @@ class ResourceType:
     type_url: str
     message_class: Any
     name_field: str
-    decode: Callable[[Any], Any]  # message -> model; raises ConfigError
+    decode: Callable[..., Any]  # (message, providers=None) -> model; raises ConfigError
     #: SotW: every response carries the full set, so a cached name missing from it is deleted
     #: (LDS, CDS). RDS and EDS responses may be partial: absence means nothing.
     full_state_in_sotw: bool

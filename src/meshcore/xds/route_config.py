@@ -38,33 +38,17 @@ from .._route_model import (
 )
 from .._routing import ascii_lower
 from ..errors import ConfigError
-from ._decode import MAX_DURATION_SECONDS, is_repeated, type_name
+from ._decode import _RE2_OPTIONS as _OPTIONS
+from ._decode import MAX_PROGRAM_SIZE  # noqa: F401  (re-exported; lives in _decode with compile_regex)
+from ._decode import MAX_DURATION_SECONDS, compile_regex, is_repeated, string_matcher, type_name
 from .lb_config import _coerce
 
 __all__ = ["check_pgv", "compile_regex", "route_config_spec"]
 
-MAX_PROGRAM_SIZE = 100  # runtime re2.max_program_size.error_level default
 _UINT32_MAX = 0xFFFFFFFF
 _REDIRECT_CODES = {0: 301, 1: 302, 2: 303, 3: 307, 4: 308}
 _DENOMINATORS = {0: 100, 1: 10000, 2: 1000000}
 _REQUIRE_TLS = {0: "NONE", 1: "EXTERNAL_ONLY", 2: "ALL"}
-_OPTIONS = re2.Options()
-_OPTIONS.log_errors = False
-
-
-def compile_regex(pattern: str, resource: str, where: str) -> Any:
-    """Compile with RE2 semantics, rejecting what Envoy rejects."""
-    try:
-        compiled = re2.compile(pattern, _OPTIONS)
-    except re2.error as e:
-        raise ConfigError(resource, where, f"invalid regex {pattern!r}: {e}") from None
-    size = compiled.programsize
-    if size > MAX_PROGRAM_SIZE:
-        raise ConfigError(
-            resource, where,
-            f"regex {pattern!r} is too complex: RE2 program size {size} > max program size {MAX_PROGRAM_SIZE}",
-        )
-    return compiled
 
 
 class _Ctx:
@@ -82,20 +66,7 @@ def _duration(d: Any) -> float:
 
 
 def _string_matcher(ctx: _Ctx, m: Any, where: str) -> StringMatchSpec:
-    kind = m.WhichOneof("match_pattern")
-    if kind is None:
-        raise ctx.error(where, "string matcher has no match pattern")
-    if kind == "safe_regex":
-        if m.ignore_case:
-            raise ctx.error(where + ".ignore_case", "ignore_case has no effect for safe_regex")
-        return StringMatchSpec("regex", m.safe_regex.regex, False,
-                               compile_regex(m.safe_regex.regex, ctx.resource, where + ".safe_regex.regex"))
-    if kind not in ("exact", "prefix", "suffix", "contains"):
-        raise ctx.error(where + "." + kind, "unsupported string matcher")
-    value = getattr(m, kind)
-    if kind != "exact" and not value:
-        raise ctx.error(where + "." + kind, "value length must be at least 1")
-    return StringMatchSpec(kind, value, m.ignore_case)
+    return string_matcher(m, ctx.resource, where)  # shared with cluster_config (_decode)
 
 
 def _header_matcher(ctx: _Ctx, h: Any, where: str) -> HeaderMatchSpec:
