@@ -157,6 +157,7 @@ class MeshBase:
         if not self._started:
             self._started = True
             self._source.start()
+            self.tls.start()  # an SDS certificate stream starts fetching now, not at the first connection
         return self
 
     def close(self) -> None:
@@ -168,6 +169,7 @@ class MeshBase:
             self._csds_server = None
         self._source.close()
         self._publisher.close()  # publishes nothing: the next pick/request finds no configuration
+        self.tls.close()
 
     @property
     def closed(self) -> bool:

@@ -18,6 +18,7 @@ cluster's ``transport_socket``. ``None`` means plaintext.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -36,6 +37,8 @@ ISTIO_SDS_SOCKETS = (ISTIO_SDS_SOCKET,)
 #: ``certificates="sds:<grpc target>"`` (or ``$MESHCORE_CERTIFICATES`` so): fetch them over SDS
 SDS_PREFIX = "sds:"
 _MATCH_KEY = "envoy.transport_socket_match"
+
+log = logging.getLogger(__name__)
 
 
 def _norm(value: Any) -> Any:
@@ -158,6 +161,22 @@ class TlsManager:
                 f"SDS secret {name!r}: this workload has no certificates (pass Mesh(certificates=<dir>), set "
                 f"{ENV_CERTIFICATES}, or give the bootstrap a certificate_providers entry named \"default\")")
         return src
+
+    def start(self) -> None:
+        """Find the workload certificates now (an SDS source starts its stream)."""
+        try:
+            self.workload_source()
+        except (OSError, ValueError) as e:  # reported again, with context, when TLS is used
+            log.warning("workload certificates: %s", e)
+
+    def close(self) -> None:
+        """Stop sources that run a stream (SDS); file sources hold nothing open."""
+        with self._lock:
+            sources = list(self._sources.values()) + ([self._workload] if self._workload is not None else [])
+        for src in sources:
+            close = getattr(src, "close", None)
+            if close is not None:
+                close()
 
     def identity(self) -> Optional[WorkloadIdentity]:
         src = self.workload_source()

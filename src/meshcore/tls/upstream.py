@@ -44,6 +44,8 @@ ISTIO_ALPN: Dict[str, Tuple[str, ...]] = {
     "http/1.1": ("istio-http/1.1", "istio", "http/1.1"),
     "h2": ("istio-h2", "istio", "h2"),
 }
+#: how long the first connection waits for a streamed (SDS) certificate source's first secrets
+FIRST_CERTIFICATES_WAIT = 5.0
 _ISTIO_MARKERS = frozenset({"istio", "istio-peer-exchange"})
 _VERSIONS = {"TLSv1_0": ssl.TLSVersion.TLSv1, "TLSv1_1": ssl.TLSVersion.TLSv1_1,
              "TLSv1_2": ssl.TLSVersion.TLSv1_2, "TLSv1_3": ssl.TLSVersion.TLSv1_3}
@@ -210,6 +212,7 @@ class UpstreamTls:
         self._contexts: Dict[Tuple[str, int, int], ssl.SSLContext] = {}
         matchers = spec.san_matchers
         self._matchers = matchers
+        self._waited = False
         self.mutual = identity is not None
 
     def __repr__(self) -> str:
@@ -235,6 +238,8 @@ class UpstreamTls:
             roots = self._roots.current()
             ident = self._identity.current() if self._identity is not None else None
         except CertificatesUnavailable as e:
+            if self._first_wait():
+                return self.context(protocol)
             self._record("ssl.connection_error")
             raise TlsHandshakeError(self.cluster, "(no connection made)", str(e), cause=e) from None
         if roots.roots_pem is None:
@@ -254,6 +259,25 @@ class UpstreamTls:
                     self._contexts = {k: v for k, v in self._contexts.items() if k[0] != protocol}
                     self._contexts[key] = ctx
         return ctx
+
+    def _first_wait(self) -> bool:
+        """A streamed source (SDS) that has delivered nothing yet: wait for its first set, once,
+        up to :data:`FIRST_CERTIFICATES_WAIT` s, unless on an event loop's thread (never blocked)."""
+        if self._waited:
+            return False
+        self._waited = True
+        pending = [s for s in (self._roots, self._identity)
+                   if s is not None and hasattr(s, "wait") and s.peek() is None]
+        if not pending:
+            return False
+        try:
+            import asyncio
+
+            asyncio.get_running_loop()
+            return False
+        except RuntimeError:
+            pass
+        return all(s.wait(FIRST_CERTIFICATES_WAIT) for s in pending)
 
     def _build(self, protocol: str, ident: Any, roots: Any) -> ssl.SSLContext:
         spec = self.spec
