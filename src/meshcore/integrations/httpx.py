@@ -32,6 +32,22 @@ under one), so a mesh whose clusters come and go keeps no pools (or fds) for dep
 ``response.request`` is the original request and ``response.extensions["meshcore"]`` says
 ``{"cluster", "endpoint", "route", "attempts"}``.
 
+Mesh TLS (mTLS to Istio sidecars, ``meshcore.tls``): when ``Mesh.upstream_tls`` gives an attempt's
+endpoint a TLS socket (the cluster's ``transport_socket``, or its ``transport_socket_matches`` by
+the endpoint's ``tlsMode``), the attempt goes through that cluster socket's own inner transport:
+the library's transport whose httpcore pool connects TCP, runs TLS with the socket's context (the
+workload certificate of the moment, Istio's ALPN ``istio-http/1.1, istio, http/1.1``, or
+``istio-h2, istio, h2`` with ``http2=True``, which then speaks HTTP/2 when the server picks
+``h2``), SNI from the cluster, and checks the server's SAN matchers before writing a byte. The
+app keeps ``http://`` URLs, as behind a sidecar. A refused handshake, a SAN mismatch, missing
+certificates, or a TLS 1.3 server refusing this workload's certificate (seen as an error or EOF
+on the new connection's first read) raise the library's ``ConnectError`` (message: cluster,
+endpoint, reason; ``__cause__``: :class:`~meshcore.tls.TlsHandshakeError`), a connect failure
+for ``retry_on`` and outlier detection; nothing is ever sent in plaintext instead. Connections
+are kept alive per cluster socket. Mesh TLS cannot be added to inner transports made by
+``inner_factory``, or that use ``proxy=``/``uds=``, nor under an ``https://`` URL: attempts to a
+TLS endpoint then raise ``UnsupportedProtocol`` saying so (plaintext clusters are unaffected).
+
 Direct-response and redirect routes, and fault-filter aborts, are answered without an upstream.
 Failures raise the library's exceptions: an upstream failure after the last attempt as the inner
 transport raised it, with the mesh's context attached (``exc.meshcore``: target, cluster, attempts,
@@ -46,18 +62,22 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
 import operator
+import ssl
 import sys
 import threading
 from types import ModuleType
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
+from .._model import host_key
 from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, NotReady, Unavailable
 from ..lifecycle import run as _run, run_async as _run_async
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
+from ..tls.upstream import TlsHandshakeError, is_deferred_rejection
 from . import (
     _add_context,
     _aroute,
@@ -159,16 +179,254 @@ class _Lib:
         self.ahandle = getattr(getattr(mod, "AsyncHTTPTransport", None), "handle_async_request", None)
 
 
+# -- mesh TLS ----------------------------------------------------------------------------------------
+#
+# A cluster socket with TLS (``Mesh.upstream_tls`` not None for the attempt's endpoint) gets its
+# own inner transport: the library's transport whose httpcore pool has a network backend that
+# connects with httpcore's own backend, then runs the public ``start_tls`` with the socket's
+# context (Istio ALPN; a new context per certificate generation) and checks the peer before the
+# pool writes anything. The request itself stays plaintext HTTP (``http://`` URLs, as behind a
+# sidecar); httpcore picks HTTP/2 from the negotiated ALPN.
+
+
+def _handshake_cause(exc: BaseException) -> BaseException:
+    """What made a handshake fail, under httpcore's (and anyio's) wrapping exceptions."""
+    e = exc.__cause__
+    first = e
+    for _ in range(4):
+        if e is None:
+            break
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__
+    if first is not None and type(first).__name__ == "EndOfStream":  # anyio: closed mid-handshake
+        return EOFError("EOF during the TLS handshake")
+    return first if first is not None else exc
+
+
+def _deferred_cause(exc: BaseException) -> Optional[BaseException]:
+    """The exception in ``exc``'s cause chain that :func:`is_deferred_rejection` accepts."""
+    e: Optional[BaseException] = exc
+    for _ in range(4):
+        if e is None:
+            return None
+        if is_deferred_rejection(e):
+            return e
+        e = e.__cause__
+    return None
+
+
+def _connect_error(core: ModuleType, err: TlsHandshakeError) -> BaseException:
+    """httpcore's ``ConnectError`` for a mesh-TLS failure. The meshcore error rides along as an
+    attribute too: httpcore's pool re-raises errors ``from None`` (dropping ``__cause__``)."""
+    exc = core.ConnectError(str(err))
+    exc._meshcore_tls = err
+    return exc
+
+
+def _tls_cause_first(exc: BaseException) -> None:
+    """A library error over a mesh-TLS failure (httpx -> httpcore's ConnectError): the meshcore
+    :class:`TlsHandshakeError` becomes its direct ``__cause__``."""
+    e = exc.__cause__
+    for _ in range(3):
+        if e is None:
+            return
+        err = getattr(e, "_meshcore_tls", None)
+        if err is not None:
+            exc.__cause__ = err
+            return
+        e = e.__cause__
+
+
+class _FreshTls:
+    """The network stream of a new mesh-TLS connection until its first response byte.
+
+    A TLS 1.3 server refuses a client certificate after the client's handshake finished: the
+    client sees an alert, a reset or an EOF on its first read (or a broken pipe on a write).
+    Such an error (one :func:`is_deferred_rejection` accepts), or an EOF, before the first
+    response byte is raised as the pool's ``ConnectError`` (cause: ``tls.deferred_rejection``):
+    the request never reached the application. After the first byte ``read``/``write`` are the
+    stream's own (instance attributes: nothing in between on a reused connection)."""
+
+    def __init__(self, stream: Any, tls: Any, endpoint: str, core: ModuleType) -> None:
+        self._stream = stream
+        self._tls = tls
+        self._endpoint = endpoint
+        self._core = core
+        self.get_extra_info = stream.get_extra_info
+        self.close = stream.close
+        self.start_tls = stream.start_tls
+
+    def read(self, max_bytes: int, timeout: Optional[float] = None) -> bytes:
+        try:
+            data = self._stream.read(max_bytes, timeout)
+        except Exception as exc:
+            self._refused(exc)
+            raise
+        if not data:
+            self._refused(_eof())
+        self.read, self.write = self._stream.read, self._stream.write  # type: ignore[method-assign]
+        return data  # type: ignore[no-any-return]
+
+    def write(self, buffer: bytes, timeout: Optional[float] = None) -> None:
+        try:
+            self._stream.write(buffer, timeout)
+        except Exception as exc:
+            self._refused(exc)
+            raise
+
+    def _refused(self, exc: BaseException) -> None:
+        cause = _deferred_cause(exc)
+        if cause is not None:
+            err = self._tls.deferred_rejection(cause, self._endpoint)
+            raise _connect_error(self._core, err) from err
+
+
+class _AsyncFreshTls(_FreshTls):
+    """:class:`_FreshTls` for httpcore's async streams."""
+
+    def __init__(self, stream: Any, tls: Any, endpoint: str, core: ModuleType) -> None:
+        self._stream = stream
+        self._tls = tls
+        self._endpoint = endpoint
+        self._core = core
+        self.get_extra_info = stream.get_extra_info
+        self.aclose = stream.aclose
+        self.start_tls = stream.start_tls
+
+    async def read(self, max_bytes: int, timeout: Optional[float] = None) -> bytes:  # type: ignore[override]
+        try:
+            data = await self._stream.read(max_bytes, timeout)
+        except Exception as exc:
+            self._refused(exc)
+            raise
+        if not data:
+            self._refused(_eof())
+        self.read, self.write = self._stream.read, self._stream.write  # type: ignore[method-assign]
+        return data  # type: ignore[no-any-return]
+
+    async def write(self, buffer: bytes, timeout: Optional[float] = None) -> None:  # type: ignore[override]
+        try:
+            await self._stream.write(buffer, timeout)
+        except Exception as exc:
+            self._refused(exc)
+            raise
+
+
+def _eof() -> BaseException:
+    """An EOF before the first response byte (``ssl`` hides a TLS-level EOF as an empty read)."""
+    return ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "EOF before the first response byte of a new TLS connection")
+
+
+class _TlsBackend:
+    """The httpcore network backend of one cluster socket's pool: TCP by httpcore's own backend,
+    then ``start_tls`` with ``tls.context(protocol)`` (the current certificates), SNI
+    ``tls.server_hostname(endpoint)``, then ``tls.check_peer`` before anything is written.
+    Failures are the pool's ``ConnectError`` (the library's, after its mapping) with the
+    :class:`TlsHandshakeError` as cause. ``endpoints``: endpoint key -> ``Endpoint`` for
+    ``auto_host_sni`` (filled per attempt), else None."""
+
+    def __init__(self, core: ModuleType, tls: Any, protocol: str, endpoints: Optional[Dict[str, Any]]) -> None:
+        self._core = core
+        self._backend = self._default(core)
+        self._tls = tls
+        self._protocol = protocol
+        self.endpoints = endpoints
+
+    @staticmethod
+    def _default(core: ModuleType) -> Any:
+        return core.SyncBackend()
+
+    def _prepare(self, host: str, port: int) -> Tuple[str, Any, Optional[str]]:
+        """``(endpoint key, context, SNI)`` for a new connection (certificates missing: ConnectError)."""
+        key = host_key(host, port)
+        tls = self._tls
+        try:
+            ctx = tls.context(self._protocol)
+        except TlsHandshakeError as e:
+            raise _connect_error(self._core, e) from e
+        eps = self.endpoints
+        return key, ctx, tls.server_hostname(eps.get(key) if eps is not None else None)
+
+    def connect_tcp(self, host: str, port: int, timeout: Optional[float] = None, local_address: Optional[str] = None,
+                    socket_options: Any = None) -> Any:
+        core = self._core
+        key, ctx, sni = self._prepare(host, port)
+        stream = self._backend.connect_tcp(host, port, timeout=timeout, local_address=local_address,
+                                           socket_options=socket_options)
+        try:
+            stream = stream.start_tls(ctx, server_hostname=sni, timeout=timeout)
+        except core.ConnectTimeout:
+            raise
+        except core.ConnectError as exc:  # (start_tls closed the stream)
+            err = self._tls.handshake_error(_handshake_cause(exc), key)
+            raise _connect_error(core, err) from err
+        try:
+            self._tls.check_peer(stream.get_extra_info("ssl_object"), key)
+        except TlsHandshakeError as err:
+            stream.close()
+            raise _connect_error(core, err) from err
+        except BaseException:
+            stream.close()
+            raise
+        return _FreshTls(stream, self._tls, key, core)
+
+    def connect_unix_socket(self, path: str, timeout: Optional[float] = None, socket_options: Any = None) -> Any:
+        raise self._core.ConnectError(f"mesh TLS (cluster {self._tls.cluster}) over a unix socket is not supported")
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+class _AsyncTlsBackend(_TlsBackend):
+    """:class:`_TlsBackend` for httpcore's async pools (over its anyio backend)."""
+
+    @staticmethod
+    def _default(core: ModuleType) -> Any:
+        return core.AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: Optional[float] = None,  # type: ignore[override]
+                          local_address: Optional[str] = None, socket_options: Any = None) -> Any:
+        core = self._core
+        key, ctx, sni = self._prepare(host, port)
+        stream = await self._backend.connect_tcp(host, port, timeout=timeout, local_address=local_address,
+                                                 socket_options=socket_options)
+        try:
+            stream = await stream.start_tls(ctx, server_hostname=sni, timeout=timeout)
+        except core.ConnectTimeout:
+            raise
+        except core.ConnectError as exc:  # (start_tls closed the stream)
+            err = self._tls.handshake_error(_handshake_cause(exc), key)
+            raise _connect_error(core, err) from err
+        try:
+            self._tls.check_peer(stream.get_extra_info("ssl_object"), key)
+        except TlsHandshakeError as err:
+            await stream.aclose()
+            raise _connect_error(core, err) from err
+        except BaseException:
+            await stream.aclose()
+            raise
+        return _AsyncFreshTls(stream, self._tls, key, core)
+
+    async def connect_unix_socket(self, path: str, timeout: Optional[float] = None,  # type: ignore[override]
+                                  socket_options: Any = None) -> Any:
+        raise self._core.ConnectError(f"mesh TLS (cluster {self._tls.cluster}) over a unix socket is not supported")
+
+    async def sleep(self, seconds: float) -> None:  # type: ignore[override]
+        await self._backend.sleep(seconds)
+
+
 class _Inner:
     """A cluster's inner transport and, when it sends like the library's own, its connection pool
     and that pool's ``Request``/``URL`` classes (``pool`` None: attempts go through ``transport``)."""
 
-    __slots__ = ("transport", "pool", "Request", "URL", "map_exc", "bare")
+    __slots__ = ("transport", "pool", "Request", "URL", "map_exc", "bare", "endpoints")
 
-    def __init__(self, transport: Any, lib: _Lib, sync: bool) -> None:
+    def __init__(self, transport: Any, lib: _Lib, sync: bool, endpoints: Optional[Dict[str, Any]] = None) -> None:
         self.transport = transport
         self.pool = self.Request = self.URL = self.map_exc = None
         self.bare = False
+        self.endpoints = endpoints  # mesh TLS with auto_host_sni: endpoint key -> Endpoint (see _TlsBackend)
         handle = lib.handle if sync else lib.ahandle
         method = "handle_request" if sync else "handle_async_request"
         pool = getattr(transport, "_pool", None)
@@ -219,6 +477,9 @@ class _MeshTransportBase:
         self._module = _library(module)
         self._ready_timeout = ready_timeout
         self._transport_kwargs = transport_kwargs
+        #: the mesh's TLS per attempt (``upstream_tls(cluster, endpoint)``; None: a mesh without TLS)
+        self._tls_of: Callable[[str, Any], Any] = getattr(mesh, "upstream_tls", None) or _no_tls
+        self._tls_refusal = self._why_no_tls()
         self._ssl: Dict[str, Any] = {}  # library name -> the SSL context its inner transports share
         self._lock = threading.Lock()
         self._libs: Dict[Any, _Lib] = {}  # request type -> its library
@@ -231,9 +492,21 @@ class _MeshTransportBase:
         self._pools = _ClusterPools(mesh, self._new_inner, close, is_async=not self._sync)
 
     @property
-    def _inner(self) -> Dict[Tuple[str, str, Optional[str]], Any]:
-        """``(library, cluster, sni) -> inner transport`` of the clusters in use."""
+    def _inner(self) -> Dict[Tuple[Any, ...], Any]:
+        """``(library, cluster, sni) -> inner transport`` of the clusters in use; a cluster socket
+        with mesh TLS: ``(library, cluster, None, UpstreamTls)``."""
         return {k: v.transport for k, v in self._pools.pools().items()}
+
+    def _why_no_tls(self) -> Optional[str]:
+        """Why this transport cannot apply mesh TLS (None: it can): TLS clusters then refuse."""
+        if self._factory is not None:
+            return ("the inner transports are made by inner_factory, which meshcore cannot add mesh TLS to; "
+                    "leave inner_factory out (give transport settings such as limits= to the mesh transport)")
+        if self._transport_kwargs.get("proxy") is not None:
+            return "the inner transports go through a proxy (proxy=), which mesh TLS does not support"
+        if self._transport_kwargs.get("uds") is not None:
+            return "the inner transports connect to a unix socket (uds=), which mesh TLS does not support"
+        return None
 
     @staticmethod
     def _close_inner_sync(inner: _Inner) -> None:
@@ -243,9 +516,11 @@ class _MeshTransportBase:
     async def _close_inner_async(inner: _Inner) -> None:
         await inner.transport.aclose()
 
-    def _new_inner(self, key: Tuple[str, str, Optional[str]]) -> _Inner:
-        name, cluster, _ = key
+    def _new_inner(self, key: Tuple[Any, ...]) -> _Inner:
+        name, cluster = key[0], key[1]
         mod = sys.modules[name]
+        if len(key) > 3:
+            return self._new_tls_inner(mod, key[3])
         if self._factory is not None:
             transport = self._factory(cluster)
         else:
@@ -255,6 +530,47 @@ class _MeshTransportBase:
             cls = mod.HTTPTransport if self._sync else mod.AsyncHTTPTransport
             transport = cls(http2=self._http2, **kwargs)
         return _Inner(transport, self._lib_named(name), self._sync)
+
+    def _new_tls_inner(self, mod: ModuleType, tls: Any) -> _Inner:
+        """The inner transport of a cluster socket with mesh TLS: the library's transport (the
+        settings of ``transport_kwargs``) over an httpcore pool whose network backend does the
+        mesh TLS (:class:`_TlsBackend`); ALPN for HTTP/2 when the transport is ``http2``."""
+        kw = self._transport_kwargs
+        kwargs = dict(kw)
+        kwargs["verify"] = ssl_context = self._ssl_context(mod)  # (https URLs are refused: unused)
+        kwargs.pop("cert", None)
+        cls = mod.HTTPTransport if self._sync else mod.AsyncHTTPTransport
+        transport = cls(http2=self._http2, **kwargs)
+        core = sys.modules[type(transport._pool).__module__.partition(".")[0]]
+        limits = kw.get("limits") or _default_limits(cls)
+        http1 = kw.get("http1", True)
+        endpoints: Optional[Dict[str, Any]] = {} if tls.spec.auto_host_sni else None
+        backend = (_TlsBackend if self._sync else _AsyncTlsBackend)(
+            core, tls, "h2" if self._http2 else "http/1.1", endpoints)
+        pool_cls = core.ConnectionPool if self._sync else core.AsyncConnectionPool
+        transport._pool = pool_cls(
+            ssl_context=ssl_context, max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
+            http1=http1, http2=self._http2, local_address=kw.get("local_address"), retries=kw.get("retries", 0),
+            socket_options=kw.get("socket_options"), network_backend=backend)
+        return _Inner(transport, self._lib_named(mod.__name__), self._sync, endpoints)
+
+    def _tls_slot(self, key: Tuple[Any, ...], cluster: str, tls: Any, attempt: Any, mod: ModuleType,
+                  request: Any) -> Any:
+        """The slot of an attempt to a cluster socket with mesh TLS (or the refusal to send it)."""
+        if self._tls_refusal is not None or key[2] is not None:
+            why = self._tls_refusal or ("the URL is https://; mesh TLS carries plain HTTP (as a sidecar does): "
+                                        "use an http:// URL")
+            raise mod.UnsupportedProtocol(
+                f"cluster {cluster} requires mesh TLS to {attempt.endpoint.key}, but {why}", request=request)
+        slot = self._pools.acquire((key[0], cluster, None, tls), cluster)
+        endpoints = slot.pool.endpoints
+        if endpoints is not None:  # auto_host_sni: the backend looks the endpoint's hostname up
+            if len(endpoints) >= _CACHE_MAX:
+                endpoints.clear()
+            ep = attempt.endpoint
+            endpoints[ep.key] = ep
+        return slot
 
     def _ssl_context(self, mod: ModuleType) -> Any:
         """One SSL context per library for every inner transport (one each would cost ~0.8 MB
@@ -288,9 +604,11 @@ class _MeshTransportBase:
     def _mod(self, request: Any) -> ModuleType:
         return self._lib(request).mod
 
-    def _slot_for(self, mod: ModuleType, cluster: str, sni: Optional[str]) -> Any:
-        """The cluster's inner transport (``slot.pool``), counted in flight until released."""
-        return self._pools.acquire((mod.__name__, cluster, sni), cluster)
+    def _slot_for(self, mod: ModuleType, cluster: str, sni: Optional[str], tls: Any = None) -> Any:
+        """The cluster's inner transport (``slot.pool``) for the cluster socket ``tls`` (None:
+        plaintext), counted in flight until released."""
+        key = (mod.__name__, cluster, sni)
+        return self._pools.acquire(key if tls is None else key + (tls,), cluster)
 
     @staticmethod
     def _logical_url(request: Any) -> str:
@@ -458,6 +776,16 @@ class _MeshTransportBase:
         return response
 
 
+def _no_tls(cluster: str, endpoint: Any) -> None:
+    """``upstream_tls`` of a mesh object without one (a stand-in): plaintext."""
+    return None
+
+
+def _default_limits(cls: Any) -> Any:
+    """The library transport's default ``limits`` (httpx's ``DEFAULT_LIMITS``)."""
+    return inspect.signature(cls.__init__).parameters["limits"].default
+
+
 def _final_response(lib: _Lib, request: Any, resp: Any, raw: bytes) -> Any:
     """The client's response from the pool's (read) response: one ``Response``, an unread,
     replayable stream of the raw body; the pool's network stream is not handed out."""
@@ -494,45 +822,59 @@ class MeshTransport(_MeshTransportBase):
                 return self._reply(lib.mod, request, local, call)
         if call.retry_policy is not None and not hasattr(request, "_content") and _retries_possible(call):
             request.read()  # a retry sends the body again (unless read already, as without a body)
-        scheme = url.scheme
-        slot = self._pools.acquire((lib.name, call.cluster, sni), call.cluster)
-        inner = slot.pool
+        cluster = call.cluster
+        key = (lib.name, cluster, sni)
+        pools = self._pools
+        tls_of = self._tls_of
+        make = self._core_request
+        scheme_b = _SCHEMES.get(url.scheme) or url.raw_scheme
+        call_path = call.path
+        mod = lib.mod
         last: Any = None  # the last attempt sent straight to the pool
-        if inner.pool is not None:
-            pool = inner.pool
-            make = self._core_request
-            scheme_b = _SCHEMES.get(scheme) or url.raw_scheme
-            call_path = call.path
 
-            def send(attempt: Any) -> Any:
-                req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni, upstream)
-                try:
-                    resp = pool.handle_request(req)
-                    stream = resp.stream
+        def send(attempt: Any) -> Any:
+            try:
+                tls = tls_of(cluster, attempt.endpoint)
+            except TlsHandshakeError as e:  # TLS required, certificates missing: never plaintext
+                raise mod.ConnectError(str(e), request=request) from e
+            slot = pools.acquire(key, cluster) if tls is None else self._tls_slot(key, cluster, tls, attempt, mod,
+                                                                                  request)
+            try:
+                inner = slot.pool
+                pool = inner.pool
+                if pool is not None:
+                    req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni, upstream)
                     try:
-                        raw = b"".join(stream)
-                    finally:  # resp.close() without its sync/async type test (an ABC check)
-                        close = getattr(stream, "close", None)
-                        if close is not None:
-                            close()
-                except Exception as exc:
-                    with inner.map_exc():  # the library's own httpcore -> httpx mapping
-                        raise exc
-                nonlocal last
-                last = attempt
-                return _final_response(lib, request, resp, raw)
-        else:
-            transport = inner.transport
-            mod = lib.mod
-
-            def send(attempt: Any) -> Any:
-                response = transport.handle_request(self._attempt_request(mod, request, attempt,
-                                                                          url.raw_host.decode("ascii")))
+                        resp = pool.handle_request(req)
+                        stream = resp.stream
+                        try:
+                            raw = b"".join(stream)
+                        finally:  # resp.close() without its sync/async type test (an ABC check)
+                            close = getattr(stream, "close", None)
+                            if close is not None:
+                                close()
+                    except Exception as exc:
+                        err = getattr(exc, "_meshcore_tls", None)
+                        if err is not None:  # mesh TLS (see _connect_error): the meshcore error is the cause
+                            raise mod.ConnectError(str(err), request=request) from err
+                        with inner.map_exc():  # the library's own httpcore -> httpx mapping
+                            raise exc
+                    nonlocal last
+                    last = attempt
+                    return _final_response(lib, request, resp, raw)
+                try:
+                    response = inner.transport.handle_request(
+                        self._attempt_request(mod, request, attempt, url.raw_host.decode("ascii")))
+                except mod.ConnectError as exc:
+                    _tls_cause_first(exc)
+                    raise
                 try:
                     raw = b"".join(response.iter_raw())
                 finally:
                     response.close()
                 return _Answer.of(response, raw)
+            finally:
+                pools.release(slot)
 
         try:
             answer = _run(call, send, _status_code, None, lib.classify)
@@ -544,8 +886,6 @@ class MeshTransport(_MeshTransportBase):
         except Exception as e:
             _add_context(e, call)
             raise
-        finally:
-            self._pools.release(slot)
         if type(answer) is _Answer:
             return self._finish(lib.mod, answer, request, call)
         return self._call_info(answer, call, last)
@@ -584,48 +924,64 @@ class AsyncMeshTransport(_MeshTransportBase):
                 return self._reply(lib.mod, request, local, call)
         if call.retry_policy is not None and not hasattr(request, "_content") and _retries_possible(call):
             await request.aread()  # (a coroutine only when there is something to read)
-        scheme = url.scheme
-        slot = self._pools.acquire((lib.name, call.cluster, sni), call.cluster)
-        inner = slot.pool
+        cluster = call.cluster
+        key = (lib.name, cluster, sni)
+        pools = self._pools
+        tls_of = self._tls_of
+        make = self._core_request
+        scheme_b = _SCHEMES.get(url.scheme) or url.raw_scheme
+        call_path = call.path
+        mod = lib.mod
         last: Any = None  # the last attempt sent straight to the pool
-        if inner.pool is not None:
-            pool = inner.pool
-            make = self._core_request
-            scheme_b = _SCHEMES.get(scheme) or url.raw_scheme
-            call_path = call.path
 
-            async def send(attempt: Any) -> Any:
-                req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni, upstream)
-                try:
-                    resp = await pool.handle_async_request(req)
-                    stream = resp.stream
-                    chunks: List[bytes] = []
+        async def send(attempt: Any) -> Any:
+            try:
+                tls = tls_of(cluster, attempt.endpoint)
+            except TlsHandshakeError as e:  # TLS required, certificates missing: never plaintext
+                raise mod.ConnectError(str(e), request=request) from e
+            slot = pools.acquire(key, cluster) if tls is None else self._tls_slot(key, cluster, tls, attempt, mod,
+                                                                                  request)
+            try:
+                inner = slot.pool
+                pool = inner.pool
+                if pool is not None:
+                    req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni, upstream)
                     try:
-                        async for chunk in stream:  # (a comprehension would be one more coroutine)
-                            chunks.append(chunk)
-                        raw = b"".join(chunks)
-                    finally:  # resp.aclose() without its sync/async type test (an ABC check)
-                        aclose = getattr(stream, "aclose", None)
-                        if aclose is not None:
-                            await aclose()
-                except Exception as exc:
-                    with inner.map_exc():  # the library's own httpcore -> httpx mapping
-                        raise exc
-                nonlocal last
-                last = attempt
-                return _final_response(lib, request, resp, raw)
-        else:
-            transport = inner.transport
-            mod = lib.mod
-
-            async def send(attempt: Any) -> Any:
-                response = await transport.handle_async_request(
-                    self._attempt_request(mod, request, attempt, url.raw_host.decode("ascii")))
+                        resp = await pool.handle_async_request(req)
+                        stream = resp.stream
+                        chunks: List[bytes] = []
+                        try:
+                            async for chunk in stream:  # (a comprehension would be one more coroutine)
+                                chunks.append(chunk)
+                            raw = b"".join(chunks)
+                        finally:  # resp.aclose() without its sync/async type test (an ABC check)
+                            aclose = getattr(stream, "aclose", None)
+                            if aclose is not None:
+                                await aclose()
+                    except Exception as exc:
+                        err = getattr(exc, "_meshcore_tls", None)
+                        if err is not None:  # mesh TLS (see _connect_error): the meshcore error is the cause
+                            raise mod.ConnectError(str(err), request=request) from err
+                        with inner.map_exc():  # the library's own httpcore -> httpx mapping
+                            raise exc
+                    nonlocal last
+                    last = attempt
+                    return _final_response(lib, request, resp, raw)
+                try:
+                    response = await inner.transport.handle_async_request(
+                        self._attempt_request(mod, request, attempt, url.raw_host.decode("ascii")))
+                except mod.ConnectError as exc:
+                    _tls_cause_first(exc)
+                    raise
                 try:
                     raw = b"".join([chunk async for chunk in response.aiter_raw()])
                 finally:
                     await response.aclose()
                 return _Answer.of(response, raw)
+            finally:
+                closing = pools.release(slot)  # (arelease without its coroutine)
+                if closing is not None:
+                    await self._close_inner_async(closing)
 
         try:
             answer = await _run_async(call, send, _status_code, None, lib.classify)
@@ -637,10 +993,6 @@ class AsyncMeshTransport(_MeshTransportBase):
         except Exception as e:
             _add_context(e, call)
             raise
-        finally:
-            closing = self._pools.release(slot)  # (arelease without its coroutine)
-            if closing is not None:
-                await self._close_inner_async(closing)
         if type(answer) is _Answer:
             return self._finish(lib.mod, answer, request, call)
         return self._call_info(answer, call, last)
