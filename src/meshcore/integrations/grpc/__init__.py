@@ -36,6 +36,20 @@ Semantics:
   usable endpoint, open circuit breaker -> ``UNAVAILABLE``; no route -> ``UNIMPLEMENTED``; a
   fault abort -> its ``grpc_status`` or its HTTP status mapped to gRPC (gRPC's
   ``http-grpc-status-mapping``, also Envoy's ``httpToGrpcStatus``).
+* **Mesh TLS**: an endpoint whose cluster socket has TLS (``transport_socket`` or Istio's
+  ``transport_socket_matches``; ``Mesh.upstream_tls``) gets mTLS as a sidecar would add it,
+  under the application's plaintext channel. grpcio cannot verify SPIFFE-only certificates,
+  so its per-endpoint channel dials a private unix socket of :mod:`meshcore.tls.forwarder`,
+  which connects to the endpoint with the cluster's TLS (Istio ALPN ``istio-h2, istio, h2``,
+  SNI, the workload certificate current at that moment, chain and SAN checks before any byte
+  of the call) and then copies bytes. Per-endpoint channels are kept per ``(endpoint,
+  authority, UpstreamTls)``. A connection that cannot be made (refused, timed out, handshake or
+  certificate check failed, missing certificates, a TLS 1.3 server refusing the client
+  certificate) is ``UNAVAILABLE`` and a ``connect-failure`` (``retry_on: connect-failure``,
+  outlier detection, ``upstream_cx_connect_fail``); unary calls carry the meshcore error
+  (:class:`~meshcore.tls.TlsHandshakeError`: cluster, endpoint, reason) in their details and as
+  ``__cause__``; streaming calls keep grpcio's details, and :meth:`MeshChannel.tls_failures`
+  gives the reason. Never plaintext instead.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import grpc
 
@@ -14,7 +14,7 @@ from ...errors import MeshError
 from ._metadata import _GRPC_HEADER_DICT, _GRPC_HEADERS, _headers, _routes_by_own_headers  # noqa: F401
 from ._types import Metadata, Options
 from .connectivity import _Connectivity
-from .endpoints import _EndpointChannel, _EndpointPool
+from .endpoints import ANY_TLS, _EndpointChannel, _EndpointPool
 from .status import MeshRpcError
 from .streaming import _StreamStream, _StreamUnary, _UnaryStream
 from .unary import _UnaryUnary
@@ -46,7 +46,13 @@ class MeshChannel(grpc.Channel):
         self.target = target
         self.authority, self._mesh_target = _split_target(target)
         self._scheme = "https" if credentials is not None else "http"
-        self._pool = _EndpointPool(credentials, options)
+        self._pool = _EndpointPool(credentials, options, self._connect_timeout)
+        #: the cluster sockets' TLS per (cluster, endpoint object), valid for one published
+        #: configuration (``Mesh.upstream_tls``; cluster specs change only with it, endpoint
+        #: objects are replaced when EDS changes them)
+        self._upstream_tls = getattr(mesh, "upstream_tls", None)
+        self._tls_cache: dict = {}
+        self._tls_cfg: Any = None
         self._url_prefix = f"{self._scheme}://{self.authority}"
         # where published configurations are read (a dict replaced on every publish): one
         # lookup tells whether the target is resolved yet; a mesh without one is asked config()
@@ -126,33 +132,85 @@ class MeshChannel(grpc.Channel):
         return slot
 
     def _acquire(self, attempt: Attempt) -> _EndpointChannel:
+        """The endpoint channel for ``attempt`` (raises ``UpstreamError``, a connect failure,
+        when its cluster needs TLS that cannot be had)."""
         if time.monotonic() >= self._next_sweep:
             self.sweep()
-        return self._pool.acquire(attempt.endpoint.key, attempt.authority)
+        return self._pool.acquire(attempt.endpoint.key, attempt.authority, self._tls_for(attempt), attempt)
 
-    def _live_addresses(self) -> Optional[Set[str]]:
+    def _tls_for(self, attempt: Attempt) -> Any:
+        """The :class:`~meshcore.tls.UpstreamTls` a new connection for ``attempt`` uses (``None``:
+        plaintext); raises :class:`~meshcore.tls.TlsHandshakeError` when its certificates are
+        missing (never plaintext instead)."""
+        upstream_tls = self._upstream_tls
+        if upstream_tls is None:
+            return None
+        ep = attempt.endpoint
+        cache = self._tls_cache
+        publisher = self._publisher
+        cfg = publisher.published.get(self._mesh_target) if publisher is not None else None
+        if cfg is not self._tls_cfg or cfg is None:
+            cache = self._tls_cache = {}
+            self._tls_cfg = cfg
+        key = (attempt.cluster, id(ep))
+        hit = cache.get(key)
+        if hit is not None and hit[0] is ep:
+            return hit[1]
+        tls = upstream_tls(attempt.cluster, ep)
+        if len(cache) >= 4096:  # endpoints replaced by EDS under one configuration
+            cache.clear()
+        cache[key] = (ep, tls)
+        return tls
+
+    def _connect_timeout(self, cluster: Optional[str]) -> float:
+        """The cluster's ``connect_timeout`` (for the TLS forwards' connect + handshake)."""
+        cfg = self.mesh.config(self._mesh_target)
+        rt = cfg.clusters.get(cluster) if cfg is not None and cluster is not None else None
+        timeout = getattr(getattr(rt, "spec", None), "connect_timeout", None)
+        return float(timeout) if timeout else 5.0
+
+    def _live(self) -> Optional[Set[Tuple[str, Any]]]:
+        """``(address, TLS)`` of every endpoint of the target's clusters now."""
         cfg = self.mesh.config(self._mesh_target)
         if cfg is None or cfg.error is not None:
             return None
-        live: Set[str] = set()
-        for rt in cfg.clusters.values():
-            if rt.lb is not None:
-                live.update(ep.key for ep in rt.lb.endpoints)
+        upstream_tls = self._upstream_tls
+        live: Set[Tuple[str, Any]] = set()
+        for name, rt in cfg.clusters.items():
+            if rt.lb is None:
+                continue
+            for ep in rt.lb.endpoints:
+                if upstream_tls is None:
+                    tls: Any = None
+                else:
+                    try:
+                        tls = upstream_tls(name, ep)
+                    except Exception:  # noqa: BLE001  (no certificates: keep what the address has)
+                        tls = ANY_TLS
+                live.add((ep.key, tls))
         return live
 
     def sweep(self) -> None:
-        """Close the channels to endpoints that are no longer in any cluster of the target (idle
-        ones now, busy ones after their last RPC); also run whenever a cluster leaves the mesh."""
+        """Close the channels to endpoints that are no longer in any cluster of the target, or
+        whose cluster now uses another TLS socket for them (idle ones now, busy ones after
+        their last RPC); also run whenever a cluster leaves the mesh."""
         self._last_sweep = time.monotonic()
         if self._sweep_interval is not None:
             self._next_sweep = self._last_sweep + self._sweep_interval
-        live = self._live_addresses()
+        live = self._live()
         if live is not None:
             self._pool.sweep(live)
 
     def endpoint_addresses(self) -> List[str]:
         """The endpoints this channel currently holds a grpcio channel to."""
         return self._pool.addresses()
+
+    def tls_failures(self) -> Dict[str, str]:
+        """``{endpoint: reason}`` for the mesh-TLS endpoints whose last connection attempt
+        failed (refused, handshake or certificate check failed, timed out); an endpoint leaves
+        once a connection to it works again. Unary RPCs carry the reason in their
+        ``UNAVAILABLE`` details; this is where streaming RPCs' callers find it."""
+        return {f.endpoint_key: str(f.failure) for f in self._pool.forwards() if f.failure is not None}
 
     def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._executor_lock:
@@ -226,7 +284,9 @@ def mesh_channel(mesh: Any, target: str, *, credentials: Optional[grpc.ChannelCr
 
     ``credentials`` make the per-endpoint channels secure (``grpc.ssl_target_name_override`` is
     set to the logical host, so certificates are checked against the service name, not the pod
-    address); ``options`` are passed to every per-endpoint channel (``grpc.default_authority``
+    address); they are the application's own TLS: a cluster with mesh TLS wraps it in its own,
+    as a sidecar would (mesh TLS needs no ``credentials``: see the package documentation).
+    ``options`` are passed to every per-endpoint channel (``grpc.default_authority``
     defaults to the target's ``host:port``). ``sweep_interval`` and ``resolve_timeout``: see
     :class:`MeshChannel`.
     """

@@ -1,14 +1,20 @@
-"""The per-endpoint grpcio channels of a :class:`MeshChannel`: one per ``(endpoint, authority)``,
-opened on first use, closed by :meth:`_EndpointPool.sweep` once idle and departed."""
+"""The per-endpoint grpcio channels of a :class:`MeshChannel`: one per ``(endpoint, authority,
+TLS)``, opened on first use, closed by :meth:`_EndpointPool.sweep` once idle and departed.
+
+TLS is the cluster socket's :class:`~meshcore.tls.UpstreamTls` for the endpoint (``None``:
+plaintext). A TLS endpoint's grpcio channel is a plaintext one to a private unix socket of a
+:class:`~meshcore.tls.forwarder.Forward`, which makes the mesh TLS connection (grpcio cannot
+verify SPIFFE-only certificates itself); the forward lives and dies with the channel."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import grpc
 
+from ...errors import UpstreamError
 from ._types import Options
 from .status import MeshRpcError
 
@@ -23,19 +29,28 @@ def _host_of(authority: str) -> str:
 
 
 class _EndpointChannel:
-    """One grpcio channel to one endpoint under one authority, with its multicallables."""
+    """One grpcio channel to one endpoint under one authority and TLS, with its multicallables
+    (and, for TLS, the forward carrying its connections)."""
 
-    __slots__ = ("address", "authority", "channel", "inflight", "departed", "callables")
+    __slots__ = ("address", "authority", "channel", "inflight", "departed", "callables", "tls", "forward")
 
-    def __init__(self, address: str, authority: str, channel: grpc.Channel) -> None:
+    def __init__(self, address: str, authority: str, channel: grpc.Channel, tls: Any = None,
+                 forward: Any = None) -> None:
         self.address = address
         self.authority = authority
         self.channel = channel
+        self.tls = tls
+        self.forward = forward
         self.inflight = 0
         self.departed = False  # left the target's endpoints while in use: closed by the last release
         #: the grpcio multicallables made on this channel, by the MeshChannel's slot of their
         #: signature (kind, path, serializers, registered)
         self.callables: Dict[object, Any] = {}
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.forward is not None:
+            self.forward.close()
 
     def multicallable(self, slot: object, kind: str, path: str, serializer: Any, deserializer: Any,
                       registered: bool) -> Any:
@@ -48,38 +63,72 @@ class _EndpointChannel:
         return mc
 
 
-class _EndpointPool:
-    """The per-endpoint channels of one :class:`MeshChannel` (thread-safe)."""
+#: a ``sweep`` entry ``(address, ANY_TLS)`` keeps every channel to the address (its TLS unknown)
+ANY_TLS = object()
 
-    def __init__(self, credentials: Optional[grpc.ChannelCredentials], options: Options) -> None:
+
+class _EndpointPool:
+    """The per-endpoint channels of one :class:`MeshChannel` (thread-safe). ``connect_timeout``
+    gives a cluster's connect timeout (seconds) for the TLS forwards."""
+
+    def __init__(self, credentials: Optional[grpc.ChannelCredentials], options: Options,
+                 connect_timeout: Optional[Callable[[Optional[str]], float]] = None) -> None:
         self._credentials = credentials
         self._options = list(options)
+        self._connect_timeout = connect_timeout
         self._lock = threading.Lock()
-        self._channels: Dict[Tuple[str, str], _EndpointChannel] = {}
+        self._channels: Dict[Tuple[str, str, Any], _EndpointChannel] = {}
         self._closed = False
 
-    def _open(self, address: str, authority: str) -> grpc.Channel:
+    def _open(self, address: str, authority: str, tls: Any = None, attempt: Any = None) -> _EndpointChannel:
         given = {name for name, _ in self._options}
         options = list(self._options)
         if "grpc.default_authority" not in given:
             options.append(("grpc.default_authority", authority))
-        if self._credentials is not None:
-            if "grpc.ssl_target_name_override" not in given:
-                options.append(("grpc.ssl_target_name_override", _host_of(authority)))
-            return grpc.secure_channel(address, self._credentials, options)
-        return grpc.insecure_channel(address, options)
+        forward = None
+        target = address
+        if tls is not None:
+            forward = self._forward(address, tls, attempt)
+            target = forward.target
+        try:
+            if self._credentials is not None:
+                # the application's own TLS, inside the mesh's when the cluster has mesh TLS
+                if "grpc.ssl_target_name_override" not in given:
+                    options.append(("grpc.ssl_target_name_override", _host_of(authority)))
+                channel = grpc.secure_channel(target, self._credentials, options)
+            else:
+                channel = grpc.insecure_channel(target, options)
+        except BaseException:
+            if forward is not None:
+                forward.close()
+            raise
+        return _EndpointChannel(address, authority, channel, tls, forward)
 
-    def acquire(self, address: str, authority: str) -> _EndpointChannel:
-        """The channel to ``address`` (created on first use), counted as in use until released.
-        (Blocking unary calls do the common case inline: ``_UnaryUnary.__call__``.)"""
+    def _forward(self, address: str, tls: Any, attempt: Any) -> Any:
+        """The forward carrying a TLS endpoint's connections (a connect failure if it cannot be made)."""
+        from ...tls.forwarder import forward
+
+        cluster = getattr(attempt, "cluster", None)
+        timeout = self._connect_timeout(cluster) if self._connect_timeout is not None else 5.0
+        try:
+            return forward(tls, attempt.endpoint, protocol="h2", connect_timeout=timeout)
+        except OSError as e:
+            raise UpstreamError("connect-failure", f"cannot forward TLS to {address} (cluster {cluster}): {e}",
+                                e) from None
+
+    def acquire(self, address: str, authority: str, tls: Any = None, attempt: Any = None) -> _EndpointChannel:
+        """The channel to ``address`` under ``tls`` (created on first use: ``attempt`` gives the
+        endpoint and cluster then), counted as in use until released. (Blocking unary calls do
+        the common case inline: ``_UnaryUnary.__call__``.) Raises ``UpstreamError``
+        (connect-failure) when a TLS endpoint's forward cannot be made."""
+        key = (address, authority, tls)
         with self._lock:
             if self._closed:
                 raise MeshRpcError(grpc.StatusCode.CANCELLED, "channel closed")
-            ep = self._channels.get((address, authority))
+            ep = self._channels.get(key)
             if ep is None:
-                log.debug("opening a channel to %s (authority %s)", address, authority)
-                ep = _EndpointChannel(address, authority, self._open(address, authority))
-                self._channels[(address, authority)] = ep
+                log.debug("opening a channel to %s (authority %s, %s)", address, authority, tls or "plaintext")
+                ep = self._channels[key] = self._open(address, authority, tls, attempt)
             ep.inflight += 1
             return ep
 
@@ -94,13 +143,15 @@ class _EndpointPool:
     def close_departed(self, ep: _EndpointChannel) -> None:
         """Close ``ep``, which left the target, now that its last RPC finished."""
         log.info("closing the channel to %s: its last RPC finished after it left the target", ep.address)
-        ep.channel.close()
+        ep.close()
 
-    def sweep(self, live: Set[str]) -> None:
-        """Close the channels to endpoints not in ``live``: idle ones now, busy ones when their
-        last RPC finishes (they leave the table now: a returning endpoint gets a new channel)."""
+    def sweep(self, live: Set[Tuple[str, Any]]) -> None:
+        """Close the channels whose ``(address, tls)`` is not in ``live`` (``(address, ANY_TLS)``
+        keeps every TLS of the address): idle ones now, busy ones when their last RPC finishes
+        (they leave the table now: a returning endpoint gets a new channel)."""
         with self._lock:
-            gone = [key for key, ep in self._channels.items() if ep.address not in live]
+            gone = [key for key, ep in self._channels.items()
+                    if (ep.address, ep.tls) not in live and (ep.address, ANY_TLS) not in live]
             departed = [self._channels.pop(key) for key in gone]
             closing = []
             for ep in departed:
@@ -108,8 +159,14 @@ class _EndpointPool:
                 if ep.inflight <= 0:
                     closing.append(ep)
         for ep in closing:
-            log.info("closing the channel to %s: no longer an endpoint of the target", ep.address)
-            ep.channel.close()
+            log.info("closing the channel to %s: no longer an endpoint of the target%s", ep.address,
+                     "" if ep.tls is None else f" under {ep.tls!r}")
+            ep.close()
+
+    def forwards(self) -> List[Any]:
+        """The TLS forwards of the open channels."""
+        with self._lock:
+            return [ep.forward for ep in self._channels.values() if ep.forward is not None]
 
     def addresses(self) -> List[str]:
         with self._lock:
@@ -121,4 +178,4 @@ class _EndpointPool:
             closing = list(self._channels.values())
             self._channels.clear()
         for ep in closing:
-            ep.channel.close()
+            ep.close()

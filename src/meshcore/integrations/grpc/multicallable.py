@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import grpc
 
 from ...call import Attempt, Call, FaultAbort
-from ...errors import MeshClosed, MeshError
-from ...resilience.retry import RESET, TIMEOUT
+from ...errors import MeshClosed, MeshError, UpstreamError
+from ...resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ._types import Metadata
 from .endpoints import _EndpointChannel
-from .status import MeshRpcError, _failure_kind, _mesh_error
+from .status import MeshRpcError, _failure_kind, _forward_error, _mesh_error
 
 if TYPE_CHECKING:
     from .channel import MeshChannel
@@ -78,6 +78,9 @@ class _MultiCallable:
         except MeshRpcError as exc:  # the channel was closed
             attempt.finish(error=RESET)
             return exc
+        except UpstreamError as e:  # mesh TLS needed but impossible (no certificates): not sent
+            attempt.finish(error=CONNECT_FAILURE)
+            return _forward_error(None, e)
         started = time.monotonic()
         try:
             rpc = start(self._target_callable(ep, attempt), attempt_timeout)
@@ -91,6 +94,9 @@ class _MultiCallable:
                 code = finished.code()
                 kind = None if code is grpc.StatusCode.OK else _failure_kind(
                     finished, attempt_timeout, time.monotonic() - started)
+                # (a mesh-TLS endpoint's connect failure: the reason is in the log, the
+                # cluster's ssl.* stats and MeshChannel.tls_failures(); grpcio's call object
+                # keeps its own details)
                 if kind is not None:
                     attempt.finish(error=kind)
                 else:

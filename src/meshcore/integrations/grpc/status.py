@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import grpc
 
 from ...call import Call, FaultAbort, UpstreamTimeout
-from ...errors import NoRoute
+from ...errors import NoRoute, UpstreamError
 from ...resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 
 _CODES: Dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
@@ -150,3 +150,34 @@ def _failure_kind(err: Any, timeout: Optional[float], elapsed: float) -> Optiona
         if any(h in details for h in _RESET_HINTS):
             return RESET
     return None
+
+
+def _forward_error(err: Optional[Any], failure: UpstreamError) -> MeshRpcError:
+    """The ``UNAVAILABLE`` a client sees when the mesh could not connect to a TLS endpoint
+    (:mod:`meshcore.tls.forwarder`): the meshcore error (a ``TlsHandshakeError`` names the
+    cluster, the endpoint and the reason) is the details, its ``cause`` and ``__cause__``;
+    grpcio's own details (``err``, about the local socket the forwarder closed) follow."""
+    details = str(failure) if err is None else f"{failure} (grpcio: {err.details()})"
+    out = MeshRpcError(grpc.StatusCode.UNAVAILABLE, details, failure)
+    out.__cause__ = failure
+    return out
+
+
+def _transport_failure(err: Any, timeout: Optional[float], elapsed: float, ep: Any) -> Tuple[Optional[str], Any]:
+    """``(kind, client error)`` of an attempt's grpcio error: :func:`_failure_kind`, and for an
+    endpoint reached through a TLS forward whose last upstream connection failed, a connect
+    failure reported with the forward's reason (:func:`_forward_error`)."""
+    kind = _failure_kind(err, timeout, elapsed)
+    if kind == CONNECT_FAILURE:
+        fwd = ep.forward if ep is not None else None
+        failure = fwd.failure if fwd is not None else None
+        if failure is not None:
+            return kind, _forward_error(err, failure)
+    return kind, err
+
+
+def _cause_of(err: BaseException) -> Optional[BaseException]:
+    """The ``__cause__`` a raised client error keeps: the meshcore upstream error (a TLS
+    failure's reason) behind it, else none (mesh decisions are raised ``from None``)."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, UpstreamError) else None

@@ -18,15 +18,15 @@ from typing import Any, Callable, Optional, Tuple
 import grpc
 
 from ...call import Attempt, Call, UpstreamTimeout, default_classify
-from ...errors import MeshClosed, MeshError
+from ...errors import MeshClosed, MeshError, UpstreamError
 from ...lifecycle import _fault_delay, _final, _retry_delay
 from ...resilience.fault import NO_FAULT
-from ...resilience.retry import RESET, TIMEOUT, retries_ok_answer
+from ...resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retries_ok_answer
 from .. import _add_context
 from ._metadata import _GRPC_HEADER_DICT, _headers
 from ._types import Metadata
 from .multicallable import _MultiCallable
-from .status import MeshRpcError, _failure_kind, _mesh_error
+from .status import MeshRpcError, _cause_of, _forward_error, _mesh_error, _transport_failure
 
 
 class _AttemptFailed(MeshError):
@@ -166,7 +166,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                 try:
                     if started >= ch._next_sweep:
                         ch.sweep()
-                    key = (a.endpoint.key, a.authority)
+                    key = (a.endpoint.key, a.authority, ch._tls_for(a))
                     lock.acquire()  # _EndpointPool.acquire's common case, inline
                     try:  # (try/finally: as safe as `with`, and cheaper)
                         ep = None if pool._closed else pool._channels.get(key)
@@ -175,10 +175,18 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                     finally:
                         lock.release()
                     if ep is None:
-                        ep = pool.acquire(*key)  # the first RPC to the endpoint (or a closed channel)
+                        ep = pool.acquire(*key, a)  # the first RPC to the endpoint (or a closed channel)
+                except UpstreamError as e:  # mesh TLS needed but impossible (no certificates): not sent
+                    ep = None
+                    outcome, exc = None, _AttemptFailed(CONNECT_FAILURE, _forward_error(None, e))
                 except BaseException as e:  # noqa: BLE001  (the attempt ends as a reset; re-raised)
                     _record(a, None, e)
                     raise
+            else:
+                ep = None
+                outcome, exc = None, _AttemptFailed(TIMEOUT, MeshRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                                          "Deadline Exceeded"))
+            if ep is not None:
                 try:
                     mc = ep.callables.get(self._slot) if a.path == self._method else None
                     if mc is None:
@@ -193,7 +201,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                         result = mc(request, timeout=attempt_timeout, metadata=metadata, credentials=credentials,
                                     wait_for_ready=wait_for_ready, compression=compression)
                 except grpc.RpcError as err:
-                    outcome, exc = self._failed(err, attempt_timeout, time.monotonic() - started), None
+                    outcome, exc = self._failed(err, attempt_timeout, time.monotonic() - started, ep), None
                 except BaseException as e:  # noqa: BLE001  (classified below, as lifecycle.run does)
                     outcome, exc = None, e
                 else:
@@ -217,9 +225,6 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                     return self._result(self._retry(call, a, outcome, None, request, metadata, credentials,
                                                     wait_for_ready, compression, None), call, _with_call)
                 pool.release(ep)
-            else:
-                outcome, exc = None, _AttemptFailed(TIMEOUT, MeshRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                                                          "Deadline Exceeded"))
             if isinstance(outcome, _AttemptFailed):
                 outcome, exc = None, outcome
             _record(a, outcome, exc)
@@ -228,7 +233,8 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         except MeshClosed:
             raise  # a programming error, not an RPC status: the mesh was closed
         except MeshError as exc:
-            raise _client_error(exc, call, ch.target) from None
+            err = _client_error(exc, call, ch.target)
+            raise err from _cause_of(err)
         return self._result(outcome, call, _with_call)
 
     def with_call(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
@@ -253,12 +259,13 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         return (outcome.response, outcome.rpc) if with_call else outcome.response
 
     @staticmethod
-    def _failed(err: grpc.RpcError, timeout: Optional[float], elapsed: float) -> Any:
-        """An attempt's grpcio error: ``_AttemptFailed`` for a transport failure, else the
+    def _failed(err: grpc.RpcError, timeout: Optional[float], elapsed: float, ep: Any = None) -> Any:
+        """An attempt's grpcio error: ``_AttemptFailed`` for a transport failure (with the TLS
+        forward's reason for a connect failure of a mesh-TLS endpoint ``ep``), else the
         server's answer (an ``_Outcome`` with its grpc-status)."""
-        kind = _failure_kind(err, timeout, elapsed)
+        kind, client_err = _transport_failure(err, timeout, elapsed, ep)
         if kind is not None:
-            return _AttemptFailed(kind, err)
+            return _AttemptFailed(kind, client_err)
         return _Outcome(None, err, err, err.code().value[0])
 
     def _retry(self, call: Call, a: Attempt, result: Any, exc: Optional[BaseException], request: Any,
@@ -297,7 +304,8 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         except MeshClosed:
             raise  # a programming error, not an RPC status: the mesh was closed
         except MeshError as exc:
-            raise _client_error(exc, call, self._channel.target) from None
+            err = _client_error(exc, call, self._channel.target)
+            raise err from _cause_of(err)
         if outcome.error is not None:
             raise _add_context(outcome.error, call)
         return outcome.response, outcome.rpc
@@ -311,7 +319,10 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         if timeout is not None and timeout <= 0:
             raise _AttemptFailed(TIMEOUT, MeshRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
         ch = self._channel
-        ep = ch._acquire(attempt)
+        try:
+            ep = ch._acquire(attempt)
+        except UpstreamError as e:  # mesh TLS needed but impossible (no certificates): not sent
+            raise _AttemptFailed(CONNECT_FAILURE, _forward_error(None, e)) from None
         started = time.monotonic()
         try:
             mc = self._target_callable(ep, attempt)
@@ -327,9 +338,9 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         except grpc.RpcError as err:
             if inv is not None and inv.cancelled:
                 return _Outcome(None, err, err, None)  # cancelled by the caller: not the upstream's fault
-            kind = _failure_kind(err, timeout, time.monotonic() - started)
+            kind, client_err = _transport_failure(err, timeout, time.monotonic() - started, ep)
             if kind is not None:
-                raise _AttemptFailed(kind, err) from None
+                raise _AttemptFailed(kind, client_err) from None
             return _Outcome(None, err, err, err.code().value[0])
         finally:
             ch._pool.release(ep)
