@@ -21,6 +21,8 @@ class ClusterState:
         self.mesh = mesh
         self.name = name
         self.spec: Any = None
+        #: endpoint key -> (cluster spec, endpoint, UpstreamTls or None): ``Mesh.upstream_tls``'s cache
+        self.tls_sockets: Dict[str, Any] = {}
         #: breakers and hot stats, updated by the request path (``meshcore._fast.call_*``)
         self.counters = mesh._core.ClusterCounters()
         self.outlier: Optional[OutlierDetector] = None

@@ -327,13 +327,24 @@ class MeshBase:
         Raises :class:`~meshcore.tls.TlsHandshakeError` (a connect failure) when the cluster
         needs TLS and its certificates cannot be had: never plaintext instead."""
         st = self._states.get(cluster)
-        spec = st.spec if st is not None else None
-        if spec is None:
-            rt = self._publisher._runtimes.get(cluster)
-            spec = rt.spec if rt is not None else None
+        if st is not None:
+            spec = st.spec
             if spec is None:
                 return None
-        if spec.tls is None and not spec.transport_socket_matches:
+            if spec.tls is None and not spec.transport_socket_matches:
+                return None
+            # per endpoint, valid while the cluster spec and the endpoint object stay the same
+            hit = st.tls_sockets.get(endpoint.key)
+            if hit is not None and hit[0] is spec and hit[1] is endpoint:
+                return hit[2]  # type: ignore[no-any-return]
+            up = self.tls.for_endpoint(cluster, spec, endpoint)
+            if len(st.tls_sockets) >= 4096:
+                st.tls_sockets.clear()
+            st.tls_sockets[endpoint.key] = (spec, endpoint, up)
+            return up
+        rt = self._publisher._runtimes.get(cluster)
+        spec = rt.spec if rt is not None else None
+        if spec is None or (spec.tls is None and not spec.transport_socket_matches):
             return None
         return self.tls.for_endpoint(cluster, spec, endpoint)
 
