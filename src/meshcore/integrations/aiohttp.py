@@ -38,6 +38,23 @@ breaker as ``ClientConnectionError``; no matching route as ``ClientError`` -- th
 ``__cause__``. Hosts not matching ``hosts`` (fnmatch patterns; default: every host) go straight to
 the session.
 
+Mesh TLS (a cluster whose ``transport_socket`` or matching ``transport_socket_matches`` entry is
+an ``UpstreamTlsContext``, e.g. Istio's auto-mTLS): the app keeps its ``http://`` URLs, as behind
+a sidecar, and the attempt's connection is made with TLS under the plaintext request by
+:class:`MeshConnector` -- the mesh's certificates, roots, ALPN (Istio's ``istio-http/1.1``, so a
+sidecar serves it through its HTTP filter chain) and SNI; the peer's certificate is checked
+against the cluster's SAN matchers before the request is written. These connections are pooled
+apart from plaintext ones and per cluster socket; a rotation of the workload certificates
+reaches new connections, pooled ones keep theirs. Every TLS failure -- handshake refused, SAN
+mismatch, the server refusing this workload's certificate just after the handshake (TLS 1.3),
+certificates missing -- is a :class:`MeshTlsError` (an ``aiohttp.ClientConnectorError``, so a
+connect failure for ``retry_on`` and outlier detection; ``__cause__`` is the
+:class:`meshcore.tls.TlsHandshakeError`); nothing is ever sent in plaintext instead. The session
+:class:`MeshSession` makes has a :class:`MeshConnector`; a session given to it with a plain
+``TCPConnector`` has that connector turned into one on its first mesh TLS request, and one with
+another connector class cannot reach mesh TLS clusters (the request fails). ``https://`` URLs
+to a mesh TLS cluster are refused (``aiohttp.ClientError``).
+
 Failures after the last attempt carry the mesh's context (``exc.meshcore``: target, cluster,
 attempts, last endpoint, route; also a PEP 678 note). Connections live in the session's connector
 (aiohttp keys them by endpoint and closes idle ones after its keep-alive timeout); when a cluster
@@ -49,13 +66,17 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import inspect
 import json as _json
 import logging
+import ssl
 from operator import attrgetter
 from typing import Any, Awaitable, Callable, Dict, Generator, Iterable, List, Optional, Union
 
 import aiohttp
 import attr
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ConnectionKey
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -63,6 +84,7 @@ from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, NotReady, Unavailable
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
+from ..tls import TlsHandshakeError, is_deferred_rejection
 from . import (
     _add_context,
     _aroute,
@@ -75,7 +97,7 @@ from . import (
     _Reply,
 )
 
-__all__ = ["LocalResponse", "MeshSession"]
+__all__ = ["LocalResponse", "MeshConnector", "MeshSession", "MeshTlsError"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +154,174 @@ def _classify(exc: BaseException) -> Optional[str]:
     if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
         return RESET
     return default_classify(exc)
+
+
+# -- mesh TLS ------------------------------------------------------------------------------------
+#
+# aiohttp does TLS only for https URLs; mesh TLS goes under the app's http:// request instead.
+# An attempt to an endpoint whose cluster socket is TLS passes ``ssl=<its _TlsMarker>`` and
+# ``server_hostname=<SNI>``: both are part of aiohttp's connection key (so these connections are
+# pooled apart from plaintext ones and per cluster socket), and aiohttp ignores both for an http
+# URL -- except in MeshConnector's connection hook, which makes the connection with the mesh's
+# context, checks the peer before anything is written and maps failures to MeshTlsError. The
+# hook is private aiohttp API (``TCPConnector._wrap_create_connection``, stable 3.9-3.14): it is
+# checked at import, and without it mesh TLS refuses to connect (never plaintext instead).
+
+
+def _tls_hook_supported() -> bool:
+    hook = getattr(aiohttp.TCPConnector, "_wrap_create_connection", None)
+    if hook is None or not hasattr(ResponseHandler, "set_exception"):
+        return False
+    try:
+        params = inspect.signature(hook).parameters
+        handler = inspect.signature(ResponseHandler.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+    return "req" in params and "timeout" in params and "loop" in handler
+
+
+_TLS_HOOK = _tls_hook_supported()
+
+
+class MeshTlsError(aiohttp.ClientSSLError):
+    """Mesh TLS to an endpoint failed: a handshake refusal, a peer whose certificate the
+    cluster's SAN matchers refuse, the server refusing this workload's certificate right after
+    the handshake (TLS 1.3), or certificates missing. A ``ClientConnectorError`` (a connect
+    failure: ``retry_on: connect-failure`` retries it); ``__cause__`` / :attr:`tls_error` is the
+    :class:`meshcore.tls.TlsHandshakeError`, whose message names the cluster, the endpoint and the reason."""
+
+    def __init__(self, connection_key: Any, tls_error: TlsHandshakeError) -> None:
+        super().__init__(connection_key, OSError(None, str(tls_error)))
+        self.tls_error = tls_error
+        self.args = (connection_key, tls_error)
+
+    def __str__(self) -> str:
+        return str(self.tls_error)
+
+
+def _tls_error(endpoint: str, error: TlsHandshakeError) -> MeshTlsError:
+    """:class:`MeshTlsError` for a failure before aiohttp had a connection key (``ip:port`` /
+    ``[v6]:port``)."""
+    host, _, port = endpoint.rpartition(":")
+    key = ConnectionKey(host.strip("[]"), int(port) if port.isdigit() else None, False, True, None, None, None)
+    exc = MeshTlsError(key, error)
+    exc.__cause__ = error
+    return exc
+
+
+class _TlsMarker(ssl.SSLContext):
+    """The ``ssl=`` of an attempt under one cluster socket's TLS (:attr:`tls`): a connection-pool
+    key and the hook's cue. Never used for a handshake; if it were, it verifies against no roots
+    and every handshake fails."""
+
+    tls: Any = None
+
+    def __new__(cls, tls: Any) -> "_TlsMarker":
+        self = super().__new__(cls, ssl.PROTOCOL_TLS_CLIENT)
+        self.tls = tls
+        return self
+
+    def __init__(self, tls: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<mesh {self.tls!r}>"
+
+
+class _TlsHandler(ResponseHandler):  # type: ignore[misc]
+    """aiohttp's protocol for a mesh TLS connection: until its first byte arrives, the server
+    closing it (EOF, an alert) is a TLS 1.3 refusal of this workload's certificate (the client's
+    handshake had finished): the request fails with :class:`MeshTlsError`, a connect failure,
+    not as a reset (which aiohttp would resend once on a new connection; 3.10 and 3.11 resend
+    connector errors of that read too)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fresh: Any) -> None:
+        super().__init__(loop)
+        self._mesh_fresh = fresh  # (UpstreamTls, endpoint key, connection key) until the first byte
+        self._mesh_refused: Optional[MeshTlsError] = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._mesh_fresh is not None and data:
+            self._mesh_fresh = None
+        super().data_received(data)
+
+    def close(self) -> None:
+        self._mesh_fresh = None  # closed here, not by the server
+        super().close()
+
+    def abort(self) -> None:
+        self._mesh_fresh = None
+        super().abort()
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        fresh = self._mesh_fresh
+        if fresh is not None:
+            self._mesh_fresh = None
+            if (exc is None or is_deferred_rejection(exc)) and self.exception() is None:
+                tls, endpoint, key = fresh
+                error = tls.deferred_rejection(exc or ConnectionResetError("connection closed"), endpoint)
+                self._mesh_refused = MeshTlsError(key, error)
+        super().connection_lost(exc)
+
+    def set_exception(self, exc: BaseException, *cause: Any, **kw: Any) -> None:
+        refused = self._mesh_refused
+        if refused is not None:
+            exc = refused
+            cause = (refused.tls_error,) if cause or kw else ()
+            kw = {}
+            refused.__cause__ = refused.tls_error
+        super().set_exception(exc, *cause, **kw)
+
+
+class MeshConnector(aiohttp.TCPConnector):
+    """A ``TCPConnector`` that can make mesh TLS connections (and does everything else as
+    ``TCPConnector``). :class:`MeshSession` makes its own session with one; a session given to
+    it with a plain ``TCPConnector`` gets its connector turned into this class on the first mesh
+    TLS request (a session with another connector class cannot reach mesh TLS clusters).
+
+    A mesh TLS connection: TCP as aiohttp makes it, the handshake with the cluster socket's
+    current context (``UpstreamTls.context("http/1.1")``: the mesh's certificates, roots and
+    Istio ALPN) and SNI, then the peer check (SAN matchers) before the request is written."""
+
+    async def _wrap_create_connection(self, *args: Any, req: Any, timeout: Any, **kwargs: Any) -> Any:
+        marker = req.ssl
+        if type(marker) is not _TlsMarker:
+            return await super()._wrap_create_connection(*args, req=req, timeout=timeout, **kwargs)
+        tls = marker.tls
+        key = req.connection_key
+        endpoint = _endpoint_key(req.url.raw_host, req.port)
+        try:
+            ctx = tls.context("http/1.1")
+        except TlsHandshakeError as e:
+            raise MeshTlsError(key, e) from e
+        kwargs["ssl"] = ctx
+        kwargs["server_hostname"] = req.server_hostname or ""  # "": no SNI (asyncio wants a value)
+        fresh = (tls, endpoint, key)
+        loop = self._loop
+        try:
+            transport, proto = await super()._wrap_create_connection(
+                lambda: _TlsHandler(loop, fresh), *args[1:], req=req, timeout=timeout, **kwargs)
+        except aiohttp.ClientConnectorError as e:
+            cause = e.__cause__ if e.__cause__ is not None else e.os_error
+            if isinstance(cause, ssl.SSLError) or \
+                    isinstance(cause, (ConnectionError, EOFError)) and not isinstance(cause, ConnectionRefusedError):
+                error = tls.handshake_error(cause, endpoint)
+                raise MeshTlsError(key, error) from error
+            raise
+        try:
+            tls.check_peer(transport.get_extra_info("ssl_object"), endpoint)
+        except TlsHandshakeError as e:
+            proto._mesh_fresh = None
+            transport.abort()
+            raise MeshTlsError(key, e) from e
+        if transport.is_closing():  # refused already (TLS 1.3: after the client's handshake)
+            refused = proto._mesh_refused
+            proto._mesh_fresh = None
+            transport.abort()
+            if refused is None:
+                refused = MeshTlsError(key, tls.deferred_rejection(ConnectionResetError("connection closed"), endpoint))
+            raise refused from refused.tls_error
+        return transport, proto
 
 
 class LocalResponse:
@@ -230,10 +420,10 @@ class _Sender:
     of its cluster, route, authority, method and timeout (aiohttp copies the headers)."""
 
     __slots__ = ("request", "method", "headers", "timeout", "kwargs", "scheme", "cluster", "route_name", "used",
-                 "urls", "route")
+                 "urls", "route", "upstream_tls", "tls_kwargs")
 
     def __init__(self, request: Any, method: str, headers: Any, timeout: Any, kwargs: Dict[str, Any], call: Any,
-                 used: Any, urls: Dict[Any, URL]) -> None:
+                 used: Any, urls: Dict[Any, URL], upstream_tls: Any, tls_kwargs: Any) -> None:
         self.request = request
         self.method = method
         self.headers = headers
@@ -245,9 +435,12 @@ class _Sender:
         self.route_name = call.route.route_name
         self.used = used
         self.urls = urls
+        self.upstream_tls = upstream_tls  # Mesh.upstream_tls (None: a mesh without TLS)
+        self.tls_kwargs = tls_kwargs  # MeshSession._tls_kwargs
 
     async def send(self, attempt: Any) -> aiohttp.ClientResponse:
-        ep_key = attempt.endpoint.key
+        endpoint = attempt.endpoint
+        ep_key = endpoint.key
         if self.used is not None:
             self.used.add(ep_key)
         key = (self.scheme, ep_key, attempt.path)
@@ -259,6 +452,14 @@ class _Sender:
                 urls.clear()
             urls[key] = target
         kwargs = self.kwargs
+        upstream_tls = self.upstream_tls
+        if upstream_tls is not None:
+            try:
+                tls = upstream_tls(self.cluster, endpoint)
+            except TlsHandshakeError as e:  # TLS required, no certificates: no connection at all
+                raise _tls_error(ep_key, e) from e
+            if tls is not None:
+                kwargs = self.tls_kwargs(tls, endpoint, kwargs, self.scheme)
         if kwargs:
             resp = await self.request(self.method, target, headers=self.headers, allow_redirects=False,
                                       timeout=self.timeout, **kwargs)
@@ -299,6 +500,11 @@ class MeshSession:
         # the session's fixed settings, read once: (session, default headers, timeout, cookie jar,
         # raise_for_status default, the attempts' timeout)
         self._bound: Any = (None, None, None, None, False, None)
+        # mesh TLS: the cluster socket of an endpoint (None: a mesh without TLS), the ssl= marker of
+        # each cluster socket (UpstreamTls -> _TlsMarker), the connector known to do mesh TLS
+        self._upstream_tls = getattr(mesh, "upstream_tls", None)
+        self._markers: Dict[Any, _TlsMarker] = {}
+        self._tls_connector: Any = None
 
     async def _close_endpoints(self, pool: Any) -> None:
         """Close the idle connections to the endpoints ``pool`` used that no live cluster has."""
@@ -326,7 +532,7 @@ class MeshSession:
     def session(self) -> aiohttp.ClientSession:
         """The underlying session (created on first use when none was given)."""
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(connector=MeshConnector())
         return self._session
 
     def request(self, method: str, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
@@ -561,7 +767,8 @@ class MeshSession:
         if len(jar) or call.scheme == "https":
             extra = self._extra(jar, call.scheme, url, kwargs)
         return _Sender(session.request, method, send_headers, timeout, extra, call,
-                       pool.used if pool is not None else None, self._endpoint_urls)
+                       pool.used if pool is not None else None, self._endpoint_urls, self._upstream_tls,
+                       self._tls_kwargs)
 
     @staticmethod
     def _extra(jar: Any, scheme: str, url: URL, kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -576,6 +783,45 @@ class MeshSession:
                 user = extra.pop("cookies", None)
                 extra["cookies"] = jar_cookies + list((user.items() if hasattr(user, "items") else user) or ())
         return extra
+
+    def _tls_kwargs(self, tls: Any, endpoint: Any, kwargs: Dict[str, Any], scheme: str) -> Dict[str, Any]:
+        """An attempt's keyword arguments under mesh TLS ``tls``: its marker as ``ssl`` and its
+        SNI as ``server_hostname`` (both part of aiohttp's connection key)."""
+        if scheme != "http":
+            raise aiohttp.ClientError(
+                f"{scheme}:// request to {endpoint.key} of cluster {tls.cluster}: the cluster's connections use "
+                f"mesh TLS, which goes under http:// requests (as behind a sidecar); use an http:// URL")
+        marker = self._markers.get(tls)
+        if marker is None:
+            marker = self._tls_marker(tls, endpoint)
+        extra = dict(kwargs)
+        extra["ssl"] = marker
+        extra["server_hostname"] = tls.server_hostname(endpoint)
+        return extra
+
+    def _tls_marker(self, tls: Any, endpoint: Any) -> _TlsMarker:
+        """The ``ssl=`` marker of cluster socket ``tls``, once it is certain that the session's
+        connector makes mesh TLS connections (else the marker would be ignored: plaintext)."""
+        session = self._session or self.session
+        connector = session.connector
+        if connector is not self._tls_connector:
+            problem = None
+            if not _TLS_HOOK:
+                problem = f"aiohttp {aiohttp.__version__} lacks the connection hook mesh TLS needs"
+            elif type(connector) is aiohttp.TCPConnector:
+                connector.__class__ = MeshConnector  # adds the mesh TLS hook, changes nothing else
+                log.debug("the session's TCPConnector now makes mesh TLS connections too")
+            elif not isinstance(connector, MeshConnector):
+                problem = (f"the session's connector ({type(connector).__name__}) cannot make mesh TLS connections: "
+                           f"give the session a meshcore.integrations.aiohttp.MeshConnector")
+            if problem is not None:
+                raise _tls_error(endpoint.key, TlsHandshakeError(tls.cluster, endpoint.key, problem))
+            self._tls_connector = connector
+        marker = _TlsMarker(tls)
+        if len(self._markers) >= _MEMO_MAX:
+            self._markers.clear()  # their connections stay pooled under the old key until idle
+        self._markers[tls] = marker
+        return marker
 
     @staticmethod
     def _mesh_error(exc: BaseException) -> BaseException:
