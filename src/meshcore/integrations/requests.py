@@ -34,12 +34,29 @@ or an open circuit breaker as ``ConnectionError``; no matching route as ``Reques
 the meshcore error is ``__cause__``. TLS needs requests >= 2.32.2
 (``build_connection_pool_key_attributes``). Keep the adapter's own ``max_retries`` at 0: the
 route's retry policy does the retrying.
+
+Mesh TLS (a cluster's ``transport_socket`` / ``transport_socket_matches``, ``Mesh.upstream_tls``):
+the app keeps its ``http://`` URL, as behind a sidecar, and the attempt goes to a pool of its own
+(key: endpoint and :class:`~meshcore.tls.UpstreamTls`) whose connections make the TCP connection,
+then the mesh's TLS handshake and peer check (``UpstreamTls.wrap_socket``: the cluster's roots,
+SAN matchers, SNI, Istio's ALPN ``istio-http/1.1, istio, http/1.1``, the workload certificate of
+the current generation), before urllib3 writes a byte; urllib3 and requests never see the TLS
+context, so ``verify=False`` or ``cert=`` change nothing there. A refused handshake, a peer whose
+SANs do not match, missing certificates, or a fresh connection closed on its first read before any
+response byte (a TLS 1.3 server refusing the client certificate after the handshake) raise
+``requests.exceptions.SSLError`` (a ``ConnectionError``; urllib3's ``NewConnectionError`` inside,
+the :class:`~meshcore.tls.TlsHandshakeError` naming cluster, endpoint and reason as ``__cause__``),
+a connect failure for ``retry_on`` and outlier detection; a handshake timeout is ``ConnectTimeout``.
+An SSL error on a connection after its first response byte is a reset (``ConnectionError``).
+``https://`` URLs and proxies cannot carry mesh TLS: to a TLS endpoint they are refused the same way.
 """
 
 from __future__ import annotations
 
+import http.client
 import io
 import logging
+import ssl
 import threading
 from operator import attrgetter
 from typing import Any, Callable, Dict, Optional, Tuple, Union
@@ -49,8 +66,11 @@ from requests import exceptions as rexc
 from requests.adapters import HTTPAdapter, select_proxy
 from requests.cookies import RequestsCookieJar, extract_cookies_to_jar
 from requests.structures import CaseInsensitiveDict
-from urllib3 import PoolManager
+from urllib3 import HTTPConnectionPool, PoolManager
 from urllib3 import exceptions as u3exc
+from urllib3.connection import HTTPConnection
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.poolmanager import SSL_KEYWORDS
 from urllib3.response import HTTPResponse
 from urllib3.util import Timeout as Urllib3Timeout
 
@@ -58,6 +78,7 @@ from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, NotReady, Unavailable
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
+from ..tls.upstream import TlsHandshakeError, is_deferred_rejection
 from . import (
     _add_context,
     _ClusterPools,
@@ -163,10 +184,133 @@ def _requests_error(e: BaseException, request: Any) -> BaseException:
     return e
 
 
+# -- mesh TLS under a plaintext request ------------------------------------------------------------
+
+_TLS_SCHEME = "meshcore+tls"  # the pool manager's name for mesh-TLS pools (never a URL scheme)
+
+
+class _FirstReadFailed(Exception):
+    """The first read of a fresh mesh-TLS connection failed before any response byte."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class _FirstResponse(http.client.HTTPResponse):
+    """The first response of a fresh mesh-TLS connection: its first read, made before the status
+    line is parsed (``peek``: nothing is consumed), tells a server that closed the connection or
+    sent an alert before any response byte (a TLS 1.3 server refusing the client certificate
+    after the client's handshake completed) from anything later."""
+
+    def _read_status(self) -> Any:
+        try:
+            first = self.fp.peek(1)
+        except OSError as e:
+            if is_deferred_rejection(e):
+                raise _FirstReadFailed(e) from e
+            raise
+        if not first:
+            raise _FirstReadFailed(http.client.RemoteDisconnected("Remote end closed connection without response"))
+        return super()._read_status()
+
+
+class _MeshTlsConnection(HTTPConnection):
+    """An urllib3 ``HTTPConnection`` (plaintext HTTP/1.1 to urllib3) over the mesh's TLS:
+    ``connect`` makes the TCP connection, then ``UpstreamTls.wrap_socket`` (handshake with the
+    current certificates, peer check) before anything is written. Handshake and peer failures
+    raise ``NewConnectionError`` (``ConnectTimeoutError`` for a handshake timeout) with the
+    :class:`TlsHandshakeError` as ``__cause__``; so does the first write or read of a fresh
+    connection failing before any response byte (see :class:`_FirstResponse`)."""
+
+    def __init__(self, host: str, port: Optional[int] = None, *, mesh_tls: Any, mesh_endpoint: Any,
+                 **kw: Any) -> None:
+        super().__init__(host, port, **kw)
+        self.mesh_tls = mesh_tls
+        self.mesh_endpoint = mesh_endpoint
+        self._fresh = False
+
+    def connect(self) -> None:
+        super().connect()  # TCP: NewConnectionError / ConnectTimeoutError as for any connection
+        raw, tls, ep = self.sock, self.mesh_tls, self.mesh_endpoint
+        try:
+            self.sock = tls.wrap_socket(raw, ep.key, "http/1.1", ep=ep)
+        except TlsHandshakeError as e:
+            self.sock = None
+            raw.close()  # (wrap_socket closed it, unless the certificates were missing)
+            raise NewConnectionError(self, str(e)) from e
+        except TimeoutError as e:
+            self.sock = None
+            raw.close()
+            raise ConnectTimeoutError(self, f"TLS handshake with {ep.key} (cluster {tls.cluster}) timed out "
+                                            f"(connect timeout={self.timeout})") from e
+        self._fresh = True
+        self.response_class = _FirstResponse
+
+    def _refused(self, error: BaseException) -> TlsHandshakeError:
+        """A fresh connection's first write/read failed before any response byte: the
+        connection is closed and the connect failure (counted) returned."""
+        self._fresh = False
+        cause = self.mesh_tls.deferred_rejection(error, self.mesh_endpoint.key)
+        self.close()
+        return cause
+
+    def request(self, method: str, url: str, body: Any = None, headers: Any = None,  # type: ignore[override]
+                **kw: Any) -> None:
+        try:
+            super().request(method, url, body, headers, **kw)
+        except ssl.SSLError as e:  # (urllib3 itself carries on to the read after EPIPE / ECONNRESET)
+            if self._fresh and is_deferred_rejection(e):
+                cause = self._refused(e)
+                raise NewConnectionError(self, str(cause)) from cause
+            raise
+
+    def getresponse(self) -> Any:  # type: ignore[override]
+        if not self._fresh:
+            return super().getresponse()
+        self._fresh = False
+        try:
+            return super().getresponse()
+        except _FirstReadFailed as e:
+            cause = self._refused(e.error)
+            raise NewConnectionError(self, str(cause)) from cause
+        finally:
+            self.response_class = http.client.HTTPResponse
+
+
+class _MeshTlsPool(HTTPConnectionPool):
+    """One endpoint's mesh-TLS connections (``mesh_tls``/``mesh_endpoint`` go to each connection)."""
+
+    ConnectionCls = _MeshTlsConnection  # type: ignore[assignment]
+
+
+def _tls_failure(e: BaseException, error: BaseException, request: Any) -> Tuple[BaseException, Optional[BaseException]]:
+    """The requests exception for urllib3's ``e`` on a mesh-TLS pool, and its ``__cause__``:
+    a refused handshake (a :class:`TlsHandshakeError` behind ``NewConnectionError``) is
+    ``SSLError``; any other SSL error came after the handshake (the connection broke): a
+    ``ConnectionError``, as a reset."""
+    reason = e.reason if isinstance(e, u3exc.MaxRetryError) else e
+    cause = getattr(reason, "__cause__", None)
+    if isinstance(cause, TlsHandshakeError):
+        return rexc.SSLError(e, request=request), cause
+    if isinstance(error, rexc.SSLError):
+        return rexc.ConnectionError(e, request=request), None
+    return error, None
+
+
+def _tls_refusal(tls: Any, endpoint: Any, reason: str, request: Any) -> BaseException:
+    """A request that cannot carry the mesh's TLS to ``endpoint`` (https://, a proxy) as a refused connection."""
+    cause = TlsHandshakeError(tls.cluster, endpoint.key, reason)
+    error = rexc.SSLError(str(cause), request=request)
+    error.__cause__ = cause
+    return error
+
+
 class _ClusterManager(PoolManager):
     """A cluster's urllib3 ``PoolManager`` with a table in front of it: attempt key (the
-    endpoint; for https also the TLS name and settings) -> its connection pool. The table is
-    a cache: a pool the manager evicted (and so closed) is fetched again."""
+    endpoint; for https also the TLS name and settings; for mesh TLS the ``UpstreamTls``) -> its
+    connection pool. The table is a cache: a pool the manager evicted (and so closed) is fetched
+    again. Mesh-TLS pools live in the same manager (its LRU, its ``clear``) under their own scheme."""
 
     _TABLE_MAX = 256
 
@@ -174,6 +318,7 @@ class _ClusterManager(PoolManager):
         super().__init__(*args, **kw)
         self.by_attempt: Dict[Any, Any] = {}
         self.lock = threading.Lock()
+        self.pool_classes_by_scheme = {**self.pool_classes_by_scheme, _TLS_SCHEME: _MeshTlsPool}
 
     def clear(self) -> None:
         self.by_attempt = {}
@@ -262,15 +407,30 @@ class MeshAdapter(HTTPAdapter):
         route_name = call.route.route_name
         timeouts = self._timeouts
         retries = self.max_retries
+        upstream_tls = self._mesh.upstream_tls
         slot = self._pools.acquire(cluster, cluster)
         manager = slot.pool
 
         def send(attempt: Any) -> Any:
-            ep_key = attempt.endpoint.key
-            key = (ep_key, sni, verify, cert) if https else ep_key
-            pool = manager.by_attempt.get(key)
-            if pool is None or pool.pool is None:  # new, or closed by the manager's eviction
-                pool = self._pool_for(manager, key, attempt, request, https, sni, verify, cert)
+            endpoint = attempt.endpoint
+            ep_key = endpoint.key
+            try:
+                tls = upstream_tls(cluster, endpoint)
+            except TlsHandshakeError as e:  # TLS required, no certificates: no connection at all
+                raise rexc.SSLError(str(e), request=request) from e
+            if tls is None:
+                key = (ep_key, sni, verify, cert) if https else ep_key
+                pool = manager.by_attempt.get(key)
+                if pool is None or pool.pool is None:  # new, or closed by the manager's eviction
+                    pool = self._pool_for(manager, key, attempt, request, https, sni, verify, cert)
+            else:
+                if https:
+                    raise _tls_refusal(tls, endpoint, "an https:// request cannot carry the mesh's TLS "
+                                       "(the mesh encrypts http:// requests itself, as a sidecar does)", request)
+                key = (ep_key, tls)
+                pool = manager.by_attempt.get(key)
+                if pool is None or pool.pool is None:
+                    pool = self._tls_pool_for(manager, key, endpoint, tls)
             cap = attempt.timeout
             try:
                 resolved = timeouts[timeout, cap]
@@ -288,10 +448,19 @@ class MeshAdapter(HTTPAdapter):
                 error = _requests_error(e, request)
                 if error is e:
                     raise
+                if tls is not None:
+                    error, cause = _tls_failure(e, error, request)
+                    if cause is not None:
+                        raise error from cause
                 raise error  # as HTTPAdapter.send raises it (the urllib3 error as its context)
             response = self.build_response(request, raw)
             try:
                 _ = response.content  # read within the attempt (status and body known)
+            except rexc.SSLError as e:
+                response.close()
+                if tls is None:
+                    raise
+                raise rexc.ConnectionError(*e.args, request=request) from e  # mesh TLS broke mid-body: a reset
             except BaseException:
                 response.close()
                 raise
@@ -351,15 +520,39 @@ class MeshAdapter(HTTPAdapter):
             table[key] = pool
         return pool
 
+    @staticmethod
+    def _tls_pool_for(manager: _ClusterManager, key: Any, endpoint: Any, tls: Any) -> Any:
+        """The mesh-TLS pool of ``(endpoint key, UpstreamTls)``: the adapter's pool settings
+        without urllib3's TLS keywords (the mesh's TLS is the connection's own)."""
+        host, _, port = endpoint.key.rpartition(":")
+        host = host.strip("[]")
+        context = {k: v for k, v in manager.connection_pool_kw.items() if k not in SSL_KEYWORDS}
+        context.update(scheme=_TLS_SCHEME, host=host, port=int(port), mesh_tls=tls, mesh_endpoint=endpoint)
+        with manager.lock:
+            pool = manager.connection_from_pool_key((_TLS_SCHEME, host, int(port), tls), request_context=context)
+            table = manager.by_attempt
+            if len(table) >= _ClusterManager._TABLE_MAX:
+                table.clear()
+            table[key] = pool
+        return pool
+
     def _send_proxied(self, call: Any, request: Any, stream: bool, timeout: TimeoutArg, verify: Any,
                       cert: Any, proxies: Any) -> Any:
         """A request that goes through a proxy: each attempt is a copy of the request to the
         endpoint, sent by ``HTTPAdapter.send`` through the adapter's proxy manager."""
         sni = urlsplit(request.url).hostname or ""
         base_send = super().send
+        upstream_tls = self._mesh.upstream_tls
         slot = self._pools.acquire(call.cluster, call.cluster)
 
         def send(attempt: Any) -> Any:
+            try:
+                tls = upstream_tls(call.cluster, attempt.endpoint)
+            except TlsHandshakeError as e:
+                raise rexc.SSLError(str(e), request=request) from e
+            if tls is not None:  # never in plaintext through the proxy instead
+                raise _tls_refusal(tls, attempt.endpoint, "the request goes through a proxy, which cannot carry "
+                                   "the mesh's TLS", request)
             prepared = request.copy()
             prepared.url = attempt.url
             _drop_router_headers(prepared.headers)
