@@ -228,18 +228,30 @@ def experiment(rig: TlsGrpcRig, **kw: Any) -> Dict[str, Any]:
     return {"steady": steady, "new": new}
 
 
+def paired(result: Dict[str, Any], a: str, b: str, key: str = "p50_ns") -> float:
+    """Median over repetitions of (mode ``a`` − mode ``b``) of blocks of the same repetition, µs."""
+    import statistics
+
+    by_rep: Dict[int, Dict[str, Any]] = {}
+    for block in result["blocks"]:
+        by_rep.setdefault(block["rep"], {})[block["mode"]] = block
+    return statistics.median(r[a][key] - r[b][key] for r in by_rep.values() if a in r and b in r) / 1e3
+
+
 def summary(out: Dict[str, Any]) -> Dict[str, float]:
-    s, n = out["steady"]["modes"], out["new"]["modes"]
+    s, n = out["steady"], out["new"]
     return {
-        "added_p50_us_vs_grpcio_tls": s["meshcore"]["added_p50_us"],
-        "added_cpu_us_vs_grpcio_tls": s["meshcore"]["added_cpu_us"],
-        "tls_cost_p50_us_over_meshcore_plain": s["meshcore"]["p50_us"] - s["meshcore-plain"]["p50_us"],
-        "tls_cost_cpu_us_over_meshcore_plain": s["meshcore"]["cpu_us"] - s["meshcore-plain"]["cpu_us"],
-        "meshcore_routing_p50_us": s["meshcore-plain"]["p50_us"] - s["direct-plain"]["p50_us"],
-        "new_connection_added_p50_us": n["meshcore-new"]["added_p50_us"],
-        "new_connection_added_cpu_us": n["meshcore-new"]["added_cpu_us"],
-        "handshake_p50_us_direct": n["direct-new"]["p50_us"] - s["direct"]["p50_us"],
-        "handshake_p50_us_meshcore": n["meshcore-new"]["p50_us"] - s["meshcore"]["p50_us"],
+        "added_p50_us_vs_grpcio_tls": paired(s, "meshcore", "direct"),
+        "added_cpu_us_vs_grpcio_tls": paired(s, "meshcore", "direct", "cpu_ns"),
+        "tls_cost_p50_us_over_meshcore_plain": paired(s, "meshcore", "meshcore-plain"),
+        "tls_cost_cpu_us_over_meshcore_plain": paired(s, "meshcore", "meshcore-plain", "cpu_ns"),
+        "meshcore_routing_p50_us": paired(s, "meshcore-plain", "direct-plain"),
+        "grpcio_tls_p50_us_over_plain": paired(s, "direct", "direct-plain"),
+        "new_connection_added_p50_us": paired(n, "meshcore-new", "direct-new"),
+        "new_connection_added_cpu_us": paired(n, "meshcore-new", "direct-new", "cpu_ns"),
+        # a new connection's cost over a call on a reused one (different runs: unpaired medians)
+        "new_connection_p50_us_direct": n["modes"]["direct-new"]["p50_us"] - s["modes"]["direct"]["p50_us"],
+        "new_connection_p50_us_meshcore": n["modes"]["meshcore-new"]["p50_us"] - s["modes"]["meshcore"]["p50_us"],
     }
 
 

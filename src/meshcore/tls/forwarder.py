@@ -37,6 +37,7 @@ verifies. What it does not protect against: other processes of the same user tha
 
 from __future__ import annotations
 
+import atexit
 import errno
 import ipaddress
 import logging
@@ -756,6 +757,18 @@ def forwarder_stats() -> Dict[str, Any]:
         return {"running": False, "forwards": 0, "connections": 0}
     return {"running": loop.thread.is_alive(), "forwards": len(loop.forwards),
             "connections": sum(f.open_connections for f in list(loop.forwards))}
+
+
+def _remove_files_at_exit() -> None:
+    """Unlink the sockets of forwards still open when the interpreter exits (the daemon thread
+    just stops; the directories would stay behind in the temp directory)."""
+    loop = _LOOP
+    if loop is not None:
+        for fwd in list(loop.forwards):
+            fwd._remove_files()
+
+
+atexit.register(_remove_files_at_exit)
 
 
 def _after_fork() -> None:  # the child has no forwarder thread; its forwards are the parent's
