@@ -152,6 +152,25 @@ def test_plaintext_cluster_through_the_same_client(sidecar, app, pki, make_mesh)
     assert "ssl.handshake" not in mesh.stats().get("plain", {})
 
 
+def test_aggregate_cluster_uses_its_childs_tls_socket(sidecar, app, pki, make_mesh):
+    # the aggregate's own spec has no transport socket: Envoy uses the host's cluster's, and
+    # so must meshcore (plaintext to the sidecar's mTLS port would be refused anyway)
+    agg = {"name": "agg", "connect_timeout": "1s", "lb_policy": "CLUSTER_PROVIDED",
+           "cluster_type": {"name": "envoy.clusters.aggregate", "typed_config": {
+               "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+               "clusters": [CLUSTER]}}}
+    doc = resources({TARGET: [route("agg")]}, [tls_cluster(CLUSTER, [SIDECAR_ID], connect_timeout="0.7s"), agg],
+                    [assignment(CLUSTER, [(sidecar.port, True)])])
+    mesh = make_mesh(doc, pki.paths("client").dir)
+    with mesh_channel(mesh, TARGET, sweep_interval=0.0) as ch:  # the sweep must keep the channel
+        hello = ch.unary_unary(HELLO)
+        assert xfcc_uri(hello(b"", timeout=5).decode()) == CLIENT_ID
+        assert xfcc_uri(hello(b"", timeout=5).decode()) == CLIENT_ID
+        (fwd,) = ch._pool.forwards()
+        assert fwd.tls.cluster == CLUSTER and fwd.connect_timeout == 0.7
+    assert mesh.stats()[CLUSTER]["ssl.handshake"] == 1
+
+
 # --------------------------------------------------------------------------------------------
 # Refusals
 # --------------------------------------------------------------------------------------------

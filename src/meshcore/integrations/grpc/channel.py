@@ -5,12 +5,12 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import grpc
 
 from ...call import Attempt, Call
-from ...errors import MeshError
+from ...errors import MeshError, UpstreamError
 from ._metadata import _GRPC_HEADER_DICT, _GRPC_HEADERS, _headers, _routes_by_own_headers  # noqa: F401
 from ._types import Metadata, Options
 from .connectivity import _Connectivity
@@ -18,6 +18,16 @@ from .endpoints import ANY_TLS, _EndpointChannel, _EndpointPool
 from .status import MeshRpcError
 from .streaming import _StreamStream, _StreamUnary, _UnaryStream
 from .unary import _UnaryUnary
+
+def _leaves(rt: Any) -> Iterator[Any]:
+    """``rt`` and, for an aggregate cluster, its non-aggregate descendants instead."""
+    children = getattr(rt, "children", ())
+    if not children:
+        yield rt
+        return
+    for child in children:
+        yield from _leaves(child)
+
 
 def _split_target(target: str) -> Tuple[str, str]:
     """``(authority, mesh target)``: ``xds:///name:port`` and ``xds://auth/name:port`` route for
@@ -156,16 +166,35 @@ class MeshChannel(grpc.Channel):
         hit = cache.get(key)
         if hit is not None and hit[0] is ep:
             return hit[1]
-        tls = upstream_tls(attempt.cluster, ep)
+        tls = upstream_tls(self._socket_cluster(cfg, attempt.cluster, ep), ep)
         if len(cache) >= 4096:  # endpoints replaced by EDS under one configuration
             cache.clear()
         cache[key] = (ep, tls)
         return tls
 
+    @staticmethod
+    def _socket_cluster(cfg: Any, cluster: Optional[str], ep: Any) -> Optional[str]:
+        """The cluster whose transport socket a connection to ``ep`` uses: ``cluster``, or for
+        an aggregate cluster the child holding ``ep`` (Envoy: the host's own cluster; the
+        aggregate's own spec has no socket). Raises ``UpstreamError`` (connect-failure) when no
+        child holds it (replaced meanwhile): never a guessed socket."""
+        rt = cfg.clusters.get(cluster) if cfg is not None and cluster is not None else None
+        if rt is None or not rt.children:
+            return cluster
+        leaves = list(_leaves(rt))
+        for match in (lambda e: e is ep, lambda e: e.key == ep.key):
+            for leaf in leaves:
+                if leaf.lb is not None and any(match(e) for e in leaf.lb.endpoints):
+                    return str(leaf.name)
+        raise UpstreamError("connect-failure", f"endpoint {ep.key} is in no child cluster of aggregate {cluster!r} "
+                            "any more")
+
     def _connect_timeout(self, cluster: Optional[str]) -> float:
         """The cluster's ``connect_timeout`` (for the TLS forwards' connect + handshake)."""
         cfg = self.mesh.config(self._mesh_target)
         rt = cfg.clusters.get(cluster) if cfg is not None and cluster is not None else None
+        if rt is None and cfg is not None:  # an aggregate's child
+            rt = next((leaf for top in cfg.clusters.values() for leaf in _leaves(top) if leaf.name == cluster), None)
         timeout = getattr(getattr(rt, "spec", None), "connect_timeout", None)
         return float(timeout) if timeout else 5.0
 
@@ -176,18 +205,19 @@ class MeshChannel(grpc.Channel):
             return None
         upstream_tls = self._upstream_tls
         live: Set[Tuple[str, Any]] = set()
-        for name, rt in cfg.clusters.items():
-            if rt.lb is None:
-                continue
-            for ep in rt.lb.endpoints:
-                if upstream_tls is None:
-                    tls: Any = None
-                else:
-                    try:
-                        tls = upstream_tls(name, ep)
-                    except Exception:  # noqa: BLE001  (no certificates: keep what the address has)
-                        tls = ANY_TLS
-                live.add((ep.key, tls))
+        for top in cfg.clusters.values():
+            for rt in _leaves(top):  # an aggregate's endpoints take their own cluster's socket
+                if rt.lb is None:
+                    continue
+                for ep in rt.lb.endpoints:
+                    if upstream_tls is None:
+                        tls: Any = None
+                    else:
+                        try:
+                            tls = upstream_tls(rt.name, ep)
+                        except Exception:  # noqa: BLE001  (no certificates: keep what the address has)
+                            tls = ANY_TLS
+                    live.add((ep.key, tls))
         return live
 
     def sweep(self) -> None:

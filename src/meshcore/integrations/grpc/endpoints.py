@@ -108,7 +108,7 @@ class _EndpointPool:
         """The forward carrying a TLS endpoint's connections (a connect failure if it cannot be made)."""
         from ...tls.forwarder import forward
 
-        cluster = getattr(attempt, "cluster", None)
+        cluster = getattr(tls, "cluster", None) or getattr(attempt, "cluster", None)  # (an aggregate's child)
         timeout = self._connect_timeout(cluster) if self._connect_timeout is not None else 5.0
         try:
             return forward(tls, attempt.endpoint, protocol="h2", connect_timeout=timeout)
