@@ -118,11 +118,7 @@ def listener_spec(listener: Any) -> ListenerSpec:
         raise ConfigError(name, f"{_P}route_specifier", "is required: set rds or route_config")
 
     filters = _http_filters(hcm, name)
-    max_stream_duration = None
-    if hcm.common_http_protocol_options.HasField("max_stream_duration"):
-        value = seconds(hcm.common_http_protocol_options.max_stream_duration, name,
-                        f"{_P}common_http_protocol_options.max_stream_duration")
-        max_stream_duration = value or None
+    max_stream_duration = hcm_max_stream_duration(hcm, name, _P)
     address = None
     if lis.address.WhichOneof("address") == "socket_address":
         sa = lis.address.socket_address
@@ -152,16 +148,34 @@ def _internal_cidrs(hcm: Any, name: str) -> Tuple[Any, ...]:
     return tuple(out)
 
 
-def _rds(rds: Any, name: str) -> str:
+# -- shared with sidecar_listener (the HCM of an Envoy sidecar's filter chains) --------------------
+
+
+def rds_route_config_name(rds: Any, name: str, prefix: str) -> str:
+    """An HCM's ``rds``: the route config name, which must be non-empty, from an ``ads`` or
+    ``self`` config source (``prefix``: the HCM's field path, ending in ``.``)."""
     source = rds.config_source.WhichOneof("config_source_specifier")
     if source not in ("ads", "self"):
         raise ConfigError(
-            name, f"{_P}rds.config_source" + (f".{source}" if source else ""),
+            name, f"{prefix}rds.config_source" + (f".{source}" if source else ""),
             f"the RDS config source must be ads or self, got {source or 'none'}",
         )
     if not rds.route_config_name:
-        raise ConfigError(name, f"{_P}rds.route_config_name", "must not be empty")
+        raise ConfigError(name, f"{prefix}rds.route_config_name", "must not be empty")
     return rds.route_config_name
+
+
+def hcm_max_stream_duration(hcm: Any, name: str, prefix: str) -> Optional[float]:
+    """``common_http_protocol_options.max_stream_duration`` in seconds (``None``: no limit)."""
+    if not hcm.common_http_protocol_options.HasField("max_stream_duration"):
+        return None
+    value = seconds(hcm.common_http_protocol_options.max_stream_duration, name,
+                    f"{prefix}common_http_protocol_options.max_stream_duration")
+    return value or None
+
+
+def _rds(rds: Any, name: str) -> str:
+    return rds_route_config_name(rds, name, _P)
 
 
 def _http_filters(hcm: Any, name: str) -> Tuple[HttpFilterSpec, ...]:
