@@ -3,9 +3,11 @@
 Per type URL the stream keeps the subscribed names, the wildcard flag and what the client has
 (name -> version, the version being the content hash from the store). Rules:
 
-* first request of a type: wildcard if it subscribes ``"*"``, or if it is LDS/CDS with an empty
-  subscribe list; ``initial_resource_versions`` seed what the client has, so only resources whose
-  version differs are sent, plus ``removed_resources`` for claimed names we lack (if of interest).
+* first request of a type: wildcard if it subscribes ``"*"``, or (the legacy form, for any type)
+  if its subscribe list is empty -- unless it also unsubscribes ``"*"`` (istiod's clients send
+  ``"*"`` in both lists to start with nothing); ``initial_resource_versions`` seed what the client
+  has, so only resources whose version differs are sent, plus ``removed_resources`` for claimed
+  names we lack (if of interest).
   A first request without ``initial_resource_versions`` is always answered (possibly empty) so the
   client learns the server's state;
 * request-driven: at most one response per type is outstanding (not yet ACKed/NACKed); what
@@ -27,7 +29,7 @@ from typing import Dict, List, Mapping, Set, Tuple
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from ._common import FULL_STATE_TYPES, NonceCounter, push_order
+from ._common import NonceCounter, push_order
 from .store import Entry, Snapshot
 
 __all__ = ["DeltaStream", "DeltaResponse"]
@@ -74,7 +76,7 @@ class DeltaStream:
         state = self._types.get(url)
         if state is None:
             state = self._types[url] = _TypeState()
-            state.wildcard = "*" in subscribe or (url in FULL_STATE_TYPES and not subscribe)
+            state.wildcard = ("*" in subscribe or not subscribe) and "*" not in unsubscribe
             state.names = {n for n in subscribe if n != "*"} - set(unsubscribe)
             claimed = dict(request.initial_resource_versions)
             state.has = {n: v for n, v in claimed.items() if state.interested(n)}

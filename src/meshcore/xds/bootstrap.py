@@ -39,20 +39,34 @@ The node sent to the control plane is the bootstrap's ``id``, ``cluster``, ``loc
 ``user_agent_version`` and ``client_features`` itself (A27), ignoring any bootstrap values. It
 does not send ``envoy.lb.does_not_support_overprovisioning``: meshcore honours the
 overprovisioning factor.
+
+**Node shapes.** :meth:`Bootstrap.for_shape` gives the bootstrap a node for one of
+:data:`SHAPES`: ``"grpc"`` (the proxyless shape; the bootstrap unchanged, so an Istio agent's
+``GENERATOR: grpc`` makes istiod use its gRPC generator) or ``"envoy"`` (meshcore consumes what
+istiod writes for an Envoy *sidecar*): :func:`sidecar_node` drops ``GENERATOR`` and adds what
+istio-agent puts in a sidecar's node (id ``sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local``,
+``NAMESPACE``, ``LABELS``, ``ISTIO_VERSION``, ``INSTANCE_IPS``, ``SERVICE_ACCOUNT``, every
+``ISTIO_META_*`` variable such as ``CLUSTER_ID``, ``MESH_ID``, ``WORKLOAD_NAME``, ``POD_PORTS``),
+derived from the environment as the agent does it (istio/istio ``pkg/bootstrap/config.go``
+``GetNodeMetaData``, ``pilot/cmd/pilot-agent/app/cmd.go`` ``initProxy``). Whatever the bootstrap
+already has wins over the environment.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import json
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, unquote, urlsplit
 
 from envoy.config.core.v3 import base_pb2
+from google.protobuf import json_format
 
 from ..errors import ConfigError
 
@@ -62,6 +76,9 @@ if TYPE_CHECKING:
 __all__ = [
     "API_TYPES",
     "CLIENT_FEATURES",
+    "DEFAULT_ISTIO_VERSION",
+    "POD_INFO_DIR",
+    "SHAPES",
     "ENV_BOOTSTRAP_CONFIG",
     "ENV_BOOTSTRAP_FILE",
     "SUPPORTED_CHANNEL_CREDS",
@@ -71,6 +88,8 @@ __all__ = [
     "CertificateProvider",
     "ChannelCreds",
     "XdsServer",
+    "node_for_shape",
+    "sidecar_node",
 ]
 
 logger = logging.getLogger(__name__)
@@ -408,6 +427,14 @@ class Bootstrap:
                 f"resource {resource_name!r} names authority {authority!r}, which the bootstrap does not define",
             )
         return entry.xds_servers or self.xds_servers
+
+    def for_shape(self, shape: str, environ: Optional[Mapping[str, str]] = None, **options: Any) -> "Bootstrap":
+        """This bootstrap with the node a client of ``shape`` presents (see :func:`node_for_shape`):
+        ``"grpc"`` returns ``self`` unchanged; ``"envoy"`` a copy whose node is
+        :func:`sidecar_node` of this one (``environ`` defaults to ``os.environ``; ``options`` go to
+        :func:`sidecar_node`)."""
+        node = node_for_shape(self.node, shape, environ, source=self.source, **options)
+        return self if node is self.node else dataclasses.replace(self, node=node)
 
     @classmethod
     def load(cls, source: Union[None, str, "os.PathLike[str]", Mapping[str, Any]] = None) -> "Bootstrap":
@@ -813,6 +840,346 @@ class _Reader:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise self.error(f"{path}.socket_address.port_value", f"expected a port number, got {port!r}")
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- the node a client presents, per shape -----------------------------------------------------
+
+#: Node shapes: ``"grpc"`` (proxyless, istiod's gRPC generator) and ``"envoy"`` (a sidecar).
+SHAPES = ("grpc", "envoy")
+
+#: ``ISTIO_VERSION`` claimed when neither the bootstrap nor ``ISTIO_META_ISTIO_VERSION`` says:
+#: the release whose sidecar configuration meshcore's Envoy shape follows (istio/istio master of
+#: 2026-08, ``VERSION`` 1.32; see ``meshcore.controlplane.istio_sidecar``). istiod gates some
+#: configuration on it; an empty or unparsable value means "newest" there.
+DEFAULT_ISTIO_VERSION = "1.32.0"
+
+#: Where Istio's injection mounts the downward-API pod labels and annotations (``labels``,
+#: ``annotations``; ``pkg/config/constants`` ``PodInfoLabelsPath``, relative to the agent's ``/``).
+POD_INFO_DIR = "/etc/istio/pod"
+
+_META_PREFIX = "ISTIO_META_"
+_METAJSON_PREFIX = "ISTIO_METAJSON_"
+_ENV_SOURCE = "<environment>"
+_LOCALITY_LABEL = "istio-locality"
+_POD_TEMPLATE_HASH = "pod-template-hash"
+
+# The typed fields of istio's BootstrapNodeMetadata (pkg/model/proxy.go) whose JSON is not a
+# plain string. The agent round-trips the metadata through that struct: a value of the wrong JSON
+# type fails there (the agent does not start), and these values come out re-encoded.
+_MAP_FIELDS = frozenset({"LABELS", "STATIC_LABELS", "ANNOTATIONS", "PLATFORM_METADATA"})
+_INT_FIELDS = frozenset({"ENVOY_STATUS_PORT", "ENVOY_PROMETHEUS_PORT", "ENVOY_SECURE_METRICS_PORT",
+                         "ENVOY_SECURE_MERGED_METRICS_PORT"})
+_STRING_BOOL_FIELDS = frozenset({
+    "ENABLE_SELF_DISCOVERY", "DNS_CAPTURE", "DNS_AUTO_ALLOCATE", "ENABLE_HBONE", "DISABLE_HBONE_SEND",
+    "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", "INBOUND_LISTENER_EXACT_BALANCE", "OUTBOUND_LISTENER_EXACT_BALANCE",
+    "ENVOY_SKIP_DEPRECATED_LOGS", "METADATA_DISCOVERY",
+})
+_LIST_FIELDS = frozenset({"PILOT_SAN"})
+_OBJECT_FIELDS = frozenset({"PROXY_CONFIG"})
+_STRING_FIELDS = frozenset({
+    "ISTIO_VERSION", "ISTIO_REVISION", "INSTANCE_IPS", "NAMESPACE", "NODE_NAME", "WORKLOAD_NAME",
+    "INTERCEPTION_MODE", "SERVICE_ACCOUNT", "HTTP_PROXY_PORT", "MESH_ID", "CLUSTER_ID", "NETWORK",
+    "REQUESTED_NETWORK_VIEW", "POD_PORTS", "TLS_SERVER_CERT_CHAIN", "TLS_SERVER_KEY", "TLS_SERVER_ROOT_CERT",
+    "TLS_CLIENT_CERT_CHAIN", "TLS_CLIENT_KEY", "TLS_CLIENT_ROOT_CERT", "BASE", "IDLE_TIMEOUT", "HTTP10",
+    "GENERATOR", "DNS_PROXY_ADDR", "AUTO_REGISTER_GROUP", "WORKLOAD_ENTRY", "UNPRIVILEGED_POD", "STS_PORT",
+    "CLOUDRUN_ADDR", "WORKLOAD_IDENTITY_SOCKET_FILE", "NAME", "OWNER", "OUTLIER_LOG_PATH", "APP_CONTAINERS",
+    "ISTIO_PROXY_SHA",
+})
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+
+def node_for_shape(node: base_pb2.Node, shape: str, environ: Optional[Mapping[str, str]] = None,
+                   **options: Any) -> base_pb2.Node:
+    """The node a client of ``shape`` (one of :data:`SHAPES`) presents.
+
+    ``"grpc"``: ``node`` itself, unchanged (the proxyless shape sends what the bootstrap says, an
+    Istio agent's ``GENERATOR: grpc`` included). ``"envoy"``: :func:`sidecar_node`.
+    """
+    if shape == "grpc":
+        return node
+    if shape == "envoy":
+        return sidecar_node(node, environ, **options)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+
+
+def sidecar_node(node: Optional[base_pb2.Node] = None, environ: Optional[Mapping[str, str]] = None, *,
+                 istio_version: str = DEFAULT_ISTIO_VERSION, instance_ips: Sequence[str] = (),
+                 dns_domain: Optional[str] = None, pod_info_dir: Optional[str] = POD_INFO_DIR,
+                 source: str = _ENV_SOURCE) -> base_pb2.Node:
+    """The node an Envoy sidecar's istio-agent would present, for meshcore's Envoy shape.
+
+    Starts from a copy of ``node`` (the bootstrap's; ``None``: an empty one with meshcore's user
+    agent and client features) and:
+
+    * removes ``GENERATOR`` from the metadata (logged): with it istiod would pick its proxyless
+      gRPC generator instead of the sidecar one (``pilot/pkg/xds/xdsgen.go`` ``findGenerator``);
+    * adds the metadata istio-agent derives from ``environ`` (default ``os.environ``), for keys
+      the node does not have yet (the bootstrap's values win):
+
+      - every ``ISTIO_META_<KEY>=<value>`` as ``<KEY>: "<value>"`` (``CLUSTER_ID``, ``MESH_ID``,
+        ``WORKLOAD_NAME``, ``POD_PORTS``, ``NETWORK``, ...), after the ``ISTIO_META_*`` entries
+        of ``PROXY_CONFIG``'s ``proxyMetadata``; every ``ISTIO_METAJSON_<any>=<JSON object>``
+        merged in at the top level; values are checked against the types istiod's node
+        metadata struct has (``LABELS`` must be an object, ``POD_PORTS`` a string holding a JSON
+        list, ...: :class:`BootstrapError` otherwise, where the agent would fail to start) and
+        re-encoded as the agent does (``POD_PORTS`` compact, true string-bools as ``"true"``);
+      - ``NAME`` from ``POD_NAME``, ``NAMESPACE`` from ``POD_NAMESPACE``, ``SERVICE_ACCOUNT``
+        from ``SERVICE_ACCOUNT``; ``LABELS`` (and ``STATIC_LABELS``) from
+        ``ISTIO_METAJSON_LABELS``, then the pod labels file ``<pod_info_dir>/labels`` (without
+        ``pod-template-hash``), ``ANNOTATIONS`` from ``<pod_info_dir>/annotations``;
+      - ``INSTANCE_IPS``: ``INSTANCE_IP`` then ``instance_ips`` (the agent adds the host's
+        private addresses; pass them here if wanted), comma-separated;
+      - ``ISTIO_VERSION``: ``istio_version`` unless set otherwise; ``PROXY_CONFIG`` from the
+        ``PROXY_CONFIG`` variable (a JSON object) when set;
+    * keeps the node id if it already is ``sidecar~<ip>~<pod>.<ns>~<domain>``, else builds it:
+      ``sidecar~<first INSTANCE_IPS>~<POD_NAME>.<POD_NAMESPACE>~<dns_domain or
+      <POD_NAMESPACE>.svc.cluster.local>`` (:class:`BootstrapError` naming what is missing);
+    * sets ``cluster`` when empty as the agent does (``<app label>.<ns>``, else
+      ``<WORKLOAD_NAME>.<ns>``, else ``istio-proxy.<ns>``) and ``locality`` when empty from the
+      ``istio-locality`` label (``region.zone.subzone``).
+    """
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    out = base_pb2.Node()
+    if node is None:
+        out.CopyFrom(_Reader(source).node(None, "node"))
+    else:
+        out.CopyFrom(node)
+    existing: Dict[str, Any] = json_format.MessageToDict(out.metadata) if out.HasField("metadata") else {}
+    generator = existing.pop("GENERATOR", None)
+    if generator is not None:
+        logger.info("xDS node %r: metadata GENERATOR=%r removed for the Envoy shape (istiod's sidecar generator)",
+                    out.id, generator)
+    derived = _agent_metadata(env, istio_version, instance_ips, pod_info_dir)
+    dropped = derived.pop("GENERATOR", None)
+    if dropped is not None:
+        logger.info("ISTIO_META_GENERATOR=%r ignored for the Envoy shape", dropped)
+    metadata = {**derived, **existing}
+    out.id = _sidecar_id(out.id, metadata, env, dns_domain)
+    if not metadata.get("INSTANCE_IPS"):
+        metadata["INSTANCE_IPS"] = out.id.split("~")[1]
+    out.metadata.Clear()
+    try:
+        out.metadata.update(metadata)
+    except (ValueError, TypeError, AttributeError) as e:  # pragma: no cover - JSON values only
+        raise BootstrapError(source, "node.metadata", f"not representable as google.protobuf.Struct: {e}") from None
+    labels = metadata.get("LABELS")
+    labels = labels if isinstance(labels, Mapping) else {}
+    if not out.cluster:
+        out.cluster = _service_cluster(labels, metadata)
+    if not out.HasField("locality") or not (out.locality.region or out.locality.zone or out.locality.sub_zone):
+        raw = labels.get(_LOCALITY_LABEL)
+        if isinstance(raw, str) and raw:
+            parts = raw.replace(".", "/").split("/")
+            for key, value in zip(("region", "zone", "sub_zone"), parts):
+                setattr(out.locality, key, value)
+    return out
+
+
+def _agent_metadata(env: Mapping[str, str], istio_version: str, instance_ips: Sequence[str],
+                    pod_info_dir: Optional[str]) -> Dict[str, Any]:
+    """istio-agent's node metadata from the environment (``GetNodeMetaData``)."""
+    raw: Dict[str, Any] = {}
+    proxy_config = None
+    if env.get("PROXY_CONFIG"):
+        try:
+            proxy_config = json.loads(env["PROXY_CONFIG"])
+        except json.JSONDecodeError as e:
+            logger.warning("PROXY_CONFIG is not JSON (%s); not sent", e.msg)
+        if not isinstance(proxy_config, dict):
+            proxy_config = None
+    if proxy_config is not None:
+        for key, value in (proxy_config.get("proxyMetadata") or {}).items():
+            if isinstance(key, str) and key.startswith(_META_PREFIX) and len(key) > len(_META_PREFIX):
+                raw[key[len(_META_PREFIX):]] = value
+    for key, value in env.items():
+        if key.startswith(_META_PREFIX) and len(key) > len(_META_PREFIX):
+            raw[key[len(_META_PREFIX):]] = value
+    static_labels: Optional[Dict[str, Any]] = None
+    for key, value in env.items():
+        if not key.startswith(_METAJSON_PREFIX):
+            continue
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as e:
+            logger.warning("%s is not JSON (%s); ignored", key, e.msg)
+            continue
+        if not isinstance(parsed, dict):
+            logger.warning("%s is not a JSON object; ignored", key)
+            continue
+        raw.update(parsed)  # the agent merges every ISTIO_METAJSON_* object into the metadata
+        if key == "ISTIO_METAJSON_LABELS" and parsed:
+            static_labels = parsed
+    meta = {key: _typed(key, value) for key, value in raw.items()}
+    # the agent replaces INSTANCE_IPS with the addresses it found (an ISTIO_META_INSTANCE_IPS
+    # only survives when there are none)
+    fallback_ips = meta.pop("INSTANCE_IPS", None)
+    if proxy_config is not None:
+        meta["PROXY_CONFIG"] = proxy_config
+    if not meta.get("ISTIO_VERSION"):
+        meta["ISTIO_VERSION"] = istio_version
+    ips: List[str] = []
+    first = env.get("INSTANCE_IP", "")
+    for ip in ([first] if first else []) + list(instance_ips):
+        try:
+            ip = str(ipaddress.ip_address(ip))
+        except ValueError:
+            logger.warning("instance address %r is not an IP address; ignored", ip)
+            continue
+        if ip not in ips:
+            ips.append(ip)
+    if ips:
+        meta["INSTANCE_IPS"] = ",".join(ips)
+    elif fallback_ips:
+        meta["INSTANCE_IPS"] = fallback_ips
+    for var, key in (("POD_NAME", "NAME"), ("POD_NAMESPACE", "NAMESPACE"), ("SERVICE_ACCOUNT", "SERVICE_ACCOUNT")):
+        if var in env:
+            meta[key] = env[var]
+    if static_labels is not None:
+        meta["LABELS"] = _typed("LABELS", static_labels)
+        meta["STATIC_LABELS"] = meta["LABELS"]
+    if pod_info_dir is not None:
+        pod_labels = _downward_api(os.path.join(pod_info_dir, "labels"))
+        if pod_labels is not None:
+            labels = dict(meta.get("STATIC_LABELS") or {})
+            labels.update((k, v) for k, v in pod_labels.items() if k != _POD_TEMPLATE_HASH)
+            meta["LABELS"] = labels
+        annotations = _downward_api(os.path.join(pod_info_dir, "annotations"))
+        if annotations is not None:
+            meta["ANNOTATIONS"] = {**(meta.get("ANNOTATIONS") or {}), **annotations}
+    labels = meta.get("LABELS")
+    if isinstance(labels, dict) and labels.get(_LOCALITY_LABEL):
+        labels[_LOCALITY_LABEL] = labels[_LOCALITY_LABEL].replace(".", "/")
+    return meta
+
+
+def _typed(key: str, value: Any) -> Any:
+    """``value`` as the agent's round trip through istio's node metadata struct leaves it."""
+    def wrong(expected: str) -> BootstrapError:
+        return BootstrapError(_ENV_SOURCE, f"{_META_PREFIX}{key}",
+                              f"istio's node metadata field {key} is {expected}, got {_kind(value)}")
+
+    if key in _MAP_FIELDS:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise wrong("an object of strings (use ISTIO_METAJSON_* for JSON values)")
+        return dict(value)
+    if key in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise wrong("a number")
+        return int(value)
+    if key in _LIST_FIELDS:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise wrong("a list of strings")
+        return list(value)
+    if key in _OBJECT_FIELDS:
+        if not isinstance(value, dict):
+            raise wrong("an object")
+        return value
+    if key in _STRING_BOOL_FIELDS:
+        if not isinstance(value, str) or value not in _GO_TRUE | _GO_FALSE:
+            raise wrong("a boolean in a string (\"true\"/\"false\")")
+        # true re-encodes as "true"; false is dropped by omitempty and the raw value comes back
+        return "true" if value in _GO_TRUE else value
+    if key in _STRING_FIELDS and not isinstance(value, str):
+        raise wrong("a string")
+    if key == "POD_PORTS":
+        return _pod_ports(value)
+    return value
+
+
+def _pod_ports(value: str) -> str:
+    """``POD_PORTS`` re-encoded as istio's ``PodPortList`` does: compact JSON of
+    ``{name (omitted when empty), containerPort, protocol}`` objects, in a string."""
+    def wrong(reason: str) -> BootstrapError:
+        return BootstrapError(_ENV_SOURCE, "ISTIO_META_POD_PORTS", reason)
+
+    try:
+        ports = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise wrong(f"not JSON: {e.msg}") from None
+    if ports is None:
+        ports = []
+    if not isinstance(ports, list):
+        raise wrong(f"expected a JSON list of ports, got {_kind(ports)}")
+    out = []
+    for i, port in enumerate(ports):
+        if not isinstance(port, dict):
+            raise wrong(f"port {i}: expected an object, got {_kind(port)}")
+        name, number, protocol = port.get("name", ""), port.get("containerPort", 0), port.get("protocol", "")
+        if not isinstance(name, str) or not isinstance(protocol, str) or isinstance(number, bool) \
+                or not isinstance(number, (int, float)) or number != int(number):
+            raise wrong(f"port {i}: name and protocol must be strings and containerPort a number")
+        entry: Dict[str, Any] = {"name": name} if name else {}
+        entry["containerPort"] = int(number)
+        entry["protocol"] = protocol
+        out.append(entry)
+    return json.dumps(out, separators=(",", ":"))
+
+
+def _downward_api(path: str) -> Optional[Dict[str, str]]:
+    """A downward-API file (``key="quoted value"`` lines), or None if unreadable/invalid."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return None
+    result: Dict[str, str] = {}
+    for line in text.split("\n"):
+        key, sep, quoted = line.partition("=")
+        if not sep:
+            continue
+        try:
+            value = json.loads(quoted)  # Go's strconv.Quote output is a JSON string for these values
+        except json.JSONDecodeError:
+            logger.warning("%s: cannot unquote %r; file ignored", path, quoted)
+            return None
+        if not isinstance(value, str):
+            logger.warning("%s: %r is not a quoted string; file ignored", path, quoted)
+            return None
+        result[key] = value
+    return result
+
+
+def _valid_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _sidecar_id(current: str, metadata: Mapping[str, Any], env: Mapping[str, str], domain: Optional[str]) -> str:
+    """The node id: ``current`` if it already is a sidecar's (4 ``~`` parts, an IP), else built."""
+    parts = current.split("~")
+    ips = [ip for ip in str(metadata.get("INSTANCE_IPS") or "").split(",") if ip]
+    if len(parts) == 4 and parts[0] == "sidecar" and parts[2] and parts[3] and (
+            _valid_ip(parts[1]) or (ips and all(_valid_ip(ip) for ip in ips))):
+        return current
+    pod, namespace = env.get("POD_NAME", ""), env.get("POD_NAMESPACE", "")
+    ip = ips[0] if ips else ""
+    missing = [what for what, ok in (("POD_NAME", pod), ("POD_NAMESPACE", namespace),
+                                     ("INSTANCE_IP", ip and _valid_ip(ip))) if not ok]
+    if missing:
+        have = f"the bootstrap's node id {current!r} is not one" if current else "the bootstrap has no node id"
+        raise BootstrapError(
+            _ENV_SOURCE, "node.id",
+            f"the Envoy shape needs a sidecar node id sidecar~<ip>~<pod>.<namespace>~<domain>; {have}, "
+            f"and {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set",
+        )
+    new = f"sidecar~{ip}~{pod}.{namespace}~{domain or namespace + '.svc.cluster.local'}"
+    if current:
+        logger.info("xDS node id %r replaced by %r for the Envoy shape", current, new)
+    return new
+
+
+def _service_cluster(labels: Mapping[str, Any], metadata: Mapping[str, Any]) -> str:
+    """istio-agent's default ``node.cluster`` (``serviceClusterOrDefault``)."""
+    namespace = metadata.get("NAMESPACE") or ""
+    if labels.get("app"):
+        return f"{labels['app']}.{namespace}"
+    if metadata.get("WORKLOAD_NAME"):
+        return f"{metadata['WORKLOAD_NAME']}.{namespace}"
+    return f"istio-proxy.{namespace}" if namespace else "istio-proxy"
 
 
 def _kind(value: Any) -> str:

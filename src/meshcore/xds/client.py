@@ -33,6 +33,32 @@ Protocol rules (shared/docs/xds-client.md; Envoy's xDS protocol doc; gRPC A27/A4
   state is shared): every attempt really connects, and nothing connects between attempts.
 * No receive-size limit on the channel.
 
+Wildcard subscriptions (:meth:`XdsClient.watch_all`, or ``wildcard_types=`` at construction;
+what Envoy does for LDS and CDS, and what the "Envoy shape" uses against istiod's sidecar
+generator): every resource of the type the server sends is cached, not only watched names.
+
+* SotW: while the type has no named watch, its requests carry an empty ``resource_names``
+  (the legacy wildcard, as Envoy sends it); with named watches too they carry ``"*"`` and the
+  names (an empty list after explicit names would mean "unsubscribe all"). On LDS/CDS a
+  response is the full set: every cached name of the type missing from it is deleted, and a
+  named watch without a value that the response lacks is DOES_NOT_EXIST at once (no timer).
+* Delta: ``resource_names_subscribe`` carries ``"*"`` (and any named watches); the first request
+  on a new stream also carries ``initial_resource_versions`` for everything cached of the type;
+  deletion only through ``removed_resources``.
+* There is no does-not-exist timer for the wildcard itself: :meth:`XdsClient.wildcard_ready`
+  turns true with the first response of the type after the wildcard request was written (and
+  stays true across reconnects, the cache being kept), so a consumer can tell "not received
+  yet" from "no such resource". ``on_update`` is called after every response, even one that
+  changed nothing, so readiness is observable from the callback.
+* A resource only the wildcard provides is dropped from the cache when the server deletes it
+  (kept, DOES_NOT_EXIST, when also watched by name, or with ``ignore_resource_deletion``).
+  :meth:`XdsClient.names` lists the cached names of a type. NACK rules are unchanged: a bad
+  resource keeps its last good value (or is cached NACKED without one) and is named in the NACK.
+* Named watches of a wildcard type go on the wire too (``["*", names...]``), which makes
+  servers re-push the type whenever the named set changes (istiod ignores the names for a
+  sidecar's LDS/CDS); a consumer of a wildcard type can read :meth:`XdsClient.entry` without
+  watching.
+
 Thread model: the stream thread reads responses and applies them; ``on_update`` is called on
 it (and on the timer thread) with the set of ``(type_url, name)`` whose state changed, before
 the next response is read. ``watch``/``unwatch`` may be called from any thread.
@@ -40,12 +66,13 @@ the next response is read. ``watch``/``unwatch`` may be called from any thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -58,12 +85,13 @@ from .model import SHORT_NAMES, TYPE_URLS
 from .resource_types import RESOURCE_TYPES, RESOURCE_WRAPPER, ResourceType
 from .timers import TimerQueue
 
-__all__ = ["XdsClient", "Backoff"]
+__all__ = ["XdsClient", "Backoff", "WILDCARD"]
 
 log = logging.getLogger(__name__)
 
 Key = Tuple[str, str]
 UpdateCallback = Callable[[Set[Key]], None]
+Decoder = Callable[..., Any]  # (message, providers=None) -> model; raises ConfigError
 _INVALID_ARGUMENT = 3
 
 
@@ -86,6 +114,10 @@ class Backoff:
         return min(delay, self.maximum)
 
 
+#: The wildcard resource name (xDS protocol: "*" subscribes to every resource of the type).
+WILDCARD = "*"
+
+
 class _Stream:
     """State of one ADS stream (nonces and what was sent are stream-scoped)."""
 
@@ -94,7 +126,10 @@ class _Stream:
         self.server_index = server_index
         self.pending: "OrderedDict[str, None]" = OrderedDict()  # types with something to send
         self.nonce: Dict[str, str] = {}
-        self.sent_names: Dict[str, Set[str]] = {}  # SotW: last names sent; delta: subscribed on stream
+        # SotW: last names sent; delta: subscribed on stream. Holds WILDCARD while the type's
+        # wildcard is on the wire (also for a legacy empty SotW list).
+        self.sent_names: Dict[str, Set[str]] = {}
+        self.explicit: Set[str] = set()  # SotW: types that sent a non-empty resource_names
         self.pending_error: Dict[str, status_pb2.Status] = {}
         self.ack_pending: Set[str] = set()  # delta: types whose last response is not yet ACKed
         self.seen: Dict[str, Set[str]] = {t: set() for t in TYPE_URLS}
@@ -117,7 +152,17 @@ class XdsClient:
         delta: Optional[bool] = None,
         resource_timeout: float = 15.0,
         backoff: Optional[Backoff] = None,
+        wildcard_types: Iterable[str] = (),
+        decoders: Optional[Mapping[str, Decoder]] = None,
     ) -> None:
+        """``wildcard_types``: type URLs subscribed as wildcards from the start (see
+        :meth:`watch_all`). ``decoders``: per type URL, a replacement for the built-in decoder
+        (``decoder(message, providers=None) -> model``, raising ``ConfigError`` to reject), e.g.
+        one that accepts a sidecar's socket listeners."""
+        wildcard_types = tuple(wildcard_types)
+        for t in (*wildcard_types, *(decoders or {})):
+            if t not in RESOURCE_TYPES:
+                raise ValueError(f"unknown resource type {t!r}")
         self.bootstrap = bootstrap
         self.node = bootstrap.node
         self.delta = (getattr(bootstrap, "api_type", "GRPC") == "DELTA_GRPC") if delta is None else delta
@@ -131,6 +176,11 @@ class XdsClient:
         self._cond = threading.Condition(threading.RLock())
         self._entries: Dict[str, Dict[str, CacheEntry]] = {t: {} for t in TYPE_URLS}
         self._watched: Dict[str, Dict[str, None]] = {t: {} for t in TYPE_URLS}  # ordered sets
+        self._wildcard: Set[str] = set(wildcard_types)  # types subscribed as wildcards
+        self._wildcard_ready: Set[str] = set()  # wildcard types that got their first response
+        self._types: Dict[str, ResourceType] = dict(RESOURCE_TYPES)
+        for t, decode in (decoders or {}).items():
+            self._types[t] = dataclasses.replace(self._types[t], decode=decode)
         self._versions: Dict[str, str] = {}  # SotW: last accepted version_info per type
         self._timers: Dict[Key, int] = {}
         self._timer_queue = TimerQueue("meshcore-xds-timers")
@@ -203,10 +253,69 @@ class XdsClient:
                 for name in names:
                     if watched.pop(name, 0) is None:
                         changed = True
-                        entries.pop(name, None)
+                        e = entries.get(name)
+                        if e is not None and not self._held_by_wildcard(e):
+                            del entries[name]
                         self._timer_queue.cancel(self._timers.pop((type_url, name), None))
                 if changed:
                     self._mark(type_url)
+
+    def watch_all(self, type_url: str) -> None:
+        """Subscribe to every resource of ``type_url`` (a wildcard; idempotent). Named watches of
+        the type keep working alongside. See the module docstring for the wire format."""
+        if type_url not in RESOURCE_TYPES:
+            raise ValueError(f"unknown resource type {type_url!r}")
+        with self._cond:
+            if type_url in self._wildcard:
+                return
+            self._wildcard.add(type_url)
+            self._mark(type_url)
+
+    def unwatch_all(self, type_url: str) -> None:
+        """End the wildcard subscription of ``type_url``: what only the wildcard provided leaves
+        the cache; named watches stay. (A SotW stream that only ever sent the legacy empty list
+        cannot say this to the server: it keeps sending everything, which is then ignored.)"""
+        with self._cond:
+            if type_url not in self._wildcard:
+                return
+            self._wildcard.discard(type_url)
+            self._wildcard_ready.discard(type_url)
+            watched, entries = self._watched[type_url], self._entries[type_url]
+            for name in [n for n in entries if n not in watched]:
+                del entries[name]
+            self._mark(type_url)
+
+    def is_wildcard(self, type_url: str) -> bool:
+        """Whether ``type_url`` is subscribed as a wildcard."""
+        return type_url in self._wildcard
+
+    @property
+    def wildcard_types(self) -> FrozenSet[str]:
+        """The type URLs subscribed as wildcards."""
+        with self._cond:
+            return frozenset(self._wildcard)
+
+    def wildcard_ready(self, type_url: str) -> bool:
+        """Whether the wildcard subscription of ``type_url`` got its first response: from then on
+        a name missing from :meth:`names` does not exist (until the server adds it)."""
+        return type_url in self._wildcard_ready
+
+    def wait_wildcard_ready(self, type_url: str, timeout: float) -> bool:
+        """Block until :meth:`wildcard_ready` (True) or ``timeout`` seconds passed (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while type_url not in self._wildcard_ready:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+    def names(self, type_url: str) -> List[str]:
+        """Sorted names of the cached resources of ``type_url`` that hold a value (received by
+        name or through the wildcard; a rejected update keeps its last good value)."""
+        with self._cond:
+            return sorted(n for n, e in self._entries[type_url].items() if e.has_value)
 
     def watched(self, type_url: str) -> List[str]:
         with self._cond:
@@ -261,37 +370,58 @@ class XdsClient:
                 log.debug("xDS request %s", _describe(request))
             yield request
 
+    def _held_by_wildcard(self, e: CacheEntry) -> bool:
+        """Whether an entry stays cached without a named watch: its type is a wildcard and the
+        server sent it (a value, or a rejected first version)."""
+        return e.type_url in self._wildcard and (e.has_value or e.status == NACKED)
+
     def _build_sotw(self, st: _Stream, t: str) -> Optional[Any]:
         del st.pending[t]
         names = list(self._watched[t])
-        if not names and t not in st.sent_names:
-            return None  # an empty first request would mean wildcard
+        wildcard = t in self._wildcard
+        if wildcard and (names or t in st.explicit):
+            wire = [WILDCARD] + names  # explicit "*": an empty list no longer means wildcard
+        elif wildcard:
+            wire = []  # legacy wildcard, as Envoy sends it
+        else:
+            wire = names
+            if not names and t not in st.sent_names:
+                return None  # an empty first request would mean wildcard
         req = discovery_pb2.DiscoveryRequest(
-            version_info=self._versions.get(t, ""), resource_names=names, type_url=t,
+            version_info=self._versions.get(t, ""), resource_names=wire, type_url=t,
             response_nonce=st.nonce.get(t, ""),
         )
         err = st.pending_error.pop(t, None)
         if err is not None:
             req.error_detail.CopyFrom(err)
-        st.sent_names[t] = set(names)
+        if wire:
+            st.explicit.add(t)
+        sent = set(names)
+        if wildcard:
+            sent.add(WILDCARD)
+        st.sent_names[t] = sent
         st.just_sent.append((t, names))
         return req
 
+    def _desired(self, t: str) -> List[str]:
+        """Delta: the names the stream should be subscribed to (``"*"`` first for a wildcard)."""
+        names = list(self._watched[t])
+        return [WILDCARD] + names if t in self._wildcard else names
+
     def _build_delta(self, st: _Stream, t: str) -> Optional[Any]:
-        watched = self._watched[t]
+        desired = self._desired(t)
         req = discovery_pb2.DeltaDiscoveryRequest(type_url=t)
         if t not in st.sent_names:
-            if not watched:
+            if not desired:
                 del st.pending[t]
                 return None
-            names = list(watched)
-            req.resource_names_subscribe.extend(names)
-            for n in names:
-                e = self._entries[t].get(n)
-                if e is not None and e.has_value and e.version:
+            req.resource_names_subscribe.extend(desired)
+            watched, wildcard = self._watched[t], t in self._wildcard
+            for n, e in self._entries[t].items():
+                if e.has_value and e.version and (wildcard or n in watched):
                     req.initial_resource_versions[n] = e.version
-            st.sent_names[t] = set(names)
-            st.just_sent.append((t, names))
+            st.sent_names[t] = set(desired)
+            st.just_sent.append((t, [n for n in desired if n != WILDCARD]))
         elif t in st.ack_pending:
             st.ack_pending.discard(t)
             req.response_nonce = st.nonce.get(t, "")
@@ -300,8 +430,9 @@ class XdsClient:
                 req.error_detail.CopyFrom(err)
         else:
             subscribed = st.sent_names[t]
-            added = [n for n in watched if n not in subscribed]
-            removed = sorted(n for n in subscribed if n not in watched)
+            added = [n for n in desired if n not in subscribed]
+            wanted = set(desired)
+            removed = sorted(n for n in subscribed if n not in wanted)
             if not added and not removed:
                 del st.pending[t]
                 return None
@@ -309,8 +440,8 @@ class XdsClient:
             req.resource_names_unsubscribe.extend(removed)
             subscribed.update(added)
             subscribed.difference_update(removed)
-            st.just_sent.append((t, added))
-        if t not in st.ack_pending and set(watched) == st.sent_names.get(t, set()):
+            st.just_sent.append((t, [n for n in added if n != WILDCARD]))
+        if t not in st.ack_pending and set(desired) == st.sent_names.get(t, set()):
             st.pending.pop(t, None)
         return req
 
@@ -354,7 +485,7 @@ class XdsClient:
 
     def _on_response(self, st: _Stream, resp: Any) -> None:
         t = resp.type_url
-        rt = RESOURCE_TYPES.get(t)
+        rt = self._types.get(t)
         if rt is None or t not in st.sent_names:
             log.warning("ignoring xDS response for unrequested type %s", t)
             return  # no ACK, as gRPC does
@@ -380,12 +511,22 @@ class XdsClient:
                             else resp.system_version_info, detail)
             else:
                 st.pending_error.pop(t, None)
+            if self._wild(st, t) and t not in self._wildcard_ready:
+                self._wildcard_ready.add(t)
+                log.info("xDS wildcard %s: first response (%d resources cached)", SHORT_NAMES[t],
+                         sum(1 for e in self._entries[t].values() if e.has_value))
             st.pending[t] = None
             self._cond.notify_all()
         self._notify(changed)
 
+    def _wild(self, st: _Stream, t: str) -> bool:
+        """Whether responses of ``t`` on this stream answer a wildcard subscription: the type is
+        a wildcard and a wildcard request of it was written."""
+        return t in self._wildcard and WILDCARD in st.sent_names.get(t, ())
+
     def _apply_sotw(self, st: _Stream, rt: ResourceType, resp: Any, changed: Set[Key]) -> List[str]:
         t = rt.type_url
+        wild = self._wild(st, t)
         errors: List[str] = []
         seen: Set[str] = set()
         for index, any_ in enumerate(resp.resources):
@@ -402,17 +543,30 @@ class XdsClient:
                 errors.append(f"resource index {index}: {name}: duplicate resource name in one response")
                 continue
             seen.add(name)
-            self._apply_one(st, rt, name, payload, resp.version_info, index, errors, changed)
+            self._apply_one(st, rt, name, payload, resp.version_info, index, errors, changed, wild)
         if rt.full_state_in_sotw:
-            for name in self._watched[t]:
-                if name not in seen:
-                    e = self._entries[t][name]
-                    if e.has_value and not e.deleted:
+            watched, entries = self._watched[t], self._entries[t]
+            for name in list(entries) if wild else list(watched):
+                if name in seen:
+                    continue
+                e = entries[name]
+                if e.has_value:
+                    if not e.deleted:
                         self._delete(e, changed)
+                elif name not in watched:
+                    del entries[name]  # a rejected first version the server no longer has
+                    changed.add((t, name))
+                elif wild and e.status != DOES_NOT_EXIST:
+                    # the full set of the type lacks it: no need to wait for the timer
+                    self._timer_queue.cancel(self._timers.pop((t, name), None))
+                    st.seen[t].add(name)
+                    e.remove()
+                    changed.add((t, name))
         return errors
 
     def _apply_delta(self, st: _Stream, rt: ResourceType, resp: Any, changed: Set[Key]) -> List[str]:
         t = rt.type_url
+        wild = self._wild(st, t)
         errors: List[str] = []
         seen: Set[str] = set()
         for index, res in enumerate(resp.resources):
@@ -427,16 +581,20 @@ class XdsClient:
                 errors.append(f"resource index {index}: {name}: duplicate resource name in one response")
                 continue
             seen.add(name)
-            self._apply_one(st, rt, name, any_, res.version, index, errors, changed)
+            self._apply_one(st, rt, name, any_, res.version, index, errors, changed, wild)
+        watched = self._watched[t]
         for name in resp.removed_resources:
             e = self._entries[t].get(name)
-            if e is None or name not in self._watched[t]:
+            if e is None or (name not in watched and not wild):
                 continue
             st.seen[t].add(name)
             self._timer_queue.cancel(self._timers.pop((t, name), None))
             if e.has_value:
                 if not e.deleted:
                     self._delete(e, changed)
+            elif name not in watched:
+                del self._entries[t][name]  # a rejected first version, now gone
+                changed.add((t, name))
             elif e.status != DOES_NOT_EXIST:
                 e.remove()  # the server says it does not exist
                 changed.add((t, name))
@@ -466,13 +624,15 @@ class XdsClient:
         return name, any_, None
 
     def _apply_one(self, st: _Stream, rt: ResourceType, name: str, any_: Any, version: str, index: int,
-                   errors: List[str], changed: Set[Key]) -> None:
+                   errors: List[str], changed: Set[Key], wild: bool = False) -> None:
         t = rt.type_url
         st.seen[t].add(name)
         self._timer_queue.cancel(self._timers.pop((t, name), None))
-        if name not in self._watched[t]:
-            return  # servers may send more than asked; not validated, not cached
-        e = self._entries[t][name]
+        e = self._entries[t].get(name)
+        if e is None or name not in self._watched[t] and not wild and not self._held_by_wildcard(e):
+            if not wild:
+                return  # servers may send more than asked; not validated, not cached
+            e = self._entries[t][name] = CacheEntry(t, name)
         data = any_.value
         if e.has_value and e.serialized == data and not e.deleted:
             if e.status == NACKED:  # back to the value we hold
@@ -507,6 +667,8 @@ class XdsClient:
         changed.add((e.type_url, e.name))
 
     def _delete(self, e: CacheEntry, changed: Set[Key]) -> None:
+        """The server deleted a resource we hold. Kept as DOES_NOT_EXIST while watched by name;
+        one only the wildcard provided leaves the cache (kept with ``ignore_resource_deletion``)."""
         server = self._servers[self.server_index]
         if getattr(server, "ignore_resource_deletion", False):
             log.warning("xDS server deleted %s %r; kept (ignore_resource_deletion)", SHORT_NAMES[e.type_url], e.name)
@@ -515,6 +677,8 @@ class XdsClient:
         else:
             log.info("xDS server deleted %s %r", SHORT_NAMES[e.type_url], e.name)
             e.remove()
+            if e.name not in self._watched[e.type_url]:
+                self._entries[e.type_url].pop(e.name, None)
         changed.add((e.type_url, e.name))
 
     def _notify(self, changed: Set[Key]) -> None:
@@ -558,7 +722,7 @@ class XdsClient:
                 st = _Stream(self._generation, index)
                 self.server_index = index
                 for t in TYPE_URLS:
-                    if self._watched[t]:
+                    if self._watched[t] or t in self._wildcard:
                         st.pending[t] = None
                 self._stream = st
                 self.streams_started += 1
