@@ -331,6 +331,8 @@ class MeshBase:
             spec = st.spec
             if spec is None:
                 return None
+            if spec.kind == "AGGREGATE":
+                return self._aggregate_child_tls(st, cluster, endpoint)
             if spec.tls is None and not spec.transport_socket_matches:
                 return None
             # per endpoint, valid while the cluster spec and the endpoint object stay the same
@@ -344,9 +346,39 @@ class MeshBase:
             return up
         rt = self._publisher._runtimes.get(cluster)
         spec = rt.spec if rt is not None else None
+        if spec is not None and spec.kind == "AGGREGATE":
+            child = self._child_holding(rt, endpoint)
+            return self.upstream_tls(child.name, endpoint) if child is not None else None
         if spec is None or (spec.tls is None and not spec.transport_socket_matches):
             return None
         return self.tls.for_endpoint(cluster, spec, endpoint)
+
+    def _aggregate_child_tls(self, st: Any, cluster: str, endpoint: Any) -> Optional["UpstreamTls"]:
+        """An aggregate cluster has no transport socket of its own: the endpoint's connection
+        uses the socket of the child cluster that holds it (Envoy: the child's host)."""
+        rt = self._publisher._runtimes.get(cluster)
+        hit = st.tls_sockets.get(endpoint.key)
+        if hit is not None and hit[0] is rt and hit[1] is endpoint:  # a new child spec: a new runtime
+            return hit[2]  # type: ignore[no-any-return]
+        child = self._child_holding(rt, endpoint) if rt is not None else None
+        if child is None or child.spec is None:
+            return None
+        cspec = child.spec
+        up = None
+        if cspec.tls is not None or cspec.transport_socket_matches:
+            up = self.tls.for_endpoint(child.name, cspec, endpoint)
+        if len(st.tls_sockets) >= 4096:
+            st.tls_sockets.clear()
+        st.tls_sockets[endpoint.key] = (rt, endpoint, up)
+        return up
+
+    @staticmethod
+    def _child_holding(rt: Any, endpoint: Any) -> Any:
+        for child in rt.children:
+            lb = child.lb
+            if lb is not None and any(ep is endpoint or ep.key == endpoint.key for ep in lb.endpoints):
+                return child
+        return None
 
     # -- the hot path ------------------------------------------------------------------------------
 

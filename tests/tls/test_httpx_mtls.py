@@ -102,13 +102,17 @@ def mesh_resources(sidecar):
     app, sc = sidecar.app.port, sidecar.port
     clusters = [tls_cluster("echo", [SIDECAR_ID]), plain_cluster("plain"), tls_cluster("unlabelled", [SIDECAR_ID]),
                 tls_cluster("wrongsan", [spiffe_id("server")]), tls_cluster("tls12", [SIDECAR_ID], max_version="TLSv1_2"),
-                tls_cluster("retry", [SIDECAR_ID]), tls_cluster("autosni", [SIDECAR_ID], auto_host_sni=True)]
+                tls_cluster("retry", [SIDECAR_ID]), tls_cluster("autosni", [SIDECAR_ID], auto_host_sni=True),
+                {"name": "agg", "connect_timeout": "1s", "lb_policy": "CLUSTER_PROVIDED",  # aggregate over echo
+                 "cluster_type": {"name": "envoy.clusters.aggregate", "typed_config": {
+                     "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                     "clusters": ["echo"]}}}]
     endpoints = [assignment("echo", [(sc, True)]), assignment("plain", [(app, False)]),
                  assignment("unlabelled", [(app, False)]), assignment("wrongsan", [(sc, True)]),
                  assignment("tls12", [(sc, True)]), assignment("retry", [(app, True), (sc, True)]),
                  assignment("autosni", [(sc, True)], hostname=AUTO_SNI)]
     routes = [route("/plain", "plain"), route("/unlabelled", "unlabelled"), route("/wrongsan", "wrongsan"),
-              route("/tls12", "tls12"), route("/autosni", "autosni"),
+              route("/tls12", "tls12"), route("/autosni", "autosni"), route("/agg", "agg"),
               route("/retry", "retry", retry_policy={"retry_on": "connect-failure", "num_retries": 2}),
               route("/", "echo")]
     return resources(clusters, endpoints, routes)
@@ -203,6 +207,16 @@ def test_plaintext_clusters_through_the_same_client(kind, sidecar, mesh_factory,
     for r in (plain, unlabelled):
         assert "x-inbound-chain" not in r.headers and r.json()["xfcc"] is None
     assert set(k[1] for k in d.transport._inner) == {"echo", "plain", "unlabelled"}
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_aggregate_cluster_uses_its_childs_tls_socket(kind, sidecar, mesh_factory, drivers):
+    # the aggregate has no transport socket of its own: the child holding the endpoint decides
+    mesh = mesh_factory("client")
+    r = drivers(*kind, mesh).get("/agg")
+    assert r.status_code == 200 and r.headers["x-inbound-chain"] == HTTP_CHAIN and r.json()["xfcc"]
+    ep = mesh.pick(TARGET, "/agg").endpoint
+    assert mesh.upstream_tls("agg", ep) is mesh.upstream_tls("echo", ep) is not None
 
 
 @pytest.mark.parametrize("kind", KINDS[:2], ids=KIND_IDS[:2])
