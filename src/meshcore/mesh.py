@@ -35,6 +35,7 @@ from .stats import StatsRegistry, prometheus_collector
 from .xds.snapshot import AggregateBalancer, TargetConfig
 
 if TYPE_CHECKING:
+    from .tcp import TcpPick
     from .tls import UpstreamTls, WorkloadIdentity
     import grpc  # imported where a CSDS server is made (the xDS client imports it for its stream)
 
@@ -89,23 +90,36 @@ class MeshBase:
 
     def __init__(self, bootstrap: BootstrapArg = None, *, delta: Optional[bool] = None,
                  resource_timeout: float = 15.0, seed: Optional[int] = None, backoff: Any = None,
-                 ready_timeout: float = 10.0, certificates: Any = None) -> None:
+                 ready_timeout: float = 10.0, certificates: Any = None, xds_shape: Optional[str] = None) -> None:
         """``certificates``: this workload's certificates for mesh TLS (a directory in Istio's
         layout, ``cert-chain.pem``/``key.pem``/``root-cert.pem``, or a
         :class:`~meshcore.tls.FileCertificateSource`); see :mod:`meshcore.tls.manager` for where
-        they come from when it is not given."""
+        they come from when it is not given.
+
+        ``xds_shape``: ``"grpc"`` (gRPC's proxyless shape: a listener per target) or ``"envoy"``
+        (what a control plane writes for an Envoy sidecar: wildcard LDS/CDS, outbound listeners per
+        port; see :mod:`meshcore.xds.envoy_shape`); default ``$MESHCORE_XDS_SHAPE``, else ``"grpc"``."""
         from .xds.bootstrap import Bootstrap, target_authority
         from .xds.client import XdsClient
+        from .xds.envoy_shape import _decoders, resolve_shape
+        from .xds.model import CLUSTER, LISTENER
         from .xds.publisher import ConfigPublisher
 
+        self.xds_shape = resolve_shape(xds_shape)
         self.bootstrap = bootstrap if isinstance(bootstrap, Bootstrap) else Bootstrap.load(bootstrap)
+        shape_kw: Dict[str, Any] = {}
+        if self.xds_shape == "envoy":
+            self.bootstrap = _envoy_bootstrap(self.bootstrap)
+            shape_kw = {"wildcard_types": (LISTENER, CLUSTER), "decoders": _decoders()}
         for name, authority in self.bootstrap.authorities.items():
             if authority.xds_servers and tuple(authority.xds_servers) != tuple(self.bootstrap.xds_servers):
                 log.warning("authority %r names its own xDS servers; meshcore uses one ADS stream to the "
                             "top-level servers for every resource", name)
         self._source: Any = XdsClient(self.bootstrap, self._on_update, delta=delta,
-                                      resource_timeout=resource_timeout, backoff=backoff)
-        self._publisher = ConfigPublisher(self._source, self.bootstrap.listener_name, seed, target_authority)
+                                      resource_timeout=resource_timeout, backoff=backoff, **shape_kw)
+        namespace, domain = _node_namespace(self.bootstrap.node)
+        self._publisher = ConfigPublisher(self._source, self.bootstrap.listener_name, seed, target_authority,
+                                          shape=self.xds_shape, namespace=namespace, domain=domain)
         self._init_data_plane(seed, ready_timeout, certificates)
 
     def _init_data_plane(self, seed: Optional[int], ready_timeout: float, certificates: Any = None) -> None:
@@ -135,17 +149,25 @@ class MeshBase:
 
     @classmethod
     def from_file(cls, path: Union[str, "os.PathLike[str]"], *, watch: bool = True, poll_interval: float = 1.0,
-                  seed: Optional[int] = None, ready_timeout: float = 10.0, certificates: Any = None) -> "Mesh":
+                  seed: Optional[int] = None, ready_timeout: float = 10.0, certificates: Any = None,
+                  xds_shape: Optional[str] = None, namespace: str = "default") -> "Mesh":
         """A mesh fed by a resource file (no control plane); the file is re-read when it changes.
-        Targets name Listener resources directly."""
+        gRPC shape: targets name Listener resources directly. Envoy shape (``xds_shape="envoy"``,
+        a sidecar's resources, e.g. from a config dump): targets are ``host:port`` resolved through
+        the outbound listeners, short host names expanding in ``namespace``."""
+        from .xds.envoy_shape import _decoders, resolve_shape
         from .xds.file_source import FileSource
         from .xds.publisher import ConfigPublisher
 
         self = cls.__new__(cls)
         self.bootstrap = None
-        self._source = FileSource(os.fspath(path), None, watch=watch, poll_interval=poll_interval)
+        self.xds_shape = resolve_shape(xds_shape)
+        envoy = self.xds_shape == "envoy"
+        self._source = FileSource(os.fspath(path), None, watch=watch, poll_interval=poll_interval,
+                                  decoders=_decoders() if envoy else None)
         self._source._on_update = self._on_update
-        self._publisher = ConfigPublisher(self._source, lambda target: target, seed)
+        self._publisher = ConfigPublisher(self._source, lambda target: target, seed, shape=self.xds_shape,
+                                          namespace=namespace)
         self._init_data_plane(seed, ready_timeout, certificates)
         return self
 
@@ -380,6 +402,55 @@ class MeshBase:
                 return child
         return None
 
+    # -- TCP services (Envoy shape) -----------------------------------------------------------------
+
+    def tcp_endpoint(self, target: str) -> "TcpPick":
+        """The endpoint (and TLS) a connection to the TCP service ``host:port`` uses: the cluster of
+        the sidecar's ``tcp_proxy`` for that destination (Envoy shape), balanced by its policy.
+        Call ``done()`` on the result when the connection ends. Raises ``Unavailable``."""
+        from .tcp import TcpPick, no_tcp_service
+
+        cfg = self._publisher.published.get(target)
+        if cfg is None or cfg.tcp_cluster is None:
+            try:
+                cfg = self._config_for(target, cfg)
+            except Unavailable:
+                cfg = self._publisher.published.get(target)
+                if cfg is None or cfg.tcp_cluster is None:
+                    raise
+        if cfg.tcp_cluster is None:
+            raise no_tcp_service(target, "its destination is served by HTTP routes (use pick/request)")
+        cname = cfg.tcp_cluster
+        rt = cfg.clusters.get(cname)
+        if rt is None or rt.lb is None:
+            raise Unavailable(f"{target}: cluster {cname!r}: {rt.error if rt is not None else 'not available'}")
+        lb = rt.lb
+        if type(lb) is AggregateBalancer:
+            ep, lb = lb.choose(None)
+        else:
+            ep = lb.pick(None)
+        if ep is None:
+            raise self._no_upstream(target, "", cname)
+        st = self._cluster_state(rt)
+        try:
+            tls = self.upstream_tls(cname, ep)
+        except BaseException:
+            lb.release(ep)
+            raise
+        spec = rt.spec
+        return TcpPick(target, cname, ep, lb, tls, st, spec.connect_timeout if spec is not None else 5.0)
+
+    def tcp_connect(self, target: str, timeout: Optional[float] = None) -> Tuple[Any, "TcpPick"]:
+        """Connect to the TCP service ``host:port`` through the mesh: ``(socket, pick)``; call
+        ``pick.done()`` when the socket is closed. TLS (mTLS in a STRICT mesh) when the cluster's
+        socket says so. A failed connection is counted and raised (``UpstreamError``)."""
+        pick = self.tcp_endpoint(target)
+        try:
+            return pick.connect(timeout), pick
+        except BaseException:
+            pick.done()
+            raise
+
     # -- the hot path ------------------------------------------------------------------------------
 
     def pick(self, target: str, path: str = "/", method: str = "GET", headers: Any = None, *,
@@ -549,6 +620,42 @@ class MeshBase:
             self._csds_server = server
             self._csds_port = port
         return self._csds_port
+
+
+def _envoy_bootstrap(bootstrap: Any) -> Any:
+    """The bootstrap with the node an Envoy sidecar presents (istiod then picks its sidecar
+    generator). A node id that is not Istio's sidecar form and no pod environment to build one
+    (a non-Istio control plane): the bootstrap's node is kept, minus ``GENERATOR``."""
+    import dataclasses
+
+    from .xds.bootstrap import BootstrapError
+
+    try:
+        return bootstrap.for_shape("envoy")
+    except BootstrapError as e:
+        if not bootstrap.node.id:
+            raise
+        log.info("Envoy shape: keeping the bootstrap's node as it is (%s)", e)
+        node = type(bootstrap.node)()
+        node.CopyFrom(bootstrap.node)
+        if "GENERATOR" in node.metadata.fields:
+            del node.metadata.fields["GENERATOR"]
+        return dataclasses.replace(bootstrap, node=node)
+
+
+def _node_namespace(node: Any) -> Tuple[str, str]:
+    """The client's namespace and DNS domain (for short host names), from Istio's node."""
+    ns = ""
+    field = node.metadata.fields.get("NAMESPACE") if node.HasField("metadata") else None
+    if field is not None and field.string_value:
+        ns = field.string_value
+    parts = node.id.split("~")
+    if not ns and len(parts) == 4 and "." in parts[2]:
+        ns = parts[2].rsplit(".", 1)[1]
+    domain = "cluster.local"
+    if len(parts) == 4 and ".svc." in parts[3]:
+        domain = parts[3].split(".svc.", 1)[1] or domain
+    return ns, domain
 
 
 def _on_event_loop() -> bool:

@@ -33,8 +33,12 @@ class FileSource:
     """A resource source backed by one file; same ``watch``/``entry`` surface as the ADS client."""
 
     def __init__(self, path: str, on_update: Optional[Callable[[Set[Key]], None]] = None, *,
-                 watch: bool = True, poll_interval: float = 1.0, node_id: str = "meshcore-static") -> None:
+                 watch: bool = True, poll_interval: float = 1.0, node_id: str = "meshcore-static",
+                 decoders: Optional[Mapping[str, Callable[..., object]]] = None) -> None:
+        """``decoders``: type URL -> decoder replacing the default one (the Envoy shape decodes
+        listeners as a sidecar gets them)."""
         self.path = os.fspath(path)
+        self._decoders = dict(decoders or {})
         self.node = base_pb2.Node(id=node_id, user_agent_name="meshcore")
         self._on_update = on_update or (lambda changed: None)
         self._watch_file = watch
@@ -97,6 +101,15 @@ class FileSource:
         with self._lock:
             return sorted(self._watched[type_url])
 
+    def names(self, type_url: str) -> List[str]:
+        """Every resource of the type the file holds with a usable value (the wildcard view)."""
+        with self._lock:
+            return sorted(n for n, e in self._entries[type_url].items() if e.has_value)
+
+    def wildcard_ready(self, type_url: str) -> bool:
+        """The file is the whole state from the first read on."""
+        return True
+
     # -- loading -------------------------------------------------------------------------------
 
     def _file_stamp(self) -> Optional[Tuple[float, int]]:
@@ -141,7 +154,7 @@ class FileSource:
                     if e.has_value and e.serialized == payload:
                         continue
                     try:
-                        spec = rt.decode(msg)
+                        spec = self._decoders.get(t, rt.decode)(msg)
                     except (ConfigError, ValueError, TypeError) as err:
                         reason = str(err) if isinstance(err, ConfigError) else f"{name}: {err}"
                         kind = f"{t.rsplit('.', 1)[-1]} {name!r}"

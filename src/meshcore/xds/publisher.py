@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .._fast import RouteTable
 from .._route_model import RouteConfigSpec
+from ..errors import ConfigError
 from .cache import DOES_NOT_EXIST, NACKED
 from .model import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_URLS, ClusterSpec, EndpointsSpec
 from .snapshot import AggregateBalancer, ClusterRuntime, TargetConfig, build_balancer, lb_arguments
@@ -68,8 +69,19 @@ class ConfigPublisher:
     """
 
     def __init__(self, source: Any, listener_name: Callable[[str], str], seed: Optional[int] = None,
-                 authority_of: Callable[[str], str] = lambda target: target) -> None:
+                 authority_of: Callable[[str], str] = lambda target: target, *, shape: str = "grpc",
+                 namespace: str = "", domain: str = "cluster.local") -> None:
+        """``shape`` ``"envoy"``: the source delivers every Listener and Cluster (wildcard) as a
+        sidecar gets them, and targets resolve through the sidecar's outbound listeners
+        (:mod:`meshcore.xds.envoy_shape`; ``namespace``/``domain`` expand short host names)."""
         self.source = source
+        self.shape = shape
+        self._namespace = namespace
+        self._domain = domain
+        self._lds_index: Any = None  # envoy shape: (listener entries signature, ListenerIndex)
+        #: envoy shape: id(HcmSpec) -> (HcmSpec, ListenerSpec): one ListenerSpec per decoded HCM, so
+        #: a rebuild that changes nothing republishes nothing
+        self._lspecs: Dict[int, Tuple[Any, Any]] = {}
         self._listener_name = listener_name
         self._authority_of = authority_of
         self._seed = seed
@@ -123,11 +135,13 @@ class ConfigPublisher:
             for target in self._targets:
                 reasons: List[str] = []
                 cfg = self.published.get(target)
-                if cfg is not None and cfg.error:
+                if cfg is not None and cfg.error and cfg.tcp_cluster is None:  # a TCP service is fine
                     reasons.append(cfg.error)
                 stack = list(cfg.clusters.values()) if cfg is not None else []
                 while stack:
                     rt = stack.pop()
+                    if rt.spec is not None and rt.spec.kind == "ORIGINAL_DST":
+                        continue  # a sidecar's passthrough: expected, used by no mesh route
                     if rt.error and rt.error not in reasons:
                         reasons.append(rt.error)
                     stack.extend(rt.children)
@@ -253,6 +267,9 @@ class ConfigPublisher:
             log.debug("published configuration %d (%d targets)", self.version, len(published))
         if gone and self.on_clusters_removed is not None:
             self.on_clusters_removed(gone)
+        if self.shape == "envoy":  # LDS and CDS are wildcard subscriptions: no named watches
+            walk.wanted[LISTENER] = set()
+            walk.wanted[CLUSTER] = set()
         add = {t: sorted(walk.wanted[t] - self._wanted[t]) for t in TYPE_URLS}
         remove = {t: sorted(self._wanted[t] - walk.wanted[t]) for t in TYPE_URLS}
         self._wanted = walk.wanted
@@ -302,7 +319,65 @@ class ConfigPublisher:
         self._eds_users = eds_users
         self._parents = parents
 
+    def _listener_index(self) -> Optional[Any]:
+        """Envoy shape: every listener delivered, indexed (``None`` until LDS answered once)."""
+        from .envoy_shape import ListenerIndex
+
+        src = self.source
+        if not src.wildcard_ready(LISTENER):
+            return None
+        entries = [src.entry(LISTENER, n) for n in src.names(LISTENER)]
+        specs = {e.name: e.spec for e in entries if e is not None and e.has_value}
+        signature = tuple(id(v) for v in specs.values())
+        if self._lds_index is None or self._lds_index[0] != signature:
+            self._lds_index = (signature, ListenerIndex(specs))
+        return self._lds_index[1]
+
+    def _build_envoy_target(self, walk: _Walk, target: str) -> Optional[TargetConfig]:
+        from .envoy_shape import check_target, listener_spec_of, unsupported_text
+        from .sidecar_listener import resolve_outbound
+
+        index = self._listener_index()
+        if index is None:
+            walk.missing.append("the first LDS response (wildcard)")
+            return None
+        try:
+            host, port = check_target(target)
+        except ConfigError as e:
+            return TargetConfig(target, None, None, {}, 0, str(e))
+        vip = index.vip_of(host, port, self._namespace, self._domain)
+        res = resolve_outbound(index.listeners, host, port, vip=vip, protocol="http")
+        if res.unsupported:
+            log.warning("%s", unsupported_text(target, res))
+            return TargetConfig(target, None, None, {}, 0, unsupported_text(target, res), resolution=res)
+        if res.kind == "tcp":
+            clusters: Dict[str, ClusterRuntime] = {}
+            for cname in res.tcp.clusters:
+                rt = self._cluster(walk, cname, 0)
+                if rt is None:
+                    return None
+                clusters[cname] = rt
+            first = res.tcp.clusters[0] if res.tcp.clusters else None
+            return TargetConfig(target, None, None, clusters, 0,
+                                f"{target} is a TCP service (tcp_proxy to {first}): it has no HTTP routes; connect "
+                                "with Mesh.tcp_connect / Mesh.tcp_endpoint", authority=self._authority_of(target),
+                                tcp_cluster=first, resolution=res)
+        if res.kind != "http":
+            what = {"passthrough": "the sidecar would pass it through to the original destination unchanged",
+                    "blackhole": "the sidecar would drop it (outbound traffic policy REGISTRY_ONLY)"}.get(res.kind, "")
+            return TargetConfig(target, None, None, {}, 0,
+                                f"{target}: no mesh route: {res.reason}" + (f"; {what}" if what else ""),
+                                resolution=res)
+        cached = self._lspecs.get(id(res.hcm))
+        if cached is None or cached[0] is not res.hcm:
+            if len(self._lspecs) > 4096:
+                self._lspecs.clear()
+            cached = self._lspecs[id(res.hcm)] = (res.hcm, listener_spec_of(res))
+        return self._http_target(walk, target, cached[1], res)
+
     def _build_target(self, walk: _Walk, target: str, lname: str) -> Optional[TargetConfig]:
+        if self.shape == "envoy":
+            return self._build_envoy_target(walk, target)
         le = self._need(walk, LISTENER, lname)
         if le is None or not le.has_value:
             why = _final_problem(le)
@@ -310,7 +385,10 @@ class ConfigPublisher:
                 return TargetConfig(target, None, None, {}, 0, f"Listener {lname!r}: {why}")
             walk.missing.append(f"Listener {lname!r}")
             return None
-        lspec = le.spec
+        return self._http_target(walk, target, le.spec)
+
+    def _http_target(self, walk: _Walk, target: str, lspec: Any, resolution: Any = None) -> Optional[TargetConfig]:
+        lname = lspec.name
         if lspec.inline_route_config is not None:
             rspec, rkey = lspec.inline_route_config, "\0inline:" + lname
         else:
@@ -339,7 +417,8 @@ class ConfigPublisher:
                 clusters[cname] = rt
         if not complete:
             return None
-        return TargetConfig(target, lspec, table, clusters, 0, authority=self._authority_of(target))
+        return TargetConfig(target, lspec, table, clusters, 0, authority=self._authority_of(target),
+                            resolution=resolution)
 
     def _cluster(self, walk: _Walk, name: str, depth: int) -> Optional[ClusterRuntime]:
         if name in walk.runtimes:
@@ -354,6 +433,8 @@ class ConfigPublisher:
         old = self._runtimes.get(name)
         if ce is None or not ce.has_value:
             why = _final_problem(ce)
+            if ce is None and self.shape == "envoy" and self.source.wildcard_ready(CLUSTER):
+                why = "does not exist"  # every cluster arrived with the wildcard: absent is gone
             if why is not None:
                 why = f"Cluster {name!r}: {why}"
                 if old is not None and old.spec is None and old.error == why:
@@ -364,6 +445,10 @@ class ConfigPublisher:
         spec: ClusterSpec = ce.spec
         if spec.kind == "AGGREGATE":
             return self._aggregate(walk, name, spec, old, depth)
+        if spec.kind == "ORIGINAL_DST":
+            return ClusterRuntime(name, spec, error=f"Cluster {name!r}: an original-destination cluster (the "
+                                  "sidecar forwards to the address the application dialled): meshcore routes "
+                                  "only to mesh endpoints")
         eds: Optional[EndpointsSpec] = None
         if spec.kind == "EDS":
             if not spec.eds_service_name:

@@ -136,11 +136,13 @@ class AggregateBalancer:
 class TargetConfig:
     """Everything a pick for one target needs, complete and consistent (never half an update)."""
 
-    __slots__ = ("target", "authority", "listener", "route_table", "clusters", "version", "error", "fault_filters")
+    __slots__ = ("target", "authority", "listener", "route_table", "clusters", "version", "error", "fault_filters",
+                 "tcp_cluster", "resolution")
 
     def __init__(self, target: str, listener: Optional[ListenerSpec], route_table: Optional[RouteTable],
                  clusters: Mapping[str, ClusterRuntime], version: int, error: Optional[str] = None,
-                 authority: Optional[str] = None) -> None:
+                 authority: Optional[str] = None, tcp_cluster: Optional[str] = None,
+                 resolution: Any = None) -> None:
         self.target = target
         self.authority = authority or target  # what virtual hosts are matched against
         #: the listener's fault filters as (name, FaultSpec or None, disabled), in chain order
@@ -152,6 +154,10 @@ class TargetConfig:
         self.clusters = clusters
         self.version = version  # publication counter
         self.error = error  # set when the target cannot be served (listener or routes missing)
+        #: Envoy shape: the ``tcp_proxy`` cluster of a TCP service (no route table then)
+        self.tcp_cluster = tcp_cluster
+        #: Envoy shape: how the target was resolved (``sidecar_listener.OutboundResolution``)
+        self.resolution = resolution
 
     def __repr__(self) -> str:
         return f"TargetConfig({self.target!r}, v{self.version}, {len(self.clusters)} clusters, error={self.error!r})"
