@@ -237,3 +237,27 @@ def test_a_sidecar_shaped_resource_file(tmp_path: Any, tcp_upstream: int) -> Non
         assert sock.recv(20) == b"db-hello"
         sock.close()
         pick.done()
+
+
+def test_paths_are_normalized_as_the_sidecar_hcm_does(mesh: meshcore.Mesh) -> None:
+    # Istio's sidecar HCM sets normalize_path: routes see (and the upstream gets) the canonical path
+    cfg = mesh.config("reviews:9080") or (mesh.pick("reviews:9080", "/").done(), mesh.config("reviews:9080"))[1]
+    assert cfg.resolution.hcm.normalize_path
+    with mesh.request("http://reviews:9080/x/../a%70i/./v1?q=/../", headers={"end-user": "jason"}) as attempt:
+        assert attempt.path == "/api/v1?q=/../"
+        assert attempt.endpoint.address == "10.244.0.8"
+    with mesh.request("http://reviews:9080/plain") as attempt:
+        assert attempt.path == "/plain"
+
+
+@pytest.mark.parametrize("path,canonical,merge,expected", [
+    ("/a%70i", True, False, "/api"), ("/a/../b", True, False, "/b"), ("/a/./b/", True, False, "/a/b/"),
+    ("/a/b/..", True, False, "/a/"), ("/../x", True, False, "/x"), ("//a//b", True, False, "//a//b"),
+    ("//a//b", False, True, "/a/b"), ("/a/%2e%2e/x", True, False, "/x"), ("/a%2e%2e/x", True, False, "/a../x"),
+    ("/a\\b", True, False, "/a/b"), ("/a b", True, False, "/a%20b"), ("/a%2Fb", True, False, "/a%2Fb"),
+    ("/x?y=/../z", True, True, "/x?y=/../z"), ("/é", True, False, "/%C3%A9"),
+])
+def test_normalize_path(path: str, canonical: bool, merge: bool, expected: str) -> None:
+    from meshcore.xds.envoy_shape import normalize_path
+
+    assert normalize_path(path, canonical=canonical, merge_slashes=merge) == expected

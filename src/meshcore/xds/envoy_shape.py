@@ -181,3 +181,99 @@ def check_target(target: str) -> Tuple[str, int]:
     if not 0 < number < 65536:
         raise ConfigError(target, "target", f"port {number} is out of range")
     return host, number
+
+
+# -- the HttpConnectionManager's path normalization ----------------------------------------------
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def normalize_path(path: str, *, canonical: bool, merge_slashes: bool) -> str:
+    """The ``:path`` Envoy's HCM routes and forwards with ``normalize_path`` (Chromium's
+    ``CanonicalizePath``, as Envoy's ``PathUtil::canonicalPath``: backslashes become slashes,
+    percent-encoded unreserved characters are decoded, other escapes are kept, characters a path
+    may not hold are escaped, ``.``/``..`` segments (also spelled ``%2e``) are removed) and/or
+    ``merge_slashes`` (runs of ``/`` become one). The query is left alone."""
+    cut = path.find("?")
+    p, query = (path, "") if cut < 0 else (path[:cut], path[cut:])
+    if canonical:
+        p = _canonical(p)
+    if merge_slashes and "//" in p:
+        out = []
+        prev = ""
+        for ch in p:
+            if ch == "/" and prev == "/":
+                continue
+            out.append(ch)
+            prev = ch
+        p = "".join(out)
+    return p + query
+
+
+_SAFE = frozenset("!$&'()*+,;=:@/%") | _UNRESERVED
+
+
+def _canonical(p: str) -> str:
+    out: List[str] = []
+    i, n = 0, len(p)
+    while i < n:
+        ch = p[i]
+        if ch == "\\":
+            out.append("/")
+        elif ch == "%" and i + 2 < n + 0 and p[i + 1] in _HEX and p[i + 2] in _HEX:
+            decoded = chr(int(p[i + 1:i + 3], 16))
+            out.append(decoded if decoded in _UNRESERVED else p[i:i + 3])
+            i += 3
+            continue
+        elif ch in _SAFE:
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+        i += 1
+    segments = "".join(out).split("/")
+    stack: List[str] = []
+    last = len(segments) - 1
+    for k, seg in enumerate(segments[1:], 1) if segments and segments[0] == "" else enumerate(segments):
+        if seg == ".":
+            if k == last:
+                stack.append("")
+            continue
+        if seg == "..":
+            if stack:
+                stack.pop()
+            if k == last:
+                stack.append("")
+            continue
+        stack.append(seg)
+    lead = "/" if p.startswith(("/", "\\")) else ""
+    return lead + "/".join(stack)
+
+
+class NormalizingRouteTable:
+    """A route table that matches (and forwards) the normalized path, as the sidecar's HCM does.
+
+    Paths without ``%``, ``\\``, ``/.`` or ``//`` are passed through untouched (no allocation);
+    when normalization changes a path, the match carries it as its ``path_rewrite`` (unless the
+    route rewrites the path itself, from the normalized one) so the upstream gets what Envoy sends."""
+
+    def __init__(self, table: Any, canonical: bool, merge_slashes: bool) -> None:
+        self._table = table
+        self._canonical = canonical
+        self._merge = merge_slashes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._table, name)
+
+    def match(self, authority: str, path: str, headers: Any = None, method: str = "GET", scheme: str = "http",
+              random_value: Any = None, source_ip: Any = None) -> Any:
+        p = path
+        if "%" in p or "\\" in p or "/." in p or "//" in p:
+            p = normalize_path(path, canonical=self._canonical, merge_slashes=self._merge)
+        m = self._table.match(authority, p, headers, method, scheme, random_value, source_ip)
+        if m is not None and p != path and m.path_rewrite is None and m.cluster is not None:
+            import copy
+
+            m = copy.copy(m)
+            m.path_rewrite = p
+        return m

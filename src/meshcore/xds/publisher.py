@@ -82,6 +82,7 @@ class ConfigPublisher:
         #: envoy shape: id(HcmSpec) -> (HcmSpec, ListenerSpec): one ListenerSpec per decoded HCM, so
         #: a rebuild that changes nothing republishes nothing
         self._lspecs: Dict[int, Tuple[Any, Any]] = {}
+        self._wrappers: Dict[Tuple[int, bool, bool], Tuple[Any, Any]] = {}  # see _normalizing
         self._listener_name = listener_name
         self._authority_of = authority_of
         self._seed = seed
@@ -407,6 +408,9 @@ class ConfigPublisher:
             cached = (rspec, RouteTable(rspec), referenced_clusters(rspec))
             self._tables[rkey] = cached
         _, table, names = cached
+        hcm = getattr(resolution, "hcm", None)
+        if hcm is not None and (hcm.normalize_path or hcm.merge_slashes):
+            table = self._normalizing(table, hcm.normalize_path, hcm.merge_slashes)
         clusters: Dict[str, ClusterRuntime] = {}
         complete = True
         for cname in names:
@@ -419,6 +423,19 @@ class ConfigPublisher:
             return None
         return TargetConfig(target, lspec, table, clusters, 0, authority=self._authority_of(target),
                             resolution=resolution)
+
+    def _normalizing(self, table: Any, canonical: bool, merge: bool) -> Any:
+        """The route table behind the HCM's path normalization (one wrapper per table and flags,
+        so an unchanged configuration is not republished)."""
+        from .envoy_shape import NormalizingRouteTable
+
+        key = (id(table), canonical, merge)
+        hit = self._wrappers.get(key)
+        if hit is None or hit[0] is not table:
+            if len(self._wrappers) > 1024:
+                self._wrappers.clear()
+            hit = self._wrappers[key] = (table, NormalizingRouteTable(table, canonical, merge))
+        return hit[1]
 
     def _cluster(self, walk: _Walk, name: str, depth: int) -> Optional[ClusterRuntime]:
         if name in walk.runtimes:
