@@ -277,26 +277,37 @@ def test_identity_rbac_does_not_allow_gets_403(pki: Pki, sidecar: SidecarInbound
 def test_connect_failure_retry_moves_a_tls_refusal_to_another_endpoint(
         pki: Pki, sidecar: SidecarInbound, sidecar_factory: Any, make_mesh: Any) -> None:
     """One endpoint is a sidecar of another trust domain: it refuses this workload's certificate
-    after the handshake (TLS 1.3). ``retry_on: connect-failure`` moves those requests to the good one."""
+    after the handshake (TLS 1.3). ``retry_on: connect-failure`` moves those requests to the good
+    one, and outlier detection counts the refusals (connect failures) and ejects that endpoint."""
     foreign = sidecar_factory(trust_domains=("other.domain",))
     retry = {"retry_on": "connect-failure", "num_retries": 2}
-    res = resources([cluster("mtls")], [endpoints("mtls", [foreign.port, sidecar.port])], [route("/", "mtls", retry)])
+    mtls = cluster("mtls")
+    mtls["outlier_detection"] = {"consecutive_5xx": 2, "interval": "10s", "base_ejection_time": "30s",
+                                 "max_ejection_percent": 50}
+    res = resources([mtls], [endpoints("mtls", [foreign.port, sidecar.port])], [route("/", "mtls", retry)])
     mesh = make_mesh(res, pki.paths("client").dir)
 
-    async def main() -> List[Any]:
-        async with MeshSession(mesh) as http:
-            out = []
-            for _ in range(4):
-                r = await http.get(f"{URL}/r")
-                out.append((r.status, xfcc_uri(await r.json()), r.meshcore))
-            return out
+    async def requests(http: MeshSession, n: int) -> List[Any]:
+        out = []
+        for _ in range(n):
+            r = await http.get(f"{URL}/r")
+            out.append((r.status, xfcc_uri(await r.json()), r.meshcore))
+        return out
 
-    for status, uri, info in run(main()):
-        assert status == 200 and uri == CLIENT_ID and info["endpoint"] == f"127.0.0.1:{sidecar.port}"
-    assert stat(mesh, "mtls", "upstream_rq_retry") >= 1
-    assert stat(mesh, "mtls", "ssl.connection_error") >= 1
-    refusals = stat(mesh, "mtls", "ssl.connection_error")
-    assert stat(mesh, "mtls", "upstream_cx_connect_fail") * REFUSALS_PER_REQUEST == refusals
+    async def main() -> None:
+        async with MeshSession(mesh) as http:
+            for status, uri, info in await requests(http, 6):
+                assert status == 200 and uri == CLIENT_ID and info["endpoint"] == f"127.0.0.1:{sidecar.port}"
+            refusals = stat(mesh, "mtls", "ssl.connection_error")
+            assert refusals >= 2 * REFUSALS_PER_REQUEST
+            assert stat(mesh, "mtls", "upstream_cx_connect_fail") * REFUSALS_PER_REQUEST == refusals
+            assert stat(mesh, "mtls", "upstream_rq_retry") >= 2
+            assert stat(mesh, "mtls", "outlier_detection.ejections_enforced_total") == 1
+            for status, _, info in await requests(http, 4):  # the refusing endpoint is ejected
+                assert status == 200 and info["attempts"] == 1
+            assert stat(mesh, "mtls", "ssl.connection_error") == refusals
+
+    run(main())
 
 
 def test_rotation_under_load_loses_nothing_and_new_connections_use_the_new_certificate(
