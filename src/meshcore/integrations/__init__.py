@@ -10,7 +10,11 @@
 The HTTP ones route every request (``Mesh.request``), run it under the route's policies
 (``Call.run``: fault injection, retries, timeouts, circuit breakers, outlier detection) and send
 each attempt to the picked endpoint's ``ip:port`` with the logical ``Host`` header and, for TLS,
-the logical host as SNI and verification name. Direct responses, redirects and fault-filter aborts are answered
+the logical host as SNI and verification name. Where the cluster's transport socket is mesh TLS
+(``Mesh.upstream_tls``: CDS ``transport_socket`` / ``transport_socket_matches``), the attempt's
+connection is made with the mesh's client context under the plaintext ``http://`` request (Istio's
+ALPN, the workload certificate, the peer's SANs checked before any byte) in a pool of its own;
+TLS failures are the library's connect errors (see :mod:`meshcore.tls`). Direct responses, redirects and fault-filter aborts are answered
 locally, as Envoy would. Upstream failures surface as the client library's own exceptions; mesh
 decisions without an upstream (no route, no healthy endpoint, circuit breaker open, route
 timeout) are raised as the library's exceptions too, with the meshcore error as ``__cause__``.
