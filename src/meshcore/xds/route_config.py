@@ -17,6 +17,8 @@ entry with both or neither of ``name``/``cluster_header``; direct response statu
 
 from __future__ import annotations
 
+import hashlib
+
 from typing import Any, Dict, List, Optional, Tuple
 
 import re2
@@ -384,6 +386,12 @@ def _redirect(ctx: _Ctx, r: Any, where: str) -> RedirectSpec:
                         response_code=_REDIRECT_CODES.get(r.response_code, 301), strip_query=r.strip_query)
 
 
+#: virtual hosts decoded and validated before, by a digest of their serialized message: a virtual
+#: host's spec depends on its message alone (not on its route configuration's name or siblings)
+_VHOST_CACHE: Dict[bytes, VirtualHostSpec] = {}
+_VHOST_CACHE_MAX = 16384
+
+
 def route_config_spec(route_configuration: Any) -> RouteConfigSpec:
     """Validate and convert a RouteConfiguration; raise ``ConfigError`` naming the field."""
     rc = _coerce(route_configuration, route_pb2.RouteConfiguration, "name", "RouteConfiguration")
@@ -393,6 +401,7 @@ def route_config_spec(route_configuration: Any) -> RouteConfigSpec:
             raise ctx.error(unsupported, "unsupported")
     seen_domains: Dict[str, str] = {}
     vhosts: List[VirtualHostSpec] = []
+    fresh: List[Tuple[bytes, Any, str, VirtualHostSpec]] = []  # decoded here, PGV-checked below
     names = set()
     for vi, vh in enumerate(rc.virtual_hosts):
         vh_where = f"virtual_hosts[{vh.name or vi}]"
@@ -418,16 +427,37 @@ def route_config_spec(route_configuration: Any) -> RouteConfigSpec:
                 )
             seen_domains[key] = vh.name
             domains.append(key)
+        digest = hashlib.blake2b(vh.SerializeToString(deterministic=True), digest_size=16).digest()
+        cached = _VHOST_CACHE.get(digest)
+        if cached is not None:  # decoded and checked before (a route config differing elsewhere)
+            vhosts.append(cached)
+            continue
         vh_retry = _retry_policy(ctx, vh.retry_policy, vh_where + ".retry_policy") \
             if vh.HasField("retry_policy") else None
         vh_overrides = _filter_overrides(ctx, vh.typed_per_filter_config, vh_where) \
             if len(vh.typed_per_filter_config) else None
         routes = tuple(_route(ctx, r, i, vh_where, vh_retry, vh_overrides) for i, r in enumerate(vh.routes))
         vh_adds, vh_removes = _mutations(ctx, vh.request_headers_to_add, vh.request_headers_to_remove, vh_where)
-        vhosts.append(VirtualHostSpec(vh.name, tuple(domains), routes, _REQUIRE_TLS.get(vh.require_tls, "NONE"),
-                                      vh_retry, vh_adds, vh_removes))
+        fresh.append((digest, vh, vh_where, VirtualHostSpec(
+            vh.name, tuple(domains), routes, _REQUIRE_TLS.get(vh.require_tls, "NONE"), vh_retry, vh_adds, vh_removes)))
+        vhosts.append(fresh[-1][3])
     rc_adds, rc_removes = _mutations(ctx, rc.request_headers_to_add, rc.request_headers_to_remove, "")
-    check_pgv(rc, ctx.resource)  # after the checks above, whose messages are more specific
+    # PGV after the checks above, whose messages are more specific: the configuration without its
+    # virtual hosts, then each virtual host not seen before (a large Istio route configuration whose
+    # one VirtualService changed re-checks that one virtual host only)
+    if len(rc.virtual_hosts):
+        top = route_pb2.RouteConfiguration()
+        top.CopyFrom(rc)
+        del top.virtual_hosts[:]
+        check_pgv(top, ctx.resource)
+    else:
+        check_pgv(rc, ctx.resource)
+    for digest, vh, vh_where, spec in fresh:
+        check_pgv(vh, ctx.resource, vh_where)
+    if len(_VHOST_CACHE) + len(fresh) > _VHOST_CACHE_MAX:
+        _VHOST_CACHE.clear()
+    for digest, vh, vh_where, spec in fresh:
+        _VHOST_CACHE[digest] = spec
     return RouteConfigSpec(
         name=rc.name,
         virtual_hosts=tuple(vhosts),
