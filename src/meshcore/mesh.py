@@ -32,6 +32,7 @@ from .cluster_state import ClusterState
 from .errors import MeshClosed, NoRoute, NotReady, Unavailable
 from .resilience.fault import ActiveFaults
 from .stats import StatsRegistry, prometheus_collector
+from .telemetry.record import Telemetry
 from .xds.snapshot import AggregateBalancer, TargetConfig
 
 if TYPE_CHECKING:
@@ -139,6 +140,8 @@ class MeshBase:
         self._cluster_listeners: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._active_faults: Dict[Tuple[str, str], ActiveFaults] = {}  # (listener, fault filter) -> gauge
         self.stats_registry = StatsRegistry()
+        #: the sinks of every finished request's record (``meshcore.telemetry``; none by default)
+        self.telemetry = Telemetry(self)
         self._rng = random.Random(seed)
         from .tls.manager import TlsManager
 
