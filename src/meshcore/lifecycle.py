@@ -21,9 +21,11 @@ from ._routing import header_pairs
 from .errors import UpstreamError, UpstreamTimeout
 from .resilience.fault import NO_FAULT, ActiveFaults, FaultDecision, decide_fault, limit_faults
 from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retriable
+from .telemetry.outcome import report as _report
 
 __all__ = ["default_classify", "default_status_of", "fault_decision", "fault_filter_for",
-           "fault_step", "fault_step_async", "header_pairs", "run", "run_async"]
+           "fault_step", "fault_step_async", "header_pairs", "run", "run_async", "run_reported",
+           "run_async_reported"]
 
 R = TypeVar("R")
 Classify = Callable[[BaseException], Optional[str]]
@@ -169,7 +171,8 @@ def run(call: Any, send: Callable[[Any], R], status_of: StatusOf, grpc_status_of
     """``Call.run``: fault, then attempts until one is final (see ``meshcore.call``). The usual
     request (no fault filter, a first answer the policy does not retry) takes the straight path:
     ``first_attempt`` (breakers and pick), send, ``finish_final`` (record, and the policy's
-    verdict), return."""
+    verdict), return. While a mesh has telemetry sinks (``telemetry.record.ACTIVE``), ``Call.run``
+    and the integrations call :func:`run_reported` instead."""
     a = call.first_attempt()
     if a is None:  # a fault filter applies: its step runs before the first attempt
         d = call.fault()
@@ -359,6 +362,39 @@ async def run_async(call: Any, send: Callable[[Any], Awaitable[R]], status_of: S
             return _final(call, call.attempts[-1], result, exc)
         if result is not None:
             await _aclose(result)
+
+
+# -- telemetry ------------------------------------------------------------------------------------
+
+
+def run_reported(call: Any, send: Callable[[Any], R], status_of: StatusOf, grpc_status_of: Optional[StatusOf],
+                 classify: Classify) -> R:
+    """:func:`run`, then the call's record to the mesh's telemetry sinks (``meshcore.telemetry``)."""
+    try:
+        result = run(call, send, status_of, grpc_status_of, classify)
+    except BaseException as e:
+        _report(call, None, e)
+        raise
+    _report(call, result, None)
+    return result
+
+
+async def run_async_reported(call: Any, send: Callable[[Any], Awaitable[R]], status_of: StatusOf,
+                             grpc_status_of: Optional[StatusOf], classify: Classify) -> R:
+    """:func:`run_async`, then the call's record to the mesh's telemetry sinks."""
+    try:
+        result = await run_async(call, send, status_of, grpc_status_of, classify)
+    except BaseException as e:
+        _report(call, None, e)
+        raise
+    _report(call, result, None)
+    return result
+
+
+def report_single(call: Any, exc: Optional[BaseException]) -> None:
+    """The single-attempt form (``with mesh.request(...) as attempt``) ended (``exc``: what left
+    the block, or what ``__enter__`` raised): the call's record to the telemetry sinks."""
+    _report(call, None, exc)
 
 
 def _close(result: Any) -> None:

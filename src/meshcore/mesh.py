@@ -584,8 +584,9 @@ class MeshBase:
         return self.stats_registry.snapshot()
 
     def prometheus_collector(self) -> Any:
-        """A ``prometheus_client`` collector of :meth:`stats` (``meshcore_cluster_*`` metrics)."""
-        return prometheus_collector(self.stats_registry, self.tls.sources)
+        """A ``prometheus_client`` collector of :meth:`stats` (``meshcore_cluster_*`` metrics), and of
+        Istio's standard metrics once ``telemetry.enable_istio_metrics()`` was called."""
+        return prometheus_collector(self.stats_registry, self.tls.sources, self.telemetry)
 
     # -- introspection -----------------------------------------------------------------------------
 

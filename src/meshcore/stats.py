@@ -176,12 +176,14 @@ def _metric_name(stat: str) -> str:
     return "meshcore_cluster_" + stat.replace(".", "_")
 
 
-def prometheus_collector(registry: StatsRegistry, certificate_sources: Any = None) -> Any:
+def prometheus_collector(registry: StatsRegistry, certificate_sources: Any = None, telemetry: Any = None) -> Any:
     """A ``prometheus_client`` collector for ``registry`` (register it with ``REGISTRY.register``).
 
     ``certificate_sources()`` (optional) gives ``{name: FileCertificateSource}``: each adds
     ``meshcore_certificate_expiry_seconds`` (seconds until its leaf expires), and the
-    ``meshcore_certificate_reload_failures`` / ``meshcore_certificate_reloads`` counters."""
+    ``meshcore_certificate_reload_failures`` / ``meshcore_certificate_reloads`` counters.
+    ``telemetry`` (optional, ``mesh.telemetry``): Istio's standard metrics (``istio_requests_total``
+    & co) once ``telemetry.enable_istio_metrics()`` was called."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
     class MeshcoreCollector:
@@ -212,6 +214,9 @@ def prometheus_collector(registry: StatsRegistry, certificate_sources: Any = Non
             yield from families.values()
             if certificate_sources is not None:
                 yield from _certificate_metrics(certificate_sources(), GaugeMetricFamily, CounterMetricFamily)
+            istio = getattr(telemetry, "istio_metrics", None)
+            if istio is not None:
+                yield from istio.families()
 
         def describe(self) -> List[Any]:
             return []

@@ -21,13 +21,15 @@ from .routes_c cimport RouteTable as CRouteTable
 from .. import lifecycle
 from .._route_model import RetryPolicy
 from .._url import URL_CACHE, parse_url
-from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, UpstreamTimeout
+from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, Unavailable, UpstreamTimeout
 from ..resilience.fault import NO_FAULT
 from ..resilience.retry import CONNECT_FAILURE, RESET, RetryState, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS, apply_router_headers, is_internal_request, router_headers_of
 from ..xds.snapshot import AggregateBalancer
 from .lb_c import LoadBalancer as CLoadBalancer
 from ..stats import BUCKETS_MS, COUNTER_NAMES
+from ..telemetry.outcome import report_refusal
+from ..telemetry.record import ACTIVE as _TELEMETRY_LIST
 from .call_py import ADMITTED, GRPC_TO_HTTP, OVER_REQUESTS, OVER_RETRIES
 
 __all__ = ["Attempt", "Call", "ClusterCounters", "MeshCore", "BUCKETS_MS", "COUNTER_NAMES", "GRPC_TO_HTTP",
@@ -62,6 +64,11 @@ cdef object _fault_decision = lifecycle.fault_decision
 cdef object _fault_step = lifecycle.fault_step
 cdef object _run = lifecycle.run
 cdef object _run_async = lifecycle.run_async
+cdef object _run_reported = lifecycle.run_reported
+cdef object _run_async_reported = lifecycle.run_async_reported
+cdef object _report_single = lifecycle.report_single
+cdef object _report_refusal = report_refusal
+cdef list _TELEMETRY = _TELEMETRY_LIST  # [how many meshes have telemetry sinks]
 cdef object _default_status_of = lifecycle.default_status_of
 cdef object _final_answer = lifecycle._final_answer
 cdef object _RetryPolicy = RetryPolicy
@@ -276,6 +283,8 @@ cdef class Attempt:
     cdef readonly int number
     cdef public object endpoint, timeout, status, grpc_status, error, authority, path, scheme, method
     cdef public object headers, cluster
+    #: what the integration that sent the attempt tells telemetry (None, or a dict; see call_py)
+    cdef public object telemetry
     cdef object _lb, _outlier, _policy  # _policy: the call's retry policy (finish_final)
     cdef ClusterCounters _counters
     cdef bint _retry, _finished, _fast_lb  # _fast_lb: _lb is exactly the compiled LoadBalancer
@@ -354,6 +363,8 @@ cdef class Call:
     cdef readonly double started
     #: monotonic time by which the whole request must end (None: no limit)
     cdef public object deadline
+    #: the fault filter's decision, once it delayed or aborted the request (None before)
+    cdef readonly object fault_decision
     cdef Attempt _first     # the first attempt; the list is made only when asked for or on a retry
     cdef list _attempts
     cdef object _lb, _state, _outlier, _fault_spec, _faults, _rng, _limit, _retry, _single
@@ -406,6 +417,7 @@ cdef class Call:
     def _after_fault(self, d):
         """After the fault filter's delay (slept by the caller): the route timeout starts now;
         an abort answers the request without an upstream."""
+        self.fault_decision = d
         self._release_fault()
         if d.delay and self._limit:
             self.deadline = monotonic() + self._limit
@@ -535,6 +547,8 @@ cdef class Call:
     # -- the single-attempt form ------------------------------------------------------------------
 
     def __enter__(self):
+        if _TELEMETRY[0]:
+            return self._enter_reported()
         if self._fault_spec is not None:
             _fault_step(self)
         attempt = self._start_attempt()
@@ -542,19 +556,37 @@ cdef class Call:
         self._single = attempt
         return attempt
 
+    def _enter_reported(self):
+        try:
+            if self._fault_spec is not None:
+                _fault_step(self)
+            attempt = self._start_attempt()
+        except BaseException as e:
+            _report_single(self, e)
+            raise
+        assert attempt is not None
+        self._single = attempt
+        return attempt
+
     def __exit__(self, exc_type, exc, tb):
         if self._single is not None:
             (<Attempt>self._single)._exit(exc)
+            if _TELEMETRY[0]:
+                _report_single(self, exc)
 
     # -- the full lifecycle (meshcore.lifecycle) --------------------------------------------------
 
     def run(self, send, *, status_of=_default_status_of, grpc_status_of=None, classify=_default_classify):
         """Send with Envoy's router behaviour (fault, retries, breakers, timeouts): ``send(attempt)``
         per attempt; the last outcome is returned (or raised). See ``meshcore.call``."""
+        if _TELEMETRY[0]:
+            return _run_reported(self, send, status_of, grpc_status_of, classify)
         return _run(self, send, status_of, grpc_status_of, classify)
 
     def run_async(self, send, *, status_of=_default_status_of, grpc_status_of=None, classify=_default_classify):
         """:meth:`run` for coroutines: ``await call.run_async(send)`` (``await send(attempt)``)."""
+        if _TELEMETRY[0]:
+            return _run_async_reported(self, send, status_of, grpc_status_of, classify)
         return _run_async(self, send, status_of, grpc_status_of, classify)
 
     def __repr__(self):
@@ -688,13 +720,21 @@ cdef class MeshCore:
         else:
             m = entry.route_table.match(netloc, path, headers, method, scheme, None, source_ip)
         if m is None:
-            raise NoRoute(target, path)
+            e = NoRoute(target, path)
+            if _TELEMETRY[0]:
+                _report_refusal(self, target, netloc, method, path, headers, e)
+            raise e
         call = Call.__new__(Call)
         cluster = m.cluster
         if cluster is not None:
             ce = <_ClusterEntry>entry.resolved.get(cluster)
             if ce is None:
-                ce = self._resolve(entry, cluster, m, target, path)
+                try:
+                    ce = self._resolve(entry, cluster, m, target, path)
+                except Unavailable as e:
+                    if _TELEMETRY[0]:
+                        _report_refusal(self, target, netloc, method, path, headers, e, cluster, m.route_name)
+                    raise
             elif ce.outlier is not None and ce.state.synced is not ce.rt.eds_spec:
                 self._cluster_state(ce.rt)  # an EDS update: the detector learns the host list
             if ce.child_outliers is not None:

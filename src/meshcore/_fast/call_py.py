@@ -36,11 +36,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import lifecycle
 from .._url import URL_CACHE, parse_url
-from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, UpstreamTimeout
+from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, Unavailable, UpstreamTimeout
 from ..resilience.fault import NO_FAULT, FaultDecision
 from ..resilience.retry import CONNECT_FAILURE, RESET, RetryState, TIMEOUT
 from ..resilience.router_headers import apply_router_headers, is_internal_request, router_headers_of
 from ..stats import BUCKETS_MS, COUNTER_NAMES
+from ..telemetry.outcome import report_refusal
+from ..telemetry.record import ACTIVE as _TELEMETRY
 from ..xds.snapshot import AggregateBalancer
 
 __all__ = ["Attempt", "Call", "ClusterCounters", "MeshCore", "BUCKETS_MS", "COUNTER_NAMES", "GRPC_TO_HTTP",
@@ -172,8 +174,8 @@ class Attempt:
     """One try of a call: the endpoint, where to send, and how long it may take."""
 
     __slots__ = ("number", "endpoint", "timeout", "status", "grpc_status", "error", "authority", "path", "scheme",
-                 "method", "headers", "cluster", "_lb", "_counters", "_outlier", "_retry", "_started", "_finished",
-                 "_policy")
+                 "method", "headers", "cluster", "telemetry", "_lb", "_counters", "_outlier", "_retry", "_started",
+                 "_finished", "_policy")
 
     number: int
     endpoint: Any
@@ -187,6 +189,10 @@ class Attempt:
     method: str
     headers: Any
     cluster: Optional[str]
+    #: what the integration that sent the attempt tells telemetry (None, or a dict: "peer_metadata"
+    #: (the response's raw x-envoy-peer-metadata), "request_bytes", "response_bytes",
+    #: "request_messages", "response_messages"; see meshcore.telemetry.outcome)
+    telemetry: Optional[Dict[str, Any]]
 
     @property
     def address(self) -> str:
@@ -240,9 +246,9 @@ class Call:
     """One request routed by the mesh (made by ``Mesh.request``; see ``meshcore.call``)."""
 
     __slots__ = ("mesh", "target", "authority", "scheme", "path", "method", "headers", "route", "cluster",
-                 "retry_policy", "started", "deadline", "attempts", "_lb", "_aggregate", "_state", "_counters", "_outlier",
-                 "_child_outliers", "_fault_spec", "_faults", "_fault_active", "_rng", "_limit", "_retry",
-                 "_single")
+                 "retry_policy", "started", "deadline", "attempts", "fault_decision", "_lb", "_aggregate", "_state",
+                 "_counters", "_outlier", "_child_outliers", "_fault_spec", "_faults", "_fault_active", "_rng",
+                 "_limit", "_retry", "_single")
 
     mesh: Any
     target: str
@@ -260,6 +266,8 @@ class Call:
     #: own ``timeout`` if shorter (None: no limit); it starts after a fault delay
     deadline: Optional[float]
     attempts: List[Attempt]
+    #: the fault filter's decision, once it delayed or aborted the request (None before)
+    fault_decision: Optional[FaultDecision]
 
     @property
     def retry(self) -> RetryState:
@@ -293,6 +301,7 @@ class Call:
     def _after_fault(self, d: FaultDecision) -> None:
         """After the fault filter's delay (slept by the caller): the route timeout starts when
         the router does, i.e. now; an abort answers the request without an upstream."""
+        self.fault_decision = d
         self._release_fault()
         if d.delay and self._limit:
             self.deadline = time.monotonic() + self._limit
@@ -354,6 +363,7 @@ class Call:
         a.method = self.method
         a.headers = self.headers  # the request's headers as given to ``Mesh.request``
         a.cluster = self.cluster
+        a.telemetry = None
         a._lb = lb
         a._counters = counters
         if self._child_outliers is None:
@@ -408,6 +418,8 @@ class Call:
     # -- the single-attempt form ------------------------------------------------------------------
 
     def __enter__(self) -> Attempt:
+        if _TELEMETRY[0]:
+            return self._enter_reported()
         if self._fault_spec is not None:
             lifecycle.fault_step(self)
         attempt = self.start_attempt()
@@ -415,9 +427,23 @@ class Call:
         self._single = attempt
         return attempt
 
+    def _enter_reported(self) -> Attempt:
+        try:
+            if self._fault_spec is not None:
+                lifecycle.fault_step(self)
+            attempt = self.start_attempt()
+        except BaseException as e:
+            lifecycle.report_single(self, e)
+            raise
+        assert attempt is not None
+        self._single = attempt
+        return attempt
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if self._single is not None:
             self._single.__exit__(exc_type, exc, tb)
+            if _TELEMETRY[0]:
+                lifecycle.report_single(self, exc)
 
     # -- the full lifecycle (meshcore.lifecycle) --------------------------------------------------
 
@@ -425,11 +451,15 @@ class Call:
             classify: Any = lifecycle.default_classify) -> Any:
         """Send with Envoy's router behaviour (fault, retries, breakers, timeouts): ``send(attempt)``
         per attempt; the last outcome is returned (or raised). See ``meshcore.call``."""
+        if _TELEMETRY[0]:
+            return lifecycle.run_reported(self, send, status_of, grpc_status_of, classify)
         return lifecycle.run(self, send, status_of, grpc_status_of, classify)
 
     def run_async(self, send: Any, *, status_of: Any = lifecycle.default_status_of, grpc_status_of: Any = None,
                   classify: Any = lifecycle.default_classify) -> Any:
         """:meth:`run` for coroutines: ``await call.run_async(send)`` (``await send(attempt)``)."""
+        if _TELEMETRY[0]:
+            return lifecycle.run_async_reported(self, send, status_of, grpc_status_of, classify)
         return lifecycle.run_async(self, send, status_of, grpc_status_of, classify)
 
     def __repr__(self) -> str:
@@ -553,13 +583,21 @@ class MeshCore:
         # virtual hosts see the Host header the request carries (the URL's authority as written)
         m = entry.route_table.match(netloc, path, headers, method, scheme, None, source_ip)
         if m is None:
-            raise NoRoute(target, path)
+            e = NoRoute(target, path)
+            if _TELEMETRY[0]:
+                report_refusal(self, target, netloc, method, path, headers, e)
+            raise e
         call = Call.__new__(Call)
         cluster = m.cluster
         if cluster is not None:
             ce = entry.resolved.get(cluster)
             if ce is None:
-                ce = self._resolve(entry, cluster, m, target, path)
+                try:
+                    ce = self._resolve(entry, cluster, m, target, path)
+                except Unavailable as e:
+                    if _TELEMETRY[0]:
+                        report_refusal(self, target, netloc, method, path, headers, e, cluster, m.route_name)
+                    raise
             elif ce.outlier is not None and ce.state.synced is not ce.rt.eds_spec:
                 self._cluster_state(ce.rt)  # type: ignore[attr-defined]  # an EDS update: new host list
             if ce.child_outliers is not None:
@@ -575,7 +613,7 @@ class MeshCore:
         else:  # a direct response or redirect: nothing to send upstream
             call._lb = call._state = call._counters = call._outlier = call._child_outliers = None
             call._aggregate = False
-        call._fault_spec = call._faults = None
+        call._fault_spec = call._faults = call.fault_decision = None
         call._fault_active = False
         if entry.has_faults:
             call._fault_spec, call._faults = self._route_fault(entry, m.route)

@@ -84,6 +84,8 @@ from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, NotReady, Unavailable
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
+from ..telemetry.peer_metadata import strip_pairs as _strip_peer_pairs
+from ..telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
 from ..tls import TlsHandshakeError, is_deferred_rejection
 from . import (
     _add_context,
@@ -420,10 +422,11 @@ class _Sender:
     of its cluster, route, authority, method and timeout (aiohttp copies the headers)."""
 
     __slots__ = ("request", "method", "headers", "timeout", "kwargs", "scheme", "cluster", "route_name", "used",
-                 "urls", "route", "upstream_tls", "tls_kwargs")
+                 "urls", "route", "upstream_tls", "tls_kwargs", "exchange")
 
     def __init__(self, request: Any, method: str, headers: Any, timeout: Any, kwargs: Dict[str, Any], call: Any,
-                 used: Any, urls: Dict[Any, URL], upstream_tls: Any, tls_kwargs: Any) -> None:
+                 used: Any, urls: Dict[Any, URL], upstream_tls: Any, tls_kwargs: Any, exchange: Any = None) -> None:
+        self.exchange = exchange  # Istio's metadata exchange (its headers are in ``headers``), or None
         self.request = request
         self.method = method
         self.headers = headers
@@ -473,7 +476,26 @@ class _Sender:
             raise
         resp.meshcore = {"cluster": self.cluster, "endpoint": ep_key, "route": self.route_name,  # type: ignore[attr-defined]
                          "attempts": attempt.number}
+        if _TELEMETRY[0]:
+            _tell_telemetry(attempt, resp, self.exchange)
         return resp
+
+
+def _tell_telemetry(attempt: Any, resp: aiohttp.ClientResponse, exchange: Any) -> None:
+    """The attempt's facts for its telemetry record; with Istio's metadata exchange on, the
+    peer's x-envoy-peer-metadata(-id) leave the response (as a client sidecar strips them)."""
+    peer = None
+    if exchange is not None:
+        kept, peer = _strip_peer_pairs(resp.raw_headers)
+        if kept is not resp.raw_headers:
+            headers = CIMultiDict(resp.headers)
+            headers.popall("x-envoy-peer-metadata", None)
+            headers.popall("x-envoy-peer-metadata-id", None)
+            resp._headers = CIMultiDictProxy(headers)
+            resp._raw_headers = tuple(kept)
+    body = getattr(resp, "_body", None)
+    attempt.telemetry = {"peer_metadata": peer, "request_bytes": None,
+                         "response_bytes": len(body) if isinstance(body, (bytes, bytearray)) else None}
 
 
 class MeshSession:
@@ -690,21 +712,22 @@ class MeshSession:
                     slot = self._pools.acquire(call.cluster, call.cluster)
                     try:
                         pool = slot.pool
+                        exchange = _exchange_of(mesh) if _TELEMETRY[0] else None
                         if own is None and not own_kwargs and pool is not None and not len(jar) and \
                                 (not defaults or call.scheme == "http"):
                             # no per-request arguments: the cluster's sender for this route, authority,
                             # method and timeout (made once)
-                            key = (id(call.route), call.authority, call.scheme, method, id(attempt_timeout))
+                            key = (id(call.route), call.authority, call.scheme, method, id(attempt_timeout), exchange)
                             sender = pool.senders.get(key)
                             if sender is None:
                                 sender = self._sender(session, method, headers, own, attempt_timeout, jar, url, kwargs,
-                                                      call, pool)
+                                                      call, pool, exchange)
                                 if len(pool.senders) >= _MEMO_MAX:
                                     pool.senders.clear()
                                 pool.senders[key] = sender
                         else:
                             sender = self._sender(session, method, headers, own, attempt_timeout, jar, url, kwargs, call,
-                                                  pool)
+                                                  pool, exchange)
                         resp = await call.run_async(sender.send, status_of=_status_of, classify=_classify)
                     except FaultAbort as e:
                         log.debug("fault abort for %s: %s", call, e)
@@ -751,7 +774,7 @@ class MeshSession:
         return resp
 
     def _sender(self, session: aiohttp.ClientSession, method: str, headers: Any, own: Any, timeout: Any, jar: Any,
-                url: URL, kwargs: Dict[str, Any], call: Any, pool: Optional[_Pool]) -> _Sender:
+                url: URL, kwargs: Dict[str, Any], call: Any, pool: Optional[_Pool], exchange: Any = None) -> _Sender:
         """A routed request's sender: the headers its attempts send (made once: aiohttp copies
         them) with the logical Host, its keyword arguments (https: the logical SNI; the jar's
         cookies of the logical URL)."""
@@ -763,12 +786,15 @@ class MeshSession:
             send_headers = _drop_router_headers(CIMultiDict(own))
             send_headers.popall("Host", None)
         send_headers["Host"] = call.route.host_rewrite or call.authority  # every attempt's
+        if exchange is not None:  # Istio's metadata exchange (mesh.telemetry.enable_istio_metrics)
+            for k, v in exchange.headers:
+                send_headers[k] = v
         extra = kwargs
         if len(jar) or call.scheme == "https":
             extra = self._extra(jar, call.scheme, url, kwargs)
         return _Sender(session.request, method, send_headers, timeout, extra, call,
                        pool.used if pool is not None else None, self._endpoint_urls, self._upstream_tls,
-                       self._tls_kwargs)
+                       self._tls_kwargs, exchange)
 
     @staticmethod
     def _extra(jar: Any, scheme: str, url: URL, kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -74,9 +74,13 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 from .._model import host_key
 from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, NotReady, Unavailable
-from ..lifecycle import run as _run, run_async as _run_async
+from ..lifecycle import run as _run, run_async as _run_async, run_async_reported as _run_async_reported
+from ..lifecycle import run_reported as _run_reported
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
+from ..telemetry.peer_metadata import HEADER as _PEER_HEADER, HEADER_ID as _PEER_HEADER_ID
+from ..telemetry.peer_metadata import strip_pairs as _strip_peer_pairs
+from ..telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
 from ..tls.upstream import TlsHandshakeError, is_deferred_rejection
 from . import (
     _add_context,
@@ -730,9 +734,12 @@ class _MeshTransportBase:
                              headers=headers, content=request.stream, extensions=extensions)
 
     @staticmethod
-    def _attempt_request(mod: ModuleType, request: Any, attempt: Any, sni: str) -> Any:
+    def _attempt_request(mod: ModuleType, request: Any, attempt: Any, sni: str, exchange: Any = None) -> Any:
         headers = _drop_router_headers(request.headers.copy())
         headers["Host"] = attempt.authority
+        if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics)
+            for k, v in exchange.headers:
+                headers[k] = v
         extensions = dict(request.extensions)
         if attempt.timeout is not None:
             timeout = dict(extensions.get("timeout") or {})
@@ -774,6 +781,31 @@ class _MeshTransportBase:
             response.extensions["meshcore"] = {"cluster": call.cluster, "endpoint": last.endpoint.key,
                                                "route": call.route.route_name, "attempts": 1}
         return response
+
+
+def _tell_telemetry(attempt: Any, resp: Any, raw: bytes, exchange: Any) -> None:
+    """The attempt's facts for its telemetry record (``resp``: the pool's response, header byte
+    pairs); with Istio's metadata exchange on, the peer's x-envoy-peer-metadata(-id) leave the
+    response (as a client sidecar strips them)."""
+    peer = None
+    if exchange is not None:
+        kept, peer = _strip_peer_pairs(resp.headers)
+        if kept is not resp.headers:
+            resp.headers = kept
+    attempt.telemetry = {"peer_metadata": peer, "request_bytes": None, "response_bytes": len(raw)}
+
+
+def _tell_telemetry_headers(attempt: Any, response: Any, raw: bytes, exchange: Any) -> None:
+    """:func:`_tell_telemetry` for a library ``Response`` from an inner transport."""
+    peer = None
+    if exchange is not None:
+        headers = response.headers
+        peer = headers.get(_PEER_HEADER)
+        if peer is not None:
+            del headers[_PEER_HEADER]
+        if _PEER_HEADER_ID in headers:
+            del headers[_PEER_HEADER_ID]
+    attempt.telemetry = {"peer_metadata": peer, "request_bytes": None, "response_bytes": len(raw)}
 
 
 def _no_tls(cluster: str, endpoint: Any) -> None:
@@ -831,6 +863,7 @@ class MeshTransport(_MeshTransportBase):
         call_path = call.path
         mod = lib.mod
         last: Any = None  # the last attempt sent straight to the pool
+        exchange = _exchange_of(self._mesh) if _TELEMETRY[0] else None
 
         def send(attempt: Any) -> Any:
             try:
@@ -844,6 +877,8 @@ class MeshTransport(_MeshTransportBase):
                 pool = inner.pool
                 if pool is not None:
                     req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni, upstream)
+                    if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics)
+                        req.headers.extend(exchange.headers_bytes)
                     try:
                         resp = pool.handle_request(req)
                         stream = resp.stream
@@ -861,10 +896,12 @@ class MeshTransport(_MeshTransportBase):
                             raise exc
                     nonlocal last
                     last = attempt
+                    if _TELEMETRY[0]:
+                        _tell_telemetry(attempt, resp, raw, exchange)
                     return _final_response(lib, request, resp, raw)
                 try:
                     response = inner.transport.handle_request(
-                        self._attempt_request(mod, request, attempt, url.raw_host.decode("ascii")))
+                        self._attempt_request(mod, request, attempt, url.raw_host.decode("ascii"), exchange))
                 except mod.ConnectError as exc:
                     _tls_cause_first(exc)
                     raise
@@ -872,12 +909,14 @@ class MeshTransport(_MeshTransportBase):
                     raw = b"".join(response.iter_raw())
                 finally:
                     response.close()
+                if _TELEMETRY[0]:
+                    _tell_telemetry_headers(attempt, response, raw, exchange)
                 return _Answer.of(response, raw)
             finally:
                 pools.release(slot)
 
         try:
-            answer = _run(call, send, _status_code, None, lib.classify)
+            answer = (_run_reported if _TELEMETRY[0] else _run)(call, send, _status_code, None, lib.classify)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
             return self._reply(lib.mod, request, _fault_reply(e), call)
@@ -933,6 +972,7 @@ class AsyncMeshTransport(_MeshTransportBase):
         call_path = call.path
         mod = lib.mod
         last: Any = None  # the last attempt sent straight to the pool
+        exchange = _exchange_of(self._mesh) if _TELEMETRY[0] else None
 
         async def send(attempt: Any) -> Any:
             try:
@@ -946,6 +986,8 @@ class AsyncMeshTransport(_MeshTransportBase):
                 pool = inner.pool
                 if pool is not None:
                     req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni, upstream)
+                    if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics)
+                        req.headers.extend(exchange.headers_bytes)
                     try:
                         resp = await pool.handle_async_request(req)
                         stream = resp.stream
@@ -966,10 +1008,12 @@ class AsyncMeshTransport(_MeshTransportBase):
                             raise exc
                     nonlocal last
                     last = attempt
+                    if _TELEMETRY[0]:
+                        _tell_telemetry(attempt, resp, raw, exchange)
                     return _final_response(lib, request, resp, raw)
                 try:
                     response = await inner.transport.handle_async_request(
-                        self._attempt_request(mod, request, attempt, url.raw_host.decode("ascii")))
+                        self._attempt_request(mod, request, attempt, url.raw_host.decode("ascii"), exchange))
                 except mod.ConnectError as exc:
                     _tls_cause_first(exc)
                     raise
@@ -977,6 +1021,8 @@ class AsyncMeshTransport(_MeshTransportBase):
                     raw = b"".join([chunk async for chunk in response.aiter_raw()])
                 finally:
                     await response.aclose()
+                if _TELEMETRY[0]:
+                    _tell_telemetry_headers(attempt, response, raw, exchange)
                 return _Answer.of(response, raw)
             finally:
                 closing = pools.release(slot)  # (arelease without its coroutine)
@@ -984,7 +1030,8 @@ class AsyncMeshTransport(_MeshTransportBase):
                     await self._close_inner_async(closing)
 
         try:
-            answer = await _run_async(call, send, _status_code, None, lib.classify)
+            answer = await (_run_async_reported if _TELEMETRY[0] else _run_async)(call, send, _status_code, None,
+                                                                                    lib.classify)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
             return self._reply(lib.mod, request, _fault_reply(e), call)

@@ -78,6 +78,8 @@ from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, NotReady, Unavailable
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
+from ..telemetry.peer_metadata import HEADER as _PEER_HEADER, HEADER_ID as _PEER_HEADER_ID
+from ..telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
 from ..tls.upstream import TlsHandshakeError, is_deferred_rejection
 from . import (
     _add_context,
@@ -325,6 +327,20 @@ class _ClusterManager(PoolManager):
         super().clear()
 
 
+def _tell_telemetry(attempt: Any, response: Any, body: Any, exchange: Any) -> None:
+    """The attempt's facts for its telemetry record; with Istio's metadata exchange on, the
+    peer's x-envoy-peer-metadata(-id) leave the response (as a client sidecar strips them)."""
+    peer = None
+    if exchange is not None:
+        headers = response.headers
+        peer = headers.pop(_PEER_HEADER, None)
+        headers.pop(_PEER_HEADER_ID, None)
+    content = response._content
+    attempt.telemetry = {"peer_metadata": peer,
+                         "request_bytes": len(body) if isinstance(body, (bytes, str)) else None,
+                         "response_bytes": len(content) if isinstance(content, bytes) else None}
+
+
 class MeshAdapter(HTTPAdapter):
     """A ``requests`` ``HTTPAdapter`` sending through the mesh (see the module docstring)."""
 
@@ -400,6 +416,9 @@ class MeshAdapter(HTTPAdapter):
             send_headers = dict(_drop_router_headers(CaseInsensitiveDict(pairs)).items())
             send_headers.pop(next((k for k in send_headers if k.lower() == "host"), None), None)
         send_headers["Host"] = call.route.host_rewrite or call.authority  # = every attempt's authority
+        exchange = _exchange_of(self._mesh) if _TELEMETRY[0] else None
+        if exchange is not None:  # Istio's metadata exchange (mesh.telemetry.enable_istio_metrics)
+            send_headers.update(exchange.headers)
         body = request.body
         chunked = not (body is None or "Content-Length" in headers)
         https = call.scheme == "https"
@@ -466,6 +485,8 @@ class MeshAdapter(HTTPAdapter):
                 raise
             response.meshcore = {"cluster": cluster, "endpoint": ep_key, "route": route_name,
                                  "attempts": attempt.number}
+            if _TELEMETRY[0]:
+                _tell_telemetry(attempt, response, body, exchange)
             return response
 
         return self._run(call, request, slot, send)

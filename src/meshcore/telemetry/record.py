@@ -11,15 +11,23 @@ the caller.
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["RequestRecord", "Sink", "Telemetry", "NO_FLAGS"]
+__all__ = ["RequestRecord", "Sink", "Telemetry", "NO_FLAGS", "ACTIVE", "ENV_ISTIO_METRICS", "exchange_of"]
 
 log = logging.getLogger(__name__)
 
+#: ``[n]``: how many Telemetry objects of the process have a sink. The request path's first test
+#: (one list read) before it looks at its own mesh's sinks.
+ACTIVE = [0]
+
 #: Envoy's ``%RESPONSE_FLAGS%`` when no flag is set
 NO_FLAGS = "-"
+
+#: set to 1/true when a mesh is made: ``mesh.telemetry.enable_istio_metrics()`` at once
+ENV_ISTIO_METRICS = "MESHCORE_ISTIO_METRICS"
 
 
 class RequestRecord:
@@ -99,6 +107,13 @@ _DEFAULTS: Dict[str, Any] = {
 Sink = Callable[[RequestRecord], Any]
 
 
+def exchange_of(mesh: Any) -> Any:
+    """``mesh.telemetry.exchange`` (the metadata exchange to apply), or None (also for a mesh-like
+    object without telemetry)."""
+    telemetry = getattr(mesh, "telemetry", None)
+    return telemetry.exchange if telemetry is not None else None
+
+
 class Telemetry:
     """``mesh.telemetry``: the sinks that receive every finished request's record.
 
@@ -111,9 +126,60 @@ class Telemetry:
         self.sinks: Tuple[Sink, ...] = ()
         self._lock = threading.Lock()
         self._failed: Dict[int, None] = {}  # id(sink) whose exception was logged
-        #: the peer-metadata exchange (x-envoy-peer-metadata) the integrations apply, or None
+        #: the peer-metadata exchange the integrations apply (``peer_metadata.Exchange``: the
+        #: x-envoy-peer-metadata(-id) request headers to send; responses' ones are read and
+        #: stripped), or None: nothing sent, nothing stripped
         self.exchange: Any = None
+        #: the Istio standard metrics sink (``istio_metrics.IstioMetrics``), or None
         self.istio_metrics: Any = None
+        if mesh is not None and os.environ.get(ENV_ISTIO_METRICS, "").strip().lower() in ("1", "true", "yes", "on"):
+            self.enable_istio_metrics()
+
+    def enable_istio_metrics(self, *, exchange: bool = True, node_metadata: Optional[Mapping[str, Any]] = None,
+                             buckets: Optional[Sequence[float]] = None) -> Any:
+        """Record Istio's standard metrics (``istio_requests_total`` & co, ``reporter="source"``) for
+        every request made through the mesh, exposed by ``mesh.prometheus_collector()``; returns the
+        sink (:class:`~meshcore.telemetry.istio_metrics.IstioMetrics`; calling again returns it).
+
+        ``exchange`` (default on): Istio's metadata exchange, as a client sidecar does: every
+        request carries ``x-envoy-peer-metadata-id`` (the node ID) and ``x-envoy-peer-metadata``
+        (this workload, from the bootstrap node's metadata), so a sidecar'd server reports the
+        right ``source_*`` labels and answers with its own metadata, which gives the
+        ``destination_*`` labels and is stripped from the response before the application sees
+        it. ``node_metadata`` replaces the bootstrap node's metadata (a dict with Istio's keys:
+        WORKLOAD_NAME, NAMESPACE, LABELS, CLUSTER_ID, ...); ``buckets``: histogram bounds
+        (Envoy's defaults). Also enabled by ``MESHCORE_ISTIO_METRICS=1`` when the mesh is made."""
+        from .istio_metrics import IstioMetrics
+        from .peer_metadata import local_exchange
+
+        with self._lock:
+            sink = self.istio_metrics
+            if sink is None:
+                kw = {} if buckets is None else {"buckets": buckets}
+                sink = self.istio_metrics = IstioMetrics(self._mesh, node_metadata, **kw)
+            if exchange and self.exchange is None:
+                node = getattr(getattr(self._mesh, "bootstrap", None), "node", None)
+                self.exchange = local_exchange(node, node_metadata)
+        self.add_sink(sink)
+        return sink
+
+    def disable_istio_metrics(self) -> None:
+        """Stop recording Istio's metrics and exchanging metadata (the series recorded are dropped)."""
+        with self._lock:
+            sink, self.istio_metrics, self.exchange = self.istio_metrics, None, None
+        if sink is not None:
+            self.remove_sink(sink)
+
+    def enable_access_log(self, format: Any = "envoy", logger: Any = None,  # noqa: A002
+                          filter: Optional[Callable[[RequestRecord], Any]] = None) -> Any:  # noqa: A002
+        """Log one line per finished request at INFO on ``logger`` (``meshcore.access`` unless a name
+        or Logger is given): ``format`` ``"envoy"`` (Envoy's default), ``"istio"`` (a sidecar's),
+        ``"json"`` (Istio's JSON), an Envoy format string or a ``json_format`` dict; ``filter(record)``
+        keeps the records it is true for. Returns the sink (``remove_sink(sink)`` stops it);
+        see :mod:`meshcore.telemetry.access_log`."""
+        from .access_log import enable_access_log
+
+        return enable_access_log(self, format, logger, filter)
 
     def add_sink(self, sink: Sink) -> Sink:
         """Register ``sink(record)``; returns it (usable as a decorator). Adding it twice is a no-op."""
@@ -121,14 +187,19 @@ class Telemetry:
             raise TypeError(f"a sink must be callable, not {type(sink).__name__}")
         with self._lock:
             if sink not in self.sinks:
+                if not self.sinks:
+                    ACTIVE[0] += 1
                 self.sinks = self.sinks + (sink,)
         return sink
 
     def remove_sink(self, sink: Sink) -> None:
         """Unregister ``sink`` (absent: no-op)."""
         with self._lock:
+            had = bool(self.sinks)
             self.sinks = tuple(s for s in self.sinks if s is not sink and s != sink)
             self._failed.pop(id(sink), None)
+            if had and not self.sinks:
+                ACTIVE[0] -= 1
 
     def emit(self, record: RequestRecord) -> None:
         """Hand ``record`` to every sink; a sink's exception is logged (once per sink) and swallowed."""

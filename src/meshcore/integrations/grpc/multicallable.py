@@ -11,12 +11,29 @@ import grpc
 from ...call import Attempt, Call, FaultAbort
 from ...errors import MeshClosed, MeshError, UpstreamError
 from ...resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
+from ...telemetry.outcome import report as _report
+from ...telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
 from ._types import Metadata
 from .endpoints import _EndpointChannel
 from .status import MeshRpcError, _failure_kind, _forward_error, _mesh_error
 
 if TYPE_CHECKING:
     from .channel import MeshChannel
+
+
+def _report_stream(call: Any, attempt: Attempt, finished: Any, kind: Optional[str]) -> None:
+    """A streaming RPC ended: its record (the peer's x-envoy-peer-metadata from the initial
+    metadata; message counts unknown) to the mesh's telemetry sinks."""
+    peer = None
+    try:
+        for k, v in finished.initial_metadata() or ():
+            if k == "x-envoy-peer-metadata":
+                peer = v if isinstance(v, str) else bytes(v).decode("latin-1")
+                break
+    except Exception:  # noqa: BLE001  (an RPC that never started has none)
+        pass
+    attempt.telemetry = {"peer_metadata": peer}
+    _report(call, finished, UpstreamError(kind) if kind is not None else None)
 
 
 class _MultiCallable:
@@ -47,10 +64,11 @@ class _MultiCallable:
         key = self._channel._slot((self._kind, path, self._serializer, self._deserializer, self._registered))
         return ep.multicallable(key, self._kind, path, self._serializer, self._deserializer, self._registered)
 
-    def _stream(self, start: Callable[[Any, Optional[float]], Any], timeout: Optional[float],
+    def _stream(self, start: Callable[[Any, Optional[float], Metadata], Any], timeout: Optional[float],
                 metadata: Metadata) -> Any:
-        """Route once, pick once, start the RPC (``start(multicallable, timeout)``); the attempt
-        is finished when the RPC terminates. Mesh refusals come back as a failed call."""
+        """Route once, pick once, start the RPC (``start(multicallable, timeout, metadata)``); the
+        attempt is finished when the RPC terminates (and, with telemetry sinks, the call reported).
+        Mesh refusals come back as a failed call."""
         ch = self._channel
         call: Optional[Call] = None
         try:
@@ -67,6 +85,8 @@ class _MultiCallable:
         except MeshClosed:
             raise  # a programming error, not an RPC status: the mesh was closed
         except (MeshError, MeshRpcError) as exc:
+            if _TELEMETRY[0] and call is not None:
+                _report(call, None, exc)
             return _mesh_error(exc, call)
         assert attempt is not None
         attempt_timeout = attempt.timeout
@@ -81,9 +101,14 @@ class _MultiCallable:
         except UpstreamError as e:  # mesh TLS needed but impossible (no certificates): not sent
             attempt.finish(error=CONNECT_FAILURE)
             return _forward_error(None, e)
+        reporting = bool(_TELEMETRY[0])
+        if reporting:
+            exchange = _exchange_of(ch.mesh)
+            if exchange is not None:  # Istio's metadata exchange (mesh.telemetry.enable_istio_metrics)
+                metadata = (*(metadata or ()), *exchange.headers)
         started = time.monotonic()
         try:
-            rpc = start(self._target_callable(ep, attempt), attempt_timeout)
+            rpc = start(self._target_callable(ep, attempt), attempt_timeout, metadata)
         except BaseException:
             ch._pool.release(ep)
             attempt.finish(error=RESET)
@@ -101,6 +126,8 @@ class _MultiCallable:
                     attempt.finish(error=kind)
                 else:
                     attempt.finish(200, code.value[0])
+                if reporting:
+                    _report_stream(call, attempt, finished, kind)
             finally:
                 ch._pool.release(ep)
 

@@ -22,6 +22,7 @@ from ...errors import MeshClosed, MeshError, UpstreamError
 from ...lifecycle import _fault_delay, _final, _retry_delay
 from ...resilience.fault import NO_FAULT
 from ...resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retries_ok_answer
+from ...telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
 from .. import _add_context
 from ._metadata import _GRPC_HEADER_DICT, _headers
 from ._types import Metadata
@@ -125,7 +126,11 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                  compression: Optional[grpc.Compression] = None, *, _with_call: bool = False) -> Any:
         """A blocking RPC: ``lifecycle.run`` inline (``MeshChannel._route`` too), its first
         attempt straight to the endpoint's grpcio multicallable. Returns the response
-        (``_with_call``: ``(response, call)``, for :meth:`with_call`)."""
+        (``_with_call``: ``(response, call)``, for :meth:`with_call`). While a mesh has telemetry
+        sinks, the RPC runs under :meth:`Call.run` instead (as ``future()`` does), which reports it."""
+        if _TELEMETRY[0]:
+            response, rpc = self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
+            return (response, rpc) if _with_call else response
         ch = self._channel
         call: Optional[Call] = None
         try:
@@ -323,6 +328,11 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             ep = ch._acquire(attempt)
         except UpstreamError as e:  # mesh TLS needed but impossible (no certificates): not sent
             raise _AttemptFailed(CONNECT_FAILURE, _forward_error(None, e)) from None
+        exchange = None
+        if _TELEMETRY[0]:
+            exchange = _exchange_of(ch.mesh)
+            if exchange is not None:  # Istio's metadata exchange (mesh.telemetry.enable_istio_metrics)
+                metadata = (*(metadata or ()), *exchange.headers)
         started = time.monotonic()
         try:
             mc = self._target_callable(ep, attempt)
@@ -334,8 +344,12 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                                 wait_for_ready=wait_for_ready, compression=compression)
                 inv.track(rpc)
                 response = rpc.result()
+            if _TELEMETRY[0]:
+                rpc = _tell_telemetry(attempt, rpc, exchange, 1)
             return _Outcome(response, rpc, None, 0)
         except grpc.RpcError as err:
+            if _TELEMETRY[0]:
+                _tell_telemetry(attempt, err, None, 0)
             if inv is not None and inv.cancelled:
                 return _Outcome(None, err, err, None)  # cancelled by the caller: not the upstream's fault
             kind, client_err = _transport_failure(err, timeout, time.monotonic() - started, ep)
@@ -344,6 +358,47 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             return _Outcome(None, err, err, err.code().value[0])
         finally:
             ch._pool.release(ep)
+
+
+def _peer_value(rpc: Any) -> Optional[str]:
+    """The x-envoy-peer-metadata value of an RPC's initial metadata (None: absent or unknown)."""
+    try:
+        md = rpc.initial_metadata()
+    except Exception:  # noqa: BLE001  (an RPC that never started has none)
+        return None
+    for k, v in md or ():
+        if k == _PEER_HEADER:
+            return v if isinstance(v, str) else bytes(v).decode("latin-1")
+    return None
+
+
+def _tell_telemetry(attempt: Attempt, rpc: Any, exchange: Any, responses: int) -> Any:
+    """The attempt's facts for its telemetry record (the peer's x-envoy-peer-metadata from the
+    response's initial metadata; one request message, ``responses`` response messages); with
+    Istio's metadata exchange on, the returned call hides the exchange metadata from the caller."""
+    peer = _peer_value(rpc)
+    attempt.telemetry = {"peer_metadata": peer, "request_messages": 1, "response_messages": responses}
+    if exchange is not None and peer is not None:
+        return _StrippedCall(rpc)
+    return rpc
+
+
+class _StrippedCall:
+    """A finished ``grpc.Call`` whose initial metadata leaves out Istio's exchange pair (as a client
+    sidecar strips it); everything else is the call's own."""
+
+    def __init__(self, rpc: Any) -> None:
+        self._rpc = rpc
+
+    def initial_metadata(self) -> Any:
+        return tuple((k, v) for k, v in self._rpc.initial_metadata() or () if k not in _PEER_HEADERS)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rpc, name)
+
+
+_PEER_HEADER = "x-envoy-peer-metadata"
+_PEER_HEADERS = frozenset({_PEER_HEADER, "x-envoy-peer-metadata-id"})
 
 
 class _UnaryFuture(grpc.Call, grpc.Future):

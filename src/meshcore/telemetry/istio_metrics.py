@@ -1,0 +1,354 @@
+"""Istio's standard metrics for the requests this process makes: a telemetry sink.
+
+What an Istio client sidecar's ``istio.stats`` filter reports for each outbound request (istio/proxy
+source/extensions/filters/http/istio_stats/istio_stats.cc at 9ba5437, ``reporter="source"``, the
+``ClientSidecar`` branch), kept in memory and exposed through ``mesh.prometheus_collector()``:
+
+* ``istio_requests_total`` (counter), ``istio_request_duration_milliseconds``,
+  ``istio_request_bytes``, ``istio_response_bytes`` (histograms, Envoy's default buckets: Istio
+  sets none unless the ``sidecar.istio.io/statsHistogramBuckets`` annotation asks), and for gRPC
+  ``istio_request_messages_total`` / ``istio_response_messages_total``.
+* The 25 labels in the filter's order (:data:`LABELS`) with its value rules:
+
+  - ``source_*``: this workload's bootstrap node metadata, as the filter reads its local node:
+    ``WORKLOAD_NAME``, ``NAMESPACE``, ``LABELS["app"]``, ``LABELS["version"]``,
+    ``LABELS["service.istio.io/canonical-name"]``, ``LABELS[...canonical-revision]``,
+    ``CLUSTER_ID`` (verbatim: empty when the node lacks them, as Istio's). ``source_principal``:
+    this workload's SPIFFE ID when the request went over mesh mTLS (the upstream connection's
+    local certificate), else ``unknown``.
+  - ``destination_*``: the peer from the response's ``x-envoy-peer-metadata`` (a sidecar'd
+    server answering the exchange), else the picked endpoint's EDS ``istio.workload``
+    (``name;namespace;canonical;revision;cluster``); ``unknown`` where missing, canonical revision
+    ``latest``. ``destination_principal``: the server's URI SAN when the connection used mTLS and
+    the cluster's TLS pins exactly one URI SAN (the certificate meshcore verified), else the
+    peer's ``IDENTITY``, else ``unknown``; its namespace (``/ns/<ns>/``) wins for
+    ``destination_workload_namespace``.
+  - ``destination_service``: the service host of an Istio cluster name
+    (``outbound|<port>|<subset>|<fqdn>``: what istiod also writes as the cluster's
+    ``istio.services[0].host``), else the request's Host (the filter's host-header fallback,
+    on for outbound listeners); ``destination_service_name``: the host's first label (or
+    ``BlackHoleCluster``/``PassthroughCluster`` for those clusters and Istio's ``block_all`` /
+    ``allow_any`` routes); ``destination_service_namespace``: a ``<name>.<ns>.svc.*`` host's
+    namespace, else the peer's namespace, else ``unknown``.
+  - ``request_protocol`` ``http``/``grpc``; ``response_code`` (``0``: none);
+    ``grpc_response_status`` (gRPC only, else empty); ``response_flags`` (Envoy's short flags,
+    ``-``); ``connection_security_policy`` ``unknown`` (never set on the client side).
+
+Cost per request: the record's label tuple is kept per (cluster, endpoint, authority, route,
+code, grpc status, flags, protocol, peer), so a request in a known combination costs a dict lookup
+and the increments of one series under a lock (histogram buckets by bisect). The label cache is
+rebuilt every :attr:`IstioMetrics.label_ttl` seconds (TLS and identity changes are then seen).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from bisect import bisect_left
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from ..stats import BUCKETS_MS
+from .peer_metadata import CANONICAL_NAME, CANONICAL_REVISION, Workload, from_endpoint, node_metadata, workload_of
+from .record import RequestRecord
+
+__all__ = ["IstioMetrics", "LABELS", "METRICS", "service_of_cluster"]
+
+log = logging.getLogger(__name__)
+
+#: istio_stats.cc ``all_tags_``, in order
+LABELS: Tuple[str, ...] = (
+    "reporter", "source_workload", "source_workload_namespace", "source_principal", "source_app",
+    "source_version", "source_canonical_service", "source_canonical_revision", "source_cluster",
+    "destination_workload", "destination_workload_namespace", "destination_principal", "destination_app",
+    "destination_version", "destination_service", "destination_service_name", "destination_service_namespace",
+    "destination_canonical_service", "destination_canonical_revision", "destination_cluster", "request_protocol",
+    "response_flags", "connection_security_policy", "response_code", "grpc_response_status")
+
+METRICS: Tuple[str, ...] = ("istio_requests_total", "istio_request_duration_milliseconds", "istio_request_bytes",
+                            "istio_response_bytes", "istio_request_messages_total", "istio_response_messages_total")
+
+UNKNOWN = "unknown"
+_SPECIAL_CLUSTERS = frozenset({"BlackHoleCluster", "PassthroughCluster", "InboundPassthroughCluster",
+                               "InboundPassthroughClusterIpv4", "InboundPassthroughClusterIpv6"})
+_SPECIAL_ROUTES = {"block_all": "BlackHoleCluster", "allow_any": "PassthroughCluster"}
+
+
+def service_of_cluster(cluster: Optional[str]) -> Optional[Tuple[str, str, str]]:
+    """``(host, name, namespace)`` of an Istio outbound cluster name (``outbound|port|subset|fqdn``;
+    name: the host's first label; namespace: the second label of a ``.svc.`` host, else ``""``),
+    or ``None`` for other names."""
+    if not cluster or not cluster.startswith("outbound|"):
+        return None
+    parts = cluster.split("|")
+    if len(parts) != 4 or not parts[3]:
+        return None
+    host = parts[3]
+    labels = host.split(".")
+    namespace = labels[1] if len(labels) > 2 and labels[2] == "svc" else ""
+    return host, labels[0], namespace
+
+
+def _namespace_of_san(san: str) -> str:
+    """``getNamespace``: ``<ns>`` of ``.../ns/<ns>/sa/...`` (``""``: none)."""
+    begin = san.find("/ns/")
+    if begin < 0:
+        return ""
+    begin += 4
+    end = san.find("/", begin)
+    return san[begin:] if end < 0 else san[begin:end]
+
+
+def _format_bound(b: float) -> str:
+    return str(int(b)) if float(b).is_integer() else repr(float(b))
+
+
+class _Series:
+    """The values of one label tuple."""
+
+    __slots__ = ("labels", "requests", "duration", "duration_sum", "req_bytes", "req_bytes_sum", "resp_bytes",
+                 "resp_bytes_sum", "req_messages", "resp_messages", "grpc")
+
+    def __init__(self, labels: Tuple[str, ...], n: int, grpc: bool) -> None:
+        self.labels = labels
+        self.requests = 0
+        self.duration = [0] * (n + 1)
+        self.duration_sum = 0.0
+        self.req_bytes = [0] * (n + 1)
+        self.req_bytes_sum = 0.0
+        self.resp_bytes = [0] * (n + 1)
+        self.resp_bytes_sum = 0.0
+        self.req_messages = 0
+        self.resp_messages = 0
+        self.grpc = grpc
+
+
+class IstioMetrics:
+    """The sink (see the module docstring): ``mesh.telemetry.enable_istio_metrics()`` makes and
+    registers one. ``node_metadata`` replaces the bootstrap node's metadata as the source of the
+    ``source_*`` labels; ``buckets``: histogram bounds (Envoy's defaults)."""
+
+    label_ttl = 60.0
+
+    def __init__(self, mesh: Any, node_metadata_override: Optional[Mapping[str, Any]] = None,
+                 buckets: Sequence[float] = BUCKETS_MS) -> None:
+        self._mesh = mesh
+        self.buckets: Tuple[float, ...] = tuple(sorted(float(b) for b in buckets))
+        node = getattr(getattr(mesh, "bootstrap", None), "node", None)
+        md = dict(node_metadata_override) if node_metadata_override is not None else node_metadata(node)
+        labels = md.get("LABELS") if isinstance(md.get("LABELS"), Mapping) else {}
+
+        def s(v: Any) -> str:
+            return v if isinstance(v, str) else ""
+
+        # the Context ctor: the local node's values, verbatim (empty when absent)
+        self._local = (s(md.get("WORKLOAD_NAME")), s(md.get("NAMESPACE")), s(labels.get("app")),
+                       s(labels.get("version")), s(labels.get(CANONICAL_NAME)), s(labels.get(CANONICAL_REVISION)),
+                       s(md.get("CLUSTER_ID")))
+        self._lock = threading.Lock()
+        self._series: Dict[Tuple[str, ...], _Series] = {}
+        #: record key -> (peer dict held so its id stays unique, series)
+        self._keys: Dict[Tuple[Any, ...], Tuple[Any, _Series]] = {}
+        self._keys_until = 0.0
+
+    # -- the sink ----------------------------------------------------------------------------------
+
+    def __call__(self, r: RequestRecord) -> None:
+        peer = r.peer_metadata
+        key = (r.cluster, r.upstream_host, r.authority, r.route_name, r.response_code, r.grpc_status,
+               r.response_flags, r.protocol, id(peer) if peer is not None else 0)
+        found = self._keys.get(key)
+        if found is None or found[0] is not peer or r.start_time > self._keys_until:
+            series = self._series_for(key, r, peer)
+        else:
+            series = found[1]
+        b = self.buckets
+        d = r.duration_ms
+        qb = r.request_bytes
+        sb = r.response_bytes
+        with self._lock:
+            series.requests += 1
+            series.duration[bisect_left(b, d)] += 1
+            series.duration_sum += d
+            series.req_bytes[bisect_left(b, qb)] += 1
+            series.req_bytes_sum += qb
+            series.resp_bytes[bisect_left(b, sb)] += 1
+            series.resp_bytes_sum += sb
+            if series.grpc:
+                series.req_messages += r.request_messages
+                series.resp_messages += r.response_messages
+
+    def _series_for(self, key: Tuple[Any, ...], r: RequestRecord, peer: Any) -> _Series:
+        labels = self.labels_of(r)
+        with self._lock:
+            if r.start_time > self._keys_until:
+                self._keys.clear()
+                self._keys_until = r.start_time + self.label_ttl
+            series = self._series.get(labels)
+            if series is None:
+                series = self._series[labels] = _Series(labels, len(self.buckets), r.protocol == "grpc")
+            if len(self._keys) >= 65536:
+                self._keys.clear()
+            self._keys[key] = (peer, series)
+        return series
+
+    # -- labels ------------------------------------------------------------------------------------
+
+    def _tls(self, r: RequestRecord) -> Any:
+        if r.endpoint is None or r.cluster is None:
+            return None
+        upstream_tls = getattr(self._mesh, "upstream_tls", None)
+        if upstream_tls is None:
+            return None
+        try:
+            return upstream_tls(r.cluster, r.endpoint)
+        except Exception:  # noqa: BLE001  (no certificates: the request failed before any TLS)
+            return None
+
+    def _local_san(self) -> str:
+        identity = getattr(self._mesh, "identity", None)
+        ident = identity() if identity is not None else None
+        return (ident.spiffe_id or "") if ident is not None else ""
+
+    @staticmethod
+    def _pinned_san(tls: Any) -> str:
+        """The one URI SAN a cluster's TLS requires of the server (exact match), else ``""``."""
+        matchers = getattr(getattr(tls, "spec", None), "san_matchers", ())
+        if len(matchers) != 1:
+            return ""
+        m = matchers[0]
+        if m.san_type in ("URI", "") and m.matcher.kind == "exact" and not m.matcher.ignore_case:
+            return m.matcher.value
+        return ""
+
+    def labels_of(self, r: RequestRecord) -> Tuple[str, ...]:
+        """The 25 label values (:data:`LABELS` order) of a record."""
+        workload, namespace, app, version, canonical, revision, cluster_id = self._local
+        tls = self._tls(r)
+        mtls = tls is not None and getattr(tls, "mutual", False)
+        local_san = self._local_san() if mtls else ""
+        peer_san = self._pinned_san(tls) if mtls else ""
+        peer: Optional[Workload] = None
+        mx_peer: Optional[Workload] = None
+        if r.peer_metadata is not None:
+            mx_peer = peer = workload_of(r.peer_metadata)
+        else:
+            ep = r.endpoint
+            md = getattr(ep, "metadata", None) if ep is not None else None
+            istio = md.get("istio") if isinstance(md, Mapping) else None
+            encoding = istio.get("workload") if isinstance(istio, Mapping) else None
+            if isinstance(encoding, str):
+                peer = from_endpoint(encoding)
+        if not peer_san and mx_peer is not None:
+            peer_san = mx_peer.identity
+        peer_namespace = _namespace_of_san(peer_san) if peer_san else ""
+        if not peer_namespace and peer is not None:
+            peer_namespace = peer.namespace
+        # destination service: Istio cluster metadata (here: the cluster name), Host header fallback
+        service_host = service_name = r.authority or ""
+        service_namespace = ""
+        special = _SPECIAL_ROUTES.get(r.route_name or "")
+        if special is not None:
+            service_name = special
+        elif r.cluster in _SPECIAL_CLUSTERS:
+            service_name = r.cluster or ""
+        else:
+            svc = service_of_cluster(r.cluster)
+            if svc is not None:
+                service_host, service_name, service_namespace = svc
+        grpc = r.protocol == "grpc"
+        return (
+            "source", workload, namespace, local_san or UNKNOWN, app, version, canonical, revision, cluster_id,
+            (peer.workload_name if peer is not None else "") or UNKNOWN,
+            peer_namespace or UNKNOWN,
+            peer_san or UNKNOWN,
+            (peer.app_name if peer is not None else "") or UNKNOWN,
+            (peer.app_version if peer is not None else "") or UNKNOWN,
+            service_host or UNKNOWN,
+            service_name or UNKNOWN,
+            service_namespace or peer_namespace or UNKNOWN,
+            (peer.canonical_name if peer is not None else "") or UNKNOWN,
+            (peer.canonical_revision if peer is not None else "") or "latest",
+            (peer.cluster_id if peer is not None else "") or UNKNOWN,
+            "grpc" if grpc else "http",
+            r.response_flags or "-",
+            "unknown",
+            str(r.response_code or 0),
+            str(r.grpc_status) if grpc and r.grpc_status is not None else "",
+        )
+
+    # -- readers -----------------------------------------------------------------------------------
+
+    def snapshot(self) -> List[Dict[str, Any]]:
+        """Every series: ``{"labels": {name: value}, "requests": n, "duration_ms": {"count", "sum",
+        "buckets": [(le, cumulative)]}, "request_bytes": ..., "response_bytes": ...,
+        "request_messages": n, "response_messages": n}``."""
+        out = []
+        for s in self._copy():
+            out.append({"labels": dict(zip(LABELS, s.labels)), "requests": s.requests,
+                        "duration_ms": self._hist(s.duration, s.duration_sum),
+                        "request_bytes": self._hist(s.req_bytes, s.req_bytes_sum),
+                        "response_bytes": self._hist(s.resp_bytes, s.resp_bytes_sum),
+                        "request_messages": s.req_messages, "response_messages": s.resp_messages,
+                        "grpc": s.grpc})
+        return out
+
+    def _copy(self) -> List[_Series]:
+        with self._lock:
+            copies = []
+            for s in self._series.values():
+                c = _Series.__new__(_Series)
+                c.labels, c.requests, c.grpc = s.labels, s.requests, s.grpc
+                c.duration, c.duration_sum = list(s.duration), s.duration_sum
+                c.req_bytes, c.req_bytes_sum = list(s.req_bytes), s.req_bytes_sum
+                c.resp_bytes, c.resp_bytes_sum = list(s.resp_bytes), s.resp_bytes_sum
+                c.req_messages, c.resp_messages = s.req_messages, s.resp_messages
+                copies.append(c)
+        return copies
+
+    def _hist(self, counts: List[int], total: float) -> Dict[str, Any]:
+        cumulative, acc = [], 0
+        for bound, c in zip(self.buckets, counts):
+            acc += c
+            cumulative.append((bound, acc))
+        return {"count": acc + counts[-1], "sum": total, "buckets": cumulative}
+
+    def reset(self) -> None:
+        """Forget every series."""
+        with self._lock:
+            self._series.clear()
+            self._keys.clear()
+
+    def families(self) -> Iterator[Any]:
+        """The ``prometheus_client`` metric families (``mesh.prometheus_collector()`` yields them)."""
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        series = self._copy()
+        labels = list(LABELS)
+        total = CounterMetricFamily("istio_requests_total", "Requests (Istio standard metric)", labels=labels)
+        hists = [HistogramMetricFamily(name, doc, labels=labels) for name, doc in (
+            ("istio_request_duration_milliseconds", "Request duration in milliseconds (Istio standard metric)"),
+            ("istio_request_bytes", "Request body sizes in bytes (Istio standard metric)"),
+            ("istio_response_bytes", "Response body sizes in bytes (Istio standard metric)"))]
+        req_msgs = CounterMetricFamily("istio_request_messages_total", "gRPC messages sent (Istio standard metric)",
+                                       labels=labels)
+        resp_msgs = CounterMetricFamily("istio_response_messages_total",
+                                        "gRPC messages received (Istio standard metric)", labels=labels)
+        bounds = [_format_bound(b) for b in self.buckets] + ["+Inf"]
+        for s in series:
+            values = list(s.labels)
+            total.add_metric(values, s.requests)
+            for fam, counts, sm in zip(hists, (s.duration, s.req_bytes, s.resp_bytes),
+                                       (s.duration_sum, s.req_bytes_sum, s.resp_bytes_sum)):
+                acc, cumulative = 0, []
+                for bound, c in zip(bounds, counts):
+                    acc += c
+                    cumulative.append((bound, acc))
+                fam.add_metric(values, cumulative, sum_value=sm)
+            if s.grpc:
+                req_msgs.add_metric(values, s.req_messages)
+                resp_msgs.add_metric(values, s.resp_messages)
+        yield total
+        yield from hists
+        if req_msgs.samples:
+            yield req_msgs
+            yield resp_msgs

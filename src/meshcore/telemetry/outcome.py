@@ -1,0 +1,308 @@
+"""The request lifecycle's telemetry hook: a finished call's outcome as a :class:`RequestRecord`.
+
+The router loop (``meshcore.lifecycle``), the single-attempt form (``with mesh.request(...)``),
+``Mesh.request``'s own refusals (no route, no cluster) and the gRPC integration's loops call
+:func:`report` once per request, and only when the mesh's telemetry has a sink (``ACTIVE`` is the
+cheap, process-wide first test: the number of ``Telemetry`` objects with sinks).
+
+Response code and flags are what Envoy's router would log for the same outcome (checked against
+envoyproxy/envoy source/common/router/router.cc and StreamInfoImpl):
+
+* an answer: its status; ``URX`` when the retry policy would have retried it but the retries ran
+  out (``onUpstreamHeaders``: ``NoRetryLimitExceeded``), ``UO`` when retries were left but the
+  retry circuit breaker refused the retry (``NoOverflow``).
+* no answer, Envoy answers locally: ``UH`` (no healthy upstream) 503, ``UO`` (circuit breaker) 503,
+  ``UF`` (connect failure) 503, ``UC`` (connection reset/terminated) 503, ``UT`` (route or
+  per-try timeout) 504, ``NR`` (no route) 404, ``NC`` (cluster not found) 503, ``FI`` (fault abort)
+  with the abort's status. A failure after retries ran out carries ``URX`` first, then the
+  failure's flag (``maybeRetryReset`` sets it before ``onUpstreamAbort`` sets the reset's; Envoy
+  lists flags in the order they were set): ``URX,UF``, ``URX,UT``, ``URX,UC``.
+* ``DI`` (fault delay; ``Call._after_fault`` keeps the decision as ``call.fault_decision``) comes
+  first when the fault filter delayed the request (``DI,FI`` for both).
+* A gRPC request answered locally gets HTTP 200 and the grpc-status Envoy's local reply maps the
+  HTTP code to (``Grpc::Utility::httpToGrpcStatus``: 503/504/429/502 -> 14, 404 -> 12, ...),
+  unless the integration knows the status its caller saw.
+* ``response_code`` 0, no flag: no response, and none Envoy would have made (an exception of the
+  caller's own that is no upstream failure); ``DC`` 0: the caller cancelled the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Optional, Tuple
+
+from ..errors import CircuitBreakerOpen, FaultAbort, NoRoute, Unavailable, UpstreamTimeout
+from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retriable
+from .record import NO_FLAGS, RequestRecord
+
+__all__ = ["report", "report_refusal", "outcome_of", "http_to_grpc", "last_attempt"]
+
+log = logging.getLogger(__name__)
+
+_FAILURE_FLAG = {CONNECT_FAILURE: "UF", RESET: "UC", TIMEOUT: "UT"}
+_FAILURE_CODE = {CONNECT_FAILURE: 503, RESET: 503, TIMEOUT: 504}
+_DETAILS = {CONNECT_FAILURE: "upstream_reset_before_response_started{connection_failure}",
+            RESET: "upstream_reset_before_response_started{connection_termination}",
+            TIMEOUT: "upstream_per_try_timeout"}
+
+
+def http_to_grpc(code: int) -> int:
+    """Envoy's ``Grpc::Utility::httpToGrpcStatus`` (source/common/grpc/status.cc)."""
+    if code == 400:
+        return 13
+    if code == 401:
+        return 16
+    if code == 403:
+        return 7
+    if code == 404:
+        return 12
+    if code in (429, 502, 503, 504):
+        return 14
+    return 2
+
+
+def last_attempt(call: Any) -> Any:
+    """The call's last attempt, or ``None`` when none was made."""
+    attempts = call.attempts
+    return attempts[-1] if attempts else None
+
+
+def _retry_exhausted(call: Any, a: Any, error: Optional[str]) -> Optional[str]:
+    """``URX`` when the retry policy would retry ``a``'s outcome but the retries ran out; ``UO``
+    when retries were left (the retry circuit breaker refused the retry); ``None`` otherwise
+    (not retriable, or the route's deadline had passed: the last outcome then stands)."""
+    policy = call.retry_policy
+    if policy is None:
+        return None
+    status, grpc_status = a.status, a.grpc_status
+    if error is None and grpc_status is None and type(status) is int and status < 409:
+        compiled = getattr(policy, "compiled", None)  # the usual answer: only retriable_status_codes
+        if compiled is not None and status not in compiled.status_codes:
+            return None
+    if not retriable(policy, status, grpc_status, error):
+        return None
+    if not call.retry.can_retry():
+        return "URX"
+    deadline = call.deadline
+    if deadline is not None and time.monotonic() >= deadline:
+        return None
+    return "UO"
+
+
+def outcome_of(call: Any, a: Any, exc: Optional[BaseException],
+               grpc: bool = False) -> Tuple[int, Optional[int], str, Optional[str]]:
+    """``(response_code, grpc_status, response_flags, response_code_details)`` of a call whose last
+    attempt is ``a`` (``None``: none was made) that returned (``exc`` None) or raised ``exc``;
+    ``grpc``: a gRPC request (a local answer is HTTP 200 with a grpc-status)."""
+    fault = getattr(call, "fault_decision", None)
+    flags = []
+    if fault is not None and fault.delay:
+        flags.append("DI")
+    grpc_status: Optional[int] = None
+    details: Optional[str] = None
+    if exc is None:
+        code = a.status if a is not None and isinstance(a.status, int) else 0
+        grpc_status = a.grpc_status if a is not None else None
+        if a is not None and call.retry_policy is not None:
+            more = _retry_exhausted(call, a, None)
+            if more is not None:
+                flags.append(more)
+        details = "via_upstream" if code else None
+    elif isinstance(exc, FaultAbort):
+        flags.append("FI")
+        details = "fault_filter_abort"
+        if exc.http_status is not None:
+            code = exc.http_status
+        else:
+            code = 200
+        grpc_status = exc.grpc_status
+    elif isinstance(exc, NoRoute):
+        flags.append("NR")
+        code, details = 404, "route_not_found"
+    elif isinstance(exc, CircuitBreakerOpen):
+        flags.append("UO")
+        code, details = 503, "upstream_reset_before_response_started{overflow}"
+    elif isinstance(exc, UpstreamTimeout):
+        flags.append("UT")
+        code, details = 504, "response_timeout"
+    elif isinstance(exc, Unavailable):
+        flags.append("UH")
+        code, details = 503, "no_healthy_upstream"
+    elif a is not None and a.error is not None and a.error in _FAILURE_FLAG and not _cancelled(exc):
+        more = _retry_exhausted(call, a, a.error) if call.retry_policy is not None else None
+        if more is not None:
+            flags.append(more)
+        flags.append(_FAILURE_FLAG[a.error])
+        code, details = _FAILURE_CODE[a.error], _DETAILS[a.error]
+    elif _cancelled(exc):
+        flags.append("DC")
+        code, details = 0, "downstream_remote_disconnect"
+    else:
+        code = 0
+        details = f"exception:{type(exc).__name__}"
+    if grpc and code and code != 200 and exc is not None:  # Envoy's local reply to a gRPC request
+        grpc_status = http_to_grpc(code) if grpc_status is None else grpc_status
+        code = 200
+    return code, grpc_status, ",".join(flags) if flags else NO_FLAGS, details
+
+
+def _cancelled(exc: BaseException) -> bool:
+    return isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt))
+
+
+def report(call: Any, result: Any, exc: Optional[BaseException]) -> None:
+    """Build the record of a finished call and hand it to the mesh's sinks (no sink: nothing);
+    ``result``/``exc``: what the call returned or raised. A request whose headers say gRPC
+    (``content-type: application/grpc[+...|;...]``, Envoy's ``isGrpcRequestHeaders``) is a gRPC
+    request. Never raises."""
+    try:
+        telemetry = call.mesh.telemetry
+        if not telemetry.sinks:
+            return
+        telemetry.emit(_record(call, last_attempt(call), result, exc))
+    except Exception:  # noqa: BLE001  (telemetry never fails a request)
+        log.exception("telemetry: could not record %r", call)
+
+
+def report_refusal(mesh: Any, target: str, authority: str, method: str, path: str, headers: Any,
+                   exc: BaseException, cluster: Optional[str] = None, route_name: Optional[str] = None) -> None:
+    """``Mesh.request`` refused the request before any call existed: no route (``NR``, 404) or the
+    route's cluster missing from the configuration (``NC``, 503)."""
+    try:
+        telemetry = mesh.telemetry
+        if not telemetry.sinks:
+            return
+        if isinstance(exc, NoRoute):
+            code, flags, details = 404, "NR", "route_not_found"
+        else:
+            code, flags, details = 503, "NC", "cluster_not_found"
+        r = RequestRecord.__new__(RequestRecord)
+        _fill(r, target, authority, method, path, route_name, cluster, None, 0, time.time(), 0.0, headers, None,
+              None)
+        grpc_status = None
+        if r.protocol == "grpc":
+            code, grpc_status = 200, http_to_grpc(code)
+        r.response_code, r.grpc_status, r.response_flags, r.response_code_details = code, grpc_status, flags, details
+        telemetry.emit(r)
+    except Exception:  # noqa: BLE001
+        log.exception("telemetry: could not record a refused request to %s", target)
+
+
+def _record(call: Any, a: Any, result: Any, exc: Optional[BaseException]) -> RequestRecord:
+    now = time.monotonic()
+    elapsed = now - call.started
+    r = RequestRecord.__new__(RequestRecord)
+    info = a.telemetry if a is not None else None
+    _fill(r, call.target, call.authority, call.method, call.path, call.route.route_name, call.cluster, a,
+          a.number if a is not None else 0, time.time() - elapsed, elapsed * 1000.0, call.headers, result, info)
+    r.response_code, r.grpc_status, r.response_flags, r.response_code_details = outcome_of(
+        call, a, exc, r.protocol == "grpc")
+    return r
+
+
+def _fill(r: RequestRecord, target: str, authority: str, method: str, path: str, route_name: Optional[str],
+          cluster: Optional[str], a: Any, attempts: int, start: float, duration_ms: float, headers: Any, result: Any,
+          info: Any) -> None:
+    """Everything but the outcome (response code, grpc status, flags, details)."""
+    r.reporter = "source"
+    r.target = target
+    r.authority = authority
+    r.method = method
+    r.path = path
+    r.protocol = "http"
+    r.route_name = route_name
+    r.cluster = cluster
+    if a is not None:
+        ep = a.endpoint
+        r.endpoint = ep
+        r.upstream_host = ep.key if ep is not None else None
+        r.upstream_failure = a.error
+    else:
+        r.endpoint = r.upstream_host = r.upstream_failure = None
+    r.attempts = attempts
+    r.start_time = start
+    r.duration_ms = duration_ms
+    r.connection_security_policy = "unknown"
+    r.principal = None
+    r.request_messages = r.response_messages = 0
+    req_bytes = resp_bytes = peer = None
+    if info is not None:  # what the integration saw (it stripped the exchange headers)
+        peer = info.get("peer_metadata")
+        req_bytes = info.get("request_bytes")
+        resp_bytes = info.get("response_bytes")
+        r.request_messages = info.get("request_messages", 0)
+        r.response_messages = info.get("response_messages", 0)
+    elif result is not None:
+        resp_bytes, peer = _scan_response(result)
+    request_id = None
+    if headers:
+        length, request_id, grpc = _scan_request(headers)
+        if req_bytes is None:
+            req_bytes = length
+        if grpc:
+            r.protocol = "grpc"
+    r.request_id = request_id
+    r.request_bytes = req_bytes or 0
+    r.response_bytes = resp_bytes or 0
+    r.peer_metadata = _decode_peer(peer) if peer else None
+
+
+def _is_grpc(content_type: str) -> bool:
+    """Envoy's ``Grpc::Common::isGrpcRequestHeaders`` test of a content-type."""
+    ct = content_type.lower()
+    return ct == "application/grpc" or ct.startswith("application/grpc+") or ct.startswith("application/grpc;")
+
+
+def _scan_request(headers: Any) -> Tuple[int, Optional[str], bool]:
+    """``(content-length or 0, x-request-id, gRPC content-type)`` of the request's headers (a
+    mapping or pairs, str or bytes)."""
+    pairs = headers.items() if hasattr(headers, "items") else headers
+    length, rid, grpc = 0, None, False
+    try:
+        for k, v in pairs:
+            n = len(k)
+            if n == 14 or n == 12:
+                lk = k.lower() if isinstance(k, str) else bytes(k).decode("latin-1").lower()
+                if lk == "content-length":
+                    try:
+                        length = int(v)
+                    except (TypeError, ValueError):
+                        pass
+                elif lk == "x-request-id":
+                    rid = v if isinstance(v, str) else bytes(v).decode("latin-1")
+                elif lk == "content-type":
+                    grpc = _is_grpc(v if isinstance(v, str) else bytes(v).decode("latin-1"))
+    except (TypeError, ValueError):
+        pass
+    return length, rid, grpc
+
+
+def _scan_response(result: Any) -> Tuple[int, Optional[str]]:
+    """``(body length, x-envoy-peer-metadata)`` of a response ``send`` returned: the body when it
+    was read (``content``/``_content`` bytes), else its Content-Length."""
+    length = 0
+    body = getattr(result, "_content", None)
+    if isinstance(body, (bytes, bytearray)):
+        length = len(body)
+    headers = getattr(result, "headers", None)
+    peer = None
+    if headers is not None and hasattr(headers, "get"):
+        try:
+            if not length:
+                cl = headers.get("content-length")
+                if cl is not None:
+                    length = int(cl)
+            peer = headers.get("x-envoy-peer-metadata")
+        except (TypeError, ValueError):
+            pass
+    if isinstance(peer, bytes):
+        peer = peer.decode("latin-1")
+    return length, peer
+
+
+def _decode_peer(raw: Any) -> Optional[dict]:
+    from .peer_metadata import decode_cached
+
+    return decode_cached(raw)
