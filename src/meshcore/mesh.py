@@ -36,6 +36,7 @@ from .telemetry.record import Telemetry
 from .xds.snapshot import AggregateBalancer, TargetConfig
 
 if TYPE_CHECKING:
+    from .inbound import InboundListener
     from .tcp import TcpPick
     from .tls import UpstreamTls, WorkloadIdentity
     import grpc  # imported where a CSDS server is made (the xDS client imports it for its stream)
@@ -453,6 +454,15 @@ class MeshBase:
         except BaseException:
             pick.done()
             raise
+
+    # -- the server side (gRFC A36) ----------------------------------------------------------------
+
+    def serve(self, port: int, *, address: str = "0.0.0.0") -> "InboundListener":
+        """The server listener of ``address:port`` from xDS: its filter chains (TLS, RBAC, routes)
+        and serving state; see :mod:`meshcore.inbound`. Starts the mesh; never waits."""
+        from .inbound import serve
+
+        return serve(self, port, address=address)
 
     # -- the hot path ------------------------------------------------------------------------------
 

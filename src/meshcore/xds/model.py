@@ -19,7 +19,7 @@ __all__ = [
     "LISTENER", "ROUTE", "CLUSTER", "ENDPOINT", "TYPE_URLS", "SHORT_NAMES",
     "FaultSpec", "HttpFilterSpec", "ListenerSpec",
     "CircuitBreakers", "OutlierDetectionSpec", "CertificateRef", "SanMatcherSpec", "UpstreamTlsSpec",
-    "TransportSocketMatchSpec", "ClusterSpec", "EndpointsSpec",
+    "DownstreamTlsSpec", "TransportSocketMatchSpec", "ClusterSpec", "EndpointsSpec",
 ]
 
 _PREFIX = "type.googleapis.com/"
@@ -198,6 +198,31 @@ class UpstreamTlsSpec:
         """The roots' certificate provider instance name ("" when from SDS)."""
         ref = self.roots
         return ref.name if ref is not None and ref.kind == "provider" else ""
+
+
+@dataclass(frozen=True, slots=True)
+class DownstreamTlsSpec:
+    """``envoy.transport_sockets.tls`` DownstreamTlsContext of a server (inbound) filter chain.
+
+    ``identity`` (required) is the server's certificate chain and key; ``roots`` the CA bundle
+    client certificates are verified with (``None``: no validation context, so no client
+    certificate is asked for: plain TLS). ``require_client_certificate``: a connection without a
+    (verified) client certificate is refused; it is never true without ``roots``. Empty
+    ``san_matchers``: any client certificate that chains to ``roots`` is accepted (Istio's
+    proxyless servers; Istio sidecars match ``spiffe://<trust domain>/`` prefixes).
+    ``alpn_protocols`` empty: the server picks its own (``h2``/``http/1.1``). Versions are
+    ``"TLSv1_0"`` .. ``"TLSv1_3"`` or ``""`` for the defaults. Decoded by
+    :func:`meshcore.xds.server_listener.downstream_tls_spec` (A29's server rules).
+    """
+
+    identity: CertificateRef
+    roots: Optional[CertificateRef] = None
+    require_client_certificate: bool = False
+    san_matchers: Tuple[SanMatcherSpec, ...] = ()
+    alpn_protocols: Tuple[str, ...] = ()
+    min_version: str = ""
+    max_version: str = ""
+    cipher_suites: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,8 @@ application to ``host:port``", as Envoy 1.40 does for the connection iptables re
    ``REGISTRY_ONLY``). Listeners are found by address (``address`` and ``additional_addresses``);
    the names are only a fast path. Without a ``use_original_dst`` listener the address lookup is
    still done (as if the application connected to that listener directly).
-2. The filter chain (``FilterChainManagerImpl::findFilterChain``): the fields of
+2. The filter chain (``FilterChainManagerImpl::findFilterChain``; :func:`select_filter_chains`, which
+   the inbound side (:mod:`meshcore.xds.server_listener`) shares): the fields of
    ``FilterChainMatch`` are levels, in this order: ``destination_port``, ``prefix_ranges``
    (destination IP), ``server_names``, ``transport_protocol``, ``application_protocols``,
    ``direct_source_prefix_ranges``, ``source_type``, ``source_prefix_ranges``, ``source_ports``.
@@ -171,7 +172,7 @@ from .route_config import route_config_spec
 
 __all__ = [
     "FilterChainMatchSpec", "HcmSpec", "TcpProxySpec", "FilterChainSpec", "SidecarListenerSpec",
-    "OutboundResolution", "sidecar_listener_spec", "resolve_outbound",
+    "OutboundResolution", "sidecar_listener_spec", "resolve_outbound", "select_filter_chains",
     "IGNORED_HTTP_FILTERS", "UNSUPPORTED_HTTP_FILTERS", "IGNORED_NETWORK_FILTERS", "UNSUPPORTED_NETWORK_FILTERS",
     "PASSTHROUGH_CLUSTER", "BLACKHOLE_CLUSTER",
 ]
@@ -862,8 +863,7 @@ def _virtual(listeners: Mapping[str, SidecarListenerSpec]) -> Optional[SidecarLi
     return found[0] if found else None
 
 
-def _narrow_ranges(cands: List[Tuple[int, FilterChainSpec]], field: str,
-                   ip: Optional[Any]) -> List[Tuple[int, FilterChainSpec]]:
+def _narrow_ranges(cands: List[Tuple[int, Any]], field: str, ip: Optional[Any]) -> List[Tuple[int, Any]]:
     """Longest prefix containing ``ip`` (unset = catch-all; unknown ip: catch-all only)."""
     best: Optional[Network] = None
     for _, c in cands:
@@ -879,16 +879,42 @@ def _narrow_ranges(cands: List[Tuple[int, FilterChainSpec]], field: str,
     return [(i, c) for i, c in cands if best in (getattr(c.match, field) or _CATCH_ALL)]
 
 
-def _select_chain(chains: Sequence[FilterChainSpec], port: int, dst: Optional[Any], alpns: Tuple[str, ...],
-                  src: Optional[Any], src_port: int) -> List[Tuple[int, FilterChainSpec]]:
-    """Envoy's FilterChainManagerImpl::findFilterChain, level by level, no backtracking; the
-    chains left (normally one; none: the default chain)."""
+def _narrow_server_names(cands: List[Tuple[int, Any]], server_name: str) -> List[Tuple[int, Any]]:
+    """Envoy's server-name level: the exact name, else the longest ``*.suffix`` wildcard
+    (``*.b.c`` before ``*.c``), else the chains without ``server_names`` (also for no SNI)."""
+    if server_name:
+        hit = [(i, c) for i, c in cands if server_name in c.match.server_names]
+        if hit:
+            return hit
+        pos = server_name.find(".", 1)
+        while 0 <= pos < len(server_name) - 1:
+            wildcard = "*" + server_name[pos:]
+            hit = [(i, c) for i, c in cands if wildcard in c.match.server_names]
+            if hit:
+                return hit
+            pos = server_name.find(".", pos + 1)
+    return [(i, c) for i, c in cands if not c.match.server_names]
+
+
+def select_filter_chains(chains: Sequence[Any], *, port: int, dst: Optional[Any], server_name: str = "",
+                         transport: str = "raw_buffer", alpns: Sequence[str] = (), src: Optional[Any] = None,
+                         src_port: int = 0, direct_src: Optional[Any] = None) -> List[Tuple[int, Any]]:
+    """Envoy's ``FilterChainManagerImpl::findFilterChain``, level by level, no backtracking:
+    ``(index, chain)`` of the chains left (normally one; none: the default chain applies).
+
+    ``chains``: anything with a ``match`` (:class:`FilterChainMatchSpec`). The connection's
+    values: ``port`` the destination port (0: unknown, only chains without ``destination_port``),
+    ``dst``/``src``/``direct_src`` ipaddress objects or ``None`` (unknown: only catch-all ranges;
+    ``direct_src`` defaults to ``src``), ``server_name`` the SNI (lower case; ``""``: none),
+    ``transport`` the detected transport protocol (``"raw_buffer"`` or ``"tls"``), ``alpns`` the
+    application protocols a listener filter reported, in the client's order, ``src_port`` (0:
+    unknown, only chains without ``source_ports``)."""
     cands = [(i, c) for i, c in enumerate(chains)]
     exact = [(i, c) for i, c in cands if c.match.destination_port == port] if port else []
     cands = exact or [(i, c) for i, c in cands if c.match.destination_port == 0]
     cands = _narrow_ranges(cands, "prefix_ranges", dst)
-    cands = [(i, c) for i, c in cands if not c.match.server_names]  # plaintext: no SNI
-    tp = [(i, c) for i, c in cands if c.match.transport_protocol == "raw_buffer"]
+    cands = _narrow_server_names(cands, server_name)
+    tp = [(i, c) for i, c in cands if c.match.transport_protocol == transport] if transport else []
     cands = tp or [(i, c) for i, c in cands if not c.match.transport_protocol]
     for alpn in alpns:
         hit = [(i, c) for i, c in cands if alpn in c.match.application_protocols]
@@ -897,13 +923,19 @@ def _select_chain(chains: Sequence[FilterChainSpec], port: int, dst: Optional[An
             break
     else:
         cands = [(i, c) for i, c in cands if not c.match.application_protocols]
-    cands = _narrow_ranges(cands, "direct_source_prefix_ranges", src)
+    cands = _narrow_ranges(cands, "direct_source_prefix_ranges", src if direct_src is None else direct_src)
     local = src is not None and (src.is_loopback or src == dst)
     typed = [(i, c) for i, c in cands if c.match.source_type == ("SAME_IP_OR_LOOPBACK" if local else "EXTERNAL")]
     cands = typed or [(i, c) for i, c in cands if c.match.source_type == "ANY"]
     cands = _narrow_ranges(cands, "source_prefix_ranges", src)
     by_port = [(i, c) for i, c in cands if src_port and src_port in c.match.source_ports]
     return by_port or [(i, c) for i, c in cands if not c.match.source_ports]
+
+
+def _select_chain(chains: Sequence[FilterChainSpec], port: int, dst: Optional[Any], alpns: Tuple[str, ...],
+                  src: Optional[Any], src_port: int) -> List[Tuple[int, FilterChainSpec]]:
+    """The outbound case: a plaintext connection from the application (no SNI, ``raw_buffer``)."""
+    return select_filter_chains(chains, port=port, dst=dst, alpns=alpns, src=src, src_port=src_port)
 
 
 def _describe(listener: SidecarListenerSpec) -> str:
