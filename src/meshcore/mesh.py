@@ -196,6 +196,7 @@ class MeshBase:
         self._source.close()
         self._publisher.close()  # publishes nothing: the next pick/request finds no configuration
         self.tls.close()
+        self.telemetry.close()  # its sinks get nothing more (what they recorded stays readable)
 
     @property
     def closed(self) -> bool:

@@ -486,13 +486,18 @@ def _tell_telemetry(attempt: Any, resp: aiohttp.ClientResponse, exchange: Any) -
     peer's x-envoy-peer-metadata(-id) leave the response (as a client sidecar strips them)."""
     peer = None
     if exchange is not None:
-        kept, peer = _strip_peer_pairs(resp.raw_headers)
-        if kept is not resp.raw_headers:
-            headers = CIMultiDict(resp.headers)
+        raw = resp._raw_headers
+        kept, peer = _strip_peer_pairs(raw)
+        if kept is not raw:
+            headers = CIMultiDict(resp._headers)
             headers.popall("x-envoy-peer-metadata", None)
             headers.popall("x-envoy-peer-metadata-id", None)
             resp._headers = CIMultiDictProxy(headers)
             resp._raw_headers = tuple(kept)
+            cache = getattr(resp, "_cache", None)  # aiohttp's reify keeps what was read before
+            if isinstance(cache, dict):
+                cache.pop("headers", None)
+                cache.pop("raw_headers", None)
     body = getattr(resp, "_body", None)
     attempt.telemetry = {"peer_metadata": peer, "request_bytes": None,
                          "response_bytes": len(body) if isinstance(body, (bytes, bytearray)) else None}

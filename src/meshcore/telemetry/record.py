@@ -201,6 +201,14 @@ class Telemetry:
             if had and not self.sinks:
                 ACTIVE[0] -= 1
 
+    def close(self) -> None:
+        """The mesh closed: drop every sink (the Istio metrics recorded stay readable)."""
+        with self._lock:
+            if self.sinks:
+                ACTIVE[0] -= 1
+            self.sinks = ()
+            self.exchange = None
+
     def emit(self, record: RequestRecord) -> None:
         """Hand ``record`` to every sink; a sink's exception is logged (once per sink) and swallowed."""
         for sink in self.sinks:

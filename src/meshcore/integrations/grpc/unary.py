@@ -360,25 +360,32 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             ch._pool.release(ep)
 
 
-def _peer_value(rpc: Any) -> Optional[str]:
-    """The x-envoy-peer-metadata value of an RPC's initial metadata (None: absent or unknown)."""
+def _peer_value(rpc: Any) -> Tuple[Optional[str], bool]:
+    """``(x-envoy-peer-metadata value, whether either exchange key is there)`` of an RPC's initial
+    metadata. (grpcio shows the application no x-envoy-peer-metadata: grpc-core parses it into
+    its own ``XEnvoyPeerMetadata`` trait, not published to the application; the ``-id`` key
+    does come through.)"""
     try:
         md = rpc.initial_metadata()
     except Exception:  # noqa: BLE001  (an RPC that never started has none)
-        return None
+        return None, False
+    value, found = None, False
     for k, v in md or ():
-        if k == _PEER_HEADER:
-            return v if isinstance(v, str) else bytes(v).decode("latin-1")
-    return None
+        if k in _PEER_HEADERS:
+            found = True
+            if k == _PEER_HEADER:
+                value = v if isinstance(v, str) else bytes(v).decode("latin-1")
+    return value, found
 
 
 def _tell_telemetry(attempt: Attempt, rpc: Any, exchange: Any, responses: int) -> Any:
     """The attempt's facts for its telemetry record (the peer's x-envoy-peer-metadata from the
-    response's initial metadata; one request message, ``responses`` response messages); with
-    Istio's metadata exchange on, the returned call hides the exchange metadata from the caller."""
-    peer = _peer_value(rpc)
+    response's initial metadata, where grpcio shows it; one request message, ``responses``
+    response messages); with Istio's metadata exchange on, the returned call hides the exchange
+    metadata from the caller."""
+    peer, found = _peer_value(rpc)
     attempt.telemetry = {"peer_metadata": peer, "request_messages": 1, "response_messages": responses}
-    if exchange is not None and peer is not None:
+    if exchange is not None and found:
         return _StrippedCall(rpc)
     return rpc
 
@@ -391,7 +398,7 @@ class _StrippedCall:
         self._rpc = rpc
 
     def initial_metadata(self) -> Any:
-        return tuple((k, v) for k, v in self._rpc.initial_metadata() or () if k not in _PEER_HEADERS)
+        return tuple(m for m in self._rpc.initial_metadata() or () if m[0] not in _PEER_HEADERS)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._rpc, name)
