@@ -31,7 +31,9 @@ __all__ = [
     "MeshError",
     "NoRoute",
     "NotReady",
+    "PeerCertificate",
     "Pick",
+    "RbacEngine",
     "RouteMatch",
     "RouteTable",
     "TlsHandshakeError",
@@ -48,7 +50,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _LAZY = {"Mesh": "mesh", "Pick": "mesh", "Call": "call", "CircuitBreakerOpen": "call", "FaultAbort": "call",
          "UpstreamError": "call", "UpstreamTimeout": "call", "CertificatesUnavailable": "tls",
-         "FileCertificateSource": "tls", "TlsHandshakeError": "tls", "UpstreamTls": "tls", "WorkloadIdentity": "tls"}  # the xDS layer imports grpc: loaded on first use
+         "FileCertificateSource": "tls", "TlsHandshakeError": "tls", "UpstreamTls": "tls", "WorkloadIdentity": "tls",
+         "RbacEngine": "rbac", "PeerCertificate": "rbac"}  # the xDS layer imports grpc: loaded on first use
 
 
 def __getattr__(name: str) -> object:
