@@ -154,8 +154,8 @@ class IstioMetrics:
 
     def __call__(self, r: RequestRecord) -> None:
         peer = r.peer_metadata
-        key = (r.cluster, r.upstream_host, r.authority, r.route_name, r.response_code, r.grpc_status,
-               r.response_flags, r.protocol, id(peer) if peer is not None else 0)
+        key = (r.cluster, r.upstream_host, r.authority, r.response_code, r.grpc_status, r.response_flags, r.protocol,
+               r.route_name, id(peer) if peer is not None else 0)
         found = self._keys.get(key)
         if found is None or found[0] is not peer or r.start_time > self._keys_until:
             series = self._series_for(key, r, peer)
@@ -165,17 +165,24 @@ class IstioMetrics:
         d = r.duration_ms
         qb = r.request_bytes
         sb = r.response_bytes
-        with self._lock:
+        di = bisect_left(b, d)
+        qi = bisect_left(b, qb) if qb else 0
+        si = bisect_left(b, sb) if sb else 0
+        lock = self._lock
+        lock.acquire()  # (not `with`: half the cost)
+        try:
             series.requests += 1
-            series.duration[bisect_left(b, d)] += 1
+            series.duration[di] += 1
             series.duration_sum += d
-            series.req_bytes[bisect_left(b, qb)] += 1
+            series.req_bytes[qi] += 1
             series.req_bytes_sum += qb
-            series.resp_bytes[bisect_left(b, sb)] += 1
+            series.resp_bytes[si] += 1
             series.resp_bytes_sum += sb
             if series.grpc:
                 series.req_messages += r.request_messages
                 series.resp_messages += r.response_messages
+        finally:
+            lock.release()
 
     def _series_for(self, key: Tuple[Any, ...], r: RequestRecord, peer: Any) -> _Series:
         labels = self.labels_of(r)

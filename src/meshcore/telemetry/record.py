@@ -215,10 +215,14 @@ class Telemetry:
             try:
                 sink(record)
             except Exception:  # noqa: BLE001  (a sink never fails the request)
-                key = id(sink)
-                if key not in self._failed:
-                    self._failed[key] = None
-                    log.exception("telemetry sink %r failed (logged once; later failures are silent)", sink)
+                self.emit_failed(sink)
+
+    def emit_failed(self, sink: Sink) -> None:
+        """``sink`` raised (the exception being handled): logged the first time only."""
+        key = id(sink)
+        if key not in self._failed:
+            self._failed[key] = None
+            log.exception("telemetry sink %r failed (logged once; later failures are silent)", sink)
 
     def __repr__(self) -> str:
         return f"Telemetry(sinks={len(self.sinks)})"
