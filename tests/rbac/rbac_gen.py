@@ -306,6 +306,8 @@ class Gen:
         headers: List[Tuple[str, str]] = []
         for _ in range(r.choice([0, 1, 1, 2, 3, 4])):
             name = r.choice(HEADER_NAMES)
+            if name == "referer" and any(k.lower() == "referer" for k, _ in headers):
+                continue  # one Referer only: two join into an invalid URI, which Envoy drops
             if r.random() < 0.2:
                 name = name.upper()
             pool = REFERER_VALUES if name.lower() == "referer" else HEADER_VALUES

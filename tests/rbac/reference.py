@@ -56,7 +56,8 @@ class Req:
             if k in HOP_BY_HOP:
                 continue
             if k in INLINE and k in self.values:
-                self.values[k][0] += "," + v
+                if v:  # Envoy's appendToHeader: "" appends nothing, "" so far takes no ","
+                    self.values[k][0] = self.values[k][0] + "," + v if self.values[k][0] else v
             else:
                 self.values.setdefault(k, []).append(v)
         te = self.values.pop("te", None)

@@ -92,6 +92,10 @@ def test_repeated_headers_one_value_at_a_time_except_inline():
     for name in ("user-agent", "content-type", "authorization", "referer", "accept", "x-forwarded-for", "origin"):
         joined = allow_if(hdr(name, exact_match="a,b"))
         assert joined.evaluate(headers=[(name, "a"), (name, "b")]).allowed, name
+    # Envoy's join skips empty values (and puts no "," after an empty first one)
+    accept = allow_if(hdr("accept", exact_match="a,b"))
+    assert accept.evaluate(headers=[("accept", "a"), ("accept", ""), ("accept", "b")]).allowed
+    assert allow_if(hdr("accept", exact_match="b")).evaluate(headers=[("accept", ""), ("accept", "b")]).allowed
     # mapping form with a list of values, bytes pairs (ASGI)
     assert e.evaluate(headers={"X-User": ["a", "b"]}).allowed
     assert e.evaluate(headers=[(b"x-user", b"b")]).allowed

@@ -235,7 +235,10 @@ def _header_map_slow(items: Any) -> Dict[str, Any]:
             if have is None:
                 out[key] = v
             elif key in COALESCED_HEADERS:
-                out[key] = have + "," + v
+                # HeaderMapImpl::appendToHeader: an empty value adds nothing, and an empty
+                # value so far gets no delimiter
+                if v:
+                    out[key] = have + "," + v if have else v
             elif type(have) is str:
                 out[key] = (have, v)
             else:
