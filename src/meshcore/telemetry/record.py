@@ -33,11 +33,20 @@ ENV_ISTIO_METRICS = "MESHCORE_ISTIO_METRICS"
 class RequestRecord:
     """One finished request (see the module docstring). Plain attributes, filled once.
 
-    ``response_code`` is 0 when there was no response (Envoy/Istio); ``response_flags`` are
-    Envoy's short flags, comma-joined in Envoy's order (``"-"``: none); ``duration_ms`` runs from
-    the call's start (before a fault delay) to its end; ``request_bytes``/``response_bytes`` are
-    what meshcore knows of the bodies (0 when unknown); ``peer_metadata`` is the decoded
-    ``x-envoy-peer-metadata`` of the response (a sidecar'd server), ``None`` when absent.
+    ``response_code``/``response_flags``: what Envoy's router logs for the same outcome
+    (``meshcore.telemetry.outcome``): the upstream's status, or the status of the local reply
+    Envoy would have sent when there was no answer (503 UH/UF/UO/UC/URX, 504 UT, 404 NR, the
+    abort's FI; a gRPC request: 200 and the mapped grpc-status), 0 only when Envoy would have
+    answered nothing either (``DC``: the caller gave up; an exception of the caller's own).
+    Flags are Envoy's short names, comma-joined in the order Envoy sets them (``URX,UF``), ``"-"``
+    for none. ``duration_ms`` runs from the call's start (before a fault delay) to its end;
+    ``request_bytes``/``response_bytes`` are the body sizes meshcore knows (0 when unknown);
+    ``peer_metadata`` is the decoded ``x-envoy-peer-metadata`` of the response (a sidecar'd
+    server; a dict with Istio's keys, shared: do not change it), ``None`` when absent.
+
+    Integrations tell the hook what only they see through ``attempt.telemetry`` (set only while
+    ``ACTIVE[0]``): a dict with ``peer_metadata`` (the raw header value they stripped),
+    ``request_bytes``, ``response_bytes``, ``request_messages``, ``response_messages``.
     """
 
     __slots__ = ("reporter", "target", "authority", "method", "path", "protocol", "route_name", "cluster",
