@@ -51,7 +51,9 @@ class ClusterState:
         if spec is None:
             return
         t = spec.circuit_breakers
-        self.counters.set_thresholds(t.max_connections, t.max_pending_requests, t.max_requests, t.max_retries,
+        # an HTTP/2 cluster multiplexes: its requests are bounded by max_requests alone
+        conns = (1 << 61) if spec.http2 else t.max_connections
+        self.counters.set_thresholds(conns, t.max_pending_requests, t.max_requests, t.max_retries,
                                      t.retry_budget)
         od = spec.outlier_detection
         if od is None:

@@ -22,8 +22,8 @@ Three worlds (``SEEDS``) x ``N_REQUESTS`` generated requests, plus hand-made one
 outcome. Distributions (weighted splits, round robin, random, least request) loosely over 200
 requests per request shape. Resilience (meshcore through the httpx integration): outlier ejection
 of an always-503 endpoint and of a resetting endpoint under a retrying route; circuit breaking with
-a connection pool of one and concurrent requests (one known difference when ``http2MaxRequests``
-binds: :func:`test_max_requests_leaves_room_for_a_pending_request`, strict xfail). TCP:
+a connection pool of one and concurrent requests, also when ``http2MaxRequests`` binds
+(:func:`test_max_requests_leaves_room_for_a_pending_request`). TCP:
 ``Mesh.tcp_connect`` against Envoy's ``<vip>_<port>`` tcp_proxy listener (the TCP service's VIP
 is a loopback address Envoy binds).
 
@@ -694,12 +694,10 @@ def test_circuit_breaking_matches_envoy(h: Harness, service: str) -> None:
         assert out["envoy"] == out["meshcore"] == (2, k - 2, k - 2), out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "meshcore's ClusterCounters.admit (_fast/call_py.py, call_c.pyx) counts every attempt in flight "
-    "against max_requests; Envoy's HTTP/1.1 pool counts max_requests only against streams attached to a "
-    "connection (ConnPoolImplBase::attachStreamToClient), so a request queued as pending "
-    "(http1MaxPendingRequests: 1) behind the one connection (maxConnections: 1) waits for it instead of "
-    "overflowing: with http2MaxRequests: 1 as well, Envoy serves 2 of 8 concurrent requests, meshcore 1"))
+# Envoy's HTTP/1.1 pool counts max_requests only against streams attached to a connection
+# (ConnPoolImplBase::attachStreamToClient): a request queued as pending (http1MaxPendingRequests: 1)
+# behind the one connection (maxConnections: 1) waits for it instead of overflowing, even with
+# http2MaxRequests: 1: Envoy serves 2 of 8 concurrent requests, and so does meshcore.
 def test_max_requests_leaves_room_for_a_pending_request(h: Harness) -> None:
     out = breaker_run(h, "slowmr")
     assert out["envoy"] == out["meshcore"], out

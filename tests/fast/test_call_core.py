@@ -48,9 +48,11 @@ def test_envoy_default_thresholds(callmod):
     # pending requests and requests; 3 retries.
     c = callmod.ClusterCounters()
     assert (c.max_connections, c.max_pending_requests, c.max_requests, c.max_retries) == (1024, 1024, 1024, 3)
-    assert [c.admit(False) for _ in range(1024)] == [0] * 1024
-    assert c.admit(False) == callmod.OVER_REQUESTS  # max_requests
-    assert c.pending == 0
+    # Envoy's HTTP/1.1 pool: 1024 requests on the 1024 connections (max_requests counts those
+    # only), 1024 more waiting as pending, then overflow
+    assert [c.admit(False) for _ in range(2048)] == [0] * 2048
+    assert c.admit(False) == callmod.OVER_REQUESTS
+    assert c.pending == 1024
 
 
 def test_requests_and_retries_overflow(callmod):
@@ -97,14 +99,14 @@ def test_retry_budget_limit(callmod, percent, min_conc, active, limit):
         if result:
             break
         admitted += 1
-    # each admitted retry is itself in flight and raises the budget's base; max_requests (1024)
-    # still bounds everything
+    # each admitted retry is itself in flight and raises the budget's base; the pool (1024
+    # connections + 1024 pending, Envoy's HTTP/1.1 defaults) still bounds everything
     expected, in_flight = 0, active
-    while expected < max(int(percent / 100.0 * in_flight), min_conc) and in_flight < 1024:
+    while expected < max(int(percent / 100.0 * in_flight), min_conc) and in_flight < 2048:
         expected += 1
         in_flight += 1
     assert admitted == expected
-    over = callmod.OVER_REQUESTS if in_flight == 1024 else callmod.OVER_RETRIES
+    over = callmod.OVER_REQUESTS if in_flight == 2048 else callmod.OVER_RETRIES
     assert result == over
     assert values(c)["upstream_rq_retry_overflow"] == (over == callmod.OVER_RETRIES)
 

@@ -201,9 +201,13 @@ cdef class ClusterCounters:
         if retry and self.active_retries >= self.retry_limit():
             self._counters[C_RETRY_OVERFLOW] += 1
             return 2
-        limit = self.max_connections + self.max_pending_requests
-        if self.max_requests < limit:
+        # Envoy's HTTP/1.1 pool: max_requests bounds the requests ON connections (at most
+        # max_connections of them); beyond the connections a request waits as pending, bounded
+        # by max_pending_requests, and attaches to a connection when one frees up.
+        if self.max_requests < self.max_connections:
             limit = self.max_requests
+        else:
+            limit = self.max_connections + self.max_pending_requests
         if self.active_requests >= limit:
             self._counters[C_PENDING_OVERFLOW] += 1
             return 1

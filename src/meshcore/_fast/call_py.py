@@ -117,7 +117,13 @@ class ClusterCounters:
             if retry and self.active_retries >= self.retry_limit():
                 c[2] += 1
                 return OVER_RETRIES
-            if self.active_requests >= min(self.max_requests, self.max_connections + self.max_pending_requests):
+            # Envoy's HTTP/1.1 pool: max_requests bounds the requests ON connections (at most
+            # max_connections); beyond them a request waits as pending (max_pending_requests)
+            if self.max_requests < self.max_connections:
+                limit = self.max_requests
+            else:
+                limit = self.max_connections + self.max_pending_requests
+            if self.active_requests >= limit:
                 c[3] += 1
                 return OVER_REQUESTS
             self.active_requests += 1
