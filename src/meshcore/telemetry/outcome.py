@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 _FAILURE_FLAG = {CONNECT_FAILURE: "UF", RESET: "UC", TIMEOUT: "UT"}
 _FAILURE_CODE = {CONNECT_FAILURE: 503, RESET: 503, TIMEOUT: 504}
-_DETAILS = {CONNECT_FAILURE: "upstream_reset_before_response_started{connection_failure}",
+_DETAILS = {CONNECT_FAILURE: "upstream_reset_before_response_started{remote_connection_failure}",
             RESET: "upstream_reset_before_response_started{connection_termination}",
             TIMEOUT: "upstream_per_try_timeout"}
 
