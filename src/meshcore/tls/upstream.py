@@ -313,7 +313,10 @@ class UpstreamTls:
             self._check_trust_domain(ssl_object, cert, roots.bundles, endpoint)
         matchers = self._matchers
         if self.spec.auto_sni_san_validation:
-            sni = self.server_hostname()
+            # Envoy: the SNI actually sent (auto_host_sni's endpoint hostname, a caller's
+            # server_hostname), whatever the configured one is
+            sni = getattr(ssl_object, "server_hostname", None) if hasattr(ssl_object, "server_hostname") \
+                else self.server_hostname()
             if sni:
                 from .._route_model import StringMatchSpec
                 from ..xds.model import SanMatcherSpec
