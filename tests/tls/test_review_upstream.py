@@ -37,3 +37,18 @@ def test_auto_sni_san_validation_checks_the_sni_actually_sent(pki: Pki, server_f
         up.wrap_socket(socket.create_connection(("127.0.0.1", srv.port), timeout=5), ok.key,
                        server_hostname="other.example", ep=ok)
     assert stats.counts[("c", "ssl.fail_verify_san")] == 2
+
+
+def test_wrap_socket_closes_the_socket_when_certificates_are_missing(pki: Pki, tmp_path: Any) -> None:
+    d = tmp_path / "empty"
+    d.mkdir()
+    up = TlsManager(None, None).upstream("c", UpstreamTlsSpec(
+        roots=CertificateRef("sds", f"file-root:{d / 'root-cert.pem'}")))
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(TlsHandshakeError, match="not available"):
+            up.wrap_socket(a, "127.0.0.1:1")
+        assert a.fileno() == -1  # closed, as on every other failure
+    finally:
+        a.close()
+        b.close()

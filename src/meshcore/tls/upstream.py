@@ -385,7 +385,11 @@ class UpstreamTls:
                     server_hostname: Optional[str] = None, ep: Any = None) -> ssl.SSLSocket:
         """Handshake on a connected blocking socket (its timeout applies) and check the peer.
         On failure the socket is closed and :class:`TlsHandshakeError` raised."""
-        ctx = self.context(protocol)
+        try:
+            ctx = self.context(protocol)
+        except TlsHandshakeError:
+            sock.close()  # as on every other failure: the caller never gets the socket back
+            raise
         sni = server_hostname if server_hostname is not None else self.server_hostname(ep)
         try:
             tls = ctx.wrap_socket(sock, server_hostname=sni, do_handshake_on_connect=False)
