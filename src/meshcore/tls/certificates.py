@@ -120,9 +120,14 @@ class CertificateSet:
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
+        from cryptography.exceptions import UnsupportedAlgorithm
+
         certs = x509.load_pem_x509_certificates(chain_pem)
         leaf = certs[0]
-        key = serialization.load_pem_private_key(key_pem, password=None)
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (TypeError, UnsupportedAlgorithm) as e:  # encrypted, or a key type it cannot use
+            raise ValueError(f"the private key cannot be used: {e}") from None
         pub = serialization.PublicFormat.SubjectPublicKeyInfo
         der = serialization.Encoding.DER
         if key.public_key().public_bytes(der, pub) != leaf.public_key().public_bytes(der, pub):
