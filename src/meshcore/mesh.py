@@ -375,7 +375,9 @@ class MeshBase:
         spec = rt.spec if rt is not None else None
         if spec is not None and spec.kind == "AGGREGATE":
             child = self._child_holding(rt, endpoint)
-            return self.upstream_tls(child.name, endpoint) if child is not None else None
+            if child is None:
+                return self._unheld_endpoint(cluster, rt, endpoint)
+            return self.upstream_tls(child.name, endpoint)
         if spec is None or (spec.tls is None and not spec.transport_socket_matches):
             return None
         return self.tls.for_endpoint(cluster, spec, endpoint)
@@ -388,7 +390,9 @@ class MeshBase:
         if hit is not None and hit[0] is rt and hit[1] is endpoint:  # a new child spec: a new runtime
             return hit[2]  # type: ignore[no-any-return]
         child = self._child_holding(rt, endpoint) if rt is not None else None
-        if child is None or child.spec is None:
+        if child is None:
+            return self._unheld_endpoint(cluster, rt, endpoint)
+        if child.spec is None:
             return None
         cspec = child.spec
         up = None
@@ -398,6 +402,20 @@ class MeshBase:
             st.tls_sockets.clear()
         st.tls_sockets[endpoint.key] = (rt, endpoint, up)
         return up
+
+    def _unheld_endpoint(self, cluster: str, rt: Any, endpoint: Any) -> None:
+        """An endpoint of an aggregate cluster that none of its children holds any more (it left
+        between the pick and the connection): plaintext only when no child could ask for TLS,
+        else a connect failure (its socket is unknown: never plaintext instead)."""
+        children = rt.children if rt is not None else None
+        if children is not None and all(
+                c.spec is None or (c.spec.tls is None and not c.spec.transport_socket_matches) for c in children):
+            return None
+        from .tls import TlsHandshakeError
+
+        self._tls_recorder(cluster)("ssl.connection_error")
+        raise TlsHandshakeError(cluster, endpoint.key, "the endpoint is in none of the aggregate cluster's child "
+                                "clusters any more (it left the configuration), so its transport socket is unknown")
 
     @staticmethod
     def _child_holding(rt: Any, endpoint: Any) -> Any:
