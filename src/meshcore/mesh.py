@@ -444,6 +444,15 @@ class MeshBase:
         if cfg.tcp_cluster is None:
             raise no_tcp_service(target, "its destination is served by HTTP routes (use pick/request)")
         cname = cfg.tcp_cluster
+        tcp = getattr(cfg.resolution, "tcp", None)
+        weighted = tcp.weighted_clusters if tcp is not None else ()
+        total = sum(w for _, w in weighted) if len(weighted) > 1 else 0
+        if total > 0:  # Envoy's tcp_proxy: a cluster per connection, by weight (PGV: each >= 1)
+            value = self._rng.randrange(total)
+            for cname, w in weighted:
+                if value < w:
+                    break
+                value -= w
         rt = cfg.clusters.get(cname)
         if rt is None or rt.lb is None:
             raise Unavailable(f"{target}: cluster {cname!r}: {rt.error if rt is not None else 'not available'}")
