@@ -22,6 +22,7 @@ from .errors import UpstreamError, UpstreamTimeout
 from .resilience.fault import NO_FAULT, ActiveFaults, FaultDecision, decide_fault, limit_faults
 from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retriable
 from .telemetry.outcome import report as _report
+from .telemetry.tracing import TRACER as _TRACER, begin as _begin_trace
 
 __all__ = ["default_classify", "default_status_of", "fault_decision", "fault_filter_for",
            "fault_step", "fault_step_async", "header_pairs", "run", "run_async", "run_reported",
@@ -369,25 +370,41 @@ async def run_async(call: Any, send: Callable[[Any], Awaitable[R]], status_of: S
 
 def run_reported(call: Any, send: Callable[[Any], R], status_of: StatusOf, grpc_status_of: Optional[StatusOf],
                  classify: Classify) -> R:
-    """:func:`run`, then the call's record to the mesh's telemetry sinks (``meshcore.telemetry``)."""
+    """:func:`run`, then the call's record to the mesh's telemetry sinks (``meshcore.telemetry``);
+    traced while tracing is on (``meshcore.telemetry.tracing``)."""
+    trace = _begin_trace(call) if _TRACER[0] is not None else None
+    if trace is not None:
+        send = trace.wrap(send)
     try:
         result = run(call, send, status_of, grpc_status_of, classify)
     except BaseException as e:
         _report(call, None, e)
+        if trace is not None:
+            trace.end(None, e)
         raise
     _report(call, result, None)
+    if trace is not None:
+        trace.end(result, None)
     return result
 
 
 async def run_async_reported(call: Any, send: Callable[[Any], Awaitable[R]], status_of: StatusOf,
                              grpc_status_of: Optional[StatusOf], classify: Classify) -> R:
-    """:func:`run_async`, then the call's record to the mesh's telemetry sinks."""
+    """:func:`run_async`, then the call's record to the mesh's telemetry sinks (traced while
+    tracing is on)."""
+    trace = _begin_trace(call) if _TRACER[0] is not None else None
+    if trace is not None:
+        send = trace.wrap(send)
     try:
         result = await run_async(call, send, status_of, grpc_status_of, classify)
     except BaseException as e:
         _report(call, None, e)
+        if trace is not None:
+            trace.end(None, e)
         raise
     _report(call, result, None)
+    if trace is not None:
+        trace.end(result, None)
     return result
 
 

@@ -86,6 +86,7 @@ from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
 from ..telemetry.peer_metadata import strip_pairs as _strip_peer_pairs
 from ..telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
+from ..telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, headers_of as _trace_headers
 from ..tls import TlsHandshakeError, is_deferred_rejection
 from . import (
     _add_context,
@@ -463,11 +464,16 @@ class _Sender:
                 raise _tls_error(ep_key, e) from e
             if tls is not None:
                 kwargs = self.tls_kwargs(tls, endpoint, kwargs, self.scheme)
+        headers = self.headers
+        if _TELEMETRY[0]:  # tracing (meshcore.telemetry.tracing): this attempt's headers
+            traced = _trace_headers(attempt)
+            if traced:
+                headers = _with_trace(headers, traced)
         if kwargs:
-            resp = await self.request(self.method, target, headers=self.headers, allow_redirects=False,
+            resp = await self.request(self.method, target, headers=headers, allow_redirects=False,
                                       timeout=self.timeout, **kwargs)
         else:
-            resp = await self.request(self.method, target, headers=self.headers, allow_redirects=False,
+            resp = await self.request(self.method, target, headers=headers, allow_redirects=False,
                                       timeout=self.timeout)
         try:
             await resp.read()
@@ -479,6 +485,14 @@ class _Sender:
         if _TELEMETRY[0]:
             _tell_telemetry(attempt, resp, self.exchange)
         return resp
+
+
+def _with_trace(headers: Any, pairs: Any) -> Any:
+    """A copy of a sender's headers (a dict or CIMultiDict) with an attempt's trace headers
+    (``tracing.headers_of``), which replace the application's own (as Envoy does)."""
+    out = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _TRACE_HEADERS)
+    out.extend(pairs)
+    return out
 
 
 def _tell_telemetry(attempt: Any, resp: aiohttp.ClientResponse, exchange: Any) -> None:

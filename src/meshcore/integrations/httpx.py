@@ -81,6 +81,7 @@ from ..resilience.router_headers import ROUTER_HEADERS
 from ..telemetry.peer_metadata import HEADER as _PEER_HEADER, HEADER_ID as _PEER_HEADER_ID
 from ..telemetry.peer_metadata import strip_pairs as _strip_peer_pairs
 from ..telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
+from ..telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, headers_of as _trace_headers
 from ..tls.upstream import TlsHandshakeError, is_deferred_rejection
 from . import (
     _add_context,
@@ -740,6 +741,9 @@ class _MeshTransportBase:
         if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics)
             for k, v in exchange.headers:
                 headers[k] = v
+        if _TELEMETRY[0]:  # tracing: this attempt's headers replace the application's
+            for k, v in _trace_headers(attempt):
+                headers[k] = v
         extensions = dict(request.extensions)
         if attempt.timeout is not None:
             timeout = dict(extensions.get("timeout") or {})
@@ -806,6 +810,16 @@ def _tell_telemetry_headers(attempt: Any, response: Any, raw: bytes, exchange: A
         if _PEER_HEADER_ID in headers:
             del headers[_PEER_HEADER_ID]
     attempt.telemetry = {"peer_metadata": peer, "request_bytes": None, "response_bytes": len(raw)}
+
+
+def _add_trace_bytes(headers: List[Tuple[bytes, bytes]], pairs: Any) -> None:
+    """Add an attempt's trace headers (``tracing.headers_of``) to the pool request's byte pairs,
+    replacing the application's own trace headers (as Envoy does)."""
+    if not pairs:
+        return
+    if any(k.lower().decode("latin-1") in _TRACE_HEADERS for k, _ in headers):
+        headers[:] = [h for h in headers if h[0].lower().decode("latin-1") not in _TRACE_HEADERS]
+    headers.extend([(k.encode("ascii"), v.encode("latin-1")) for k, v in pairs])
 
 
 def _no_tls(cluster: str, endpoint: Any) -> None:
@@ -879,6 +893,8 @@ class MeshTransport(_MeshTransportBase):
                     req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni, upstream)
                     if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics)
                         req.headers.extend(exchange.headers_bytes)
+                    if _TELEMETRY[0]:  # tracing (meshcore.telemetry.tracing): this attempt's headers
+                        _add_trace_bytes(req.headers, _trace_headers(attempt))
                     try:
                         resp = pool.handle_request(req)
                         stream = resp.stream
@@ -988,6 +1004,8 @@ class AsyncMeshTransport(_MeshTransportBase):
                     req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni, upstream)
                     if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics)
                         req.headers.extend(exchange.headers_bytes)
+                    if _TELEMETRY[0]:  # tracing (meshcore.telemetry.tracing): this attempt's headers
+                        _add_trace_bytes(req.headers, _trace_headers(attempt))
                     try:
                         resp = await pool.handle_async_request(req)
                         stream = resp.stream

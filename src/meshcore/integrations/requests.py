@@ -80,6 +80,7 @@ from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
 from ..telemetry.peer_metadata import HEADER as _PEER_HEADER, HEADER_ID as _PEER_HEADER_ID
 from ..telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
+from ..telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, headers_of as _trace_headers
 from ..tls.upstream import TlsHandshakeError, is_deferred_rejection
 from . import (
     _add_context,
@@ -327,6 +328,14 @@ class _ClusterManager(PoolManager):
         super().clear()
 
 
+def _with_trace(headers: Dict[str, str], pairs: Any) -> Dict[str, str]:
+    """A copy of an attempt's headers with its trace headers (``tracing.headers_of``), which
+    replace the application's own (as Envoy does)."""
+    out = {k: v for k, v in headers.items() if k.lower() not in _TRACE_HEADERS}
+    out.update(pairs)
+    return out
+
+
 def _tell_telemetry(attempt: Any, response: Any, body: Any, exchange: Any) -> None:
     """The attempt's facts for its telemetry record; with Istio's metadata exchange on, the
     peer's x-envoy-peer-metadata(-id) leave the response (as a client sidecar strips them)."""
@@ -459,8 +468,13 @@ class MeshAdapter(HTTPAdapter):
                     timeouts.clear()
             except TypeError:  # an unhashable timeout argument (a list)
                 resolved = _urllib3_timeout(_cap_timeout(timeout, cap))
+            attempt_headers = send_headers
+            if _TELEMETRY[0]:  # tracing (meshcore.telemetry.tracing): this attempt's headers
+                traced = _trace_headers(attempt)
+                if traced:
+                    attempt_headers = _with_trace(send_headers, traced)
             try:
-                raw = pool.urlopen(method=method, url=attempt.path, body=body, headers=send_headers,
+                raw = pool.urlopen(method=method, url=attempt.path, body=body, headers=attempt_headers,
                                    redirect=False, assert_same_host=False, preload_content=False,
                                    decode_content=False, retries=retries, timeout=resolved, chunked=chunked)
             except (u3exc.HTTPError, OSError) as e:

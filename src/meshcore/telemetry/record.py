@@ -141,6 +141,10 @@ class Telemetry:
         self.exchange: Any = None
         #: the Istio standard metrics sink (``istio_metrics.IstioMetrics``), or None
         self.istio_metrics: Any = None
+        if mesh is not None:  # tracing follows the application's OpenTelemetry tracer provider
+            from .tracing import watch
+
+            watch()
         if mesh is not None and os.environ.get(ENV_ISTIO_METRICS, "").strip().lower() in ("1", "true", "yes", "on"):
             self.enable_istio_metrics()
 
