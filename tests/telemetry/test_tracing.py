@@ -359,3 +359,35 @@ def test_import_meshcore_does_not_import_opentelemetry():
     code = "import sys, meshcore; m = meshcore.Mesh; assert not any(k.startswith('opentelemetry') for k in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
     assert meshcore is not None
+
+
+def test_grpc_unary(mesh_cls, tmp_path, spans):
+    from concurrent import futures
+
+    import grpc
+
+    from meshcore.integrations.grpc import mesh_channel
+
+    def echo_md(request: bytes, context: Any) -> bytes:
+        return json.dumps(dict(context.invocation_metadata())).encode()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "t.Echo", {"Md": grpc.unary_unary_rpc_method_handler(echo_md)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    path = tmp_path / "grpc.json"
+    path.write_text(json.dumps(_resources(port, _dead_port())))
+    m = mesh_cls.from_file(path, watch=False, seed=1)
+    try:
+        m.start()
+        m.wait_ready(TARGET, timeout=5)
+        with mesh_channel(m, TARGET) as ch:
+            seen = json.loads(ch.unary_unary("/t.Echo/Md")(b"", metadata=(("traceparent", "00-bad-bad-01"),)))
+        (span,) = spans.get_finished_spans()
+        assert span.name == f"egress {TARGET}" and span.attributes["http.request.method"] == "POST"
+        assert span.attributes["rpc.grpc.status_code"] == 0
+        _check_propagated(seen, span)  # (an invalid incoming traceparent: replaced, not a parent)
+    finally:
+        m.close()
+        server.stop(None)

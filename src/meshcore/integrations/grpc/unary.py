@@ -23,6 +23,7 @@ from ...lifecycle import _fault_delay, _final, _retry_delay
 from ...resilience.fault import NO_FAULT
 from ...resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retries_ok_answer
 from ...telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
+from ...telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, headers_of as _trace_headers
 from .. import _add_context
 from ._metadata import _GRPC_HEADER_DICT, _headers
 from ._types import Metadata
@@ -333,6 +334,9 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             exchange = _exchange_of(ch.mesh)
             if exchange is not None:  # Istio's metadata exchange (mesh.telemetry.enable_istio_metrics)
                 metadata = (*(metadata or ()), *exchange.headers)
+            traced = _trace_headers(attempt)  # tracing: this attempt's headers replace the caller's
+            if traced:
+                metadata = (*(m for m in (metadata or ()) if m[0].lower() not in _TRACE_HEADERS), *traced)
         started = time.monotonic()
         try:
             mc = self._target_callable(ep, attempt)
