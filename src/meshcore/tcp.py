@@ -59,7 +59,7 @@ class TcpPick:
         if self.tls is not None:
             try:
                 sock.settimeout(max(0.001, limit - (time.monotonic() - started)))
-                sock = self.tls.wrap_socket(sock, ep.key, "http/1.1", ep=ep)
+                sock = self.tls.wrap_socket(sock, ep.key, "tcp", ep=ep)
             except (UpstreamError, OSError) as e:
                 self._failed(stats, outlier)
                 if isinstance(e, UpstreamError):

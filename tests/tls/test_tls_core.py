@@ -258,6 +258,8 @@ def test_configured_alpn_is_offered_as_it_is_unless_istio(pki: Pki) -> None:
     assert m.upstream("c", mtls_spec(alpn_protocols=("h2", "http/1.1"))).alpn() == ("h2", "http/1.1")
     istio = m.upstream("c", mtls_spec(alpn_protocols=("istio-peer-exchange", "istio")))
     assert istio.alpn() == ("istio-http/1.1", "istio", "http/1.1")
+    # raw TCP: never istio-peer-exchange (the server's sidecar would expect Istio's in-band exchange)
+    assert istio.alpn("tcp") == ("istio",)
 
 
 def test_san_mismatch_is_a_connect_failure_naming_both_sides(pki: Pki, server_factory: Any) -> None:

@@ -368,7 +368,7 @@ async def _open(pick: Any, limit: Optional[float]) -> Tuple[Any, Any]:
     ctx = None
     if tls is not None:
         try:
-            ctx = tls.context("http/1.1")
+            ctx = tls.context("tcp")
         except UpstreamError as e:
             sock.close()
             raise failed(e) from None

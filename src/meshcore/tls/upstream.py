@@ -43,6 +43,10 @@ ISTIO_ALPN: Dict[str, Tuple[str, ...]] = {
     "http/1.0": ("istio-http/1.0", "istio", "http/1.0"),
     "http/1.1": ("istio-http/1.1", "istio", "http/1.1"),
     "h2": ("istio-h2", "istio", "h2"),
+    # raw TCP (tcp_proxy): a sidecar offers its cluster's ("istio-peer-exchange", "istio"), but
+    # istio-peer-exchange makes the server's sidecar expect Istio's in-band metadata exchange, which
+    # meshcore does not speak: "istio" alone still selects the server's mTLS TCP chain
+    "tcp": ("istio",),
 }
 #: how long the first connection waits for a streamed (SDS) certificate source's first secrets
 FIRST_CERTIFICATES_WAIT = 5.0
