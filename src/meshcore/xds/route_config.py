@@ -18,6 +18,7 @@ entry with both or neither of ``name``/``cluster_header``; direct response statu
 from __future__ import annotations
 
 import hashlib
+import threading
 
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -386,10 +387,12 @@ def _redirect(ctx: _Ctx, r: Any, where: str) -> RedirectSpec:
                         response_code=_REDIRECT_CODES.get(r.response_code, 301), strip_query=r.strip_query)
 
 
-#: virtual hosts decoded and validated before, by a digest of their serialized message: a virtual
-#: host's spec depends on its message alone (not on its route configuration's name or siblings)
-_VHOST_CACHE: Dict[bytes, VirtualHostSpec] = {}
-_VHOST_CACHE_MAX = 16384
+#: per route configuration name, the virtual hosts of its last decoded version by a digest of their
+#: serialized message (a virtual host's spec depends on its message alone): a new version of a large
+#: Istio route configuration re-decodes only the virtual hosts that changed
+_VHOST_CACHE: Dict[str, Dict[bytes, VirtualHostSpec]] = {}
+_VHOST_CACHE_NAMES = 256
+_VHOST_LOCK = threading.Lock()
 
 
 def route_config_spec(route_configuration: Any) -> RouteConfigSpec:
@@ -402,6 +405,8 @@ def route_config_spec(route_configuration: Any) -> RouteConfigSpec:
     seen_domains: Dict[str, str] = {}
     vhosts: List[VirtualHostSpec] = []
     fresh: List[Tuple[bytes, Any, str, VirtualHostSpec]] = []  # decoded here, PGV-checked below
+    previous = _VHOST_CACHE.get(rc.name) or {}
+    kept: Dict[bytes, VirtualHostSpec] = {}
     names = set()
     for vi, vh in enumerate(rc.virtual_hosts):
         vh_where = f"virtual_hosts[{vh.name or vi}]"
@@ -428,9 +433,10 @@ def route_config_spec(route_configuration: Any) -> RouteConfigSpec:
             seen_domains[key] = vh.name
             domains.append(key)
         digest = hashlib.blake2b(vh.SerializeToString(deterministic=True), digest_size=16).digest()
-        cached = _VHOST_CACHE.get(digest)
-        if cached is not None:  # decoded and checked before (a route config differing elsewhere)
+        cached = previous.get(digest)
+        if cached is not None:  # decoded and checked in this route configuration's last version
             vhosts.append(cached)
+            kept[digest] = cached
             continue
         vh_retry = _retry_policy(ctx, vh.retry_policy, vh_where + ".retry_policy") \
             if vh.HasField("retry_policy") else None
@@ -454,10 +460,13 @@ def route_config_spec(route_configuration: Any) -> RouteConfigSpec:
         check_pgv(rc, ctx.resource)
     for digest, vh, vh_where, spec in fresh:
         check_pgv(vh, ctx.resource, vh_where)
-    if len(_VHOST_CACHE) + len(fresh) > _VHOST_CACHE_MAX:
-        _VHOST_CACHE.clear()
     for digest, vh, vh_where, spec in fresh:
-        _VHOST_CACHE[digest] = spec
+        kept[digest] = spec
+    with _VHOST_LOCK:  # only this version's virtual hosts stay: memory follows the live configuration
+        _VHOST_CACHE.pop(rc.name, None)
+        if len(_VHOST_CACHE) >= _VHOST_CACHE_NAMES:
+            del _VHOST_CACHE[next(iter(_VHOST_CACHE))]  # the least recently decoded name
+        _VHOST_CACHE[rc.name] = kept
     return RouteConfigSpec(
         name=rc.name,
         virtual_hosts=tuple(vhosts),
