@@ -96,7 +96,16 @@ def _path(environ: Dict[str, Any]) -> Tuple[str, Optional[str]]:
     for key in ("RAW_URI", "REQUEST_URI"):
         raw = environ.get(key)
         if raw:
-            return raw, key
+            if raw[0] == "/":
+                return raw, key
+            # absolute-form (``GET http://host/p``: gunicorn keeps it in RAW_URI while PATH_INFO
+            # is /p): Envoy's HTTP/1 codec routes and authorizes the URL's path, so must RBAC
+            _, sep, rest = raw.partition("://")
+            if sep:
+                cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+                tail = rest[cut:]
+                return ("/" + tail if not tail.startswith("/") else tail), key
+            break  # anything else: not a target RBAC can read; use PATH_INFO
     p = quote((environ.get("SCRIPT_NAME") or "") + (environ.get("PATH_INFO") or "/"), safe=_PATH_SAFE,
               encoding="latin-1")
     qs = environ.get("QUERY_STRING")
