@@ -482,7 +482,7 @@ class _Sender:
             raise
         resp.meshcore = {"cluster": self.cluster, "endpoint": ep_key, "route": self.route_name,  # type: ignore[attr-defined]
                          "attempts": attempt.number}
-        if _TELEMETRY[0]:
+        if _TELEMETRY[0] or self.exchange is not None:  # strip the peer's metadata we asked for
             _tell_telemetry(attempt, resp, self.exchange)
         return resp
 

@@ -912,7 +912,7 @@ class MeshTransport(_MeshTransportBase):
                             raise exc
                     nonlocal last
                     last = attempt
-                    if _TELEMETRY[0]:
+                    if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
                         _tell_telemetry(attempt, resp, raw, exchange)
                     return _final_response(lib, request, resp, raw)
                 try:
@@ -925,7 +925,7 @@ class MeshTransport(_MeshTransportBase):
                     raw = b"".join(response.iter_raw())
                 finally:
                     response.close()
-                if _TELEMETRY[0]:
+                if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
                     _tell_telemetry_headers(attempt, response, raw, exchange)
                 return _Answer.of(response, raw)
             finally:
@@ -1026,7 +1026,7 @@ class AsyncMeshTransport(_MeshTransportBase):
                             raise exc
                     nonlocal last
                     last = attempt
-                    if _TELEMETRY[0]:
+                    if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
                         _tell_telemetry(attempt, resp, raw, exchange)
                     return _final_response(lib, request, resp, raw)
                 try:
@@ -1039,7 +1039,7 @@ class AsyncMeshTransport(_MeshTransportBase):
                     raw = b"".join([chunk async for chunk in response.aiter_raw()])
                 finally:
                     await response.aclose()
-                if _TELEMETRY[0]:
+                if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
                     _tell_telemetry_headers(attempt, response, raw, exchange)
                 return _Answer.of(response, raw)
             finally:

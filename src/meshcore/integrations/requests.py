@@ -499,7 +499,7 @@ class MeshAdapter(HTTPAdapter):
                 raise
             response.meshcore = {"cluster": cluster, "endpoint": ep_key, "route": route_name,
                                  "attempts": attempt.number}
-            if _TELEMETRY[0]:
+            if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
                 _tell_telemetry(attempt, response, body, exchange)
             return response
 
