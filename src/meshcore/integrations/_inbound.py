@@ -57,7 +57,7 @@ import time
 import weakref
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-__all__ = ["InboundGate", "InboundStats", "Verdict", "ALLOWED", "DENIED", "NOT_SERVING", "NO_CHAIN", "NO_ROUTE",
+__all__ = ["GatedMiddleware", "InboundGate", "InboundStats", "Verdict", "ALLOWED", "DENIED", "NOT_SERVING", "NO_CHAIN", "NO_ROUTE",
            "UNSERVED_ROUTE", "DENIED_BODY", "destination_sinks", "emit", "now", "listener_of", "ip_or_none",
            "str_headers"]
 
@@ -774,3 +774,34 @@ class InboundGate:
                 self._warned.clear()
             self._warned[why] = None
             log.warning("inbound: refusing requests: %s", why)
+
+
+class GatedMiddleware:
+    """What the ASGI and WSGI middlewares share: the application and its :class:`InboundGate`
+    (the listener or local RBAC engine, stats), with ``listener`` / ``rbac`` / ``stats`` views."""
+
+    _kind = "an"
+
+    def __init__(self, app: Any, mesh: Any = None, *, listener: Any = None, rbac: Any = None,
+                 stat_prefix: Optional[str] = None, stats: Optional[InboundStats] = None) -> None:
+        if not callable(app):
+            raise TypeError(f"app must be {self._kind} application, got {type(app).__name__}")
+        self.app = app
+        self.mesh = mesh
+        self.gate = InboundGate(listener_of(mesh, listener, rbac), rbac, stat_prefix=stat_prefix, stats=stats)
+
+    @property
+    def listener(self) -> Any:
+        return self.gate.listener
+
+    @property
+    def rbac(self) -> Any:
+        return self.gate.rbac
+
+    @rbac.setter
+    def rbac(self, engine: Any) -> None:
+        self.gate.rbac = engine
+
+    @property
+    def stats(self) -> InboundStats:
+        return self.gate.stats

@@ -72,7 +72,7 @@ from urllib.parse import quote, unquote
 
 from ..tls.server import peer_from_asgi_scope
 from ._inbound import (
-    ALLOWED, DENIED, InboundGate, InboundStats, Verdict, destination_sinks, emit, ip_or_none, listener_of, now,
+    ALLOWED, DENIED, GatedMiddleware, Verdict, destination_sinks, emit, ip_or_none, now,
 )
 
 __all__ = ["MeshAsgiMiddleware", "caller"]
@@ -103,7 +103,7 @@ def caller(scope: Any) -> Optional[Dict[str, Any]]:
     return s.get("meshcore") if isinstance(s, dict) else None
 
 
-class MeshAsgiMiddleware:
+class MeshAsgiMiddleware(GatedMiddleware):
     """ASGI middleware applying the mesh's inbound policy (see the module docstring).
 
     ``app``: the ASGI app. ``mesh``: a :class:`meshcore.Mesh` (telemetry; needed for
@@ -116,29 +116,7 @@ class MeshAsgiMiddleware:
     :class:`InboundStats` to share (default: the listener's).
     """
 
-    def __init__(self, app: Any, mesh: Any = None, *, listener: Any = None, rbac: Any = None,
-                 stat_prefix: Optional[str] = None, stats: Optional[InboundStats] = None) -> None:
-        if not callable(app):
-            raise TypeError(f"app must be an ASGI application, got {type(app).__name__}")
-        self.app = app
-        self.mesh = mesh
-        self.gate = InboundGate(listener_of(mesh, listener, rbac), rbac, stat_prefix=stat_prefix, stats=stats)
-
-    @property
-    def listener(self) -> Any:
-        return self.gate.listener
-
-    @property
-    def rbac(self) -> Any:
-        return self.gate.rbac
-
-    @rbac.setter
-    def rbac(self, engine: Any) -> None:
-        self.gate.rbac = engine
-
-    @property
-    def stats(self) -> InboundStats:
-        return self.gate.stats
+    _kind = "an ASGI"
 
     async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]

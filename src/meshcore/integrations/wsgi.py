@@ -50,7 +50,7 @@ from urllib.parse import quote, unquote
 
 from ..tls.server import peer_from_wsgi_environ
 from ._inbound import (
-    ALLOWED, InboundGate, InboundStats, Verdict, destination_sinks, emit, ip_or_none, listener_of, now,
+    ALLOWED, GatedMiddleware, Verdict, destination_sinks, emit, ip_or_none, now,
 )
 
 __all__ = ["MeshWsgiMiddleware"]
@@ -130,33 +130,11 @@ def _tls(environ: Dict[str, Any]) -> Tuple[bool, Any, Optional[str], Optional[Tu
     return False, None, None, local
 
 
-class MeshWsgiMiddleware:
+class MeshWsgiMiddleware(GatedMiddleware):
     """WSGI middleware applying the mesh's inbound policy (see the module docstring); arguments
     as :class:`~meshcore.integrations.asgi.MeshAsgiMiddleware`'s."""
 
-    def __init__(self, app: Callable[..., Any], mesh: Any = None, *, listener: Any = None, rbac: Any = None,
-                 stat_prefix: Optional[str] = None, stats: Optional[InboundStats] = None) -> None:
-        if not callable(app):
-            raise TypeError(f"app must be a WSGI application, got {type(app).__name__}")
-        self.app = app
-        self.mesh = mesh
-        self.gate = InboundGate(listener_of(mesh, listener, rbac), rbac, stat_prefix=stat_prefix, stats=stats)
-
-    @property
-    def listener(self) -> Any:
-        return self.gate.listener
-
-    @property
-    def rbac(self) -> Any:
-        return self.gate.rbac
-
-    @rbac.setter
-    def rbac(self, engine: Any) -> None:
-        self.gate.rbac = engine
-
-    @property
-    def stats(self) -> InboundStats:
-        return self.gate.stats
+    _kind = "a WSGI"
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         tls, peer, sni, local = _tls(environ)
