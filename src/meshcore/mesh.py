@@ -555,6 +555,7 @@ class MeshBase:
         with self._states_lock:
             self._retiring.update(n for n in names if n in self._states)
         self._reap()
+        self.tls.forget(names)  # their sockets' contexts (connections already made keep theirs)
         for listener in list(self._cluster_listeners):
             try:
                 listener._clusters_removed(names)

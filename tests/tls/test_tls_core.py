@@ -502,3 +502,12 @@ def test_spiffe_bundle_map_unknown_domain_and_bad_files(pki: Pki, tmp_path: Any,
         bad.write_text(text)
         with pytest.raises(CertificatesUnavailable, match=msg):
             FileCertificateSource(spiffe_trust_bundle_map_file=str(bad)).current()
+
+
+def test_forget_drops_the_sockets_of_removed_clusters(pki: Pki) -> None:
+    m = manager(pki)
+    a = m.upstream("a", mtls_spec())
+    m.upstream("b", mtls_spec())
+    m.forget(["b"])
+    assert m.upstream("a", mtls_spec()) is a
+    assert {k[0] for k in m._upstreams} == {"a"}

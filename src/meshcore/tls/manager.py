@@ -211,6 +211,13 @@ class TlsManager:
             up = self._upstreams.setdefault(key, up)
         return up
 
+    def forget(self, clusters: Any) -> None:
+        """Drop the cluster sockets of clusters that left the configuration."""
+        gone = set(clusters)
+        with self._lock:
+            if any(k[0] in gone for k in self._upstreams):
+                self._upstreams = {k: v for k, v in self._upstreams.items() if k[0] not in gone}
+
     def for_endpoint(self, cluster: str, spec: Any, endpoint: Any) -> Optional[UpstreamTls]:
         tls_spec = socket_spec_for(spec, endpoint)
         if tls_spec is None:
