@@ -22,23 +22,20 @@ meshcore's handshake count to be one per request (new) or none (reused). Figures
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from integration_harness import (  # noqa: E402
-    PATH, TARGET, PinnedRig, envoy_available, extra_info, markdown, profile_async, resources,
+    PATH, TARGET, envoy_available, extra_info, markdown, profile_async, resources,
     run_interleaved,
 )
-from test_bench_sidecar import StaticEnvoy, pin, upstream_bootstrap  # noqa: E402
+from tls_rig import SidecarTlsRig  # noqa: E402
 
 NEW_RATE = 150.0  # requests/s of the new-connection experiment (each leaves a socket in TIME_WAIT)
 SNI = f"outbound_.8080_._.{TARGET.split(':')[0]}"
@@ -74,37 +71,15 @@ def mtls_resources(sidecar_port: int, sidecar_id: str) -> Dict[str, Any]:
     return res
 
 
-class TlsRig(PinnedRig):
-    """Test PKI, the app (an Envoy ``direct_response``), the STRICT sidecar in front of it (an
-    Envoy), and a file-fed mesh with the workload certificates of ``client``."""
+class TlsRig(SidecarTlsRig):
+    """The shared rig (``tls_rig.SidecarTlsRig``) with :func:`mtls_resources`; the sidecar allows
+    the client's SPIFFE ID only."""
 
     def __init__(self, pin_cpus: bool = True) -> None:
-        import meshcore
-        from tls.pki import make_pki, spiffe_id
-        from tls.sidecar import SidecarInbound
+        from tls.pki import spiffe_id
 
-        self._init_pinning(pin_cpus)
-        self.tmpdir = tempfile.mkdtemp(prefix="meshcore-bench-tls-")
-        self.upstream: Optional[StaticEnvoy] = None
-        self.sidecar: Any = None
-        self.mesh: Any = None
-        try:
-            self.pki = make_pki(os.path.join(self.tmpdir, "pki"))
-            self.upstream = StaticEnvoy("upstream", upstream_bootstrap(1)).start()
-            self.sidecar = SidecarInbound(self.pki.paths("sidecar"), app_port=self.upstream.ports["u0"],
-                                          allowed_principals=(spiffe_id("client"),)).start()
-            path = os.path.join(self.tmpdir, "mesh.json")
-            with open(path, "w") as f:
-                json.dump(mtls_resources(self.sidecar.port, spiffe_id("sidecar")), f)
-            self.mesh = meshcore.Mesh.from_file(path, watch=False, seed=1,
-                                                certificates=self.pki.paths("client").dir).start()
-            self.mesh.wait_ready(TARGET, timeout=15)
-            self.mesh_url = f"http://{TARGET}"
-            self.direct_url = f"https://127.0.0.1:{self.sidecar.port}"
-            self.pin_all()
-        except BaseException:
-            self.close()
-            raise
+        super().__init__(lambda port: mtls_resources(port, spiffe_id("sidecar")), TARGET, pin_cpus=pin_cpus,
+                         allowed_principals=(spiffe_id("client"),))
 
     def direct_context(self) -> Any:
         """What an app doing mTLS itself would use: the same files, Istio's HTTP/1.1 ALPN, no
@@ -113,27 +88,6 @@ class TlsRig(PinnedRig):
         from tls.sidecar import ALPN_HTTP11
 
         return client_context(self.pki.paths("client"), alpn=ALPN_HTTP11, strict=False)
-
-    def _helpers(self) -> List[Any]:
-        return [self.upstream, self.sidecar._envoy if self.sidecar is not None else None]
-
-    def pids(self) -> Dict[str, int]:
-        return {"proxy": self.sidecar._envoy.pid, "upstream": self.upstream.pid}  # type: ignore[union-attr]
-
-    def close(self) -> None:
-        if self.mesh is not None:
-            self.mesh.close()
-            self.mesh = None
-        if self.sidecar is not None:
-            self.sidecar.close()
-            self.sidecar = None
-        if self.upstream is not None:
-            self.upstream.close()
-            self.upstream = None
-        if self.saved_affinity is not None:
-            pin(os.getpid(), self.saved_affinity)
-            self.saved_affinity = None
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 def handshakes(rig: TlsRig) -> int:

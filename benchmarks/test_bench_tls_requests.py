@@ -32,13 +32,9 @@ client CPU). Run: ``pytest benchmarks/test_bench_tls_requests.py --benchmark-onl
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import shutil
 import ssl
 import sys
-import tempfile
-from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import pytest
@@ -46,8 +42,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from integration_harness import (  # noqa: E402  (puts tests/ on sys.path)
-    PATH, RETRY_ON, PinnedRig, envoy_available, extra_info, markdown, run_interleaved, summarize,
+    PATH, RETRY_ON, envoy_available, extra_info, markdown, run_interleaved, summarize,
 )
+from tls_rig import SidecarTlsRig  # noqa: E402
 
 MODES = ["direct", "meshcore", "direct-new", "meshcore-new"]
 CLOSE = {"Connection": "close"}
@@ -62,52 +59,21 @@ def _deps() -> bool:
         return False
 
 
-class TlsRig(PinnedRig):
-    """Upstream Envoy (the app), sidecar Envoy (STRICT inbound, mTLS), file-fed mesh with a TLS
-    cluster to the sidecar; ``close()`` (or ``with``) stops them."""
+class TlsRig(SidecarTlsRig):
+    """The shared rig (``tls_rig.SidecarTlsRig``) with ``tests/tls/test_requests_mtls.py``'s
+    cluster: route ``/api/`` with a timeout and a retry policy, as in the plaintext benchmark."""
 
     def __init__(self, *, pin_cpus: bool = True) -> None:
-        import meshcore
-        from test_bench_sidecar import StaticEnvoy, upstream_bootstrap
-        from tls.pki import make_pki
-        from tls.sidecar import SidecarInbound
         from tls.test_requests_mtls import SNI, TARGET, cluster, endpoints, resources, route
 
-        self._init_pinning(pin_cpus)
-        self.tmpdir = tempfile.mkdtemp(prefix="meshcore-bench-tls-requests-")
-        self.upstream: Any = None
-        self.sidecar: Any = None
-        self.mesh: Any = None
+        retry = {"retry_on": RETRY_ON, "num_retries": 2}
         self.sni = SNI
-        try:
-            self.pki = make_pki(os.path.join(self.tmpdir, "pki"))
-            self.upstream = StaticEnvoy("upstream", upstream_bootstrap(1)).start()
-            self.sidecar = SidecarInbound(self.pki.paths("sidecar"), app_port=self.upstream.ports["u0"])
-            self.sidecar.start()
-            retry = {"retry_on": RETRY_ON, "num_retries": 2}
-            res = resources([cluster("svc")], [endpoints("svc", [self.sidecar.port])],
-                            [route("/api/", "svc", timeout="5s", retry_policy=retry), route("/", "svc")])
-            path = os.path.join(self.tmpdir, "mesh.json")
-            with open(path, "w") as f:
-                json.dump(res, f)
-            self.mesh = meshcore.Mesh.from_file(path, watch=False, seed=1,
-                                                certificates=self.pki.paths("client").dir).start()
-            self.mesh.wait_ready(TARGET, timeout=15)
-            self.mesh_url = f"http://{TARGET}"
-            self.direct_url = f"https://127.0.0.1:{self.sidecar.port}"
-            self.pin_all()
-        except BaseException:
-            self.close()
-            raise
 
-    def _sidecar_proc(self) -> Any:
-        return SimpleNamespace(pid=self.sidecar._envoy.pid) if self.sidecar is not None else None
+        def resources_of(port: int) -> Dict[str, Any]:
+            return resources([cluster("svc")], [endpoints("svc", [port])],
+                             [route("/api/", "svc", timeout="5s", retry_policy=retry), route("/", "svc")])
 
-    def _helpers(self) -> List[Any]:
-        return [self.upstream, self._sidecar_proc()]
-
-    def pids(self) -> Dict[str, int]:
-        return {"proxy": self.sidecar._envoy.pid, "upstream": self.upstream.pid}
+        super().__init__(resources_of, TARGET, pin_cpus=pin_cpus, prefix="meshcore-bench-tls-requests-")
 
     def direct_context(self) -> ssl.SSLContext:
         """The direct client's context: the client's certificate, the mesh root, Istio's ALPN;
@@ -140,21 +106,6 @@ class TlsRig(PinnedRig):
         ctx.set_alpn_protocols(list(ALPN_HTTP11))
         ctx.locked = True
         return ctx
-
-    def close(self) -> None:
-        if self.mesh is not None:
-            self.mesh.close()
-            self.mesh = None
-        for e in (self.sidecar, self.upstream):
-            if e is not None:
-                e.close()
-        self.sidecar = self.upstream = None
-        if self.saved_affinity is not None:
-            from test_bench_sidecar import pin
-
-            pin(os.getpid(), self.saved_affinity)
-            self.saved_affinity = None
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 def _check(r: Any) -> None:
