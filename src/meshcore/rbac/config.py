@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .._route_model import StringMatchSpec
 from .._routing import ascii_lower
@@ -343,29 +343,47 @@ def _not(node: Node) -> Node:
     return ("not", node)
 
 
+def _combined(group: Any, field: str, combine: Callable[[List[Node]], Node],
+              decode: Callable[[Any, str, str], Node], resource: str, where: str) -> Node:
+    """An ``and_*``/``or_*`` rule: its ``field`` list (at least one item), each decoded, combined."""
+    items = getattr(group, field)
+    if not len(items):
+        raise ConfigError(resource, f"{where}.{field}", "value must contain at least 1 item(s)")
+    return combine([decode(x, resource, f"{where}.{field}[{i}]") for i, x in enumerate(items)])
+
+
+def _shared_rule(p: Any, kind: str, resource: str, where: str) -> Optional[Node]:
+    """The rules a Permission and a Principal both have (``any``, ``header``, ``url_path``,
+    ``metadata``, ``sourced_metadata``); ``None`` for any other kind."""
+    if kind == "any":
+        if not p.any:
+            raise ConfigError(resource, where, "value must equal true")
+        return ANY
+    if kind == "header":
+        return _header(p.header, resource, where)
+    if kind == "url_path":
+        return _url_path(p.url_path, resource, where)
+    if kind == "metadata":  # dynamic metadata is never set here: only an inverted matcher matches
+        return ANY if p.metadata.invert else NEVER
+    if kind == "sourced_metadata":
+        return ANY if p.sourced_metadata.metadata_matcher.invert else NEVER
+    return None
+
+
 def _permission(p: Any, resource: str, where: str) -> Node:
     kind = p.WhichOneof("rule")
     if kind is None:
         raise ConfigError(resource, where, "value is required (a Permission needs a rule)")
     w = f"{where}.{kind}"
     if kind == "and_rules":
-        if not len(p.and_rules.rules):
-            raise ConfigError(resource, w + ".rules", "value must contain at least 1 item(s)")
-        return _and([_permission(x, resource, f"{w}.rules[{i}]") for i, x in enumerate(p.and_rules.rules)])
+        return _combined(p.and_rules, "rules", _and, _permission, resource, w)
     if kind == "or_rules":
-        if not len(p.or_rules.rules):
-            raise ConfigError(resource, w + ".rules", "value must contain at least 1 item(s)")
-        return _or([_permission(x, resource, f"{w}.rules[{i}]") for i, x in enumerate(p.or_rules.rules)])
+        return _combined(p.or_rules, "rules", _or, _permission, resource, w)
     if kind == "not_rule":
         return _not(_permission(p.not_rule, resource, w))
-    if kind == "any":
-        if not p.any:
-            raise ConfigError(resource, w, "value must equal true")
-        return ANY
-    if kind == "header":
-        return _header(p.header, resource, w)
-    if kind == "url_path":
-        return _url_path(p.url_path, resource, w)
+    shared = _shared_rule(p, kind, resource, w)
+    if shared is not None:
+        return shared
     if kind == "destination_ip":
         return ("ip", "destination", _cidr(p.destination_ip, resource, w))
     if kind == "destination_port":
@@ -384,10 +402,6 @@ def _permission(p: Any, resource: str, where: str) -> Node:
         return ("port_range", start, end)
     if kind == "requested_server_name":
         return ("sni", _string(p.requested_server_name, resource, w))
-    if kind == "metadata":
-        return ANY if p.metadata.invert else NEVER
-    if kind == "sourced_metadata":
-        return ANY if p.sourced_metadata.metadata_matcher.invert else NEVER
     # matcher (the unified matcher as a permission), uri_template: grpc-go NACKs these
     raise ConfigError(resource, w, f"unsupported permission {kind!r} (gRPC A41)")
 
@@ -398,19 +412,14 @@ def _principal(p: Any, resource: str, where: str) -> Node:
         raise ConfigError(resource, where, "value is required (a Principal needs an identifier)")
     w = f"{where}.{kind}"
     if kind == "and_ids":
-        if not len(p.and_ids.ids):
-            raise ConfigError(resource, w + ".ids", "value must contain at least 1 item(s)")
-        return _and([_principal(x, resource, f"{w}.ids[{i}]") for i, x in enumerate(p.and_ids.ids)])
+        return _combined(p.and_ids, "ids", _and, _principal, resource, w)
     if kind == "or_ids":
-        if not len(p.or_ids.ids):
-            raise ConfigError(resource, w + ".ids", "value must contain at least 1 item(s)")
-        return _or([_principal(x, resource, f"{w}.ids[{i}]") for i, x in enumerate(p.or_ids.ids)])
+        return _combined(p.or_ids, "ids", _or, _principal, resource, w)
     if kind == "not_id":
         return _not(_principal(p.not_id, resource, w))
-    if kind == "any":
-        if not p.any:
-            raise ConfigError(resource, w, "value must equal true")
-        return ANY
+    shared = _shared_rule(p, kind, resource, w)
+    if shared is not None:
+        return shared
     if kind == "authenticated":
         a = p.authenticated
         if not a.HasField("principal_name"):
@@ -422,14 +431,6 @@ def _principal(p: Any, resource: str, where: str) -> Node:
         return ("ip", "direct", _cidr(p.direct_remote_ip, resource, w))
     if kind == "remote_ip":
         return ("ip", "remote", _cidr(p.remote_ip, resource, w))
-    if kind == "header":
-        return _header(p.header, resource, w)
-    if kind == "url_path":
-        return _url_path(p.url_path, resource, w)
-    if kind == "metadata":
-        return ANY if p.metadata.invert else NEVER
-    if kind == "sourced_metadata":
-        return ANY if p.sourced_metadata.metadata_matcher.invert else NEVER
     # filter_state, custom (extensions): grpc-go NACKs these
     raise ConfigError(resource, w, f"unsupported principal {kind!r} (gRPC A41)")
 
