@@ -37,8 +37,9 @@ from ..errors import CircuitBreakerOpen, FaultAbort, NoRoute, Unavailable, Upstr
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retriable
 from .peer_metadata import decode_cached
 from .record import NO_FLAGS, RequestRecord
+from .tracing import TRACER as _TRACER, headers_of as _trace_headers_of
 
-__all__ = ["report", "report_refusal", "outcome_of", "http_to_grpc", "last_attempt"]
+__all__ = ["report", "report_refusal", "outcome_of", "http_to_grpc", "last_attempt", "generated_request_id"]
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,8 @@ def _record(call: Any, a: Any, result: Any, exc: Optional[BaseException], peers:
         r.peer_metadata = decode_cached(peer) if peer else None
     else:
         _fill_io(r, call.headers, result, info, peers)
+    if r.request_id is None and _TRACER[0] is not None:
+        r.request_id = generated_request_id(a)
     if exc is None and call.fault_decision is None:  # the usual answer: no flag unless retries ran out
         status = a.status
         if type(status) is not int:
@@ -269,6 +272,16 @@ def _record(call: Any, a: Any, result: Any, exc: Optional[BaseException], peers:
     r.response_code, r.grpc_status, r.response_flags, r.response_code_details = outcome_of(
         call, a, exc, r.protocol == "grpc")
     return r
+
+
+def generated_request_id(a: Any) -> Optional[str]:
+    """The ``x-request-id`` tracing made for attempt ``a`` (the request had none), or None. Tracing
+    keeps an attempt's headers (``tracing.headers_of``) until the call's span ends, which is after
+    the record is made (``lifecycle.run_reported``)."""
+    for k, v in _trace_headers_of(a):
+        if k == "x-request-id":
+            return v
+    return None
 
 
 def _fill(r: RequestRecord, target: str, authority: str, method: str, path: str, route_name: Optional[str],

@@ -15,13 +15,23 @@ import os
 import threading
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["RequestRecord", "Sink", "Telemetry", "NO_FLAGS", "ACTIVE", "ENV_ISTIO_METRICS", "exchange_of"]
+__all__ = ["RequestRecord", "Sink", "Telemetry", "NO_FLAGS", "ACTIVE", "ENV_ISTIO_METRICS", "exchange_of",
+           "active_add"]
 
 log = logging.getLogger(__name__)
 
-#: ``[n]``: how many Telemetry objects of the process have a sink. The request path's first test
-#: (one list read) before it looks at its own mesh's sinks.
+#: ``[n]``: how many Telemetry objects of the process have a sink (plus one while tracing is on).
+#: The request path's first test (one list read) before it looks at its own mesh's sinks. Only
+#: :func:`active_add` changes it (under one process-wide lock: meshes change it concurrently).
 ACTIVE = [0]
+_ACTIVE_LOCK = threading.Lock()
+
+
+def active_add(n: int) -> None:
+    """``ACTIVE[0] += n`` under the process-wide lock (a read-modify-write that two meshes, or a
+    mesh and tracing, may run at once). Off the request path: sinks added or removed."""
+    with _ACTIVE_LOCK:
+        ACTIVE[0] += n
 
 #: Envoy's ``%RESPONSE_FLAGS%`` when no flag is set
 NO_FLAGS = "-"
@@ -201,7 +211,7 @@ class Telemetry:
         with self._lock:
             if sink not in self.sinks:
                 if not self.sinks:
-                    ACTIVE[0] += 1
+                    active_add(1)
                 self.sinks = self.sinks + (sink,)
         return sink
 
@@ -212,13 +222,13 @@ class Telemetry:
             self.sinks = tuple(s for s in self.sinks if s is not sink and s != sink)
             self._failed.pop(id(sink), None)
             if had and not self.sinks:
-                ACTIVE[0] -= 1
+                active_add(-1)
 
     def close(self) -> None:
         """The mesh closed: drop every sink (the Istio metrics recorded stay readable)."""
         with self._lock:
             if self.sinks:
-                ACTIVE[0] -= 1
+                active_add(-1)
             self.sinks = ()
             self.exchange = None
 
