@@ -505,6 +505,13 @@ def test_network_filters() -> None:
     lis.filter_chains.add().filters.add(name="envoy.filters.network.tcp_proxy", typed_config=_pack(tp))
     t = sidecar_listener_spec(lis).filter_chains[0].tcp
     assert (t.cluster, t.weighted_clusters, t.clusters, t.idle_timeout) == ("", (("a", 1), ("b", 3)), ("a", "b"), None)
+    # Envoy's ClusterWeight rules (weight >= 1, a name): the chain is unsupported, naming the field
+    tp.weighted_clusters.clusters.add(name="", weight=0)
+    lis.filter_chains[0].filters[0].typed_config.CopyFrom(_pack(tp))
+    chain = sidecar_listener_spec(lis).filter_chains[0]
+    assert [u for u in chain.unsupported if "weighted_clusters.clusters[2]" in u] == [
+        u for u in chain.unsupported if "clusters[2].name: value length" in u or "clusters[2].weight: value must" in u]
+    assert len([u for u in chain.unsupported if "weighted_clusters.clusters[2]" in u]) == 2, chain.unsupported
 
 
 def socket_pb(sa: Mapping[str, Any]) -> Any:

@@ -631,6 +631,12 @@ def _tcp_proxy_spec(tp: Any, resource: str, prefix: str, problems: List[str]) ->
         weighted = tuple((c.name, c.weight) for c in tp.weighted_clusters.clusters)
         if not weighted:
             problems.append(f"{prefix}weighted_clusters: no clusters")
+        for i, (name, weight) in enumerate(weighted):  # the ClusterWeight PGV rules Envoy enforces
+            if not name:
+                problems.append(f"{prefix}weighted_clusters.clusters[{i}].name: value length must be at least 1")
+            if weight < 1:
+                problems.append(f"{prefix}weighted_clusters.clusters[{i}].weight: value must be greater than or "
+                                f"equal to 1")
         if any(c.HasField("metadata_match") for c in tp.weighted_clusters.clusters):
             problems.append(f"{prefix}weighted_clusters.clusters.metadata_match: subset selection is not supported")
     else:
