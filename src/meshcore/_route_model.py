@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
 __all__ = [
+    "DecoratorSpec",
     "DirectResponseSpec",
     "HashPolicySpec",
     "HeaderMatchSpec",
@@ -139,6 +140,17 @@ class DirectResponseSpec:
     body: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class DecoratorSpec:
+    """``config.route.v3.Decorator``: the route's name for tracing. ``operation`` replaces the
+    span's default name (``egress <authority>``; Istio sets ``<host>:<port>/*``); ``propagate``
+    (default true) sends it upstream as ``x-envoy-decorator-operation`` so the server's sidecar
+    names its span the same (Envoy's ``ConnectionManagerImpl::ActiveStream::traceRequest``)."""
+
+    operation: str
+    propagate: bool = True
+
+
 @dataclass(slots=True)
 class RetryPolicy:
     """``config.route.v3.RetryPolicy`` (what the request lifecycle needs)."""
@@ -202,6 +214,7 @@ class RouteSpec:
     headers_to_remove: Tuple[str, ...] = ()
     # typed_per_filter_config (route over virtual host): (HTTP filter name, FaultSpec or None=disabled)
     filter_overrides: Tuple[Tuple[str, Any], ...] = ()
+    decorator: Optional[DecoratorSpec] = None  # the route's tracing decorator (None: Envoy's default span name)
 
 
 @dataclass(slots=True)

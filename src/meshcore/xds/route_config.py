@@ -26,6 +26,7 @@ import re2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from .._route_model import (
+    DecoratorSpec,
     DirectResponseSpec,
     HashPolicySpec,
     HeaderMutation,
@@ -297,6 +298,11 @@ def _route(ctx: _Ctx, r: Any, index: int, vh_where: str, vh_retry: Optional[Retr
     else:
         action = r.WhichOneof("action")
         raise ctx.error(f"{where}.{action or 'action'}", "unsupported route action" if action else "route has no action")
+    if "decorator" in route_fields:
+        d = route_fields["decorator"]
+        if not d.operation:  # PGV min_len 1 (said here, before the generic check, with the route's path)
+            raise ctx.error(where + ".decorator.operation", "value length must be at least 1 characters")
+        fields["decorator"] = DecoratorSpec(d.operation, d.propagate.value if d.HasField("propagate") else True)
     overrides = dict(vh_overrides or {})
     if "typed_per_filter_config" in route_fields:
         overrides.update(_filter_overrides(ctx, r.typed_per_filter_config, where))
