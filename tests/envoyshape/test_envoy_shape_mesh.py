@@ -261,3 +261,37 @@ def test_normalize_path(path: str, canonical: bool, merge: bool, expected: str) 
     from meshcore.xds.envoy_shape import normalize_path
 
     assert normalize_path(path, canonical=canonical, merge_slashes=merge) == expected
+
+
+def _inline_chain(vip: str, cluster: str) -> Dict[str, Any]:
+    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                    "HttpConnectionManager",
+           "stat_prefix": f"outbound_{vip}", "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+               "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+           "route_config": {"name": f"inline-{cluster}", "virtual_hosts": [
+               {"name": cluster, "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]}}
+    return {"filter_chain_match": {"prefix_ranges": [{"address_prefix": vip, "prefix_len": 32}]},
+            "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+
+
+def test_two_chains_of_one_listener_keep_a_route_table_each(tmp_path: Any) -> None:
+    # one listener, two filter chains (by destination VIP) with inline route configurations: each
+    # chain's table is built once and kept across rebuilds (keyed by the listener's name alone,
+    # each chain's build replaced the other's table)
+    static = {"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "type": "STATIC"}
+    doc = {"listeners": [{"name": "0.0.0.0_7070", "address": {"socket_address": {"address": "0.0.0.0",
+                                                                                  "port_value": 7070}},
+                          "filter_chains": [_inline_chain("10.96.0.50", "a"), _inline_chain("10.96.0.51", "b")]}],
+           "clusters": [dict(static, name=n, load_assignment={"cluster_name": n, "endpoints": [{"lb_endpoints": [
+               {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}]}]})
+               for n, p in (("a", 9101), ("b", 9102))]}
+    path = tmp_path / "inline.json"
+    path.write_text(json.dumps(doc))
+    with meshcore.Mesh.from_file(str(path), xds_shape="envoy") as m:
+        assert m.pick("10.96.0.50:7070", "/").cluster == "a"
+        assert m.pick("10.96.0.51:7070", "/").cluster == "b"
+        tables = dict(m._publisher._tables)
+        inline = [k for k in tables if k.startswith("\0inline:0.0.0.0_7070")]
+        assert len(inline) == 2, list(tables)
+        m._publisher.add_target("10.96.0.52:7070")  # a rebuild of every target
+        assert all(m._publisher._tables[k][1] is tables[k][1] for k in inline)  # not rebuilt

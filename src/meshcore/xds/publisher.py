@@ -391,7 +391,10 @@ class ConfigPublisher:
     def _http_target(self, walk: _Walk, target: str, lspec: Any, resolution: Any = None) -> Optional[TargetConfig]:
         lname = lspec.name
         if lspec.inline_route_config is not None:
-            rspec, rkey = lspec.inline_route_config, "\0inline:" + lname
+            # per route configuration object: two chains of one listener with inline routes
+            # keep a table each (keyed by the name alone they rebuilt each other's every time)
+            rspec = lspec.inline_route_config
+            rkey = f"\0inline:{lname}:{id(rspec)}"
         else:
             rname = lspec.route_config_name or ""
             re = self._need(walk, ROUTE, rname)
