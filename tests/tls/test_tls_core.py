@@ -511,3 +511,25 @@ def test_forget_drops_the_sockets_of_removed_clusters(pki: Pki) -> None:
     m.forget(["b"])
     assert m.upstream("a", mtls_spec()) is a
     assert {k[0] for k in m._upstreams} == {"a"}
+
+
+
+def test_forget_drops_file_secret_sources_no_socket_uses(pki: Pki) -> None:
+    # Istio's file-cert:/file-root: SDS names make a source per file set; a removed cluster's
+    # sources go with it unless another socket still uses them
+    m = manager(pki)
+    p = pki.paths("client")
+
+    def files_spec(chain: str) -> UpstreamTlsSpec:
+        return UpstreamTlsSpec(identity=CertificateRef("sds", f"file-cert:{chain}~{p.key}"),
+                               roots=CertificateRef("sds", f"file-root:{pki.root_file}"))
+    m.upstream("a", files_spec(p.chain))
+    m.upstream("b", files_spec(p.chain))
+    m.upstream("c", files_spec(p.chain + "."))  # (a name of its own; never read here)
+    assert len([n for n in m._sources if n.startswith("sds:file-")]) == 3
+    m.forget(["c"])
+    assert sorted(n.split(":")[1] for n in m._sources if n.startswith("sds:file-")) == ["file-cert", "file-root"]
+    m.forget(["a"])  # b still uses both
+    assert len([n for n in m._sources if n.startswith("sds:file-")]) == 2
+    m.forget(["b"])
+    assert not [n for n in m._sources if n.startswith("sds:file-")]

@@ -67,6 +67,9 @@ def socket_spec_for(spec: Any, endpoint: Any) -> Any:
     return spec.tls
 
 
+_FILE_SECRET = ("sds:file-cert:", "sds:file-root:")  # keys of the sources Istio's file secrets name
+
+
 class TlsManager:
     """Certificate sources by name and the :class:`UpstreamTls` of each cluster socket."""
 
@@ -212,11 +215,17 @@ class TlsManager:
         return up
 
     def forget(self, clusters: Any) -> None:
-        """Drop the cluster sockets of clusters that left the configuration."""
+        """Drop the cluster sockets of clusters that left the configuration, and the sources of
+        Istio's ``file-cert:``/``file-root:`` secrets no remaining socket uses (a later socket
+        naming the same files makes a new one)."""
         gone = set(clusters)
         with self._lock:
-            if any(k[0] in gone for k in self._upstreams):
-                self._upstreams = {k: v for k, v in self._upstreams.items() if k[0] not in gone}
+            if not any(k[0] in gone for k in self._upstreams):
+                return
+            self._upstreams = {k: v for k, v in self._upstreams.items() if k[0] not in gone}
+            used = {id(s) for up in self._upstreams.values() for s in (up._identity, up._roots)}
+            for name in [n for n, src in self._sources.items() if n.startswith(_FILE_SECRET) and id(src) not in used]:
+                del self._sources[name]
 
     def for_endpoint(self, cluster: str, spec: Any, endpoint: Any) -> Optional[UpstreamTls]:
         tls_spec = socket_spec_for(spec, endpoint)
