@@ -23,9 +23,10 @@ from .resilience.fault import NO_FAULT, ActiveFaults, FaultDecision, decide_faul
 from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retriable
 from .telemetry.outcome import report as _report
 from .telemetry.tracing import TRACER as _TRACER, begin as _begin_trace
+from .telemetry.tracing import begin_single as _begin_single_trace, end_single as _end_single_trace
 
-__all__ = ["default_classify", "default_status_of", "fault_decision", "fault_filter_for",
-           "fault_step", "fault_step_async", "header_pairs", "run", "run_async", "run_reported",
+__all__ = ["begin_single", "default_classify", "default_status_of", "fault_decision", "fault_filter_for",
+           "fault_step", "fault_step_async", "header_pairs", "report_single", "run", "run_async", "run_reported",
            "run_async_reported"]
 
 R = TypeVar("R")
@@ -408,10 +409,32 @@ async def run_async_reported(call: Any, send: Callable[[Any], Awaitable[R]], sta
     return result
 
 
+def begin_single(call: Any, attempt: Any) -> None:
+    """The single-attempt form's attempt started (``Call.__enter__`` while telemetry is on): its
+    span starts now and the attempt carries its trace headers (``tracing.headers_of``)."""
+    if _TRACER[0] is not None:
+        _begin_single_trace(call, attempt)
+
+
 def report_single(call: Any, exc: Optional[BaseException]) -> None:
     """The single-attempt form (``with mesh.request(...) as attempt``) ended (``exc``: what left
-    the block, or what ``__enter__`` raised): the call's record to the telemetry sinks."""
+    the block, or what ``__enter__`` raised): the call's record to the telemetry sinks, and its
+    span while tracing is on (made now, from the call's start, if :func:`begin_single` did not
+    begin it)."""
+    if _TRACER[0] is None:
+        _report(call, None, exc)
+        return
+    from .telemetry import tracing
+
+    trace = tracing._SINGLE.get(call)
+    if trace is None:  # begun after the fact: its headers exist before the record reads them
+        trace = _begin_trace(call, start_time=tracing._epoch_ns(call.started))
+        if trace is not None:
+            if call.attempts:
+                trace.attempt(call.attempts[-1])
+            tracing._SINGLE[call] = trace
     _report(call, None, exc)
+    _end_single_trace(call, exc)
 
 
 def _close(result: Any) -> None:

@@ -167,7 +167,9 @@ def _check_propagated(headers: Dict[str, str], span: Any, parent: Any = None) ->
         assert "x-b3-parentspanid" not in headers
     else:
         assert headers["x-b3-parentspanid"] == _hex(parent.span_id, 16)
-    assert uuid.UUID(headers["x-request-id"]).version == 4
+    # a UUID4 with Envoy's trace mark: '9' (sampled) where the version digit is (UUIDRequestIDExtension)
+    rid = headers["x-request-id"]
+    assert uuid.UUID(rid) and rid[14] == "9" and rid[19] in "89ab"
 
 
 # -- off ------------------------------------------------------------------------------------------
@@ -300,7 +302,13 @@ def test_attempt_spans(mesh, echo, spans):
     children = sorted((s for s in finished if s.parent is not None), key=lambda s: s.start_time)
     assert len(children) == 2 and all(c.parent.span_id == parent.context.span_id for c in children)
     assert children[0].status.status_code is StatusCode.ERROR and children[0].attributes["error.type"] == "503"
-    assert children[1].attributes["retry.count"] == 1
+    assert children[0].attributes["canceled"] == "true" and "retry.count" not in children[0].attributes
+    assert children[1].attributes["retry.count"] == "1"  # Envoy's tag (a string)
+    # Envoy's spawn_upstream_span shape: the downstream span SERVER, its upstream spans CLIENT,
+    # named "router <cluster> egress"
+    assert parent.kind is SpanKind.SERVER and all(c.kind is SpanKind.CLIENT for c in children)
+    assert {c.name for c in children} == {"router echo egress"}
+    assert children[1].attributes["upstream_address"] == f"127.0.0.1:{echo.port}"
     _check_propagated(echo.seen[-2], children[0], parent.context)
     _check_propagated(echo.seen[-1], children[1], parent.context)
 

@@ -57,7 +57,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .record import ACTIVE
 
 __all__ = ["TRACER", "configure", "disable", "refresh", "watch", "headers_of", "begin", "Trace",
-           "ENV_TRACING", "RECHECK_S", "TRACE_HEADERS"]
+           "begin_single", "end_single", "trace_refusal", "ENV_TRACING", "RECHECK_S", "TRACE_HEADERS"]
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,15 @@ TRACER: List[Any] = [None]
 ENV_TRACING = "MESHCORE_TRACING"
 #: seconds between two checks of the application's tracer provider
 RECHECK_S = 5.0
-#: the trace headers meshcore sets on an attempt (an application's own are replaced)
+#: the headers an attempt's :func:`headers_of` sets while tracing is on: an application's own of
+#: these names are replaced by them (its x-request-id comes back with Envoy's trace mark, its
+#: x-envoy-decorator-operation and, with ``b3=False``, its B3 headers unchanged)
 TRACE_HEADERS = frozenset(["traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
-                           "x-b3-sampled", "x-b3-flags", "b3"])
+                           "x-b3-sampled", "x-b3-flags", "b3", "x-request-id", "x-envoy-decorator-operation"])
 
 _lock = threading.Lock()
 #: explicit configuration: {"provider": TracerProvider or None, "attempt_spans": bool, "disabled": bool}
-_CONFIG: Dict[str, Any] = {"provider": None, "attempt_spans": False, "disabled": False}
+_CONFIG: Dict[str, Any] = {"provider": None, "attempt_spans": False, "disabled": False, "b3": True}
 _counted = [False]  # whether tracing adds one to telemetry's ACTIVE (the request path's first test)
 _watcher: List[Optional[threading.Thread]] = [None]
 #: attempt -> its header pairs (only while its request is in flight)
@@ -130,14 +132,18 @@ def refresh() -> Any:
         return tracer
 
 
-def configure(tracer_provider: Any = None, *, attempt_spans: Optional[bool] = None) -> Any:
+def configure(tracer_provider: Any = None, *, attempt_spans: Optional[bool] = None,
+              b3: Optional[bool] = None) -> Any:
     """Trace with ``tracer_provider`` (None: the application's global one, when configured);
-    ``attempt_spans``: a child span per attempt (Envoy's ``spawn_upstream_span``). Returns the
-    tracer in use (None: off)."""
+    ``attempt_spans``: a child span per attempt (Envoy's ``spawn_upstream_span``); ``b3``: send
+    B3 multi-header besides W3C trace context (default on; Envoy's OpenTelemetry tracer sends
+    W3C only, its Zipkin tracer B3). Returns the tracer in use (None: off)."""
     _CONFIG["provider"] = tracer_provider
     _CONFIG["disabled"] = False
     if attempt_spans is not None:
         _CONFIG["attempt_spans"] = bool(attempt_spans)
+    if b3 is not None:
+        _CONFIG["b3"] = bool(b3)
     return refresh()
 
 
@@ -172,6 +178,7 @@ def watch() -> None:
 def _after_fork() -> None:
     _watcher[0] = None  # the child has no thread: the next mesh made starts one
     _PENDING.clear()
+    _SINGLE.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -192,21 +199,31 @@ def _hex_span(span_id: int) -> str:
 
 
 class Trace:
-    """The spans of one traced call."""
+    """The spans of one traced call (what :func:`begin` returns).
 
-    __slots__ = ("tracer", "span", "name", "attempt_spans", "request_id", "parent_b3", "open", "call", "events")
+    How a caller drives it (``lifecycle.run_reported`` does this; a gRPC stream would too):
+    ``trace.attempt(a)`` before each attempt ``a`` is sent (the attempt's headers are then
+    :func:`headers_of` ``(a)``), and ``trace.end(result, exc)`` once, when the call ended
+    (``result``: what the last attempt returned, or ``None``; ``exc``: what the call raised, or
+    ``None``; the attempts' ``status`` / ``grpc_status`` / ``error`` are read from the call)."""
 
-    def __init__(self, tracer: Any, span: Any, name: str, attempt_spans: bool, request_id: Optional[str],
-                 parent_b3: Optional[str], call: Any) -> None:
+    __slots__ = ("tracer", "span", "name", "attempt_spans", "extra", "parent_b3", "open", "call", "b3",
+                 "request_id", "start_time")
+
+    def __init__(self, tracer: Any, span: Any, name: str, attempt_spans: bool, extra: Tuple[Tuple[str, str], ...],
+                 parent_b3: Optional[str], call: Any, b3: bool = True, request_id: str = "",
+                 start_time: Optional[int] = None) -> None:
         self.tracer = tracer
         self.span = span
         self.name = name
         self.attempt_spans = attempt_spans
-        self.request_id = request_id  # the x-request-id to add (None: the request has one)
+        self.extra = extra  # header pairs every attempt carries besides the trace context (x-request-id, ...)
         self.parent_b3 = parent_b3  # x-b3-parentspanid for headers carrying the request span
         self.open: Optional[Tuple[Any, Any]] = None  # (attempt, its child span) not yet ended
         self.call = call
-        self.events = 0
+        self.b3 = b3
+        self.request_id = request_id  # the x-request-id every attempt carries
+        self.start_time = start_time  # epoch ns for spans made after the fact (None: now)
 
     def wrap(self, send: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """``send`` preceded by the attempt's span and headers (works for coroutine functions too:
@@ -225,18 +242,22 @@ class Trace:
                 from opentelemetry import trace
 
                 ctx = trace.set_span_in_context(span)
-                child = self.tracer.start_span(self.name, context=ctx, kind=trace.SpanKind.CLIENT)
+                cluster = getattr(a, "cluster", None) or self.call.cluster or ""
+                # Envoy's upstream span (spawn_upstream_span): "router <cluster> egress", CLIENT
+                child = self.tracer.start_span(f"router {cluster} egress", context=ctx, kind=trace.SpanKind.CLIENT,
+                                               start_time=self.start_time)
                 if child.is_recording():
-                    _start_attributes(child, self.call)
+                    attrs = _start_attributes(self.call, self.request_id)
+                    attrs["upstream_address"] = a.endpoint.key
                     if a.number > 1:
-                        child.set_attribute("retry.count", a.number - 1)
-                        child.set_attribute("http.request.resend_count", a.number - 1)
-                    ep = a.endpoint
-                    _peer(child, ep)
+                        attrs["retry.count"] = str(a.number - 1)
+                        attrs["http.request.resend_count"] = a.number - 1
+                    _peer(attrs, a.endpoint)
+                    child.set_attributes(attrs)
                 parent_b3 = _hex_span(span.get_span_context().span_id)
                 self.open = (a, child)
                 span = child
-            _PENDING[a] = _headers(span.get_span_context(), parent_b3, self.request_id)
+            _PENDING[a] = _headers(span.get_span_context(), parent_b3, self.extra, self.b3)
         except Exception:  # noqa: BLE001  (tracing never fails a request)
             log.exception("tracing: could not start an attempt of %r", self.call)
 
@@ -246,7 +267,7 @@ class Trace:
         if self.open is not None:
             a, child = self.open
             self.open = None
-            _end_attempt(child, a)
+            _end_attempt(child, a, retried=True)
         elif not self.attempt_spans and len(attempts) > 1:
             prev = attempts[-2]
             if self.span.is_recording():
@@ -261,10 +282,10 @@ class Trace:
             if self.open is not None:
                 a, child = self.open
                 self.open = None
-                _end_attempt(child, a, exc)
+                _end_attempt(child, a)
             span = self.span
             if span.is_recording():
-                _end_attributes(span, call, result, exc)
+                _end_attributes(span, call, result, exc, self.attempt_spans)
             span.end()
         except Exception:  # noqa: BLE001
             log.exception("tracing: could not end the span of %r", call)
@@ -292,47 +313,75 @@ def _split_authority(authority: str) -> Tuple[str, Optional[int]]:
         return host, None
 
 
-def _start_attributes(span: Any, call: Any) -> None:
+def _start_attributes(call: Any, request_id: str) -> Dict[str, Any]:
+    """The attributes known when a span starts: OpenTelemetry's HTTP client ones and Envoy's tags
+    (``Tracing::HttpTracerUtility::setCommonTags``/``finalizeDownstreamSpan``: ``component``,
+    ``http.method``, ``http.url``, ``guid:x-request-id``, ``node_id``, ``upstream_cluster``,
+    ``upstream_cluster.name``)."""
     scheme = call.scheme
     authority = call.authority
     host, port = _split_authority(authority)
     if port is None:
         target_port = call.target.rpartition(":")[2]
         port = int(target_port) if target_port.isdigit() else (443 if scheme == "https" else 80)
-    span.set_attribute("http.request.method", call.method)
-    span.set_attribute("url.full", f"{scheme}://{authority}{call.path}")
-    span.set_attribute("server.address", host)
-    span.set_attribute("server.port", port)
-    span.set_attribute("component", "proxy")
-    if call.cluster is not None:
-        span.set_attribute("upstream_cluster", call.cluster)
+    url = f"{scheme}://{authority}{call.path}"
+    attrs: Dict[str, Any] = {
+        "http.request.method": call.method, "url.full": url, "server.address": host, "server.port": port,
+        "component": "proxy", "http.method": call.method, "http.url": url, "guid:x-request-id": request_id,
+    }
+    cluster = call.cluster
+    if cluster:
+        attrs["upstream_cluster"] = cluster
+        attrs["upstream_cluster.name"] = cluster
+    node = getattr(getattr(getattr(call.mesh, "bootstrap", None), "node", None), "id", None)
+    if node:
+        attrs["node_id"] = node
+    return attrs
 
 
-def _peer(span: Any, ep: Any) -> None:
+def _peer(attrs: Dict[str, Any], ep: Any) -> None:
     host, port = _split_authority(ep.key)
-    span.set_attribute("network.peer.address", host)
+    attrs["network.peer.address"] = host
     if port is not None:
-        span.set_attribute("network.peer.port", port)
+        attrs["network.peer.port"] = port
 
 
-def _end_attempt(child: Any, a: Any, exc: Optional[BaseException] = None) -> None:
+def _end_attempt(child: Any, a: Any, retried: bool = False) -> None:
+    """An attempt's child span ends as Envoy's upstream span does: ``http.status_code`` (``0``
+    without an answer), ``error=true`` for a 5xx or no answer, ``canceled`` when it was retried or
+    timed out; status ERROR for a 4xx/5xx (a CLIENT span) or no answer."""
     if child.is_recording():
-        if a.status is not None:
-            child.set_attribute("http.response.status_code", a.status)
+        status = a.status
+        attrs: Dict[str, Any] = {"http.status_code": str(status if status is not None else 0),
+                                 "response_flags": "-"}
         error = None
-        if a.status is not None and a.status >= 500:
-            error = str(a.status)
-        elif a.error is not None and a.status is None:
+        if status is not None:
+            attrs["http.response.status_code"] = status
+            if status >= 400:
+                error = str(status)
+        elif a.error is not None:
             error = a.error
+        if error is not None:
+            attrs["error.type"] = error
+            if status is None or status >= 500:
+                attrs["error"] = "true"
+        if retried or (status is None and a.error == "timeout"):
+            attrs["canceled"] = "true"
+        child.set_attributes(attrs)
         if error is not None:
             from opentelemetry.trace import Status, StatusCode
 
-            child.set_attribute("error.type", error)
             child.set_status(Status(StatusCode.ERROR))
     child.end()
 
 
-def _end_attributes(span: Any, call: Any, result: Any, exc: Optional[BaseException]) -> None:
+def _end_attributes(span: Any, call: Any, result: Any, exc: Optional[BaseException], server: bool = False) -> None:
+    """The request span's end: Envoy's ``http.status_code`` (the code the application got,
+    Envoy's local reply included), ``response_flags``, ``error=true`` (5xx, or a gRPC status
+    other than OK), ``grpc.status_code``; OpenTelemetry's ``http.response.status_code`` (an
+    upstream answer), ``error.type``. Status ERROR as Envoy's OpenTelemetry tracer sets it: a
+    code >= 400 on a CLIENT span, >= 500 on a SERVER span (the request span is SERVER when it
+    has attempt spans, as Envoy's downstream span with ``spawn_upstream_span``)."""
     from opentelemetry.trace import Status, StatusCode
 
     from .outcome import outcome_of
@@ -341,35 +390,44 @@ def _end_attributes(span: Any, call: Any, result: Any, exc: Optional[BaseExcepti
     a = attempts[-1] if attempts else None
     grpc = _is_grpc(call.headers)
     code, grpc_status, flags, _details = outcome_of(call, a, exc, grpc)
-    span.set_attribute("response_flags", flags)
+    attrs: Dict[str, Any] = {"response_flags": flags}
     error: Optional[str] = None
     status = a.status if a is not None else None
     if a is not None:
-        _peer(span, a.endpoint)
+        _peer(attrs, a.endpoint)
         if a.number > 1:
-            span.set_attribute("http.request.resend_count", a.number - 1)
-            span.set_attribute("retry.count", a.number - 1)
+            attrs["http.request.resend_count"] = a.number - 1
+            attrs["retry.count"] = str(a.number - 1)
         if status is None and a.error is not None:
             error = a.error
     if status is None and exc is None and result is not None:
         status = getattr(result, "status_code", None) or getattr(result, "status", None)
         if not isinstance(status, int):
             status = None
+    threshold = 500 if server else 400
     if status is not None:
-        span.set_attribute("http.response.status_code", status)
-        if status >= 500:
+        attrs["http.response.status_code"] = status
+        code = code or status
+        if status >= threshold:
             error = str(status)
     elif code:
-        span.set_attribute("envoy.response_code", code)  # Envoy's local reply (no upstream answer)
-        if code >= 500 and error is None:
+        attrs["envoy.response_code"] = code  # Envoy's local reply (no upstream answer)
+        if code >= threshold and error is None:
             error = str(code)
+    attrs["http.status_code"] = str(code)
+    envoy_error = code >= 500
     if grpc_status is not None:
-        span.set_attribute("rpc.grpc.status_code", grpc_status)
-        span.set_attribute("grpc.status_code", grpc_status)
+        attrs["rpc.grpc.status_code"] = grpc_status
+        attrs["grpc.status_code"] = grpc_status
+        envoy_error = envoy_error or grpc_status != 0
+    if envoy_error:
+        attrs["error"] = "true"
     if exc is not None and error is None:
         error = type(exc).__qualname__
     if error is not None:
-        span.set_attribute("error.type", error)
+        attrs["error.type"] = error
+    span.set_attributes(attrs)
+    if error is not None and (status is None or status >= threshold or exc is not None):
         span.set_status(Status(StatusCode.ERROR, str(exc) if exc is not None else None))
 
 
@@ -384,7 +442,8 @@ def _is_grpc(headers: Any) -> bool:
     return False
 
 
-def _headers(sc: Any, parent_b3: Optional[str], request_id: Optional[str]) -> Tuple[Tuple[str, str], ...]:
+def _headers(sc: Any, parent_b3: Optional[str], extra: Tuple[Tuple[str, str], ...],
+             b3: bool = True) -> Tuple[Tuple[str, str], ...]:
     trace_id = format(sc.trace_id, "032x")
     span_id = _hex_span(sc.span_id)
     sampled = bool(sc.trace_flags & 1)
@@ -392,44 +451,79 @@ def _headers(sc: Any, parent_b3: Optional[str], request_id: Optional[str]) -> Tu
     state = sc.trace_state
     if state:
         pairs.append(("tracestate", state.to_header()))
-    pairs.append(("x-b3-traceid", trace_id))
-    pairs.append(("x-b3-spanid", span_id))
-    if parent_b3 is not None:
-        pairs.append(("x-b3-parentspanid", parent_b3))
-    pairs.append(("x-b3-sampled", "1" if sampled else "0"))
-    if request_id is not None:
-        pairs.append(("x-request-id", request_id))
+    if b3:
+        pairs.append(("x-b3-traceid", trace_id))
+        pairs.append(("x-b3-spanid", span_id))
+        if parent_b3 is not None:
+            pairs.append(("x-b3-parentspanid", parent_b3))
+        pairs.append(("x-b3-sampled", "1" if sampled else "0"))
+    pairs.extend(extra)
     return tuple(pairs)
 
 
-def _incoming(headers: Any) -> Tuple[Optional[str], Optional[str], bool]:
-    """``(traceparent, tracestate, has x-request-id)`` of the application's request headers."""
-    traceparent = tracestate = None
-    has_id = False
+_B3_HEADERS = frozenset(["x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3"])
+
+
+def _incoming(headers: Any) -> Tuple[Optional[str], Optional[str], Optional[str], Optional[str], List[Tuple[str, str]]]:
+    """``(traceparent, tracestate, x-request-id, x-envoy-decorator-operation, B3 pairs)`` of the
+    application's request headers (first values; ``None``: absent)."""
+    traceparent = tracestate = request_id = operation = None
+    b3: List[Tuple[str, str]] = []
     if headers:
         from .._routing import header_pairs
 
         for k, v in header_pairs(headers):
             lk = k.lower()
             if lk == "x-request-id":
-                has_id = has_id or bool(v)
-            elif lk == "traceparent" and traceparent is None:
-                traceparent = v
-            elif lk == "tracestate" and tracestate is None:
-                tracestate = v
-    return traceparent, tracestate, has_id
+                if request_id is None and v:
+                    request_id = v
+            elif lk == "traceparent":
+                if traceparent is None:
+                    traceparent = v
+            elif lk == "tracestate":
+                if tracestate is None:
+                    tracestate = v
+            elif lk == "x-envoy-decorator-operation":
+                if operation is None:
+                    operation = v
+            elif lk in _B3_HEADERS:
+                b3.append((lk, v))
+    return traceparent, tracestate, request_id, operation, b3
+
+
+def _decorator(call: Any) -> Any:
+    """The route's ``DecoratorSpec`` (``None``: none); ``call.route`` is the route match, whose
+    ``route`` is the route spec."""
+    match = call.route
+    spec = getattr(match, "route", None)
+    return getattr(spec, "decorator", None) if spec is not None else getattr(match, "decorator", None)
 
 
 def _span_name(call: Any) -> str:
-    route = call.route
-    decorator = getattr(route, "decorator", None) or getattr(route, "decorator_operation", None)
-    if decorator:
-        return str(getattr(decorator, "operation", decorator))
+    """Envoy's span name: the route decorator's operation, else ``egress <authority>``
+    (``HttpTracerUtility``/``TracerImpl::startSpan`` for an OUTBOUND listener)."""
+    decorator = _decorator(call)
+    if decorator is not None and getattr(decorator, "operation", None):
+        return str(decorator.operation)
     return f"egress {call.authority}"
 
 
-def begin(call: Any) -> Optional[Trace]:
-    """Start tracing ``call`` (None: tracing is off, or could not start). Never raises."""
+#: the character of a 36-character x-request-id where Envoy records its trace decision
+#: (source/extensions/request_id/uuid/config.cc: TRACE_BYTE_POSITION 14; '9' sampled, '4' not)
+_TRACE_BYTE = 14
+
+
+def _marked(request_id: str, sampled: bool) -> str:
+    """``request_id`` with Envoy's trace status (UUIDRequestIDExtension::setTraceReason: only a
+    36-character id is changed)."""
+    if len(request_id) != 36:
+        return request_id
+    return f"{request_id[:_TRACE_BYTE]}{'9' if sampled else '4'}{request_id[_TRACE_BYTE + 1:]}"
+
+
+def begin(call: Any, start_time: Optional[int] = None) -> Optional[Trace]:
+    """Start tracing ``call`` (None: tracing is off, or could not start). Never raises.
+    ``start_time``: the span's start (epoch ns) when it is made after the fact."""
     tracer = TRACER[0]
     if tracer is None:
         return None
@@ -437,7 +531,7 @@ def begin(call: Any) -> Optional[Trace]:
         from opentelemetry import trace
         from opentelemetry.context import get_current
 
-        traceparent, tracestate, has_id = _incoming(call.headers)
+        traceparent, tracestate, request_id, operation, app_b3 = _incoming(call.headers)
         ctx = None
         if traceparent is not None:
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -451,26 +545,129 @@ def begin(call: Any) -> Optional[Trace]:
         if ctx is None:
             ctx = get_current()
         parent = trace.get_current_span(ctx).get_span_context()
+        decorator = _decorator(call)
         name = _span_name(call)
-        span = tracer.start_span(name, context=ctx, kind=trace.SpanKind.CLIENT)
-        request_id = None if has_id else str(uuid.uuid4())
+        attempt_spans = bool(_CONFIG["attempt_spans"])
+        kind = trace.SpanKind.SERVER if attempt_spans else trace.SpanKind.CLIENT
+        span = tracer.start_span(name, context=ctx, kind=kind, start_time=start_time)
+        sampled = bool(span.get_span_context().trace_flags & 1)
+        if request_id is None:
+            request_id = str(uuid.uuid4())
+        request_id = _marked(request_id, sampled)
+        extra: List[Tuple[str, str]] = [("x-request-id", request_id)]
+        if decorator is not None and getattr(decorator, "propagate", True) and getattr(decorator, "operation", ""):
+            extra.append(("x-envoy-decorator-operation", decorator.operation))
+        elif operation is not None:  # Envoy leaves the application's own
+            extra.append(("x-envoy-decorator-operation", operation))
+        b3 = bool(_CONFIG["b3"])
+        if not b3:
+            extra.extend(app_b3)  # not ours to set: the application's go through unchanged
         if span.is_recording():
-            _start_attributes(span, call)
-            span.set_attribute("guid:x-request-id", request_id or _request_id(call.headers) or "")
-            node = getattr(getattr(getattr(call.mesh, "bootstrap", None), "node", None), "id", None)
-            if node:
-                span.set_attribute("node_id", node)
+            span.set_attributes(_start_attributes(call, request_id))
         parent_b3 = _hex_span(parent.span_id) if parent.is_valid else None
-        return Trace(tracer, span, name, bool(_CONFIG["attempt_spans"]), request_id, parent_b3, call)
+        return Trace(tracer, span, name, attempt_spans, tuple(extra), parent_b3, call, b3, request_id, start_time)
     except Exception:  # noqa: BLE001
         log.exception("tracing: could not start the span of %r", call)
         return None
 
 
-def _request_id(headers: Any) -> Optional[str]:
-    from .._routing import header_pairs
+# -- the forms without a router loop ---------------------------------------------------------------
 
-    for k, v in header_pairs(headers):
-        if k.lower() == "x-request-id":
-            return v
-    return None
+#: call -> its Trace, for the single-attempt form (``with mesh.request(...) as attempt``) begun
+#: when its attempt started (:func:`begin_single`), until the block ends (:func:`end_single`)
+_SINGLE: Dict[Any, Trace] = {}
+
+
+def _epoch_ns(monotonic_start: float) -> int:
+    return time.time_ns() - int((time.monotonic() - monotonic_start) * 1e9)
+
+
+def begin_single(call: Any, attempt: Any) -> None:
+    """The single-attempt form's attempt started: its span starts and the attempt gets its
+    headers (:func:`headers_of`). Never raises."""
+    if TRACER[0] is None:
+        return
+    trace = begin(call)
+    if trace is not None:
+        trace.attempt(attempt)
+        _SINGLE[call] = trace
+
+
+def end_single(call: Any, exc: Optional[BaseException]) -> None:
+    """The single-attempt form ended (``exc``: what left the block, or what refused the attempt
+    before it started: no healthy upstream, a circuit breaker, a fault abort). When its span was
+    not begun with the attempt (:func:`begin_single`), it is made now, starting when the call
+    did. Never raises."""
+    trace = _SINGLE.pop(call, None)
+    if trace is None:
+        if TRACER[0] is None:
+            return
+        trace = begin(call, start_time=_epoch_ns(call.started))
+        if trace is None:
+            return
+        if call.attempts:
+            trace.attempt(call.attempts[-1])
+    trace.end(None, exc)
+
+
+class _Refused:
+    """What :func:`trace_refusal` knows of a request ``Mesh.request`` refused (a call's fields)."""
+
+    __slots__ = ("mesh", "target", "authority", "scheme", "method", "path", "headers", "cluster", "route",
+                 "attempts", "retry_policy", "fault_decision")
+
+    def __init__(self, mesh: Any, target: str, authority: str, scheme: str, method: str, path: str, headers: Any,
+                 cluster: Optional[str], route: Any) -> None:
+        self.mesh, self.target, self.authority, self.scheme = mesh, target, authority, scheme
+        self.method, self.path, self.headers, self.cluster, self.route = method, path, headers, cluster, route
+        self.attempts: List[Any] = []
+        self.retry_policy = None
+        self.fault_decision = None
+
+
+def trace_refusal(mesh: Any, target: str, authority: str, method: str, path: str, headers: Any,
+                  exc: BaseException, cluster: Optional[str] = None, route_name: Optional[str] = None, *,
+                  scheme: str = "http", route: Any = None) -> None:
+    """The span of a request ``Mesh.request`` refused before any call existed, as Envoy makes it:
+    no route (``NR``, 404: no ``upstream_cluster``) or the route's cluster missing (``NC``, 503);
+    named ``egress <authority>`` (or the decorator of ``route``, a route match, when given);
+    ``http.status_code``, ``response_flags``, ``error=true`` for a 5xx, status ERROR. A gRPC
+    request gets Envoy's local gRPC answer (200, ``grpc.status_code`` 12 or 14). Made only while
+    tracing is on; never raises. (Arguments as ``telemetry.outcome.report_refusal``'s.)"""
+    if TRACER[0] is None:
+        return
+    try:
+        from opentelemetry.trace import Status, StatusCode
+
+        from ..errors import NoRoute
+        from .outcome import http_to_grpc
+
+        refused = _Refused(mesh, target, authority, scheme, method, path, headers,
+                           None if isinstance(exc, NoRoute) else cluster, route)
+        trace = begin(refused)
+        if trace is None:
+            return
+        span = trace.span
+        if span.is_recording():
+            if isinstance(exc, NoRoute):
+                code, flags = 404, "NR"
+            else:
+                code, flags = 503, "NC"
+            attrs: Dict[str, Any] = {"response_flags": flags, "envoy.response_code": code}
+            error = code >= 500
+            if _is_grpc(headers):
+                grpc_status = http_to_grpc(code)
+                attrs["grpc.status_code"] = attrs["rpc.grpc.status_code"] = grpc_status
+                code, error = 200, True
+                attrs["envoy.response_code"] = code
+            attrs["http.status_code"] = str(code)
+            attrs["error.type"] = flags if code < 400 else str(code)
+            if error:
+                attrs["error"] = "true"
+            if route_name:
+                attrs["route_name"] = route_name
+            span.set_attributes(attrs)
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
+        span.end()
+    except Exception:  # noqa: BLE001
+        log.exception("tracing: could not trace a refused request to %s", target)
