@@ -77,7 +77,8 @@ TLS (``UpstreamTlsContext``), Envoy's meaning with gRPC A29's limits (see :func:
   ``""``: any SAN of those four types); full StringMatcher semantics (``_decode.string_matcher``).
 * ``sni`` (at most 255 bytes), ``auto_host_sni``, ``auto_sni_san_validation``, ``alpn_protocols``
   (split on ``,``, empty entries dropped, as Envoy does; over 255 bytes is an error) and
-  ``tls_params`` (min/max version, ``cipher_suites``; min above max is an error; A29 NACKs
+  ``tls_params`` (min/max version, ``cipher_suites``; min above max is an error, and so is a
+  cipher this OpenSSL does not accept alone, as Envoy refuses one BoringSSL does not; A29 NACKs
   ``tls_params`` but Envoy honours it and Istio's sidecar clusters set it) are recorded.
   ``ecdh_curves``, ``signature_algorithms``, ``compliance_policies``, ``key_log``,
   ``allow_renegotiation``, ``max_session_keys`` and ``enforce_rsa_key_usage`` are ignored.
@@ -87,6 +88,7 @@ TLS (``UpstreamTlsContext``), Envoy's meaning with gRPC A29's limits (see :func:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Collection, Dict, List, Optional, Tuple
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -426,11 +428,11 @@ def _tls(ctx: Any, name: str, path: str, providers: Optional[Collection[str]]) -
             "certificate provider instance (tls_certificate_provider_instance) or an SDS secret name "
             "(tls_certificate_sds_secret_configs)",
         )
+    fields: Dict[str, Any] = {}
+    if common.HasField("tls_params"):  # (first: Envoy refuses unknown cipher suites whatever else)
+        fields.update(_tls_params(common.tls_params, name, f"{cpath}.tls_params"))
     identity = _identity(common, name, cpath, providers)
     roots, san_matchers = _roots(common, name, cpath, providers)
-    fields: Dict[str, Any] = {}
-    if common.HasField("tls_params"):
-        fields.update(_tls_params(common.tls_params, name, f"{cpath}.tls_params"))
     alpn = _alpn(common.alpn_protocols, name, f"{cpath}.alpn_protocols")
     return UpstreamTlsSpec(
         sni=sni, identity=identity, roots=roots, san_matchers=san_matchers, alpn_protocols=alpn,
@@ -585,8 +587,26 @@ def _tls_params(tp: Any, name: str, path: str) -> Dict[str, Any]:
             name, f"{path}.tls_minimum_protocol_version",
             f"minimum TLS version {_TLS_VERSIONS[low]} is above the maximum {_TLS_VERSIONS[high]}",
         )
-    return {"min_version": _TLS_VERSIONS[low], "max_version": _TLS_VERSIONS[high],
-            "cipher_suites": tuple(tp.cipher_suites)}
+    suites = tuple(tp.cipher_suites)
+    rejected = [c for s in suites for c in s.strip("[]").split("|") if c and not _cipher_known(c)]
+    if rejected:  # Envoy refuses the context; meshcore cannot honour a suite OpenSSL does not know
+        raise ConfigError(name, f"{path}.cipher_suites",
+                          f"Failed to initialize cipher suites {':'.join(suites)}. The following ciphers were "
+                          f"rejected when tried individually: {', '.join(rejected)}")
+    return {"min_version": _TLS_VERSIONS[low], "max_version": _TLS_VERSIONS[high], "cipher_suites": suites}
+
+
+@functools.lru_cache(maxsize=256)
+def _cipher_known(cipher: str) -> bool:
+    """Whether this process's OpenSSL accepts ``cipher`` alone (Envoy tries each one so too; TLS 1.3
+    suite names are not cipher-list entries there either)."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).set_ciphers(cipher)
+    except (ssl.SSLError, ValueError):
+        return False
+    return True
 
 
 def _alpn(protocols: Any, name: str, path: str) -> Tuple[str, ...]:
