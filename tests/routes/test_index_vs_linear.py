@@ -89,8 +89,8 @@ def test_generated_configs(impl, seed):
 def test_header_dispatch_runs(impl, seed):
     cfg = header_run_config(seed)
     ref, rt = tables(impl, cfg)
-    assert any(slot.by_header is not None for idx in ref._vhosts for table in (idx.prefix, idx.prefix_ci)
-               for slot in table.values()), "the config must contain header-indexed routes"
+    assert any(by_header is not None for idx in ref._vhosts for table in (idx.prefix, idx.prefix_ci)
+               for _, _, by_header in table.values()), "the config must contain header-indexed routes"
     for authority, path, headers, method in header_run_requests(seed):
         m = rt.match(authority, path, headers, method=method, random_value=1)
         assert (m.route_name if m else None) == linear(ref, authority, path, headers, method, 1), (

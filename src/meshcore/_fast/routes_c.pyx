@@ -315,8 +315,9 @@ cdef void _sort(Candidates* c) noexcept:
 
 
 @cython.final
+@cython.no_gc  # holds a str and a dict of str -> int: no reference cycle through it
 cdef class _HeaderIndex:
-    """The header-indexed routes of one slot and header (routes_py.Slot.by_header[name]):
+    """The header-indexed routes of one slot and header (routes_py.slots: by_header[name]):
     request value -> its routes, ascending."""
     cdef str name                  # lower-cased, ASCII (header names are validated tokens)
     cdef dict number               # header value -> k
@@ -425,7 +426,7 @@ cdef int _push_header_hits(Candidates* c, _HeaderIndex h, object headers) except
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef int _visit(_Trie t, Py_ssize_t node, Py_ssize_t first, Py_ssize_t last, Candidates* c, RegexSeen* rx,
-                list hidx, object headers) except -1:
+                tuple hidx, object headers) except -1:
     """Lists first .. last of ``node``: plain routes to the candidates, header indexes looked up,
     regex routes counted."""
     cdef const int32_t* off = t.off + node * N_LISTS  # node < n_nodes: off has n_nodes * N_LISTS + 1
@@ -450,7 +451,7 @@ cdef int _visit(_Trie t, Py_ssize_t node, Py_ssize_t first, Py_ssize_t last, Can
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef int _walk(_Trie t, const unsigned char* p, Py_ssize_t n, bint lower, Candidates* c, RegexSeen* rx,
-               list hidx, object headers) except -1:
+               tuple hidx, object headers) except -1:
     if t.empty:
         return 0
     cdef int32_t node = 0, child
@@ -475,13 +476,14 @@ cdef int _walk(_Trie t, const unsigned char* p, Py_ssize_t n, bint lower, Candid
 
 
 @cython.final
+@cython.no_gc  # references specs, tables and cached RouteMatch objects, none of which refer back
 cdef class _Vhost:
     cdef object spec
     cdef str name
     cdef bint require_tls          # spec.require_tls is not "NONE"
     cdef _Trie cs                  # case-sensitive prefixes / exact paths / regex literal prefixes
     cdef _Trie ci                  # ASCII-lower-cased (case_sensitive: false)
-    cdef list hidx                 # _HeaderIndex per header-indexed slot (numbers in the tries)
+    cdef tuple hidx                # _HeaderIndex per header-indexed slot (numbers in the tries)
     cdef int32_t* regex_route      # per pattern of regex_set: its route (ascending)
     cdef Py_ssize_t n_regex
     cdef uint8_t* kind             # per route: 0 prefix/path, 1 separated, 2 regex
@@ -489,9 +491,9 @@ cdef class _Vhost:
     cdef uint8_t* by_index         # per route: decided by the path and its indexed header
     cdef int64_t* plen             # per route: UTF-8 byte length of the prefix (separated check)
     cdef uint8_t* is_static        # per route: the result does not depend on the request
-    cdef list static               # per route: the shared RouteMatch, made on first use
-    cdef list no_header            # per route: _NoHeaderPlan (None for routes decided by the path)
-    cdef list rx_match             # per route: its regex's binding-level Match (None: use fullmatch)
+    cdef list static               # per route: the shared RouteMatch, made on first use (list: on first use)
+    cdef tuple no_header           # per route: _NoHeaderPlan (None for routes decided by the path)
+    cdef tuple rx_match            # per route: its regex's binding-level Match (None: use fullmatch)
     cdef tuple routes
     cdef object regex_set          # routes_py.RegexSet of the regex routes (None: fewer than two)
     cdef list raw_set              # regex_set.raw: (binding-level set, base) per chunk, or None
@@ -522,9 +524,9 @@ cdef _Vhost _build_vhost(object vh):
     v.by_index = <uint8_t*>zalloc(n)
     v.plen = <int64_t*>zalloc(sizeof(int64_t) * n)
     v.is_static = <uint8_t*>zalloc(n)
-    v.rx_match = [None] * n
+    rx_match = [None] * n
     entries = {"cs": [], "ci": []}
-    groups = {}                    # (table, kind, key, header) -> value -> routes (routes_py.Slot.by_header)
+    groups = {}                    # (table, kind, key, header) -> value -> routes (routes_py.slots: by_header)
     for r in vh.routes:
         i = r.index
         v.plen[i] = len((<str>r.path_value).encode())
@@ -535,7 +537,7 @@ cdef _Vhost _build_vhost(object vh):
         if r.path_kind == "regex":
             v.kind[i] = 2
             if _ANCHOR_BOTH is not None:
-                v.rx_match[i] = getattr(getattr(r.regex, "_regexp", None), "Match", None)
+                rx_match[i] = getattr(getattr(r.regex, "_regexp", None), "Match", None)
             (<list>entries[table]).append(((<str>key).encode(), i, L_REGEX))
             continue
         v.kind[i] = 1 if r.path_kind == "separated" else 0
@@ -547,12 +549,16 @@ cdef _Vhost _build_vhost(object vh):
             if by_value is None:
                 by_value = groups[table, kind, key, h.name] = {}
             by_value.setdefault(h.string.value, []).append(i)
-    v.hidx = []
+    # Containers kept by the table are tuples (untracked by the garbage collector once it has
+    # seen them) and the cdef classes are no_gc: a 10k-route table then adds few objects for
+    # every later full collection to walk, and triggers fewer of them (issue: build time).
+    hidx = []
     for (table, kind, key, name), by_value in groups.items():
-        (<list>entries[table]).append(((<str>key).encode(), len(v.hidx), L_PGROUP if kind == "prefix" else L_EGROUP))
-        v.hidx.append(_header_index(name, by_value))
-    v.static = [None] * n
-    v.no_header = [None if v.simple[i] else _no_header_plan(vh.routes[i]) for i in range(n)]
+        (<list>entries[table]).append(((<str>key).encode(), len(hidx), L_PGROUP if kind == "prefix" else L_EGROUP))
+        hidx.append(_header_index(name, by_value))
+    v.hidx = tuple(hidx)
+    v.rx_match = tuple(rx_match)
+    v.no_header = tuple([None if v.simple[i] else _no_header_plan(vh.routes[i]) for i in range(n)])
     v.cs = _build_trie(entries["cs"])
     v.ci = _build_trie(entries["ci"])
     regexes = [r.index for r in vh.routes if r.path_kind == "regex"]
@@ -766,6 +772,8 @@ cdef class RouteTable:
                 return None
             ri = best
             if v.is_static[ri]:
+                if v.static is None:
+                    v.static = [None] * len(v.routes)
                 result = v.static[ri]
                 if result is None:
                     r = v.routes[ri]
@@ -838,6 +846,7 @@ cdef bint _regex_matches(_Vhost v, int32_t ri, bytes text) except -1:
 
 
 @cython.final
+@cython.no_gc  # a str and a StringMatchSpec: no reference cycle through it
 cdef class _HeaderTest:
     """A header matcher prepared for requests without headers (only pseudo-headers)."""
     cdef int source          # 0 absent, 1 :authority/host, 2 :path, 3 :method, 4 :scheme/x-forwarded-proto
@@ -853,6 +862,7 @@ _SOURCES = {":authority": 1, "host": 1, ":path": 2, ":method": 3, ":scheme": 4, 
 
 
 @cython.final
+@cython.no_gc  # a tuple of _HeaderTest: no reference cycle through it
 cdef class _NoHeaderPlan:
     """Per route, built once: how to decide its runtime, gRPC and header conditions when the
     request carries no headers. ``undecided``: query or range matchers (shared helpers)."""
@@ -860,7 +870,7 @@ cdef class _NoHeaderPlan:
     cdef uint64_t rt_num
     cdef uint64_t rt_den     # 0: no runtime_fraction
     cdef bint grpc
-    cdef list tests          # _HeaderTest per header matcher, in order
+    cdef tuple tests         # _HeaderTest per header matcher, in order
 
 
 cdef _NoHeaderPlan _no_header_plan(object r):
@@ -870,7 +880,7 @@ cdef _NoHeaderPlan _no_header_plan(object r):
     if r.runtime_fraction is not None:
         plan.rt_num, plan.rt_den = r.runtime_fraction
     plan.grpc = r.grpc
-    plan.tests = []
+    tests = []
     for h in r.headers:
         t = _HeaderTest()
         t.source = _SOURCES.get(h.name, 0)
@@ -880,7 +890,8 @@ cdef _NoHeaderPlan _no_header_plan(object r):
         t.missing_as_empty = h.treat_missing_as_empty
         t.string = h.string
         t.name = h.name
-        plan.tests.append(t)
+        tests.append(t)
+    plan.tests = tuple(tests)
     return plan
 
 
