@@ -401,9 +401,23 @@ class _RequestContext:
         self._resp = await self._coro
         return self._resp
 
-    async def __aexit__(self, *exc: Any) -> None:
+    def __aexit__(self, *exc: Any) -> "_Done":
+        # no coroutine: release() is synchronous, the awaitable returned is done already
         if self._resp is not None:
             self._resp.release()
+        return _DONE
+
+
+class _Done:
+    """An awaitable that is done (``None``) when awaited."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return iter(())  # type: ignore[return-value]
+
+
+_DONE = _Done()
 
 
 class _Pool:
@@ -485,6 +499,19 @@ class _Sender:
         if _TELEMETRY[0] or self.exchange is not None:  # strip the peer's metadata we asked for
             _tell_telemetry(attempt, resp, self.exchange)
         return resp
+
+
+_CLIENT_REQUEST = aiohttp.ClientSession.request
+
+
+def _request_of(session: aiohttp.ClientSession) -> Any:
+    """The coroutine function an attempt calls: ``session._request`` (what ``session.request``
+    wraps in a context manager the attempt does not need) unless the session's class changes
+    ``request``."""
+    inner = getattr(session, "_request", None)
+    if inner is not None and getattr(type(session), "request", None) is _CLIENT_REQUEST:
+        return inner
+    return session.request
 
 
 def _with_trace(headers: Any, pairs: Any) -> Any:
@@ -797,21 +824,18 @@ class MeshSession:
         """A routed request's sender: the headers its attempts send (made once: aiohttp copies
         them) with the logical Host, its keyword arguments (https: the logical SNI; the jar's
         cookies of the logical URL)."""
-        if own is None:
-            send_headers: Any = {}
-        elif _plain(headers, own):
-            send_headers = dict(own)
-        else:
-            send_headers = _drop_router_headers(CIMultiDict(own))
-            send_headers.popall("Host", None)
-        send_headers["Host"] = call.route.host_rewrite or call.authority  # every attempt's
-        if exchange is not None:  # Istio's metadata exchange (mesh.telemetry.enable_istio_metrics)
-            for k, v in exchange.headers:
+        send_headers: CIMultiDict[str] = CIMultiDict(own) if own else CIMultiDict()
+        if own and not _plain(headers, own):
+            _drop_router_headers(send_headers)
+        send_headers["Host"] = call.route.host_rewrite or call.authority  # every attempt's (the app's goes)
+        if exchange is not None:  # Istio's metadata exchange (mesh.telemetry.enable_istio_metrics):
+            for k, v in exchange.headers:  # ours replace the app's own (as Istio's filter does)
                 send_headers[k] = v
         extra = kwargs
         if len(jar) or call.scheme == "https":
             extra = self._extra(jar, call.scheme, url, kwargs)
-        return _Sender(session.request, method, send_headers, timeout, extra, call,
+        # a read-only view: aiohttp takes it as it is (no conversion) and copies it per attempt
+        return _Sender(_request_of(session), method, CIMultiDictProxy(send_headers), timeout, extra, call,
                        pool.used if pool is not None else None, self._endpoint_urls, self._upstream_tls,
                        self._tls_kwargs, exchange)
 
