@@ -661,13 +661,16 @@ def trace_refusal(mesh: Any, target: str, authority: str, method: str, path: str
                 code, error = 200, True
                 attrs["envoy.response_code"] = code
             attrs["http.status_code"] = str(code)
-            attrs["error.type"] = flags if code < 400 else str(code)
             if error:
                 attrs["error"] = "true"
             if route_name:
                 attrs["route_name"] = route_name
+            # Envoy's OpenTelemetry status: ERROR from 400 on a CLIENT span, from 500 on the
+            # SERVER span of spawn_upstream_span (a 404 NR is not an error there)
+            if error or code >= (500 if trace.attempt_spans else 400):
+                attrs["error.type"] = str(code) if code >= 400 else flags
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
             span.set_attributes(attrs)
-            span.set_status(Status(StatusCode.ERROR, str(exc)))
         span.end()
     except Exception:  # noqa: BLE001
         log.exception("tracing: could not trace a refused request to %s", target)
