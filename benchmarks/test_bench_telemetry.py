@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import statistics
 import time
 from importlib import import_module
 from typing import Any, Dict, List
@@ -122,18 +123,39 @@ def test_run_async_x100(benchmark, mesh, mode):
 
 
 def _per_request_ns(fn: Any, n: int) -> float:
-    t = time.perf_counter_ns()
+    """CPU time (this thread's) per call of ``fn``, ns."""
+    t = time.thread_time_ns()
     for _ in range(n):
         fn()
-    return (time.perf_counter_ns() - t) / n
+    return (time.thread_time_ns() - t) / n
+
+
+def paired_added_us(m: Any, fn: Any, modes: Any = ("off", "sink", "istio"), rounds: int = 15,
+                    n: int = 3000) -> Dict[str, float]:
+    """Per mode, the median over rounds of (mode - off) CPU µs per request, the modes interleaved
+    in every round (order rotated per round); ``"off"``: the median off cost itself."""
+    diffs: Dict[str, List[float]] = {mode: [] for mode in modes}
+    for i in range(rounds):
+        order = list(modes[i % len(modes):]) + list(modes[:i % len(modes)])
+        got = {}
+        for mode in order:
+            _set_mode(m, mode)
+            for _ in range(200):
+                fn()
+            got[mode] = _per_request_ns(fn, n)
+        for mode in modes:
+            diffs[mode].append(got[mode] if mode == "off" else got[mode] - got["off"])
+    _set_mode(m, "off")
+    return {mode: statistics.median(v) / 1000 for mode, v in diffs.items()}
 
 
 def test_added_cost_paired(tmp_path):
-    """off / sink / istio interleaved (7 rounds, the best of each), both twins: the added
-    microseconds per request of the hook alone and with Istio's metrics."""
+    """off / sink / istio interleaved (15 rounds, CPU time, the median of per-round differences),
+    both twins: the added microseconds per request of the hook alone and with Istio's metrics."""
     path = str(tmp_path / "resources.json")
     _resources(path)
     rows: List[Dict[str, Any]] = []
+    quick = bool(os.environ.get("MESHCORE_BENCH_QUICK"))
     for twin in ("c", "py"):
         m = _make(twin, path)
         try:
@@ -145,19 +167,13 @@ def test_added_cost_paired(tmp_path):
                     a.status = 200
 
             for shape, fn in (("run", run), ("with", with_form)):
-                best = {"off": float("inf"), "sink": float("inf"), "istio": float("inf")}
-                for _ in range(7):
-                    for mode in best:
-                        _set_mode(m, mode)
-                        fn()
-                        best[mode] = min(best[mode], _per_request_ns(fn, 5000))
-                _set_mode(m, "off")
-                rows.append({"twin": twin, "shape": shape, "off_us": best["off"] / 1000,
-                             "hook_us": (best["sink"] - best["off"]) / 1000,
-                             "istio_us": (best["istio"] - best["off"]) / 1000})
+                got = paired_added_us(m, fn, rounds=3 if quick else 15, n=500 if quick else 3000)
+                rows.append({"twin": twin, "shape": shape, "off_us": got["off"], "hook_us": got["sink"],
+                             "istio_us": got["istio"]})
         finally:
             m.close()
-    print("\nper request: off, and what the hook (a no-op sink) and Istio's metrics add (µs)")
+    print("\nper request (CPU): off, and what the hook (a no-op sink) and Istio's metrics add (µs, median of "
+          "per-round differences)")
     for r in rows:
         print(f"  {r['twin']:>2} {r['shape']:<5} off {r['off_us']:6.2f}  +hook {r['hook_us']:5.2f}  "
               f"+istio {r['istio_us']:5.2f}")

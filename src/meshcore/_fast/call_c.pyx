@@ -14,6 +14,7 @@ and a request carrying the router's ``x-envoy-*`` headers.
 cimport cython
 from cpython.long cimport PyLong_Check, PyLong_AsLongLongAndOverflow
 from cpython.time cimport monotonic
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 
 from .lb_c cimport lb_pick, lb_release
 from .routes_c cimport RouteTable as CRouteTable
@@ -28,12 +29,12 @@ from ..resilience.router_headers import ROUTER_HEADERS, apply_router_headers, is
 from ..xds.snapshot import AggregateBalancer
 from .lb_c import LoadBalancer as CLoadBalancer
 from ..stats import BUCKETS_MS, COUNTER_NAMES
-from ..telemetry.outcome import report_refusal
+from ..telemetry.outcome import _scan_request, _scan_response, report_refusal
 from ..telemetry.record import ACTIVE as _TELEMETRY_LIST
 from .call_py import ADMITTED, GRPC_TO_HTTP, OVER_REQUESTS, OVER_RETRIES
 
 __all__ = ["Attempt", "Call", "ClusterCounters", "MeshCore", "BUCKETS_MS", "COUNTER_NAMES", "GRPC_TO_HTTP",
-           "ADMITTED", "OVER_REQUESTS", "OVER_RETRIES"]
+           "ADMITTED", "OVER_REQUESTS", "OVER_RETRIES", "IstioObserver", "IstioSeries"]
 
 cdef enum:
     N_BUCKETS = 19       # len(BUCKETS_MS); checked at import below
@@ -778,3 +779,195 @@ cdef class MeshCore:
         call._limit = limit or None
         call.deadline = started + limit if limit else None
         return call
+
+
+# -- Istio's standard metrics: the counters and the usual request counted without a record --------
+
+
+@cython.final
+cdef class IstioSeries:
+    """The values of one Istio label tuple (see ``call_py.IstioSeries``). Updated with the GIL
+    held and never released, so without a lock (the pure twin takes one)."""
+
+    cdef readonly tuple labels
+    cdef readonly bint grpc
+    cdef Py_ssize_t _n                  # len(bounds); every histogram has _n + 1 counts
+    cdef double *_bounds                # sorted ascending, set in __cinit__, read-only afterwards
+    cdef long long *_counts             # 3 * (_n + 1): duration, request bytes, response bytes
+    cdef double _sums[3]
+    cdef long long _requests, _req_messages, _resp_messages
+
+    def __cinit__(self, labels, bounds, grpc):
+        cdef Py_ssize_t i
+        values = [float(b) for b in bounds]
+        self.labels = tuple(labels)
+        self.grpc = bool(grpc)
+        self._n = len(values)
+        self._bounds = <double *>PyMem_Malloc((self._n + 1) * sizeof(double))
+        self._counts = <long long *>PyMem_Malloc(3 * (self._n + 1) * sizeof(long long))
+        if self._bounds == NULL or self._counts == NULL:
+            raise MemoryError()
+        for i in range(self._n):
+            self._bounds[i] = values[i]
+        for i in range(3 * (self._n + 1)):
+            self._counts[i] = 0
+        self._sums[0] = self._sums[1] = self._sums[2] = 0.0
+        self._requests = self._req_messages = self._resp_messages = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self._bounds)
+        PyMem_Free(self._counts)
+
+    cdef inline Py_ssize_t _index(self, double v) noexcept:
+        # bisect_left: the first bound >= v (a NaN: 0, as bisect_left)
+        cdef Py_ssize_t lo = 0, hi = self._n, mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self._bounds[mid] < v:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    cdef void _add(self, double d, double q, double s, long long qm, long long sm) noexcept:
+        cdef Py_ssize_t width = self._n + 1
+        self._requests += 1
+        self._counts[self._index(d)] += 1
+        self._counts[width + (self._index(q) if q else 0)] += 1
+        self._counts[2 * width + (self._index(s) if s else 0)] += 1
+        self._sums[0] += d
+        self._sums[1] += q
+        self._sums[2] += s
+        if self.grpc:
+            self._req_messages += qm
+            self._resp_messages += sm
+
+    def add(self, double duration_ms, double request_bytes, double response_bytes, long long request_messages=0,
+            long long response_messages=0):
+        """Count one request (bytes 0: the first bucket, as Istio's histogram of 0)."""
+        self._add(duration_ms, request_bytes, response_bytes, request_messages, response_messages)
+
+    def values(self):
+        """See ``call_py.IstioSeries.values``."""
+        cdef Py_ssize_t width = self._n + 1
+        return (self._requests, [self._counts[i] for i in range(width)], self._sums[0],
+                [self._counts[width + i] for i in range(width)], self._sums[1],
+                [self._counts[2 * width + i] for i in range(width)], self._sums[2],
+                self._req_messages, self._resp_messages)
+
+
+cdef object _scan_request_py = _scan_request
+cdef object _scan_response_py = _scan_response
+
+
+cdef inline bint _lower_eq(str k, str name):
+    # k.lower() == name for a lower-case ASCII name of the same length
+    return k == name or k.lower() == name
+
+
+cdef tuple _scan_request_c(object headers):
+    """``outcome._scan_request`` (content-length, x-request-id, gRPC content-type) for a list or
+    tuple of str pairs or a dict of str, in C; any other shape through the Python function."""
+    cdef Py_ssize_t n
+    length, rid, grpc = 0, None, False
+    if type(headers) is dict:
+        pairs = (<dict>headers).items()
+    elif type(headers) is list or type(headers) is tuple:
+        pairs = headers
+    else:
+        return _scan_request_py(headers)
+    for pair in pairs:
+        if type(pair) is not tuple or len(<tuple>pair) != 2:
+            return _scan_request_py(headers)
+        k = (<tuple>pair)[0]
+        if type(k) is not str:
+            return _scan_request_py(headers)
+        n = len(<str>k)
+        if n == 14:
+            if _lower_eq(<str>k, "content-length"):
+                v = (<tuple>pair)[1]
+                try:
+                    length = int(v)
+                except (TypeError, ValueError):
+                    pass
+        elif n == 12:
+            v = (<tuple>pair)[1]
+            if type(v) is not str:
+                return _scan_request_py(headers)
+            if _lower_eq(<str>k, "x-request-id"):
+                rid = v
+            elif _lower_eq(<str>k, "content-type"):
+                ct = (<str>v).lower()
+                grpc = ct == "application/grpc" or ct.startswith("application/grpc+") or ct.startswith(
+                    "application/grpc;")
+    return length, rid, grpc
+
+
+@cython.final
+cdef class IstioObserver:
+    """The Istio sink's fast path (see ``call_py.IstioObserver``), reading the compiled Call and
+    Attempt's fields directly."""
+
+    cdef public dict keys
+    cdef public bint peers
+    cdef public double until
+    cdef public object miss
+
+    def __init__(self, miss):
+        self.keys = {}
+        self.peers = False
+        self.until = 0.0
+        self.miss = miss
+
+    def __call__(self, call, result):
+        cdef Call c
+        cdef Attempt a
+        cdef long long s
+        if type(call) is not Call:
+            return False
+        c = <Call>call
+        if c.fault_decision is not None:
+            return False
+        if c._attempts is not None:
+            if not c._attempts:
+                return False
+            a = <Attempt>(c._attempts[-1])
+        elif c._first is not None:
+            a = c._first
+        else:
+            return False
+        status = a.status
+        if a.error is not None or not PyLong_Check(status) or a.grpc_status is not None:
+            return False
+        policy = c.retry_policy
+        if policy is not None:
+            if type(policy) is not _RetryPolicy:
+                return False
+            compiled = (<object>policy).compiled
+            s = _status_index(status)
+            if compiled is None or s < 0 or s >= 409 or status in compiled.status_codes:
+                return False
+        req_bytes = None
+        info = a.telemetry
+        if info is not None:
+            if type(info) is not dict:
+                return False
+            peer = (<dict>info).get("peer_metadata")
+            req_bytes = (<dict>info).get("request_bytes")
+            resp_bytes = (<dict>info).get("response_bytes") or 0
+        else:
+            resp_bytes, peer = _scan_response_py(result, self.peers)
+        headers = c.headers
+        if headers:
+            length, _, grpc = _scan_request_c(headers)
+            if grpc:
+                return False
+            if req_bytes is None:
+                req_bytes = length
+        key = (c.route.route_name, c.cluster, a.endpoint.key, c.authority, status, peer or None)
+        series = self.keys.get(key)
+        if series is None or c.started > self.until:
+            self.miss(call, result, key)
+            return True
+        (<IstioSeries>series)._add((monotonic() - c.started) * 1000.0, req_bytes or 0, resp_bytes, 0, 0)
+        return True

@@ -41,12 +41,12 @@ from ..resilience.fault import NO_FAULT, FaultDecision
 from ..resilience.retry import CONNECT_FAILURE, RESET, RetryState, TIMEOUT
 from ..resilience.router_headers import apply_router_headers, is_internal_request, router_headers_of
 from ..stats import BUCKETS_MS, COUNTER_NAMES
-from ..telemetry.outcome import report_refusal
+from ..telemetry.outcome import _scan_request, _scan_response, report_refusal
 from ..telemetry.record import ACTIVE as _TELEMETRY
 from ..xds.snapshot import AggregateBalancer
 
 __all__ = ["Attempt", "Call", "ClusterCounters", "MeshCore", "BUCKETS_MS", "COUNTER_NAMES", "GRPC_TO_HTTP",
-           "ADMITTED", "OVER_REQUESTS", "OVER_RETRIES"]
+           "ADMITTED", "OVER_REQUESTS", "OVER_RETRIES", "IstioObserver", "IstioSeries"]
 
 # admit() results
 ADMITTED, OVER_REQUESTS, OVER_RETRIES = 0, 1, 2
@@ -649,3 +649,115 @@ class MeshCore:
         call._limit = limit or None
         call.deadline = started + limit if limit else None
         return call
+
+
+# -- Istio's standard metrics: the counters and the usual request counted without a record --------
+
+
+class IstioSeries:
+    """The values of one Istio label tuple (``meshcore.telemetry.istio_metrics``): the request
+    counter, three histograms over ``bounds`` (duration ms, request and response bytes; the last
+    count is above every bound) and, for gRPC, the message counters. This twin takes a lock."""
+
+    __slots__ = ("labels", "grpc", "_bounds", "_requests", "_counts", "_sums", "_messages", "_lock")
+
+    labels: Tuple[str, ...]
+    grpc: bool
+
+    def __init__(self, labels: Tuple[str, ...], bounds: Any, grpc: bool) -> None:
+        self.labels = tuple(labels)
+        self.grpc = bool(grpc)
+        self._bounds = tuple(float(b) for b in bounds)
+        n = len(self._bounds) + 1
+        self._requests = 0
+        self._counts = ([0] * n, [0] * n, [0] * n)
+        self._sums = [0.0, 0.0, 0.0]
+        self._messages = [0, 0]
+        self._lock = threading.Lock()
+
+    def add(self, duration_ms: float, request_bytes: float, response_bytes: float, request_messages: int = 0,
+            response_messages: int = 0) -> None:
+        """Count one request (bytes 0: the first bucket, as Istio's histogram of 0)."""
+        b = self._bounds
+        di = bisect.bisect_left(b, duration_ms)
+        qi = bisect.bisect_left(b, request_bytes) if request_bytes else 0
+        si = bisect.bisect_left(b, response_bytes) if response_bytes else 0
+        d, q, s = self._counts
+        sums = self._sums
+        with self._lock:
+            self._requests += 1
+            d[di] += 1
+            q[qi] += 1
+            s[si] += 1
+            sums[0] += duration_ms
+            sums[1] += request_bytes
+            sums[2] += response_bytes
+            if self.grpc:
+                self._messages[0] += request_messages
+                self._messages[1] += response_messages
+
+    def values(self) -> Tuple[Any, ...]:
+        """``(requests, duration counts, duration sum, request-bytes counts, sum, response-bytes
+        counts, sum, request messages, response messages)``, read at once (lists are copies)."""
+        with self._lock:
+            d, q, s = self._counts
+            return (self._requests, list(d), self._sums[0], list(q), self._sums[1], list(s), self._sums[2],
+                    self._messages[0], self._messages[1])
+
+
+class IstioObserver:
+    """The Istio sink's fast path, while it is its mesh's only sink: ``observer(call, result)``
+    counts a call that returned the usual answer (HTTP, no fault, no error, no retry flag) in the
+    series its key (route, cluster, endpoint, authority, status, raw peer metadata) was last
+    found in, with no record built: ``True``. ``False``: not the usual answer (the caller builds
+    the record). A key not known yet (or once ``until``, monotonic, has passed) goes to
+    ``miss(call, result, key)``, which counts it through a record and remembers its series in
+    ``keys``. ``peers``: the metadata exchange is on (read the response's peer header)."""
+
+    __slots__ = ("keys", "peers", "until", "miss")
+
+    def __init__(self, miss: Any) -> None:
+        self.keys: Dict[Any, IstioSeries] = {}
+        self.peers = False
+        self.until = 0.0
+        self.miss = miss
+
+    def __call__(self, call: Any, result: Any) -> bool:
+        attempts = call.attempts
+        if not attempts or call.fault_decision is not None:
+            return False
+        a = attempts[-1]
+        status = a.status
+        if a.error is not None or type(status) is not int or a.grpc_status is not None:
+            return False
+        policy = call.retry_policy
+        if policy is not None:
+            compiled = getattr(policy, "compiled", None)
+            if compiled is None or status >= 409 or status in compiled.status_codes:
+                return False
+        headers = call.headers
+        req_bytes: Any = None
+        info = a.telemetry
+        if info is not None:
+            if type(info) is not dict:
+                return False
+            peer = info.get("peer_metadata")
+            req_bytes = info.get("request_bytes")
+            resp_bytes = info.get("response_bytes") or 0
+        else:
+            resp_bytes, peer = _scan_response(result, self.peers)
+        if headers:
+            length, _, grpc = _scan_request(headers)
+            if grpc:
+                return False
+            if req_bytes is None:
+                req_bytes = length
+        key = (call.route.route_name, call.cluster, a.endpoint.key, call.authority, status, peer or None)
+        started = call.started
+        series = self.keys.get(key)
+        if series is None or started > self.until:
+            self.miss(call, result, key)
+            return True
+        series.add((time.monotonic() - started) * 1000.0, req_bytes or 0, resp_bytes)
+        return True
+

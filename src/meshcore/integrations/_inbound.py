@@ -59,7 +59,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 
 __all__ = ["GatedMiddleware", "InboundGate", "InboundStats", "Verdict", "ALLOWED", "DENIED", "NOT_SERVING", "NO_CHAIN", "NO_ROUTE",
            "UNSERVED_ROUTE", "DENIED_BODY", "destination_sinks", "emit", "now", "listener_of", "ip_or_none",
-           "str_headers"]
+           "request_facts", "str_headers"]
 
 log = logging.getLogger(__name__)
 
@@ -342,16 +342,26 @@ class InboundStats:
 
 
 def destination_sinks(mesh: Any) -> Tuple[Any, ...]:
-    """The telemetry sinks a served request's record goes to: ``mesh.telemetry``'s, less Istio's
-    standard-metrics sink (it labels every record as ``reporter="source"``)."""
+    """The telemetry sinks a served request's record goes to: ``mesh.telemetry``'s (Istio's
+    standard-metrics sink included: it reports a ``reporter="destination"`` record with a server
+    sidecar's labels)."""
     telemetry = getattr(mesh, "telemetry", None) if mesh is not None else None
     if telemetry is None:
         return ()
-    sinks = telemetry.sinks
-    if not sinks:
-        return ()
-    istio = telemetry.istio_metrics
-    return tuple(s for s in sinks if s is not istio) if istio is not None else sinks
+    return telemetry.sinks
+
+
+def request_facts(headers: Any) -> Tuple[Optional[str], Any]:
+    """``(x-request-id, x-envoy-peer-metadata)`` of a request's header pairs (bytes names, as ASGI
+    gives them, or lower-case str names, as the WSGI and gRPC integrations make them)."""
+    request_id = peer = None
+    for k, v in headers:
+        n = len(k)
+        if n == 12 and (k == b"x-request-id" or k == "x-request-id"):
+            request_id = v.decode("latin-1") if isinstance(v, bytes) else v
+        elif n == 21 and (k == b"x-envoy-peer-metadata" or k == "x-envoy-peer-metadata"):
+            peer = v
+    return request_id, peer
 
 
 _failed_sinks: Dict[int, None] = {}
@@ -365,10 +375,12 @@ def now() -> float:
 
 def emit(sinks: Sequence[Any], verdict: Verdict, method: str, path: str, authority: Optional[str], protocol: str,
          status: int, start: float, request_bytes: int = 0, response_bytes: int = 0,
-         grpc_status: Optional[int] = None, request_id: Optional[str] = None) -> None:
+         grpc_status: Optional[int] = None, request_id: Optional[str] = None, peer_metadata: Any = None) -> None:
     """Hand one ``reporter="destination"`` :class:`~meshcore.telemetry.record.RequestRecord` of a
     served (or refused) request to ``sinks`` (a sink's exception is logged once per sink, never
-    raised). ``start``: :func:`now` when the request arrived."""
+    raised). ``start``: :func:`now` when the request arrived; ``peer_metadata``: the request's raw
+    ``x-envoy-peer-metadata`` (the caller's workload, Istio's metadata exchange), if any."""
+    from ..telemetry.peer_metadata import decode_cached
     from ..telemetry.record import RequestRecord
 
     t = time.monotonic()
@@ -384,7 +396,8 @@ def emit(sinks: Sequence[Any], verdict: Verdict, method: str, path: str, authori
     r.protocol = protocol
     route = verdict.route
     r.route_name = (route.name or None) if route is not None else None
-    r.cluster = r.upstream_host = r.endpoint = r.peer_metadata = r.upstream_failure = None
+    r.cluster = r.upstream_host = r.endpoint = r.upstream_failure = None
+    r.peer_metadata = decode_cached(peer_metadata) if peer_metadata else None
     r.response_code = status
     r.grpc_status = grpc_status
     r.response_flags = "NR" if outcome is NO_ROUTE or outcome is NO_CHAIN else "-"

@@ -72,7 +72,7 @@ from urllib.parse import quote, unquote
 
 from ..tls.server import peer_from_asgi_scope
 from ._inbound import (
-    ALLOWED, DENIED, GatedMiddleware, Verdict, destination_sinks, emit, ip_or_none, now,
+    ALLOWED, DENIED, GatedMiddleware, Verdict, destination_sinks, emit, ip_or_none, now, request_facts,
 )
 
 __all__ = ["MeshAsgiMiddleware", "caller"]
@@ -159,7 +159,9 @@ class MeshAsgiMiddleware(GatedMiddleware):
         if verdict.outcome is not ALLOWED:
             status = await self._refuse(scope, send, verdict, version)
             if sinks:
-                emit(sinks, verdict, method, path, authority, _protocol(headers), status, start, 0, len(verdict.body))
+                request_id, peer = request_facts(headers)
+                emit(sinks, verdict, method, path, authority, _protocol(headers), status, start, 0, len(verdict.body),
+                     request_id=request_id, peer_metadata=peer)
             return
         scope = dict(scope)
         scope["meshcore"] = {"principal": verdict.principal, "peer": verdict.peer, "policy": verdict.policy,
@@ -217,13 +219,9 @@ class MeshAsgiMiddleware(GatedMiddleware):
         finally:
             if verdict.prefix is not None:
                 self.gate.stats.response(verdict.prefix, state[0], scope.get("http_version") == "2")
-            request_id = None
-            for k, v in headers:
-                if k == b"x-request-id":
-                    request_id = v.decode("latin-1")
-                    break
+            request_id, peer = request_facts(headers)
             emit(sinks, verdict, method, path, authority, _protocol(headers), state[0], start, state[1], state[2],
-                 request_id=request_id)
+                 request_id=request_id, peer_metadata=peer)
 
     async def _refuse(self, scope: Dict[str, Any], send: Any, verdict: Verdict, version: Any) -> int:
         if verdict.outcome is not DENIED:

@@ -60,7 +60,7 @@ import grpc.aio
 
 from ..tls.server import peer_from_grpc_context
 from ._inbound import (
-    ALLOWED, InboundGate, InboundStats, Verdict, destination_sinks, emit, ip_or_none, listener_of, now,
+    ALLOWED, InboundGate, InboundStats, Verdict, destination_sinks, emit, ip_or_none, listener_of, now, request_facts,
 )
 
 __all__ = ["MeshServerInterceptor", "AsyncMeshServerInterceptor", "Caller", "current_caller", "current_peer",
@@ -225,7 +225,12 @@ class _Base:
                 grpc_status: int) -> None:
         # HTTP 200 for every gRPC answer: Envoy answers a refused gRPC request (its local reply) with
         # 200 and the grpc-status, which is what its access log and Istio's metrics report
-        emit(sinks, verdict, "POST", method, _authority(context), "grpc", 200, start, grpc_status=grpc_status)
+        try:
+            request_id, peer = request_facts(context.invocation_metadata() or ())
+        except Exception:  # noqa: BLE001 - no metadata to read: no request ID, no peer
+            request_id = peer = None
+        emit(sinks, verdict, "POST", method, _authority(context), "grpc", 200, start, grpc_status=grpc_status,
+             request_id=request_id, peer_metadata=peer)
 
 
 def _code_value(code: Any) -> int:

@@ -50,7 +50,7 @@ from urllib.parse import quote, unquote
 
 from ..tls.server import peer_from_wsgi_environ
 from ._inbound import (
-    ALLOWED, GatedMiddleware, Verdict, destination_sinks, emit, ip_or_none, now,
+    ALLOWED, GatedMiddleware, Verdict, destination_sinks, emit, ip_or_none, now, request_facts,
 )
 
 __all__ = ["MeshWsgiMiddleware"]
@@ -165,7 +165,9 @@ class MeshWsgiMiddleware(GatedMiddleware):
             if verdict.prefix is not None:
                 self.gate.stats.response(verdict.prefix, status, http2)
             if sinks:
-                emit(sinks, verdict, method, path, authority, _protocol(headers), status, start, 0, len(body))
+                request_id, peer = request_facts(headers)
+                emit(sinks, verdict, method, path, authority, _protocol(headers), status, start, 0, len(body),
+                     request_id=request_id, peer_metadata=peer)
             reply = [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
             start_response(_REASONS.get(status, f"{status} Refused"), reply)
             return [body]
@@ -210,17 +212,13 @@ class MeshWsgiMiddleware(GatedMiddleware):
         def done(sent: int) -> None:
             if names is not None:
                 stats.response(names, state[0], http2)
-            request_id = None
-            for k, v in headers:
-                if k == "x-request-id":
-                    request_id = v
-                    break
+            request_id, peer = request_facts(headers)
             try:
                 received = int(environ.get("CONTENT_LENGTH") or 0)
             except ValueError:
                 received = 0
             emit(sinks, verdict, method, path, authority, _protocol(headers), state[0], start, received, sent,
-                 request_id=request_id)
+                 request_id=request_id, peer_metadata=peer)
 
         return _Closing(result, done, count=True)
 

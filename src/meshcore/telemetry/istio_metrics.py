@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from bisect import bisect_left
+import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..stats import BUCKETS_MS
 from .peer_metadata import CANONICAL_NAME, CANONICAL_REVISION, Workload, from_endpoint, node_metadata, workload_of
+from .outcome import _record
 from .record import RequestRecord
 
 __all__ = ["IstioMetrics", "LABELS", "METRICS", "service_of_cluster"]
@@ -98,28 +99,14 @@ def _namespace_of_san(san: str) -> str:
     return san[begin:] if end < 0 else san[begin:end]
 
 
+def _default_core() -> Any:
+    from ..call import core
+
+    return core
+
+
 def _format_bound(b: float) -> str:
     return str(int(b)) if float(b).is_integer() else repr(float(b))
-
-
-class _Series:
-    """The values of one label tuple."""
-
-    __slots__ = ("labels", "requests", "duration", "duration_sum", "req_bytes", "req_bytes_sum", "resp_bytes",
-                 "resp_bytes_sum", "req_messages", "resp_messages", "grpc")
-
-    def __init__(self, labels: Tuple[str, ...], n: int, grpc: bool) -> None:
-        self.labels = labels
-        self.requests = 0
-        self.duration = [0] * (n + 1)
-        self.duration_sum = 0.0
-        self.req_bytes = [0] * (n + 1)
-        self.req_bytes_sum = 0.0
-        self.resp_bytes = [0] * (n + 1)
-        self.resp_bytes_sum = 0.0
-        self.req_messages = 0
-        self.resp_messages = 0
-        self.grpc = grpc
 
 
 class IstioMetrics:
@@ -145,54 +132,56 @@ class IstioMetrics:
                        s(labels.get("version")), s(labels.get(CANONICAL_NAME)), s(labels.get(CANONICAL_REVISION)),
                        s(md.get("CLUSTER_ID")))
         self._lock = threading.Lock()
-        self._series: Dict[Tuple[str, ...], _Series] = {}
+        #: the request path's counters (``IstioSeries``) of the mesh's twin
+        self._core = getattr(mesh, "_core", None) or _default_core()
+        self._series: Dict[Tuple[str, ...], Any] = {}
         #: record key -> (peer dict held so its id stays unique, series)
-        self._keys: Dict[Tuple[Any, ...], Tuple[Any, _Series]] = {}
+        self._keys: Dict[Tuple[Any, ...], Tuple[Any, Any]] = {}
         self._keys_until = 0.0
+        #: the fast path (``Telemetry.observe`` while this is the mesh's only sink): counts the
+        #: usual answer without a record, by a key of the call's own values
+        self.observer = self._core.IstioObserver(self._miss)
 
     # -- the sink ----------------------------------------------------------------------------------
 
     def __call__(self, r: RequestRecord) -> None:
         peer = r.peer_metadata
         key = (r.cluster, r.upstream_host, r.authority, r.response_code, r.grpc_status, r.response_flags, r.protocol,
-               r.route_name, id(peer) if peer is not None else 0)
+               r.route_name, id(peer) if peer is not None else 0, r.reporter, r.principal,
+               r.connection_security_policy)
         found = self._keys.get(key)
         if found is None or found[0] is not peer or r.start_time > self._keys_until:
             series = self._series_for(key, r, peer)
         else:
             series = found[1]
-        b = self.buckets
-        d = r.duration_ms
-        qb = r.request_bytes
-        sb = r.response_bytes
-        di = bisect_left(b, d)
-        qi = bisect_left(b, qb) if qb else 0
-        si = bisect_left(b, sb) if sb else 0
-        lock = self._lock
-        lock.acquire()  # (not `with`: half the cost)
-        try:
-            series.requests += 1
-            series.duration[di] += 1
-            series.duration_sum += d
-            series.req_bytes[qi] += 1
-            series.req_bytes_sum += qb
-            series.resp_bytes[si] += 1
-            series.resp_bytes_sum += sb
-            if series.grpc:
-                series.req_messages += r.request_messages
-                series.resp_messages += r.response_messages
-        finally:
-            lock.release()
+        series.add(r.duration_ms, r.request_bytes, r.response_bytes, r.request_messages, r.response_messages)
 
-    def _series_for(self, key: Tuple[Any, ...], r: RequestRecord, peer: Any) -> _Series:
+    def _miss(self, call: Any, result: Any, key: Tuple[Any, ...]) -> None:
+        """The observer met a key it does not know (or its keys expired): the record, its series
+        (labels computed), counted; the series kept for the observer's key."""
+        attempts = call.attempts
+        r = _record(call, attempts[-1], result, None, self.observer.peers)
+        peer = r.peer_metadata
+        series = self._series_for((r.cluster, r.upstream_host, r.authority, r.response_code, r.grpc_status,
+                                   r.response_flags, r.protocol, r.route_name, id(peer) if peer is not None else 0,
+                                   r.reporter, r.principal, r.connection_security_policy), r, peer)
+        keys = self.observer.keys
+        if len(keys) >= 65536:
+            keys.clear()
+        keys[key] = series
+        series.add(r.duration_ms, r.request_bytes, r.response_bytes, r.request_messages, r.response_messages)
+
+    def _series_for(self, key: Tuple[Any, ...], r: RequestRecord, peer: Any) -> Any:
         labels = self.labels_of(r)
         with self._lock:
             if r.start_time > self._keys_until:
                 self._keys.clear()
+                self.observer.keys.clear()
                 self._keys_until = r.start_time + self.label_ttl
+                self.observer.until = time.monotonic() + self.label_ttl
             series = self._series.get(labels)
             if series is None:
-                series = self._series[labels] = _Series(labels, len(self.buckets), r.protocol == "grpc")
+                series = self._series[labels] = self._core.IstioSeries(labels, self.buckets, r.protocol == "grpc")
             if len(self._keys) >= 65536:
                 self._keys.clear()
             self._keys[key] = (peer, series)
@@ -229,6 +218,8 @@ class IstioMetrics:
 
     def labels_of(self, r: RequestRecord) -> Tuple[str, ...]:
         """The 25 label values (:data:`LABELS` order) of a record."""
+        if r.reporter == "destination":
+            return self._destination_labels(r)
         workload, namespace, app, version, canonical, revision, cluster_id = self._local
         tls = self._tls(r)
         mtls = tls is not None and getattr(tls, "mutual", False)
@@ -283,6 +274,57 @@ class IstioMetrics:
             str(r.grpc_status) if grpc and r.grpc_status is not None else "",
         )
 
+    def _destination_labels(self, r: RequestRecord) -> Tuple[str, ...]:
+        """A served request's labels, as a server sidecar's ``istio.stats`` reports them
+        (``reporter="destination"``): ``source_*`` from the caller's ``x-envoy-peer-metadata``
+        (``r.peer_metadata``), its principal the client certificate's SPIFFE ID (mTLS only; its
+        ``/ns/<ns>/`` wins for the namespace, as on the client side); ``destination_*`` this
+        workload's (its principal: this workload's SPIFFE ID under mTLS); the service: the
+        request's Host (Istio reads the inbound cluster's ``istio.services``, which a proxyless
+        server has none of, then falls back to the Host header) -- its first label, and the
+        namespace of a ``<name>.<ns>.svc`` host, else this workload's namespace (this workload's
+        own labels verbatim, as the client side's ``source_*``);
+        ``connection_security_policy`` ``mutual_tls`` or ``none``."""
+        workload, namespace, app, version, canonical, revision, cluster_id = self._local
+        mtls = r.connection_security_policy == "mutual_tls"
+        peer: Optional[Workload] = workload_of(r.peer_metadata) if r.peer_metadata is not None else None
+        peer_san = (r.principal or "") if mtls else ""
+        if not peer_san and peer is not None and mtls:
+            peer_san = peer.identity
+        peer_namespace = _namespace_of_san(peer_san) if peer_san else ""
+        if not peer_namespace and peer is not None:
+            peer_namespace = peer.namespace
+        local_san = self._local_san() if mtls else ""
+        host = r.authority or ""
+        if host.startswith("[") and "]" in host:
+            host = host[:host.index("]") + 1]
+        elif host.count(":") == 1:
+            host = host.partition(":")[0]
+        labels = host.split(".")
+        service_namespace = labels[1] if len(labels) > 2 and labels[2] == "svc" else ""
+        grpc = r.protocol == "grpc"
+        return (
+            "destination",
+            (peer.workload_name if peer is not None else "") or UNKNOWN,
+            peer_namespace or UNKNOWN,
+            peer_san or UNKNOWN,
+            (peer.app_name if peer is not None else "") or UNKNOWN,
+            (peer.app_version if peer is not None else "") or UNKNOWN,
+            (peer.canonical_name if peer is not None else "") or UNKNOWN,
+            (peer.canonical_revision if peer is not None else "") or "latest",
+            (peer.cluster_id if peer is not None else "") or UNKNOWN,
+            workload, namespace, local_san or UNKNOWN, app, version,  # the local node's, verbatim (as source_*)
+            host or UNKNOWN,
+            (labels[0] if host else "") or UNKNOWN,
+            service_namespace or namespace or UNKNOWN,
+            canonical, revision, cluster_id,
+            "grpc" if grpc else "http",
+            r.response_flags or "-",
+            "mutual_tls" if mtls else "none",
+            str(r.response_code or 0),
+            str(r.grpc_status) if grpc and r.grpc_status is not None else "",
+        )
+
     # -- readers -----------------------------------------------------------------------------------
 
     def snapshot(self) -> List[Dict[str, Any]]:
@@ -290,27 +332,20 @@ class IstioMetrics:
         "buckets": [(le, cumulative)]}, "request_bytes": ..., "response_bytes": ...,
         "request_messages": n, "response_messages": n}``."""
         out = []
-        for s in self._copy():
-            out.append({"labels": dict(zip(LABELS, s.labels)), "requests": s.requests,
-                        "duration_ms": self._hist(s.duration, s.duration_sum),
-                        "request_bytes": self._hist(s.req_bytes, s.req_bytes_sum),
-                        "response_bytes": self._hist(s.resp_bytes, s.resp_bytes_sum),
-                        "request_messages": s.req_messages, "response_messages": s.resp_messages,
-                        "grpc": s.grpc})
+        for labels, grpc, v in self._copy():
+            out.append({"labels": dict(zip(LABELS, labels)), "requests": v[0],
+                        "duration_ms": self._hist(v[1], v[2]),
+                        "request_bytes": self._hist(v[3], v[4]),
+                        "response_bytes": self._hist(v[5], v[6]),
+                        "request_messages": v[7], "response_messages": v[8],
+                        "grpc": grpc})
         return out
 
-    def _copy(self) -> List[_Series]:
+    def _copy(self) -> List[Tuple[Tuple[str, ...], bool, Tuple[Any, ...]]]:
+        """``(labels, grpc, values())`` of every series."""
         with self._lock:
-            copies = []
-            for s in self._series.values():
-                c = _Series.__new__(_Series)
-                c.labels, c.requests, c.grpc = s.labels, s.requests, s.grpc
-                c.duration, c.duration_sum = list(s.duration), s.duration_sum
-                c.req_bytes, c.req_bytes_sum = list(s.req_bytes), s.req_bytes_sum
-                c.resp_bytes, c.resp_bytes_sum = list(s.resp_bytes), s.resp_bytes_sum
-                c.req_messages, c.resp_messages = s.req_messages, s.resp_messages
-                copies.append(c)
-        return copies
+            series = list(self._series.values())
+        return [(s.labels, s.grpc, s.values()) for s in series]
 
     def _hist(self, counts: List[int], total: float) -> Dict[str, Any]:
         cumulative, acc = [], 0
@@ -324,6 +359,7 @@ class IstioMetrics:
         with self._lock:
             self._series.clear()
             self._keys.clear()
+            self.observer.keys.clear()
 
     def families(self) -> Iterator[Any]:
         """The ``prometheus_client`` metric families (``mesh.prometheus_collector()`` yields them)."""
@@ -341,19 +377,18 @@ class IstioMetrics:
         resp_msgs = CounterMetricFamily("istio_response_messages_total",
                                         "gRPC messages received (Istio standard metric)", labels=labels)
         bounds = [_format_bound(b) for b in self.buckets] + ["+Inf"]
-        for s in series:
-            values = list(s.labels)
-            total.add_metric(values, s.requests)
-            for fam, counts, sm in zip(hists, (s.duration, s.req_bytes, s.resp_bytes),
-                                       (s.duration_sum, s.req_bytes_sum, s.resp_bytes_sum)):
+        for labels, grpc, v in series:
+            values = list(labels)
+            total.add_metric(values, v[0])
+            for fam, counts, sm in zip(hists, (v[1], v[3], v[5]), (v[2], v[4], v[6])):
                 acc, cumulative = 0, []
                 for bound, c in zip(bounds, counts):
                     acc += c
                     cumulative.append((bound, acc))
                 fam.add_metric(values, cumulative, sum_value=sm)
-            if s.grpc:
-                req_msgs.add_metric(values, s.req_messages)
-                resp_msgs.add_metric(values, s.resp_messages)
+            if grpc:
+                req_msgs.add_metric(values, v[7])
+                resp_msgs.add_metric(values, v[8])
         yield total
         yield from hists
         if req_msgs.samples:

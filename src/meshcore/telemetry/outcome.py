@@ -164,6 +164,10 @@ def report(call: Any, result: Any, exc: Optional[BaseException]) -> None:
         sinks = telemetry.sinks
         if not sinks:
             return
+        if exc is None:
+            observe = telemetry.observe  # the Istio sink alone: the usual answer needs no record
+            if observe is not None and observe(call, result):
+                return
         attempts = call.attempts
         r = _record(call, attempts[-1] if attempts else None, result, exc, telemetry.exchange is not None)
         if len(sinks) == 1:
@@ -251,8 +255,10 @@ def _record(call: Any, a: Any, result: Any, exc: Optional[BaseException], peers:
         r.peer_metadata = decode_cached(peer) if peer else None
     else:
         _fill_io(r, call.headers, result, info, peers)
-    if r.request_id is None and _TRACER[0] is not None:
-        r.request_id = generated_request_id(a)
+    if _TRACER[0] is not None:  # the x-request-id tracing sent (made, or the request's own with its trace mark)
+        sent = generated_request_id(a)
+        if sent is not None:
+            r.request_id = sent
     if exc is None and call.fault_decision is None:  # the usual answer: no flag unless retries ran out
         status = a.status
         if type(status) is not int:
@@ -275,7 +281,7 @@ def _record(call: Any, a: Any, result: Any, exc: Optional[BaseException], peers:
 
 
 def generated_request_id(a: Any) -> Optional[str]:
-    """The ``x-request-id`` tracing made for attempt ``a`` (the request had none), or None. Tracing
+    """The ``x-request-id`` tracing sent with attempt ``a`` (made when the request had none), or None. Tracing
     keeps an attempt's headers (``tracing.headers_of``) until the call's span ends, which is after
     the record is made (``lifecycle.run_reported``)."""
     for k, v in _trace_headers_of(a):

@@ -151,6 +151,9 @@ class Telemetry:
         self.exchange: Any = None
         #: the Istio standard metrics sink (``istio_metrics.IstioMetrics``), or None
         self.istio_metrics: Any = None
+        #: while the Istio sink is the only sink: its observer (``observe(call, result)`` counts
+        #: the usual answer without a record: True), else None. Kept by :meth:`_refresh`.
+        self.observe: Any = None
         if mesh is not None:  # tracing follows the application's OpenTelemetry tracer provider
             from .tracing import watch
 
@@ -183,6 +186,7 @@ class Telemetry:
             if exchange and self.exchange is None:
                 node = getattr(getattr(self._mesh, "bootstrap", None), "node", None)
                 self.exchange = local_exchange(node, node_metadata)
+            self._refresh()
         self.add_sink(sink)
         return sink
 
@@ -190,6 +194,7 @@ class Telemetry:
         """Stop recording Istio's metrics and exchanging metadata (the series recorded are dropped)."""
         with self._lock:
             sink, self.istio_metrics, self.exchange = self.istio_metrics, None, None
+            self._refresh()
         if sink is not None:
             self.remove_sink(sink)
 
@@ -213,6 +218,7 @@ class Telemetry:
                 if not self.sinks:
                     active_add(1)
                 self.sinks = self.sinks + (sink,)
+                self._refresh()
         return sink
 
     def remove_sink(self, sink: Sink) -> None:
@@ -223,6 +229,7 @@ class Telemetry:
             self._failed.pop(id(sink), None)
             if had and not self.sinks:
                 active_add(-1)
+            self._refresh()
 
     def close(self) -> None:
         """The mesh closed: drop every sink (the Istio metrics recorded stay readable)."""
@@ -231,6 +238,17 @@ class Telemetry:
                 active_add(-1)
             self.sinks = ()
             self.exchange = None
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """(Under ``_lock``.) ``observe``: the Istio sink's observer while it is the only sink."""
+        sink = self.istio_metrics
+        if sink is not None and self.sinks == (sink,):
+            observer = sink.observer
+            observer.peers = self.exchange is not None
+            self.observe = observer
+        else:
+            self.observe = None
 
     def emit(self, record: RequestRecord) -> None:
         """Hand ``record`` to every sink; a sink's exception is logged (once per sink) and swallowed."""

@@ -1,0 +1,97 @@
+"""The Istio sink's fast path (``IstioObserver``: the usual answer counted without a record while
+the sink is its mesh's only sink) gives exactly the series the record path gives, on both twins:
+the same requests (httpx and the plain API to a real loopback upstream; bodies, retries run out,
+gRPC content-type, the single-attempt form) counted once with the sink alone and once with a
+second sink (every request through a record), compared label by label and bucket by bucket."""
+
+from __future__ import annotations
+
+import json
+from importlib import import_module
+from typing import Any, Dict, List
+
+import httpx
+import pytest
+
+from meshcore.integrations.httpx import MeshTransport
+
+from .test_tracing import URL, echo, mesh  # noqa: F401  (fixtures)
+
+NODE = {"WORKLOAD_NAME": "client", "NAMESPACE": "default", "CLUSTER_ID": "Kubernetes",
+        "LABELS": {"app": "client", "version": "v1"}}
+
+
+class _Resp:
+    status_code = 200
+
+    def __init__(self, body: bytes) -> None:
+        self._content = body
+        self.headers = {"content-length": str(len(body))}
+
+
+def _traffic(mesh: Any, echo: Any) -> None:
+    with httpx.Client(mounts={"all://*.svc.cluster.local:8080": MeshTransport(mesh)}) as c:
+        for _ in range(3):
+            assert c.get(f"{URL}/a").status_code == 200
+        for _ in range(2):
+            assert c.get(f"{URL}/a", headers={"x-user": "7", "content-type": "text/plain"}).status_code == 200
+        echo.fail_first = 3  # 503 three times: the retries run out (URX)
+        assert c.get(f"{URL}/retry/x").status_code == 503
+    for body in (b"x" * 7, b"y" * 700):
+        mesh.request(f"{URL}/plain", "POST", {"content-length": "5"}).run(lambda a, b=body: _Resp(b))
+    mesh.request(f"{URL}/grpc", "POST", [("content-type", "application/grpc")]).run(lambda a: _Resp(b""))
+    with mesh.request(f"{URL}/with") as attempt:
+        attempt.status = 204
+
+
+def _series(sink: Any) -> Dict[str, Any]:
+    out = {}
+    for s in sink.snapshot():
+        key = json.dumps(s["labels"], sort_keys=True)
+        out[key] = {"requests": s["requests"], "duration_count": s["duration_ms"]["count"],
+                    "request_bytes": s["request_bytes"], "response_bytes": s["response_bytes"],
+                    "messages": (s["request_messages"], s["response_messages"])}
+    return out
+
+
+def test_fast_path_equals_record_path(mesh, echo, impl):
+    tel = mesh.telemetry
+    sink = tel.enable_istio_metrics(node_metadata=NODE)
+    assert tel.observe is sink.observer and type(sink.observer).__module__.endswith(f"call_{impl}")
+    _traffic(mesh, echo)
+    fast = _series(sink)
+    assert len(sink.observer.keys) == 2  # the usual answers (200, 204) went through the observer
+    sink.reset()
+    records: List[Any] = []
+    tel.add_sink(records.append)
+    assert tel.observe is None
+    _traffic(mesh, echo)
+    assert len(sink.observer.keys) == 0
+    slow = _series(sink)
+    tel.remove_sink(records.append)
+    assert tel.observe is sink.observer
+    assert fast == slow
+    def count(code: str, flags: str, protocol: str = "http") -> int:
+        return sum(v["requests"] for k, v in fast.items() if (json.loads(k)["response_code"], json.loads(k)[
+            "response_flags"], json.loads(k)["request_protocol"]) == (code, flags, protocol))
+
+    assert count("200", "-") == 3 + 2 + 2  # httpx GETs, plain API
+    assert count("200", "-", "grpc") == 1 and count("503", "URX") == 1 and count("204", "-") == 1
+    tel.disable_istio_metrics()
+
+
+@pytest.mark.parametrize("twin", ["c", "py"])
+def test_series_counts_and_buckets(twin):
+    mod = import_module(f"meshcore._fast.call_{twin}")
+    s = mod.IstioSeries(("a", "b"), (0.5, 1, 5, 10), False)
+    for d, q, r in ((0.2, 0, 0), (1.0, 3, 12), (7.5, 10, 0.5), (99.0, 11, 10), (float("nan"), 0, 1)):
+        s.add(d, q, r, 5, 5)
+    v = s.values()
+    assert v[0] == 5
+    assert v[1] == [2, 1, 0, 1, 1]  # 0.2 and NaN, 1.0 (le 1), 7.5 (le 10), 99 (+Inf)
+    assert v[3] == [2, 0, 1, 1, 1]  # 0 -> the first bucket; 3 (le 5), 10 (le 10), 11 (+Inf)
+    assert v[5] == [2, 1, 0, 1, 1]
+    assert (v[4], v[6]) == (24.0, 23.5) and (v[7], v[8]) == (0, 0)
+    g = mod.IstioSeries(("g",), (1,), True)
+    g.add(0.1, 1, 1, 2, 3)
+    assert g.values()[7:] == (2, 3) and g.labels == ("g",) and g.grpc
