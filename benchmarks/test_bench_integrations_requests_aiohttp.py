@@ -3,7 +3,10 @@ sidecar: interleaved blocks, same upstream Envoy, keep-alive everywhere (integra
 
 Modes (one client each, made once, reused by every block; every body is read):
 
-* ``direct``: ``requests.Session()`` / ``aiohttp.ClientSession()`` to ``http://127.0.0.1:<upstream>``;
+* ``direct``: ``requests.Session()`` to ``http://127.0.0.1:<upstream>``; ``aiohttp.ClientSession()`` to
+  the logical URL ``http://bench.default.svc.cluster.local:8080`` (as an application without a
+  mesh writes it; a static resolver, the connector's only change, stands for its DNS and names
+  the upstream), so it sends the same URL and Host as meshcore;
 * ``meshcore``: the same client through meshcore -- a ``requests.Session`` with ``MeshAdapter(mesh)``
   mounted on the logical URL, or ``MeshSession(mesh)`` -- on route ``/api/`` (route timeout +
   retry policy);
@@ -85,8 +88,13 @@ def aiohttp_modes(rig: Rig) -> Dict[str, Any]:
 
     from meshcore.integrations.aiohttp import MeshSession
 
-    def client(base: str, mesh: bool = False) -> Any:
-        s: Any = MeshSession(rig.mesh) if mesh else aiohttp.ClientSession()
+    def client(base: str, mesh: bool = False, resolver: Any = None) -> Any:
+        if mesh:
+            s: Any = MeshSession(rig.mesh)
+        elif resolver is not None:
+            s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver))
+        else:
+            s = aiohttp.ClientSession()
         get = s.get
 
         async def send(path: str) -> Any:
@@ -96,11 +104,31 @@ def aiohttp_modes(rig: Rig) -> Dict[str, Any]:
         return send, s.close
 
     return {
-        "direct": lambda: client(rig.direct_urls[0]),
+        # the logical URL, as an application without a mesh writes it (its DNS, here a static
+        # resolver, names the upstream): the same URL and Host as meshcore's requests
+        "direct": lambda: client(rig.mesh_url, resolver=_StaticResolver(rig.direct_urls[0])),
         "meshcore": lambda: client(rig.mesh_url, mesh=True),
         "meshcore-pertry": lambda: client(rig.mesh_url, mesh=True),
         "sidecar": lambda: client(rig.sidecar_url),
     }
+
+
+class _StaticResolver:
+    """An aiohttp resolver answering every name with the address of ``url`` (``http://ip:port``):
+    the DNS of an application without a mesh, as aiohttp's connector uses it (its DNS cache
+    included)."""
+
+    def __init__(self, url: str) -> None:
+        host, _, port = url.rpartition("//")[2].rpartition(":")
+        self.host, self.port = host, int(port)
+
+    async def resolve(self, host: str, port: int = 0, family: int = 0) -> Any:
+        import socket
+        return [{"hostname": host, "host": self.host, "port": self.port, "family": socket.AF_INET, "proto": 0,
+                 "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self) -> None:
+        pass
 
 
 def experiment(kind: str, rig: Rig, **kw: Any) -> Dict[str, Any]:

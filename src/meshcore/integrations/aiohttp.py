@@ -82,8 +82,10 @@ from yarl import URL
 
 from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, NotReady, Unavailable
+from ..lifecycle import run_async as _run_async, run_async_reported as _run_async_reported
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
+from ..telemetry.peer_metadata import HEADER as _PEER_HEADER, HEADER_ID as _PEER_HEADER_ID
 from ..telemetry.peer_metadata import strip_pairs as _strip_peer_pairs
 from ..telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
 from ..telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, headers_of as _trace_headers
@@ -386,20 +388,21 @@ Response = Union[aiohttp.ClientResponse, LocalResponse]
 
 
 class _RequestContext:
-    """``await ms.get(...)`` or ``async with ms.get(...) as resp`` (released on exit)."""
+    """``await ms.get(...)`` or ``async with ms.get(...) as resp`` (released on exit). The
+    request's coroutine (``MeshSession._request(ctx, ...)``) is awaited as it is, no coroutine
+    around it: it leaves its response in ``_resp`` for the exit."""
 
     __slots__ = ("_coro", "_resp")
 
-    def __init__(self, coro: Awaitable[Response]) -> None:
-        self._coro = coro
+    def __init__(self) -> None:
+        self._coro: Any = None
         self._resp: Optional[Response] = None
 
     def __await__(self) -> Generator[Any, None, Response]:
-        return self._coro.__await__()
+        return self._coro.__await__()  # type: ignore[no-any-return]
 
-    async def __aenter__(self) -> Response:
-        self._resp = await self._coro
-        return self._resp
+    def __aenter__(self) -> Awaitable[Response]:
+        return self._coro  # type: ignore[no-any-return]
 
     def __aexit__(self, *exc: Any) -> "_Done":
         # no coroutine: release() is synchronous, the awaitable returned is done already
@@ -605,28 +608,42 @@ class MeshSession:
 
     def request(self, method: str, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
         """Like ``ClientSession.request`` (awaitable, or an async context manager)."""
-        return _RequestContext(self._request(method.upper(), url, **kwargs))
+        ctx = _RequestContext()
+        ctx._coro = self._request(ctx, method.upper(), url, **kwargs)
+        return ctx
 
     def get(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        return _RequestContext(self._request("GET", url, **kwargs))
+        ctx = _RequestContext()
+        ctx._coro = self._request(ctx, "GET", url, **kwargs)
+        return ctx
 
     def head(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
         return self.request("HEAD", url, allow_redirects=kwargs.pop("allow_redirects", False), **kwargs)
 
     def options(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        return _RequestContext(self._request("OPTIONS", url, **kwargs))
+        ctx = _RequestContext()
+        ctx._coro = self._request(ctx, "OPTIONS", url, **kwargs)
+        return ctx
 
     def post(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        return _RequestContext(self._request("POST", url, **kwargs))
+        ctx = _RequestContext()
+        ctx._coro = self._request(ctx, "POST", url, **kwargs)
+        return ctx
 
     def put(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        return _RequestContext(self._request("PUT", url, **kwargs))
+        ctx = _RequestContext()
+        ctx._coro = self._request(ctx, "PUT", url, **kwargs)
+        return ctx
 
     def patch(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        return _RequestContext(self._request("PATCH", url, **kwargs))
+        ctx = _RequestContext()
+        ctx._coro = self._request(ctx, "PATCH", url, **kwargs)
+        return ctx
 
     def delete(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        return _RequestContext(self._request("DELETE", url, **kwargs))
+        ctx = _RequestContext()
+        ctx._coro = self._request(ctx, "DELETE", url, **kwargs)
+        return ctx
 
     async def close(self) -> None:
         """Close the session if this wrapper made it."""
@@ -682,8 +699,9 @@ class MeshSession:
                        getattr(session, "_raise_for_status", False), self._attempt_timeout(timeout))
         return self._bound
 
-    async def _request(self, method: str, url: Union[str, URL], *, params: Any = None, headers: Any = None,
-                       allow_redirects: bool = True, max_redirects: int = 10, **kwargs: Any) -> Response:
+    async def _request(self, ctx: _RequestContext, method: str, url: Union[str, URL], *, params: Any = None,
+                       headers: Any = None, allow_redirects: bool = True, max_redirects: int = 10,
+                       **kwargs: Any) -> Response:
         session = self._session or self.session
         bound = self._bound
         if bound[0] is not session:
@@ -774,7 +792,8 @@ class MeshSession:
                         else:
                             sender = self._sender(session, method, headers, own, attempt_timeout, jar, url, kwargs, call,
                                                   pool, exchange)
-                        resp = await call.run_async(sender.send, status_of=_status_of, classify=_classify)
+                        resp = await (_run_async_reported if _TELEMETRY[0] else _run_async)(
+                            call, sender.send, _status_of, None, _classify)
                     except FaultAbort as e:
                         log.debug("fault abort for %s: %s", call, e)
                         resp = LocalResponse(method, url, _fault_reply(e), _info(call))
@@ -813,6 +832,7 @@ class MeshSession:
             url = url.join(URL(location))
             text = None
             routed = self._routed(url)
+        ctx._resp = resp  # released when the caller's ``async with`` exits
         if check is True:
             resp.raise_for_status()
         elif callable(check):
@@ -829,8 +849,10 @@ class MeshSession:
             _drop_router_headers(send_headers)
         send_headers["Host"] = call.route.host_rewrite or call.authority  # every attempt's (the app's goes)
         if exchange is not None:  # Istio's metadata exchange (mesh.telemetry.enable_istio_metrics):
-            for k, v in exchange.headers:  # ours replace the app's own (as Istio's filter does)
-                send_headers[k] = v
+            if own:  # ours replace the app's own, any case (as Istio's filter does), -id included
+                send_headers.popall(_PEER_HEADER, None)
+                send_headers.popall(_PEER_HEADER_ID, None)
+            send_headers.extend(exchange.headers)  # (a session default of the same name: replaced by aiohttp)
         extra = kwargs
         if len(jar) or call.scheme == "https":
             extra = self._extra(jar, call.scheme, url, kwargs)

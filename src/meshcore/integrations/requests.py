@@ -103,6 +103,7 @@ TimeoutArg = Union[None, float, Tuple[Optional[float], Optional[float]], Urllib3
 
 _status_of = attrgetter("status_code")  # a requests Response always has an int status here
 _MEMO_MAX = 256  # bounded memo tables (timeouts, TLS names)
+_PEER_NAMES = frozenset((_PEER_HEADER, _PEER_HEADER_ID))  # the metadata exchange's request headers (lowercase)
 
 
 def _classify(exc: BaseException) -> Optional[str]:
@@ -426,7 +427,10 @@ class MeshAdapter(HTTPAdapter):
             send_headers.pop(next((k for k in send_headers if k.lower() == "host"), None), None)
         send_headers["Host"] = call.route.host_rewrite or call.authority  # = every attempt's authority
         exchange = _exchange_of(self._mesh) if _TELEMETRY[0] else None
-        if exchange is not None:  # Istio's metadata exchange (mesh.telemetry.enable_istio_metrics)
+        if exchange is not None:  # Istio's metadata exchange (mesh.telemetry.enable_istio_metrics):
+            if store is None or not _PEER_NAMES.isdisjoint(store):  # ours replace the app's (any case),
+                for k in [k for k in send_headers if k.lower() in _PEER_NAMES]:  # as Istio's filter does
+                    del send_headers[k]
             send_headers.update(exchange.headers)
         body = request.body
         chunked = not (body is None or "Content-Length" in headers)
