@@ -208,7 +208,7 @@ class Trace:
     ``None``; the attempts' ``status`` / ``grpc_status`` / ``error`` are read from the call)."""
 
     __slots__ = ("tracer", "span", "name", "attempt_spans", "extra", "parent_b3", "open", "call", "b3",
-                 "request_id", "start_time")
+                 "request_id", "start_time", "start_attrs")
 
     def __init__(self, tracer: Any, span: Any, name: str, attempt_spans: bool, extra: Tuple[Tuple[str, str], ...],
                  parent_b3: Optional[str], call: Any, b3: bool = True, request_id: str = "",
@@ -224,6 +224,7 @@ class Trace:
         self.b3 = b3
         self.request_id = request_id  # the x-request-id every attempt carries
         self.start_time = start_time  # epoch ns for spans made after the fact (None: now)
+        self.start_attrs: Optional[Dict[str, Any]] = None  # the request span's start attributes (attempt spans copy them)
 
     def wrap(self, send: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """``send`` preceded by the attempt's span and headers (works for coroutine functions too:
@@ -247,7 +248,10 @@ class Trace:
                 child = self.tracer.start_span(f"router {cluster} egress", context=ctx, kind=trace.SpanKind.CLIENT,
                                                start_time=self.start_time)
                 if child.is_recording():
-                    attrs = _start_attributes(self.call, self.request_id)
+                    attrs = self.start_attrs
+                    if attrs is None:
+                        attrs = self.start_attrs = _start_attributes(self.call, self.request_id)
+                    attrs = dict(attrs)
                     attrs["upstream_address"] = a.endpoint.key
                     if a.number > 1:
                         attrs["retry.count"] = str(a.number - 1)
@@ -562,10 +566,14 @@ def begin(call: Any, start_time: Optional[int] = None) -> Optional[Trace]:
         b3 = bool(_CONFIG["b3"])
         if not b3:
             extra.extend(app_b3)  # not ours to set: the application's go through unchanged
+        attrs = None
         if span.is_recording():
-            span.set_attributes(_start_attributes(call, request_id))
+            attrs = _start_attributes(call, request_id)
+            span.set_attributes(attrs)
         parent_b3 = _hex_span(parent.span_id) if parent.is_valid else None
-        return Trace(tracer, span, name, attempt_spans, tuple(extra), parent_b3, call, b3, request_id, start_time)
+        t = Trace(tracer, span, name, attempt_spans, tuple(extra), parent_b3, call, b3, request_id, start_time)
+        t.start_attrs = attrs
+        return t
     except Exception:  # noqa: BLE001
         log.exception("tracing: could not start the span of %r", call)
         return None
