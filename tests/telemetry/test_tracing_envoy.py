@@ -213,8 +213,9 @@ def _envoy_config(upstream_port: int, otlp_port: int) -> Dict[str, Any]:
                                                 "typed_config": hcm}]}]}
 
     def cluster(name: str, port: int, h2: bool = False) -> Dict[str, Any]:
+        endpoint = {"endpoint": {"address": ep.socket_address(port)}}
         c: Dict[str, Any] = {"name": name, "type": "STATIC", "connect_timeout": "0.5s", "load_assignment": {
-            "cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": ep.socket_address(port)}}]}]}}
+            "cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]}}
         if h2:
             c["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",

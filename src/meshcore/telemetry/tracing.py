@@ -10,36 +10,52 @@ request path; the answer is cached in ``TRACER`` (``[tracer or None]``). ``MESHC
 turns it off whatever the provider.
 
 When on, every request made through meshcore (``call.run``/``run_async`` and every client
-integration: httpx, requests, aiohttp, gRPC) gets:
+integration: httpx, requests, aiohttp, gRPC) gets what Envoy 1.40's OpenTelemetry tracer makes for
+an outbound sidecar (checked span for span against a real Envoy: tests/telemetry/test_tracing_envoy.py):
 
 * **one CLIENT span per request**, the Envoy egress span, child of the current OpenTelemetry
   context, or of the request's own ``traceparent`` when the application put one there (Envoy
   extracts the incoming context); sampled by the application's sampler (the SDK default,
   ``ParentBased(ALWAYS_ON)``, follows the parent's sampled flag and decides roots). Its name is
-  Envoy's: the route's decorator operation when the route model keeps one (``route.decorator``,
-  Istio sets ``<host>:<port>/*``), else Envoy's default for an egress span, ``egress <authority>``
-  (``TracerImpl::startSpan``, source/common/tracing/tracer_impl.cc).
-* attributes of OpenTelemetry's stable HTTP client conventions: ``http.request.method``,
-  ``url.full``, ``server.address`` (the logical host, as the ``Host`` header),
-  ``server.port``, ``network.peer.address``/``network.peer.port`` (the endpoint the last attempt
-  went to), ``http.response.status_code`` (when an answer came), ``error.type`` (the status code
-  for a 5xx, else the upstream failure kind or the exception's class),
-  ``http.request.resend_count`` (retries); and Envoy's tags: ``component=proxy``,
-  ``upstream_cluster``, ``response_flags``, ``guid:x-request-id``, ``node_id`` (the bootstrap
-  node), ``retry.count``. Status ERROR for a 5xx (Envoy's ``error=true``) and for a request that
-  failed without an answer.
-* **retries**: by default one span per request and a span event ``upstream_attempt`` per
-  attempt that was retried (number, endpoint, status or failure kind), every attempt carrying
-  the request span's context (Envoy as Istio configures it: no ``spawn_upstream_span``). With
-  ``configure(attempt_spans=True)`` each attempt gets a child CLIENT span (Envoy's
-  ``spawn_upstream_span``; named like the request span, ``retry.count`` and
-  ``http.request.resend_count`` set) whose context the attempt carries.
-* **propagation** into each attempt's upstream request: W3C ``traceparent``/``tracestate`` and
-  B3 multi-header (``x-b3-traceid``, ``x-b3-spanid``, ``x-b3-parentspanid``, ``x-b3-sampled``)
-  from the span's context (replacing the application's own, as Envoy does), and ``x-request-id``
-  (a UUID4) when the request has none (Envoy keeps an incoming one). ``x-request-id`` is made
-  only while tracing is on (Envoy's ``generate_request_id`` is on by default; here it comes
-  with tracing so a mesh without tracing sends exactly the application's headers).
+  Envoy's: the route's ``decorator.operation`` (Istio sets ``<host>:<port>/*``), else
+  ``egress <authority>``.
+* Envoy's tags: ``component=proxy``, ``http.method``, ``http.url``, ``http.status_code`` (a
+  string: the code the application got, Envoy's local replies included: 404 NR, 503 UH/UO/URX,
+  504 UT), ``response_flags``, ``upstream_cluster`` and ``upstream_cluster.name`` (none for NR),
+  ``guid:x-request-id``, ``node_id`` (the bootstrap node), ``error=true`` (a 5xx, or a gRPC
+  status other than OK), ``grpc.status_code``, ``retry.count``; and OpenTelemetry's stable HTTP
+  client attributes: ``http.request.method``, ``url.full``, ``server.address`` (the logical
+  host, as the ``Host`` header), ``server.port``, ``network.peer.address``/``network.peer.port``
+  (the endpoint of the last attempt), ``http.response.status_code`` (an upstream answer),
+  ``error.type``, ``http.request.resend_count``. Status ERROR as Envoy's tracer sets it: a code
+  from 400 on a CLIENT span (from 500 on a SERVER span), or no answer.
+* **retries**: by default one span per request; every attempt carries the request span's context
+  (Envoy as Istio configures it: no ``spawn_upstream_span``), and meshcore adds a span event
+  ``upstream_attempt`` per attempt that was retried. With ``configure(attempt_spans=True)``:
+  Envoy's ``spawn_upstream_span`` shape: the request span is SERVER (as Envoy's downstream span
+  then is) and each attempt gets a child CLIENT span ``router <cluster> egress`` with
+  ``upstream_address``, ``retry.count`` (from the second attempt), ``http.status_code`` (``0``
+  without an answer), ``error=true``, ``canceled=true`` (retried or timed out), whose context the
+  attempt carries. (One difference: an attempt that timed out is ERROR here; Envoy tags it
+  ``error=true`` and leaves its status unset.)
+* **propagation** into each attempt's upstream request, replacing the application's headers of
+  those names (:data:`TRACE_HEADERS`): W3C ``traceparent``/``tracestate`` and, unless
+  ``configure(b3=False)``, B3 multi-header (``x-b3-traceid``, ``x-b3-spanid``,
+  ``x-b3-parentspanid``, ``x-b3-sampled``); Envoy's OpenTelemetry tracer sends W3C only (and an
+  empty ``tracestate`` when there is none; meshcore none), so with ``b3=False`` the application's
+  own B3 headers pass unchanged, as through Envoy. ``x-request-id``: the application's, else a new
+  UUID4, with Envoy's trace mark in its 15th character (``9`` sampled, ``4`` not; Envoy's
+  ``UUIDRequestIDExtension``: only a 36-character id is marked), which a server's sidecar reads as
+  the trace decision. ``x-envoy-decorator-operation``: the route decorator's operation unless
+  ``propagate: false`` (else the application's own passes). ``x-request-id`` and
+  ``x-envoy-decorator-operation`` come with tracing (Envoy's ``generate_request_id`` is on by
+  default; here a mesh without tracing sends exactly the application's headers).
+* the forms without a router loop: the single-attempt form (``with mesh.request(...) as
+  attempt``) gets its span from ``lifecycle.report_single`` (begun with the attempt when
+  ``lifecycle.begin_single`` was called, so the attempt carries its headers; else made when the
+  block ends, from the call's start); a request ``Mesh.request`` refuses (no route, no cluster)
+  from :func:`trace_refusal`; anything else that drives attempts itself (a gRPC stream) uses
+  :func:`begin` and :class:`Trace` (``attempt(a)`` before each attempt, ``end(result, exc)``).
 
 Integrations read an attempt's headers with :func:`headers_of` (``()`` when none).
 """
@@ -224,7 +240,8 @@ class Trace:
         self.b3 = b3
         self.request_id = request_id  # the x-request-id every attempt carries
         self.start_time = start_time  # epoch ns for spans made after the fact (None: now)
-        self.start_attrs: Optional[Dict[str, Any]] = None  # the request span's start attributes (attempt spans copy them)
+        #: the request span's start attributes (attempt spans copy them)
+        self.start_attrs: Optional[Dict[str, Any]] = None
 
     def wrap(self, send: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """``send`` preceded by the attempt's span and headers (works for coroutine functions too:
