@@ -32,7 +32,7 @@ class _EndpointChannel:
     """One grpcio channel to one endpoint under one authority and TLS, with its multicallables
     (and, for TLS, the forward carrying its connections)."""
 
-    __slots__ = ("address", "authority", "channel", "inflight", "departed", "callables", "tls", "forward")
+    __slots__ = ("address", "authority", "channel", "active", "departed", "closed", "callables", "tls", "forward")
 
     def __init__(self, address: str, authority: str, channel: grpc.Channel, tls: Any = None,
                  forward: Any = None) -> None:
@@ -41,11 +41,21 @@ class _EndpointChannel:
         self.channel = channel
         self.tls = tls
         self.forward = forward
-        self.inflight = 0
+        #: one item per RPC in flight on the channel: ``append``/``pop`` are atomic, so RPCs count
+        #: themselves in and out without the pool's lock (an RPC appends, then checks
+        #: ``departed``; a release pops, then checks ``departed``; the sweep sets ``departed``,
+        #: then checks this under the lock: whoever sees the channel departed and idle closes it)
+        self.active: List[None] = []
         self.departed = False  # left the target's endpoints while in use: closed by the last release
+        self.closed = False  # (set under the pool's lock: closing happens once)
         #: the grpcio multicallables made on this channel, by the MeshChannel's slot of their
         #: signature (kind, path, serializers, registered)
         self.callables: Dict[object, Any] = {}
+
+    @property
+    def inflight(self) -> int:
+        """The RPCs in flight on this channel."""
+        return len(self.active)
 
     def close(self) -> None:
         self.channel.close()
@@ -129,19 +139,22 @@ class _EndpointPool:
             if ep is None:
                 log.debug("opening a channel to %s (authority %s, %s)", address, authority, tls or "plaintext")
                 ep = self._channels[key] = self._open(address, authority, tls, attempt)
-            ep.inflight += 1
+            ep.active.append(None)
             return ep
 
     def release(self, ep: _EndpointChannel) -> None:
-        """An RPC on ``ep`` finished (blocking unary calls do this inline, under the same lock)."""
-        with self._lock:
-            ep.inflight -= 1
-            last = ep.departed and ep.inflight <= 0
-        if last:
+        """An RPC on ``ep`` finished (blocking unary calls do this inline)."""
+        active = ep.active
+        active.pop()
+        if ep.departed and not active:
             self.close_departed(ep)
 
     def close_departed(self, ep: _EndpointChannel) -> None:
-        """Close ``ep``, which left the target, now that its last RPC finished."""
+        """Close ``ep``, which left the target, now that its last RPC finished (once)."""
+        with self._lock:
+            if ep.closed:
+                return
+            ep.closed = True
         log.info("closing the channel to %s: its last RPC finished after it left the target", ep.address)
         ep.close()
 
@@ -156,7 +169,8 @@ class _EndpointPool:
             closing = []
             for ep in departed:
                 ep.departed = True
-                if ep.inflight <= 0:
+                if not ep.active and not ep.closed:
+                    ep.closed = True
                     closing.append(ep)
         for ep in closing:
             log.info("closing the channel to %s: no longer an endpoint of the target%s", ep.address,
@@ -175,7 +189,9 @@ class _EndpointPool:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            closing = list(self._channels.values())
+            closing = [ep for ep in self._channels.values() if not ep.closed]
+            for ep in closing:
+                ep.closed = True
             self._channels.clear()
         for ep in closing:
             ep.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import grpc
 
@@ -121,6 +121,10 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
     #: the last retry policy found not to retry an OK answer (most RPCs of a multicallable
     #: take the same route, so the same policy object)
     _final_ok: Any = None
+    #: endpoint key -> (endpoint, endpoint channel, grpcio multicallable) under the configuration
+    #: ``_eps_cfg`` (replaced whole when another configuration is published)
+    _eps: Dict[str, Tuple[Any, Any, Any]] = {}
+    _eps_cfg: Any = None
 
     def __call__(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
                  credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
@@ -128,45 +132,113 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         """A blocking RPC: ``lifecycle.run`` inline (``MeshChannel._route`` too), its first
         attempt straight to the endpoint's grpcio multicallable. Returns the response
         (``_with_call``: ``(response, call)``, for :meth:`with_call`). While a mesh has telemetry
-        sinks, the RPC runs under :meth:`Call.run` instead (as ``future()`` does), which reports it."""
-        if _TELEMETRY[0]:
+        sinks, the RPC runs under :meth:`Call.run` instead (as ``future()`` does), which reports it.
+
+        The common RPC (no metadata nor call options, a deadline, a configuration that routes it
+        without gRPC's own headers, no fault filter, an endpoint already used under this
+        configuration) takes the short path below; anything else, :meth:`_blocking`."""
+        cfg = self._eps_cfg
+        if cfg is None or metadata is not None or _with_call or _TELEMETRY[0] or timeout is None or \
+                not timeout > 0 or credentials is not None or wait_for_ready is not None or compression is not None:
+            return self._blocking(request, timeout, metadata, credentials, wait_for_ready, compression, _with_call)
+        ch = self._channel
+        if ch._closed:
+            return self._blocking(request, timeout, None, None, None, None, False)
+        target = ch._mesh_target
+        try:
+            call = ch._request(self._url, "POST", None, target=target, timeout=timeout)
+        except MeshError:  # decided again with gRPC's own headers (and reported) by _blocking
+            return self._blocking(request, timeout, None, None, None, None, False)
+        # request() routed under cfg if cfg is still published: cfg was published before this RPC
+        # began (an earlier RPC saw it), and a configuration object never comes back
+        if ch._publisher.published.get(target) is not cfg:  # a newer one: decided with the headers
+            return self._blocking(request, timeout, None, None, None, None, False)
+        try:
+            a = call.first_attempt()  # None: a fault filter applies (its step first)
+        except MeshError as exc:
+            err = _client_error(exc, call, ch.target)
+            raise err from _cause_of(err)
+        if a is None:
+            return self._blocking(request, timeout, None, None, None, None, False, call)
+        endpoint = a.endpoint
+        hit = self._eps.get(endpoint.key)
+        if hit is None or hit[0] is not endpoint or a.path != self._method or a.authority != hit[1].authority:
+            return self._blocking(request, timeout, None, None, None, None, False, call, a)
+        ep = hit[1]
+        attempt_timeout = a.timeout
+        pool = ch._pool
+        active = ep.active
+        active.append(None)  # counted in, then checked (see _EndpointChannel.active)
+        if ep.departed or pool._closed or not attempt_timeout > 0:
+            pool.release(ep)
+            return self._blocking(request, timeout, None, None, None, None, False, call, a)
+        started = call.started  # (the first attempt's start, as far as elapsed time goes)
+        if started >= ch._next_sweep:
+            ch.sweep()
+        try:
+            result = hit[2](request, timeout=attempt_timeout)
+        except BaseException as e:  # noqa: BLE001  (an RpcError, or classified as lifecycle.run does)
+            return self._after_failure(call, a, ep, e, started, request, timeout, None, None, None, None, False)
+        active.pop()  # _EndpointPool.release, inline
+        if ep.departed and not active:
+            pool.close_departed(ep)
+        a.finish(200, 0)  # the server answered OK: HTTP 200, grpc-status 0
+        policy = call.retry_policy
+        if policy is None or policy is self._final_ok:
+            return result  # final (a first attempt: no retry to count as a success)
+        return self._after_ok(call, a, policy, result, request, None, None, None, None, False)
+
+    def _blocking(self, request: Any, timeout: Optional[float], metadata: Metadata, credentials: Any,
+                  wait_for_ready: Optional[bool], compression: Any, _with_call: bool,
+                  call: Optional[Call] = None, a: Optional[Attempt] = None) -> Any:
+        """:meth:`__call__`, every case (``call``/``a``: the RPC's call already routed and its
+        first attempt already started by the short path)."""
+        if _TELEMETRY[0] and call is None:
             response, rpc = self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
             return (response, rpc) if _with_call else response
         ch = self._channel
-        call: Optional[Call] = None
         try:
-            if ch._closed:
-                raise MeshRpcError(grpc.StatusCode.CANCELLED, "channel closed")
             publisher = ch._publisher
             cfg = None if publisher is None else publisher.published.get(ch._mesh_target)
-            if cfg is None:
-                ch._await_config(timeout)
-            if metadata:
-                call = ch._request(self._url, "POST", _headers(metadata), target=ch._mesh_target)
-            elif cfg is None or not (cfg is ch._plain_cfg or ch._routes_plain(cfg)):
-                call = ch._request(self._url, "POST", _GRPC_HEADER_DICT, target=ch._mesh_target)
-            else:
-                # nothing in this configuration reads gRPC's own headers: route without them, and
-                # again with them unless request() used this configuration (published dicts are
-                # replaced whole, and a configuration object never comes back)
-                try:
-                    call = ch._request(self._url, "POST", None, target=ch._mesh_target)
-                except MeshError:
-                    call = None  # under a newer configuration? decided with the headers
-                if call is None or publisher.published.get(ch._mesh_target) is not cfg:
-                    call = ch._request(self._url, "POST", _GRPC_HEADER_DICT, target=ch._mesh_target)
-            if timeout is not None:
-                deadline = call.started + timeout
-                limit = call.deadline
-                if limit is None or deadline < limit:
-                    call.deadline = deadline
-            fault = call.fault()  # lifecycle.fault_step, its decision made here
-            if fault is not NO_FAULT:
-                _fault_delay(call, fault)
-            a = call.start_attempt()  # the first attempt: a refusal raises, never None
+            if call is None:
+                if ch._closed:
+                    raise MeshRpcError(grpc.StatusCode.CANCELLED, "channel closed")
+                if cfg is None:
+                    ch._await_config(timeout)
+                # the caller's timeout caps the route timeout (request() does it; 0 or less: expired)
+                cap = timeout if timeout is not None and timeout > 0 else None
+                if metadata:
+                    call = ch._request(self._url, "POST", _headers(metadata), target=ch._mesh_target, timeout=cap)
+                    cfg = None  # (not known to be the configuration of this call)
+                elif cfg is None or not (cfg is ch._plain_cfg or ch._routes_plain(cfg)):
+                    call = ch._request(self._url, "POST", _GRPC_HEADER_DICT, target=ch._mesh_target, timeout=cap)
+                    cfg = None
+                else:
+                    # nothing in this configuration reads gRPC's own headers: route without them,
+                    # and again with them unless request() used this configuration (published
+                    # dicts are replaced whole, and a configuration object never comes back)
+                    try:
+                        call = ch._request(self._url, "POST", None, target=ch._mesh_target, timeout=cap)
+                    except MeshError:
+                        call = None  # under a newer configuration? decided with the headers
+                    if call is None or publisher.published.get(ch._mesh_target) is not cfg:
+                        call = ch._request(self._url, "POST", _GRPC_HEADER_DICT, target=ch._mesh_target,
+                                           timeout=cap)
+                        cfg = None
+                if cap is None and timeout is not None:
+                    call.deadline = call.started + timeout  # an expired deadline: DEADLINE_EXCEEDED
+            elif cfg is not self._eps_cfg:
+                cfg = None  # (the short path's call: routed under _eps_cfg)
+            if a is None:
+                fault = call.fault()  # lifecycle.fault_step, its decision made here
+                if fault is not NO_FAULT:
+                    _fault_delay(call, fault)
+                a = call.start_attempt()  # the first attempt: a refusal raises, never None
+            assert a is not None
             attempt_timeout = a.timeout
+            started = call.started  # (the first attempt's start, as far as elapsed time goes)
+            mc = None
             if attempt_timeout is None or attempt_timeout > 0:
-                started = time.monotonic()
                 pool = ch._pool
                 lock = pool._lock
                 try:
@@ -174,10 +246,10 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                         ch.sweep()
                     key = (a.endpoint.key, a.authority, ch._tls_for(a))
                     lock.acquire()  # _EndpointPool.acquire's common case, inline
-                    try:  # (try/finally: as safe as `with`, and cheaper)
+                    try:
                         ep = None if pool._closed else pool._channels.get(key)
                         if ep is not None:
-                            ep.inflight += 1
+                            ep.active.append(None)
                     finally:
                         lock.release()
                     if ep is None:
@@ -188,13 +260,23 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                 except BaseException as e:  # noqa: BLE001  (the attempt ends as a reset; re-raised)
                     _record(a, None, e)
                     raise
+                else:
+                    if a.path == self._method:
+                        mc = ep.callables.get(self._slot) or self._target_callable(ep, a)
+                        if cfg is not None and publisher.published.get(ch._mesh_target) is cfg \
+                                and cfg is ch._plain_cfg:
+                            # request() routed under cfg, without gRPC's headers: the short path
+                            # may take this endpoint's channel under it
+                            if cfg is not self._eps_cfg or len(self._eps) >= 4096:
+                                self._eps = {}
+                                self._eps_cfg = cfg
+                            self._eps[a.endpoint.key] = (a.endpoint, ep, mc)
             else:
                 ep = None
                 outcome, exc = None, _AttemptFailed(TIMEOUT, MeshRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                                                           "Deadline Exceeded"))
             if ep is not None:
                 try:
-                    mc = ep.callables.get(self._slot) if a.path == self._method else None
                     if mc is None:
                         mc = self._target_callable(ep, a)
                     if _with_call:
@@ -206,31 +288,16 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                     else:
                         result = mc(request, timeout=attempt_timeout, metadata=metadata, credentials=credentials,
                                     wait_for_ready=wait_for_ready, compression=compression)
-                except grpc.RpcError as err:
-                    outcome, exc = self._failed(err, attempt_timeout, time.monotonic() - started, ep), None
                 except BaseException as e:  # noqa: BLE001  (classified below, as lifecycle.run does)
-                    outcome, exc = None, e
-                else:
-                    lock.acquire()  # _EndpointPool.release, inline
-                    try:
-                        ep.inflight -= 1
-                        last = ep.departed and ep.inflight <= 0
-                    finally:
-                        lock.release()
-                    if last:
-                        pool.close_departed(ep)
-                    a.finish(200, 0)  # the server answered OK: HTTP 200, grpc-status 0
-                    policy = call.retry_policy
-                    if policy is None or policy is self._final_ok:
-                        return result  # final (a first attempt: no retry to count as a success)
-                    if not retries_ok_answer(policy):
-                        self._final_ok = policy  # the route's policy: the same object for its next RPCs
-                        return result
-                    outcome = _Outcome(result[0] if _with_call else result, result[1] if _with_call else None,
-                                       None, 0)
-                    return self._result(self._retry(call, a, outcome, None, request, metadata, credentials,
-                                                    wait_for_ready, compression, None), call, _with_call)
-                pool.release(ep)
+                    return self._after_failure(call, a, ep, e, started, request, timeout, metadata, credentials,
+                                               wait_for_ready, compression, _with_call)
+                ch._pool.release(ep)
+                a.finish(200, 0)  # the server answered OK: HTTP 200, grpc-status 0
+                policy = call.retry_policy
+                if policy is None or policy is self._final_ok:
+                    return result  # final (a first attempt: no retry to count as a success)
+                return self._after_ok(call, a, policy, result, request, metadata, credentials, wait_for_ready,
+                                      compression, _with_call)
             if isinstance(outcome, _AttemptFailed):
                 outcome, exc = None, outcome
             _record(a, outcome, exc)
@@ -240,6 +307,50 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             raise  # a programming error, not an RPC status: the mesh was closed
         except MeshError as exc:
             err = _client_error(exc, call, ch.target)
+            raise err from _cause_of(err)
+        return self._result(outcome, call, _with_call)
+
+    def _after_ok(self, call: Call, a: Attempt, policy: Any, result: Any, request: Any, metadata: Metadata,
+                  credentials: Any, wait_for_ready: Optional[bool], compression: Any, _with_call: bool) -> Any:
+        """The first attempt's OK answer (recorded) under a retry policy not yet known not to
+        retry it: final, or the router loop goes on."""
+        if not retries_ok_answer(policy):
+            self._final_ok = policy  # the route's policy: the same object for its next RPCs
+            return result
+        outcome = _Outcome(result[0] if _with_call else result, result[1] if _with_call else None, None, 0)
+        try:
+            outcome = self._retry(call, a, outcome, None, request, metadata, credentials, wait_for_ready,
+                                  compression, None)
+        except MeshClosed:
+            raise
+        except MeshError as exc:
+            err = _client_error(exc, call, self._channel.target)
+            raise err from _cause_of(err)
+        return self._result(outcome, call, _with_call)
+
+    def _after_failure(self, call: Call, a: Attempt, ep: Any, e: BaseException, started: float, request: Any,
+                       timeout: Optional[float], metadata: Metadata, credentials: Any,
+                       wait_for_ready: Optional[bool], compression: Any, _with_call: bool) -> Any:
+        """The first attempt raised ``e`` (grpcio's error: the server's status or a transport
+        failure; anything else: classified as ``lifecycle.run`` does): recorded, then the rest of
+        the router loop."""
+        try:
+            try:
+                if isinstance(e, grpc.RpcError):
+                    outcome, exc = self._failed(e, a.timeout, time.monotonic() - started, ep), None
+                else:
+                    outcome, exc = None, e
+            finally:
+                self._channel._pool.release(ep)
+            if isinstance(outcome, _AttemptFailed):
+                outcome, exc = None, outcome
+            _record(a, outcome, exc)
+            outcome = self._retry(call, a, outcome, exc, request, metadata, credentials, wait_for_ready,
+                                  compression, None)
+        except MeshClosed:
+            raise  # a programming error, not an RPC status: the mesh was closed
+        except MeshError as exc:
+            err = _client_error(exc, call, self._channel.target)
             raise err from _cause_of(err)
         return self._result(outcome, call, _with_call)
 
