@@ -11,6 +11,11 @@ retries exhausted, no route, a route timeout, the single-attempt form), to the s
 upstream, which records the headers it received. Per case the span trees must correspond: names,
 kinds, parent/child structure, status, Envoy's tags, and the trace headers the upstream saw.
 
+B3 when configured: a third Envoy listener uses the Zipkin tracer (``envoy.tracers.zipkin``,
+128-bit trace ids, to a collector this module runs), meshcore ``b3=True``: the B3 headers the
+upstream sees (names, trace id, parent span id, sampled; the application's B3 continued) must
+correspond.
+
 Where meshcore differs (said in the assertions): an attempt span that timed out is ERROR in
 meshcore (Envoy leaves its status unset but tags it ``error=true``); Envoy sends an empty
 ``tracestate`` header when there is none, meshcore none.
@@ -458,3 +463,119 @@ def test_attempt_spans_match_envoy_spawn_upstream_span(sides: Dict[str, Any], ca
         o_seen = sides["meshcore"]["spawn"]["seen"].headers_for(path)
         if o_seen and "traceparent" in o_seen[0]:
             _check_headers(sides["meshcore"]["spawn"], path, ours, o_children, f"meshcore {case}")
+
+
+# -- B3 (Envoy's Zipkin tracer) -------------------------------------------------------------------
+
+ZIPKIN = "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig"
+APP_B3 = {"x-b3-traceid": "463ac35c9f6413ad48485a3953bb6124", "x-b3-spanid": "a2fb4a1d1a96d312", "x-b3-sampled": "1"}
+#: case -> (path, the application's headers)
+B3_CASES: Dict[str, Tuple[str, Dict[str, str]]] = {
+    "root": ("/ok/b3-root", {}),
+    "retried": ("/retry/b3", {}),
+    "continued": ("/ok/b3-in", APP_B3),
+}
+
+
+class Collector:
+    """A Zipkin HTTP collector that accepts (and drops) what Envoy posts."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(202)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _zipkin_config(upstream_port: int, collector_port: int) -> Dict[str, Any]:
+    config = _envoy_config(upstream_port, collector_port)
+    listener = config["static_resources"]["listeners"][0]
+    listener["name"] = "zipkin"
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["stat_prefix"] = "zipkin"
+    hcm["tracing"] = {"provider": {"name": "envoy.tracers.zipkin", "typed_config": {
+        "@type": ZIPKIN, "collector_cluster": "otlp", "collector_endpoint": "/api/v2/spans",
+        "collector_endpoint_version": "HTTP_JSON", "trace_id_128bit": True, "shared_span_context": False}}}
+    config["static_resources"]["listeners"] = [listener]
+    del config["static_resources"]["clusters"][1]["typed_extension_protocol_options"]  # HTTP/1.1 collector
+    return config
+
+
+@pytest.fixture(scope="module")
+def b3_sides(mesh_cls: Any, tmp_path_factory: Any) -> Iterator[Dict[str, Upstream]]:
+    """``{"envoy"|"meshcore": Upstream}`` once every B3 case went through that side."""
+    import httpx
+
+    from meshcore.integrations.httpx import MeshTransport
+
+    out: Dict[str, Upstream] = {}
+    collector = Collector()
+    upstreams = {"envoy": Upstream(), "meshcore": Upstream()}
+    try:
+        with StaticEnvoy(_zipkin_config(upstreams["envoy"].port, collector.port)) as envoy:
+            for path, headers in B3_CASES.values():
+                conn = http.client.HTTPConnection("127.0.0.1", envoy.ports["zipkin"], timeout=5)
+                conn.request("GET", path, headers={"Host": TARGET, **headers})
+                assert conn.getresponse().status == 200
+                conn.close()
+        out["envoy"] = upstreams["envoy"]
+        path = tmp_path_factory.mktemp("mesh") / "mesh.json"
+        path.write_text(json.dumps(_meshcore_resources(upstreams["meshcore"].port)))
+        provider = TracerProvider()
+        mesh = mesh_cls.from_file(path, watch=False, seed=1)
+        try:
+            mesh.start()
+            mesh.wait_ready(TARGET, timeout=5)
+            tracing.configure(provider, attempt_spans=False, b3=True)
+            with httpx.Client(mounts={f"all://{TARGET}": MeshTransport(mesh)}) as client:
+                for path_, headers in B3_CASES.values():
+                    assert client.get(f"http://{TARGET}{path_}", headers=headers).status_code == 200
+        finally:
+            tracing.configure(None, attempt_spans=False, b3=True)
+            mesh.close()
+            provider.shutdown()
+        out["meshcore"] = upstreams["meshcore"]
+        yield out
+    finally:
+        collector.close()
+        for u in upstreams.values():
+            u.close()
+
+
+@pytest.mark.parametrize("case", list(B3_CASES))
+def test_b3_headers_match_envoys_zipkin_tracer(b3_sides: Dict[str, Upstream], case: str) -> None:
+    path, app = B3_CASES[case]
+    sides = {side: [{k: v for k, v in h.items() if k.startswith("x-b3-")} for h in up.headers_for(path)]
+             for side, up in b3_sides.items()}
+    where = f"{case}: {sides}"
+    envoy, ours = sides["envoy"], sides["meshcore"]
+    assert len(envoy) == len(ours) == (2 if case == "retried" else 1), where
+    for e, o in zip(envoy, ours):
+        assert set(o) == set(e), where  # the same B3 headers
+        assert len(o["x-b3-traceid"]) == len(e["x-b3-traceid"]) == 32 and len(o["x-b3-spanid"]) == 16, where
+        assert o["x-b3-sampled"] == e["x-b3-sampled"] == "1", where
+        if app:  # the application's trace continued: its trace id, its span the parent
+            assert o["x-b3-traceid"] == e["x-b3-traceid"] == app["x-b3-traceid"], where
+            assert o["x-b3-parentspanid"] == e["x-b3-parentspanid"] == app["x-b3-spanid"], where
+            assert o["x-b3-spanid"] != app["x-b3-spanid"] and e["x-b3-spanid"] != app["x-b3-spanid"], where
+        else:  # a new root: no parent
+            assert "x-b3-parentspanid" not in o, where
+    assert envoy[0] == envoy[-1] and ours[0] == ours[-1], where  # every attempt carries the request span's

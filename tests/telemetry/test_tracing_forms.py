@@ -263,11 +263,25 @@ def test_applications_request_id_gets_envoys_trace_mark(mesh, echo, spans):
     assert exporter.get_finished_spans() == ()
 
 
+def test_b3_single_header_and_unsampled(mesh, echo, spans):
+    seen = _plain(mesh, "/ok", {"b3": "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0"})
+    assert seen["x-b3-traceid"] == "80f198ee56343ba864fe8b2a57d3eff7" and seen["x-b3-sampled"] == "0"
+    assert seen["x-b3-parentspanid"] == "e457b5a2e4d86bd1" and seen["traceparent"].endswith("-00")
+    assert spans.get_finished_spans() == ()  # the parent's decision: not sampled
+    seen = _plain(mesh, "/ok", {"x-b3-traceid": "zz", "x-b3-spanid": "e457b5a2e4d86bd1"})  # not a trace id
+    assert "x-b3-parentspanid" not in seen and seen["x-b3-traceid"] != "zz"
+
+
 def test_b3_off_leaves_the_applications_b3(mesh, echo, spans):
     app_b3 = {"x-b3-traceid": "463ac35c9f6413ad48485a3953bb6124", "x-b3-spanid": "a2fb4a1d1a96d312",
               "x-b3-sampled": "1"}
     seen = _plain(mesh, "/ok", app_b3)
-    assert seen["x-b3-traceid"] != app_b3["x-b3-traceid"]  # on (default): replaced by the span's
+    # on (default): the application's B3 is the parent (Envoy's Zipkin tracer continues it)
+    span = spans.get_finished_spans()[-1]
+    assert seen["x-b3-traceid"] == app_b3["x-b3-traceid"] == _hex(span.context.trace_id, 32)
+    assert seen["x-b3-parentspanid"] == app_b3["x-b3-spanid"] == _hex(span.parent.span_id, 16)
+    assert seen["x-b3-spanid"] == _hex(span.context.span_id, 16) and seen["x-b3-sampled"] == "1"
+    assert seen["traceparent"] == f"00-{app_b3['x-b3-traceid']}-{seen['x-b3-spanid']}-01"
     tracing.configure(tracing.TRACER[0]._meshcore_provider, b3=False)
     seen = _plain(mesh, "/ok", app_b3)
     assert {k: seen[k] for k in app_b3} == app_b3 and "x-b3-parentspanid" not in seen

@@ -15,9 +15,9 @@ an outbound sidecar (checked span for span against a real Envoy: tests/telemetry
 
 * **one CLIENT span per request**, the Envoy egress span, child of the current OpenTelemetry
   context, or of the request's own ``traceparent`` when the application put one there (Envoy
-  extracts the incoming context); sampled by the application's sampler (the SDK default,
-  ``ParentBased(ALWAYS_ON)``, follows the parent's sampled flag and decides roots). Its name is
-  Envoy's: the route's ``decorator.operation`` (Istio sets ``<host>:<port>/*``), else
+  extracts the incoming context), else (B3 on) of its B3 headers (Envoy's Zipkin tracer);
+  sampled by the application's sampler (the SDK default, ``ParentBased(ALWAYS_ON)``, follows
+  the parent's sampled flag and decides roots). Its name is Envoy's: the route's ``decorator.operation`` (Istio sets ``<host>:<port>/*``), else
   ``egress <authority>``.
 * Envoy's tags: ``component=proxy``, ``http.method``, ``http.url``, ``http.status_code`` (a
   string: the code the application got, Envoy's local replies included: 404 NR, 503 UH/UO/URX,
@@ -512,6 +512,34 @@ def _incoming(headers: Any) -> Tuple[Optional[str], Optional[str], Optional[str]
     return traceparent, tracestate, request_id, operation, b3
 
 
+def _b3_context(pairs: List[Tuple[str, str]]) -> Any:
+    """The OpenTelemetry context of the application's B3 headers (multi-header, or the single
+    ``b3: {traceid}-{spanid}[-{sampled}[-{parentspanid}]]``), or None when they name no valid
+    span: what Envoy's Zipkin tracer continues (``SpanContextExtractor``)."""
+    h = dict(pairs)
+    trace_id, span_id, sampled = h.get("x-b3-traceid"), h.get("x-b3-spanid"), h.get("x-b3-sampled")
+    if h.get("x-b3-flags") == "1":
+        sampled = "1"  # debug implies sampled
+    if (trace_id is None or span_id is None) and h.get("b3"):
+        parts = h["b3"].split("-")
+        if len(parts) >= 2:
+            trace_id, span_id = parts[0], parts[1]
+            sampled = parts[2] if len(parts) > 2 else None
+    if trace_id is None or span_id is None or len(trace_id) not in (16, 32) or len(span_id) != 16:
+        return None
+    try:
+        tid, sid = int(trace_id, 16), int(span_id, 16)
+    except ValueError:
+        return None
+    if not tid or not sid:
+        return None
+    from opentelemetry import trace
+
+    flags = trace.TraceFlags(trace.TraceFlags.SAMPLED if sampled in ("1", "true", "d") else trace.TraceFlags.DEFAULT)
+    sc = trace.SpanContext(tid, sid, is_remote=True, trace_flags=flags)
+    return trace.set_span_in_context(trace.NonRecordingSpan(sc))
+
+
 def _decorator(call: Any) -> Any:
     """The route's ``DecoratorSpec`` (``None``: none); ``call.route`` is the route match, whose
     ``route`` is the route spec."""
@@ -563,6 +591,9 @@ def begin(call: Any, start_time: Optional[int] = None) -> Optional[Trace]:
             ctx = TraceContextTextMapPropagator().extract(carrier)
             if not trace.get_current_span(ctx).get_span_context().is_valid:
                 ctx = None
+        b3 = bool(_CONFIG["b3"])
+        if ctx is None and b3 and app_b3:
+            ctx = _b3_context(app_b3)  # Envoy's Zipkin tracer extracts B3 (its OpenTelemetry one W3C)
         if ctx is None:
             ctx = get_current()
         parent = trace.get_current_span(ctx).get_span_context()
@@ -580,7 +611,6 @@ def begin(call: Any, start_time: Optional[int] = None) -> Optional[Trace]:
             extra.append(("x-envoy-decorator-operation", decorator.operation))
         elif operation is not None:  # Envoy leaves the application's own
             extra.append(("x-envoy-decorator-operation", operation))
-        b3 = bool(_CONFIG["b3"])
         if not b3:
             extra.extend(app_b3)  # not ours to set: the application's go through unchanged
         attrs = None
