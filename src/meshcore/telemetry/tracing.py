@@ -17,8 +17,8 @@ an outbound sidecar (checked span for span against a real Envoy: tests/telemetry
   context, or of the request's own ``traceparent`` when the application put one there (Envoy
   extracts the incoming context), else (B3 on) of its B3 headers (Envoy's Zipkin tracer);
   sampled by the application's sampler (the SDK default, ``ParentBased(ALWAYS_ON)``, follows
-  the parent's sampled flag and decides roots). Its name is Envoy's: the route's ``decorator.operation`` (Istio sets ``<host>:<port>/*``), else
-  ``egress <authority>``.
+  the parent's sampled flag and decides roots). Its name is Envoy's: the route's
+  ``decorator.operation`` (Istio sets ``<host>:<port>/*``), else ``egress <authority>``.
 * Envoy's tags: ``component=proxy``, ``http.method``, ``http.url``, ``http.status_code`` (a
   string: the code the application got, Envoy's local replies included: 404 NR, 503 UH/UO/URX,
   504 UT), ``response_flags``, ``upstream_cluster`` and ``upstream_cluster.name`` (none for NR),
