@@ -23,7 +23,7 @@ from .resilience.fault import NO_FAULT, ActiveFaults, FaultDecision, decide_faul
 from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retriable
 from .telemetry.outcome import report as _report
 from .telemetry.tracing import TRACER as _TRACER, begin as _begin_trace
-from .telemetry.tracing import begin_single as _begin_single_trace, end_single as _end_single_trace
+from .telemetry.tracing import _SINGLE, begin_single as _begin_single_trace, end_single as _end_single_trace
 
 __all__ = ["begin_single", "default_classify", "default_status_of", "fault_decision", "fault_filter_for",
            "fault_step", "fault_step_async", "header_pairs", "report_single", "run", "run_async", "run_reported",
@@ -421,20 +421,20 @@ def report_single(call: Any, exc: Optional[BaseException]) -> None:
     the block, or what ``__enter__`` raised): the call's record to the telemetry sinks, and its
     span while tracing is on (made now, from the call's start, if :func:`begin_single` did not
     begin it)."""
-    if _TRACER[0] is None:
+    if _TRACER[0] is None and not _SINGLE:
         _report(call, None, exc)
         return
-    from .telemetry import tracing
+    if _TRACER[0] is not None and call not in _SINGLE:
+        # made after the fact, before the record, which reads the x-request-id it generates
+        from .telemetry.tracing import _epoch_ns
 
-    trace = tracing._SINGLE.get(call)
-    if trace is None:  # begun after the fact: its headers exist before the record reads them
-        trace = _begin_trace(call, start_time=tracing._epoch_ns(call.started))
+        trace = _begin_trace(call, start_time=_epoch_ns(call.started))
         if trace is not None:
             if call.attempts:
                 trace.attempt(call.attempts[-1])
-            tracing._SINGLE[call] = trace
+            _SINGLE[call] = trace
     _report(call, None, exc)
-    _end_single_trace(call, exc)
+    _end_single_trace(call, exc)  # (also a span begun before tracing was turned off)
 
 
 def _close(result: Any) -> None:

@@ -289,3 +289,32 @@ def test_b3_off_leaves_the_applications_b3(mesh, echo, spans):
     assert not any(k.startswith("x-b3-") for k in seen) and "traceparent" in seen
     ctx = trace.get_current_span().get_span_context()
     assert not ctx.is_valid  # nothing leaked into the test's context
+
+
+def test_single_form_begun_then_tracing_turned_off(mesh, echo, spans):
+    provider = tracing.TRACER[0]._meshcore_provider
+    call = mesh.request(f"{URL}/ok/4")
+    with call as attempt:
+        lifecycle.begin_single(call, attempt)
+        assert tracing.headers_of(attempt)
+        tracing.disable()  # Call.__exit__ may then not report at all: nothing is kept for it
+        assert not tracing._SINGLE and tracing.headers_of(attempt) == ()
+        _send(attempt)
+    assert spans.get_finished_spans() == ()  # dropped, never ended
+    tracing.configure(provider)
+
+
+def test_single_form_calls_never_left_are_bounded(mesh, echo, spans, monkeypatch):
+    monkeypatch.setattr(tracing, "MAX_OPEN_SINGLE", 3)
+    calls = []
+    for i in range(5):
+        call = mesh.request(f"{URL}/ok/{i}")
+        attempt = call.__enter__()
+        lifecycle.begin_single(call, attempt)
+        calls.append((call, attempt))
+    assert list(tracing._SINGLE) == [c for c, _ in calls[2:]]
+    assert tracing.headers_of(calls[0][1]) == () and tracing.headers_of(calls[4][1])
+    for call, attempt in calls:
+        attempt.status = 200
+        call.__exit__(None, None, None)
+    assert not tracing._SINGLE and len(spans.get_finished_spans()) == 5

@@ -142,6 +142,11 @@ def refresh() -> Any:
                 pass
             log.debug("tracing requests with %r", provider)
         TRACER[0] = tracer
+        if tracer is None and _SINGLE:  # off: the single-form spans still open are dropped, not ended
+            for trace in list(_SINGLE.values()):
+                for a in trace.call.attempts:
+                    _PENDING.pop(a, None)
+            _SINGLE.clear()
         if (tracer is not None) != _counted[0]:
             _counted[0] = tracer is not None
             ACTIVE[0] += 1 if tracer is not None else -1
@@ -631,6 +636,8 @@ def begin(call: Any, start_time: Optional[int] = None) -> Optional[Trace]:
 #: call -> its Trace, for the single-attempt form (``with mesh.request(...) as attempt``) begun
 #: when its attempt started (:func:`begin_single`), until the block ends (:func:`end_single`)
 _SINGLE: Dict[Any, Trace] = {}
+#: at most this many single-form calls open at once (a call entered and never left is forgotten)
+MAX_OPEN_SINGLE = 4096
 
 
 def _epoch_ns(monotonic_start: float) -> int:
@@ -645,6 +652,10 @@ def begin_single(call: Any, attempt: Any) -> None:
     trace = begin(call)
     if trace is not None:
         trace.attempt(attempt)
+        if len(_SINGLE) >= MAX_OPEN_SINGLE:  # calls entered and never left: forget the oldest
+            old = _SINGLE.pop(next(iter(_SINGLE)))
+            for a in old.call.attempts:
+                _PENDING.pop(a, None)
         _SINGLE[call] = trace
 
 
@@ -653,7 +664,7 @@ def end_single(call: Any, exc: Optional[BaseException]) -> None:
     before it started: no healthy upstream, a circuit breaker, a fault abort). When its span was
     not begun with the attempt (:func:`begin_single`), it is made now, starting when the call
     did. Never raises."""
-    trace = _SINGLE.pop(call, None)
+    trace = _SINGLE.pop(call, None) if _SINGLE else None
     if trace is None:
         if TRACER[0] is None:
             return
