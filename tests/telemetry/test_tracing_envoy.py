@@ -18,7 +18,10 @@ correspond.
 
 Where meshcore differs (said in the assertions): an attempt span that timed out is ERROR in
 meshcore (Envoy leaves its status unset but tags it ``error=true``); Envoy sends an empty
-``tracestate`` header when there is none, meshcore none.
+``tracestate`` header when there is none, meshcore none. Not compared: a request whose
+application parent is unsampled (``-00``): Envoy's x-request-id mark is its connection manager's
+own random-sampling decision (``9`` at 100 %) while its span follows the parent (not sampled);
+meshcore has no such decision and marks ``4``, as its span.
 """
 
 from __future__ import annotations
@@ -82,6 +85,13 @@ CASES: Dict[str, Tuple[str, int]] = {
     "no_route": ("/nowhere", 404),
     "route_timeout": ("/slow", 504),
     "single": ("/ok/single", 200),
+    "continued": ("/ok/continued", 200),
+}
+APP_TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+APP_REQUEST_ID = "11111111-2222-4333-8444-555555555555"
+#: case -> the application's own headers: a sampled W3C parent with tracestate, a UUID4 request id
+APP_HEADERS: Dict[str, Dict[str, str]] = {
+    "continued": {"traceparent": APP_TRACEPARENT, "tracestate": "vendor=opaque", "x-request-id": APP_REQUEST_ID},
 }
 #: Envoy's tags meshcore sets, compared value for value (absent on one side = absent on the other)
 TAGS = ("component", "upstream_cluster", "upstream_cluster.name", "http.method", "http.url", "http.status_code",
@@ -193,7 +203,8 @@ class Span:
 def _trees(spans: List[Span]) -> Dict[str, Tuple[Span, List[Span]]]:
     """path -> (root span, its children by start order: the list is already in end order, and
     attempts end in order) for each root span."""
-    roots = {s.span_id: s for s in spans if not s.parent_id}
+    ids = {s.span_id for s in spans}
+    roots = {s.span_id: s for s in spans if s.parent_id not in ids}  # no parent, or the application's
     out: Dict[str, Tuple[Span, List[Span]]] = {}
     for root in roots.values():
         url = root.tag("http.url") or ""
@@ -264,10 +275,10 @@ class StaticEnvoy(ep.EnvoyProcess):
         self._stop(None)
 
 
-def _envoy_get(port: int, path: str) -> int:
+def _envoy_get(port: int, path: str, headers: Optional[Dict[str, str]] = None) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        conn.request("GET", path, headers={"Host": TARGET})
+        conn.request("GET", path, headers={"Host": TARGET, **(headers or {})})
         r = conn.getresponse()
         r.read()
         return r.status
@@ -288,7 +299,8 @@ def _meshcore_resources(upstream_port: int) -> Dict[str, Any]:
     }
 
 
-def _meshcore_get(mesh: Any, path: str, client: Any, exporter: InMemorySpanExporter) -> Any:
+def _meshcore_get(mesh: Any, path: str, client: Any, exporter: InMemorySpanExporter,
+                  headers: Optional[Dict[str, str]] = None) -> Any:
     """One case through meshcore: httpx, or the single-attempt form for /ok/single. No route:
     ``Mesh.request`` refuses the request; when ``telemetry.outcome.report_refusal`` does not make
     its span yet, the test makes it with the call ``report_refusal`` is to make."""
@@ -303,7 +315,7 @@ def _meshcore_get(mesh: Any, path: str, client: Any, exporter: InMemorySpanExpor
         return attempt.status
     before = len(exporter.get_finished_spans())
     try:
-        result: Any = client.get(url).status_code
+        result: Any = client.get(url, headers=headers).status_code
     except Exception as e:  # noqa: BLE001  (the timeout: the span is what counts)
         result = type(e).__name__
     if path == "/nowhere" and len(exporter.get_finished_spans()) == before:  # not wired into report_refusal yet
@@ -323,7 +335,7 @@ def envoy_side() -> Iterator[Dict[str, Any]]:
                 with StaticEnvoy(_envoy_config(upstream.port, receiver.port)) as envoy:
                     receiver.spans.clear()
                     for case, (path, code) in CASES.items():
-                        assert _envoy_get(envoy.ports[mode], path) == code, case
+                        assert _envoy_get(envoy.ports[mode], path, APP_HEADERS.get(case)) == code, case
                     deadline = time.monotonic() + 10
                     while len(_trees([Span.from_otlp(s) for s in receiver.spans])) < len(CASES):
                         assert time.monotonic() < deadline, (receiver.spans, envoy.envoy_log()[-3000:])
@@ -360,7 +372,7 @@ def meshcore_side(mesh_cls: Any, tmp_path_factory: Any) -> Iterator[Dict[str, An
                 exporter.clear()
                 with httpx.Client(mounts={f"all://{TARGET}": MeshTransport(mesh)}) as client:
                     for case, (p, code) in CASES.items():
-                        _meshcore_get(mesh, p, client, exporter)
+                        _meshcore_get(mesh, p, client, exporter, APP_HEADERS.get(case))
                 out[mode] = {"trees": _trees([Span.from_sdk(s) for s in exporter.get_finished_spans()]),
                              "seen": upstream}
             finally:
@@ -388,7 +400,8 @@ def _case(sides: Dict[str, Any], mode: str, case: str) -> Tuple[Tuple[Span, List
     return envoy[path], ours[path]
 
 
-def _check_headers(side: Dict[str, Any], path: str, root: Span, carriers: List[Span], where: str) -> None:
+def _check_headers(side: Dict[str, Any], path: str, root: Span, carriers: List[Span], where: str,
+                   tracestate: str = "") -> None:
     """What the upstream saw per attempt: W3C context of ``carriers[i]`` (the span the attempt
     carries), the request id the root's ``guid:x-request-id`` names (Envoy's trace mark '9'), no B3."""
     seen = side["seen"].headers_for(path)
@@ -397,7 +410,7 @@ def _check_headers(side: Dict[str, Any], path: str, root: Span, carriers: List[S
         assert headers["traceparent"] == f"00-{root.trace_id}-{span.span_id}-01", (where, headers, span)
         assert headers["x-request-id"] == root.tag("guid:x-request-id"), (where, headers, root)
         assert headers["x-request-id"][14] == "9", where  # Envoy's "sampled" mark in the UUID
-        assert headers.get("tracestate", "") == "", where  # Envoy: an empty header; meshcore: none
+        assert headers.get("tracestate", "") == tracestate, where  # none: Envoy an empty header, meshcore none
         assert not any(k.startswith("x-b3-") or k == "b3" for k in headers), where
 
 
@@ -412,6 +425,12 @@ def test_request_span_matches_envoy(sides: Dict[str, Any], case: str) -> None:
     for key in TAGS:
         assert ours.tag(key) == envoy.tag(key), (key, where)
     assert envoy.tag("http.status_code") == str(CASES[case][1]), where
+    if case in APP_HEADERS:  # the application's trace continued, its request id marked sampled
+        _, trace_id, parent_id, _ = APP_TRACEPARENT.split("-")
+        assert (envoy.trace_id, envoy.parent_id) == (ours.trace_id, ours.parent_id) == (trace_id, parent_id), where
+        assert envoy.tag("guid:x-request-id") == ours.tag("guid:x-request-id") == APP_REQUEST_ID.replace("-4", "-9", 1)
+    else:
+        assert not envoy.parent_id and not ours.parent_id, where
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "no_route"])
@@ -427,7 +446,8 @@ def test_upstream_sees_the_same_trace_headers(sides: Dict[str, Any], case: str) 
             assert not any(k in seen[0] for k in tracing.TRACE_HEADERS), seen
             continue
         # no spawn_upstream_span: every attempt carries the request span's context
-        _check_headers(sides[side]["plain"], path, root, [root] * len(seen), f"{side} {case}")
+        _check_headers(sides[side]["plain"], path, root, [root] * len(seen), f"{side} {case}",
+                       APP_HEADERS.get(case, {}).get("tracestate", ""))
     e_seen = sides["envoy"]["plain"]["seen"].headers_for(path)
     o_seen = sides["meshcore"]["plain"]["seen"].headers_for(path)
     assert len(o_seen) == len(e_seen), case  # the same number of attempts
@@ -459,10 +479,11 @@ def test_attempt_spans_match_envoy_spawn_upstream_span(sides: Dict[str, Any], ca
             assert o.status == e.status, (i, where)
     path = CASES[case][0]
     if e_children:
-        _check_headers(sides["envoy"]["spawn"], path, envoy, e_children, f"envoy {case}")
+        tracestate = APP_HEADERS.get(case, {}).get("tracestate", "")
+        _check_headers(sides["envoy"]["spawn"], path, envoy, e_children, f"envoy {case}", tracestate)
         o_seen = sides["meshcore"]["spawn"]["seen"].headers_for(path)
         if o_seen and "traceparent" in o_seen[0]:
-            _check_headers(sides["meshcore"]["spawn"], path, ours, o_children, f"meshcore {case}")
+            _check_headers(sides["meshcore"]["spawn"], path, ours, o_children, f"meshcore {case}", tracestate)
 
 
 # -- B3 (Envoy's Zipkin tracer) -------------------------------------------------------------------
