@@ -8,10 +8,12 @@ Modes of the same mesh (the resources of ``test_bench_request``):
   attributes, the W3C/B3/x-request-id headers of the attempt, the span exported;
 * ``unsampled``: the same provider with ``ParentBased(ALWAYS_OFF)``: the headers and a
   non-recording span (what an application sampling 1 % pays for the other 99 %);
-* ``attempt_spans``: ``sampled`` plus a child span per attempt (Envoy's spawn_upstream_span).
+* ``attempt_spans``: ``sampled`` plus a child span per attempt (Envoy's spawn_upstream_span);
+* ``w3c_only``: ``sampled`` with ``b3=False`` (what Envoy's OpenTelemetry tracer propagates).
 
 Shapes: ``run`` (``mesh.request(url).run(send)``, ``send`` reading the attempt's headers and
-answering a 200 at once) and 100 ``run_async`` in one coroutine. ``test_added_cost_paired``
+answering a 200 at once), 100 ``run_async`` in one coroutine, and the single-attempt form
+(``with mesh.request(url) as attempt``: its span made when the block ends). ``test_added_cost_paired``
 interleaves the modes in one process per twin and prints the added microseconds.
 """
 
@@ -41,7 +43,7 @@ SAMPLED = TracerProvider()
 SAMPLED.add_span_processor(SimpleSpanProcessor(EXPORTER))
 UNSAMPLED = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
 UNSAMPLED.add_span_processor(SimpleSpanProcessor(EXPORTER))
-MODES = ("off", "sampled", "unsampled", "attempt_spans")
+MODES = ("off", "sampled", "unsampled", "attempt_spans", "w3c_only")
 
 
 class _Response:
@@ -67,11 +69,13 @@ async def _asend(attempt: Any) -> Any:
 def _set_mode(mode: str) -> None:
     EXPORTER.clear()
     if mode == "off":
-        tracing.configure(None, attempt_spans=False)  # no process-wide provider in the benchmarks
+        tracing.configure(None, attempt_spans=False, b3=True)  # no process-wide provider in the benchmarks
     elif mode == "sampled":
         tracing.configure(SAMPLED, attempt_spans=False)
     elif mode == "unsampled":
         tracing.configure(UNSAMPLED, attempt_spans=False)
+    elif mode == "w3c_only":
+        tracing.configure(SAMPLED, attempt_spans=False, b3=False)
     else:
         tracing.configure(SAMPLED, attempt_spans=True)
 
@@ -101,6 +105,19 @@ def test_run(benchmark, mesh, mode):
 
     benchmark(one)
     if mode in ("sampled", "attempt_spans"):
+        assert EXPORTER.get_finished_spans()
+
+
+@pytest.mark.benchmark(group="tracing-single")
+def test_single_form(benchmark, mesh, mode):
+    def one() -> None:
+        with mesh.request(URL) as attempt:
+            attempt.status = 200
+        if len(EXPORTER._finished_spans) > 10000:
+            EXPORTER.clear()
+
+    benchmark(one)
+    if mode in ("sampled", "attempt_spans", "w3c_only"):
         assert EXPORTER.get_finished_spans()
 
 
@@ -153,7 +170,8 @@ def test_added_cost_paired(tmp_path):
     print("\nper request (run): off, and what tracing adds (µs)")
     for r in rows:
         print(f"  {r['twin']:>2} off {r['off_us']:6.2f}  +sampled {r['sampled_us']:6.2f}  "
-              f"+unsampled {r['unsampled_us']:6.2f}  +attempt_spans {r['attempt_spans_us']:6.2f}")
+              f"+unsampled {r['unsampled_us']:6.2f}  +attempt_spans {r['attempt_spans_us']:6.2f}  "
+              f"+w3c_only {r['w3c_only_us']:6.2f}")
     out = os.environ.get("MESHCORE_BENCH_TRACING_JSON")
     if out:
         with open(out, "w") as f:
