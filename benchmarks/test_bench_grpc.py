@@ -336,6 +336,7 @@ def in_situ(rig: GrpcRig, n: Optional[int] = None, reps: Optional[int] = None) -
     for ep in list(ch._pool._channels.values()):  # every endpoint's multicallable, timed
         for slot, mc in list(ep.callables.items()):
             ep.callables[slot] = _Timed(mc, inner)
+    mesh_call._eps, mesh_call._eps_cfg = {}, None  # (the short path's cache: refilled with the timed ones)
     out: Dict[str, List[float]] = {"meshcore": [], "direct": []}
     pc = time.perf_counter_ns
     try:

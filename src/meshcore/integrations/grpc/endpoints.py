@@ -190,6 +190,8 @@ class _EndpointPool:
         with self._lock:
             self._closed = True
             closing = [ep for ep in self._channels.values() if not ep.closed]
+            for ep in self._channels.values():
+                ep.departed = True  # (RPCs that counted themselves in find it so)
             for ep in closing:
                 ep.closed = True
             self._channels.clear()

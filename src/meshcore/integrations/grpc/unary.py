@@ -121,9 +121,10 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
     #: the last retry policy found not to retry an OK answer (most RPCs of a multicallable
     #: take the same route, so the same policy object)
     _final_ok: Any = None
-    #: endpoint key -> (endpoint, endpoint channel, grpcio multicallable) under the configuration
+    #: endpoint key -> (endpoint, endpoint channel, grpcio multicallable, route, the channel's
+    #: ``active`` list) under the configuration
     #: ``_eps_cfg`` (replaced whole when another configuration is published)
-    _eps: Dict[str, Tuple[Any, Any, Any]] = {}
+    _eps: Dict[str, Tuple[Any, Any, Any, Any, Any]] = {}
     _eps_cfg: Any = None
 
     def __call__(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
@@ -162,29 +163,33 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             return self._blocking(request, timeout, None, None, None, None, False, call)
         endpoint = a.endpoint
         hit = self._eps.get(endpoint.key)
-        if hit is None or hit[0] is not endpoint or a.path != self._method or a.authority != hit[1].authority:
+        # the attempt's path and authority are the route's rewrites or the call's own (the URL,
+        # fixed): the same route object, the same wire path and authority as when cached
+        if hit is None or hit[0] is not endpoint or (call.route is not hit[3] and (
+                a.path != self._method or a.authority != hit[1].authority)):
             return self._blocking(request, timeout, None, None, None, None, False, call, a)
         ep = hit[1]
-        attempt_timeout = a.timeout
-        pool = ch._pool
-        active = ep.active
+        active = hit[4]
         active.append(None)  # counted in, then checked (see _EndpointChannel.active)
-        if ep.departed or pool._closed or not attempt_timeout > 0:
-            pool.release(ep)
+        attempt_timeout = a.timeout
+        if ep.departed or not attempt_timeout > 0:  # (a closed pool's channels are departed too)
+            ch._pool.release(ep)
             return self._blocking(request, timeout, None, None, None, None, False, call, a)
         started = call.started  # (the first attempt's start, as far as elapsed time goes)
         if started >= ch._next_sweep:
             ch.sweep()
+        # read while the call is in the cache, not after the RPC: whether an OK answer is final
+        policy = call.retry_policy
+        final = policy is None or policy is self._final_ok
         try:
             result = hit[2](request, timeout=attempt_timeout)
         except BaseException as e:  # noqa: BLE001  (an RpcError, or classified as lifecycle.run does)
             return self._after_failure(call, a, ep, e, started, request, timeout, None, None, None, None, False)
         active.pop()  # _EndpointPool.release, inline
         if ep.departed and not active:
-            pool.close_departed(ep)
+            ch._pool.close_departed(ep)
         a.finish(200, 0)  # the server answered OK: HTTP 200, grpc-status 0
-        policy = call.retry_policy
-        if policy is None or policy is self._final_ok:
+        if final:
             return result  # final (a first attempt: no retry to count as a success)
         return self._after_ok(call, a, policy, result, request, None, None, None, None, False)
 
@@ -270,7 +275,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                             if cfg is not self._eps_cfg or len(self._eps) >= 4096:
                                 self._eps = {}
                                 self._eps_cfg = cfg
-                            self._eps[a.endpoint.key] = (a.endpoint, ep, mc)
+                            self._eps[a.endpoint.key] = (a.endpoint, ep, mc, call.route, ep.active)
             else:
                 ep = None
                 outcome, exc = None, _AttemptFailed(TIMEOUT, MeshRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
