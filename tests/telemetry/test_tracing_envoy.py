@@ -48,7 +48,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
 import envoy_process as ep  # noqa: E402
-from meshcore.errors import NoRoute  # noqa: E402
+from meshcore.errors import NoRoute, Unavailable  # noqa: E402
 from meshcore.telemetry import tracing  # noqa: E402
 
 pytestmark = pytest.mark.envoy
@@ -71,8 +71,11 @@ ROUTES = [
     {"name": "retry", "match": {"prefix": "/retry"}, "route": {"cluster": "echo", "retry_policy": RETRY_5XX}},
     {"name": "urx", "match": {"prefix": "/urx"}, "route": {"cluster": "echo", "retry_policy": RETRY_5XX}},
     {"name": "slow", "match": {"prefix": "/slow"}, "route": {"cluster": "echo", "timeout": "0.2s"}},
+    {"name": "nc", "match": {"prefix": "/nc"}, "route": {"cluster": "missing"}},
 ]
-ROUTE_CONFIG = {"name": "routes", "virtual_hosts": [{"name": "echo", "domains": ["*"], "routes": ROUTES}]}
+#: validate_clusters off: Envoy accepts the route to a cluster it does not have (and answers NC)
+ROUTE_CONFIG = {"name": "routes", "validate_clusters": False,
+                "virtual_hosts": [{"name": "echo", "domains": ["*"], "routes": ROUTES}]}
 
 #: case -> (path, Envoy's response code); "single" goes through meshcore's single-attempt form
 CASES: Dict[str, Tuple[str, int]] = {
@@ -84,6 +87,7 @@ CASES: Dict[str, Tuple[str, int]] = {
     "retries_exhausted": ("/urx", 503),
     "no_route": ("/nowhere", 404),
     "route_timeout": ("/slow", 504),
+    "no_cluster": ("/nc", 503),
     "single": ("/ok/single", 200),
     "continued": ("/ok/continued", 200),
 }
@@ -318,8 +322,9 @@ def _meshcore_get(mesh: Any, path: str, client: Any, exporter: InMemorySpanExpor
         result: Any = client.get(url, headers=headers).status_code
     except Exception as e:  # noqa: BLE001  (the timeout: the span is what counts)
         result = type(e).__name__
-    if path == "/nowhere" and len(exporter.get_finished_spans()) == before:  # not wired into report_refusal yet
-        tracing.trace_refusal(mesh, TARGET, TARGET, "GET", path, None, NoRoute(TARGET, path))
+    if path in ("/nowhere", "/nc") and len(exporter.get_finished_spans()) == before:  # report_refusal: not wired yet
+        exc = NoRoute(TARGET, path) if path == "/nowhere" else Unavailable("cluster 'missing' not found")
+        tracing.trace_refusal(mesh, TARGET, TARGET, "GET", path, None, exc, None if path == "/nowhere" else "missing")
     return result
 
 
@@ -433,7 +438,7 @@ def test_request_span_matches_envoy(sides: Dict[str, Any], case: str) -> None:
         assert not envoy.parent_id and not ours.parent_id, where
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c != "no_route"])
+@pytest.mark.parametrize("case", [c for c in CASES if c not in ("no_route", "no_cluster")])
 def test_upstream_sees_the_same_trace_headers(sides: Dict[str, Any], case: str) -> None:
     path = CASES[case][0]
     for side in ("envoy", "meshcore"):

@@ -199,6 +199,7 @@ def test_trace_refusal_no_cluster_and_grpc(mesh, spans):
     nc, grpc_nr = spans.get_finished_spans()
     assert (nc.attributes["http.status_code"], nc.attributes["response_flags"]) == ("503", "NC")
     assert nc.attributes["error"] == "true" and nc.attributes["route_name"] == "r1"
+    assert "upstream_cluster" not in nc.attributes  # Envoy: no cluster found, no tag
     assert nc.attributes["guid:x-request-id"] == "rid"  # not a UUID: kept as it is
     assert nc.status.status_code is StatusCode.ERROR
     # a gRPC request: Envoy answers 200 with grpc-status UNIMPLEMENTED (12) for a 404

@@ -695,7 +695,8 @@ def trace_refusal(mesh: Any, target: str, authority: str, method: str, path: str
                   exc: BaseException, cluster: Optional[str] = None, route_name: Optional[str] = None, *,
                   scheme: str = "http", route: Any = None) -> None:
     """The span of a request ``Mesh.request`` refused before any call existed, as Envoy makes it:
-    no route (``NR``, 404: no ``upstream_cluster``) or the route's cluster missing (``NC``, 503);
+    no route (``NR``, 404) or the route's cluster missing (``NC``, 503), without
+    ``upstream_cluster`` (Envoy has no cluster to name; ``cluster`` is not a tag);
     named ``egress <authority>`` (or the decorator of ``route``, a route match, when given);
     ``http.status_code``, ``response_flags``, ``error=true`` for a 5xx, status ERROR. A gRPC
     request gets Envoy's local gRPC answer (200, ``grpc.status_code`` 12 or 14). Made only while
@@ -708,8 +709,8 @@ def trace_refusal(mesh: Any, target: str, authority: str, method: str, path: str
         from ..errors import NoRoute
         from .outcome import http_to_grpc
 
-        refused = _Refused(mesh, target, authority, scheme, method, path, headers,
-                           None if isinstance(exc, NoRoute) else cluster, route)
+        # no upstream_cluster tag: Envoy sets it from the cluster it found, and neither has one
+        refused = _Refused(mesh, target, authority, scheme, method, path, headers, None, route)
         trace = begin(refused)
         if trace is None:
             return
