@@ -69,7 +69,8 @@ from test_bench_sidecar import (  # noqa: E402
 )
 
 __all__ = ["HOST", "PORT", "TARGET", "PATH", "PERTRY_PATH", "PLAIN_PATH", "QUICK", "Rig", "envoy_available",
-           "markdown", "profile_async", "profile_sync", "resources", "run_interleaved"]
+           "markdown", "profile_async", "profile_sync", "resources", "run_interleaved", "set_telemetry",
+           "TELEMETRY_MODES"]
 
 QUICK = bool(os.environ.get("MESHCORE_BENCH_QUICK"))
 
@@ -120,6 +121,34 @@ def resources(upstream_ports: Sequence[int], *, timeout: str = "5s", num_retries
     }
 
 
+#: the telemetry modes of :func:`set_telemetry`
+TELEMETRY_MODES = ("off", "istio", "istio+log")
+#: the workload a mesh with telemetry on reports as (its bootstrap node's metadata otherwise)
+BENCH_NODE = {"WORKLOAD_NAME": "bench-client", "NAMESPACE": "default", "CLUSTER_ID": "Kubernetes",
+              "LABELS": {"app": "bench-client", "version": "v1"}}
+
+
+def set_telemetry(mesh: Any, mode: str) -> None:
+    """Put ``mesh``'s telemetry in ``mode``: ``"off"`` (no sink), ``"istio"`` (Istio's standard
+    metrics with the metadata exchange: ``enable_istio_metrics``), ``"istio+log"`` (the same plus a
+    sink that keeps nothing: every request then builds its full record). A mode factory calls it
+    before it builds its client, so "telemetry on" is one more mode of :func:`run_interleaved`."""
+    if mode not in TELEMETRY_MODES:
+        raise ValueError(f"telemetry mode must be one of {TELEMETRY_MODES}, not {mode!r}")
+    tel = mesh.telemetry
+    tel.remove_sink(_discard)
+    if mode == "off":
+        tel.disable_istio_metrics()
+        return
+    tel.enable_istio_metrics(node_metadata=BENCH_NODE)
+    if mode == "istio+log":
+        tel.add_sink(_discard)
+
+
+def _discard(record: Any) -> None:
+    pass
+
+
 class PinnedRig:
     """What every rig shares: the client process on CPU 0 and its helper processes (``_helpers``:
     objects with a ``pid``) on CPU 1 when there are 2+ CPUs; ``with`` closes it."""
@@ -152,7 +181,9 @@ class PinnedRig:
 class Rig(PinnedRig):
     """Upstream Envoy, sidecar Envoy, file-fed mesh; ``close()`` (or ``with``) stops them."""
 
-    def __init__(self, n_upstreams: int = 1, *, pin_cpus: bool = True, **resource_kw: Any) -> None:
+    def __init__(self, n_upstreams: int = 1, *, pin_cpus: bool = True, istio_metrics: bool = False,
+                 **resource_kw: Any) -> None:
+        """``istio_metrics``: the mesh records Istio's standard metrics (:func:`set_telemetry`)."""
         import meshcore
 
         self._init_pinning(pin_cpus)
@@ -170,6 +201,7 @@ class Rig(PinnedRig):
                 json.dump(self.res, f)
             self.mesh = meshcore.Mesh.from_file(path, watch=False, seed=1).start()
             self.mesh.wait_ready(TARGET, timeout=15)
+            set_telemetry(self.mesh, "istio" if istio_metrics else "off")
             self.direct_urls = [f"http://127.0.0.1:{p}" for p in self.ports]
             self.sidecar_url = f"http://127.0.0.1:{self.sidecar.ports['sidecar']}"
             self.mesh_url = f"http://{TARGET}"

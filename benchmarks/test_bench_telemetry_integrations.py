@@ -1,0 +1,117 @@
+"""What Istio's standard metrics add per request through a client integration: httpx (sync and
+async), no I/O (the canned httpcore pool of ``test_bench_integrations_httpx``), so the figure is
+meshcore's CPU and nothing else.
+
+One mesh and one client; the mesh's telemetry is switched between blocks
+(``integration_harness.set_telemetry``): ``off``, ``istio`` (``enable_istio_metrics()``: the
+metadata exchange headers on every request and the peer's stripped from the response, and the
+Istio sink alone: its fast path, no record), ``istio+log`` (the same plus one more sink: every
+request builds its full RequestRecord, what an access log adds). Per round every mode runs one
+block of ``n`` requests (order rotated per round), CPU time of this thread; the figure is the
+median over rounds of (mode - off) within the round.
+
+``python benchmarks/test_bench_telemetry_integrations.py`` prints the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import sys
+import time
+from typing import Any, Dict, List
+
+import pytest
+
+from integration_harness import QUICK, TELEMETRY_MODES, set_telemetry
+from test_bench_integrations_httpx import _lib, no_io_clients, no_io_mesh
+
+
+def telemetry_added(mesh: Any, lib: Any, is_async: bool, n: int = 300, rounds: int = 31,
+                    modes: Any = TELEMETRY_MODES) -> Dict[str, float]:
+    """``{"off": µs per request, "istio": added µs, "istio+log": added µs}`` (see the module doc;
+    ``modes``: a subset, "off" included)."""
+    send = no_io_clients(mesh, lib, is_async)["meshcore"]
+    loop = asyncio.new_event_loop() if is_async else None
+
+    async def aloop(k: int) -> None:
+        for _ in range(k):
+            await send()
+
+    def block(k: int) -> float:
+        t0 = time.thread_time_ns()
+        if loop is not None:
+            loop.run_until_complete(aloop(k))
+        else:
+            for _ in range(k):
+                send()
+        return (time.thread_time_ns() - t0) / k / 1e3
+
+    modes = list(modes)
+    got: Dict[str, List[float]] = {m: [] for m in modes}
+    try:
+        for mode in modes:  # warm-up: every mode's series and caches made
+            set_telemetry(mesh, mode)
+            block(max(20, n // 10))
+        for r in range(rounds):
+            order = modes[r % len(modes):] + modes[:r % len(modes)]
+            this: Dict[str, float] = {}
+            for mode in order:
+                set_telemetry(mesh, mode)
+                block(10)
+                this[mode] = block(n)
+            for mode in modes:
+                got[mode].append(this[mode] if mode == "off" else this[mode] - this["off"])
+    finally:
+        set_telemetry(mesh, "off")
+        if loop is not None:
+            loop.close()
+    return {m: statistics.median(v) for m, v in got.items()}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    m = no_io_mesh()
+    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if saved is not None and len(saved) > 1:
+        os.sched_setaffinity(0, {min(saved)})
+    try:
+        yield m
+    finally:
+        if saved is not None:
+            os.sched_setaffinity(0, saved)
+        m.close()
+
+
+@pytest.mark.skipif(_lib("httpx") is None, reason="needs httpx")
+@pytest.mark.benchmark(group="telemetry-integrations")
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_istio_metrics_added_through_httpx(benchmark, mesh, kind):
+    n, rounds = (50, 3) if QUICK else (300, 31)
+    out: Dict[str, float] = {}
+    benchmark.pedantic(lambda: out.update(telemetry_added(mesh, _lib("httpx"), kind == "async", n, rounds)),
+                       rounds=1, iterations=1)
+    benchmark.extra_info.update({k: round(v, 3) for k, v in out.items()})
+    print(f"\nhttpx {kind} no I/O: off {out['off']:.2f} us, +istio {out['istio']:.2f} us, "
+          f"+istio+record {out['istio+log']:.2f} us CPU per request")
+    sink = mesh.telemetry.istio_metrics
+    assert sink is None  # left off
+    assert out["off"] > 0
+
+
+def _main() -> None:
+    m = no_io_mesh()
+    try:
+        lib = _lib("httpx")
+        for kind in ("sync", "async"):
+            out = telemetry_added(m, lib, kind == "async")
+            print(f"httpx {kind:<5} off {out['off']:6.2f} us  +istio {out['istio']:5.2f} us  "
+                  f"+istio+record {out['istio+log']:5.2f} us  (CPU per request, median of per-round differences)")
+    finally:
+        m.close()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    _main()
