@@ -11,6 +11,9 @@ retries exhausted, no route, a route timeout, the single-attempt form), to the s
 upstream, which records the headers it received. Per case the span trees must correspond: names,
 kinds, parent/child structure, status, Envoy's tags, and the trace headers the upstream saw.
 
+gRPC: a listener taking HTTP/2 to a grpcio upstream; grpcio through Envoy and meshcore's
+``mesh_channel``: an OK call, an UNAVAILABLE one, no route (Envoy's gRPC tags, status, metadata).
+
 B3 when configured: a third Envoy listener uses the Zipkin tracer (``envoy.tracers.zipkin``,
 128-bit trace ids, to a collector this module runs), meshcore ``b3=True``: the B3 headers the
 upstream sees (names, trace id, parent span id, sampled; the application's B3 continued) must
@@ -605,3 +608,138 @@ def test_b3_headers_match_envoys_zipkin_tracer(b3_sides: Dict[str, Upstream], ca
         else:  # a new root: no parent
             assert "x-b3-parentspanid" not in o, where
     assert envoy[0] == envoy[-1] and ours[0] == ours[-1], where  # every attempt carries the request span's
+
+
+# -- gRPC (Envoy's gRPC tags) ---------------------------------------------------------------------
+
+#: case -> (method, the gRPC status the client gets)
+GRPC_CASES: Dict[str, Tuple[str, int]] = {
+    "ok": ("/x.Echo/Ok", 0),
+    "unavailable": ("/x.Echo/Fail", 14),
+    "no_route": ("/y.Other/M", 12),
+}
+GRPC_TAGS = TAGS + ("grpc.status_code", "grpc.path", "grpc.authority", "grpc.content_type")
+H2_OPTIONS = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    "explicit_http_config": {"http2_protocol_options": {}}}}
+GRPC_ROUTES = {"name": "routes", "virtual_hosts": [{"name": "grpc", "domains": ["*"], "routes": [
+    {"name": "echo", "match": {"prefix": "/x.Echo/"}, "route": {"cluster": "grpc"}}]}]}
+
+
+class GrpcUpstream:
+    """A grpcio server: ``/x.Echo/Ok`` answers, ``/x.Echo/Fail`` aborts UNAVAILABLE; the
+    invocation metadata of each call is kept (``seen``: (method, {key: value}))."""
+
+    def __init__(self) -> None:
+        self.seen: List[Tuple[str, Dict[str, str]]] = []
+
+        def ok(request: bytes, context: Any) -> bytes:
+            self.seen.append(("/x.Echo/Ok", dict(context.invocation_metadata())))
+            return b"ok"
+
+        def fail(request: bytes, context: Any) -> bytes:
+            self.seen.append(("/x.Echo/Fail", dict(context.invocation_metadata())))
+            context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(2))
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("x.Echo", {
+            "Ok": grpc.unary_unary_rpc_method_handler(ok), "Fail": grpc.unary_unary_rpc_method_handler(fail)})])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.stop(0)
+
+
+def _grpc_call(channel: Any, method: str) -> int:
+    try:
+        channel.unary_unary(method)(b"hi", timeout=3)
+        return 0
+    except grpc.RpcError as e:
+        return e.code().value[0]
+
+
+@pytest.fixture(scope="module")
+def grpc_sides(mesh_cls: Any, tmp_path_factory: Any) -> Iterator[Dict[str, Any]]:
+    """``{"envoy"|"meshcore": {"trees": ..., "seen": GrpcUpstream}}`` for the gRPC cases."""
+    from meshcore.integrations.grpc import mesh_channel
+
+    out: Dict[str, Any] = {}
+    receiver = Receiver()
+    upstreams = {"envoy": GrpcUpstream(), "meshcore": GrpcUpstream()}
+    try:
+        config = _envoy_config(upstreams["envoy"].port, receiver.port)
+        listener = config["static_resources"]["listeners"][0]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm.update(codec_type="AUTO", route_config={**GRPC_ROUTES, "name": "grpc-routes"})
+        config["static_resources"]["listeners"] = [listener]
+        config["static_resources"]["clusters"][0].update(name="grpc", typed_extension_protocol_options=H2_OPTIONS)
+        config["static_resources"]["clusters"][0]["load_assignment"]["cluster_name"] = "grpc"
+        with StaticEnvoy(config) as envoy:
+            channel = grpc.insecure_channel(f"127.0.0.1:{envoy.ports['plain']}",
+                                            options=[("grpc.default_authority", TARGET)])
+            try:
+                for case, (method, code) in GRPC_CASES.items():
+                    assert _grpc_call(channel, method) == code, case
+            finally:
+                channel.close()
+            deadline = time.monotonic() + 10
+            while len(receiver.spans) < len(GRPC_CASES):
+                assert time.monotonic() < deadline, envoy.envoy_log()[-3000:]
+                time.sleep(0.05)
+        out["envoy"] = {"trees": _trees([Span.from_otlp(s) for s in receiver.spans]), "seen": upstreams["envoy"]}
+
+        resources = _meshcore_resources(upstreams["meshcore"].port)
+        resources["routes"] = [GRPC_ROUTES]
+        resources["clusters"][0]["name"] = resources["endpoints"][0]["cluster_name"] = "grpc"
+        path = tmp_path_factory.mktemp("mesh") / "mesh.json"
+        path.write_text(json.dumps(resources))
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        mesh = mesh_cls.from_file(path, watch=False, seed=1)
+        try:
+            mesh.start()
+            mesh.wait_ready(TARGET, timeout=5)
+            tracing.configure(provider, attempt_spans=False, b3=False)
+            channel = mesh_channel(mesh, TARGET)
+            try:
+                for case, (method, code) in GRPC_CASES.items():
+                    before = len(exporter.get_finished_spans())
+                    assert _grpc_call(channel, method) == code, case
+                    if case == "no_route" and len(exporter.get_finished_spans()) == before:  # report_refusal
+                        tracing.trace_refusal(mesh, TARGET, TARGET, "POST", method,
+                                              [("content-type", "application/grpc")], NoRoute(TARGET, method))
+            finally:
+                channel.close()
+        finally:
+            tracing.configure(None, attempt_spans=False, b3=True)
+            mesh.close()
+            provider.shutdown()
+        out["meshcore"] = {"trees": _trees([Span.from_sdk(s) for s in exporter.get_finished_spans()]),
+                           "seen": upstreams["meshcore"]}
+        yield out
+    finally:
+        receiver.close()
+        for u in upstreams.values():
+            u.close()
+
+
+@pytest.mark.parametrize("case", list(GRPC_CASES))
+def test_grpc_span_matches_envoy(grpc_sides: Dict[str, Any], case: str) -> None:
+    method, code = GRPC_CASES[case]
+    envoy, _ = grpc_sides["envoy"]["trees"][method]
+    ours, children = grpc_sides["meshcore"]["trees"][method]
+    where = f"{case}\nenvoy    {envoy}\nmeshcore {ours}"
+    assert envoy.tag("grpc.status_code") == str(code), where  # the case is what it says
+    assert (ours.name, ours.kind, ours.status) == (envoy.name, envoy.kind, envoy.status), where
+    assert not children, where
+    for key in GRPC_TAGS:
+        assert ours.tag(key) == envoy.tag(key), (key, where)
+    for side, root in (("envoy", envoy), ("meshcore", ours)):
+        seen = [m for p, m in grpc_sides[side]["seen"].seen if p == method]
+        assert len(seen) == (0 if case == "no_route" else 1), (side, where)
+        for metadata in seen:
+            assert metadata["traceparent"] == f"00-{root.trace_id}-{root.span_id}-01", (side, metadata)
+            assert metadata["x-request-id"] == root.tag("guid:x-request-id"), (side, metadata)
+            assert metadata["x-request-id"][14] == "9", (side, metadata)

@@ -204,7 +204,7 @@ def test_trace_refusal_no_cluster_and_grpc(mesh, spans):
     assert nc.status.status_code is StatusCode.ERROR
     # a gRPC request: Envoy answers 200 with grpc-status UNIMPLEMENTED (12) for a 404
     a = grpc_nr.attributes
-    assert (a["http.status_code"], a["grpc.status_code"], a["error"]) == ("200", 12, "true")
+    assert (a["http.status_code"], a["grpc.status_code"], a["error"]) == ("200", "12", "true")
     assert grpc_nr.status.status_code is StatusCode.ERROR
 
 
@@ -228,7 +228,9 @@ def test_trace_api_for_streams(mesh, echo, spans):
     (span,) = spans.get_finished_spans()
     assert tracing.headers_of(a) == ()
     a_ = span.attributes
-    assert (a_["http.status_code"], a_["grpc.status_code"], a_["error"]) == ("200", 14, "true")
+    assert (a_["http.status_code"], a_["grpc.status_code"], a_["error"]) == ("200", "14", "true")
+    assert (a_["grpc.path"], a_["grpc.content_type"]) == ("/ok/stream", "application/grpc")
+    assert span.status.status_code is StatusCode.ERROR
 
 
 # -- decorator, request id, B3 ---------------------------------------------------------------------

@@ -23,7 +23,8 @@ an outbound sidecar (checked span for span against a real Envoy: tests/telemetry
   string: the code the application got, Envoy's local replies included: 404 NR, 503 UH/UO/URX,
   504 UT), ``response_flags``, ``upstream_cluster`` and ``upstream_cluster.name`` (none for NR),
   ``guid:x-request-id``, ``node_id`` (the bootstrap node), ``error=true`` (a 5xx, or a gRPC
-  status other than OK), ``grpc.status_code``, ``retry.count``; and OpenTelemetry's stable HTTP
+  status other than OK), ``grpc.status_code``, ``grpc.path``/``grpc.authority``/``grpc.content_type``
+  (gRPC), ``retry.count``; and OpenTelemetry's stable HTTP
   client attributes: ``http.request.method``, ``url.full``, ``server.address`` (the logical
   host, as the ``Host`` header), ``server.port``, ``network.peer.address``/``network.peer.port``
   (the endpoint of the last attempt), ``http.response.status_code`` (an upstream answer),
@@ -355,6 +356,12 @@ def _start_attributes(call: Any, request_id: str) -> Dict[str, Any]:
         "http.request.method": call.method, "url.full": url, "server.address": host, "server.port": port,
         "component": "proxy", "http.method": call.method, "http.url": url, "guid:x-request-id": request_id,
     }
+    content_type = _content_type(call.headers)
+    if content_type is not None and content_type.startswith("application/grpc"):
+        # Envoy's gRPC request tags (HttpTracerUtility::addGrpcRequestTags)
+        attrs["grpc.path"] = call.path
+        attrs["grpc.authority"] = authority
+        attrs["grpc.content_type"] = content_type
     cluster = call.cluster
     if cluster:
         attrs["upstream_cluster"] = cluster
@@ -442,10 +449,15 @@ def _end_attributes(span: Any, call: Any, result: Any, exc: Optional[BaseExcepti
             error = str(code)
     attrs["http.status_code"] = str(code)
     envoy_error = code >= 500
+    grpc_error = False
     if grpc_status is not None:
         attrs["rpc.grpc.status_code"] = grpc_status
-        attrs["grpc.status_code"] = grpc_status
-        envoy_error = envoy_error or grpc_status != 0
+        attrs["grpc.status_code"] = str(grpc_status)  # Envoy's tag (a string)
+        grpc_error = grpc_status != 0
+        if grpc_error:
+            envoy_error = True
+            if error is None:
+                error = str(grpc_status)
     if envoy_error:
         attrs["error"] = "true"
     if exc is not None and error is None:
@@ -453,19 +465,24 @@ def _end_attributes(span: Any, call: Any, result: Any, exc: Optional[BaseExcepti
     if error is not None:
         attrs["error.type"] = error
     span.set_attributes(attrs)
-    if error is not None and (status is None or status >= threshold or exc is not None):
+    if error is not None and (status is None or status >= threshold or exc is not None or grpc_error):
         span.set_status(Status(StatusCode.ERROR, str(exc) if exc is not None else None))
 
 
-def _is_grpc(headers: Any) -> bool:
+def _content_type(headers: Any) -> Optional[str]:
     if not headers:
-        return False
+        return None
     from .._routing import header_pairs
 
     for k, v in header_pairs(headers):
         if k.lower() == "content-type":
-            return v.startswith("application/grpc")
-    return False
+            return v
+    return None
+
+
+def _is_grpc(headers: Any) -> bool:
+    content_type = _content_type(headers)
+    return content_type is not None and content_type.startswith("application/grpc")
 
 
 def _headers(sc: Any, parent_b3: Optional[str], extra: Tuple[Tuple[str, str], ...],
@@ -724,7 +741,8 @@ def trace_refusal(mesh: Any, target: str, authority: str, method: str, path: str
             error = code >= 500
             if _is_grpc(headers):
                 grpc_status = http_to_grpc(code)
-                attrs["grpc.status_code"] = attrs["rpc.grpc.status_code"] = grpc_status
+                attrs["rpc.grpc.status_code"] = grpc_status
+                attrs["grpc.status_code"] = str(grpc_status)
                 code, error = 200, True
                 attrs["envoy.response_code"] = code
             attrs["http.status_code"] = str(code)
