@@ -28,6 +28,27 @@ def _headers(metadata: Metadata) -> Any:
 
 _OWN_HEADERS = frozenset(_GRPC_HEADER_DICT)
 
+#: Istio's metadata exchange keys (``x-envoy-peer-metadata`` and its ``-id``)
+PEER_HEADER = "x-envoy-peer-metadata"
+PEER_HEADERS = frozenset({PEER_HEADER, "x-envoy-peer-metadata-id"})
+
+
+def _with_exchange(metadata: Metadata, exchange_headers: Any) -> Tuple[Tuple[str, Any], ...]:
+    """The call's metadata with Istio's exchange pair (this workload's) in place of any the
+    application sent itself (a sidecar overwrites them too: no duplicate key on the wire)."""
+    if not metadata:
+        return tuple(exchange_headers)
+    return (*(m for m in metadata if m[0].lower() not in PEER_HEADERS), *exchange_headers)
+
+
+def _strip_peer(pairs: Any) -> Any:
+    """Metadata without Istio's exchange pair (as a client sidecar strips it from responses)."""
+    if not pairs:
+        return pairs
+    if not any(k in PEER_HEADERS for k, _ in pairs):
+        return pairs
+    return tuple(m for m in pairs if m[0] not in PEER_HEADERS)
+
 
 def _names_own_headers(obj: Any, depth: int = 0) -> bool:
     """Whether a configuration (the models' dataclasses, containers, strings) could route by the

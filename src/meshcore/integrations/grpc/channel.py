@@ -13,6 +13,7 @@ from ...call import Attempt, Call
 from ...errors import MeshError, UpstreamError
 from ._metadata import _GRPC_HEADER_DICT, _GRPC_HEADERS, _headers, _routes_by_own_headers  # noqa: F401
 from ._types import Metadata, Options
+from ._peer import available as _peer_available
 from .connectivity import _Connectivity
 from .endpoints import ANY_TLS, _EndpointChannel, _EndpointPool
 from .status import MeshRpcError
@@ -141,12 +142,14 @@ class MeshChannel(grpc.Channel):
             slot = self._slots.setdefault(key, object())
         return slot
 
-    def _acquire(self, attempt: Attempt) -> _EndpointChannel:
+    def _acquire(self, attempt: Attempt, tap: bool = False) -> _EndpointChannel:
         """The endpoint channel for ``attempt`` (raises ``UpstreamError``, a connect failure,
-        when its cluster needs TLS that cannot be had)."""
+        when its cluster needs TLS that cannot be had); ``tap``: one that reads the peer's Istio
+        metadata (:mod:`._peer`), when ``hpack`` is there."""
         if time.monotonic() >= self._next_sweep:
             self.sweep()
-        return self._pool.acquire(attempt.endpoint.key, attempt.authority, self._tls_for(attempt), attempt)
+        return self._pool.acquire(attempt.endpoint.key, attempt.authority, self._tls_for(attempt), attempt,
+                                  tap and _peer_available())
 
     def _tls_for(self, attempt: Attempt) -> Any:
         """The :class:`~meshcore.tls.UpstreamTls` a new connection for ``attempt`` uses (``None``:

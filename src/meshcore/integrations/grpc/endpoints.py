@@ -32,15 +32,18 @@ class _EndpointChannel:
     """One grpcio channel to one endpoint under one authority and TLS, with its multicallables
     (and, for TLS, the forward carrying its connections)."""
 
-    __slots__ = ("address", "authority", "channel", "active", "departed", "closed", "callables", "tls", "forward")
+    __slots__ = ("address", "authority", "channel", "active", "departed", "closed", "callables", "tls", "forward",
+                 "tap")
 
     def __init__(self, address: str, authority: str, channel: grpc.Channel, tls: Any = None,
-                 forward: Any = None) -> None:
+                 forward: Any = None, tap: Any = None) -> None:
         self.address = address
         self.authority = authority
         self.channel = channel
         self.tls = tls
         self.forward = forward
+        #: the :class:`~._peer.PeerTap` the channel connects through (Istio's exchange on), or None
+        self.tap = tap
         #: one item per RPC in flight on the channel: ``append``/``pop`` are atomic, so RPCs count
         #: themselves in and out without the pool's lock (an RPC appends, then checks
         #: ``departed``; a release pops, then checks ``departed``; the sweep sets ``departed``,
@@ -59,6 +62,8 @@ class _EndpointChannel:
 
     def close(self) -> None:
         self.channel.close()
+        if self.tap is not None:
+            self.tap.close()
         if self.forward is not None:
             self.forward.close()
 
@@ -87,10 +92,12 @@ class _EndpointPool:
         self._options = list(options)
         self._connect_timeout = connect_timeout
         self._lock = threading.Lock()
-        self._channels: Dict[Tuple[str, str, Any], _EndpointChannel] = {}
+        #: by (address, authority, TLS, tapped)
+        self._channels: Dict[Tuple[str, str, Any, bool], _EndpointChannel] = {}
         self._closed = False
 
-    def _open(self, address: str, authority: str, tls: Any = None, attempt: Any = None) -> _EndpointChannel:
+    def _open(self, address: str, authority: str, tls: Any = None, attempt: Any = None,
+              tap: bool = False) -> _EndpointChannel:
         given = {name for name, _ in self._options}
         options = list(self._options)
         if "grpc.default_authority" not in given:
@@ -100,7 +107,13 @@ class _EndpointPool:
         if tls is not None:
             forward = self._forward(address, tls, attempt)
             target = forward.target
+        peer_tap = None
         try:
+            if tap:
+                from ._peer import PeerTap
+
+                peer_tap = PeerTap(target)
+                target = peer_tap.target
             if self._credentials is not None:
                 # the application's own TLS, inside the mesh's when the cluster has mesh TLS
                 if "grpc.ssl_target_name_override" not in given:
@@ -109,10 +122,12 @@ class _EndpointPool:
             else:
                 channel = grpc.insecure_channel(target, options)
         except BaseException:
+            if peer_tap is not None:
+                peer_tap.close()
             if forward is not None:
                 forward.close()
             raise
-        return _EndpointChannel(address, authority, channel, tls, forward)
+        return _EndpointChannel(address, authority, channel, tls, forward, peer_tap)
 
     def _forward(self, address: str, tls: Any, attempt: Any) -> Any:
         """The forward carrying a TLS endpoint's connections (a connect failure if it cannot be made)."""
@@ -126,19 +141,21 @@ class _EndpointPool:
             raise UpstreamError("connect-failure", f"cannot forward TLS to {address} (cluster {cluster}): {e}",
                                 e) from None
 
-    def acquire(self, address: str, authority: str, tls: Any = None, attempt: Any = None) -> _EndpointChannel:
+    def acquire(self, address: str, authority: str, tls: Any = None, attempt: Any = None,
+                tap: bool = False) -> _EndpointChannel:
         """The channel to ``address`` under ``tls`` (created on first use: ``attempt`` gives the
         endpoint and cluster then), counted as in use until released. (Blocking unary calls do
         the common case inline: ``_UnaryUnary.__call__``.) Raises ``UpstreamError``
-        (connect-failure) when a TLS endpoint's forward cannot be made."""
-        key = (address, authority, tls)
+        (connect-failure) when a TLS endpoint's forward cannot be made. ``tap``: a channel through a
+        :class:`~._peer.PeerTap` (Istio's exchange on: the peer's metadata read)."""
+        key = (address, authority, tls, tap)
         with self._lock:
             if self._closed:
                 raise MeshRpcError(grpc.StatusCode.CANCELLED, "channel closed")
             ep = self._channels.get(key)
             if ep is None:
                 log.debug("opening a channel to %s (authority %s, %s)", address, authority, tls or "plaintext")
-                ep = self._channels[key] = self._open(address, authority, tls, attempt)
+                ep = self._channels[key] = self._open(address, authority, tls, attempt, tap)
             ep.active.append(None)
             return ep
 

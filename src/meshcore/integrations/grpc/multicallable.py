@@ -4,7 +4,7 @@ pick-once lifecycle of streaming RPCs."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 import grpc
 
@@ -13,6 +13,9 @@ from ...errors import MeshClosed, MeshError, UpstreamError
 from ...resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ...telemetry.outcome import report as _report
 from ...telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
+from ._metadata import _with_exchange
+from ._observed import ObservedCall, StreamReport, counted
+from ._peer import peer_of as _tapped_peer
 from ._types import Metadata
 from .endpoints import _EndpointChannel
 from .status import MeshRpcError, _failure_kind, _forward_error, _mesh_error
@@ -21,9 +24,11 @@ if TYPE_CHECKING:
     from .channel import MeshChannel
 
 
-def _report_stream(call: Any, attempt: Attempt, finished: Any, kind: Optional[str]) -> None:
-    """A streaming RPC ended: its record (the peer's x-envoy-peer-metadata from the initial
-    metadata; message counts unknown) to the mesh's telemetry sinks."""
+def _report_stream(call: Any, attempt: Attempt, finished: Any, kind: Optional[str], counts: Any,
+                   ep: Any) -> None:
+    """A streaming RPC ended: its record (the peer's x-envoy-peer-metadata: from the initial
+    metadata, or as the endpoint channel's tap read it; the messages sent and received) to the
+    mesh's telemetry sinks."""
     peer = None
     try:
         for k, v in finished.initial_metadata() or ():
@@ -32,7 +37,9 @@ def _report_stream(call: Any, attempt: Attempt, finished: Any, kind: Optional[st
                 break
     except Exception:  # noqa: BLE001  (an RPC that never started has none)
         pass
-    attempt.telemetry = {"peer_metadata": peer}
+    if peer is None:
+        peer = _tapped_peer(ep)
+    attempt.telemetry = {"peer_metadata": peer, "request_messages": counts[0], "response_messages": counts[1]}
     _report(call, finished, UpstreamError(kind) if kind is not None else None)
 
 
@@ -64,10 +71,13 @@ class _MultiCallable:
         key = self._channel._slot((self._kind, path, self._serializer, self._deserializer, self._registered))
         return ep.multicallable(key, self._kind, path, self._serializer, self._deserializer, self._registered)
 
-    def _stream(self, start: Callable[[Any, Optional[float], Metadata], Any], timeout: Optional[float],
-                metadata: Metadata) -> Any:
-        """Route once, pick once, start the RPC (``start(multicallable, timeout, metadata)``); the
-        attempt is finished when the RPC terminates (and, with telemetry sinks, the call reported).
+    def _stream(self, start: Callable[[Any, Optional[float], Metadata, Any], Any], timeout: Optional[float],
+                metadata: Metadata, request: Any, request_stream: bool, response_stream: bool) -> Any:
+        """Route once, pick once, start the RPC (``start(multicallable, timeout, metadata,
+        request)``, ``request`` the message or, ``request_stream``, the iterator); the attempt is
+        finished when the RPC terminates. With telemetry sinks, the call is reported once it
+        ended and (``response_stream``) the application's reading ended, with its message counts
+        and the peer's Istio metadata, which the call returned hides from the application.
         Mesh refusals come back as a failed call."""
         ch = self._channel
         call: Optional[Call] = None
@@ -93,28 +103,37 @@ class _MultiCallable:
         if attempt_timeout is not None and attempt_timeout <= 0:
             attempt.finish(error=TIMEOUT)
             return MeshRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        reporting = bool(_TELEMETRY[0])
+        exchange = _exchange_of(ch.mesh) if reporting else None
         try:
-            ep = ch._acquire(attempt)
+            ep = ch._acquire(attempt, exchange is not None)  # (Istio's exchange: the peer's metadata read)
         except MeshRpcError as exc:  # the channel was closed
             attempt.finish(error=RESET)
             return exc
         except UpstreamError as e:  # mesh TLS needed but impossible (no certificates): not sent
             attempt.finish(error=CONNECT_FAILURE)
             return _forward_error(None, e)
-        reporting = bool(_TELEMETRY[0])
+        report: Optional[StreamReport] = None
         if reporting:
-            exchange = _exchange_of(ch.mesh)
             if exchange is not None:  # Istio's metadata exchange (mesh.telemetry.enable_istio_metrics)
-                metadata = (*(metadata or ()), *exchange.headers)
+                metadata = _with_exchange(metadata, exchange.headers)
+            ended: List[Any] = []
+            report = StreamReport(2 if response_stream else 1,
+                                  lambda counts: _report_stream(call, attempt, ended[0], ended[1], counts, ep))
+            if request_stream:
+                request = counted(request, report.counts)
+            else:
+                report.counts[0] = 1
         started = time.monotonic()
         try:
-            rpc = start(self._target_callable(ep, attempt), attempt_timeout, metadata)
+            rpc = start(self._target_callable(ep, attempt), attempt_timeout, metadata, request)
         except BaseException:
             ch._pool.release(ep)
             attempt.finish(error=RESET)
             raise
 
         def done(finished: Any) -> None:
+            code = None
             try:
                 code = finished.code()
                 kind = None if code is grpc.StatusCode.OK else _failure_kind(
@@ -126,10 +145,17 @@ class _MultiCallable:
                     attempt.finish(error=kind)
                 else:
                     attempt.finish(200, code.value[0])
-                if reporting:
-                    _report_stream(call, attempt, finished, kind)
             finally:
                 ch._pool.release(ep)
+            if report is not None:
+                ended[:] = (finished, kind)
+                if not response_stream and code is grpc.StatusCode.OK:
+                    report.counts[1] = 1  # the single response
+                report.one_done()
 
+        if report is None:
+            rpc.add_done_callback(done)
+            return rpc
+        observed = ObservedCall(rpc, exchange is not None, report)
         rpc.add_done_callback(done)
-        return rpc
+        return observed

@@ -17,9 +17,9 @@ class _UnaryStream(_MultiCallable, grpc.UnaryStreamMultiCallable):
     def __call__(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
                  credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
                  compression: Optional[grpc.Compression] = None) -> Any:
-        return self._stream(lambda mc, t, md: mc(request, timeout=t, metadata=md, credentials=credentials,
-                                                 wait_for_ready=wait_for_ready, compression=compression),
-                            timeout, metadata)
+        return self._stream(lambda mc, t, md, req: mc(req, timeout=t, metadata=md, credentials=credentials,
+                                                      wait_for_ready=wait_for_ready, compression=compression),
+                            timeout, metadata, request, False, True)
 
 
 class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):
@@ -39,10 +39,10 @@ class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):
     def future(self, request_iterator: Iterator[Any], timeout: Optional[float] = None, metadata: Metadata = None,
                credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
                compression: Optional[grpc.Compression] = None) -> Any:
-        return self._stream(lambda mc, t, md: mc.future(request_iterator, timeout=t, metadata=md,
-                                                        credentials=credentials, wait_for_ready=wait_for_ready,
-                                                        compression=compression),
-                            timeout, metadata)
+        return self._stream(lambda mc, t, md, req: mc.future(req, timeout=t, metadata=md,
+                                                             credentials=credentials, wait_for_ready=wait_for_ready,
+                                                             compression=compression),
+                            timeout, metadata, request_iterator, True, False)
 
 
 class _StreamStream(_MultiCallable, grpc.StreamStreamMultiCallable):
@@ -51,6 +51,6 @@ class _StreamStream(_MultiCallable, grpc.StreamStreamMultiCallable):
     def __call__(self, request_iterator: Iterator[Any], timeout: Optional[float] = None, metadata: Metadata = None,
                  credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
                  compression: Optional[grpc.Compression] = None) -> Any:
-        return self._stream(lambda mc, t, md: mc(request_iterator, timeout=t, metadata=md, credentials=credentials,
-                                                 wait_for_ready=wait_for_ready, compression=compression),
-                            timeout, metadata)
+        return self._stream(lambda mc, t, md, req: mc(req, timeout=t, metadata=md, credentials=credentials,
+                                                      wait_for_ready=wait_for_ready, compression=compression),
+                            timeout, metadata, request_iterator, True, True)

@@ -25,8 +25,11 @@ from ...resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retries_ok_answ
 from ...telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
 from ...telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, headers_of as _trace_headers
 from .. import _add_context
-from ._metadata import _GRPC_HEADER_DICT, _headers
+from ._metadata import _GRPC_HEADER_DICT, PEER_HEADER as _PEER_HEADER, PEER_HEADERS as _PEER_HEADERS, \
+    _headers, _strip_peer, _with_exchange
 from ._types import Metadata
+from ._observed import StrippedError
+from ._peer import peer_of as _tapped_peer
 from .multicallable import _MultiCallable
 from .status import MeshRpcError, _cause_of, _forward_error, _mesh_error, _transport_failure
 
@@ -249,7 +252,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                 try:
                     if started >= ch._next_sweep:
                         ch.sweep()
-                    key = (a.endpoint.key, a.authority, ch._tls_for(a))
+                    key = (a.endpoint.key, a.authority, ch._tls_for(a), False)
                     lock.acquire()  # _EndpointPool.acquire's common case, inline
                     try:
                         ep = None if pool._closed else pool._channels.get(key)
@@ -258,7 +261,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                     finally:
                         lock.release()
                     if ep is None:
-                        ep = pool.acquire(*key, a)  # the first RPC to the endpoint (or a closed channel)
+                        ep = pool.acquire(key[0], key[1], key[2], a)  # the first RPC to the endpoint (or closed)
                 except UpstreamError as e:  # mesh TLS needed but impossible (no certificates): not sent
                     ep = None
                     outcome, exc = None, _AttemptFailed(CONNECT_FAILURE, _forward_error(None, e))
@@ -441,15 +444,15 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         if timeout is not None and timeout <= 0:
             raise _AttemptFailed(TIMEOUT, MeshRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
         ch = self._channel
+        reporting = bool(_TELEMETRY[0])
+        exchange = _exchange_of(ch.mesh) if reporting else None
         try:
-            ep = ch._acquire(attempt)
+            ep = ch._acquire(attempt, exchange is not None)  # (Istio's exchange: the peer's metadata read)
         except UpstreamError as e:  # mesh TLS needed but impossible (no certificates): not sent
             raise _AttemptFailed(CONNECT_FAILURE, _forward_error(None, e)) from None
-        exchange = None
-        if _TELEMETRY[0]:
-            exchange = _exchange_of(ch.mesh)
+        if reporting:
             if exchange is not None:  # Istio's metadata exchange (mesh.telemetry.enable_istio_metrics)
-                metadata = (*(metadata or ()), *exchange.headers)
+                metadata = _with_exchange(metadata, exchange.headers)
             traced = _trace_headers(attempt)  # tracing: this attempt's headers replace the caller's
             if traced:
                 metadata = (*(m for m in (metadata or ()) if m[0].lower() not in _TRACE_HEADERS), *traced)
@@ -464,12 +467,12 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                                 wait_for_ready=wait_for_ready, compression=compression)
                 inv.track(rpc)
                 response = rpc.result()
-            if _TELEMETRY[0]:
-                rpc = _tell_telemetry(attempt, rpc, exchange, 1)
+            if reporting:
+                rpc = _tell_telemetry(attempt, rpc, exchange, 1, ep)
             return _Outcome(response, rpc, None, 0)
         except grpc.RpcError as err:
-            if _TELEMETRY[0]:
-                _tell_telemetry(attempt, err, None, 0)
+            if reporting:
+                err = _tell_telemetry(attempt, err, exchange, 0, ep)
             if inv is not None and inv.cancelled:
                 return _Outcome(None, err, err, None)  # cancelled by the caller: not the upstream's fault
             kind, client_err = _transport_failure(err, timeout, time.monotonic() - started, ep)
@@ -486,11 +489,11 @@ def _peer_value(rpc: Any) -> Tuple[Optional[str], bool]:
     its own ``XEnvoyPeerMetadata`` trait, not published to the application; the ``-id`` key
     does come through.)"""
     try:
-        md = rpc.initial_metadata()
+        md = [*(rpc.initial_metadata() or ()), *(rpc.trailing_metadata() or ())]  # (trailers-only answers)
     except Exception:  # noqa: BLE001  (an RPC that never started has none)
         return None, False
     value, found = None, False
-    for k, v in md or ():
+    for k, v in md:
         if k in _PEER_HEADERS:
             found = True
             if k == _PEER_HEADER:
@@ -498,15 +501,17 @@ def _peer_value(rpc: Any) -> Tuple[Optional[str], bool]:
     return value, found
 
 
-def _tell_telemetry(attempt: Attempt, rpc: Any, exchange: Any, responses: int) -> Any:
-    """The attempt's facts for its telemetry record (the peer's x-envoy-peer-metadata from the
-    response's initial metadata, where grpcio shows it; one request message, ``responses``
-    response messages); with Istio's metadata exchange on, the returned call hides the exchange
-    metadata from the caller."""
+def _tell_telemetry(attempt: Attempt, rpc: Any, exchange: Any, responses: int, ep: Any = None) -> Any:
+    """The attempt's facts for its telemetry record (the peer's x-envoy-peer-metadata: from the
+    response's metadata where grpcio shows it, else as the endpoint channel's tap read it; one
+    request message, ``responses`` response messages); with Istio's metadata exchange on, the
+    returned call (or error) hides the exchange metadata from the caller."""
     peer, found = _peer_value(rpc)
+    if peer is None:
+        peer = _tapped_peer(ep)
     attempt.telemetry = {"peer_metadata": peer, "request_messages": 1, "response_messages": responses}
     if exchange is not None and found:
-        return _StrippedCall(rpc)
+        return StrippedError(rpc) if isinstance(rpc, grpc.RpcError) else _StrippedCall(rpc)
     return rpc
 
 
@@ -518,14 +523,15 @@ class _StrippedCall:
         self._rpc = rpc
 
     def initial_metadata(self) -> Any:
-        return tuple(m for m in self._rpc.initial_metadata() or () if m[0] not in _PEER_HEADERS)
+        return _strip_peer(self._rpc.initial_metadata())
+
+    def trailing_metadata(self) -> Any:
+        return _strip_peer(self._rpc.trailing_metadata())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._rpc, name)
 
 
-_PEER_HEADER = "x-envoy-peer-metadata"
-_PEER_HEADERS = frozenset({_PEER_HEADER, "x-envoy-peer-metadata-id"})
 
 
 class _UnaryFuture(grpc.Call, grpc.Future):

@@ -1,0 +1,258 @@
+"""Istio telemetry of gRPC calls through a MeshChannel, against real grpcio servers on loopback that
+answer Istio's metadata exchange as a sidecar would (``x-envoy-peer-metadata`` and ``-id`` in the
+response headers, or in the trailers of a trailers-only error):
+
+* the peer's metadata reaches the attempt's telemetry (grpc-core hides it from grpcio's caller:
+  the endpoint channel's tap reads it) and the Istio metrics' ``destination_*`` labels;
+* message counts of unary and streaming calls (``request_messages`` / ``response_messages``);
+* the application never sees the exchange pair: unary results, ``with_call``, ``future``,
+  streams, errors (headers and trailers-only);
+* an application's own exchange metadata is replaced by the mesh's (no duplicate key).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent import futures
+from typing import Any, Dict, Iterator, List
+
+import grpc
+import pytest
+
+import meshcore
+from meshcore.integrations.grpc import mesh_channel
+from meshcore.integrations.grpc._metadata import _with_exchange
+from meshcore.integrations.grpc._peer import H2HeaderSniffer
+from meshcore.telemetry import peer_metadata as pm
+
+TARGET = "peer.test.svc:8080"
+SERVICE = "meshcore.test.Peer"
+PEER_FIELDS = {"NAME": "peer-v1-abc", "NAMESPACE": "shop", "WORKLOAD_NAME": "peer-v1", "CLUSTER_ID": "Kubernetes",
+               "LABELS": {"app": "peer", "version": "v1", "service.istio.io/canonical-name": "peer",
+                          "service.istio.io/canonical-revision": "v1"}}
+PEER_VALUE = pm.encode(PEER_FIELDS)
+PEER_ID = "sidecar~10.0.0.9~peer-v1-abc.shop~shop.svc.cluster.local"
+EXCHANGE = [("x-envoy-peer-metadata", PEER_VALUE), ("x-envoy-peer-metadata-id", PEER_ID)]
+CLIENT_ID = "sidecar~10.0.0.1~client-v1-xyz.shop~shop.svc.cluster.local"
+PEER_KEYS = {"x-envoy-peer-metadata", "x-envoy-peer-metadata-id"}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Dict[str, Any]]:
+    """A grpcio server answering like a sidecar'd workload; ``seen`` keeps each call's metadata."""
+    seen: List[List[Any]] = []
+
+    def answer(context: grpc.ServicerContext) -> None:
+        seen.append(list(context.invocation_metadata()))
+        context.send_initial_metadata([*EXCHANGE, ("x-app", "1")])
+
+    def hello(request: bytes, context: grpc.ServicerContext) -> bytes:
+        answer(context)
+        return b"hi " + request
+
+    def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
+        answer(context)
+        context.abort(grpc.StatusCode.NOT_FOUND, "nothing here")
+
+    def fail_trailers_only(request: bytes, context: grpc.ServicerContext) -> bytes:
+        seen.append(list(context.invocation_metadata()))
+        context.set_trailing_metadata([*EXCHANGE, ("x-app", "2")])
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
+
+    def count(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        answer(context)
+        for i in range(int(request or b"3")):
+            yield b"%d" % i
+
+    def collect(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        answer(context)
+        return b"+".join(requests)
+
+    def chat(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        answer(context)
+        for r in requests:
+            yield b"re " + r
+
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    srv.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
+        "Hello": grpc.unary_unary_rpc_method_handler(hello),
+        "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "FailTrailersOnly": grpc.unary_unary_rpc_method_handler(fail_trailers_only),
+        "Count": grpc.unary_stream_rpc_method_handler(count),
+        "Collect": grpc.stream_unary_rpc_method_handler(collect),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat),
+    })])
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    yield {"port": port, "seen": seen}
+    srv.stop(0)
+
+
+@pytest.fixture
+def mesh(server, tmp_path) -> Iterator[Any]:
+    route = {"name": "r", "match": {"prefix": "/"},
+             "route": {"cluster": "peer", "timeout": "5s", "retry_policy": {"retry_on": "unavailable", "num_retries": 1}}}
+    res = {"listeners": [{"name": TARGET, "api_listener": {"api_listener": {
+               "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                        "HttpConnectionManager",
+               "route_config": {"name": "rc", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}]},
+               "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                   "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}}],
+           "clusters": [{"name": "peer", "type": "EDS", "connect_timeout": "1s",
+                         "eds_cluster_config": {"eds_config": {"ads": {}}}}],
+           "endpoints": [{"cluster_name": "peer", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+               "socket_address": {"address": "127.0.0.1", "port_value": server["port"]}}}}]}]}]}
+    path = os.path.join(tmp_path, "mesh.json")
+    with open(path, "w") as f:
+        json.dump(res, f)
+    m = meshcore.Mesh.from_file(path, watch=False).start()
+    m.wait_ready(TARGET, timeout=10)
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+@pytest.fixture
+def records(mesh) -> List[Any]:
+    out: List[Any] = []
+    mesh.telemetry.enable_istio_metrics(node_metadata={"WORKLOAD_NAME": "client-v1", "NAMESPACE": "shop"})
+    # a file-backed mesh has no bootstrap node, so no node ID to send as x-envoy-peer-metadata-id:
+    # the exchange of a node named CLIENT_ID (what a bootstrapped mesh makes)
+    mesh.telemetry.exchange = pm.Exchange(CLIENT_ID, mesh.telemetry.exchange.workload)
+    mesh.telemetry.add_sink(out.append)
+    return out
+
+
+def _wait(records: List[Any], n: int) -> None:
+    end = time.monotonic() + 5
+    while len(records) < n and time.monotonic() < end:
+        time.sleep(0.01)
+    assert len(records) >= n, records
+
+
+def _no_exchange(md: Any) -> bool:
+    return not PEER_KEYS & {k for k, _ in md or ()}
+
+
+def _peer(record: Any) -> str:
+    """The peer workload a record names (records keep the decoded peer metadata)."""
+    return record.peer_metadata["WORKLOAD_NAME"]
+
+
+def test_unary_peer_metadata_counts_and_stripping(mesh, records, server):
+    with mesh_channel(mesh, TARGET) as ch:
+        hello = ch.unary_unary(f"/{SERVICE}/Hello", _registered_method=True)
+        assert hello(b"a", timeout=5) == b"hi a"
+        response, call = hello.with_call(b"b", timeout=5)
+        assert response == b"hi b"
+        assert _no_exchange(call.initial_metadata()) and ("x-app", "1") in call.initial_metadata()
+        fut = hello.future(b"c", timeout=5)
+        assert fut.result() == b"hi c" and _no_exchange(fut.initial_metadata())
+        # the app's own exchange pair is replaced by the mesh's: one -id, ours
+        assert hello(b"d", timeout=5, metadata=[("x-envoy-peer-metadata-id", "app"),
+                                                ("x-envoy-peer-metadata", "app")]) == b"hi d"
+    _wait(records, 4)
+    assert [_peer(r) for r in records] == ["peer-v1"] * 4
+    assert {(r.request_messages, r.response_messages) for r in records} == {(1, 1)}
+    ids = [[v for k, v in md if k == "x-envoy-peer-metadata-id"] for md in server["seen"][-4:]]
+    assert ids == [[CLIENT_ID]] * 4
+    # Istio's metrics: destination labels from the peer's metadata
+    [series] = [s for s in mesh.telemetry.istio_metrics.snapshot() if s["labels"]["grpc_response_status"] == "0"]
+    labels = series["labels"]
+    assert (labels["destination_workload"], labels["destination_workload_namespace"], labels["destination_app"],
+            labels["destination_version"], labels["destination_canonical_service"]) == (
+        "peer-v1", "shop", "peer", "v1", "peer")
+    assert series["requests"] == 4 and series["request_messages"] == 4 and series["response_messages"] == 4
+
+
+def test_unary_errors_are_stripped(mesh, records):
+    with mesh_channel(mesh, TARGET) as ch:
+        for method, code, app in (("Fail", grpc.StatusCode.NOT_FOUND, ("x-app", "1")),
+                                  ("FailTrailersOnly", grpc.StatusCode.PERMISSION_DENIED, ("x-app", "2"))):
+            rpc = ch.unary_unary(f"/{SERVICE}/{method}", _registered_method=True)
+            with pytest.raises(grpc.RpcError) as err:
+                rpc(b"", timeout=5)
+            e = err.value
+            assert isinstance(e, grpc.Call) and e.code() is code
+            md = [*(e.initial_metadata() or ()), *(e.trailing_metadata() or ())]
+            assert _no_exchange(md) and app in md
+    _wait(records, 2)
+    # the peer's pair in the response headers or in a trailers-only answer: read by the tap from
+    # either header block (grpcio hides x-envoy-peer-metadata in both)
+    assert [_peer(r) for r in records] == ["peer-v1"] * 2
+    assert [(r.grpc_status, r.response_messages) for r in records] == [(5, 0), (7, 0)]
+
+
+def test_streams_peer_metadata_counts_and_stripping(mesh, records):
+    with mesh_channel(mesh, TARGET) as ch:
+        stream = ch.unary_stream(f"/{SERVICE}/Count", _registered_method=True)(b"4", timeout=5)
+        assert list(stream) == [b"0", b"1", b"2", b"3"]
+        assert _no_exchange(stream.initial_metadata()) and _no_exchange(stream.trailing_metadata())
+        collect = ch.stream_unary(f"/{SERVICE}/Collect", _registered_method=True)
+        assert collect(iter([b"x", b"y", b"z"]), timeout=5) == b"x+y+z"
+        response, call = collect.with_call(iter([b"p", b"q"]), timeout=5)
+        assert response == b"p+q" and _no_exchange(call.initial_metadata())
+        chat = ch.stream_stream(f"/{SERVICE}/Chat", _registered_method=True)(iter([b"1", b"2"]), timeout=5)
+        got = [m for m in chat]
+        assert got == [b"re 1", b"re 2"] and _no_exchange(chat.initial_metadata())
+        assert chat.code() is grpc.StatusCode.OK
+    _wait(records, 4)
+    by_path = {r.path.rsplit("/", 1)[-1] + str(i): r for i, r in enumerate(records)}
+    counts = sorted((k[:-1], r.request_messages, r.response_messages) for k, r in by_path.items())
+    assert counts == [("Chat", 2, 2), ("Collect", 2, 1), ("Collect", 3, 1), ("Count", 1, 4)]
+    assert [_peer(r) for r in records] == ["peer-v1"] * 4
+
+
+def test_stream_error_is_stripped_and_raised_as_the_call(mesh, records):
+    with mesh_channel(mesh, TARGET) as ch:
+        stream = ch.unary_stream(f"/{SERVICE}/Count", _registered_method=True)(b"not a number", timeout=5)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream)
+        assert err.value is stream and stream.code() is grpc.StatusCode.UNKNOWN
+        md = [*(stream.initial_metadata() or ()), *(stream.trailing_metadata() or ())]
+        assert _no_exchange(md)
+    _wait(records, 1)
+    assert (records[0].grpc_status, records[0].request_messages, records[0].response_messages) == (2, 1, 0)
+
+
+def test_without_istio_metrics_nothing_is_tapped_or_hidden(mesh, server):
+    with mesh_channel(mesh, TARGET) as ch:
+        response, call = ch.unary_unary(f"/{SERVICE}/Hello", _registered_method=True).with_call(b"a", timeout=5)
+        assert response == b"hi a" and ("x-envoy-peer-metadata-id", PEER_ID) in call.initial_metadata()
+        assert all(ep.tap is None for ep in ch._pool._channels.values())
+        stream = ch.unary_stream(f"/{SERVICE}/Count", _registered_method=True)(b"2", timeout=5)
+        assert list(stream) == [b"0", b"1"] and type(stream).__module__.startswith("grpc")
+
+
+def test_with_exchange_replaces_the_applications_pair():
+    ours = (("x-envoy-peer-metadata-id", "me"), ("x-envoy-peer-metadata", "ME"))
+    assert _with_exchange(None, ours) == ours
+    md = [("X-Envoy-Peer-Metadata", "app"), ("x-user", "7"), ("x-envoy-peer-metadata-id", "app")]
+    assert _with_exchange(md, ours) == (("x-user", "7"), *ours)
+
+
+def test_sniffer_reads_header_blocks_split_across_frames_and_reads():
+    import hpack
+
+    enc = hpack.Encoder()
+    seen: List[Any] = []
+    sniffer = H2HeaderSniffer(lambda k, v: seen.append((k, v)))
+    block = enc.encode([(":status", "200"), ("x-envoy-peer-metadata", PEER_VALUE), ("x-app", "1")])
+    half = len(block) // 2
+
+    def frame(ftype: int, flags: int, stream: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + stream.to_bytes(4, "big") + payload
+
+    wire = (frame(4, 0, 0, b"") + frame(1, 0x8, 1, bytes([2]) + block[:half] + b"\0\0")  # padded, no END_HEADERS
+            + frame(9, 0x4, 1, block[half:]) + frame(0, 1, 1, b"\0\0\0\0\0"))
+    for i in range(0, len(wire), 7):  # arbitrary read boundaries
+        sniffer.feed(wire[i:i + 7])
+    assert (b"x-envoy-peer-metadata", PEER_VALUE.encode()) in seen and not sniffer.broken
+    # the dynamic table carries over: the same header again, now indexed
+    sniffer.feed(frame(1, 0x4, 3, enc.encode([(":status", "200"), ("x-envoy-peer-metadata", PEER_VALUE)])))
+    assert seen.count((b"x-envoy-peer-metadata", PEER_VALUE.encode())) == 2
+    sniffer.feed(frame(1, 0x4, 5, b"\xff\xff\xff\xff\xff\xff"))  # garbage: sniffing stops, nothing raised
+    assert sniffer.broken
