@@ -95,3 +95,26 @@ def test_series_counts_and_buckets(twin):
     g = mod.IstioSeries(("g",), (1,), True)
     g.add(0.1, 1, 1, 2, 3)
     assert g.values()[7:] == (2, 3) and g.labels == ("g",) and g.grpc
+
+
+def test_fast_path_keys_expire(mesh, echo, impl):
+    """After ``label_ttl`` the observer forgets its keys (labels are made again: TLS, identity and
+    endpoint metadata changes are seen), and keeps counting into the same series."""
+    tel = mesh.telemetry
+    sink = tel.enable_istio_metrics(node_metadata=NODE)
+    try:
+        for _ in range(3):
+            mesh.request(f"{URL}/plain").run(lambda a: _Resp(b"abc"))
+        assert len(sink.observer.keys) == 1
+        sink.label_ttl = 0.0  # every request now finds the keys expired
+        sink.observer.until = 0.0
+        seen = []
+        miss = sink._miss
+        sink.observer.miss = lambda *args: (seen.append(1), miss(*args))
+        for _ in range(2):
+            mesh.request(f"{URL}/plain").run(lambda a: _Resp(b"abc"))
+        assert len(seen) == 2
+        (s,) = sink.snapshot()
+        assert s["requests"] == 5 and s["response_bytes"]["sum"] == 15
+    finally:
+        tel.disable_istio_metrics()

@@ -159,8 +159,16 @@ class IstioMetrics:
     def _miss(self, call: Any, result: Any, key: Tuple[Any, ...]) -> None:
         """The observer met a key it does not know (or its keys expired): the record, its series
         (labels computed), counted; the series kept for the observer's key."""
+        observer = self.observer
+        if call.started > observer.until:  # the observer's keys expired: labels made again from now on
+            with self._lock:
+                if call.started > observer.until:
+                    self._keys.clear()
+                    observer.keys.clear()
+                    self._keys_until = 0.0  # (the record path then sets both deadlines again)
+                    observer.until = call.started + self.label_ttl
         attempts = call.attempts
-        r = _record(call, attempts[-1], result, None, self.observer.peers)
+        r = _record(call, attempts[-1], result, None, observer.peers)
         peer = r.peer_metadata
         series = self._series_for((r.cluster, r.upstream_host, r.authority, r.response_code, r.grpc_status,
                                    r.response_flags, r.protocol, r.route_name, id(peer) if peer is not None else 0,
