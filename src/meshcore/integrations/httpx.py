@@ -102,7 +102,6 @@ __all__ = ["AsyncMeshTransport", "MeshTransport"]
 log = logging.getLogger(__name__)
 
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
-_TIMEOUT_SET = frozenset(_TIMEOUT_KEYS)
 _status_code = operator.attrgetter("status_code")
 # header names (lower-cased bytes) not copied to an attempt: the router's, and Host (set anew)
 _DROP = frozenset([n.encode("ascii") for n in ROUTER_HEADERS] + [b"host"])
@@ -110,6 +109,7 @@ _SCHEMES = {"http": b"http", "https": b"https"}
 _CACHE_MAX = 4096
 _HEADERS_MAX = 256  # header lists kept (each a few hundred bytes)
 _SECRET = frozenset([b"authorization", b"proxy-authorization", b"cookie"])
+_PEER_NAMES = frozenset([_PEER_HEADER.encode("ascii"), _PEER_HEADER_ID.encode("ascii")])  # (lower-case)
 _new = object.__new__
 
 
@@ -159,6 +159,36 @@ def _probe_core(core: ModuleType) -> bool:
         return False
 
 
+#: what the library's ``Response(status, headers=, stream=, request=, extensions=)`` stores, in order
+_RESPONSE_FIELDS = ["status_code", "headers", "_request", "next_request", "extensions", "history", "is_closed",
+                    "is_stream_consumed", "default_encoding", "stream", "_num_bytes_downloaded"]
+
+
+def _probe_response(mod: ModuleType) -> bool:
+    """Whether the library's ``Response`` given a ``Headers``, a stream, a request and an
+    extensions dict only stores them (copies of the headers and extensions) and its defaults,
+    in the order of :data:`_RESPONSE_FIELDS`, and ``ByteStream(raw)`` only stores ``raw`` as
+    ``_stream``: then the transports make a response by setting those attributes (the copies and
+    the per-item type dispatch of ``Headers(headers)`` are not needed for a response of their own)."""
+    try:
+        if vars(mod.ByteStream(b"x")) != {"_stream": b"x"}:
+            return False
+        _new(mod.ByteStream)
+        req = mod.Request("GET", "http://h/")
+        headers = mod.Headers([(b"a", b"b")])
+        stream, ext = mod.ByteStream(b"x"), {"k": 1}
+        r = mod.Response(200, headers=headers, stream=stream, request=req, extensions=ext)
+        v = vars(r)
+        bare = _new(mod.Response)
+        return (list(v) == _RESPONSE_FIELDS and v["status_code"] == 200 and type(v["headers"]) is mod.Headers
+                and vars(v["headers"]) == vars(headers) and v["_request"] is req and v["next_request"] is None
+                and v["extensions"] == ext and v["history"] == [] and v["is_closed"] is False
+                and v["is_stream_consumed"] is False and v["default_encoding"] == "utf-8" and v["stream"] is stream
+                and v["_num_bytes_downloaded"] == 0 and not vars(bare))
+    except Exception:  # noqa: BLE001  (another shape: the library's constructor is used)
+        return False
+
+
 _CORE_BARE: Dict[str, bool] = {}
 _METHODS = {m: m.encode("ascii") for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
@@ -167,7 +197,7 @@ class _Lib:
     """What the transports use of one client library (httpx or httpx2), resolved once."""
 
     __slots__ = ("mod", "name", "classify", "Response", "ByteStream", "map_exc", "handle", "ahandle", "Headers",
-                 "bare_headers")
+                 "bare_headers", "bare_response")
 
     def __init__(self, mod: ModuleType) -> None:
         self.mod = mod
@@ -177,6 +207,7 @@ class _Lib:
         self.ByteStream = mod.ByteStream
         self.Headers = getattr(mod, "Headers", None)
         self.bare_headers = _probe_headers(self.Headers)
+        self.bare_response = self.bare_headers and _probe_response(mod)
         default = sys.modules.get(f"{self.name}._transports.default")
         self.map_exc = getattr(default, "map_httpcore_exceptions", None)
         # the library transports' own handle_request: a subclass keeping it sends like them
@@ -620,26 +651,29 @@ class _MeshTransportBase:
         url = request.url
         return f"{url.scheme}://{url.netloc.decode('ascii')}{url.raw_path.decode('ascii')}"
 
-    def _mesh_headers(self, request: Any) -> Tuple[Any, Optional[Tuple[Tuple[bytes, bytes], ...]]]:
-        """``(routing view, upstream pairs)`` of the request's headers. The routing view: the
-        ``(name, value)`` string pairs (lower-cased names) the mesh routes by; the upstream pairs:
-        the ``(name, value)`` byte pairs an attempt sends after its ``Host`` (router headers and
-        Host dropped), or None (made per attempt). Both are kept per header list, as a client
-        sends the same headers again and again (not for lists carrying credentials, which are
-        decoded for their request only). The routing view is a list, not a tuple: the route
-        table walks lists of str pairs in C (a tuple costs ~0.7 us more); the mesh only reads it."""
+    def _mesh_headers(self, request: Any) -> Tuple[Any, Optional[Tuple[Tuple[bytes, bytes], ...]], bool]:
+        """``(routing view, upstream pairs, peer)`` of the request's headers. The routing view:
+        the ``(name, value)`` string pairs (lower-cased names) the mesh routes by; the upstream
+        pairs: the ``(name, value)`` byte pairs an attempt sends after its ``Host`` (router
+        headers and Host dropped), or None (made per attempt); ``peer``: whether the application
+        may have sent Istio's x-envoy-peer-metadata(-id) itself (with Istio metrics on, ours
+        replace them). The three are kept per header list, as a client sends the same headers
+        again and again (not for lists carrying credentials, which are decoded for their request
+        only). The routing view is a list, not a tuple: the route table walks lists of str pairs
+        in C (a tuple costs ~0.7 us more); the mesh only reads it."""
         headers = request.headers
         try:
             key = tuple(headers._list)
         except AttributeError:
-            return headers.multi_items(), None
+            return headers.multi_items(), None, True
         both = self._headers.get(key)
         if both is None:
             try:
                 pairs = [(k.decode(), v.decode()) for _, k, v in key]
             except UnicodeDecodeError:
-                return headers.multi_items(), None
-            both = (pairs, tuple([(k, v) for k, lk, v in key if lk not in _DROP]))
+                return headers.multi_items(), None, True
+            both = (pairs, tuple([(k, v) for k, lk, v in key if lk not in _DROP]),
+                    any(lk in _PEER_NAMES for _, lk, _ in key))
             if any(k in _SECRET for _, k, _ in key):
                 return both  # credentials are not kept beyond their request
             if len(self._headers) >= _HEADERS_MAX:
@@ -706,7 +740,8 @@ class _MeshTransportBase:
                 if cap < 0.001:
                     cap = 0.001  # spent (the deadline passed in a back-off): sockets reject <= 0
                 timeout = extensions.get("timeout")
-                if type(timeout) is dict and len(timeout) == 4 and timeout.keys() >= _TIMEOUT_SET:
+                if type(timeout) is dict and len(timeout) == 4 and "pool" in timeout and "connect" in timeout \
+                        and "read" in timeout and "write" in timeout:
                     c, r, w, p = timeout["connect"], timeout["read"], timeout["write"], timeout["pool"]
                     timeout = {"connect": cap if c is None or c > cap else c,  # (httpx's order)
                                "read": cap if r is None or r > cap else r,
@@ -738,7 +773,10 @@ class _MeshTransportBase:
     def _attempt_request(mod: ModuleType, request: Any, attempt: Any, sni: str, exchange: Any = None) -> Any:
         headers = _drop_router_headers(request.headers.copy())
         headers["Host"] = attempt.authority
-        if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics)
+        if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics): ours replace the app's
+            for k in (_PEER_HEADER, _PEER_HEADER_ID):
+                if k in headers:
+                    del headers[k]
             for k, v in exchange.headers:
                 headers[k] = v
         if _TELEMETRY[0]:  # tracing: this attempt's headers replace the application's
@@ -775,17 +813,6 @@ class _MeshTransportBase:
             return mod.TransportError(str(exc), request=request)
         return mod.ConnectError(str(exc), request=request)
 
-    @staticmethod
-    def _call_info(response: Any, call: Any, last: Any) -> Any:
-        """``response.extensions["meshcore"]`` (``last``: the final attempt; the call's list of
-        attempts is made only for a retried request)."""
-        if last is None or last.number > 1:
-            response.extensions["meshcore"] = _info(call)
-        else:
-            response.extensions["meshcore"] = {"cluster": call.cluster, "endpoint": last.endpoint.key,
-                                               "route": call.route.route_name, "attempts": 1}
-        return response
-
 
 def _tell_telemetry(attempt: Any, resp: Any, raw: bytes, exchange: Any) -> None:
     """The attempt's facts for its telemetry record (``resp``: the pool's response, header byte
@@ -812,6 +839,16 @@ def _tell_telemetry_headers(attempt: Any, response: Any, raw: bytes, exchange: A
     attempt.telemetry = {"peer_metadata": peer, "request_bytes": None, "response_bytes": len(raw)}
 
 
+def _add_exchange(req: Any, exchange: Any, peer: bool) -> None:
+    """Add Istio's metadata exchange headers (``exchange.headers_bytes``) to the pool request;
+    ``peer``: the application's headers may carry x-envoy-peer-metadata(-id) of their own, which
+    ours replace (as the sidecar's filter does)."""
+    headers = req.headers
+    if peer:
+        headers = req.headers = [h for h in headers if h[0].lower() not in _PEER_NAMES]
+    headers.extend(exchange.headers_bytes)
+
+
 def _add_trace_bytes(headers: List[Tuple[bytes, bytes]], pairs: Any) -> None:
     """Add an attempt's trace headers (``tracing.headers_of``) to the pool request's byte pairs,
     replacing the application's own trace headers (as Envoy does)."""
@@ -834,9 +871,32 @@ def _default_limits(cls: Any) -> Any:
 
 def _final_response(lib: _Lib, request: Any, resp: Any, raw: bytes) -> Any:
     """The client's response from the pool's (read) response: one ``Response``, an unread,
-    replayable stream of the raw body; the pool's network stream is not handed out."""
+    replayable stream of the raw body; the pool's network stream is not handed out. Where the
+    library's classes have the probed shape (:func:`_probe_response`), the response is made as
+    its constructor would make it, without the copies (the pool's headers and extensions are
+    this response's own)."""
     ext = resp.extensions
-    ext.pop("network_stream", None)
+    if "network_stream" in ext:
+        del ext["network_stream"]
+    if lib.bare_response:
+        h = _new(lib.Headers)
+        h._list = [(k, k.lower(), v) for k, v in resp.headers]
+        h._encoding = None
+        stream = _new(lib.ByteStream)
+        stream._stream = raw
+        r = _new(lib.Response)  # the attributes in the constructor's order (_RESPONSE_FIELDS)
+        r.status_code = resp.status
+        r.headers = h
+        r._request = request
+        r.next_request = None
+        r.extensions = ext
+        r.history = []
+        r.is_closed = False
+        r.is_stream_consumed = False
+        r.default_encoding = "utf-8"
+        r.stream = stream
+        r._num_bytes_downloaded = 0
+        return r
     headers = resp.headers
     if lib.bare_headers:  # byte pairs (httpcore's): the library's Headers as it would make them
         h = _new(lib.Headers)
@@ -851,10 +911,10 @@ class MeshTransport(_MeshTransportBase):
     """An httpx/httpx2 ``BaseTransport`` routing through the mesh (see the module docstring)."""
 
     def handle_request(self, request: Any) -> Any:
-        lib = self._lib(request)
+        lib = self._fixed_lib or self._lib(request)
         url = request.url
-        logical, raw_path, path, sni = self._url_parts(url)
-        headers, upstream = self._mesh_headers(request)
+        logical, raw_path, _, sni = self._url_parts(url)
+        headers, upstream, peer = self._mesh_headers(request)
         try:
             try:
                 call = self._mesh.request(logical, request.method, headers)
@@ -862,37 +922,35 @@ class MeshTransport(_MeshTransportBase):
                 call = _route(self._mesh, logical, request.method, headers, self._ready_timeout)
         except (Unavailable, NoRoute) as e:
             raise self._mesh_error(lib.mod, request, e) from e
-        if call.cluster is None:
+        cluster = call.cluster
+        if cluster is None:
             local = _local_reply(call)
             if local is not None:
                 return self._reply(lib.mod, request, local, call)
         if call.retry_policy is not None and not hasattr(request, "_content") and _retries_possible(call):
             request.read()  # a retry sends the body again (unless read already, as without a body)
-        cluster = call.cluster
-        key = (lib.name, cluster, sni)
-        pools = self._pools
-        tls_of = self._tls_of
-        make = self._core_request
-        scheme_b = _SCHEMES.get(url.scheme) or url.raw_scheme
-        call_path = call.path
-        mod = lib.mod
-        last: Any = None  # the last attempt sent straight to the pool
         exchange = _exchange_of(self._mesh) if _TELEMETRY[0] else None
 
-        def send(attempt: Any) -> Any:
+        # the attempt's sender: its per-request values as defaults (fast locals; no closure cells)
+        def send(attempt: Any, self: "MeshTransport" = self, request: Any = request, lib: _Lib = lib,
+                 key: Tuple[Any, ...] = (lib.name, cluster, sni), cluster: str = cluster,
+                 scheme: bytes = _SCHEMES.get(url.scheme) or url.raw_scheme, target: bytes = raw_path,
+                 path: str = call.path, sni: Optional[str] = sni, upstream: Any = upstream,
+                 exchange: Any = exchange, peer: bool = peer) -> Any:
             try:
-                tls = tls_of(cluster, attempt.endpoint)
+                tls = self._tls_of(cluster, attempt.endpoint)
             except TlsHandshakeError as e:  # TLS required, certificates missing: never plaintext
-                raise mod.ConnectError(str(e), request=request) from e
-            slot = pools.acquire(key, cluster) if tls is None else self._tls_slot(key, cluster, tls, attempt, mod,
+                raise lib.mod.ConnectError(str(e), request=request) from e
+            pools = self._pools
+            slot = pools.acquire(key, cluster) if tls is None else self._tls_slot(key, cluster, tls, attempt, lib.mod,
                                                                                   request)
             try:
                 inner = slot.pool
                 pool = inner.pool
                 if pool is not None:
-                    req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni, upstream)
-                    if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics)
-                        req.headers.extend(exchange.headers_bytes)
+                    req = self._core_request(inner, request, attempt, scheme, target, path, sni, upstream)
+                    if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics): ours replace the app's
+                        _add_exchange(req, exchange, peer)
                     if _TELEMETRY[0]:  # tracing (meshcore.telemetry.tracing): this attempt's headers
                         _add_trace_bytes(req.headers, _trace_headers(attempt))
                     try:
@@ -907,14 +965,13 @@ class MeshTransport(_MeshTransportBase):
                     except Exception as exc:
                         err = getattr(exc, "_meshcore_tls", None)
                         if err is not None:  # mesh TLS (see _connect_error): the meshcore error is the cause
-                            raise mod.ConnectError(str(err), request=request) from err
+                            raise lib.mod.ConnectError(str(err), request=request) from err
                         with inner.map_exc():  # the library's own httpcore -> httpx mapping
                             raise exc
-                    nonlocal last
-                    last = attempt
                     if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
                         _tell_telemetry(attempt, resp, raw, exchange)
                     return _final_response(lib, request, resp, raw)
+                mod = lib.mod
                 try:
                     response = inner.transport.handle_request(
                         self._attempt_request(mod, request, attempt, url.raw_host.decode("ascii"), exchange))
@@ -943,7 +1000,8 @@ class MeshTransport(_MeshTransportBase):
             raise
         if type(answer) is _Answer:
             return self._finish(lib.mod, answer, request, call)
-        return self._call_info(answer, call, last)
+        answer.extensions["meshcore"] = _info(call)
+        return answer
 
     def close(self) -> None:
         for t in self._pools.take_all():
@@ -962,10 +1020,10 @@ class AsyncMeshTransport(_MeshTransportBase):
     _sync = False
 
     async def handle_async_request(self, request: Any) -> Any:
-        lib = self._lib(request)
+        lib = self._fixed_lib or self._lib(request)
         url = request.url
-        logical, raw_path, path, sni = self._url_parts(url)
-        headers, upstream = self._mesh_headers(request)
+        logical, raw_path, _, sni = self._url_parts(url)
+        headers, upstream, peer = self._mesh_headers(request)
         try:
             try:
                 call = self._mesh.request(logical, request.method, headers)
@@ -973,37 +1031,35 @@ class AsyncMeshTransport(_MeshTransportBase):
                 call = await _aroute(self._mesh, logical, request.method, headers, self._ready_timeout)
         except (Unavailable, NoRoute) as e:
             raise self._mesh_error(lib.mod, request, e) from e
-        if call.cluster is None:
+        cluster = call.cluster
+        if cluster is None:
             local = _local_reply(call)
             if local is not None:
                 return self._reply(lib.mod, request, local, call)
         if call.retry_policy is not None and not hasattr(request, "_content") and _retries_possible(call):
             await request.aread()  # (a coroutine only when there is something to read)
-        cluster = call.cluster
-        key = (lib.name, cluster, sni)
-        pools = self._pools
-        tls_of = self._tls_of
-        make = self._core_request
-        scheme_b = _SCHEMES.get(url.scheme) or url.raw_scheme
-        call_path = call.path
-        mod = lib.mod
-        last: Any = None  # the last attempt sent straight to the pool
         exchange = _exchange_of(self._mesh) if _TELEMETRY[0] else None
 
-        async def send(attempt: Any) -> Any:
+        # the attempt's sender: its per-request values as defaults (fast locals; no closure cells)
+        async def send(attempt: Any, self: "AsyncMeshTransport" = self, request: Any = request, lib: _Lib = lib,
+                       key: Tuple[Any, ...] = (lib.name, cluster, sni), cluster: str = cluster,
+                       scheme: bytes = _SCHEMES.get(url.scheme) or url.raw_scheme, target: bytes = raw_path,
+                       path: str = call.path, sni: Optional[str] = sni, upstream: Any = upstream,
+                       exchange: Any = exchange, peer: bool = peer) -> Any:
             try:
-                tls = tls_of(cluster, attempt.endpoint)
+                tls = self._tls_of(cluster, attempt.endpoint)
             except TlsHandshakeError as e:  # TLS required, certificates missing: never plaintext
-                raise mod.ConnectError(str(e), request=request) from e
-            slot = pools.acquire(key, cluster) if tls is None else self._tls_slot(key, cluster, tls, attempt, mod,
+                raise lib.mod.ConnectError(str(e), request=request) from e
+            pools = self._pools
+            slot = pools.acquire(key, cluster) if tls is None else self._tls_slot(key, cluster, tls, attempt, lib.mod,
                                                                                   request)
             try:
                 inner = slot.pool
                 pool = inner.pool
                 if pool is not None:
-                    req = make(inner, request, attempt, scheme_b, raw_path, call_path, sni, upstream)
-                    if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics)
-                        req.headers.extend(exchange.headers_bytes)
+                    req = self._core_request(inner, request, attempt, scheme, target, path, sni, upstream)
+                    if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics): ours replace the app's
+                        _add_exchange(req, exchange, peer)
                     if _TELEMETRY[0]:  # tracing (meshcore.telemetry.tracing): this attempt's headers
                         _add_trace_bytes(req.headers, _trace_headers(attempt))
                     try:
@@ -1021,14 +1077,13 @@ class AsyncMeshTransport(_MeshTransportBase):
                     except Exception as exc:
                         err = getattr(exc, "_meshcore_tls", None)
                         if err is not None:  # mesh TLS (see _connect_error): the meshcore error is the cause
-                            raise mod.ConnectError(str(err), request=request) from err
+                            raise lib.mod.ConnectError(str(err), request=request) from err
                         with inner.map_exc():  # the library's own httpcore -> httpx mapping
                             raise exc
-                    nonlocal last
-                    last = attempt
                     if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
                         _tell_telemetry(attempt, resp, raw, exchange)
                     return _final_response(lib, request, resp, raw)
+                mod = lib.mod
                 try:
                     response = await inner.transport.handle_async_request(
                         self._attempt_request(mod, request, attempt, url.raw_host.decode("ascii"), exchange))
@@ -1060,7 +1115,8 @@ class AsyncMeshTransport(_MeshTransportBase):
             raise
         if type(answer) is _Answer:
             return self._finish(lib.mod, answer, request, call)
-        return self._call_info(answer, call, last)
+        answer.extensions["meshcore"] = _info(call)
+        return answer
 
     async def aclose(self) -> None:
         for t in self._pools.take_all():
