@@ -104,3 +104,81 @@ def test_memory_per_endpoint_100k(benchmark, LB):
     if LB.__module__.endswith("_c"):
         assert per <= 400
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+@pytest.mark.c_extension
+def test_ring_hash_floor_100k(benchmark):
+    """What a ring-hash pick+release at 100,000 endpoints cannot go below on this machine.
+
+    The hash comes from the caller, so nothing can be fetched before the pick starts, and two
+    reads depend on each other: the ring's bucket (it names the host) and then the host's
+    Endpoint object (the pick takes a reference to it; its slot and the release's by_ptr entry
+    load alongside). Neither fits in cache at 100k: floor = a pick+release whose data is all
+    cached (100 endpoints: the Python call overhead) + 2 x one random memory access over that
+    much memory (a pointer chase, ``lb_c._memory_latency_ns``). The benchmark times the real
+    pick+release (fresh hashes every round); extra_info holds the floor and its parts."""
+    import statistics
+    import time
+
+    from meshcore._fast import lb_c
+
+    n = 100_000 if not os.environ.get("MESHCORE_BENCH_QUICK") else 20_000
+    tracemalloc.start()
+    eps = endpoints(n)
+    endpoint_bytes = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    lb = lb_c.LoadBalancer(eps, policy="RING_HASH", seed=1)
+    ring = lb.hash_table_stats()[0]["size"]
+    buckets = 2
+    while buckets < 2 * ring and buckets < 1 << 21:
+        buckets *= 2
+    by_ptr = 2
+    while by_ptr < 2 * n:
+        by_ptr *= 2
+    pick_bytes = 32 * buckets + 16 * ring + 16 * n + 4 * by_ptr  # buckets, ring, slots, by_ptr
+    total = pick_bytes + endpoint_bytes
+
+    cached = lb_c.LoadBalancer(endpoints(100), policy="RING_HASH", seed=1)
+    pool = [(i * 0x9E3779B97F4A7C15) & (2**64 - 1) for i in range(60 * BATCH)]
+
+    def per_pair(balancer, hashes):
+        pick, release = balancer.pick, balancer.release
+        t0 = time.thread_time_ns()
+        for h in hashes:
+            release(pick(h))
+        return (time.thread_time_ns() - t0) / len(hashes)
+
+    overhead, latency, big = [], [], []
+    for r in range(5):  # interleaved: the machine is shared
+        latency.append(lb_c._memory_latency_ns(total, 300_000, hot=True, seed=r + 1))
+        per_pair(cached, pool[:BATCH])  # warm the interpreter again after the chase's sweep
+        overhead.append(per_pair(cached, pool[:BATCH]))
+        big.append(per_pair(lb, pool[(2 * r + 1) * BATCH:(2 * r + 2) * BATCH]))
+    in_cache = lb_c._memory_latency_ns(32 * 1024, 300_000)
+    overhead_ns, latency_ns, big_ns = (statistics.median(v) for v in (overhead, latency, big))
+    floor_ns = overhead_ns + 2 * latency_ns
+    info = {
+        "endpoints": n, "ring_entries": ring, "pick_path_MiB": round(pick_bytes / 2**20, 1),
+        "endpoint_objects_MiB": round(endpoint_bytes / 2**20, 1),
+        "random_access_ns": round(latency_ns, 1), "l1_access_ns": round(in_cache, 1),
+        "cached_pick_release_ns": round(overhead_ns, 1), "floor_ns": round(floor_ns, 1),
+        "pick_release_ns": round(big_ns, 1),
+    }
+    benchmark.extra_info.update(info)
+    print(f"\nring hash pick+release at {n}: {big_ns:.0f} ns; floor {floor_ns:.0f} ns = cached "
+          f"{overhead_ns:.0f} + 2 x random access {latency_ns:.0f} ns over {total / 2**20:.1f} MiB")
+    # The chase measures memory, not a cache: a random access over the pick path's memory is
+    # far slower than one within 32 KiB.
+    assert latency_ns > 5 * in_cache, info
+    assert big_ns > overhead_ns, info
+
+    rounds = iter(range(12, 60))
+
+    def run_hashed():
+        start = next(rounds) * BATCH
+        for h in pool[start:start + BATCH]:
+            lb.release(lb.pick(h))
+
+    benchmark.group = f"pick+release RING_HASH n={n} (with its floor)"
+    benchmark.extra_info["per"] = BATCH
+    benchmark.pedantic(run_hashed, rounds=30, iterations=1, warmup_rounds=2)

@@ -117,11 +117,18 @@ cdef inline uint64_t splitmix_at(uint64_t state) noexcept nogil:
 
 # Cache prefetch hints (no-ops where the compiler has none). A prefetch never faults, so
 # any address may be given; a wrong guess costs a little bandwidth, never correctness.
+# The empty volatile asm is what keeps them: GCC does not count __builtin_prefetch as a side
+# effect, so a function that only prefetches (_look_ahead_random) was found pure and its
+# calls deleted (-O3, GCC 12), prefetches and all.
 cdef extern from *:
     """
     #if defined(__GNUC__) || defined(__clang__)
-    #define meshcore_prefetch_w(p) __builtin_prefetch((const void*)(p), 1, 3)
-    #define meshcore_prefetch_r(p) __builtin_prefetch((const void*)(p), 0, 3)
+    #define meshcore_prefetch_w(p) \\
+        do { const void* meshcore_pf_ = (const void*)(p); __builtin_prefetch(meshcore_pf_, 1, 3); \\
+             __asm__ __volatile__("" : : "r"(meshcore_pf_)); } while (0)
+    #define meshcore_prefetch_r(p) \\
+        do { const void* meshcore_pf_ = (const void*)(p); __builtin_prefetch(meshcore_pf_, 0, 3); \\
+             __asm__ __volatile__("" : : "r"(meshcore_pf_)); } while (0)
     #else
     #define meshcore_prefetch_w(p) ((void)(p))
     #define meshcore_prefetch_r(p) ((void)(p))

@@ -11,7 +11,10 @@ the Endpoint pointer and its in-flight count, 16 bytes), placed on huge pages wh
 2 MiB or more. A pick touches the Endpoint object once, to return it; a release finds the
 host by the object's address (``by_ptr``), by key only for an equal object that is not the
 table's own. Random and least-request picks over large tables prefetch for the picks ahead
-(``_look_ahead``), which hides most of the cache misses on Endpoint objects.
+(``_look_ahead_random``, ``_look_ahead``), which hides most of the cache misses on Endpoint
+objects. A ring-hash pick cannot be predicted (the caller brings the hash): its bucket index
+resolves most hashes to the host and its Endpoint in one read (``RingBucket``), so the slot and
+the object are then fetched in parallel.
 
 Implementation note: every pick and every publish runs with the GIL held and without
 releasing it, so a pick sees exactly one table and counter updates are not torn. The
@@ -45,6 +48,11 @@ __all__ = ["LoadBalancer", "xxh64"]
 cdef enum:
     EDF_ARITY = 2   # children per node of the host EDF heap
     LOOKAHEAD_MAX_CHOICES = 4
+    # Random picks (_look_ahead_random): how many picks ahead a host slot, then its Endpoint
+    # object and by_ptr entry, are prefetched. A pick+release is ~1 DRAM latency (~130 ns
+    # here) apart from the next, so the slot is asked for two picks before it is read.
+    RANDOM_SLOT_AHEAD = 4
+    RANDOM_EP_AHEAD = 2
 
 cdef uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL  # SplitMix64's increment
 
@@ -60,6 +68,52 @@ def _set_lookahead_min_hosts(n):
     previous = _lookahead_min_hosts
     _lookahead_min_hosts = n
     return previous
+
+def _memory_latency_ns(size_t nbytes, uint64_t steps=2_000_000, bint hot=True, uint64_t seed=1):
+    """Benchmarks only: this machine's latency of one dependent random memory access, in ns
+    of thread CPU time, over an array of ``nbytes`` (>= 128). A pointer chase: one pointer per
+    64-byte line, the lines linked in one random cycle (Sattolo's shuffle), so every load waits
+    for the one before and no prefetcher can guess it. ``hot``: allocated as the pick path's
+    arrays are (``hot_alloc``: huge pages from 2 MiB); else PyMem_Malloc (small pages, as
+    Python objects such as Endpoints live)."""
+    import time
+
+    cdef size_t n = nbytes // 64, i, j
+    if n < 2:
+        raise ValueError("nbytes must be at least 128")
+    cdef char* base = <char*>(hot_alloc(n * 64) if hot else PyMem_Malloc(n * 64))
+    if base == NULL:
+        raise MemoryError()
+    cdef size_t* order = <size_t*>PyMem_Malloc(sizeof(size_t) * n)
+    cdef uint64_t state = seed, k
+    cdef void** p
+    try:
+        if order == NULL:
+            raise MemoryError()
+        for i in range(n):
+            order[i] = i
+        for i in range(n - 1, 0, -1):  # Sattolo: a single cycle through every line
+            j = splitmix_next(&state) % i
+            order[i], order[j] = order[j], order[i]
+        for i in range(n):
+            (<void**>(base + order[i] * 64))[0] = base + order[(i + 1) % n] * 64
+        p = <void**>base
+        for k in range(n):  # one lap: pages touched, TLB and caches in their steady state
+            p = <void**>p[0]
+        start = time.thread_time_ns()
+        for k in range(steps):
+            p = <void**>p[0]
+        elapsed = time.thread_time_ns() - start
+        if p == NULL:  # never: keeps the chase from being optimised away
+            raise AssertionError
+        return elapsed / <double>steps
+    finally:
+        PyMem_Free(order)
+        if hot:
+            meshcore_hot_free(base, n * 64)
+        else:
+            PyMem_Free(base)
+
 
 cdef enum Policy:
     RR = 0
@@ -459,6 +513,18 @@ ctypedef struct RingSlot:
     int64_t host        # host index (int64: 16-byte entries, never straddling a line)
 
 
+ctypedef struct RingBucket:
+    # One bucket of a ring's direct-mapped index (``_ring_buckets``), 32 bytes: two per cache
+    # line, never straddling one. A bucket holding at most one ring entry answers a lookup by
+    # itself, Endpoint pointer included, so a ring-hash pick reads this line and then the
+    # host's slot and Endpoint object in parallel (no ring entry, no slot-then-object chain).
+    uint64_t split      # the bucket's one ring hash (UINT64_MAX when it holds none)
+    PyObject* ep_le     # borrowed (_Table.eps): the Endpoint for h <= split
+    PyObject* ep_gt     # the Endpoint for h > split
+    int32_t host_le     # its host index; < 0: the bucket holds 2+ entries, the first at -1 - host_le
+    int32_t host_gt
+
+
 @cython.final
 cdef class _Table:
     """One snapshot. Set up in ``LoadBalancer._build``, read-only afterwards except for
@@ -493,7 +559,7 @@ cdef class _Table:
     cdef double** loc_weights       # matching effective locality weights (by locality index)
     cdef RingSlot** ring            # per priority: ring entries sorted by (hash, order)
     cdef int64_t* ring_len
-    cdef int32_t** ring_bucket      # per priority: 2^bits + 1 entries, see _ring_buckets
+    cdef RingBucket** ring_bucket   # per priority: 2^bits entries, see _ring_buckets
     cdef int32_t* ring_shift        # per priority: 64 - bits
     cdef size_t* ring_bytes         # per priority: one hot block, the ring then its buckets
     cdef int32_t** maglev           # per priority: table of table_size host indices, or NULL
@@ -526,7 +592,7 @@ cdef class _Table:
             PyMem_Free(self.loc_weights)
         if self.ring != NULL:
             for i in range(self.n_prio):
-                meshcore_hot_free(self.ring[i], self.ring_bytes[i])
+                meshcore_hot_free(self.ring_bucket[i], self.ring_bytes[i])
             PyMem_Free(self.ring)
             PyMem_Free(self.ring_bytes)
             PyMem_Free(self.ring_len)
@@ -840,7 +906,7 @@ cdef class LoadBalancer:
         cdef double* hw_w
         t.ring = <RingSlot**>zalloc(sizeof(RingSlot*) * t.n_prio)
         t.ring_len = <int64_t*>zalloc(sizeof(int64_t) * t.n_prio)
-        t.ring_bucket = <int32_t**>zalloc(sizeof(int32_t*) * t.n_prio)
+        t.ring_bucket = <RingBucket**>zalloc(sizeof(RingBucket*) * t.n_prio)
         t.ring_shift = <int32_t*>zalloc(sizeof(int32_t) * t.n_prio)
         t.ring_bytes = <size_t*>zalloc(sizeof(size_t) * t.n_prio)
         t.maglev = <int32_t**>zalloc(sizeof(int32_t*) * t.n_prio)
@@ -1041,6 +1107,7 @@ cdef class LoadBalancer:
         cdef int32_t locality
         cdef HostSlot* slot
         cdef uint64_t idx
+        cdef PyObject* ep = NULL    # set when the path knows the Endpoint before the slot
         if self._code >= RING:
             if hash is None:
                 h = splitmix_next(&self._rng)
@@ -1050,7 +1117,7 @@ cdef class LoadBalancer:
             if self._code == RING:
                 if t.ring_len[p] == 0:
                     return None
-                host = _ring_lookup(t, p, h)
+                host = _ring_lookup(t, p, h, &ep)
             else:
                 if t.maglev[p] == NULL:
                     return None
@@ -1084,7 +1151,7 @@ cdef class LoadBalancer:
                 # A source of consecutive hosts skips its host list (one memory access less).
                 host = first + <int64_t>(h % <uint64_t>n) if first >= 0 else hosts[h % <uint64_t>n]
                 if t.lookahead:
-                    self._look_ahead(t)
+                    _look_ahead_random(t, self._rng)
             else:
                 edf = t.src_edf[sid]
                 if edf != NULL:
@@ -1108,10 +1175,16 @@ cdef class LoadBalancer:
                         self._look_ahead(t)
         if MESHCORE_DEBUG:
             assert 0 <= host < t.n_hosts, (host, t.n_hosts)
-        # The one touch of the Endpoint object: the reference taken for the return value.
         slot = &t.slots[host]
+        if ep == NULL:
+            ep = slot.ep
+        if self._code >= RING:
+            # Hashed picks land anywhere and nothing predicts the next hash: start the
+            # release's by_ptr probe now, alongside the slot and the object.
+            prefetch_r(&t.by_ptr[((<uint64_t><size_t>ep) * 0x9E3779B97F4A7C15ULL) >> t.by_ptr_shift])
         slot.active += 1
-        return <object>slot.ep
+        # The one touch of the Endpoint object: the reference taken for the return value.
+        return <object>ep
 
     @cython.boundscheck(False)
     @cython.wraparound(False)
@@ -1134,7 +1207,7 @@ cdef class LoadBalancer:
     @cython.wraparound(False)
     @cython.cdivision(True)
     cdef void _look_ahead(self, _Table t) noexcept:
-        """Random and least request (P2C): start loading what the next picks will touch.
+        """Least request (P2C): start loading what the next picks will touch.
 
         A pick's draws are a pure function of the RNG state and the table, so the hosts of
         the picks ahead are known now: for the pick after next, prefetch its candidates'
@@ -1162,10 +1235,10 @@ cdef class LoadBalancer:
             prefetch_r(&t.by_ptr[((<uint64_t><size_t>ep) * 0x9E3779B97F4A7C15ULL) >> t.by_ptr_shift])
         # The pick after next: it starts once the next pick has made its draws.
         self._ahead_n = 0
-        count = 1 if self._code == RANDOM else <int32_t>self._choice_count
+        count = <int32_t>self._choice_count
         if count > LOOKAHEAD_MAX_CHOICES:
             return
-        base = s + GOLDEN * <uint64_t>(1 + (0 if self._code == RANDOM else count))
+        base = s + GOLDEN * <uint64_t>(1 + count)
         h = splitmix_at(base + GOLDEN)
         p = _choose_priority(t, h, &degraded)
         sid = t.source_base[p]
@@ -1179,7 +1252,7 @@ cdef class LoadBalancer:
         first = t.src_first[sid]
         hosts = t.src_hosts + t.src_off[sid]  # read only when first < 0 (then a valid offset)
         for k in range(count):
-            d = (h if self._code == RANDOM else splitmix_at(base + GOLDEN * <uint64_t>(2 + k))) % <uint64_t>n
+            d = splitmix_at(base + GOLDEN * <uint64_t>(2 + k)) % <uint64_t>n
             c = first + <int64_t>d if first >= 0 else hosts[d]
             self._ahead_host[k] = c
             prefetch_w(&t.slots[c])
@@ -1297,8 +1370,12 @@ cdef _not_endpoint(str method, object obj):
 @cython.boundscheck(False)
 cdef inline int32_t _choose_priority(_Table t, uint64_t h, bint* degraded) noexcept:
     # choosePriority(): x in 1..100 against healthy then degraded loads (sum is 100).
-    cdef uint64_t x = h % 100 + 1, acc = 0
+    cdef uint64_t x, acc = 0
     cdef int32_t p
+    if t.healthy_load[0] >= 100:  # the usual case: P0 takes every x, no division needed
+        degraded[0] = False
+        return 0
+    x = h % 100 + 1
     for p in range(t.n_prio):
         acc += t.healthy_load[p]
         if x <= acc:
@@ -1311,6 +1388,42 @@ cdef inline int32_t _choose_priority(_Table t, uint64_t h, bint* degraded) noexc
             return p
     degraded[0] = False
     return 0
+
+
+@cython.boundscheck(False)
+@cython.cdivision(True)
+cdef inline int64_t _random_host_at(_Table t, uint64_t h) noexcept:
+    """The host a random pick drawing ``h`` returns from ``t``, or -1 where a scheduler's
+    state decides (locality EDF) or nothing is picked. Mirrors ``_pick``'s RANDOM path."""
+    cdef bint degraded = False
+    cdef int32_t p = _choose_priority(t, h, &degraded)
+    cdef int64_t sid = t.source_base[p], n, first
+    if not t.panic[p]:
+        if t.loc_edf != NULL and t.loc_edf[2 * p + degraded] != NULL:
+            return -1
+        sid += 1 + degraded
+    n = t.src_len[sid]
+    if n == 0:
+        return -1
+    first = t.src_first[sid]
+    # sid < n_sources and h % n < n, as in _pick; src_off[sid] is a valid offset when first < 0.
+    return first + <int64_t>(h % <uint64_t>n) if first >= 0 else t.src_hosts[t.src_off[sid] + h % <uint64_t>n]
+
+
+@cython.boundscheck(False)
+cdef inline void _look_ahead_random(_Table t, uint64_t s) noexcept:
+    """Random picks over a large table: a pick's host is a pure function of the RNG state
+    and the table, so the picks ahead are known. With ``s`` the state after this pick's draw
+    (pick k + m draws splitmix_at(s + m * GOLDEN)): prefetch the host slot of pick k +
+    RANDOM_SLOT_AHEAD, and the Endpoint object and by_ptr entry of pick k + RANDOM_EP_AHEAD
+    (reading the slot pointer prefetched two picks ago). Nothing here changes what a pick
+    reads; an update in between only wastes a prefetch."""
+    cdef int64_t host = _random_host_at(t, splitmix_at(s + GOLDEN * <uint64_t>RANDOM_SLOT_AHEAD))
+    if host >= 0:
+        prefetch_w(&t.slots[host])  # host < n_hosts (a host index of t)
+    host = _random_host_at(t, splitmix_at(s + GOLDEN * <uint64_t>RANDOM_EP_AHEAD))
+    if host >= 0:
+        _prefetch_host(t, host)
 
 
 @cython.boundscheck(False)
@@ -1351,60 +1464,84 @@ cdef int _fill_by_ptr(_Table t) except -1:
 
 
 cdef int _ring_alloc(_Table t, Py_ssize_t p, int64_t n) except -1:
-    """One hot block for ring ``p`` (n > 0 entries) and its bucket index (sized here)."""
+    """One hot block for ring ``p`` (n > 0 entries) and its bucket index (sized here).
+
+    At least 2n buckets (most hold at most one ring entry: Poisson, 91% at 2n), at most 2^21
+    (64 MiB, the old int32 index's bound at 2^24): the index is the ring's own size over 8."""
     cdef int bits = 1
-    while bits < 24 and (<int64_t>1 << bits) < 2 * n:
+    while bits < 21 and (<int64_t>1 << bits) < 2 * n:
         bits += 1
     t.ring_len[p] = n
     t.ring_shift[p] = 64 - bits
-    t.ring_bytes[p] = sizeof(RingSlot) * n + sizeof(int32_t) * ((<size_t>1 << bits) + 1)
-    t.ring[p] = <RingSlot*>hot_alloc(t.ring_bytes[p])
-    t.ring_bucket[p] = <int32_t*>(t.ring[p] + n)  # 16-byte entries: aligned
+    t.ring_bytes[p] = sizeof(RingBucket) * (<size_t>1 << bits) + sizeof(RingSlot) * n
+    t.ring_bucket[p] = <RingBucket*>hot_alloc(t.ring_bytes[p])
+    t.ring[p] = <RingSlot*>(t.ring_bucket[p] + (<size_t>1 << bits))  # 32-byte buckets: aligned
     return 0
 
 
 cdef int _ring_buckets(_Table t, Py_ssize_t p) except -1:
     """Direct-mapped index over ring ``p`` by the top ``bits`` bits of the hash.
 
-    Bucket b covers hashes [b << shift, (b + 1) << shift). Its entry is the index of the
-    first ring entry with hash >= b << shift when some ring hash falls inside the bucket,
-    else ``-1 - host``: every hash of the bucket then maps to that one host (the first
-    entry past the bucket, wrapping to entry 0). Entry 2^bits is a sentinel (n)."""
-    cdef int64_t n = t.ring_len[p], i = 0
+    Bucket b covers hashes [b << shift, (b + 1) << shift); ring[i] is the first entry with
+    hash >= b << shift (wrapping to entry 0 past the end). No ring hash in the bucket: every
+    hash of it maps to ring[i]'s host (split = UINT64_MAX, both sides that host). One: hashes
+    up to it map to its host, the others to the next entry's (wrapping). Two or more:
+    host_le = -1 - i, and the lookup scans the ring from i. Slots' ep are set before this runs."""
+    cdef int64_t n = t.ring_len[p], i = 0, j, hi, hj
     cdef int shift = t.ring_shift[p]
     cdef uint64_t b, nb = <uint64_t>1 << (64 - shift)
     cdef RingSlot* ring = t.ring[p]
-    cdef int32_t* bucket = t.ring_bucket[p]
+    cdef RingBucket* bucket = t.ring_bucket[p]
     for b in range(nb):
         while i < n and (ring[i].hash >> shift) < b:
             i += 1
-        # ring[0:i] < b << shift <= ring[i].hash
-        if i < n and (ring[i].hash >> shift) == b:
-            bucket[b] = <int32_t>i
+        # ring[0:i] < b << shift <= ring[i].hash; j: the entry after i, wrapping.
+        j = i + 1 if i + 1 < n else 0
+        hi = ring[i if i < n else 0].host
+        hj = ring[j].host
+        if i >= n or (ring[i].hash >> shift) != b:
+            bucket[b].split = 0xFFFFFFFFFFFFFFFFULL
+            bucket[b].host_le = bucket[b].host_gt = <int32_t>hi
+        elif j == 0 or (ring[j].hash >> shift) != b:
+            bucket[b].split = ring[i].hash
+            bucket[b].host_le = <int32_t>hi
+            bucket[b].host_gt = <int32_t>hj
         else:
-            bucket[b] = <int32_t>(-1 - ring[i if i < n else 0].host)
-    bucket[nb] = <int32_t>n
+            bucket[b].split = 0
+            bucket[b].host_le = <int32_t>(-1 - i)
+            bucket[b].host_gt = 0
+        # host indices < n_hosts: ring entries are hosts of t.
+        bucket[b].ep_le = t.slots[bucket[b].host_le].ep if bucket[b].host_le >= 0 else NULL
+        bucket[b].ep_gt = t.slots[bucket[b].host_gt].ep
     return 0
 
 
 @cython.boundscheck(False)
 @cython.cdivision(True)
-cdef inline int64_t _ring_lookup(_Table t, int32_t p, uint64_t h) noexcept:
+cdef inline int64_t _ring_lookup(_Table t, int32_t p, uint64_t h, PyObject** ep) noexcept:
     """Envoy's ketama search (ring_hash_lb.cc): the first entry whose hash is >= h, or entry
-    0 past the end (a lower bound with wrap-around, equal hashes and h == 0 included)."""
+    0 past the end (a lower bound with wrap-around, equal hashes and h == 0 included). Returns
+    its host and sets ``ep`` to its Endpoint."""
     # ring_len[p] > 0 (checked by the caller). h >> shift < 2^bits, the bucket count; a
-    # non-negative bucket entry is an index < n at which hashes of that bucket start, and the
-    # scan stops at n at the latest.
-    cdef RingSlot* ring = t.ring[p]
-    cdef int64_t n = t.ring_len[p]
-    cdef int32_t v = t.ring_bucket[p][h >> t.ring_shift[p]]
-    cdef int64_t i
-    if v < 0:
-        return -1 - <int64_t>v
-    i = v
+    # negative host_le is -1 - (an index < n at which the bucket's hashes start), and the scan
+    # stops at n at the latest.
+    cdef RingBucket* b = &t.ring_bucket[p][h >> t.ring_shift[p]]
+    cdef RingSlot* ring
+    cdef int64_t n, i, host
+    if b.host_le >= 0:
+        if h <= b.split:
+            ep[0] = b.ep_le
+            return b.host_le
+        ep[0] = b.ep_gt
+        return b.host_gt
+    ring = t.ring[p]
+    n = t.ring_len[p]
+    i = -1 - <int64_t>b.host_le
     while i < n and ring[i].hash < h:
         i += 1
-    return ring[i if i < n else 0].host
+    host = ring[i if i < n else 0].host
+    ep[0] = t.slots[host].ep
+    return host
 
 
 cdef int _format_u64(uint64_t v, char* out) noexcept nogil:
@@ -1434,3 +1571,4 @@ cdef object lb_pick(object lb, object hash):
 cdef object lb_release(object lb, object endpoint):
     """``lb.release(endpoint)`` without a Python call; ``lb`` must be exactly a LoadBalancer."""
     return (<LoadBalancer>lb)._release(endpoint)
+
