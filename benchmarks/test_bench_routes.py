@@ -166,3 +166,56 @@ def test_match_mixed(benchmark, RT, mixed_tables, target):
     assert (m.route_name if m else None) == want
     benchmark.group = f"route match mixed n=1000 {target}"
     benchmark(rt.match, "gw.example.com", path, headers)
+
+
+@pytest.mark.c_extension
+def test_regex_binding_floor(benchmark):
+    """Why the compiled twin's regex match is not 10x the pure one's: both make the same call
+    into google-re2's binding (one RE2 set pass over the path), and that call alone costs most
+    of the compiled match. RE2::Set::Match is not exported by the wheel's _re2 module (Add,
+    Compile and Size are), so the compiled twin cannot call RE2's C++ API without building and
+    linking its own RE2 and Abseil. Reported (CPU time, interleaved): the compiled and pure
+    matches of the last regex route of the mixed table, the binding's set call on the same
+    path, the same call on an empty text (dispatch, GIL release and set set-up), and a trivial
+    call into the same binding (pybind11 dispatch alone)."""
+    import statistics
+    import time
+
+    import re2._re2 as binding
+
+    from meshcore._fast import routes_c, routes_py
+
+    c = routes_c.RouteTable.from_xds(mixed_like(1000))
+    py = routes_py.RouteTable.from_xds(mixed_like(1000))
+    i = dict(mixed_targets())["regex-last"]
+    path, headers = mixed_request(i)
+    text = path.encode()
+    chunk = py._vhosts[0].regex_set.raw[0][0]
+    calls = {
+        "c_match": (lambda: c.match("gw.example.com", path, headers), 4000),
+        "py_match": (lambda: py.match("gw.example.com", path, headers), 500),
+        "set_call": (lambda: chunk.Match(text), 4000),
+        "set_call_empty_text": (lambda: chunk.Match(b""), 4000),
+        "trivial_binding_call": (lambda: binding.CharLenToBytes(text, 0, 3), 4000),
+        "python_lambda_call": (lambda: None, 4000),
+    }
+    out = {k: [] for k in calls}
+    for _ in range(9):
+        for k, (f, n) in calls.items():
+            t0 = time.thread_time_ns()
+            for _ in range(n):
+                f()
+            out[k].append((time.thread_time_ns() - t0) / n)
+    ns = {k: statistics.median(v) for k, v in out.items()}
+    lam = ns["python_lambda_call"]  # the lambda each figure is timed through
+    info = {k + "_ns": round(v - lam, 1) for k, v in ns.items() if k != "python_lambda_call"}
+    info["py_over_c"] = round((ns["py_match"] - lam) / (ns["c_match"] - lam), 1)
+    info["py_over_binding_call"] = round((ns["py_match"] - lam) / (ns["set_call"] - lam), 1)
+    benchmark.extra_info.update(info)
+    print("\n" + ", ".join(f"{k} {v}" for k, v in info.items()))
+    assert c.match("gw.example.com", path, headers).route_name == f"r{i}"
+    # The binding's call is the larger part of the compiled match, and the ceiling of the
+    # ratio is what the pure match costs over that call alone.
+    assert ns["set_call"] - lam > 0.4 * (ns["c_match"] - lam), info
+    benchmark.group = "route match mixed n=1000 regex: the RE2 binding's floor"
+    benchmark(chunk.Match, text)
