@@ -106,7 +106,7 @@ __all__ = ["LocalResponse", "MeshConnector", "MeshSession", "MeshTlsError"]
 
 log = logging.getLogger(__name__)
 
-_REDIRECTS = (301, 302, 303, 307, 308)
+_REDIRECTS = frozenset((301, 302, 303, 307, 308))
 _CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", ())
 _UNSET: Any = object()
 _MEMO_MAX = 256  # bounded memo tables (URLs as given, routed hosts, timeouts)
@@ -392,11 +392,10 @@ class _RequestContext:
     request's coroutine (``MeshSession._request(ctx, ...)``) is awaited as it is, no coroutine
     around it: it leaves its response in ``_resp`` for the exit."""
 
-    __slots__ = ("_coro", "_resp")
+    __slots__ = ("_coro", "_resp")  # both set before use: made by _context() (no __init__ frame)
 
-    def __init__(self) -> None:
-        self._coro: Any = None
-        self._resp: Optional[Response] = None
+    _coro: Any
+    _resp: Response
 
     def __await__(self) -> Generator[Any, None, Response]:
         return self._coro.__await__()  # type: ignore[no-any-return]
@@ -405,10 +404,13 @@ class _RequestContext:
         return self._coro  # type: ignore[no-any-return]
 
     def __aexit__(self, *exc: Any) -> "_Done":
-        # no coroutine: release() is synchronous, the awaitable returned is done already
-        if self._resp is not None:
-            self._resp.release()
+        # no coroutine: release() is synchronous, the awaitable returned is done already (only
+        # called once the request's coroutine returned, so after it set _resp)
+        self._resp.release()
         return _DONE
+
+
+_context = _RequestContext.__new__  # _context(_RequestContext): an empty one, no __init__ frame
 
 
 class _Done:
@@ -608,12 +610,12 @@ class MeshSession:
 
     def request(self, method: str, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
         """Like ``ClientSession.request`` (awaitable, or an async context manager)."""
-        ctx = _RequestContext()
+        ctx = _context(_RequestContext)
         ctx._coro = self._request(ctx, method.upper(), url, **kwargs)
         return ctx
 
     def get(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        ctx = _RequestContext()
+        ctx = _context(_RequestContext)
         ctx._coro = self._request(ctx, "GET", url, **kwargs)
         return ctx
 
@@ -621,27 +623,27 @@ class MeshSession:
         return self.request("HEAD", url, allow_redirects=kwargs.pop("allow_redirects", False), **kwargs)
 
     def options(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        ctx = _RequestContext()
+        ctx = _context(_RequestContext)
         ctx._coro = self._request(ctx, "OPTIONS", url, **kwargs)
         return ctx
 
     def post(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        ctx = _RequestContext()
+        ctx = _context(_RequestContext)
         ctx._coro = self._request(ctx, "POST", url, **kwargs)
         return ctx
 
     def put(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        ctx = _RequestContext()
+        ctx = _context(_RequestContext)
         ctx._coro = self._request(ctx, "PUT", url, **kwargs)
         return ctx
 
     def patch(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        ctx = _RequestContext()
+        ctx = _context(_RequestContext)
         ctx._coro = self._request(ctx, "PATCH", url, **kwargs)
         return ctx
 
     def delete(self, url: Union[str, URL], **kwargs: Any) -> _RequestContext:
-        ctx = _RequestContext()
+        ctx = _context(_RequestContext)
         ctx._coro = self._request(ctx, "DELETE", url, **kwargs)
         return ctx
 
@@ -767,13 +769,15 @@ class MeshSession:
                         call = await _aroute(mesh, target_url, method, pairs, self._ready_timeout, total)
                 except (Unavailable, NoRoute) as e:
                     raise self._mesh_error(e) from e
-                if call.cluster is None:  # a direct response or a redirect
+                cluster = call.cluster
+                if cluster is None:  # a direct response or a redirect
                     resp = LocalResponse(method, url, _local_reply(call), _info(call))  # type: ignore[arg-type]
                 else:
                     if attempt_timeout is None:
                         memo = self._timeouts.get(id(timeout))
                         attempt_timeout = memo[1] if memo is not None else self._attempt_timeout(timeout)
-                    slot = self._pools.acquire(call.cluster, call.cluster)
+                    pools = self._pools
+                    slot = pools.acquire(cluster, cluster)
                     try:
                         pool = slot.pool
                         exchange = _exchange_of(mesh) if _TELEMETRY[0] else None
@@ -810,7 +814,7 @@ class MeshSession:
                         if getattr(resp, "_raw_cookie_headers", True):  # aiohttp < 3.12: no such field
                             _store_cookies(jar, resp, url)
                     finally:
-                        closing = self._pools.release(slot)
+                        closing = pools.release(slot)
                         if closing is not None:
                             await self._close_endpoints(closing)
             if not allow_redirects or resp.status not in _REDIRECTS:
