@@ -865,23 +865,25 @@ cdef inline bint _lower_eq(str k, str name):
     return k == name or k.lower() == name
 
 
-cdef tuple _scan_request_c(object headers):
-    """``outcome._scan_request`` (content-length, x-request-id, gRPC content-type) for a list or
-    tuple of str pairs or a dict of str, in C; any other shape through the Python function."""
+cdef object _request_length(object headers, bint *grpc):
+    """``outcome._scan_request``'s content-length (returned; 0 when absent) and gRPC content-type
+    (``grpc``), in C for a list or tuple of str pairs or a dict of str keys; any other shape
+    through the Python function."""
     cdef Py_ssize_t n
-    length, rid, grpc = 0, None, False
+    length = 0
+    grpc[0] = False
     if type(headers) is dict:
         pairs = (<dict>headers).items()
     elif type(headers) is list or type(headers) is tuple:
         pairs = headers
     else:
-        return _scan_request_py(headers)
+        length, _, grpc[0] = _scan_request_py(headers)
+        return length
     for pair in pairs:
-        if type(pair) is not tuple or len(<tuple>pair) != 2:
-            return _scan_request_py(headers)
+        if type(pair) is not tuple or len(<tuple>pair) != 2 or type((<tuple>pair)[0]) is not str:
+            length, _, grpc[0] = _scan_request_py(headers)
+            return length
         k = (<tuple>pair)[0]
-        if type(k) is not str:
-            return _scan_request_py(headers)
         n = len(<str>k)
         if n == 14:
             if _lower_eq(<str>k, "content-length"):
@@ -890,17 +892,64 @@ cdef tuple _scan_request_c(object headers):
                     length = int(v)
                 except (TypeError, ValueError):
                     pass
-        elif n == 12:
+        elif n == 12 and _lower_eq(<str>k, "content-type"):
             v = (<tuple>pair)[1]
             if type(v) is not str:
-                return _scan_request_py(headers)
-            if _lower_eq(<str>k, "x-request-id"):
-                rid = v
-            elif _lower_eq(<str>k, "content-type"):
-                ct = (<str>v).lower()
-                grpc = ct == "application/grpc" or ct.startswith("application/grpc+") or ct.startswith(
-                    "application/grpc;")
-    return length, rid, grpc
+                length, _, grpc[0] = _scan_request_py(headers)
+                return length
+            ct = (<str>v).lower()
+            grpc[0] = ct == "application/grpc" or ct.startswith("application/grpc+") or ct.startswith(
+                "application/grpc;")
+    return length
+
+
+cdef object _response_facts(object result, bint peers, double *length_out):
+    """``outcome._scan_response`` in C: the body length (``length_out``) and, when ``peers``, the
+    raw x-envoy-peer-metadata (returned; None without)."""
+    d = getattr(result, "__dict__", None)
+    if type(d) is dict:
+        body = (<dict>d).get("_content")
+        headers = (<dict>d).get("headers")
+        if headers is None:
+            headers = (<dict>d).get("_headers")  # httpx.Response
+    elif d is not None:
+        length, peer = _scan_response_py(result, peers)
+        length_out[0] = length
+        return peer
+    else:
+        body = getattr(result, "_content", None)
+        headers = getattr(result, "headers", None)
+    length = len(body) if isinstance(body, (bytes, bytearray)) else 0
+    length_out[0] = length
+    if headers is None or not (peers or not length):
+        return None
+    peer = None
+    if type(headers) is dict:
+        if not length:
+            cl = (<dict>headers).get("content-length")
+            if cl is not None:
+                try:
+                    length_out[0] = int(cl)
+                except (TypeError, ValueError, OverflowError):
+                    return None
+        if peers:
+            peer = (<dict>headers).get("x-envoy-peer-metadata")
+    else:
+        get = getattr(headers, "get", None)
+        if get is None:
+            return None
+        try:
+            if not length:
+                cl = get("content-length")
+                if cl is not None:
+                    length_out[0] = int(cl)
+            if peers:
+                peer = get("x-envoy-peer-metadata")
+        except (TypeError, ValueError, OverflowError):
+            pass
+    if isinstance(peer, bytes):
+        peer = (<bytes>peer).decode("latin-1")
+    return peer
 
 
 @cython.final
@@ -923,6 +972,9 @@ cdef class IstioObserver:
         cdef Call c
         cdef Attempt a
         cdef long long s
+        cdef bint grpc = False
+        cdef object peer = None
+        cdef double resp_len = 0.0
         if type(call) is not Call:
             return False
         c = <Call>call
@@ -955,11 +1007,14 @@ cdef class IstioObserver:
             peer = (<dict>info).get("peer_metadata")
             req_bytes = (<dict>info).get("request_bytes")
             resp_bytes = (<dict>info).get("response_bytes") or 0
+        elif result is not None:
+            peer = _response_facts(result, self.peers, &resp_len)
+            resp_bytes = resp_len
         else:
-            resp_bytes, peer = _scan_response_py(result, self.peers)
+            resp_bytes = 0
         headers = c.headers
         if headers:
-            length, _, grpc = _scan_request_c(headers)
+            length = _request_length(headers, &grpc)
             if grpc:
                 return False
             if req_bytes is None:
