@@ -60,6 +60,7 @@ async transport also cancels the attempt at its deadline).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import inspect
@@ -68,6 +69,7 @@ import operator
 import ssl
 import sys
 import threading
+import time
 from types import ModuleType
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
@@ -76,6 +78,7 @@ from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, NotReady, Unavailable
 from ..lifecycle import run as _run, run_async as _run_async, run_async_reported as _run_async_reported
 from ..lifecycle import run_reported as _run_reported
+from .. import lifecycle as _lifecycle
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
 from ..telemetry.peer_metadata import HEADER as _PEER_HEADER, HEADER_ID as _PEER_HEADER_ID
@@ -190,6 +193,9 @@ def _probe_response(mod: ModuleType) -> bool:
 
 
 _CORE_BARE: Dict[str, bool] = {}
+_get_running_loop = asyncio.get_running_loop
+_current_task = asyncio.current_task
+_HAS_UNCANCEL = hasattr(asyncio.Task, "uncancel")
 _METHODS = {m: m.encode("ascii") for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
@@ -814,6 +820,102 @@ class _MeshTransportBase:
         return mod.ConnectError(str(exc), request=request)
 
 
+# -- the router loop, first attempt inline ---------------------------------------------------------
+#
+# Without telemetry sinks, the transports run the usual request's router steps themselves
+# (``lifecycle.run``/``run_async``'s straight path: ``first_attempt``, the attempt under its
+# deadline, ``finish_final``), which saves the router coroutine and its frame per request (~2-4 us
+# in a client's request, most of it the async deadline and coroutine machinery). Anything else --
+# a fault filter (``first_attempt`` is None), an outcome the policy may retry, an error -- is
+# lifecycle's: the fault path through ``run``/``run_async`` itself, a retry through the functions
+# below, which are ``run``/``run_async``'s loop after the first outcome, step for step, with
+# lifecycle's own helpers (``_retry_delay``, ``_final``, ``_close``, the loop's ``_Deadlines``).
+
+
+def _rest(call: Any, a: Any, result: Any, exc: Optional[BaseException], send: Callable[[Any], Any],
+          classify: Callable[[BaseException], Optional[str]]) -> Any:
+    """``lifecycle.run``'s loop after attempt ``a``'s outcome (``result``, or the classified
+    ``exc``) did not end the request."""
+    while True:
+        delay = _lifecycle._retry_delay(call, a)
+        if delay is None:
+            return _lifecycle._final(call, a, result, exc)
+        if delay:
+            time.sleep(delay)
+        a = call.start_attempt()
+        if a is None:  # retry overflow: the last outcome stands
+            return _lifecycle._final(call, call.attempts[-1], result, exc)
+        if result is not None:
+            _lifecycle._close(result)  # a retry was admitted: the previous response is discarded
+        try:
+            result = send(a)
+        except BaseException as e:  # noqa: BLE001  (classified)
+            kind = classify(e)
+            a.finish(error=kind or RESET)
+            if kind is None:
+                raise
+            result, exc = None, e
+        else:
+            exc = None
+            if a.finish_final(result.status_code, None):
+                return result
+
+
+async def _send_timed(a: Any, send: Callable[[Any], Any]) -> Any:
+    """``await send(a)`` under the attempt's deadline (``a.timeout``), as ``lifecycle.run_async``
+    registers it in the loop's ``_Deadlines`` (a ``TimeoutError`` when it fires)."""
+    timeout = a.timeout
+    if timeout is None:
+        return await send(a)
+    loop = asyncio.get_running_loop()
+    last_loop, dl = _lifecycle._loop_deadlines
+    if last_loop is not loop:
+        dl = _lifecycle._deadlines()
+    task = asyncio.current_task(loop)
+    when = loop.time() + timeout
+    pending = dl.pending
+    pending[a] = (when, task, task.cancelling() if _lifecycle._HAS_UNCANCEL else 0)  # type: ignore[union-attr]
+    if when < dl.armed_at or dl.handle is None:
+        dl._arm(when)
+    try:
+        return await send(a)
+    except asyncio.CancelledError as cancelled:
+        if dl.timed_out(a):
+            raise TimeoutError(f"attempt timed out after {timeout:.3f}s") from cancelled
+        raise
+    finally:
+        if pending.pop(a, None) is None:  # its deadline fired (and send went on)
+            dl.fired.pop(a, None)
+
+
+async def _rest_async(call: Any, a: Any, result: Any, exc: Optional[BaseException], send: Callable[[Any], Any],
+                      classify: Callable[[BaseException], Optional[str]]) -> Any:
+    """``lifecycle.run_async``'s loop after attempt ``a``'s outcome did not end the request."""
+    while True:
+        delay = _lifecycle._retry_delay(call, a)
+        if delay is None:
+            return _lifecycle._final(call, a, result, exc)
+        if delay:
+            await asyncio.sleep(delay)
+        a = call.start_attempt()
+        if a is None:  # retry overflow: the last outcome stands
+            return _lifecycle._final(call, call.attempts[-1], result, exc)
+        if result is not None:
+            await _lifecycle._aclose(result)
+        try:
+            result = await _send_timed(a, send)
+        except BaseException as e:  # noqa: BLE001
+            kind = classify(e)
+            a.finish(error=kind or RESET)
+            if kind is None:
+                raise
+            result, exc = None, e
+        else:
+            exc = None
+            if a.finish_final(result.status_code, None):
+                return result
+
+
 def _tell_telemetry(attempt: Any, resp: Any, raw: bytes, exchange: Any) -> None:
     """The attempt's facts for its telemetry record (``resp``: the pool's response, header byte
     pairs); with Istio's metadata exchange on, the peer's x-envoy-peer-metadata(-id) leave the
@@ -989,7 +1091,21 @@ class MeshTransport(_MeshTransportBase):
                 pools.release(slot)
 
         try:
-            answer = (_run_reported if _TELEMETRY[0] else _run)(call, send, _status_code, None, lib.classify)
+            a = None if _TELEMETRY[0] else call.first_attempt()
+            if a is None:  # telemetry (reported, traced) or a fault filter: lifecycle's router
+                answer = (_run_reported if _TELEMETRY[0] else _run)(call, send, _status_code, None, lib.classify)
+            else:  # run's straight path, inline (see _rest)
+                try:
+                    answer = send(a)
+                except BaseException as e:  # noqa: BLE001  (classified)
+                    kind = lib.classify(e)
+                    a.finish(error=kind or RESET)
+                    if kind is None:
+                        raise
+                    answer = _rest(call, a, None, e, send, lib.classify)
+                else:
+                    if not a.finish_final(answer.status_code, None):
+                        answer = _rest(call, a, answer, None, send, lib.classify)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
             return self._reply(lib.mod, request, _fault_reply(e), call)
@@ -1103,8 +1219,44 @@ class AsyncMeshTransport(_MeshTransportBase):
                     await self._close_inner_async(closing)
 
         try:
-            answer = await (_run_async_reported if _TELEMETRY[0] else _run_async)(call, send, _status_code, None,
-                                                                                    lib.classify)
+            a = None if _TELEMETRY[0] else call.first_attempt()
+            if a is None:  # telemetry (reported, traced) or a fault filter: lifecycle's router
+                answer = await (_run_async_reported if _TELEMETRY[0] else _run_async)(call, send, _status_code, None,
+                                                                                        lib.classify)
+            else:  # run_async's straight path, inline (see _rest_async)
+                timeout = a.timeout
+                try:
+                    if timeout is not None:
+                        loop = _get_running_loop()
+                        last_loop, dl = _lifecycle._loop_deadlines  # (the _Deadlines of the loop used last)
+                        if last_loop is not loop:
+                            dl = _lifecycle._deadlines()
+                        task = _current_task(loop)
+                        when = loop.time() + timeout
+                        pending = dl.pending
+                        pending[a] = (when, task, task.cancelling() if _HAS_UNCANCEL else 0)
+                        if when < dl.armed_at or dl.handle is None:
+                            dl._arm(when)
+                        try:
+                            answer = await send(a)
+                        except asyncio.CancelledError as cancelled:
+                            if dl.timed_out(a):
+                                raise TimeoutError(f"attempt timed out after {timeout:.3f}s") from cancelled
+                            raise
+                        finally:
+                            if pending.pop(a, None) is None:  # its deadline fired (and send went on)
+                                dl.fired.pop(a, None)
+                    else:
+                        answer = await send(a)
+                except BaseException as e:  # noqa: BLE001  (classified)
+                    kind = lib.classify(e)
+                    a.finish(error=kind or RESET)
+                    if kind is None:
+                        raise
+                    answer = await _rest_async(call, a, None, e, send, lib.classify)
+                else:
+                    if not a.finish_final(answer.status_code, None):
+                        answer = await _rest_async(call, a, answer, None, send, lib.classify)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
             return self._reply(lib.mod, request, _fault_reply(e), call)
