@@ -132,7 +132,7 @@ def test_ring_hash_floor_100k(benchmark):
     lb = lb_c.LoadBalancer(eps, policy="RING_HASH", seed=1)
     ring = lb.hash_table_stats()[0]["size"]
     buckets = 2
-    while buckets < 2 * ring and buckets < 1 << 21:
+    while buckets < (2 * ring if ring >= 32768 else ring) and buckets < 1 << 21:
         buckets *= 2
     by_ptr = 2
     while by_ptr < 2 * n:

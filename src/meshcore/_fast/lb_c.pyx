@@ -1466,10 +1466,13 @@ cdef int _fill_by_ptr(_Table t) except -1:
 cdef int _ring_alloc(_Table t, Py_ssize_t p, int64_t n) except -1:
     """One hot block for ring ``p`` (n > 0 entries) and its bucket index (sized here).
 
-    At least 2n buckets (most hold at most one ring entry: Poisson, 91% at 2n), at most 2^21
-    (64 MiB, the old int32 index's bound at 2^24): the index is the ring's own size over 8."""
+    Large rings (n >= 32,768, past what stays in cache): at least 2n buckets, so most hold at
+    most one ring entry (Poisson: 91%) and answer a lookup alone; at most 2^21 (64 MiB, the old
+    int32 index's bound at 2^24). Smaller rings, whose index stays in cache: about n buckets
+    (74% answer alone; n/4 measured ~8 ns slower per pick), 32 KiB for a 1,024-entry ring."""
     cdef int bits = 1
-    while bits < 21 and (<int64_t>1 << bits) < 2 * n:
+    cdef int64_t want = 2 * n if n >= 32768 else n
+    while bits < 21 and (<int64_t>1 << bits) < want:
         bits += 1
     t.ring_len[p] = n
     t.ring_shift[p] = 64 - bits
