@@ -13,14 +13,17 @@ the picked endpoint's URL::
 Per request: ``Mesh.request`` routes it (query ``params`` and the session's default headers
 included), ``Call.run_async`` applies the route's policies, and each attempt is
 ``session.request(method, URL("http://ip:port/path"), headers={..., "Host": <authority>},
-server_hostname=<logical host>)`` (``server_hostname`` only for ``https``: SNI and certificate
+server_hostname=<logical host>)`` (called as the coroutine ``session._request`` unless the session's
+class changes ``request``: the attempt needs no context manager; ``server_hostname`` only for ``https``: SNI and certificate
 verification use the service name, and it is part of aiohttp's connection key), so the session's
 connector pools the connections per endpoint. The attempt's deadline (per-try timeout, route
 timeout, the caller's ``total``) is the one timer the attempt runs under: aiohttp gets the
 request's ``ClientTimeout`` without its ``total`` (``connect``, ``sock_connect``, ``sock_read``
 still apply). What does not change between requests is made once: the endpoint URLs, the
 per-host routing decision, the timeouts and, for a request without headers, keyword arguments
-or cookies of its own, what its attempts send (the headers with the logical ``Host``). The body
+or cookies of its own, what its attempts send (the headers with the logical ``Host``; with Istio's
+metadata exchange on, this workload's ``x-envoy-peer-metadata``/``-id``, which replace the
+application's own, any case, as Istio's filter does). The body
 is read within the attempt, so the returned ``aiohttp.ClientResponse`` has its status and body; its ``url`` is the endpoint's
 URL, ``resp.meshcore`` says ``{"cluster", "endpoint", "route", "attempts"}``. Cookies are stored
 in and sent from the session's jar under the logical URL. Redirects are followed here (``allow_
