@@ -1090,6 +1090,7 @@ class MeshTransport(_MeshTransportBase):
             finally:
                 pools.release(slot)
 
+        one = False  # the first attempt's answer ended the request (inline path)
         try:
             a = None if _TELEMETRY[0] else call.first_attempt()
             if a is None:  # telemetry (reported, traced) or a fault filter: lifecycle's router
@@ -1104,7 +1105,9 @@ class MeshTransport(_MeshTransportBase):
                         raise
                     answer = _rest(call, a, None, e, send, lib.classify)
                 else:
-                    if not a.finish_final(answer.status_code, None):
+                    if a.finish_final(answer.status_code, None):
+                        one = True
+                    else:
                         answer = _rest(call, a, answer, None, send, lib.classify)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
@@ -1116,7 +1119,8 @@ class MeshTransport(_MeshTransportBase):
             raise
         if type(answer) is _Answer:
             return self._finish(lib.mod, answer, request, call)
-        answer.extensions["meshcore"] = _info(call)
+        answer.extensions["meshcore"] = ({"cluster": cluster, "endpoint": a.endpoint.key, "route": call.route.route_name,
+                                          "attempts": 1} if one else _info(call))
         return answer
 
     def close(self) -> None:
@@ -1218,6 +1222,7 @@ class AsyncMeshTransport(_MeshTransportBase):
                 if closing is not None:
                     await self._close_inner_async(closing)
 
+        one = False  # the first attempt's answer ended the request (inline path)
         try:
             a = None if _TELEMETRY[0] else call.first_attempt()
             if a is None:  # telemetry (reported, traced) or a fault filter: lifecycle's router
@@ -1255,7 +1260,9 @@ class AsyncMeshTransport(_MeshTransportBase):
                         raise
                     answer = await _rest_async(call, a, None, e, send, lib.classify)
                 else:
-                    if not a.finish_final(answer.status_code, None):
+                    if a.finish_final(answer.status_code, None):
+                        one = True
+                    else:
                         answer = await _rest_async(call, a, answer, None, send, lib.classify)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
@@ -1267,7 +1274,8 @@ class AsyncMeshTransport(_MeshTransportBase):
             raise
         if type(answer) is _Answer:
             return self._finish(lib.mod, answer, request, call)
-        answer.extensions["meshcore"] = _info(call)
+        answer.extensions["meshcore"] = ({"cluster": cluster, "endpoint": a.endpoint.key, "route": call.route.route_name,
+                                          "attempts": 1} if one else _info(call))
         return answer
 
     async def aclose(self) -> None:
