@@ -163,8 +163,10 @@ class Telemetry:
 
     def enable_istio_metrics(self, *, exchange: bool = True, node_metadata: Optional[Mapping[str, Any]] = None,
                              buckets: Optional[Sequence[float]] = None) -> Any:
-        """Record Istio's standard metrics (``istio_requests_total`` & co, ``reporter="source"``) for
-        every request made through the mesh, exposed by ``mesh.prometheus_collector()``; returns the
+        """Record Istio's standard metrics (``istio_requests_total`` & co) for every request made
+        through the mesh (``reporter="source"``) and every request served through the server
+        integrations given this mesh (``reporter="destination"``), exposed by
+        ``mesh.prometheus_collector()``; returns the
         sink (:class:`~meshcore.telemetry.istio_metrics.IstioMetrics`; calling again returns it).
 
         ``exchange`` (default on): Istio's metadata exchange, as a client sidecar does: every
