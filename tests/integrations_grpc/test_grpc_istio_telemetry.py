@@ -26,6 +26,7 @@ from meshcore.integrations.grpc import mesh_channel
 from meshcore.integrations.grpc._metadata import _with_exchange
 from meshcore.integrations.grpc._peer import H2HeaderSniffer
 from meshcore.telemetry import peer_metadata as pm
+from tls.conftest import pki  # noqa: F401  (the fixture: the identities of the mesh-TLS test)
 
 TARGET = "peer.test.svc:8080"
 SERVICE = "meshcore.test.Peer"
@@ -256,3 +257,37 @@ def test_sniffer_reads_header_blocks_split_across_frames_and_reads():
     assert seen.count((b"x-envoy-peer-metadata", PEER_VALUE.encode())) == 2
     sniffer.feed(frame(1, 0x4, 5, b"\xff\xff\xff\xff\xff\xff"))  # garbage: sniffing stops, nothing raised
     assert sniffer.broken
+
+
+def test_tap_reads_the_peer_through_mesh_tls_to_a_real_sidecar(pki, server, tmp_path):
+    """The production shape: mesh mTLS (the TLS forwarder) to a real Envoy as an Istio STRICT
+    sidecar in front of the server; the tap sits between grpcio and the forward."""
+    from tls.grpc_mtls_env import CLUSTER, TARGET as TLS_TARGET, GrpcSidecar, assignment, resources, route, \
+        tls_cluster, write_json
+    from tls.pki import spiffe_id
+
+    sidecar = GrpcSidecar(pki.paths("sidecar"), app_port=server["port"])
+    sidecar.start()
+    try:
+        doc = resources({TLS_TARGET: [route(CLUSTER)]}, [tls_cluster(CLUSTER, [spiffe_id("sidecar")])],
+                        [assignment(CLUSTER, [(sidecar.port, True)])])
+        m = meshcore.Mesh.from_file(write_json(tmp_path / "tls.json", doc), watch=False,
+                                    certificates=pki.paths("client").dir).start()
+        try:
+            m.wait_ready(TLS_TARGET, timeout=5)
+            out: List[Any] = []
+            m.telemetry.enable_istio_metrics()
+            m.telemetry.add_sink(out.append)
+            with mesh_channel(m, TLS_TARGET) as ch:
+                response, call = ch.unary_unary(f"/{SERVICE}/Hello").with_call(b"tls", timeout=5)
+                assert response == b"hi tls" and _no_exchange(call.initial_metadata())
+                assert list(ch.unary_stream(f"/{SERVICE}/Count")(b"2", timeout=5)) == [b"0", b"1"]
+                [ep] = ch._pool._channels.values()
+                assert ep.forward is not None and ep.tap is not None and ep.tap.upstream == ep.forward.target
+            _wait(out, 2)
+            assert [_peer(r) for r in out] == ["peer-v1"] * 2
+            assert sorted((r.request_messages, r.response_messages) for r in out) == [(1, 1), (1, 2)]
+        finally:
+            m.close()
+    finally:
+        sidecar.stop()

@@ -5,7 +5,7 @@ its CSM observability plugin) and never shows it to the application, so a server
 sidecar's) answer to Istio's metadata exchange is invisible to grpcio's caller. While the
 exchange is on (``mesh.telemetry.enable_istio_metrics()``), a per-endpoint channel therefore
 connects through a :class:`PeerTap`: a unix socket in a fresh private directory (mode 0700) of
-this process whose connections are copied byte for byte to the endpoint (or to its TLS forward),
+this process (connections from other processes refused, as the TLS forwarder does) whose connections are copied byte for byte to the endpoint (or to its TLS forward),
 the server's bytes read as HTTP/2 frames on their way back, their header blocks decoded with
 ``hpack`` (the same HPACK state the client keeps), and the last ``x-envoy-peer-metadata`` value
 kept (:attr:`PeerTap.peer`). The value is recorded before the bytes are passed on, so it is
@@ -26,6 +26,8 @@ import socket
 import tempfile
 import threading
 from typing import Any, Callable, List, Optional
+
+from ...tls.forwarder import _peer_is_this_process
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,10 @@ class PeerTap:
                 local, _ = self._listener.accept()
             except OSError:
                 return  # closed
+            if not _peer_is_this_process(local):  # as the TLS forwarder: this process's channels only
+                log.warning("peer tap %s: refused a connection from another process", self.target)
+                local.close()
+                continue
             try:
                 up = _connect(self.upstream)
             except OSError as e:
