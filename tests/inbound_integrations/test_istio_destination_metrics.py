@@ -25,7 +25,7 @@ from meshcore.tls import FileCertificateSource, ServerTls
 from meshcore.tls.server import make_wsgi_server
 from tls.pki import NAMESPACE, Pki, spiffe_id
 
-from .servers import LOOPBACK, SERVICE, asgi_echo, bound_socket, run_grpc, run_uvicorn
+from .servers import LOOPBACK, SERVICE, bound_socket, run_grpc, run_uvicorn
 from .test_integrations_local import allow, engine
 
 ALLOW_ALL = allow([{"any": True}])
@@ -82,19 +82,41 @@ def _check_destination(s: Dict[str, Any]) -> None:
         "reviews.shop.svc.cluster.local", "reviews", "shop")
 
 
+async def asgi_headers(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers the request's header names (JSON), with its own x-envoy-peer-metadata (replaced)."""
+    while (await receive()).get("more_body"):
+        pass
+    body = json.dumps(sorted(k.decode() for k, _ in scope["headers"])).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"x-envoy-peer-metadata", b"app's own")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _answered_peer(resp: Any) -> Any:
+    from meshcore.telemetry.peer_metadata import decode
+
+    values = resp.headers.get_list("x-envoy-peer-metadata")
+    assert len(values) <= 1
+    return decode(values[0])["WORKLOAD_NAME"] if values else None
+
+
 def test_asgi_uvicorn_mtls_and_plaintext(server_mesh: Any, pki: Pki) -> None:
     p = pki.paths("server")
     tls = ServerTls(FileCertificateSource(p.chain, p.key, p.roots), require_client_certificate=False)
-    app = MeshAsgiMiddleware(asgi_echo, rbac=engine(ALLOW_ALL), mesh=server_mesh)
+    app = MeshAsgiMiddleware(asgi_headers, rbac=engine(ALLOW_ALL), mesh=server_mesh)
     with run_uvicorn(bound_socket(), app, tls, permissive=True) as port:
         headers = dict(_exchange_headers(), host=HOST)
         with httpx.Client(verify=_client_ctx(pki)) as c:
             for _ in range(2):
-                assert c.post(f"https://{LOOPBACK}:{port}/reviews/1", headers=headers, content=b"12345").status_code \
-                    == 200
+                r = c.post(f"https://{LOOPBACK}:{port}/reviews/1", headers=headers, content=b"12345")
+                assert r.status_code == 200
+                # the app never sees the exchange pair; the caller gets this workload's (a server sidecar's answer)
+                assert not [h for h in r.json() if h.startswith("x-envoy-peer")]
+                assert _answered_peer(r) == "reviews-v1"
         with httpx.Client() as c:
             assert c.get(f"http://{LOOPBACK}:{port}/reviews/2", headers=headers).status_code == 200
-            assert c.get(f"http://{LOOPBACK}:{port}/anon", headers={"host": HOST}).status_code == 200
+            anon = c.get(f"http://{LOOPBACK}:{port}/anon", headers={"host": HOST})
+            assert anon.status_code == 200 and anon.headers["x-envoy-peer-metadata"] == "app's own"  # not asked
     series = {(s["connection_security_policy"], s["source_workload"]): s for s in _series(server_mesh.sink)}
     assert set(series) == {("mutual_tls", "productpage-v1"), ("none", "productpage-v1"), ("none", "unknown")}
     mtls = series[("mutual_tls", "productpage-v1")]
@@ -116,6 +138,7 @@ def test_asgi_uvicorn_mtls_and_plaintext(server_mesh: Any, pki: Pki) -> None:
 
 def test_wsgi_plaintext(server_mesh: Any, pki: Pki) -> None:
     def app(environ: Dict[str, Any], start_response: Any) -> List[bytes]:
+        assert "HTTP_X_ENVOY_PEER_METADATA" not in environ and "HTTP_X_ENVOY_PEER_METADATA_ID" not in environ
         start_response("201 Created", [("Content-Type", "text/plain"), ("Content-Length", "2")])
         return [b"ok"]
 
@@ -128,10 +151,11 @@ def test_wsgi_plaintext(server_mesh: Any, pki: Pki) -> None:
     try:
         port = server.server_address[1]
         with httpx.Client() as c:
-            assert c.get(f"http://{LOOPBACK}:{port}/w", headers=dict(_exchange_headers(), host=HOST)).status_code \
-                == 201
+            r = c.get(f"http://{LOOPBACK}:{port}/w", headers=dict(_exchange_headers(), host=HOST))
+            assert r.status_code == 201 and _answered_peer(r) == "reviews-v1"
         with httpx.Client(verify=_client_ctx(pki, "other_sa")) as c:
-            assert c.get(f"https://{LOOPBACK}:{port}/w", headers={"host": HOST}).status_code == 201
+            r = c.get(f"https://{LOOPBACK}:{port}/w", headers={"host": HOST})
+            assert r.status_code == 201 and _answered_peer(r) is None
     finally:
         server.shutdown()
         server.server_close()

@@ -59,7 +59,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 
 __all__ = ["GatedMiddleware", "InboundGate", "InboundStats", "Verdict", "ALLOWED", "DENIED", "NOT_SERVING", "NO_CHAIN", "NO_ROUTE",
            "UNSERVED_ROUTE", "DENIED_BODY", "destination_sinks", "emit", "now", "listener_of", "ip_or_none",
-           "request_facts", "str_headers"]
+           "request_facts", "answer_exchange", "str_headers"]
 
 log = logging.getLogger(__name__)
 
@@ -351,17 +351,33 @@ def destination_sinks(mesh: Any) -> Tuple[Any, ...]:
     return telemetry.sinks
 
 
-def request_facts(headers: Any) -> Tuple[Optional[str], Any]:
-    """``(x-request-id, x-envoy-peer-metadata)`` of a request's header pairs (bytes names, as ASGI
-    gives them, or lower-case str names, as the WSGI and gRPC integrations make them)."""
+def request_facts(headers: Any) -> Tuple[Optional[str], Any, bool]:
+    """``(x-request-id, x-envoy-peer-metadata, asked)`` of a request's header pairs (bytes names, as
+    ASGI gives them, or lower-case str names, as the WSGI and gRPC integrations make them);
+    ``asked``: the request carried Istio's metadata exchange (either header), so a server sidecar
+    answers with its own pair (istio/proxy peer_metadata filter: ``request_peer_received_``)."""
     request_id = peer = None
+    asked = False
     for k, v in headers:
         n = len(k)
         if n == 12 and (k == b"x-request-id" or k == "x-request-id"):
             request_id = v.decode("latin-1") if isinstance(v, bytes) else v
         elif n == 21 and (k == b"x-envoy-peer-metadata" or k == "x-envoy-peer-metadata"):
             peer = v
-    return request_id, peer
+            asked = True
+        elif n == 24 and (k == b"x-envoy-peer-metadata-id" or k == "x-envoy-peer-metadata-id"):
+            asked = True
+    return request_id, peer, asked
+
+
+def answer_exchange(mesh: Any, asked: bool) -> Any:
+    """The mesh's metadata exchange (``peer_metadata.Exchange``: this workload's pair) to add to the
+    response of a request that carried the caller's (``asked``), as a server sidecar does; None
+    when the request did not ask or the exchange is off."""
+    if not asked or mesh is None:
+        return None
+    telemetry = getattr(mesh, "telemetry", None)
+    return telemetry.exchange if telemetry is not None else None
 
 
 _failed_sinks: Dict[int, None] = {}

@@ -72,7 +72,7 @@ from urllib.parse import quote, unquote
 
 from ..tls.server import peer_from_asgi_scope
 from ._inbound import (
-    ALLOWED, DENIED, GatedMiddleware, Verdict, destination_sinks, emit, ip_or_none, now, request_facts,
+    ALLOWED, DENIED, GatedMiddleware, Verdict, answer_exchange, destination_sinks, emit, ip_or_none, now, request_facts,
 )
 
 __all__ = ["MeshAsgiMiddleware", "caller"]
@@ -159,7 +159,7 @@ class MeshAsgiMiddleware(GatedMiddleware):
         if verdict.outcome is not ALLOWED:
             status = await self._refuse(scope, send, verdict, version)
             if sinks:
-                request_id, peer = request_facts(headers)
+                request_id, peer, _ = request_facts(headers)
                 emit(sinks, verdict, method, path, authority, _protocol(headers), status, start, 0, len(verdict.body),
                      request_id=request_id, peer_metadata=peer)
             return
@@ -197,6 +197,10 @@ class MeshAsgiMiddleware(GatedMiddleware):
                              path: str, authority: Optional[str], headers: Any, sinks: Tuple[Any, ...],
                              start: float) -> None:
         state = [0, 0, 0]  # status, request bytes, response bytes
+        request_id, peer, asked = request_facts(headers)
+        exchange = answer_exchange(self.mesh, asked)
+        if asked:  # Istio's exchange pair is the sidecars' business: the app does not see it
+            scope["headers"] = [(k, v) for k, v in headers if k not in _EXCHANGE_NAMES]
 
         async def counting_receive() -> Dict[str, Any]:
             message = await receive()
@@ -208,6 +212,10 @@ class MeshAsgiMiddleware(GatedMiddleware):
             t = message["type"]
             if t == "http.response.start":
                 state[0] = message["status"]
+                if exchange is not None:  # this workload's pair for the caller's sidecar
+                    message = dict(message)
+                    message["headers"] = [(k, v) for k, v in message.get("headers") or ()
+                                          if k.lower() not in _EXCHANGE_NAMES] + list(exchange.headers_bytes)
             elif t == "http.response.body":
                 state[2] += len(message.get("body") or b"")
             elif t == "websocket.accept":
@@ -219,7 +227,6 @@ class MeshAsgiMiddleware(GatedMiddleware):
         finally:
             if verdict.prefix is not None:
                 self.gate.stats.response(verdict.prefix, state[0], scope.get("http_version") == "2")
-            request_id, peer = request_facts(headers)
             emit(sinks, verdict, method, path, authority, _protocol(headers), state[0], start, state[1], state[2],
                  request_id=request_id, peer_metadata=peer)
 
@@ -248,6 +255,9 @@ class MeshAsgiMiddleware(GatedMiddleware):
         src = (f"listener={self.gate.listener!r}" if self.gate.listener is not None
                else f"rbac={self.gate.rbac!r}")
         return f"MeshAsgiMiddleware({self.app!r}, {src})"
+
+
+_EXCHANGE_NAMES = frozenset([b"x-envoy-peer-metadata", b"x-envoy-peer-metadata-id"])
 
 
 def _protocol(headers: Any) -> str:

@@ -226,7 +226,7 @@ class _Base:
         # HTTP 200 for every gRPC answer: Envoy answers a refused gRPC request (its local reply) with
         # 200 and the grpc-status, which is what its access log and Istio's metrics report
         try:
-            request_id, peer = request_facts(context.invocation_metadata() or ())
+            request_id, peer, _ = request_facts(context.invocation_metadata() or ())
         except Exception:  # noqa: BLE001 - no metadata to read: no request ID, no peer
             request_id = peer = None
         emit(sinks, verdict, "POST", method, _authority(context), "grpc", 200, start, grpc_status=grpc_status,

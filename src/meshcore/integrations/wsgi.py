@@ -50,7 +50,7 @@ from urllib.parse import quote, unquote
 
 from ..tls.server import peer_from_wsgi_environ
 from ._inbound import (
-    ALLOWED, GatedMiddleware, Verdict, destination_sinks, emit, ip_or_none, now, request_facts,
+    ALLOWED, GatedMiddleware, Verdict, answer_exchange, destination_sinks, emit, ip_or_none, now, request_facts,
 )
 
 __all__ = ["MeshWsgiMiddleware"]
@@ -130,6 +130,9 @@ def _tls(environ: Dict[str, Any]) -> Tuple[bool, Any, Optional[str], Optional[Tu
     return False, None, None, local
 
 
+_EXCHANGE_NAMES = frozenset(["x-envoy-peer-metadata", "x-envoy-peer-metadata-id"])
+
+
 class MeshWsgiMiddleware(GatedMiddleware):
     """WSGI middleware applying the mesh's inbound policy (see the module docstring); arguments
     as :class:`~meshcore.integrations.asgi.MeshAsgiMiddleware`'s."""
@@ -165,7 +168,7 @@ class MeshWsgiMiddleware(GatedMiddleware):
             if verdict.prefix is not None:
                 self.gate.stats.response(verdict.prefix, status, http2)
             if sinks:
-                request_id, peer = request_facts(headers)
+                request_id, peer, _ = request_facts(headers)
                 emit(sinks, verdict, method, path, authority, _protocol(headers), status, start, 0, len(body),
                      request_id=request_id, peer_metadata=peer)
             reply = [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
@@ -188,12 +191,20 @@ class MeshWsgiMiddleware(GatedMiddleware):
                  headers: List[Tuple[str, str]], start: float) -> Iterable[bytes]:
         state = [0]
         stats = self.gate.stats
+        request_id, peer, asked = request_facts(headers) if sinks else (None, None, False)
+        exchange = answer_exchange(self.mesh, asked)
+        if asked:  # Istio's exchange pair is the sidecars' business: the app does not see it
+            environ.pop("HTTP_X_ENVOY_PEER_METADATA", None)
+            environ.pop("HTTP_X_ENVOY_PEER_METADATA_ID", None)
 
         def counting_start_response(status: str, response_headers: Any, exc_info: Any = None) -> Any:
             try:
                 state[0] = int(status[:3])
             except ValueError:
                 state[0] = 0
+            if exchange is not None:  # this workload's pair for the caller's sidecar
+                response_headers = [(k, v) for k, v in response_headers if k.lower() not in _EXCHANGE_NAMES]
+                response_headers += list(exchange.headers)
             return start_response(status, response_headers, exc_info) if exc_info is not None \
                 else start_response(status, response_headers)
 
@@ -212,7 +223,6 @@ class MeshWsgiMiddleware(GatedMiddleware):
         def done(sent: int) -> None:
             if names is not None:
                 stats.response(names, state[0], http2)
-            request_id, peer = request_facts(headers)
             try:
                 received = int(environ.get("CONTENT_LENGTH") or 0)
             except ValueError:
