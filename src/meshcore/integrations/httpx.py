@@ -13,8 +13,10 @@ Mount them on the mesh's domain so only mesh hosts are affected::
     async with httpx.AsyncClient(mounts={"all://*.svc.cluster.local": AsyncMeshTransport(mesh)}) as ac:
         await ac.get("http://reviews.default.svc.cluster.local:9080/reviews/1")
 
-Per request: ``Mesh.request`` routes it, ``Call.run`` applies the route's policies, and each
-attempt goes to the picked ``ip:port`` with the logical ``Host`` header, the ``sni_hostname``
+Per request: ``Mesh.request`` routes it, ``Call.run`` applies the route's policies (while no
+telemetry sink is registered the transport runs the usual request's router steps itself -- first
+attempt, its deadline, the policy's verdict -- and lifecycle's loop only for a fault filter or an
+outcome that may be retried: the same behaviour, one coroutine less), and each attempt goes to the picked ``ip:port`` with the logical ``Host`` header, the ``sni_hostname``
 extension set to the logical host (TLS SNI and certificate verification use the service name), and
 the client's ``timeout`` extension capped by the attempt's timeout. Attempts of a cluster share one
 inner transport (``HTTPTransport`` of the same library, or ``inner_factory``), so connection limits
@@ -47,6 +49,10 @@ for ``retry_on`` and outlier detection; nothing is ever sent in plaintext instea
 are kept alive per cluster socket. Mesh TLS cannot be added to inner transports made by
 ``inner_factory``, or that use ``proxy=``/``uds=``, nor under an ``https://`` URL: attempts to a
 TLS endpoint then raise ``UnsupportedProtocol`` saying so (plaintext clusters are unaffected).
+
+With Istio's metadata exchange on (``Telemetry.enable_istio_metrics``), each attempt carries this
+workload's ``x-envoy-peer-metadata`` / ``-id`` once: the application's own are replaced, as the
+sidecar's filter does, and the peer's leave the response.
 
 Direct-response and redirect routes, and fault-filter aborts, are answered without an upstream.
 Failures raise the library's exceptions: an upstream failure after the last attempt as the inner
