@@ -53,6 +53,7 @@ cdef enum:
     # here) apart from the next, so the slot is asked for two picks before it is read.
     RANDOM_SLOT_AHEAD = 4
     RANDOM_EP_AHEAD = 2
+    RANDOM_PREDICTIONS = 4  # >= RANDOM_SLOT_AHEAD - RANDOM_EP_AHEAD + 1
 
 cdef uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL  # SplitMix64's increment
 
@@ -681,6 +682,12 @@ cdef class LoadBalancer:
     cdef uint64_t _ahead_gen
     cdef int32_t _ahead_n
     cdef int64_t _ahead_host[LOOKAHEAD_MAX_CHOICES]
+    # Random look-ahead (see _look_ahead_random): the host of the pick that draws at RNG state
+    # _rnd_state[k], on table number _rnd_gen[k]; the last RANDOM_PREDICTIONS predictions.
+    cdef uint64_t _rnd_state[RANDOM_PREDICTIONS]
+    cdef uint64_t _rnd_gen[RANDOM_PREDICTIONS]
+    cdef int64_t _rnd_host[RANDOM_PREDICTIONS]
+    cdef uint32_t _rnd_next
     cdef object _update_lock           # serialises builders: carry indices refer to _table
     cdef object __weakref__
 
@@ -1151,7 +1158,7 @@ cdef class LoadBalancer:
                 # A source of consecutive hosts skips its host list (one memory access less).
                 host = first + <int64_t>(h % <uint64_t>n) if first >= 0 else hosts[h % <uint64_t>n]
                 if t.lookahead:
-                    _look_ahead_random(t, self._rng)
+                    self._look_ahead_random(t)
             else:
                 edf = t.src_edf[sid]
                 if edf != NULL:
@@ -1259,6 +1266,36 @@ cdef class LoadBalancer:
         self._ahead_n = count
         self._ahead_state = base
         self._ahead_gen = self._gen
+
+    @cython.boundscheck(False)
+    cdef void _look_ahead_random(self, _Table t) noexcept:
+        """Random picks over a large table: a pick's host is a pure function of the RNG state
+        and the table, so the picks ahead are known. With s the state after this pick's draw
+        (pick k + m draws splitmix_at(s + m * GOLDEN)): prefetch the host slot of pick k +
+        RANDOM_SLOT_AHEAD (and remember its host), and the Endpoint object and by_ptr entry of
+        pick k + RANDOM_EP_AHEAD, whose host was remembered when its slot was prefetched (so
+        its slot is in cache by now). Nothing here changes what a pick reads; a table published
+        in between invalidates what was remembered (_rnd_gen) and only wastes a prefetch."""
+        cdef uint64_t target = self._rng + GOLDEN * <uint64_t>RANDOM_EP_AHEAD
+        cdef int64_t host = -2
+        cdef uint32_t k
+        for k in range(RANDOM_PREDICTIONS):
+            if self._rnd_state[k] == target and self._rnd_gen[k] == self._gen:
+                host = self._rnd_host[k]  # a host index of t (same table generation)
+                break
+        if host == -2:
+            host = _random_host_at(t, splitmix_at(target))
+        if host >= 0:
+            _prefetch_host(t, host)
+        target = self._rng + GOLDEN * <uint64_t>RANDOM_SLOT_AHEAD
+        host = _random_host_at(t, splitmix_at(target))
+        k = self._rnd_next % RANDOM_PREDICTIONS
+        self._rnd_next += 1
+        self._rnd_state[k] = target
+        self._rnd_gen[k] = self._gen
+        self._rnd_host[k] = host
+        if host >= 0:
+            prefetch_w(&t.slots[host])  # host < n_hosts (a host index of t)
 
     def release(self, endpoint):
         """The request to ``endpoint`` finished (least-request accounting). An Endpoint this
@@ -1408,22 +1445,6 @@ cdef inline int64_t _random_host_at(_Table t, uint64_t h) noexcept:
     first = t.src_first[sid]
     # sid < n_sources and h % n < n, as in _pick; src_off[sid] is a valid offset when first < 0.
     return first + <int64_t>(h % <uint64_t>n) if first >= 0 else t.src_hosts[t.src_off[sid] + h % <uint64_t>n]
-
-
-@cython.boundscheck(False)
-cdef inline void _look_ahead_random(_Table t, uint64_t s) noexcept:
-    """Random picks over a large table: a pick's host is a pure function of the RNG state
-    and the table, so the picks ahead are known. With ``s`` the state after this pick's draw
-    (pick k + m draws splitmix_at(s + m * GOLDEN)): prefetch the host slot of pick k +
-    RANDOM_SLOT_AHEAD, and the Endpoint object and by_ptr entry of pick k + RANDOM_EP_AHEAD
-    (reading the slot pointer prefetched two picks ago). Nothing here changes what a pick
-    reads; an update in between only wastes a prefetch."""
-    cdef int64_t host = _random_host_at(t, splitmix_at(s + GOLDEN * <uint64_t>RANDOM_SLOT_AHEAD))
-    if host >= 0:
-        prefetch_w(&t.slots[host])  # host < n_hosts (a host index of t)
-    host = _random_host_at(t, splitmix_at(s + GOLDEN * <uint64_t>RANDOM_EP_AHEAD))
-    if host >= 0:
-        _prefetch_host(t, host)
 
 
 @cython.boundscheck(False)
