@@ -124,3 +124,28 @@ def test_ring_lookup_at_and_around_every_point(n, min_ring):
         assert x.key == y.key, h
         a.release(x)
         b.release(y)
+
+
+@pytest.mark.c_extension
+def test_random_look_ahead_across_shrinking_and_growing_updates():
+    """The random look-ahead remembers hosts predicted on one table: after an update to a
+    smaller (or larger) set, picks go on exactly as the pure twin's, and counts stay in step."""
+    from meshcore._fast import lb_c
+
+    sets = [_endpoints(N), _endpoints(9000, offset=3), _endpoints(3 * N // 2, offset=1), _endpoints(100)]
+    a = lb_c.LoadBalancer(sets[0], "RANDOM", seed=11)
+    b = lb_py.LoadBalancer(sets[0], "RANDOM", seed=11)
+    for eps in sets[1:] + sets[:1]:
+        for _ in range(257):  # not a multiple of the remembered predictions
+            x, y = a.pick(), b.pick()
+            assert x.key == y.key
+            a.release(x)
+            b.release(y)
+        held = [(a.pick(), b.pick()) for _ in range(5)]  # in flight across the update
+        assert [x.key for x, _ in held] == [y.key for _, y in held]
+        a.update(eps)
+        b.update(eps)
+        for x, y in held:
+            a.release(x)
+            b.release(y)
+    assert all(a.active_requests(ep) == 0 for ep in a.endpoints)
