@@ -4,6 +4,7 @@ attempt straight to the endpoint's grpcio multicallable, and the state made once
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator, List
 
 import grpc
@@ -189,3 +190,62 @@ def test_closed_channel_ends_the_attempt(fast_mesh):
     st = fast_mesh.stats()["main"]
     assert st["upstream_rq_active"] == 0 and st["upstream_rq_rx_reset"] == 1  # finished as a reset
     ch.close()
+
+
+def test_short_path_reuses_the_endpoint_entry_of_its_configuration(fast_mesh, servers):
+    with mesh_channel(fast_mesh, TARGET) as ch:
+        hello = ch.unary_unary(f"/{SERVICE}/Hello")
+        seen = {hello(b"", timeout=5) for _ in range(6)} | {hello(b"") for _ in range(4)}  # with and without a deadline
+        assert seen == {b"s2", b"s3"}
+        cfg = fast_mesh.config(TARGET)
+        assert hello._eps_cfg is cfg and len(hello._eps) == 2  # one entry per endpoint, this configuration's
+        for endpoint, ep, mc, route, active in hello._eps.values():
+            assert ep.inflight == 0 and active is ep.active and ep.callables.get(hello._slot) is mc
+        # a path rewrite (another route) never takes an entry made for the method's own path
+        alias = ch.unary_unary(f"/{SERVICE}/Alias")
+        assert alias(b"", timeout=5) in (b"s2", b"s3") and alias(b"", timeout=5) in (b"s2", b"s3")
+        assert alias._eps_cfg is None and not alias._eps  # rewritten: always the general path
+        st = fast_mesh.stats()["main"]
+        assert st["upstream_rq_total"] == 12 and st["upstream_rq_active"] == 0
+
+
+def test_short_path_follows_a_new_configuration_and_departed_channels(servers):
+    with ControlPlane() as cp:
+        cp.set_resources(_resources(servers))
+        m = ready_mesh(cp, "meshcore-grpc-short", 5)
+        try:
+            with mesh_channel(m, TARGET, sweep_interval=None) as ch:
+                hello = ch.unary_unary(f"/{SERVICE}/Hello")
+                assert {hello(b"", timeout=5) for _ in range(4)} == {b"s2", b"s3"}
+                old_cfg = hello._eps_cfg
+                res = _resources(servers)
+                res[-1] = b.assignment("main", [("127.0.0.1", servers["s1"])])  # s2, s3 leave; s1 (Flaky fails) comes
+                cp.set_resources(res)
+                s1 = f"127.0.0.1:{servers['s1']}"
+
+                def endpoints() -> set:
+                    return {e.key for e in m.config(TARGET).clusters["main"].lb.endpoints}
+
+                deadline = time.monotonic() + 5
+                while endpoints() != {s1} and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert endpoints() == {s1}
+                ch.sweep()  # the channels to s2 and s3 leave (departed, closed: idle)
+                assert {hello(b"", timeout=5) for _ in range(3)} == {b"s1"}
+                # (an EDS update keeps the configuration object, with new endpoint objects: the
+                # entries of s2 and s3 are never taken again)
+                assert hello._eps_cfg is m.config(TARGET) is old_cfg
+                assert hello._eps[s1][0] in m.config(TARGET).clusters["main"].lb.endpoints
+                assert all(v[1].departed for k, v in hello._eps.items() if k != s1)
+                # a server's error through the short path: recorded, retried, raised with its status
+                flaky = ch.unary_unary(f"/{SERVICE}/Flaky")
+                for _ in range(2):  # the second call takes the short path (the entry the first made)
+                    with pytest.raises(grpc.RpcError) as info:
+                        flaky(b"", timeout=5)
+                    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+                    assert "draining" in info.value.details()
+                assert flaky._eps_cfg is m.config(TARGET)
+            st = m.stats()["main"]
+            assert st["upstream_rq_active"] == 0 and st["upstream_rq_retry"] >= 2
+        finally:
+            m.close()

@@ -138,12 +138,13 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         (``_with_call``: ``(response, call)``, for :meth:`with_call`). While a mesh has telemetry
         sinks, the RPC runs under :meth:`Call.run` instead (as ``future()`` does), which reports it.
 
-        The common RPC (no metadata nor call options, a deadline, a configuration that routes it
+        The common RPC (no metadata nor call options, a configuration that routes it
         without gRPC's own headers, no fault filter, an endpoint already used under this
         configuration) takes the short path below; anything else, :meth:`_blocking`."""
         cfg = self._eps_cfg
-        if cfg is None or metadata is not None or _with_call or _TELEMETRY[0] or timeout is None or \
-                not timeout > 0 or credentials is not None or wait_for_ready is not None or compression is not None:
+        if cfg is None or metadata is not None or _with_call or _TELEMETRY[0] or \
+                (timeout is not None and not timeout > 0) or credentials is not None or wait_for_ready is not None \
+                or compression is not None:
             return self._blocking(request, timeout, metadata, credentials, wait_for_ready, compression, _with_call)
         ch = self._channel
         if ch._closed:
@@ -175,7 +176,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         active = hit[4]
         active.append(None)  # counted in, then checked (see _EndpointChannel.active)
         attempt_timeout = a.timeout
-        if ep.departed or not attempt_timeout > 0:  # (a closed pool's channels are departed too)
+        if ep.departed or (attempt_timeout is not None and not attempt_timeout > 0):  # (a closed pool's are departed)
             ch._pool.release(ep)
             return self._blocking(request, timeout, None, None, None, None, False, call, a)
         started = call.started  # (the first attempt's start, as far as elapsed time goes)
@@ -278,6 +279,8 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                             if cfg is not self._eps_cfg or len(self._eps) >= 4096:
                                 self._eps = {}
                                 self._eps_cfg = cfg
+                            elif len(self._eps) >= 64:  # EDS churn under one configuration: drop the departed
+                                self._eps = {k: v for k, v in self._eps.items() if not v[1].departed}
                             self._eps[a.endpoint.key] = (a.endpoint, ep, mc, call.route, ep.active)
             else:
                 ep = None
