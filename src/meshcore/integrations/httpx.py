@@ -16,7 +16,8 @@ Mount them on the mesh's domain so only mesh hosts are affected::
 Per request: ``Mesh.request`` routes it, ``Call.run`` applies the route's policies (while no
 telemetry sink is registered the transport runs the usual request's router steps itself -- first
 attempt, its deadline, the policy's verdict -- and lifecycle's loop only for a fault filter or an
-outcome that may be retried: the same behaviour, one coroutine less), and each attempt goes to the picked ``ip:port`` with the logical ``Host`` header, the ``sni_hostname``
+outcome that may be retried: the same behaviour, one coroutine less), and each attempt goes to
+the picked ``ip:port`` with the logical ``Host`` header, the ``sni_hostname``
 extension set to the logical host (TLS SNI and certificate verification use the service name), and
 the client's ``timeout`` extension capped by the attempt's timeout. Attempts of a cluster share one
 inner transport (``HTTPTransport`` of the same library, or ``inner_factory``), so connection limits
@@ -202,6 +203,7 @@ _CORE_BARE: Dict[str, bool] = {}
 _get_running_loop = asyncio.get_running_loop
 _current_task = asyncio.current_task
 _HAS_UNCANCEL = hasattr(asyncio.Task, "uncancel")
+_partial = functools.partial
 _METHODS = {m: m.encode("ascii") for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
@@ -534,7 +536,7 @@ class _MeshTransportBase:
         self._fixed_lib = _Lib(self._module) if self._module is not None else None
         self._origins: Dict[str, Tuple[bytes, int]] = {}  # endpoint key -> (host, port) for the pool
         self._ascii: Dict[str, Tuple[bytes, bytes]] = {}  # authority -> its Host header pair
-        self._urls: Dict[Any, Tuple[str, bytes, str, Optional[str]]] = {}  # see _url_parts
+        self._urls: Dict[Any, Tuple[str, bytes, bytes, Optional[str]]] = {}  # see _url_parts
         self._headers: Dict[Tuple[Any, ...], List[Tuple[str, str]]] = {}  # see _mesh_headers
         close = self._close_inner_sync if self._sync else self._close_inner_async
         self._pools = _ClusterPools(mesh, self._new_inner, close, is_async=not self._sync)
@@ -555,6 +557,10 @@ class _MeshTransportBase:
         if self._transport_kwargs.get("uds") is not None:
             return "the inner transports connect to a unix socket (uds=), which mesh TLS does not support"
         return None
+
+    def _sender(self, *args: Any) -> Callable[[Any], Any]:
+        """``send(attempt)`` for lifecycle's router and retries: ``_send`` with this request's arguments."""
+        return _partial(self._send, *args)
 
     @staticmethod
     def _close_inner_sync(inner: _Inner) -> None:
@@ -693,16 +699,16 @@ class _MeshTransportBase:
             self._headers[key] = both
         return both
 
-    def _url_parts(self, url: Any) -> Tuple[str, bytes, str, Optional[str]]:
-        """``(logical URL, raw path, path, SNI host or None)`` of a request URL, kept per parsed
-        URL (httpx's own parse result, a tuple of strings) for the URLs a client repeats."""
+    def _url_parts(self, url: Any) -> Tuple[str, bytes, bytes, Optional[str]]:
+        """``(logical URL, raw path, scheme as bytes, SNI host or None)`` of a request URL, kept
+        per parsed URL (httpx's own parse result, a tuple of strings) for the URLs a client repeats."""
         ref = getattr(url, "_uri_reference", None)
         parts = self._urls.get(ref) if ref is not None else None
         if parts is None:
             raw_path = url.raw_path
             path = raw_path.decode("ascii")
             scheme = url.scheme
-            parts = (f"{scheme}://{url.netloc.decode('ascii')}{path}", raw_path, path,
+            parts = (f"{scheme}://{url.netloc.decode('ascii')}{path}", raw_path, _SCHEMES.get(scheme) or url.raw_scheme,
                      url.raw_host.decode("ascii") if scheme == "https" else None)
             if ref is not None:
                 if len(self._urls) >= _CACHE_MAX:
@@ -1018,10 +1024,68 @@ def _final_response(lib: _Lib, request: Any, resp: Any, raw: bytes) -> Any:
 class MeshTransport(_MeshTransportBase):
     """An httpx/httpx2 ``BaseTransport`` routing through the mesh (see the module docstring)."""
 
+    def _send(self, request: Any, lib: _Lib, key: Tuple[Any, ...], cluster: str, scheme: bytes,
+              target: bytes, path: str, sni: Optional[str], upstream: Any, exchange: Any, peer: bool,
+              attempt: Any) -> Any:
+        """One attempt of ``request`` (``lifecycle``'s ``send(attempt)``: the arguments before
+        ``attempt`` are bound per request, see ``handle_request``)."""
+        try:
+            tls = self._tls_of(cluster, attempt.endpoint)
+        except TlsHandshakeError as e:  # TLS required, certificates missing: never plaintext
+            raise lib.mod.ConnectError(str(e), request=request) from e
+        pools = self._pools
+        slot = pools.acquire(key, cluster) if tls is None else self._tls_slot(key, cluster, tls, attempt, lib.mod,
+                                                                              request)
+        try:
+            inner = slot.pool
+            pool = inner.pool
+            if pool is not None:
+                req = self._core_request(inner, request, attempt, scheme, target, path, sni, upstream)
+                if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics): ours replace the app's
+                    _add_exchange(req, exchange, peer)
+                if _TELEMETRY[0]:  # tracing (meshcore.telemetry.tracing): this attempt's headers
+                    _add_trace_bytes(req.headers, _trace_headers(attempt))
+                try:
+                    resp = pool.handle_request(req)
+                    stream = resp.stream
+                    try:
+                        raw = b"".join(stream)
+                    finally:  # resp.close() without its sync/async type test (an ABC check)
+                        close = getattr(stream, "close", None)
+                        if close is not None:
+                            close()
+                except Exception as exc:
+                    err = getattr(exc, "_meshcore_tls", None)
+                    if err is not None:  # mesh TLS (see _connect_error): the meshcore error is the cause
+                        raise lib.mod.ConnectError(str(err), request=request) from err
+                    with inner.map_exc():  # the library's own httpcore -> httpx mapping
+                        raise exc
+                if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
+                    _tell_telemetry(attempt, resp, raw, exchange)
+                return _final_response(lib, request, resp, raw)
+            mod = lib.mod
+            try:
+                response = inner.transport.handle_request(
+                    self._attempt_request(mod, request, attempt, request.url.raw_host.decode("ascii"), exchange))
+            except mod.ConnectError as exc:
+                _tls_cause_first(exc)
+                raise
+            try:
+                raw = b"".join(response.iter_raw())
+            finally:
+                response.close()
+            if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
+                _tell_telemetry_headers(attempt, response, raw, exchange)
+            return _Answer.of(response, raw)
+        finally:
+            pools.release(slot)
+
+    one = False  # the first attempt's answer ended the request (inline path)
+
     def handle_request(self, request: Any) -> Any:
         lib = self._fixed_lib or self._lib(request)
         url = request.url
-        logical, raw_path, _, sni = self._url_parts(url)
+        logical, raw_path, scheme_b, sni = self._url_parts(url)
         headers, upstream, peer = self._mesh_headers(request)
         try:
             try:
@@ -1039,81 +1103,32 @@ class MeshTransport(_MeshTransportBase):
             request.read()  # a retry sends the body again (unless read already, as without a body)
         exchange = _exchange_of(self._mesh) if _TELEMETRY[0] else None
 
-        # the attempt's sender: its per-request values as defaults (fast locals; no closure cells)
-        def send(attempt: Any, self: "MeshTransport" = self, request: Any = request, lib: _Lib = lib,
-                 key: Tuple[Any, ...] = (lib.name, cluster, sni), cluster: str = cluster,
-                 scheme: bytes = _SCHEMES.get(url.scheme) or url.raw_scheme, target: bytes = raw_path,
-                 path: str = call.path, sni: Optional[str] = sni, upstream: Any = upstream,
-                 exchange: Any = exchange, peer: bool = peer) -> Any:
-            try:
-                tls = self._tls_of(cluster, attempt.endpoint)
-            except TlsHandshakeError as e:  # TLS required, certificates missing: never plaintext
-                raise lib.mod.ConnectError(str(e), request=request) from e
-            pools = self._pools
-            slot = pools.acquire(key, cluster) if tls is None else self._tls_slot(key, cluster, tls, attempt, lib.mod,
-                                                                                  request)
-            try:
-                inner = slot.pool
-                pool = inner.pool
-                if pool is not None:
-                    req = self._core_request(inner, request, attempt, scheme, target, path, sni, upstream)
-                    if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics): ours replace the app's
-                        _add_exchange(req, exchange, peer)
-                    if _TELEMETRY[0]:  # tracing (meshcore.telemetry.tracing): this attempt's headers
-                        _add_trace_bytes(req.headers, _trace_headers(attempt))
-                    try:
-                        resp = pool.handle_request(req)
-                        stream = resp.stream
-                        try:
-                            raw = b"".join(stream)
-                        finally:  # resp.close() without its sync/async type test (an ABC check)
-                            close = getattr(stream, "close", None)
-                            if close is not None:
-                                close()
-                    except Exception as exc:
-                        err = getattr(exc, "_meshcore_tls", None)
-                        if err is not None:  # mesh TLS (see _connect_error): the meshcore error is the cause
-                            raise lib.mod.ConnectError(str(err), request=request) from err
-                        with inner.map_exc():  # the library's own httpcore -> httpx mapping
-                            raise exc
-                    if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
-                        _tell_telemetry(attempt, resp, raw, exchange)
-                    return _final_response(lib, request, resp, raw)
-                mod = lib.mod
-                try:
-                    response = inner.transport.handle_request(
-                        self._attempt_request(mod, request, attempt, url.raw_host.decode("ascii"), exchange))
-                except mod.ConnectError as exc:
-                    _tls_cause_first(exc)
-                    raise
-                try:
-                    raw = b"".join(response.iter_raw())
-                finally:
-                    response.close()
-                if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
-                    _tell_telemetry_headers(attempt, response, raw, exchange)
-                return _Answer.of(response, raw)
-            finally:
-                pools.release(slot)
-
+        key = (lib.name, cluster, sni)
+        path = call.path
         one = False  # the first attempt's answer ended the request (inline path)
         try:
             a = None if _TELEMETRY[0] else call.first_attempt()
             if a is None:  # telemetry (reported, traced) or a fault filter: lifecycle's router
+                send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream, exchange, peer)
                 answer = (_run_reported if _TELEMETRY[0] else _run)(call, send, _status_code, None, lib.classify)
             else:  # run's straight path, inline (see _rest)
                 try:
-                    answer = send(a)
+                    answer = self._send(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream, exchange,
+                                        peer, a)
                 except BaseException as e:  # noqa: BLE001  (classified)
                     kind = lib.classify(e)
                     a.finish(error=kind or RESET)
                     if kind is None:
                         raise
+                    send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
+                                        exchange, peer)
                     answer = _rest(call, a, None, e, send, lib.classify)
                 else:
                     if a.finish_final(answer.status_code, None):
                         one = True
                     else:
+                        send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
+                                            exchange, peer)
                         answer = _rest(call, a, answer, None, send, lib.classify)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
@@ -1125,8 +1140,8 @@ class MeshTransport(_MeshTransportBase):
             raise
         if type(answer) is _Answer:
             return self._finish(lib.mod, answer, request, call)
-        answer.extensions["meshcore"] = ({"cluster": cluster, "endpoint": a.endpoint.key, "route": call.route.route_name,
-                                          "attempts": 1} if one else _info(call))
+        answer.extensions["meshcore"] = ({"cluster": cluster, "endpoint": a.endpoint.key,
+                                          "route": call.route.route_name, "attempts": 1} if one else _info(call))
         return answer
 
     def close(self) -> None:
@@ -1145,10 +1160,73 @@ class AsyncMeshTransport(_MeshTransportBase):
 
     _sync = False
 
+    async def _send(self, request: Any, lib: _Lib, key: Tuple[Any, ...], cluster: str, scheme: bytes,
+                    target: bytes, path: str, sni: Optional[str], upstream: Any, exchange: Any, peer: bool,
+                    attempt: Any) -> Any:
+        """One attempt of ``request`` (``lifecycle``'s ``send(attempt)``: the arguments before
+        ``attempt`` are bound per request, see ``handle_async_request``)."""
+        try:
+            tls = self._tls_of(cluster, attempt.endpoint)
+        except TlsHandshakeError as e:  # TLS required, certificates missing: never plaintext
+            raise lib.mod.ConnectError(str(e), request=request) from e
+        pools = self._pools
+        slot = pools.acquire(key, cluster) if tls is None else self._tls_slot(key, cluster, tls, attempt, lib.mod,
+                                                                              request)
+        try:
+            inner = slot.pool
+            pool = inner.pool
+            if pool is not None:
+                req = self._core_request(inner, request, attempt, scheme, target, path, sni, upstream)
+                if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics): ours replace the app's
+                    _add_exchange(req, exchange, peer)
+                if _TELEMETRY[0]:  # tracing (meshcore.telemetry.tracing): this attempt's headers
+                    _add_trace_bytes(req.headers, _trace_headers(attempt))
+                try:
+                    resp = await pool.handle_async_request(req)
+                    stream = resp.stream
+                    chunks: List[bytes] = []
+                    try:
+                        async for chunk in stream:  # (a comprehension would be one more coroutine)
+                            chunks.append(chunk)
+                        raw = b"".join(chunks)
+                    finally:  # resp.aclose() without its sync/async type test (an ABC check)
+                        aclose = getattr(stream, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
+                except Exception as exc:
+                    err = getattr(exc, "_meshcore_tls", None)
+                    if err is not None:  # mesh TLS (see _connect_error): the meshcore error is the cause
+                        raise lib.mod.ConnectError(str(err), request=request) from err
+                    with inner.map_exc():  # the library's own httpcore -> httpx mapping
+                        raise exc
+                if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
+                    _tell_telemetry(attempt, resp, raw, exchange)
+                return _final_response(lib, request, resp, raw)
+            mod = lib.mod
+            try:
+                response = await inner.transport.handle_async_request(
+                    self._attempt_request(mod, request, attempt, request.url.raw_host.decode("ascii"), exchange))
+            except mod.ConnectError as exc:
+                _tls_cause_first(exc)
+                raise
+            try:
+                raw = b"".join([chunk async for chunk in response.aiter_raw()])
+            finally:
+                await response.aclose()
+            if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
+                _tell_telemetry_headers(attempt, response, raw, exchange)
+            return _Answer.of(response, raw)
+        finally:
+            closing = pools.release(slot)  # (arelease without its coroutine)
+            if closing is not None:
+                await self._close_inner_async(closing)
+
+    one = False  # the first attempt's answer ended the request (inline path)
+
     async def handle_async_request(self, request: Any) -> Any:
         lib = self._fixed_lib or self._lib(request)
         url = request.url
-        logical, raw_path, _, sni = self._url_parts(url)
+        logical, raw_path, scheme_b, sni = self._url_parts(url)
         headers, upstream, peer = self._mesh_headers(request)
         try:
             try:
@@ -1166,72 +1244,13 @@ class AsyncMeshTransport(_MeshTransportBase):
             await request.aread()  # (a coroutine only when there is something to read)
         exchange = _exchange_of(self._mesh) if _TELEMETRY[0] else None
 
-        # the attempt's sender: its per-request values as defaults (fast locals; no closure cells)
-        async def send(attempt: Any, self: "AsyncMeshTransport" = self, request: Any = request, lib: _Lib = lib,
-                       key: Tuple[Any, ...] = (lib.name, cluster, sni), cluster: str = cluster,
-                       scheme: bytes = _SCHEMES.get(url.scheme) or url.raw_scheme, target: bytes = raw_path,
-                       path: str = call.path, sni: Optional[str] = sni, upstream: Any = upstream,
-                       exchange: Any = exchange, peer: bool = peer) -> Any:
-            try:
-                tls = self._tls_of(cluster, attempt.endpoint)
-            except TlsHandshakeError as e:  # TLS required, certificates missing: never plaintext
-                raise lib.mod.ConnectError(str(e), request=request) from e
-            pools = self._pools
-            slot = pools.acquire(key, cluster) if tls is None else self._tls_slot(key, cluster, tls, attempt, lib.mod,
-                                                                                  request)
-            try:
-                inner = slot.pool
-                pool = inner.pool
-                if pool is not None:
-                    req = self._core_request(inner, request, attempt, scheme, target, path, sni, upstream)
-                    if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics): ours replace the app's
-                        _add_exchange(req, exchange, peer)
-                    if _TELEMETRY[0]:  # tracing (meshcore.telemetry.tracing): this attempt's headers
-                        _add_trace_bytes(req.headers, _trace_headers(attempt))
-                    try:
-                        resp = await pool.handle_async_request(req)
-                        stream = resp.stream
-                        chunks: List[bytes] = []
-                        try:
-                            async for chunk in stream:  # (a comprehension would be one more coroutine)
-                                chunks.append(chunk)
-                            raw = b"".join(chunks)
-                        finally:  # resp.aclose() without its sync/async type test (an ABC check)
-                            aclose = getattr(stream, "aclose", None)
-                            if aclose is not None:
-                                await aclose()
-                    except Exception as exc:
-                        err = getattr(exc, "_meshcore_tls", None)
-                        if err is not None:  # mesh TLS (see _connect_error): the meshcore error is the cause
-                            raise lib.mod.ConnectError(str(err), request=request) from err
-                        with inner.map_exc():  # the library's own httpcore -> httpx mapping
-                            raise exc
-                    if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
-                        _tell_telemetry(attempt, resp, raw, exchange)
-                    return _final_response(lib, request, resp, raw)
-                mod = lib.mod
-                try:
-                    response = await inner.transport.handle_async_request(
-                        self._attempt_request(mod, request, attempt, url.raw_host.decode("ascii"), exchange))
-                except mod.ConnectError as exc:
-                    _tls_cause_first(exc)
-                    raise
-                try:
-                    raw = b"".join([chunk async for chunk in response.aiter_raw()])
-                finally:
-                    await response.aclose()
-                if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
-                    _tell_telemetry_headers(attempt, response, raw, exchange)
-                return _Answer.of(response, raw)
-            finally:
-                closing = pools.release(slot)  # (arelease without its coroutine)
-                if closing is not None:
-                    await self._close_inner_async(closing)
-
+        key = (lib.name, cluster, sni)
+        path = call.path
         one = False  # the first attempt's answer ended the request (inline path)
         try:
             a = None if _TELEMETRY[0] else call.first_attempt()
             if a is None:  # telemetry (reported, traced) or a fault filter: lifecycle's router
+                send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream, exchange, peer)
                 answer = await (_run_async_reported if _TELEMETRY[0] else _run_async)(call, send, _status_code, None,
                                                                                         lib.classify)
             else:  # run_async's straight path, inline (see _rest_async)
@@ -1249,7 +1268,8 @@ class AsyncMeshTransport(_MeshTransportBase):
                         if when < dl.armed_at or dl.handle is None:
                             dl._arm(when)
                         try:
-                            answer = await send(a)
+                            answer = await self._send(request, lib, key, cluster, scheme_b, raw_path, path, sni,
+                                                      upstream, exchange, peer, a)
                         except asyncio.CancelledError as cancelled:
                             if dl.timed_out(a):
                                 raise TimeoutError(f"attempt timed out after {timeout:.3f}s") from cancelled
@@ -1258,17 +1278,22 @@ class AsyncMeshTransport(_MeshTransportBase):
                             if pending.pop(a, None) is None:  # its deadline fired (and send went on)
                                 dl.fired.pop(a, None)
                     else:
-                        answer = await send(a)
+                        answer = await self._send(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
+                                                  exchange, peer, a)
                 except BaseException as e:  # noqa: BLE001  (classified)
                     kind = lib.classify(e)
                     a.finish(error=kind or RESET)
                     if kind is None:
                         raise
+                    send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
+                                        exchange, peer)
                     answer = await _rest_async(call, a, None, e, send, lib.classify)
                 else:
                     if a.finish_final(answer.status_code, None):
                         one = True
                     else:
+                        send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
+                                            exchange, peer)
                         answer = await _rest_async(call, a, answer, None, send, lib.classify)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
@@ -1280,8 +1305,8 @@ class AsyncMeshTransport(_MeshTransportBase):
             raise
         if type(answer) is _Answer:
             return self._finish(lib.mod, answer, request, call)
-        answer.extensions["meshcore"] = ({"cluster": cluster, "endpoint": a.endpoint.key, "route": call.route.route_name,
-                                          "attempts": 1} if one else _info(call))
+        answer.extensions["meshcore"] = ({"cluster": cluster, "endpoint": a.endpoint.key,
+                                          "route": call.route.route_name, "attempts": 1} if one else _info(call))
         return answer
 
     async def aclose(self) -> None:
