@@ -144,8 +144,8 @@ def test_wsgi_plaintext(server_mesh: Any, pki: Pki) -> None:
 
     p = pki.paths("server")
     tls = ServerTls(FileCertificateSource(p.chain, p.key, p.roots), require_client_certificate=False)
-    server = make_wsgi_server(MeshWsgiMiddleware(app, rbac=engine(ALLOW_ALL), mesh=server_mesh), tls, LOOPBACK, 0, permissive=True,
-                              handshake_timeout=5)
+    mw = MeshWsgiMiddleware(app, rbac=engine(ALLOW_ALL), mesh=server_mesh)
+    server = make_wsgi_server(mw, tls, LOOPBACK, 0, permissive=True, handshake_timeout=5)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:

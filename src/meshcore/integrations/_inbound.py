@@ -57,8 +57,8 @@ import time
 import weakref
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-__all__ = ["GatedMiddleware", "InboundGate", "InboundStats", "Verdict", "ALLOWED", "DENIED", "NOT_SERVING", "NO_CHAIN", "NO_ROUTE",
-           "UNSERVED_ROUTE", "DENIED_BODY", "destination_sinks", "emit", "now", "listener_of", "ip_or_none",
+__all__ = ["GatedMiddleware", "InboundGate", "InboundStats", "Verdict", "ALLOWED", "DENIED", "NOT_SERVING", "NO_CHAIN",
+           "NO_ROUTE", "UNSERVED_ROUTE", "DENIED_BODY", "destination_sinks", "emit", "now", "listener_of", "ip_or_none",
            "request_facts", "answer_exchange", "str_headers"]
 
 log = logging.getLogger(__name__)
