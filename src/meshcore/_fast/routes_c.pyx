@@ -496,7 +496,7 @@ cdef class _Vhost:
     cdef tuple rx_match            # per route: its regex's binding-level Match (None: use fullmatch)
     cdef tuple routes
     cdef object regex_set          # routes_py.RegexSet of the regex routes (None: fewer than two)
-    cdef list raw_set              # regex_set.raw: (binding-level set, base) per chunk, or None
+    cdef tuple raw_set             # per chunk of regex_set.raw: (its binding-level Match, base), or None
 
     def __dealloc__(self):
         PyMem_Free(self.regex_route)
@@ -563,7 +563,10 @@ cdef _Vhost _build_vhost(object vh):
     v.ci = _build_trie(entries["ci"])
     regexes = [r.index for r in vh.routes if r.path_kind == "regex"]
     v.regex_set = _py.regex_set([vh.routes[i].path_value for i in regexes])
-    v.raw_set = v.regex_set.raw if v.regex_set is not None else None
+    # The bound Match methods, made once: looking one up costs a pybind11 attribute lookup and
+    # a new method object per request.
+    raw = v.regex_set.raw if v.regex_set is not None else None
+    v.raw_set = None if raw is None else tuple([(chunk.Match, base) for chunk, base in raw])
     v.n_regex = len(regexes)
     v.regex_route = <int32_t*>zalloc(sizeof(int32_t) * (v.n_regex or 1))
     for i in range(v.n_regex):
@@ -825,8 +828,8 @@ cdef bint _regexes_before(_Vhost v, int32_t best, RegexSeen* rx, Candidates* out
                 _push(out, &ri, 1)
         return True
     if v.raw_set is not None:
-        for chunk, base in v.raw_set:
-            for i in chunk.Match(text) or ():
+        for set_match, base in v.raw_set:
+            for i in set_match(text) or ():
                 # base + i < n_regex (a pattern of this chunk)
                 _push(out, v.regex_route + base + <Py_ssize_t>i, 1)
     else:
