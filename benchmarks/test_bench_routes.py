@@ -170,9 +170,9 @@ def test_match_mixed(benchmark, RT, mixed_tables, target):
 
 @pytest.mark.c_extension
 def test_regex_binding_floor(benchmark):
-    """Why the compiled twin's regex match is not 10x the pure one's: both make the same call
+    """Why the compiled twin's regex match is only ~10x the pure one's: both make the same call
     into google-re2's binding (one RE2 set pass over the path), and that call alone costs most
-    of the compiled match. RE2::Set::Match is not exported by the wheel's _re2 module (Add,
+    of the compiled match (the ratio's ceiling is py_over_binding_call). RE2::Set::Match is not exported by the wheel's _re2 module (Add,
     Compile and Size are), so the compiled twin cannot call RE2's C++ API without building and
     linking its own RE2 and Abseil. Reported (CPU time, interleaved): the compiled and pure
     matches of the last regex route of the mixed table, the binding's set call on the same
