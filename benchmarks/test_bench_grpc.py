@@ -23,9 +23,15 @@ meshcore's own time per call *in situ* (the time outside the endpoint's grpcio c
 same wrapper around a direct call subtracted), because the loopback figures' noise is larger
 than the cost measured. Printed (``-s``) and in ``extra_info``.
 
+The low-noise figure of meshcore's added client CPU per unary call is :func:`added_cpu`
+(``python benchmarks/test_bench_grpc.py --cpu [--telemetry]``, ``test_grpc_added_cpu``): one
+process pinned to one CPU, an in-process grpcio server (both modes pay the same I/O), a
+file-backed mesh with the same resources, blocks of calls alternating direct / meshcore, the
+calling thread's CPU time (``time.thread_time_ns``), median of the per-round differences.
+
 ``MESHCORE_BENCH_QUICK=1``: a few seconds in all (CI's smoke run). Run: ``pytest
 benchmarks/test_bench_grpc.py --benchmark-only -s`` or ``python benchmarks/test_bench_grpc.py
-[--profile]``.
+[--profile | --cpu]``.
 """
 
 from __future__ import annotations
@@ -479,6 +485,16 @@ def test_grpc_meshcore_own_time(benchmark, rig):
     benchmark.extra_info.update({k: round(v, 3) for k, v in out.items()})
     print(f"\nmeshcore's own time per unary call, in situ: {out['meshcore_own_us']:.1f} µs "
           f"(outside grpcio {out['meshcore_outside_us']:.1f} µs, wrapper {out['wrapper_us']:.1f} µs)")
+
+
+@pytest.mark.benchmark(group="grpc")
+def test_grpc_added_cpu(benchmark):
+    out: Dict[str, float] = {}
+    benchmark.pedantic(lambda: out.update(added_cpu()), rounds=1, iterations=1)
+    benchmark.extra_info.update({k: round(v, 3) for k, v in out.items()})
+    print(f"\nmeshcore's added client CPU per unary call: {out['added_cpu_us']:.1f} µs "
+          f"(q1 {out['added_cpu_q1_us']:.1f}, q3 {out['added_cpu_q3_us']:.1f}; direct {out['direct_cpu_us']:.1f} µs)")
+    assert out["direct_cpu_us"] > 0
 
 
 def _main(argv: List[str]) -> None:

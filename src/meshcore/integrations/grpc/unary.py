@@ -160,6 +160,8 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             return self._blocking(request, timeout, None, None, None, None, False)
         try:
             a = call.first_attempt()  # None: a fault filter applies (its step first)
+        except MeshClosed:
+            raise  # a programming error, not an RPC status: the mesh was closed
         except MeshError as exc:
             err = _client_error(exc, call, ch.target)
             raise err from _cause_of(err)
