@@ -50,6 +50,16 @@ Semantics:
   (:class:`~meshcore.tls.TlsHandshakeError`: cluster, endpoint, reason) in their details and as
   ``__cause__``; streaming calls keep grpcio's details, and :meth:`MeshChannel.tls_failures`
   gives the reason. Never plaintext instead.
+* **Istio telemetry** (``mesh.telemetry.enable_istio_metrics()``): every call carries this
+  workload's ``x-envoy-peer-metadata(-id)`` (replacing any the application set). grpc-core hides
+  the peer's ``x-envoy-peer-metadata`` answer from grpcio's caller, so while the exchange is on a
+  per-endpoint channel connects through a tap (:mod:`._peer`, needs ``hpack``) that reads it from
+  the server's HTTP/2 header blocks: the ``destination_*`` labels come from the peer, as behind a
+  sidecar (else from the endpoint's EDS metadata). Records carry ``request_messages`` /
+  ``response_messages`` (streams: the messages grpcio took from the request iterator and the
+  messages the application read). The exchange pair is hidden from the application's view of
+  every call: unary results, ``with_call``/``future`` calls, errors, streams (initial and trailing
+  metadata). The tap costs one local hop per connection and an HPACK decode per response.
 """
 
 from __future__ import annotations
