@@ -291,3 +291,36 @@ def test_tap_reads_the_peer_through_mesh_tls_to_a_real_sidecar(pki, server, tmp_
             m.close()
     finally:
         sidecar.stop()
+
+
+def test_eds_workload_metadata_means_no_tap(server, tmp_path):
+    # Istio's sidecar-shape EDS names each endpoint's workload (istio.workload): the destination
+    # labels come from it and the channel connects directly (no tap, no extra local hop)
+    route = {"name": "r", "match": {"prefix": "/"}, "route": {"cluster": "peer"}}
+    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                    "HttpConnectionManager",
+           "route_config": {"name": "rc", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}]},
+           "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+               "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}
+    lb = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": server["port"]}}},
+          "metadata": {"filter_metadata": {"istio": {"workload": "eds-peer;peer-ns;eds-canonical;v7;Kubernetes"}}}}
+    res = {"listeners": [{"name": TARGET, "api_listener": {"api_listener": hcm}}],
+           "clusters": [{"name": "peer", "type": "EDS", "connect_timeout": "1s",
+                         "eds_cluster_config": {"eds_config": {"ads": {}}}}],
+           "endpoints": [{"cluster_name": "peer", "endpoints": [{"lb_endpoints": [lb]}]}]}
+    path = os.path.join(tmp_path, "mesh.json")
+    with open(path, "w") as f:
+        json.dump(res, f)
+    with meshcore.Mesh.from_file(path, watch=False).start() as m:
+        m.wait_ready(TARGET, timeout=10)
+        out: List[Any] = []
+        m.telemetry.enable_istio_metrics(node_metadata={"WORKLOAD_NAME": "client-v1", "NAMESPACE": "shop"})
+        m.telemetry.add_sink(out.append)
+        with mesh_channel(m, TARGET) as ch:
+            assert ch.unary_unary(f"/{SERVICE}/Hello", _registered_method=True)(b"a", timeout=5) == b"hi a"
+            assert all(ep.tap is None for ep in ch._pool._channels.values())
+        _wait(out, 1)
+        [series] = m.telemetry.istio_metrics.snapshot()
+        labels = series["labels"]
+        assert (labels["destination_workload"], labels["destination_workload_namespace"],
+                labels["destination_canonical_service"]) == ("eds-peer", "peer-ns", "eds-canonical")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 import grpc
 
@@ -39,6 +39,14 @@ def _split_target(target: str) -> Tuple[str, str]:
             raise ValueError(f"mesh_channel: unsupported target scheme {scheme!r} in {target!r} (use host:port)")
         return rest.split("/", 1)[-1], target
     return target, target
+
+
+def _eds_names_workload(endpoint: Any) -> bool:
+    """Whether ``endpoint``'s EDS metadata carries Istio's ``istio.workload`` (what Istio's stats
+    filter reads when the peer sent no metadata)."""
+    md = getattr(endpoint, "metadata", None)
+    istio = md.get("istio") if isinstance(md, Mapping) else None
+    return isinstance(istio, Mapping) and isinstance(istio.get("workload"), str)
 
 
 class MeshChannel(grpc.Channel):
@@ -145,11 +153,14 @@ class MeshChannel(grpc.Channel):
     def _acquire(self, attempt: Attempt, tap: bool = False) -> _EndpointChannel:
         """The endpoint channel for ``attempt`` (raises ``UpstreamError``, a connect failure,
         when its cluster needs TLS that cannot be had); ``tap``: one that reads the peer's Istio
-        metadata (:mod:`._peer`), when ``hpack`` is there."""
+        metadata (:mod:`._peer`), when ``hpack`` is there and the endpoint's EDS metadata does not
+        name its workload (Istio's sidecar-shape EDS ``istio.workload``: the destination labels
+        then come from it, without the tap's extra local hop, ~90 µs per call)."""
         if time.monotonic() >= self._next_sweep:
             self.sweep()
-        return self._pool.acquire(attempt.endpoint.key, attempt.authority, self._tls_for(attempt), attempt,
-                                  tap and _peer_available())
+        ep = attempt.endpoint
+        return self._pool.acquire(ep.key, attempt.authority, self._tls_for(attempt), attempt,
+                                  tap and not _eds_names_workload(ep) and _peer_available())
 
     def _tls_for(self, attempt: Attempt) -> Any:
         """The :class:`~meshcore.tls.UpstreamTls` a new connection for ``attempt`` uses (``None``:
