@@ -60,7 +60,7 @@ def test_demo_runs_and_reports():
 ROOT = Path(__file__).resolve().parent.parent
 DIST = "meshcore-xds"
 EXTRAS = {"httpx": "httpx", "httpx2": "httpx2", "requests": "requests", "aiohttp": "aiohttp",
-          "prometheus": "prometheus_client"}
+          "prometheus": "prometheus_client", "otel": "opentelemetry-api", "istio-grpc": "hpack"}
 
 
 def _norm(name: str) -> str:
