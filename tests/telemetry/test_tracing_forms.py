@@ -28,7 +28,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF  # noqa: E402
 from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
 
-from meshcore import lifecycle  # noqa: E402
 from meshcore.errors import MeshError, NoRoute, Unavailable  # noqa: E402
 from meshcore.telemetry import record as record_mod  # noqa: E402
 from meshcore.telemetry import tracing  # noqa: E402
@@ -122,9 +121,13 @@ def _plain(mesh: Any, path: str, headers: Any = None) -> Dict[str, str]:
 
 
 def test_single_form_span_made_when_the_block_ends(mesh, echo, spans):
+    # tracing turned on inside the block: the span is made when the block ends, from the call's start
+    provider = tracing.TRACER[0]._meshcore_provider
+    tracing.configure(None)
     call = mesh.request(f"{URL}/ok/1")
     before_ns = time.time_ns()
     with call as attempt:
+        tracing.configure(provider)
         assert tracing.headers_of(attempt) == ()  # not begun: nothing to send
         time.sleep(0.02)
         _send(attempt)
@@ -138,8 +141,7 @@ def test_single_form_span_made_when_the_block_ends(mesh, echo, spans):
 
 def test_single_form_begun_with_its_attempt_carries_the_headers(mesh, echo, spans):
     call = mesh.request(f"{URL}/ok/2")
-    with call as attempt:
-        lifecycle.begin_single(call, attempt)  # what Call.__enter__ is to call
+    with call as attempt:  # (Call.__enter__ begins the span: lifecycle.begin_single)
         assert spans.get_finished_spans() == ()
         seen = _send(attempt, tracing.headers_of(attempt))
         attempt.status = 503
@@ -178,10 +180,9 @@ def test_single_form_with_attempt_spans(mesh, echo, spans):
 def test_trace_refusal_no_route_in_the_applications_trace(mesh, spans):
     tracer = tracing.TRACER[0]._meshcore_provider.get_tracer("app")
     with tracer.start_as_current_span("handler") as app:
-        with pytest.raises(NoRoute) as e:
-            mesh.request(f"{URL}/nowhere")
-        tracing.trace_refusal(mesh, TARGET, TARGET, "GET", "/nowhere", None, e.value)
-    span = [s for s in spans.get_finished_spans() if s.name != "handler"][0]
+        with pytest.raises(NoRoute):
+            mesh.request(f"{URL}/nowhere")  # (Mesh.request's refusal calls trace_refusal)
+    (span,) = [s for s in spans.get_finished_spans() if s.name != "handler"]
     assert span.name == f"egress {TARGET}" and span.kind is SpanKind.CLIENT
     assert span.parent.span_id == app.get_span_context().span_id
     a = span.attributes
@@ -297,8 +298,7 @@ def test_b3_off_leaves_the_applications_b3(mesh, echo, spans):
 def test_single_form_begun_then_tracing_turned_off(mesh, echo, spans):
     provider = tracing.TRACER[0]._meshcore_provider
     call = mesh.request(f"{URL}/ok/4")
-    with call as attempt:
-        lifecycle.begin_single(call, attempt)
+    with call as attempt:  # (begun by Call.__enter__)
         assert tracing.headers_of(attempt)
         tracing.disable()  # Call.__exit__ may then not report at all: nothing is kept for it
         assert not tracing._SINGLE and tracing.headers_of(attempt) == ()
@@ -312,8 +312,7 @@ def test_single_form_calls_never_left_are_bounded(mesh, echo, spans, monkeypatch
     calls = []
     for i in range(5):
         call = mesh.request(f"{URL}/ok/{i}")
-        attempt = call.__enter__()
-        lifecycle.begin_single(call, attempt)
+        attempt = call.__enter__()  # (begins the span: lifecycle.begin_single)
         calls.append((call, attempt))
     assert list(tracing._SINGLE) == [c for c, _ in calls[2:]]
     assert tracing.headers_of(calls[0][1]) == () and tracing.headers_of(calls[4][1])
@@ -321,3 +320,21 @@ def test_single_form_calls_never_left_are_bounded(mesh, echo, spans, monkeypatch
         attempt.status = 200
         call.__exit__(None, None, None)
     assert not tracing._SINGLE and len(spans.get_finished_spans()) == 5
+
+
+def test_refused_requests_record_the_request_id_their_span_names(mesh, echo, spans):
+    # the access log / record of a request refused before any call (NR) or before its attempt (a
+    # fault abort has none either: UH here) names the x-request-id tracing gave it
+    records: List[Any] = []
+    mesh.telemetry.add_sink(records.append)
+    try:
+        with pytest.raises(NoRoute):
+            mesh.request(f"{URL}/nowhere")
+        with pytest.raises(Unavailable):
+            mesh.request(f"{URL}/empty").run(lambda a: a)
+    finally:
+        mesh.telemetry.remove_sink(records.append)
+    nr, uh = spans.get_finished_spans()
+    assert [r.response_flags for r in records] == ["NR", "UH"]
+    assert records[0].request_id == nr.attributes["guid:x-request-id"] and records[0].request_id[14] == "9"
+    assert records[1].request_id == uh.attributes["guid:x-request-id"]

@@ -68,6 +68,7 @@ cdef object _run_async = lifecycle.run_async
 cdef object _run_reported = lifecycle.run_reported
 cdef object _run_async_reported = lifecycle.run_async_reported
 cdef object _report_single = lifecycle.report_single
+cdef object _begin_single = lifecycle.begin_single
 cdef object _report_refusal = report_refusal
 cdef list _TELEMETRY = _TELEMETRY_LIST  # [how many meshes have telemetry sinks]
 cdef object _default_status_of = lifecycle.default_status_of
@@ -571,6 +572,7 @@ cdef class Call:
             raise
         assert attempt is not None
         self._single = attempt
+        _begin_single(self, attempt)  # (tracing: the span starts with the attempt, which carries its headers)
         return attempt
 
     def __exit__(self, exc_type, exc, tb):
@@ -727,7 +729,7 @@ cdef class MeshCore:
         if m is None:
             e = NoRoute(target, path)
             if _TELEMETRY[0]:
-                _report_refusal(self, target, netloc, method, path, headers, e)
+                _report_refusal(self, target, netloc, method, path, headers, e, scheme=scheme)
             raise e
         call = Call.__new__(Call)
         cluster = m.cluster
@@ -738,7 +740,8 @@ cdef class MeshCore:
                     ce = self._resolve(entry, cluster, m, target, path)
                 except Unavailable as e:
                     if _TELEMETRY[0]:
-                        _report_refusal(self, target, netloc, method, path, headers, e, cluster, m.route_name)
+                        _report_refusal(self, target, netloc, method, path, headers, e, cluster, m.route_name,
+                                        route=m, scheme=scheme)
                     raise
             elif ce.outlier is not None and ce.state.synced is not ce.rt.eds_spec:
                 self._cluster_state(ce.rt)  # an EDS update: the detector learns the host list

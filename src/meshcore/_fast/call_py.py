@@ -443,6 +443,7 @@ class Call:
             raise
         assert attempt is not None
         self._single = attempt
+        lifecycle.begin_single(self, attempt)  # (tracing: the span starts with the attempt, which carries its headers)
         return attempt
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -591,7 +592,7 @@ class MeshCore:
         if m is None:
             e = NoRoute(target, path)
             if _TELEMETRY[0]:
-                report_refusal(self, target, netloc, method, path, headers, e)
+                report_refusal(self, target, netloc, method, path, headers, e, scheme=scheme)
             raise e
         call = Call.__new__(Call)
         cluster = m.cluster
@@ -602,7 +603,8 @@ class MeshCore:
                     ce = self._resolve(entry, cluster, m, target, path)
                 except Unavailable as e:
                     if _TELEMETRY[0]:
-                        report_refusal(self, target, netloc, method, path, headers, e, cluster, m.route_name)
+                        report_refusal(self, target, netloc, method, path, headers, e, cluster, m.route_name,
+                                        route=m, scheme=scheme)
                     raise
             elif ce.outlier is not None and ce.state.synced is not ce.rt.eds_spec:
                 self._cluster_state(ce.rt)  # type: ignore[attr-defined]  # an EDS update: new host list

@@ -37,7 +37,7 @@ from ..errors import CircuitBreakerOpen, FaultAbort, NoRoute, Unavailable, Upstr
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retriable
 from .peer_metadata import decode_cached
 from .record import NO_FLAGS, RequestRecord
-from .tracing import TRACER as _TRACER, headers_of as _trace_headers_of
+from .tracing import TRACER as _TRACER, headers_of as _trace_headers_of, trace_refusal as _trace_refusal
 
 __all__ = ["report", "report_refusal", "outcome_of", "http_to_grpc", "last_attempt", "generated_request_id"]
 
@@ -182,9 +182,15 @@ def report(call: Any, result: Any, exc: Optional[BaseException]) -> None:
 
 
 def report_refusal(mesh: Any, target: str, authority: str, method: str, path: str, headers: Any,
-                   exc: BaseException, cluster: Optional[str] = None, route_name: Optional[str] = None) -> None:
+                   exc: BaseException, cluster: Optional[str] = None, route_name: Optional[str] = None,
+                   route: Any = None, scheme: str = "http") -> None:
     """``Mesh.request`` refused the request before any call existed: no route (``NR``, 404) or the
-    route's cluster missing from the configuration (``NC``, 503)."""
+    route's cluster missing from the configuration (``NC``, 503; ``route``: the route match, whose
+    decorator names the span)."""
+    request_id = None
+    if _TRACER[0] is not None:  # Envoy traces a request it refuses too (never raises)
+        request_id = _trace_refusal(mesh, target, authority, method, path, headers, exc, cluster, route_name,
+                                    scheme=scheme, route=route)
     try:
         telemetry = mesh.telemetry
         if not telemetry.sinks:
@@ -196,6 +202,8 @@ def report_refusal(mesh: Any, target: str, authority: str, method: str, path: st
         r = RequestRecord.__new__(RequestRecord)
         _fill(r, target, authority, method, path, route_name, cluster, None, 0, time.time(), 0.0, headers, None,
               None)
+        if request_id is not None:  # the id the refused request's span names (Envoy's mark on it)
+            r.request_id = request_id
         grpc_status = None
         if r.protocol == "grpc":
             code, grpc_status = 200, http_to_grpc(code)
@@ -239,6 +247,10 @@ def _record(call: Any, a: Any, result: Any, exc: Optional[BaseException], peers:
         r.endpoint = r.upstream_host = r.upstream_failure = None
         r.attempts = 0
         _fill_io(r, call.headers, result, None, peers)
+        if _TRACER[0] is not None:  # no attempt (a fault abort, no healthy upstream): the call's id
+            sent = generated_request_id(call)
+            if sent is not None:
+                r.request_id = sent
         r.response_code, r.grpc_status, r.response_flags, r.response_code_details = outcome_of(
             call, a, exc, r.protocol == "grpc")
         return r
@@ -281,9 +293,10 @@ def _record(call: Any, a: Any, result: Any, exc: Optional[BaseException], peers:
 
 
 def generated_request_id(a: Any) -> Optional[str]:
-    """The ``x-request-id`` tracing sent with attempt ``a`` (made when the request had none), or None. Tracing
-    keeps an attempt's headers (``tracing.headers_of``) until the call's span ends, which is after
-    the record is made (``lifecycle.run_reported``)."""
+    """The ``x-request-id`` tracing sent with attempt ``a`` (made when the request had none; ``a``
+    may be the call: the id its span chose, for a call that made no attempt), or None. Tracing
+    keeps these headers (``tracing.headers_of``) until the call's span ends, which is after the
+    record is made (``lifecycle.run_reported``)."""
     for k, v in _trace_headers_of(a):
         if k == "x-request-id":
             return v

@@ -33,6 +33,7 @@ def active_add(n: int) -> None:
     with _ACTIVE_LOCK:
         ACTIVE[0] += n
 
+
 #: Envoy's ``%RESPONSE_FLAGS%`` when no flag is set
 NO_FLAGS = "-"
 

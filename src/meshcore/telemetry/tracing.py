@@ -71,7 +71,7 @@ import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .record import ACTIVE
+from .record import active_add
 
 __all__ = ["TRACER", "configure", "disable", "refresh", "watch", "headers_of", "begin", "Trace",
            "begin_single", "end_single", "trace_refusal", "ENV_TRACING", "RECHECK_S", "TRACE_HEADERS"]
@@ -145,12 +145,13 @@ def refresh() -> Any:
         TRACER[0] = tracer
         if tracer is None and _SINGLE:  # off: the single-form spans still open are dropped, not ended
             for trace in list(_SINGLE.values()):
+                _PENDING.pop(trace.call, None)
                 for a in trace.call.attempts:
                     _PENDING.pop(a, None)
             _SINGLE.clear()
         if (tracer is not None) != _counted[0]:
             _counted[0] = tracer is not None
-            ACTIVE[0] += 1 if tracer is not None else -1
+            active_add(1 if tracer is not None else -1)
         return tracer
 
 
@@ -304,6 +305,7 @@ class Trace:
         """The call ended: returned ``result`` or raised ``exc``."""
         call = self.call
         try:
+            _PENDING.pop(call, None)
             for a in call.attempts:
                 _PENDING.pop(a, None)
             if self.open is not None:
@@ -642,6 +644,7 @@ def begin(call: Any, start_time: Optional[int] = None) -> Optional[Trace]:
         parent_b3 = _hex_span(parent.span_id) if parent.is_valid else None
         t = Trace(tracer, span, name, attempt_spans, tuple(extra), parent_b3, call, b3, request_id, start_time)
         t.start_attrs = attrs
+        _PENDING[call] = (("x-request-id", request_id),)  # (the record of a call with no attempt reads it)
         return t
     except Exception:  # noqa: BLE001
         log.exception("tracing: could not start the span of %r", call)
@@ -671,6 +674,7 @@ def begin_single(call: Any, attempt: Any) -> None:
         trace.attempt(attempt)
         if len(_SINGLE) >= MAX_OPEN_SINGLE:  # calls entered and never left: forget the oldest
             old = _SINGLE.pop(next(iter(_SINGLE)))
+            _PENDING.pop(old.call, None)
             for a in old.call.attempts:
                 _PENDING.pop(a, None)
         _SINGLE[call] = trace
@@ -710,16 +714,17 @@ class _Refused:
 
 def trace_refusal(mesh: Any, target: str, authority: str, method: str, path: str, headers: Any,
                   exc: BaseException, cluster: Optional[str] = None, route_name: Optional[str] = None, *,
-                  scheme: str = "http", route: Any = None) -> None:
+                  scheme: str = "http", route: Any = None) -> Optional[str]:
     """The span of a request ``Mesh.request`` refused before any call existed, as Envoy makes it:
     no route (``NR``, 404) or the route's cluster missing (``NC``, 503), without
     ``upstream_cluster`` (Envoy has no cluster to name; ``cluster`` is not a tag);
     named ``egress <authority>`` (or the decorator of ``route``, a route match, when given);
     ``http.status_code``, ``response_flags``, ``error=true`` for a 5xx, status ERROR. A gRPC
     request gets Envoy's local gRPC answer (200, ``grpc.status_code`` 12 or 14). Made only while
-    tracing is on; never raises. (Arguments as ``telemetry.outcome.report_refusal``'s.)"""
+    tracing is on; never raises; returns the x-request-id the span names (the request's own, with
+    Envoy's trace mark, or a new one) or None. (Arguments as ``telemetry.outcome.report_refusal``'s.)"""
     if TRACER[0] is None:
-        return
+        return None
     try:
         from opentelemetry.trace import Status, StatusCode
 
@@ -730,7 +735,7 @@ def trace_refusal(mesh: Any, target: str, authority: str, method: str, path: str
         refused = _Refused(mesh, target, authority, scheme, method, path, headers, None, route)
         trace = begin(refused)
         if trace is None:
-            return
+            return None
         span = trace.span
         if span.is_recording():
             if isinstance(exc, NoRoute):
@@ -757,5 +762,8 @@ def trace_refusal(mesh: Any, target: str, authority: str, method: str, path: str
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
             span.set_attributes(attrs)
         span.end()
+        _PENDING.pop(refused, None)
+        return trace.request_id
     except Exception:  # noqa: BLE001
         log.exception("tracing: could not trace a refused request to %s", target)
+        return None

@@ -13,6 +13,8 @@ from ...errors import MeshClosed, MeshError, UpstreamError
 from ...resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ...telemetry.outcome import report as _report
 from ...telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
+from ...telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, TRACER as _TRACER, begin as _begin_trace
+from ...telemetry.tracing import headers_of as _trace_pairs
 from ._metadata import _with_exchange
 from ._observed import ObservedCall, StreamReport, counted
 from ._peer import peer_of as _tapped_peer
@@ -96,7 +98,10 @@ class _MultiCallable:
             raise  # a programming error, not an RPC status: the mesh was closed
         except (MeshError, MeshRpcError) as exc:
             if _TELEMETRY[0] and call is not None:
+                trace = _begin_trace(call) if _TRACER[0] is not None else None
                 _report(call, None, exc)
+                if trace is not None:  # refused before its attempt (UH, a fault abort): Envoy's span
+                    trace.end(None, exc)
             return _mesh_error(exc, call)
         assert attempt is not None
         attempt_timeout = attempt.timeout
@@ -117,9 +122,18 @@ class _MultiCallable:
         if reporting:
             if exchange is not None:  # Istio's metadata exchange (mesh.telemetry.enable_istio_metrics)
                 metadata = _with_exchange(metadata, exchange.headers)
+            trace = _begin_trace(call) if _TRACER[0] is not None else None
+            if trace is not None:  # tracing: the stream's span; its attempt carries the trace headers
+                trace.attempt(attempt)
+                metadata = (*(m for m in (metadata or ()) if m[0].lower() not in _TRACE_HEADERS),
+                            *_trace_pairs(attempt))
             ended: List[Any] = []
-            report = StreamReport(2 if response_stream else 1,
-                                  lambda counts: _report_stream(call, attempt, ended[0], ended[1], counts, ep))
+
+            def reported(counts: Any) -> None:  # the RPC and the application's reading ended
+                _report_stream(call, attempt, ended[0], ended[1], counts, ep)
+                if trace is not None:  # (after the record, which reads the x-request-id it sent)
+                    trace.end(None, UpstreamError(ended[1]) if ended[1] is not None else None)
+            report = StreamReport(2 if response_stream else 1, reported)
             if request_stream:
                 request = counted(request, report.counts)
             else:
