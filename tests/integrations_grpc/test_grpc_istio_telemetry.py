@@ -259,13 +259,16 @@ def test_sniffer_reads_header_blocks_split_across_frames_and_reads():
     assert sniffer.broken
 
 
-def test_tap_reads_the_peer_through_mesh_tls_to_a_real_sidecar(pki, server, tmp_path):
+def test_tap_reads_the_peer_through_mesh_tls_to_a_real_sidecar(pki, server, tmp_path, monkeypatch):
     """The production shape: mesh mTLS (the TLS forwarder) to a real Envoy as an Istio STRICT
     sidecar in front of the server; the tap sits between grpcio and the forward."""
     from tls.grpc_mtls_env import CLUSTER, TARGET as TLS_TARGET, GrpcSidecar, assignment, resources, route, \
         tls_cluster, write_json
     from tls.pki import spiffe_id
 
+    from meshcore.integrations.grpc import _peer as peer_tap
+
+    monkeypatch.setattr(peer_tap, "_LEARNED", {})  # (nothing learned of this sidecar yet)
     sidecar = GrpcSidecar(pki.paths("sidecar"), app_port=server["port"])
     sidecar.start()
     try:
@@ -282,8 +285,9 @@ def test_tap_reads_the_peer_through_mesh_tls_to_a_real_sidecar(pki, server, tmp_
                 response, call = ch.unary_unary(f"/{SERVICE}/Hello").with_call(b"tls", timeout=5)
                 assert response == b"hi tls" and _no_exchange(call.initial_metadata())
                 assert list(ch.unary_stream(f"/{SERVICE}/Count")(b"2", timeout=5)) == [b"0", b"1"]
-                [ep] = ch._pool._channels.values()
-                assert ep.forward is not None and ep.tap is not None and ep.tap.upstream == ep.forward.target
+                # the first call went through a tap (then the stream took the direct channel)
+                [ep] = [e for e in ch._pool._channels.values() if e.tap is not None]
+                assert ep.forward is not None and ep.tap.upstream == ep.forward.target
             _wait(out, 2)
             assert [_peer(r) for r in out] == ["peer-v1"] * 2
             assert sorted((r.request_messages, r.response_messages) for r in out) == [(1, 1), (1, 2)]
@@ -293,9 +297,13 @@ def test_tap_reads_the_peer_through_mesh_tls_to_a_real_sidecar(pki, server, tmp_
         sidecar.stop()
 
 
-def test_eds_workload_metadata_means_no_tap(server, tmp_path):
-    # Istio's sidecar-shape EDS names each endpoint's workload (istio.workload): the destination
-    # labels come from it and the channel connects directly (no tap, no extra local hop)
+def test_one_tapped_call_per_endpoint_teaches_the_rest(server, tmp_path, monkeypatch):
+    # the tap's local hop costs ~90 µs a call: the first call to an endpoint goes through a tap,
+    # the calls after it take the direct channel and reuse what it learned (the peer's labels,
+    # not EDS's) until RELEARN_S passed; a server that sends no exchange is learned too
+    from meshcore.integrations.grpc import _peer
+
+    monkeypatch.setattr(_peer, "_LEARNED", {})
     route = {"name": "r", "match": {"prefix": "/"}, "route": {"cluster": "peer"}}
     hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
                     "HttpConnectionManager",
@@ -311,16 +319,63 @@ def test_eds_workload_metadata_means_no_tap(server, tmp_path):
     path = os.path.join(tmp_path, "mesh.json")
     with open(path, "w") as f:
         json.dump(res, f)
+    address = f"127.0.0.1:{server['port']}"
     with meshcore.Mesh.from_file(path, watch=False).start() as m:
         m.wait_ready(TARGET, timeout=10)
         out: List[Any] = []
         m.telemetry.enable_istio_metrics(node_metadata={"WORKLOAD_NAME": "client-v1", "NAMESPACE": "shop"})
         m.telemetry.add_sink(out.append)
         with mesh_channel(m, TARGET) as ch:
-            assert ch.unary_unary(f"/{SERVICE}/Hello", _registered_method=True)(b"a", timeout=5) == b"hi a"
-            assert all(ep.tap is None for ep in ch._pool._channels.values())
-        _wait(out, 1)
+            hello = ch.unary_unary(f"/{SERVICE}/Hello", _registered_method=True)
+            for _ in range(4):
+                assert hello(b"a", timeout=5) == b"hi a"
+            tapped = [ep for ep in ch._pool._channels.values() if ep.tap is not None]
+            direct = [ep for ep in ch._pool._channels.values() if ep.tap is None]
+            assert len(tapped) == 1 and len(direct) == 1  # one tapped call, three direct
+            assert _peer._LEARNED[address][0] == PEER_VALUE
+            monkeypatch.setattr(_peer, "RELEARN_S", 0.0)  # stale: the next call is tapped again
+            assert _peer.needs_tap(address)
+            assert hello(b"b", timeout=5) == b"hi b"
+        _wait(out, 5)
+        assert [r.peer_metadata is not None for r in out] == [True] * 5
         [series] = m.telemetry.istio_metrics.snapshot()
         labels = series["labels"]
-        assert (labels["destination_workload"], labels["destination_workload_namespace"],
-                labels["destination_canonical_service"]) == ("eds-peer", "peer-ns", "eds-canonical")
+        assert series["requests"] == 5  # all five with the peer's labels (not the EDS workload's)
+        assert (labels["destination_workload"], labels["destination_app"]) == ("peer-v1", "peer")
+
+
+def test_streams_are_traced_as_envoy_traces_them(mesh, server):
+    # a streaming RPC gets its CLIENT span (tracing.begin / Trace.attempt / Trace.end): the server
+    # sees the span's traceparent and x-request-id, the span ends with the stream's gRPC status
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from meshcore.telemetry import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.configure(provider)
+    try:
+        del server["seen"][:]
+        with mesh_channel(mesh, TARGET) as ch:
+            stream = ch.unary_stream(f"/{SERVICE}/Count", _registered_method=True)(
+                b"2", timeout=5, metadata=[("traceparent", "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01")])
+            assert list(stream) == [b"0", b"1"]
+            chat = ch.stream_stream(f"/{SERVICE}/Chat", _registered_method=True)(iter([b"x"]), timeout=5)
+            assert list(chat) == [b"re x"]
+        end = time.monotonic() + 5
+        while len(exporter.get_finished_spans()) < 2 and time.monotonic() < end:
+            time.sleep(0.01)
+        count, chat_span = sorted(exporter.get_finished_spans(), key=lambda s: s.attributes["grpc.path"])[::-1]
+    finally:
+        tracing.configure(None)
+    assert count.attributes["grpc.path"] == f"/{SERVICE}/Count" and count.attributes["grpc.status_code"] == "0"
+    assert count.context.trace_id == int("ab" * 16, 16) and count.parent.span_id == int("cd" * 8, 16)
+    sent = dict(server["seen"][0])
+    ctx = count.get_span_context()
+    assert sent["traceparent"] == f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-01"  # ours, not the app's
+    assert sent["x-request-id"] == count.attributes["guid:x-request-id"]
+    assert chat_span.attributes["grpc.path"] == f"/{SERVICE}/Chat" and "error" not in chat_span.attributes
+    assert not tracing._PENDING

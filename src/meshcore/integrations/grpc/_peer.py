@@ -13,7 +13,10 @@ known when grpcio reports the RPC. One connection is one server, whose value is 
 every response: the value of the tap is the value of any RPC on it.
 
 Cost (only while the exchange is on): one more local hop per connection (two copying threads)
-and an HPACK decode per response header block. Without ``hpack`` installed there is no tap
+and an HPACK decode per response header block, about 90 µs per call here; so only the first call
+to an endpoint address (and one a minute after, :data:`RELEARN_S`) goes through a tapped channel:
+what it learned (the server's value, or that it sent none) stands for the calls to that address in
+between, which take the direct channel (:func:`needs_tap`, :func:`peer_of`). Without ``hpack`` installed there is no tap
 (logged once): destination labels then come from the endpoint's EDS metadata.
 """
 
@@ -25,7 +28,8 @@ import shutil
 import socket
 import tempfile
 import threading
-from typing import Any, Callable, List, Optional
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ...tls.forwarder import _peer_is_this_process
 
@@ -121,6 +125,7 @@ class PeerTap:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.peer: Optional[str] = None
+        self.answered = False
         self._dir = tempfile.mkdtemp(prefix="meshcore-peer-")
         os.chmod(self._dir, 0o700)
         path = os.path.join(self._dir, "s")
@@ -134,6 +139,7 @@ class PeerTap:
         threading.Thread(target=self._accept, name="meshcore-grpc-peer-tap", daemon=True).start()
 
     def _on_header(self, name: bytes, value: bytes) -> None:
+        self.answered = True  # the server sent a header block (with or without the exchange)
         if name == _PEER:
             self.peer = value.decode("latin-1")
 
@@ -211,7 +217,33 @@ class PeerTap:
         return f"PeerTap({self.upstream!r} via {self.target!r})"
 
 
+#: seconds a learned answer (or the lack of one) stands before an endpoint's next call is tapped again
+RELEARN_S = 60.0
+#: endpoint address -> (the peer metadata its server answered with, or None, when it was read)
+_LEARNED: Dict[str, Tuple[Optional[str], float]] = {}
+_LEARNED_MAX = 4096
+
+
+def needs_tap(address: str) -> bool:
+    """Whether the next call to ``address`` should go through a tap: nothing learned of its
+    server yet, or what was learned is older than :data:`RELEARN_S`. (One server per address
+    answers the same metadata every time: one tapped call a minute per endpoint is enough, and
+    the calls in between take the direct channel, without the tap's local hop.)"""
+    hit = _LEARNED.get(address)
+    return hit is None or time.monotonic() - hit[1] > RELEARN_S
+
+
 def peer_of(ep: Any) -> Optional[str]:
-    """The peer metadata the tap of endpoint channel ``ep`` saw last (no tap: None)."""
+    """The peer metadata of the server behind endpoint channel ``ep``: what its tap saw last
+    (learned for the address, also when the server sent none), else what a tapped call to the
+    same address learned (None: nothing known; the EDS metadata then names the destination)."""
     tap = getattr(ep, "tap", None)
-    return None if tap is None else tap.peer
+    if tap is None:
+        hit = _LEARNED.get(getattr(ep, "address", None))  # type: ignore[arg-type]
+        return None if hit is None else hit[0]
+    peer = tap.peer
+    if peer is not None or tap.answered:  # (a call that failed before any answer teaches nothing)
+        if len(_LEARNED) >= _LEARNED_MAX:
+            _LEARNED.clear()
+        _LEARNED[ep.address] = (peer, time.monotonic())
+    return peer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import grpc
 
@@ -13,7 +13,7 @@ from ...call import Attempt, Call
 from ...errors import MeshError, UpstreamError
 from ._metadata import _GRPC_HEADER_DICT, _GRPC_HEADERS, _headers, _routes_by_own_headers  # noqa: F401
 from ._types import Metadata, Options
-from ._peer import available as _peer_available
+from ._peer import available as _peer_available, needs_tap as _needs_tap
 from .connectivity import _Connectivity
 from .endpoints import ANY_TLS, _EndpointChannel, _EndpointPool
 from .status import MeshRpcError
@@ -39,14 +39,6 @@ def _split_target(target: str) -> Tuple[str, str]:
             raise ValueError(f"mesh_channel: unsupported target scheme {scheme!r} in {target!r} (use host:port)")
         return rest.split("/", 1)[-1], target
     return target, target
-
-
-def _eds_names_workload(endpoint: Any) -> bool:
-    """Whether ``endpoint``'s EDS metadata carries Istio's ``istio.workload`` (what Istio's stats
-    filter reads when the peer sent no metadata)."""
-    md = getattr(endpoint, "metadata", None)
-    istio = md.get("istio") if isinstance(md, Mapping) else None
-    return isinstance(istio, Mapping) and isinstance(istio.get("workload"), str)
 
 
 class MeshChannel(grpc.Channel):
@@ -153,14 +145,13 @@ class MeshChannel(grpc.Channel):
     def _acquire(self, attempt: Attempt, tap: bool = False) -> _EndpointChannel:
         """The endpoint channel for ``attempt`` (raises ``UpstreamError``, a connect failure,
         when its cluster needs TLS that cannot be had); ``tap``: one that reads the peer's Istio
-        metadata (:mod:`._peer`), when ``hpack`` is there and the endpoint's EDS metadata does not
-        name its workload (Istio's sidecar-shape EDS ``istio.workload``: the destination labels
-        then come from it, without the tap's extra local hop, ~90 µs per call)."""
+        metadata (:mod:`._peer`), when ``hpack`` is there and nothing recent was learned of the
+        endpoint's server (:func:`._peer.needs_tap`: one tapped call a minute per endpoint)."""
         if time.monotonic() >= self._next_sweep:
             self.sweep()
-        ep = attempt.endpoint
-        return self._pool.acquire(ep.key, attempt.authority, self._tls_for(attempt), attempt,
-                                  tap and not _eds_names_workload(ep) and _peer_available())
+        key = attempt.endpoint.key
+        return self._pool.acquire(key, attempt.authority, self._tls_for(attempt), attempt,
+                                  tap and _needs_tap(key) and _peer_available())
 
     def _tls_for(self, attempt: Attempt) -> Any:
         """The :class:`~meshcore.tls.UpstreamTls` a new connection for ``attempt`` uses (``None``:
