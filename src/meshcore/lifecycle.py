@@ -26,8 +26,8 @@ from .telemetry.tracing import TRACER as _TRACER, begin as _begin_trace
 from .telemetry.tracing import _SINGLE, begin_single as _begin_single_trace, end_single as _end_single_trace
 
 __all__ = ["begin_single", "default_classify", "default_status_of", "fault_decision", "fault_filter_for",
-           "fault_step", "fault_step_async", "header_pairs", "report_single", "run", "run_async", "run_reported",
-           "run_async_reported"]
+           "fault_step", "fault_step_async", "header_pairs", "report_single", "run", "run_after", "run_async",
+           "run_after_async", "run_reported", "run_async_reported", "send_timed"]
 
 R = TypeVar("R")
 Classify = Callable[[BaseException], Optional[str]]
@@ -173,15 +173,45 @@ def run(call: Any, send: Callable[[Any], R], status_of: StatusOf, grpc_status_of
     """``Call.run``: fault, then attempts until one is final (see ``meshcore.call``). The usual
     request (no fault filter, a first answer the policy does not retry) takes the straight path:
     ``first_attempt`` (breakers and pick), send, ``finish_final`` (record, and the policy's
-    verdict), return. While a mesh has telemetry sinks (``telemetry.record.ACTIVE``), ``Call.run``
-    and the integrations call :func:`run_reported` instead."""
+    verdict), return; anything else continues in :func:`run_after`. While a mesh has telemetry
+    sinks (``telemetry.record.ACTIVE``), ``Call.run`` and the integrations call
+    :func:`run_reported` instead."""
     a = call.first_attempt()
     if a is None:  # a fault filter applies: its step runs before the first attempt
         d = call.fault()
         if d is not NO_FAULT:
             _fault_delay(call, d)
         a = call.start_attempt()
+    try:
+        result = send(a)
+    except BaseException as e:  # noqa: BLE001  (classified)
+        kind = classify(e)
+        a.finish(error=kind or RESET)
+        if kind is None:
+            raise
+        return run_after(call, a, None, e, send, status_of, grpc_status_of, classify)
+    if a.finish_final(status_of(result), grpc_status_of(result) if grpc_status_of is not None else None):
+        return result
+    return run_after(call, a, result, None, send, status_of, grpc_status_of, classify)
+
+
+def run_after(call: Any, a: Any, result: Any, exc: Optional[BaseException], send: Callable[[Any], R],
+              status_of: StatusOf, grpc_status_of: Optional[StatusOf], classify: Classify) -> R:
+    """The router loop after attempt ``a``'s outcome -- ``result``, or ``exc`` (classified and
+    recorded: ``a.finish(error=...)``) -- did not end the request: retry while the policy, the
+    retry budget and the route's deadline allow, then the last outcome. For callers that make
+    the first attempt themselves (an integration's straight path) and :func:`run`."""
     while True:
+        delay = _retry_delay(call, a)
+        if delay is None:
+            return _final(call, a, result, exc)  # type: ignore[no-any-return]
+        if delay:
+            time.sleep(delay)
+        a = call.start_attempt()
+        if a is None:  # retry overflow: the last outcome stands
+            return _final(call, call.attempts[-1], result, exc)  # type: ignore[no-any-return]
+        if result is not None:
+            _close(result)  # a retry was admitted: the previous response is discarded
         try:
             result = send(a)
         except BaseException as e:  # noqa: BLE001  (classified)
@@ -194,16 +224,6 @@ def run(call: Any, send: Callable[[Any], R], status_of: StatusOf, grpc_status_of
             exc = None
             if a.finish_final(status_of(result), grpc_status_of(result) if grpc_status_of is not None else None):
                 return result
-        delay = _retry_delay(call, a)
-        if delay is None:
-            return _final(call, a, result, exc)
-        if delay:
-            time.sleep(delay)
-        a = call.start_attempt()
-        if a is None:  # retry overflow: the last outcome stands
-            return _final(call, call.attempts[-1], result, exc)
-        if result is not None:
-            _close(result)  # a retry was admitted: the previous response is discarded
 
 
 _HAS_UNCANCEL = hasattr(asyncio.Task, "uncancel")
@@ -307,43 +327,98 @@ def _deadlines() -> _Deadlines:
     return dl
 
 
+async def send_timed(a: Any, send: Callable[[Any], Awaitable[R]]) -> R:
+    """``await send(a)`` under the attempt's deadline (``a.timeout``; ``None``: none), registered
+    in the running loop's :class:`_Deadlines` (a ``TimeoutError`` when it fires, as with
+    ``asyncio.timeout``)."""
+    timeout = a.timeout
+    if timeout is None:
+        return await send(a)
+    loop = _get_running_loop()
+    last_loop, dl = _loop_deadlines  # (_deadlines() inline for the loop used last)
+    if last_loop is not loop:
+        dl = _deadlines()
+    # dl.add(timeout, a) inline
+    task = _current_task(loop)
+    when = loop.time() + timeout
+    pending = dl.pending
+    pending[a] = (when, task, task.cancelling() if _HAS_UNCANCEL else 0)  # type: ignore[union-attr]
+    if when < dl.armed_at or dl.handle is None:
+        dl._arm(when)
+    try:
+        return await send(a)
+    except asyncio.CancelledError as cancelled:
+        if dl.timed_out(a):
+            raise TimeoutError(f"attempt timed out after {timeout:.3f}s") from cancelled
+        raise
+    finally:
+        if pending.pop(a, None) is None:  # its deadline fired (and send went on)
+            dl.fired.pop(a, None)
+
+
 async def run_async(call: Any, send: Callable[[Any], Awaitable[R]], status_of: StatusOf,
                     grpc_status_of: Optional[StatusOf], classify: Classify) -> R:
     """``Call.run_async``: :func:`run` for coroutines (sleeps with ``asyncio.sleep``; an attempt
-    with a timeout is cancelled at it). The attempt's deadline is registered inline in the
-    loop's :class:`_Deadlines`, keyed by the attempt (no object per attempt besides its entry)."""
+    with a timeout is cancelled at it: :func:`send_timed`); anything but the straight path
+    continues in :func:`run_after_async`."""
     a = call.first_attempt()
     if a is None:  # a fault filter applies: its step runs before the first attempt
         d = call.fault()
         if d is not NO_FAULT:
             await _fault_delay_async(call, d)
         a = call.start_attempt()
-    while True:
-        try:
-            timeout = a.timeout
-            if timeout is not None:
-                loop = _get_running_loop()
-                last_loop, dl = _loop_deadlines  # (_deadlines() inline for the loop used last)
-                if last_loop is not loop:
-                    dl = _deadlines()
-                # dl.add(timeout, a) inline
-                task = _current_task(loop)
-                when = loop.time() + timeout
-                pending = dl.pending
-                pending[a] = (when, task, task.cancelling() if _HAS_UNCANCEL else 0)
-                if when < dl.armed_at or dl.handle is None:
-                    dl._arm(when)
-                try:
-                    result = await send(a)
-                except asyncio.CancelledError as cancelled:
-                    if dl.timed_out(a):
-                        raise TimeoutError(f"attempt timed out after {timeout:.3f}s") from cancelled
-                    raise
-                finally:
-                    if pending.pop(a, None) is None:  # its deadline fired (and send went on)
-                        dl.fired.pop(a, None)
-            else:
+    try:
+        timeout = a.timeout
+        if timeout is None:
+            result = await send(a)
+        else:  # send_timed inline: the usual request has a route timeout, and a coroutine less
+            loop = _get_running_loop()
+            last_loop, dl = _loop_deadlines
+            if last_loop is not loop:
+                dl = _deadlines()
+            task = _current_task(loop)
+            when = loop.time() + timeout
+            pending = dl.pending
+            pending[a] = (when, task, task.cancelling() if _HAS_UNCANCEL else 0)  # type: ignore[union-attr]
+            if when < dl.armed_at or dl.handle is None:
+                dl._arm(when)
+            try:
                 result = await send(a)
+            except asyncio.CancelledError as cancelled:
+                if dl.timed_out(a):
+                    raise TimeoutError(f"attempt timed out after {timeout:.3f}s") from cancelled
+                raise
+            finally:
+                if pending.pop(a, None) is None:  # its deadline fired (and send went on)
+                    dl.fired.pop(a, None)
+    except BaseException as e:  # noqa: BLE001
+        kind = classify(e)
+        a.finish(error=kind or RESET)
+        if kind is None:
+            raise
+        return await run_after_async(call, a, None, e, send, status_of, grpc_status_of, classify)
+    if a.finish_final(status_of(result), grpc_status_of(result) if grpc_status_of is not None else None):
+        return result
+    return await run_after_async(call, a, result, None, send, status_of, grpc_status_of, classify)
+
+
+async def run_after_async(call: Any, a: Any, result: Any, exc: Optional[BaseException],
+                          send: Callable[[Any], Awaitable[R]], status_of: StatusOf,
+                          grpc_status_of: Optional[StatusOf], classify: Classify) -> R:
+    """:func:`run_after` for coroutines (each attempt under its deadline: :func:`send_timed`)."""
+    while True:
+        delay = _retry_delay(call, a)
+        if delay is None:
+            return _final(call, a, result, exc)  # type: ignore[no-any-return]
+        if delay:
+            await asyncio.sleep(delay)
+        a = call.start_attempt()
+        if a is None:  # retry overflow: the last outcome stands
+            return _final(call, call.attempts[-1], result, exc)  # type: ignore[no-any-return]
+        if result is not None:
+            await _aclose(result)
+        try:
+            result = await send_timed(a, send)
         except BaseException as e:  # noqa: BLE001
             kind = classify(e)
             a.finish(error=kind or RESET)
@@ -354,16 +429,6 @@ async def run_async(call: Any, send: Callable[[Any], Awaitable[R]], status_of: S
             exc = None
             if a.finish_final(status_of(result), grpc_status_of(result) if grpc_status_of is not None else None):
                 return result
-        delay = _retry_delay(call, a)
-        if delay is None:
-            return _final(call, a, result, exc)
-        if delay:
-            await asyncio.sleep(delay)
-        a = call.start_attempt()
-        if a is None:  # retry overflow: the last outcome stands
-            return _final(call, call.attempts[-1], result, exc)
-        if result is not None:
-            await _aclose(result)
 
 
 # -- telemetry ------------------------------------------------------------------------------------

@@ -76,7 +76,6 @@ import operator
 import ssl
 import sys
 import threading
-import time
 from types import ModuleType
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
@@ -84,7 +83,7 @@ from .._model import host_key
 from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, NotReady, Unavailable
 from ..lifecycle import run as _run, run_async as _run_async, run_async_reported as _run_async_reported
-from ..lifecycle import run_reported as _run_reported
+from ..lifecycle import run_after as _run_after, run_after_async as _run_after_async, run_reported as _run_reported
 from .. import lifecycle as _lifecycle
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
@@ -839,93 +838,8 @@ class _MeshTransportBase:
 # deadline, ``finish_final``), which saves the router coroutine and its frame per request (~2-4 us
 # in a client's request, most of it the async deadline and coroutine machinery). Anything else --
 # a fault filter (``first_attempt`` is None), an outcome the policy may retry, an error -- is
-# lifecycle's: the fault path through ``run``/``run_async`` itself, a retry through the functions
-# below, which are ``run``/``run_async``'s loop after the first outcome, step for step, with
-# lifecycle's own helpers (``_retry_delay``, ``_final``, ``_close``, the loop's ``_Deadlines``).
-
-
-def _rest(call: Any, a: Any, result: Any, exc: Optional[BaseException], send: Callable[[Any], Any],
-          classify: Callable[[BaseException], Optional[str]]) -> Any:
-    """``lifecycle.run``'s loop after attempt ``a``'s outcome (``result``, or the classified
-    ``exc``) did not end the request."""
-    while True:
-        delay = _lifecycle._retry_delay(call, a)
-        if delay is None:
-            return _lifecycle._final(call, a, result, exc)
-        if delay:
-            time.sleep(delay)
-        a = call.start_attempt()
-        if a is None:  # retry overflow: the last outcome stands
-            return _lifecycle._final(call, call.attempts[-1], result, exc)
-        if result is not None:
-            _lifecycle._close(result)  # a retry was admitted: the previous response is discarded
-        try:
-            result = send(a)
-        except BaseException as e:  # noqa: BLE001  (classified)
-            kind = classify(e)
-            a.finish(error=kind or RESET)
-            if kind is None:
-                raise
-            result, exc = None, e
-        else:
-            exc = None
-            if a.finish_final(result.status_code, None):
-                return result
-
-
-async def _send_timed(a: Any, send: Callable[[Any], Any]) -> Any:
-    """``await send(a)`` under the attempt's deadline (``a.timeout``), as ``lifecycle.run_async``
-    registers it in the loop's ``_Deadlines`` (a ``TimeoutError`` when it fires)."""
-    timeout = a.timeout
-    if timeout is None:
-        return await send(a)
-    loop = asyncio.get_running_loop()
-    last_loop, dl = _lifecycle._loop_deadlines
-    if last_loop is not loop:
-        dl = _lifecycle._deadlines()
-    task = asyncio.current_task(loop)
-    when = loop.time() + timeout
-    pending = dl.pending
-    pending[a] = (when, task, task.cancelling() if _lifecycle._HAS_UNCANCEL else 0)  # type: ignore[union-attr]
-    if when < dl.armed_at or dl.handle is None:
-        dl._arm(when)
-    try:
-        return await send(a)
-    except asyncio.CancelledError as cancelled:
-        if dl.timed_out(a):
-            raise TimeoutError(f"attempt timed out after {timeout:.3f}s") from cancelled
-        raise
-    finally:
-        if pending.pop(a, None) is None:  # its deadline fired (and send went on)
-            dl.fired.pop(a, None)
-
-
-async def _rest_async(call: Any, a: Any, result: Any, exc: Optional[BaseException], send: Callable[[Any], Any],
-                      classify: Callable[[BaseException], Optional[str]]) -> Any:
-    """``lifecycle.run_async``'s loop after attempt ``a``'s outcome did not end the request."""
-    while True:
-        delay = _lifecycle._retry_delay(call, a)
-        if delay is None:
-            return _lifecycle._final(call, a, result, exc)
-        if delay:
-            await asyncio.sleep(delay)
-        a = call.start_attempt()
-        if a is None:  # retry overflow: the last outcome stands
-            return _lifecycle._final(call, call.attempts[-1], result, exc)
-        if result is not None:
-            await _lifecycle._aclose(result)
-        try:
-            result = await _send_timed(a, send)
-        except BaseException as e:  # noqa: BLE001
-            kind = classify(e)
-            a.finish(error=kind or RESET)
-            if kind is None:
-                raise
-            result, exc = None, e
-        else:
-            exc = None
-            if a.finish_final(result.status_code, None):
-                return result
+# lifecycle's: the fault path through ``run``/``run_async`` itself, a retry through
+# ``lifecycle.run_after``/``run_after_async`` (the router loop after the first outcome).
 
 
 def _tell_telemetry(attempt: Any, resp: Any, raw: bytes, exchange: Any) -> None:
@@ -1111,7 +1025,7 @@ class MeshTransport(_MeshTransportBase):
             if a is None:  # telemetry (reported, traced) or a fault filter: lifecycle's router
                 send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream, exchange, peer)
                 answer = (_run_reported if _TELEMETRY[0] else _run)(call, send, _status_code, None, lib.classify)
-            else:  # run's straight path, inline (see _rest)
+            else:  # run's straight path, inline (see run_after)
                 try:
                     answer = self._send(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream, exchange,
                                         peer, a)
@@ -1122,14 +1036,14 @@ class MeshTransport(_MeshTransportBase):
                         raise
                     send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
                                         exchange, peer)
-                    answer = _rest(call, a, None, e, send, lib.classify)
+                    answer = _run_after(call, a, None, e, send, _status_code, None, lib.classify)
                 else:
                     if a.finish_final(answer.status_code, None):
                         one = True
                     else:
                         send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
                                             exchange, peer)
-                        answer = _rest(call, a, answer, None, send, lib.classify)
+                        answer = _run_after(call, a, answer, None, send, _status_code, None, lib.classify)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
             return self._reply(lib.mod, request, _fault_reply(e), call)
@@ -1253,7 +1167,7 @@ class AsyncMeshTransport(_MeshTransportBase):
                 send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream, exchange, peer)
                 answer = await (_run_async_reported if _TELEMETRY[0] else _run_async)(call, send, _status_code, None,
                                                                                         lib.classify)
-            else:  # run_async's straight path, inline (see _rest_async)
+            else:  # run_async's straight path, inline (see run_after_async)
                 timeout = a.timeout
                 try:
                     if timeout is not None:
@@ -1287,14 +1201,15 @@ class AsyncMeshTransport(_MeshTransportBase):
                         raise
                     send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
                                         exchange, peer)
-                    answer = await _rest_async(call, a, None, e, send, lib.classify)
+                    answer = await _run_after_async(call, a, None, e, send, _status_code, None, lib.classify)
                 else:
                     if a.finish_final(answer.status_code, None):
                         one = True
                     else:
                         send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
                                             exchange, peer)
-                        answer = await _rest_async(call, a, answer, None, send, lib.classify)
+                        answer = await _run_after_async(call, a, answer, None, send, _status_code, None,
+                                                               lib.classify)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
             return self._reply(lib.mod, request, _fault_reply(e), call)
