@@ -7,40 +7,16 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-import pytest
 
 from meshcore.integrations.aiohttp import MeshSession
 
-from .conftest import URL, resources, route
-from .echo_upstream import EchoUpstream, header_values
-
-NODE = {"WORKLOAD_NAME": "client", "NAMESPACE": "shop", "CLUSTER_ID": "c1", "LABELS": {"app": "client-app"}}
-
-
-@pytest.fixture
-def echo():
-    up = EchoUpstream()
-    yield up
-    up.close()
-
-
-@pytest.fixture
-def mesh(echo, make_mesh):
-    m = make_mesh(resources({"echo": [echo.port]}, [route("/", "echo", timeout="5s",
-                                                          retry={"retry_on": "5xx", "num_retries": 1})]))
-    m.telemetry.enable_istio_metrics(node_metadata=NODE)
-    yield m
-    m.telemetry.disable_istio_metrics()
-
-
-def _expected(mesh):
-    ex = mesh.telemetry.exchange
-    assert ex is not None and ex.value
-    return ex.value, ([ex.node_id] if ex.node_id else [])
+from .conftest import URL
+from .echo_upstream import header_values
+from .exchange_support import echo, expected_pair, mesh  # noqa: F401  (fixtures)
 
 
 def test_the_apps_peer_metadata_headers_are_replaced(mesh):
-    value, ids = _expected(mesh)
+    value, ids = expected_pair(mesh)
 
     async def main():
         async with MeshSession(mesh) as http:
@@ -58,7 +34,7 @@ def test_the_apps_peer_metadata_headers_are_replaced(mesh):
 
 
 def test_session_default_peer_metadata_is_replaced(mesh):
-    value, ids = _expected(mesh)
+    value, ids = expected_pair(mesh)
 
     async def main():
         async with aiohttp.ClientSession(headers={"X-Envoy-Peer-Metadata": "default", "X-Default": "d"}) as s:

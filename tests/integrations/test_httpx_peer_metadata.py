@@ -14,10 +14,10 @@ import pytest
 
 from meshcore.integrations.httpx import AsyncMeshTransport, MeshTransport
 
-from .conftest import URL, resources, route
-from .echo_upstream import EchoUpstream, header_values
+from .conftest import URL
+from .echo_upstream import header_values
+from .exchange_support import echo, expected_pair, mesh  # noqa: F401  (fixtures)
 
-NODE = {"WORKLOAD_NAME": "client", "NAMESPACE": "shop", "CLUSTER_ID": "c1", "LABELS": {"app": "client-app"}}
 LIBS = [name for name in ("httpx", "httpx2") if importlib.util.find_spec(name) is not None]
 
 # the application's own exchange headers, in the forms an attempt's header list can come from
@@ -29,30 +29,8 @@ APP_HEADERS: List[Any] = [
 ]
 
 
-@pytest.fixture
-def echo():
-    up = EchoUpstream()
-    yield up
-    up.close()
-
-
-@pytest.fixture
-def mesh(echo, make_mesh):
-    m = make_mesh(resources({"echo": [echo.port]}, [route("/", "echo", timeout="5s",
-                                                          retry={"retry_on": "5xx", "num_retries": 1})]))
-    m.telemetry.enable_istio_metrics(node_metadata=NODE)
-    yield m
-    m.telemetry.disable_istio_metrics()
-
-
-def _expected(mesh: Any) -> Any:
-    ex = mesh.telemetry.exchange
-    assert ex is not None and ex.value
-    return ex.value, ([ex.node_id] if ex.node_id else [])
-
-
 def _check(mesh: Any, bodies: List[Any]) -> None:
-    value, ids = _expected(mesh)
+    value, ids = expected_pair(mesh)
     assert len(bodies) == len(APP_HEADERS) + 1
     for body in bodies:
         assert header_values(body, "x-envoy-peer-metadata") == [value]

@@ -9,26 +9,9 @@ import requests
 
 from meshcore.integrations.requests import MeshAdapter
 
-from .conftest import URL, resources, route
-from .echo_upstream import EchoUpstream, header_values
-
-NODE = {"WORKLOAD_NAME": "client", "NAMESPACE": "shop", "CLUSTER_ID": "c1", "LABELS": {"app": "client-app"}}
-
-
-@pytest.fixture
-def echo():
-    up = EchoUpstream()
-    yield up
-    up.close()
-
-
-@pytest.fixture
-def mesh(echo, make_mesh):
-    m = make_mesh(resources({"echo": [echo.port]}, [route("/", "echo", timeout="5s",
-                                                          retry={"retry_on": "5xx", "num_retries": 1})]))
-    m.telemetry.enable_istio_metrics(node_metadata=NODE)
-    yield m
-    m.telemetry.disable_istio_metrics()
+from .conftest import URL
+from .echo_upstream import header_values
+from .exchange_support import echo, expected_pair, mesh  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
@@ -40,14 +23,8 @@ def session(mesh):
     s.close()
 
 
-def _expected(mesh):
-    ex = mesh.telemetry.exchange
-    assert ex is not None and ex.value
-    return ex.value, ([ex.node_id] if ex.node_id else [])
-
-
 def test_the_apps_peer_metadata_headers_are_replaced(mesh, session):
-    value, ids = _expected(mesh)
+    value, ids = expected_pair(mesh)
     for headers in ({"X-Envoy-Peer-Metadata": "app-value", "x-envoy-peer-metadata-id": "app-id", "X-Other": "1"},
                     {"x-envoy-peer-metadata": "app-value", "X-Other": "1"}):
         body = session.get(f"{URL}/x", headers=headers).json()
@@ -61,7 +38,7 @@ def test_the_apps_peer_metadata_headers_are_replaced(mesh, session):
 
 def test_session_header_and_a_host_header_take_the_other_path(mesh, session):
     # a Host header of the app's: the headers are copied case-insensitively (the other branch)
-    value, ids = _expected(mesh)
+    value, ids = expected_pair(mesh)
     session.headers["X-ENVOY-PEER-METADATA-ID"] = "app-id"
     body = session.get(f"{URL}/x", headers={"Host": "spoofed.example", "X-Envoy-Peer-Metadata": "app"}).json()
     assert header_values(body, "x-envoy-peer-metadata") == [value]
