@@ -90,7 +90,8 @@ from ..resilience.router_headers import ROUTER_HEADERS
 from ..telemetry.peer_metadata import HEADER as _PEER_HEADER, HEADER_ID as _PEER_HEADER_ID
 from ..telemetry.peer_metadata import strip_pairs as _strip_peer_pairs
 from ..telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
-from ..telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, headers_of as _trace_headers
+from ..telemetry.outcome import report as _report
+from ..telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, TRACER as _TRACER, headers_of as _trace_headers
 from ..tls.upstream import TlsHandshakeError, is_deferred_rejection
 from . import (
     _add_context,
@@ -1021,29 +1022,41 @@ class MeshTransport(_MeshTransportBase):
         path = call.path
         one = False  # the first attempt's answer ended the request (inline path)
         try:
-            a = None if _TELEMETRY[0] else call.first_attempt()
-            if a is None:  # telemetry (reported, traced) or a fault filter: lifecycle's router
+            try:
+                a = None if _TRACER[0] is not None else call.first_attempt()
+            except BaseException as e:  # refused before its attempt (UH, UO): recorded as run_reported does
+                if _TELEMETRY[0]:
+                    _report(call, None, e)
+                raise
+            if a is None:  # tracing (spans around attempts) or a fault filter: lifecycle's router
                 send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream, exchange, peer)
                 answer = (_run_reported if _TELEMETRY[0] else _run)(call, send, _status_code, None, lib.classify)
-            else:  # run's straight path, inline (see run_after)
+            else:  # run's straight path, inline (see run_after); reported as run_reported does
                 try:
-                    answer = self._send(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream, exchange,
-                                        peer, a)
-                except BaseException as e:  # noqa: BLE001  (classified)
-                    kind = lib.classify(e)
-                    a.finish(error=kind or RESET)
-                    if kind is None:
-                        raise
-                    send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
-                                        exchange, peer)
-                    answer = _run_after(call, a, None, e, send, _status_code, None, lib.classify)
-                else:
-                    if a.finish_final(answer.status_code, None):
-                        one = True
-                    else:
+                    try:
+                        answer = self._send(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
+                                            exchange, peer, a)
+                    except BaseException as e:  # noqa: BLE001  (classified)
+                        kind = lib.classify(e)
+                        a.finish(error=kind or RESET)
+                        if kind is None:
+                            raise
                         send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
                                             exchange, peer)
-                        answer = _run_after(call, a, answer, None, send, _status_code, None, lib.classify)
+                        answer = _run_after(call, a, None, e, send, _status_code, None, lib.classify)
+                    else:
+                        if a.finish_final(answer.status_code, None):
+                            one = True
+                        else:
+                            send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
+                                                exchange, peer)
+                            answer = _run_after(call, a, answer, None, send, _status_code, None, lib.classify)
+                except BaseException as e:  # (the record of a request that raised)
+                    if _TELEMETRY[0]:
+                        _report(call, None, e)
+                    raise
+                if _TELEMETRY[0]:  # Istio metrics and the other sinks; tracing takes lifecycle's path
+                    _report(call, answer, None)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
             return self._reply(lib.mod, request, _fault_reply(e), call)
@@ -1162,54 +1175,66 @@ class AsyncMeshTransport(_MeshTransportBase):
         path = call.path
         one = False  # the first attempt's answer ended the request (inline path)
         try:
-            a = None if _TELEMETRY[0] else call.first_attempt()
-            if a is None:  # telemetry (reported, traced) or a fault filter: lifecycle's router
+            try:
+                a = None if _TRACER[0] is not None else call.first_attempt()
+            except BaseException as e:  # refused before its attempt (UH, UO): recorded as run_reported does
+                if _TELEMETRY[0]:
+                    _report(call, None, e)
+                raise
+            if a is None:  # tracing (spans around attempts) or a fault filter: lifecycle's router
                 send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream, exchange, peer)
                 answer = await (_run_async_reported if _TELEMETRY[0] else _run_async)(call, send, _status_code, None,
                                                                                         lib.classify)
-            else:  # run_async's straight path, inline (see run_after_async)
-                timeout = a.timeout
+            else:  # run_async's straight path, inline (see run_after_async); reported as run_reported does
                 try:
-                    if timeout is not None:
-                        loop = _get_running_loop()
-                        last_loop, dl = _lifecycle._loop_deadlines  # (the _Deadlines of the loop used last)
-                        if last_loop is not loop:
-                            dl = _lifecycle._deadlines()
-                        task = _current_task(loop)
-                        when = loop.time() + timeout
-                        pending = dl.pending
-                        pending[a] = (when, task, task.cancelling() if _HAS_UNCANCEL else 0)
-                        if when < dl.armed_at or dl.handle is None:
-                            dl._arm(when)
-                        try:
+                    timeout = a.timeout
+                    try:
+                        if timeout is not None:
+                            loop = _get_running_loop()
+                            last_loop, dl = _lifecycle._loop_deadlines  # (the _Deadlines of the loop used last)
+                            if last_loop is not loop:
+                                dl = _lifecycle._deadlines()
+                            task = _current_task(loop)
+                            when = loop.time() + timeout
+                            pending = dl.pending
+                            pending[a] = (when, task, task.cancelling() if _HAS_UNCANCEL else 0)
+                            if when < dl.armed_at or dl.handle is None:
+                                dl._arm(when)
+                            try:
+                                answer = await self._send(request, lib, key, cluster, scheme_b, raw_path, path, sni,
+                                                          upstream, exchange, peer, a)
+                            except asyncio.CancelledError as cancelled:
+                                if dl.timed_out(a):
+                                    raise TimeoutError(f"attempt timed out after {timeout:.3f}s") from cancelled
+                                raise
+                            finally:
+                                if pending.pop(a, None) is None:  # its deadline fired (and send went on)
+                                    dl.fired.pop(a, None)
+                        else:
                             answer = await self._send(request, lib, key, cluster, scheme_b, raw_path, path, sni,
                                                       upstream, exchange, peer, a)
-                        except asyncio.CancelledError as cancelled:
-                            if dl.timed_out(a):
-                                raise TimeoutError(f"attempt timed out after {timeout:.3f}s") from cancelled
+                    except BaseException as e:  # noqa: BLE001  (classified)
+                        kind = lib.classify(e)
+                        a.finish(error=kind or RESET)
+                        if kind is None:
                             raise
-                        finally:
-                            if pending.pop(a, None) is None:  # its deadline fired (and send went on)
-                                dl.fired.pop(a, None)
-                    else:
-                        answer = await self._send(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
-                                                  exchange, peer, a)
-                except BaseException as e:  # noqa: BLE001  (classified)
-                    kind = lib.classify(e)
-                    a.finish(error=kind or RESET)
-                    if kind is None:
-                        raise
-                    send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
-                                        exchange, peer)
-                    answer = await _run_after_async(call, a, None, e, send, _status_code, None, lib.classify)
-                else:
-                    if a.finish_final(answer.status_code, None):
-                        one = True
-                    else:
                         send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
                                             exchange, peer)
-                        answer = await _run_after_async(call, a, answer, None, send, _status_code, None,
-                                                               lib.classify)
+                        answer = await _run_after_async(call, a, None, e, send, _status_code, None, lib.classify)
+                    else:
+                        if a.finish_final(answer.status_code, None):
+                            one = True
+                        else:
+                            send = self._sender(request, lib, key, cluster, scheme_b, raw_path, path, sni, upstream,
+                                                exchange, peer)
+                            answer = await _run_after_async(call, a, answer, None, send, _status_code, None,
+                                                                   lib.classify)
+                except BaseException as e:  # (the record of a request that raised)
+                    if _TELEMETRY[0]:
+                        _report(call, None, e)
+                    raise
+                if _TELEMETRY[0]:  # Istio metrics and the other sinks; tracing takes lifecycle's path
+                    _report(call, answer, None)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
             return self._reply(lib.mod, request, _fault_reply(e), call)

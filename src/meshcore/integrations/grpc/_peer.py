@@ -5,7 +5,8 @@ its CSM observability plugin) and never shows it to the application, so a server
 sidecar's) answer to Istio's metadata exchange is invisible to grpcio's caller. While the
 exchange is on (``mesh.telemetry.enable_istio_metrics()``), a per-endpoint channel therefore
 connects through a :class:`PeerTap`: a unix socket in a fresh private directory (mode 0700) of
-this process (connections from other processes refused, as the TLS forwarder does) whose connections are copied byte for byte to the endpoint (or to its TLS forward),
+this process (connections from other processes refused, as the TLS forwarder does) whose
+connections are copied byte for byte to the endpoint (or to its TLS forward),
 the server's bytes read as HTTP/2 frames on their way back, their header blocks decoded with
 ``hpack`` (the same HPACK state the client keeps), and the last ``x-envoy-peer-metadata`` value
 kept (:attr:`PeerTap.peer`). The value is recorded before the bytes are passed on, so it is
