@@ -157,11 +157,11 @@ async def _fault_delay_async(call: Any, d: Any) -> None:
 
 def _final_answer(policy: Any, status: Optional[int], grpc_status: Optional[int]) -> bool:
     """Whether an answer (no upstream error) is final under ``policy``: ``not retriable(...)``,
-    decided without a call for the usual answer (no grpc-status, below 409: only
-    ``retriable_status_codes`` can retry it)."""
+    decided without a call for the usual answer (no grpc-status or grpc-status OK, which no retry
+    condition names; below 409: only ``retriable_status_codes`` can retry it)."""
     if policy is None:
         return True
-    if grpc_status is None and status is not None and status < 409:
+    if (grpc_status is None or grpc_status == 0) and status is not None and status < 409:
         compiled = policy.compiled if type(policy) is RetryPolicy else None
         if compiled is not None:
             return status not in compiled.status_codes

@@ -109,12 +109,13 @@ cdef object _router_headers(object headers):
 
 cdef bint _final_first(object policy, object status, object grpc_status) except -1:
     """``lifecycle._final_answer``: decided in C for the usual answer (no policy; or no
-    grpc-status and a status below 409 under a compiled RetryPolicy, which only its
-    ``retriable_status_codes`` can retry)."""
+    grpc-status, or grpc-status OK, which no retry condition names, and a status below 409 under
+    a compiled RetryPolicy, which only its ``retriable_status_codes`` can retry)."""
     cdef long long s
     if policy is None:
         return True
-    if grpc_status is None and status is not None and type(policy) is _RetryPolicy:
+    if (grpc_status is None or (PyLong_Check(grpc_status) and grpc_status == 0)) and status is not None \
+            and type(policy) is _RetryPolicy:
         s = _status_index(status)
         if 0 <= s < 409:
             compiled = (<object>policy).compiled
