@@ -958,7 +958,7 @@ class MeshTransport(_MeshTransportBase):
                 req = self._core_request(inner, request, attempt, scheme, target, path, sni, upstream)
                 if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics): ours replace the app's
                     _add_exchange(req, exchange, peer)
-                if _TELEMETRY[0]:  # tracing (meshcore.telemetry.tracing): this attempt's headers
+                if _TRACER[0] is not None:  # tracing (meshcore.telemetry.tracing): this attempt's headers
                     _add_trace_bytes(req.headers, _trace_headers(attempt))
                 try:
                     resp = pool.handle_request(req)
@@ -1106,7 +1106,7 @@ class AsyncMeshTransport(_MeshTransportBase):
                 req = self._core_request(inner, request, attempt, scheme, target, path, sni, upstream)
                 if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics): ours replace the app's
                     _add_exchange(req, exchange, peer)
-                if _TELEMETRY[0]:  # tracing (meshcore.telemetry.tracing): this attempt's headers
+                if _TRACER[0] is not None:  # tracing (meshcore.telemetry.tracing): this attempt's headers
                     _add_trace_bytes(req.headers, _trace_headers(attempt))
                 try:
                     resp = await pool.handle_async_request(req)
