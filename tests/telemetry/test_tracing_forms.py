@@ -31,7 +31,7 @@ from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
 from meshcore.errors import MeshError, NoRoute, Unavailable  # noqa: E402
 from meshcore.telemetry import record as record_mod  # noqa: E402
 from meshcore.telemetry import tracing  # noqa: E402
-from telemetry.test_tracing import HCM, HOST, ROUTER, TARGET, URL, Echo, _hex  # noqa: E402
+from telemetry.test_tracing import HCM, HOST, ROUTER, TARGET, URL, _hex, echo  # noqa: E402,F401  (echo: the fixture)
 
 
 def _resources(echo_port: int) -> Dict[str, Any]:
@@ -56,13 +56,6 @@ def _resources(echo_port: int) -> Dict[str, Any]:
             {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
             for p in ports]}]} for n, ports in eps.items()],
     }
-
-
-@pytest.fixture
-def echo():
-    e = Echo()
-    yield e
-    e.close()
 
 
 @pytest.fixture
