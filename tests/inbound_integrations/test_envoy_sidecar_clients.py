@@ -47,9 +47,9 @@ from .servers import (
 )
 from .sidecar_client import SidecarClient, Upstream, fqdn
 
-pytest.importorskip("uvicorn")
-pytest.importorskip("fastapi")
-pytest.importorskip("flask")
+import uvicorn  # noqa: E402,F401  (a test dependency: the test extras install it)
+import fastapi  # noqa: E402,F401  (a test dependency: the test extras install it)
+import flask  # noqa: E402,F401  (a test dependency: the test extras install it)
 
 SIDECAR_ID = spiffe_id("sidecar")
 SERVER_ID = spiffe_id("server")

@@ -186,7 +186,7 @@ def test_arguments() -> None:
 
 
 def test_starlette_test_client() -> None:
-    pytest.importorskip("starlette")
+    import starlette  # noqa: F401
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.requests import Request

@@ -21,11 +21,20 @@ def echo() -> Iterator[EchoUpstream]:
     up.close()
 
 
-@pytest.fixture
-def mesh(echo: EchoUpstream, make_mesh: Any) -> Iterator[Any]:
+NODE_ID = "sidecar~10.0.0.1~client-v1-xyz.shop~shop.svc.cluster.local"
+
+
+@pytest.fixture(params=["no-node-id", "node-id"])
+def mesh(request: Any, echo: EchoUpstream, make_mesh: Any) -> Iterator[Any]:
+    """With and without a node id (a resource file's mesh has none, so sends no -id; a bootstrapped
+    one sends its node id as x-envoy-peer-metadata-id)."""
+    from meshcore.telemetry import peer_metadata
+
     m = make_mesh(resources({"echo": [echo.port]}, [route("/", "echo", timeout="5s",
                                                           retry={"retry_on": "5xx", "num_retries": 1})]))
     m.telemetry.enable_istio_metrics(node_metadata=NODE)
+    if request.param == "node-id":
+        m.telemetry.exchange = peer_metadata.Exchange(NODE_ID, m.telemetry.exchange.workload)
     yield m
     m.telemetry.disable_istio_metrics()
 

@@ -50,7 +50,7 @@ def test_first_pick_and_request(fresh):
 
 
 def test_first_request_httpx_sync(fresh):
-    httpx = pytest.importorskip("httpx")
+    import httpx
     from meshcore.integrations.httpx import MeshTransport
 
     mesh, up = fresh()
@@ -60,7 +60,7 @@ def test_first_request_httpx_sync(fresh):
 
 
 def test_first_request_httpx_async(fresh):
-    httpx = pytest.importorskip("httpx")
+    import httpx
     from meshcore.integrations.httpx import AsyncMeshTransport
 
     mesh, up = fresh()
@@ -74,7 +74,7 @@ def test_first_request_httpx_async(fresh):
 
 
 def test_first_request_requests(fresh):
-    requests = pytest.importorskip("requests")
+    import requests
     from meshcore.integrations.requests import MeshAdapter
 
     mesh, up = fresh()
@@ -85,7 +85,7 @@ def test_first_request_requests(fresh):
 
 
 def test_first_request_aiohttp(fresh):
-    pytest.importorskip("aiohttp")
+    import aiohttp  # noqa: F401
     from meshcore.integrations.aiohttp import MeshSession
 
     mesh, up = fresh()
@@ -117,8 +117,8 @@ def test_unknown_target_fails_at_once_with_nearest(fresh):
 
 
 def test_closed_mesh_refuses_everything(fresh):
-    httpx = pytest.importorskip("httpx")
-    requests = pytest.importorskip("requests")
+    import httpx
+    import requests
     from meshcore.integrations.aiohttp import MeshSession
     from meshcore.integrations.httpx import AsyncMeshTransport, MeshTransport
     from meshcore.integrations.requests import MeshAdapter

@@ -332,9 +332,9 @@ def test_one_tapped_call_per_endpoint_teaches_the_rest(server, tmp_path, monkeyp
             tapped = [ep for ep in ch._pool._channels.values() if ep.tap is not None]
             direct = [ep for ep in ch._pool._channels.values() if ep.tap is None]
             assert len(tapped) == 1 and len(direct) == 1  # one tapped call, three direct
-            assert _peer._LEARNED[address][0] == PEER_VALUE
+            assert _peer._LEARNED[(address, TARGET)][0] == PEER_VALUE
             monkeypatch.setattr(_peer, "RELEARN_S", 0.0)  # stale: the next call is tapped again
-            assert _peer.needs_tap(address)
+            assert _peer.needs_tap(address, TARGET)
             assert hello(b"b", timeout=5) == b"hi b"
         _wait(out, 5)
         assert [r.peer_metadata is not None for r in out] == [True] * 5

@@ -145,7 +145,7 @@ def test_exchange_off_sends_nothing():
 
 
 def test_prometheus_families_text():
-    pytest.importorskip("prometheus_client")
+    import prometheus_client  # noqa: F401
     from prometheus_client import CollectorRegistry, generate_latest
 
     from meshcore.stats import StatsRegistry, prometheus_collector
@@ -164,3 +164,30 @@ def test_prometheus_families_text():
     assert line.endswith(" 1.0")
     assert 'le="0.5"' in text and 'le="3600000"' in text and 'le="+Inf"' in text
     assert "istio_request_messages_total" not in text  # gRPC only
+
+
+def test_series_are_bounded(monkeypatch):
+    # label values a server's callers choose (their peer metadata) cannot grow the series forever:
+    # beyond MAX_SERIES label sets, new ones count under one with those labels "unknown"
+    from meshcore.telemetry import istio_metrics
+
+    monkeypatch.setattr(istio_metrics, "MAX_SERIES", 3)
+    sink = IstioMetrics(FakeMesh(), NODE)
+    for i in range(6):
+        sink(record(route_name=f"r{i}", cluster=f"outbound|9080||svc{i}.shop.svc.cluster.local",
+                    authority=f"svc{i}.shop.svc.cluster.local:9080"))
+    snap = sink.snapshot()
+    assert len(snap) == 4  # three kept, the rest together
+    [overflow] = [s for s in snap if s["labels"]["destination_service"] == "unknown"]
+    assert overflow["requests"] == 3 and overflow["labels"]["source_workload"] == "unknown"
+    assert overflow["labels"]["reporter"] == "source"
+
+
+def test_peer_metadata_cache_starts_again_when_full(monkeypatch):
+    monkeypatch.setattr(pm, "_CACHE_MAX", 4)
+    monkeypatch.setattr(pm, "_cache", {})
+    values = [pm.encode({"NAME": f"p{i}", "NAMESPACE": "ns"}) for i in range(10)]
+    for v in values:
+        assert pm.decode_cached(v)["NAME"].startswith("p")
+    assert 1 <= len(pm._cache) <= 4  # bounded, and still caching
+    assert pm.decode_cached(values[-1]) is pm.decode_cached(values[-1])

@@ -12,7 +12,7 @@ from typing import Any, List
 
 import pytest
 
-pytest.importorskip("opentelemetry.sdk")
+import opentelemetry.sdk  # noqa: E402,F401  (a test dependency: the test extras install it)
 
 from meshcore.telemetry import record as record_mod  # noqa: E402
 from meshcore.telemetry.record import Telemetry  # noqa: E402

@@ -19,7 +19,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-pytest.importorskip("opentelemetry.sdk")
+import opentelemetry.sdk  # noqa: E402,F401  (a test dependency: the test extras install it)
 
 from opentelemetry import trace  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402

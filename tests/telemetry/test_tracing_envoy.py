@@ -41,8 +41,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-pytest.importorskip("opentelemetry.sdk")
-pytest.importorskip("opentelemetry.proto")
+import opentelemetry.sdk  # noqa: E402,F401  (a test dependency: the test extras install it)
+import opentelemetry.proto  # noqa: E402,F401  (a test dependency: the test extras install it)
 
 import grpc  # noqa: E402
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc  # noqa: E402

@@ -43,7 +43,7 @@ from envoy_process import EnvoyProcess, die_with_parent, find_envoy, kill, socke
 from .pki import CA, Pki, spiffe_id, write_istio_dir
 from .sidecar import ALPN_H2, ALPN_HTTP11, ALPN_TCP, tls_attempt
 
-uvicorn = pytest.importorskip("uvicorn")
+import uvicorn
 try:
     import wsproto  # noqa: F401
     HAVE_WSPROTO = True
@@ -425,7 +425,7 @@ def test_uvicorn_strict(pki: Pki, strict_tls: ServerTls, uvicorn_strict: int) ->
 
 
 def test_uvicorn_websocket_gets_the_tls_extension(pki: Pki, uvicorn_strict: int) -> None:
-    pytest.importorskip("wsproto")
+    import wsproto  # noqa: F401
     raw = socket.create_connection((LOOPBACK, uvicorn_strict), timeout=5)
     with pki.client_context("client").wrap_socket(raw) as tls:
         key = base64.b64encode(os.urandom(16)).decode()
@@ -521,8 +521,8 @@ def test_uvicorn_rotation_without_restart(pki: Pki, tmp_path: Any) -> None:
 
 
 def test_hypercorn_http2_and_http11(pki: Pki, strict_tls: ServerTls) -> None:
-    httpx = pytest.importorskip("httpx")
-    pytest.importorskip("hypercorn")
+    import httpx
+    import hypercorn  # noqa: F401
     with run_hypercorn(strict_tls) as port:
         with httpx.Client(http2=True, verify=pki.client_context("client")) as c:
             r = c.get(f"https://{LOOPBACK}:{port}/h2")
@@ -563,7 +563,7 @@ def app(environ, start_response):
 @pytest.mark.skipif(sys.platform == "win32", reason="gunicorn is Unix-only")
 @pytest.mark.parametrize("worker", ["sync", "gthread"])
 def test_gunicorn(pki: Pki, tmp_path: Any, worker: str) -> None:
-    pytest.importorskip("gunicorn")
+    import gunicorn  # noqa: F401
     listener = socket.socket()
     listener.bind((LOOPBACK, 0))
     listener.listen(64)
@@ -699,7 +699,7 @@ def test_asyncio_protocol_factory_permissive_h2(pki: Pki) -> None:
 
 
 def test_grpc_server(pki: Pki, tmp_path: Any) -> None:
-    grpc = pytest.importorskip("grpc")
+    import grpc
     from concurrent import futures
 
     d = tmp_path / "server"
