@@ -39,20 +39,23 @@ log = logging.getLogger(__name__)
 _HEADERS, _PUSH_PROMISE, _CONTINUATION = 1, 5, 9
 _END_HEADERS, _PADDED, _PRIORITY = 0x4, 0x8, 0x20
 _PEER = b"x-envoy-peer-metadata"
-_warned = [False]
+_STATUS = b":status"
+_AVAILABLE: List[Optional[bool]] = [None]  # whether hpack imports (asked once)
 
 
 def available() -> bool:
-    """Whether taps can be made (``hpack`` importable)."""
-    try:
-        import hpack  # noqa: F401
-    except ImportError:
-        if not _warned[0]:
-            _warned[0] = True
+    """Whether taps can be made (``hpack`` importable; tried once per process)."""
+    ok = _AVAILABLE[0]
+    if ok is None:
+        try:
+            import hpack  # noqa: F401
+            ok = True
+        except ImportError:
+            ok = False
             log.info("gRPC: hpack is not installed, so the peer's x-envoy-peer-metadata cannot be read "
                      "(grpcio hides it); destination labels come from EDS metadata")
-        return False
-    return True
+        _AVAILABLE[0] = ok
+    return ok
 
 
 class H2HeaderSniffer:
@@ -113,7 +116,9 @@ def _connect(upstream: str) -> socket.socket:
         s.connect(upstream[5:])
         return s
     host, _, port = upstream.rpartition(":")
-    s = socket.create_connection((host.strip("[]"), int(port)))
+    # bounded: the accept thread must not hang on a blackholed endpoint (grpcio reconnects queue)
+    s = socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S)
+    s.settimeout(None)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
 
@@ -141,7 +146,9 @@ class PeerTap:
 
     def _on_header(self, name: bytes, value: bytes) -> None:
         self.answered = True  # the server sent a header block (with or without the exchange)
-        if name == _PEER:
+        if name == _STATUS:  # a new response: its own exchange value, or none (a server restarted without it)
+            self.peer = None
+        elif name == _PEER:
             self.peer = value.decode("latin-1")
 
     def _accept(self) -> None:
@@ -218,19 +225,23 @@ class PeerTap:
         return f"PeerTap({self.upstream!r} via {self.target!r})"
 
 
+#: seconds a tap's connection to its endpoint may take
+CONNECT_TIMEOUT_S = 10.0
 #: seconds a learned answer (or the lack of one) stands before an endpoint's next call is tapped again
 RELEARN_S = 60.0
-#: endpoint address -> (the peer metadata its server answered with, or None, when it was read)
-_LEARNED: Dict[str, Tuple[Optional[str], float]] = {}
+#: (endpoint address, authority) -> (the peer metadata its server answered with, or None, when it
+#: was read); by authority too: one address can front several services (an east-west gateway)
+_LEARNED: Dict[Tuple[str, str], Tuple[Optional[str], float]] = {}
 _LEARNED_MAX = 4096
 
 
-def needs_tap(address: str) -> bool:
-    """Whether the next call to ``address`` should go through a tap: nothing learned of its
-    server yet, or what was learned is older than :data:`RELEARN_S`. (One server per address
-    answers the same metadata every time: one tapped call a minute per endpoint is enough, and
-    the calls in between take the direct channel, without the tap's local hop.)"""
-    hit = _LEARNED.get(address)
+def needs_tap(address: str, authority: str) -> bool:
+    """Whether the next call to ``address`` for ``authority`` should go through a tap: nothing
+    learned of its server yet, or what was learned is older than :data:`RELEARN_S`. (One server
+    per address and authority answers the same metadata every time: one tapped call a minute is
+    enough, and the calls in between take the direct channel, without the tap's local hop; a pod
+    that took over a recycled address is learned at the next relearn.)"""
+    hit = _LEARNED.get((address, authority))
     return hit is None or time.monotonic() - hit[1] > RELEARN_S
 
 
@@ -240,11 +251,11 @@ def peer_of(ep: Any) -> Optional[str]:
     same address learned (None: nothing known; the EDS metadata then names the destination)."""
     tap = getattr(ep, "tap", None)
     if tap is None:
-        hit = _LEARNED.get(getattr(ep, "address", None))  # type: ignore[arg-type]
+        hit = _LEARNED.get((getattr(ep, "address", ""), getattr(ep, "authority", "")))
         return None if hit is None else hit[0]
     peer = tap.peer
     if peer is not None or tap.answered:  # (a call that failed before any answer teaches nothing)
         if len(_LEARNED) >= _LEARNED_MAX:
             _LEARNED.clear()
-        _LEARNED[ep.address] = (peer, time.monotonic())
+        _LEARNED[(ep.address, ep.authority)] = (peer, time.monotonic())
     return peer

@@ -151,7 +151,7 @@ class MeshChannel(grpc.Channel):
             self.sweep()
         key = attempt.endpoint.key
         return self._pool.acquire(key, attempt.authority, self._tls_for(attempt), attempt,
-                                  tap and _needs_tap(key) and _peer_available())
+                                  tap and _peer_available() and _needs_tap(key, attempt.authority))
 
     def _tls_for(self, attempt: Attempt) -> Any:
         """The :class:`~meshcore.tls.UpstreamTls` a new connection for ``attempt`` uses (``None``:

@@ -119,6 +119,7 @@ class _MultiCallable:
             attempt.finish(error=CONNECT_FAILURE)
             return _forward_error(None, e)
         report: Optional[StreamReport] = None
+        trace = None
         if reporting:
             if exchange is not None:  # Istio's metadata exchange (mesh.telemetry.enable_istio_metrics)
                 metadata = _with_exchange(metadata, exchange.headers)
@@ -141,9 +142,13 @@ class _MultiCallable:
         started = time.monotonic()
         try:
             rpc = start(self._target_callable(ep, attempt), attempt_timeout, metadata, request)
-        except BaseException:
+        except BaseException as exc:
             ch._pool.release(ep)
             attempt.finish(error=RESET)
+            if report is not None:  # never started: its record and span end here
+                _report(call, None, exc)
+                if trace is not None:
+                    trace.end(None, exc)
             raise
 
         def done(finished: Any) -> None:

@@ -282,7 +282,8 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                                 self._eps = {}
                                 self._eps_cfg = cfg
                             elif len(self._eps) >= 64:  # EDS churn under one configuration: drop the departed
-                                self._eps = {k: v for k, v in self._eps.items() if not v[1].departed}
+                                # (a snapshot: other threads add entries meanwhile)
+                                self._eps = {k: v for k, v in list(self._eps.items()) if not v[1].departed}
                             self._eps[a.endpoint.key] = (a.endpoint, ep, mc, call.route, ep.active)
             else:
                 ep = None
