@@ -29,7 +29,7 @@ from ..resilience.router_headers import ROUTER_HEADERS, apply_router_headers, is
 from ..xds.snapshot import AggregateBalancer
 from .lb_c import LoadBalancer as CLoadBalancer
 from ..stats import BUCKETS_MS, COUNTER_NAMES
-from ..telemetry.outcome import _scan_request, _scan_response, report_refusal
+from ..telemetry.outcome import _length, _scan_request, _scan_response, report_refusal
 from ..telemetry.record import ACTIVE as _TELEMETRY_LIST
 from .call_py import ADMITTED, GRPC_TO_HTTP, OVER_REQUESTS, OVER_RETRIES
 
@@ -893,7 +893,7 @@ cdef object _request_length(object headers, bint *grpc):
             if _lower_eq(<str>k, "content-length"):
                 v = (<tuple>pair)[1]
                 try:
-                    length = int(v)
+                    length = _length(v)  # (outcome's rule: negative or >= 2**53 counts 0, as the pure twin)
                 except (TypeError, ValueError):
                     pass
         elif n == 12 and _lower_eq(<str>k, "content-type"):
@@ -933,7 +933,7 @@ cdef object _response_facts(object result, bint peers, double *length_out):
             cl = (<dict>headers).get("content-length")
             if cl is not None:
                 try:
-                    length_out[0] = int(cl)
+                    length_out[0] = _length(cl)
                 except (TypeError, ValueError, OverflowError):
                     return None
         if peers:
@@ -946,7 +946,7 @@ cdef object _response_facts(object result, bint peers, double *length_out):
             if not length:
                 cl = get("content-length")
                 if cl is not None:
-                    length_out[0] = int(cl)
+                    length_out[0] = _length(cl)
             if peers:
                 peer = get("x-envoy-peer-metadata")
         except (TypeError, ValueError, OverflowError):
@@ -1028,5 +1028,5 @@ cdef class IstioObserver:
         if series is None or c.started > self.until:
             self.miss(call, result, key)
             return True
-        (<IstioSeries>series)._add((monotonic() - c.started) * 1000.0, req_bytes or 0, resp_bytes, 0, 0)
+        (<IstioSeries?>series)._add((monotonic() - c.started) * 1000.0, req_bytes or 0, resp_bytes, 0, 0)
         return True

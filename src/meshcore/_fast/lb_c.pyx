@@ -562,7 +562,7 @@ cdef class _Table:
     cdef int64_t* ring_len
     cdef RingBucket** ring_bucket   # per priority: 2^bits entries, see _ring_buckets
     cdef int32_t* ring_shift        # per priority: 64 - bits
-    cdef size_t* ring_bytes         # per priority: one hot block, the ring then its buckets
+    cdef size_t* ring_bytes         # per priority: one hot block, the buckets then the ring
     cdef int32_t** maglev           # per priority: table of table_size host indices, or NULL
     cdef uint64_t maglev_size
     cdef bint lookahead             # n_hosts >= _lookahead_min_hosts when built
@@ -592,8 +592,9 @@ cdef class _Table:
             PyMem_Free(self.loc_edf)
             PyMem_Free(self.loc_weights)
         if self.ring != NULL:
-            for i in range(self.n_prio):
-                meshcore_hot_free(self.ring_bucket[i], self.ring_bytes[i])
+            if self.ring_bucket != NULL and self.ring_bytes != NULL:  # (NULL: an allocation failed)
+                for i in range(self.n_prio):
+                    meshcore_hot_free(self.ring_bucket[i], self.ring_bytes[i])
             PyMem_Free(self.ring)
             PyMem_Free(self.ring_bytes)
             PyMem_Free(self.ring_len)
@@ -1407,6 +1408,8 @@ cdef _not_endpoint(str method, object obj):
 @cython.boundscheck(False)
 cdef inline int32_t _choose_priority(_Table t, uint64_t h, bint* degraded) noexcept:
     # choosePriority(): x in 1..100 against healthy then degraded loads (sum is 100).
+    # boundscheck(False): healthy_load/degraded_load hold n_prio >= 1 entries (_build.layout makes
+    # at least priority 0), so index 0 and every p < n_prio are in range.
     cdef uint64_t x, acc = 0
     cdef int32_t p
     if t.healthy_load[0] >= 100:  # the usual case: P0 takes every x, no division needed

@@ -117,6 +117,19 @@ def _format_bound(b: float) -> str:
     return str(int(b)) if float(b).is_integer() else repr(float(b))
 
 
+
+#: distinct label sets kept at most; beyond, new label sets count under one whose peer-supplied
+#: labels are "unknown" (a server's callers choose its source_* values: memory stays bounded)
+MAX_SERIES = 10_000
+
+
+def _overflow(labels: Tuple[str, ...]) -> Tuple[str, ...]:
+    """``labels`` with every value but the reporter, the response's and the protocol's replaced by
+    ``unknown`` (the series beyond :data:`MAX_SERIES` are counted together there)."""
+    keep = {"reporter", "request_protocol", "response_code", "grpc_response_status", "response_flags",
+            "connection_security_policy"}
+    return tuple(v if name in keep else "unknown" for name, v in zip(LABELS, labels))
+
 class IstioMetrics:
     """The sink (see the module docstring): ``mesh.telemetry.enable_istio_metrics()`` makes and
     registers one. ``node_metadata`` replaces the bootstrap node's metadata as the source of the
@@ -197,7 +210,12 @@ class IstioMetrics:
                 self.observer.until = time.monotonic() + self.label_ttl
             series = self._series.get(labels)
             if series is None:
-                series = self._series[labels] = self._core.IstioSeries(labels, self.buckets, r.protocol == "grpc")
+                if len(self._series) >= MAX_SERIES:  # (label values callers send: a bound on memory)
+                    labels = _overflow(labels)
+                    series = self._series.get(labels)
+                if series is None:
+                    series = self._series[labels] = self._core.IstioSeries(labels, self.buckets,
+                                                                          r.protocol == "grpc")
             if len(self._keys) >= 65536:
                 self._keys.clear()
             self._keys[key] = (peer, series)

@@ -50,6 +50,17 @@ _DETAILS = {CONNECT_FAILURE: "upstream_reset_before_response_started{remote_conn
             TIMEOUT: "upstream_per_try_timeout"}
 
 
+#: a content-length at or above this counts 0 bytes (the compiled twin's double holds it exactly below)
+_MAX_LENGTH = 1 << 53
+
+
+def _length(value: Any) -> int:
+    """A content-length header's value as a byte count: 0 for a negative or absurdly large one
+    (ValueError/TypeError for one that is not a number, as ``int``)."""
+    n = int(value)
+    return n if 0 <= n < _MAX_LENGTH else 0
+
+
 def http_to_grpc(code: int) -> int:
     """Envoy's ``Grpc::Utility::httpToGrpcStatus`` (source/common/grpc/status.cc)."""
     if code == 400:
@@ -368,7 +379,7 @@ def _scan_request(headers: Any) -> Tuple[int, Optional[str], bool]:
                 lk = k.lower() if isinstance(k, str) else bytes(k).decode("latin-1").lower()
                 if lk == "content-length":
                     try:
-                        length = int(v)
+                        length = _length(v)
                     except (TypeError, ValueError):
                         pass
                 elif lk == "x-request-id":
@@ -401,7 +412,7 @@ def _scan_response(result: Any, peers: bool = True) -> Tuple[int, Optional[str]]
                 if not length:
                     cl = get("content-length")
                     if cl is not None:
-                        length = int(cl)
+                        length = _length(cl)
                 if peers:
                     peer = get("x-envoy-peer-metadata")
             except (TypeError, ValueError):

@@ -255,8 +255,9 @@ def decode_cached(value: Any) -> Optional[Dict[str, Any]]:
         return found  # type: ignore[return-value]
     decoded = decode(value)
     with _cache_lock:
-        if len(_cache) < _CACHE_MAX:  # beyond: decoded each time (never evicts what a sink may hold)
-            _cache[value] = decoded
+        if len(_cache) >= _CACHE_MAX:  # (values callers send: start again rather than stop caching;
+            _cache.clear()            # the dicts already handed out stay valid where they are held)
+        _cache[value] = decoded
     return decoded
 
 

@@ -669,15 +669,19 @@ def begin_single(call: Any, attempt: Any) -> None:
     headers (:func:`headers_of`). Never raises."""
     if TRACER[0] is None:
         return
-    trace = begin(call)
-    if trace is not None:
-        trace.attempt(attempt)
-        if len(_SINGLE) >= MAX_OPEN_SINGLE:  # calls entered and never left: forget the oldest
-            old = _SINGLE.pop(next(iter(_SINGLE)))
-            _PENDING.pop(old.call, None)
-            for a in old.call.attempts:
-                _PENDING.pop(a, None)
-        _SINGLE[call] = trace
+    try:  # (Call.__enter__ calls it with the attempt started: an exception would leak the attempt)
+        trace = begin(call)
+        if trace is not None:
+            trace.attempt(attempt)
+            if len(_SINGLE) >= MAX_OPEN_SINGLE:  # calls entered and never left: forget the oldest
+                old = _SINGLE.pop(next(iter(_SINGLE), None), None)  # (another thread may end it first)
+                if old is not None:
+                    _PENDING.pop(old.call, None)
+                    for a in old.call.attempts:
+                        _PENDING.pop(a, None)
+            _SINGLE[call] = trace
+    except Exception:  # noqa: BLE001
+        log.exception("tracing: could not begin the span of %r", call)
 
 
 def end_single(call: Any, exc: Optional[BaseException]) -> None:
@@ -736,6 +740,7 @@ def trace_refusal(mesh: Any, target: str, authority: str, method: str, path: str
         trace = begin(refused)
         if trace is None:
             return None
+        _PENDING.pop(refused, None)  # (the record reads the id returned below, not this entry)
         span = trace.span
         if span.is_recording():
             if isinstance(exc, NoRoute):
@@ -762,7 +767,6 @@ def trace_refusal(mesh: Any, target: str, authority: str, method: str, path: str
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
             span.set_attributes(attrs)
         span.end()
-        _PENDING.pop(refused, None)
         return trace.request_id
     except Exception:  # noqa: BLE001
         log.exception("tracing: could not trace a refused request to %s", target)
