@@ -174,8 +174,8 @@ def run(call: Any, send: Callable[[Any], R], status_of: StatusOf, grpc_status_of
     request (no fault filter, a first answer the policy does not retry) takes the straight path:
     ``first_attempt`` (breakers and pick), send, ``finish_final`` (record, and the policy's
     verdict), return; anything else continues in :func:`run_after`. While a mesh has telemetry
-    sinks (``telemetry.record.ACTIVE``), ``Call.run`` and the integrations call
-    :func:`run_reported` instead."""
+    sinks (``telemetry.record.ACTIVE``), ``Call.run`` and the integrations' general paths call
+    :func:`run_reported` instead (httpx's inline path reports the call itself unless tracing is on)."""
     a = call.first_attempt()
     if a is None:  # a fault filter applies: its step runs before the first attempt
         d = call.fault()

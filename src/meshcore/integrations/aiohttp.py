@@ -23,7 +23,9 @@ still apply). What does not change between requests is made once: the endpoint U
 per-host routing decision, the timeouts and, for a request without headers, keyword arguments
 or cookies of its own, what its attempts send (the headers with the logical ``Host``; with Istio's
 metadata exchange on, this workload's ``x-envoy-peer-metadata``/``-id``, which replace the
-application's own, any case, as Istio's filter does). The body
+application's own, any case, as Istio's filter does; a mesh without a node id -- a resource
+file's -- sends no ``-id``, and then an ``-id`` among the session's default headers, which aiohttp
+adds itself, still goes). The body
 is read within the attempt, so the returned ``aiohttp.ClientResponse`` has its status and body; its ``url`` is the endpoint's
 URL, ``resp.meshcore`` says ``{"cluster", "endpoint", "route", "attempts"}``. Cookies are stored
 in and sent from the session's jar under the logical URL. Redirects are followed here (``allow_

@@ -13,10 +13,11 @@ Mount them on the mesh's domain so only mesh hosts are affected::
     async with httpx.AsyncClient(mounts={"all://*.svc.cluster.local": AsyncMeshTransport(mesh)}) as ac:
         await ac.get("http://reviews.default.svc.cluster.local:9080/reviews/1")
 
-Per request: ``Mesh.request`` routes it, ``Call.run`` applies the route's policies (while no
-telemetry sink is registered the transport runs the usual request's router steps itself -- first
-attempt, its deadline, the policy's verdict -- and lifecycle's loop only for a fault filter or an
-outcome that may be retried: the same behaviour, one coroutine less), and each attempt goes to
+Per request: ``Mesh.request`` routes it, ``Call.run`` applies the route's policies (while tracing
+is off the transport runs the usual request's router steps itself -- first attempt, its deadline,
+the policy's verdict, and the record for telemetry sinks -- and lifecycle's loop only for a fault
+filter or an outcome that may be retried: the same behaviour, one coroutine less), and each
+attempt goes to
 the picked ``ip:port`` with the logical ``Host`` header, the ``sni_hostname``
 extension set to the logical host (TLS SNI and certificate verification use the service name), and
 the client's ``timeout`` extension capped by the attempt's timeout. Attempts of a cluster share one
@@ -797,7 +798,7 @@ class _MeshTransportBase:
                     del headers[k]
             for k, v in exchange.headers:
                 headers[k] = v
-        if _TELEMETRY[0]:  # tracing: this attempt's headers replace the application's
+        if _TRACER[0] is not None:  # tracing: this attempt's headers replace the application's
             for k, v in _trace_headers(attempt):
                 headers[k] = v
         extensions = dict(request.extensions)
@@ -834,13 +835,15 @@ class _MeshTransportBase:
 
 # -- the router loop, first attempt inline ---------------------------------------------------------
 #
-# Without telemetry sinks, the transports run the usual request's router steps themselves
+# While tracing is off, the transports run the usual request's router steps themselves
 # (``lifecycle.run``/``run_async``'s straight path: ``first_attempt``, the attempt under its
 # deadline, ``finish_final``), which saves the router coroutine and its frame per request (~2-4 us
 # in a client's request, most of it the async deadline and coroutine machinery). Anything else --
 # a fault filter (``first_attempt`` is None), an outcome the policy may retry, an error -- is
 # lifecycle's: the fault path through ``run``/``run_async`` itself, a retry through
-# ``lifecycle.run_after``/``run_after_async`` (the router loop after the first outcome).
+# ``lifecycle.run_after``/``run_after_async`` (the router loop after the first outcome). With
+# telemetry sinks the call is reported as ``lifecycle.run_reported`` reports it; tracing (spans
+# around each attempt) takes ``run_reported`` itself.
 
 
 def _tell_telemetry(attempt: Any, resp: Any, raw: bytes, exchange: Any) -> None:
@@ -995,7 +998,6 @@ class MeshTransport(_MeshTransportBase):
         finally:
             pools.release(slot)
 
-    one = False  # the first attempt's answer ended the request (inline path)
 
     def handle_request(self, request: Any) -> Any:
         lib = self._fixed_lib or self._lib(request)
@@ -1148,7 +1150,6 @@ class AsyncMeshTransport(_MeshTransportBase):
             if closing is not None:
                 await self._close_inner_async(closing)
 
-    one = False  # the first attempt's answer ended the request (inline path)
 
     async def handle_async_request(self, request: Any) -> Any:
         lib = self._fixed_lib or self._lib(request)
