@@ -92,6 +92,7 @@ def test_cli_logs_connections_acks_nacks_and_pushes(tmp_path: Path) -> None:
             while mesh.pick(TARGET, "/").endpoint.port != 9002:
                 assert time.monotonic() < deadline, "the EDS change was not pushed"
                 time.sleep(0.02)
+            time.sleep(0.5)  # the ACK follows the update it acknowledges: let it reach the server first
         finally:
             mesh.close()
         _delta_nack(address, "nacking-node", "cluster a: not for me")
