@@ -191,3 +191,17 @@ def test_peer_metadata_cache_starts_again_when_full(monkeypatch):
         assert pm.decode_cached(v)["NAME"].startswith("p")
     assert 1 <= len(pm._cache) <= 4  # bounded, and still caching
     assert pm.decode_cached(values[-1]) is pm.decode_cached(values[-1])
+
+
+def test_server_side_principal_comes_from_the_certificate_only():
+    # a caller's x-envoy-peer-metadata may claim any IDENTITY: under mTLS the source principal is
+    # the verified client certificate's, and without one it stays unknown
+    sink = IstioMetrics(FakeMesh(), NODE)
+    claimed = {"NAME": "x", "NAMESPACE": "shop", "WORKLOAD_NAME": "caller",
+               "IDENTITY": "spiffe://cluster.local/ns/admin/sa/root"}
+    base = dict(reporter="destination", connection_security_policy="mutual_tls", peer_metadata=claimed,
+                authority="client.shop.svc.cluster.local:8080")
+    no_cert = labels(sink, record(principal=None, **base))
+    assert no_cert["source_principal"] == "unknown" and no_cert["source_workload"] == "caller"
+    cert = labels(sink, record(principal="spiffe://cluster.local/ns/shop/sa/caller", **base))
+    assert cert["source_principal"] == "spiffe://cluster.local/ns/shop/sa/caller"

@@ -322,9 +322,8 @@ class IstioMetrics:
         workload, namespace, app, version, canonical, revision, cluster_id = self._local
         mtls = r.connection_security_policy == "mutual_tls"
         peer: Optional[Workload] = workload_of(r.peer_metadata) if r.peer_metadata is not None else None
+        # the verified client certificate only: the caller's metadata is the caller's say-so
         peer_san = (r.principal or "") if mtls else ""
-        if not peer_san and peer is not None and mtls:
-            peer_san = peer.identity
         peer_namespace = _namespace_of_san(peer_san) if peer_san else ""
         if not peer_namespace and peer is not None:
             peer_namespace = peer.namespace
