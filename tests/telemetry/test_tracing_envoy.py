@@ -181,23 +181,25 @@ class Span:
     dict (Envoy's tags are strings; meshcore's ints are compared as strings)."""
 
     def __init__(self, name: str, kind: str, trace_id: str, span_id: str, parent_id: str, status: str,
-                 attrs: Dict[str, Any]) -> None:
+                 attrs: Dict[str, Any], start: int = 0) -> None:
         self.name, self.kind, self.status = name, kind, status
         self.trace_id, self.span_id, self.parent_id = trace_id, span_id, parent_id
         self.attrs = attrs
+        self.start = start  # epoch ns
 
     @classmethod
     def from_otlp(cls, s: Any) -> "Span":
         attrs = {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in s.attributes}
         kind = {2: "SERVER", 3: "CLIENT"}.get(s.kind, str(s.kind))
         status = {0: "UNSET", 1: "OK", 2: "ERROR"}[s.status.code]
-        return cls(s.name, kind, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), status, attrs)
+        return cls(s.name, kind, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), status, attrs,
+                   s.start_time_unix_nano)
 
     @classmethod
     def from_sdk(cls, s: Any) -> "Span":
         return cls(s.name, s.kind.name, format(s.context.trace_id, "032x"), format(s.context.span_id, "016x"),
                    format(s.parent.span_id, "016x") if s.parent is not None else "", s.status.status_code.name,
-                   dict(s.attributes))
+                   dict(s.attributes), s.start_time or 0)
 
     def tag(self, key: str) -> Optional[str]:
         v = self.attrs.get(key)
@@ -208,15 +210,17 @@ class Span:
 
 
 def _trees(spans: List[Span]) -> Dict[str, Tuple[Span, List[Span]]]:
-    """path -> (root span, its children by start order: the list is already in end order, and
-    attempts end in order) for each root span."""
+    """path -> (root span, its children in attempt order: by start time, then ``retry.count``
+    (the order spans arrive in is not theirs: an exporter's batches)) for each root span."""
     ids = {s.span_id for s in spans}
     roots = {s.span_id: s for s in spans if s.parent_id not in ids}  # no parent, or the application's
     out: Dict[str, Tuple[Span, List[Span]]] = {}
     for root in roots.values():
         url = root.tag("http.url") or ""
         path = url.split(TARGET, 1)[1] if TARGET in url else url
-        out[path] = (root, [s for s in spans if s.parent_id == root.span_id])
+        children = [s for s in spans if s.parent_id == root.span_id]
+        children.sort(key=lambda c: (c.start, int(c.tag("retry.count") or 0)))
+        out[path] = (root, children)
     return out
 
 
