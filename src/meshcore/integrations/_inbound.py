@@ -805,19 +805,11 @@ class InboundGate:
             log.warning("inbound: refusing requests: %s", why)
 
 
-class GatedMiddleware:
-    """What the ASGI and WSGI middlewares share: the application and its :class:`InboundGate`
-    (the listener or local RBAC engine, stats), with ``listener`` / ``rbac`` / ``stats`` views."""
+class GateViews:
+    """``listener`` / ``rbac`` (settable) / ``stats`` views of an object's :class:`InboundGate`
+    (``self.gate``): the server integrations' shared surface."""
 
-    _kind = "an"
-
-    def __init__(self, app: Any, mesh: Any = None, *, listener: Any = None, rbac: Any = None,
-                 stat_prefix: Optional[str] = None, stats: Optional[InboundStats] = None) -> None:
-        if not callable(app):
-            raise TypeError(f"app must be {self._kind} application, got {type(app).__name__}")
-        self.app = app
-        self.mesh = mesh
-        self.gate = InboundGate(listener_of(mesh, listener, rbac), rbac, stat_prefix=stat_prefix, stats=stats)
+    gate: InboundGate
 
     @property
     def listener(self) -> Any:
@@ -834,3 +826,18 @@ class GatedMiddleware:
     @property
     def stats(self) -> InboundStats:
         return self.gate.stats
+
+
+class GatedMiddleware(GateViews):
+    """What the ASGI and WSGI middlewares share: the application and its :class:`InboundGate`
+    (the listener or local RBAC engine, stats), with ``listener`` / ``rbac`` / ``stats`` views."""
+
+    _kind = "an"
+
+    def __init__(self, app: Any, mesh: Any = None, *, listener: Any = None, rbac: Any = None,
+                 stat_prefix: Optional[str] = None, stats: Optional[InboundStats] = None) -> None:
+        if not callable(app):
+            raise TypeError(f"app must be {self._kind} application, got {type(app).__name__}")
+        self.app = app
+        self.mesh = mesh
+        self.gate = InboundGate(listener_of(mesh, listener, rbac), rbac, stat_prefix=stat_prefix, stats=stats)

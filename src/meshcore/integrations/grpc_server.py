@@ -60,7 +60,8 @@ import grpc.aio
 
 from ..tls.server import peer_from_grpc_context
 from ._inbound import (
-    ALLOWED, InboundGate, InboundStats, Verdict, destination_sinks, emit, ip_or_none, listener_of, now, request_facts,
+    ALLOWED, GateViews, InboundGate, InboundStats, Verdict, destination_sinks, emit, ip_or_none, listener_of, now,
+    request_facts,
 )
 
 __all__ = ["MeshServerInterceptor", "AsyncMeshServerInterceptor", "Caller", "current_caller", "current_peer",
@@ -163,7 +164,7 @@ def _authority(context: Any) -> Optional[str]:
     return host or None
 
 
-class _Base:
+class _Base(GateViews):
     def __init__(self, listener: Any = None, rbac: Any = None, *, mesh: Any = None, stat_prefix: Optional[str] = None,
                  stats: Optional[InboundStats] = None, destination: Optional[Tuple[Optional[str], int]] = None) -> None:
         self.mesh = mesh
@@ -178,21 +179,19 @@ class _Base:
         else:
             self._dst = (None, None)
 
-    @property
-    def listener(self) -> Any:
-        return self.gate.listener
-
-    @property
-    def rbac(self) -> Any:
-        return self.gate.rbac
-
-    @rbac.setter
-    def rbac(self, engine: Any) -> None:
-        self.gate.rbac = engine
-
-    @property
-    def stats(self) -> InboundStats:
-        return self.gate.stats
+    def _admit(self, method: str, context: Any) -> Tuple[Verdict, Any, Tuple[Any, ...], float]:
+        """The RPC's verdict, the status code it is refused with (``None``: allowed; a refusal is
+        counted and recorded here, the caller aborts), the destination sinks and the start time."""
+        sinks = destination_sinks(self.mesh) if self.mesh is not None else ()
+        start = now() if sinks else 0.0
+        verdict = self._decide(method, context)
+        if verdict.outcome is ALLOWED:
+            return verdict, None, sinks, start
+        self._count(verdict)
+        code = getattr(grpc.StatusCode, verdict.grpc_code or "UNAVAILABLE")
+        if sinks:
+            self._record(sinks, verdict, method, context, start, _code_value(code))
+        return verdict, code, sinks, start
 
     def _decide(self, method: str, context: Any) -> Verdict:
         try:
@@ -254,15 +253,9 @@ class MeshServerInterceptor(_Base, grpc.ServerInterceptor):
         return _wrapped(handler, handler_call_details.method, self._wrap_unary, self._wrap_stream)
 
     def _enter(self, method: str, context: Any) -> Tuple[Verdict, Caller, Tuple[Any, ...], float]:
-        sinks = destination_sinks(self.mesh) if self.mesh is not None else ()
-        start = now() if sinks else 0.0
-        verdict = self._decide(method, context)
-        if verdict.outcome is not ALLOWED:
-            self._count(verdict)
-            code = getattr(grpc.StatusCode, verdict.grpc_code or "UNAVAILABLE")
-            if sinks:
-                self._record(sinks, verdict, method, context, start, _code_value(code))
-            context.abort(code, verdict.grpc_message)  # raises
+        verdict, refused, sinks, start = self._admit(method, context)
+        if refused is not None:
+            context.abort(refused, verdict.grpc_message)  # raises
         caller = Caller(verdict.principal, verdict.peer, verdict.policy, verdict.chain_name)
         _attach(context, caller)
         return verdict, caller, sinks, start
@@ -350,15 +343,9 @@ class AsyncMeshServerInterceptor(_Base, grpc.aio.ServerInterceptor):
         return _wrapped(handler, handler_call_details.method, self._wrap_unary, self._wrap_stream)
 
     async def _enter(self, method: str, context: Any) -> Tuple[Verdict, Caller, Tuple[Any, ...], float]:
-        sinks = destination_sinks(self.mesh) if self.mesh is not None else ()
-        start = now() if sinks else 0.0
-        verdict = self._decide(method, context)
-        if verdict.outcome is not ALLOWED:
-            self._count(verdict)
-            code = getattr(grpc.StatusCode, verdict.grpc_code or "UNAVAILABLE")
-            if sinks:
-                self._record(sinks, verdict, method, context, start, _code_value(code))
-            await context.abort(code, verdict.grpc_message)
+        verdict, refused, sinks, start = self._admit(method, context)
+        if refused is not None:
+            await context.abort(refused, verdict.grpc_message)
         caller = Caller(verdict.principal, verdict.peer, verdict.policy, verdict.chain_name)
         _attach(context, caller)
         _CURRENT.set(caller)  # the RPC's own context (grpc.aio runs each RPC in a fresh one)
