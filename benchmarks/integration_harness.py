@@ -122,7 +122,7 @@ def resources(upstream_ports: Sequence[int], *, timeout: str = "5s", num_retries
 
 
 #: the telemetry modes of :func:`set_telemetry`
-TELEMETRY_MODES = ("off", "istio", "istio+log")
+TELEMETRY_MODES = ("off", "istio", "istio+log", "istio+tracing")
 #: the workload a mesh with telemetry on reports as (its bootstrap node's metadata otherwise)
 BENCH_NODE = {"WORKLOAD_NAME": "bench-client", "NAMESPACE": "default", "CLUSTER_ID": "Kubernetes",
               "LABELS": {"app": "bench-client", "version": "v1"}}
@@ -131,18 +131,45 @@ BENCH_NODE = {"WORKLOAD_NAME": "bench-client", "NAMESPACE": "default", "CLUSTER_
 def set_telemetry(mesh: Any, mode: str) -> None:
     """Put ``mesh``'s telemetry in ``mode``: ``"off"`` (no sink), ``"istio"`` (Istio's standard
     metrics with the metadata exchange: ``enable_istio_metrics``), ``"istio+log"`` (the same plus a
-    sink that keeps nothing: every request then builds its full record). A mode factory calls it
+    sink that keeps nothing: every request then builds its full record), ``"istio+tracing"`` (Istio
+    metrics and an OpenTelemetry SDK provider, sampled, in-memory exporter). A mode factory calls it
     before it builds its client, so "telemetry on" is one more mode of :func:`run_interleaved`."""
     if mode not in TELEMETRY_MODES:
         raise ValueError(f"telemetry mode must be one of {TELEMETRY_MODES}, not {mode!r}")
+    from meshcore.telemetry import tracing
+
     tel = mesh.telemetry
     tel.remove_sink(_discard)
+    tracing.configure(_tracer_provider() if mode == "istio+tracing" else None)
     if mode == "off":
         tel.disable_istio_metrics()
         return
     tel.enable_istio_metrics(node_metadata=BENCH_NODE)
     if mode == "istio+log":
         tel.add_sink(_discard)
+
+
+_PROVIDER: List[Any] = []
+
+
+def _tracer_provider() -> Any:
+    """An OpenTelemetry SDK provider (sampled, in-memory exporter, emptied now and then): what an
+    application that traces has configured."""
+    if not _PROVIDER:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        class Bounded(InMemorySpanExporter):
+            def export(self, spans: Any) -> Any:
+                if len(self._finished_spans) > 10000:
+                    self.clear()
+                return super().export(spans)
+
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(Bounded()))
+        _PROVIDER.append(provider)
+    return _PROVIDER[0]
 
 
 def _discard(record: Any) -> None:

@@ -6,7 +6,9 @@ One mesh and one client; the mesh's telemetry is switched between blocks
 (``integration_harness.set_telemetry``): ``off``, ``istio`` (``enable_istio_metrics()``: the
 metadata exchange headers on every request and the peer's stripped from the response, and the
 Istio sink alone: its fast path, no record), ``istio+log`` (the same plus one more sink: every
-request builds its full RequestRecord, what an access log adds). Per round every mode runs one
+request builds its full RequestRecord, what an access log adds), ``istio+tracing`` (Istio's
+metrics and an OpenTelemetry SDK provider, every request sampled: a span per request and the
+trace headers on every attempt). Per round every mode runs one
 block of ``n`` requests (order rotated per round), CPU time of this thread; the figure is the
 median over rounds of (mode - off) within the round.
 
@@ -30,7 +32,7 @@ from test_bench_integrations_httpx import _lib, no_io_clients, no_io_mesh
 
 def telemetry_added(mesh: Any, lib: Any, is_async: bool, n: int = 300, rounds: int = 31,
                     modes: Any = TELEMETRY_MODES) -> Dict[str, float]:
-    """``{"off": µs per request, "istio": added µs, "istio+log": added µs}`` (see the module doc;
+    """``{"off": µs per request, "istio" / "istio+log" / "istio+tracing": added µs}`` (see the module doc;
     ``modes``: a subset, "off" included)."""
     send = no_io_clients(mesh, lib, is_async)["meshcore"]
     loop = asyncio.new_event_loop() if is_async else None
@@ -94,7 +96,7 @@ def test_istio_metrics_added_through_httpx(benchmark, mesh, kind):
                        rounds=1, iterations=1)
     benchmark.extra_info.update({k: round(v, 3) for k, v in out.items()})
     print(f"\nhttpx {kind} no I/O: off {out['off']:.2f} us, +istio {out['istio']:.2f} us, "
-          f"+istio+record {out['istio+log']:.2f} us CPU per request")
+          f"+istio+record {out['istio+log']:.2f} us, +istio+tracing {out['istio+tracing']:.2f} us CPU per request")
     sink = mesh.telemetry.istio_metrics
     assert sink is None  # left off
     assert out["off"] > 0
@@ -107,7 +109,8 @@ def _main() -> None:
         for kind in ("sync", "async"):
             out = telemetry_added(m, lib, kind == "async")
             print(f"httpx {kind:<5} off {out['off']:6.2f} us  +istio {out['istio']:5.2f} us  "
-                  f"+istio+record {out['istio+log']:5.2f} us  (CPU per request, median of per-round differences)")
+                  f"+istio+record {out['istio+log']:5.2f} us  +istio+tracing {out['istio+tracing']:5.2f} us  "
+                  "(CPU per request, median of per-round differences)")
     finally:
         m.close()
 
