@@ -205,3 +205,4 @@ def test_server_side_principal_comes_from_the_certificate_only():
     assert no_cert["source_principal"] == "unknown" and no_cert["source_workload"] == "caller"
     cert = labels(sink, record(principal="spiffe://cluster.local/ns/shop/sa/caller", **base))
     assert cert["source_principal"] == "spiffe://cluster.local/ns/shop/sa/caller"
+

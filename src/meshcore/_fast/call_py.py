@@ -35,6 +35,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import lifecycle
+from .._route_model import RetryPolicy
 from .._url import URL_CACHE, parse_url
 from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, Unavailable, UpstreamTimeout
 from ..resilience.fault import NO_FAULT, FaultDecision
@@ -730,12 +731,16 @@ class IstioObserver:
             return False
         a = attempts[-1]
         status = a.status
-        if a.error is not None or type(status) is not int or a.grpc_status is not None:
+        # (the compiled twin's rules exactly: any int status -- PyLong_Check -- and, under a
+        # RetryPolicy, one in 0..408 that its retriable_status_codes do not name)
+        if a.error is not None or not isinstance(status, int) or a.grpc_status is not None:
             return False
         policy = call.retry_policy
         if policy is not None:
-            compiled = getattr(policy, "compiled", None)
-            if compiled is None or status >= 409 or status in compiled.status_codes:
+            if type(policy) is not RetryPolicy:
+                return False
+            compiled = policy.compiled
+            if compiled is None or not 0 <= status < 409 or status in compiled.status_codes:
                 return False
         headers = call.headers
         req_bytes: Any = None
