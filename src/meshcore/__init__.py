@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ._fast import IMPLEMENTATION, LoadBalancer, RouteTable, xxh64
+from ._fast import IMPLEMENTATION, LoadBalancer, RouteTable, _xds_hook, xxh64
 from ._routing import RouteMatch
 from ._model import Endpoint, HealthStatus, Locality
 from ._options import POLICIES, LbConfig
@@ -47,6 +47,24 @@ __all__ = [
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def _load_balancer_arguments(cluster: object, load_assignment: object = None) -> tuple:
+    from .xds.lb_config import load_balancer_arguments
+
+    return load_balancer_arguments(cluster, load_assignment)
+
+
+def _route_config_spec(route_configuration: object) -> object:
+    from .xds.route_config import route_config_spec
+
+    return route_config_spec(route_configuration)
+
+
+# LoadBalancer.from_xds and RouteTable.from_xds (both twins) decode through these: ``_fast``
+# imports nothing above it, so the package plugs in the xDS layer (imported on first use).
+_xds_hook.register("load_balancer", _load_balancer_arguments)
+_xds_hook.register("route_config", _route_config_spec)
 
 _LAZY = {"Mesh": "mesh", "Pick": "mesh", "Call": "call", "CircuitBreakerOpen": "call", "FaultAbort": "call",
          "UpstreamError": "call", "UpstreamTimeout": "call", "CertificatesUnavailable": "tls",

@@ -39,6 +39,7 @@ import threading
 from .._model import Endpoint
 from .._options import LbConfig
 from . import _build_c as _build
+from . import _xds_hook
 
 cdef extern from "_debug.h":
     cdef int MESHCORE_DEBUG
@@ -713,9 +714,7 @@ cdef class LoadBalancer:
     @classmethod
     def from_xds(cls, cluster, load_assignment=None, seed=None):
         """Build from an xDS ``Cluster`` and ``ClusterLoadAssignment`` (messages or dicts)."""
-        from ..xds.lb_config import load_balancer_arguments
-
-        endpoints, policy, options = load_balancer_arguments(cluster, load_assignment)
+        endpoints, policy, options = _xds_hook.decoder("load_balancer")(cluster, load_assignment)
         return cls(endpoints, policy=policy, seed=seed, **options)
 
     @property

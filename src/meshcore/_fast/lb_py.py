@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .._model import Endpoint
 from .._options import LbConfig
-from . import _build
+from . import _build, _xds_hook
 from .edf_py import EdfScheduler
 from .hashing_py import SplitMix64, xxh64
 
@@ -79,9 +79,7 @@ class LoadBalancer:
     @classmethod
     def from_xds(cls, cluster: Any, load_assignment: Any = None, seed: Optional[int] = None) -> "LoadBalancer":
         """Build from an xDS ``Cluster`` and ``ClusterLoadAssignment`` (messages or dicts)."""
-        from ..xds.lb_config import load_balancer_arguments
-
-        endpoints, policy, options = load_balancer_arguments(cluster, load_assignment)
+        endpoints, policy, options = _xds_hook.decoder("load_balancer")(cluster, load_assignment)
         return cls(endpoints, policy=policy, seed=seed, **options)
 
     @property

@@ -33,6 +33,7 @@ from .._route_model import RouteConfigSpec
 from .._routing import (INLINE_HEADERS, RouteMatch, ascii_lower, check_request_args, empty_forwarded_proto, is_grpc,
                         match_bytes, regex_fullmatch, request_headers, split_host_port, strip_path_params,
                         tls_redirect)
+from . import _xds_hook
 from . import routes_py as _py
 from .lb_c import xxh64 as _xxh64  # request hashes with the compiled XXH64
 
@@ -597,9 +598,7 @@ cdef class RouteTable:
     @classmethod
     def from_xds(cls, route_configuration):
         """Build from an ``envoy.config.route.v3.RouteConfiguration`` (message or dict)."""
-        from ..xds.route_config import route_config_spec
-
-        return cls(route_config_spec(route_configuration))
+        return cls(_xds_hook.decoder("route_config")(route_configuration))
 
     @property
     def name(self):

@@ -22,6 +22,7 @@ import re2
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .._route_model import HeaderMatchSpec, RouteConfigSpec, RouteSpec, StringMatchSpec, VirtualHostSpec
+from . import _xds_hook
 from .hashing_py import xxh64
 from .._routing import (
     INLINE_HEADERS,
@@ -344,9 +345,7 @@ class RouteTable:
     @classmethod
     def from_xds(cls, route_configuration: Any) -> "RouteTable":
         """Build from an ``envoy.config.route.v3.RouteConfiguration`` (message or dict)."""
-        from ..xds.route_config import route_config_spec
-
-        return cls(route_config_spec(route_configuration))
+        return cls(_xds_hook.decoder("route_config")(route_configuration))
 
     @property
     def name(self) -> str:
