@@ -75,8 +75,9 @@ import inspect
 import json as _json
 import logging
 import ssl
+import time
 from operator import attrgetter
-from typing import Any, Awaitable, Callable, Dict, Generator, Iterable, List, Optional, Union
+from typing import Any, Awaitable, Callable, Dict, Generator, Iterable, List, Optional, Tuple, Union
 
 import aiohttp
 import attr
@@ -87,13 +88,17 @@ from yarl import URL
 
 from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, NotReady, Unavailable
-from ..lifecycle import run_async as _run_async, run_async_reported as _run_async_reported
+from .. import lifecycle as _lifecycle
+from ..lifecycle import _HAS_UNCANCEL, _current_task, _get_running_loop
+from ..lifecycle import run_after_async as _run_after_async, run_async as _run_async
+from ..lifecycle import run_async_reported as _run_async_reported
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
 from ..telemetry.peer_metadata import HEADER as _PEER_HEADER, HEADER_ID as _PEER_HEADER_ID
 from ..telemetry.peer_metadata import strip_pairs as _strip_peer_pairs
+from ..telemetry.outcome import report as _report
 from ..telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
-from ..telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, headers_of as _trace_headers
+from ..telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, TRACER as _TRACER, headers_of as _trace_headers
 from ..tls import TlsHandshakeError, is_deferred_rejection
 from . import (
     _add_context,
@@ -148,6 +153,14 @@ def _store_cookies(jar: Any, resp: Any, url: URL) -> None:
             update(raw, url)
         else:
             jar.update_cookies(resp.cookies, url)
+
+
+def _counts_cookies(jar: Any) -> bool:
+    """Whether ``jar`` is aiohttp's own ``CookieJar`` keeping its ``len()`` in ``_cookie_count``
+    (3.10+): then a request reads that field instead of calling ``len(jar)`` (a Python call)."""
+    return type(jar) is aiohttp.CookieJar and type(getattr(jar, "_cookie_count", None)) is int and \
+        getattr(aiohttp.CookieJar.__len__, "__code__", None) is not None and \
+        "_cookie_count" in aiohttp.CookieJar.__len__.__code__.co_names
 
 
 def _endpoint_key(host: Any, port: Any) -> str:
@@ -466,19 +479,16 @@ class _Sender:
         self.upstream_tls = upstream_tls  # Mesh.upstream_tls (None: a mesh without TLS)
         self.tls_kwargs = tls_kwargs  # MeshSession._tls_kwargs
 
-    async def send(self, attempt: Any) -> aiohttp.ClientResponse:
+    def args(self, attempt: Any) -> Tuple[URL, Any, Dict[str, Any]]:
+        """What ``attempt`` sends besides the sender's fixed arguments: the endpoint's URL (made
+        once per scheme, endpoint and path), its headers (the sender's; with tracing on, a copy
+        with the attempt's trace headers) and keyword arguments (mesh TLS: the cluster socket's
+        ``ssl`` marker and SNI). Records the endpoint as used by the cluster."""
         endpoint = attempt.endpoint
         ep_key = endpoint.key
         if self.used is not None:
             self.used.add(ep_key)
-        key = (self.scheme, ep_key, attempt.path)
-        urls = self.urls
-        target = urls.get(key)
-        if target is None:
-            target = URL(f"{self.scheme}://{ep_key}{attempt.path}", encoded=True)
-            if len(urls) >= _URLS_MAX:
-                urls.clear()
-            urls[key] = target
+        target = self.urls.get((self.scheme, ep_key, attempt.path)) or self.url(attempt)
         kwargs = self.kwargs
         upstream_tls = self.upstream_tls
         if upstream_tls is not None:
@@ -489,10 +499,35 @@ class _Sender:
             if tls is not None:
                 kwargs = self.tls_kwargs(tls, endpoint, kwargs, self.scheme)
         headers = self.headers
-        if _TELEMETRY[0]:  # tracing (meshcore.telemetry.tracing): this attempt's headers
+        if _TRACER[0] is not None:  # tracing (meshcore.telemetry.tracing): this attempt's headers
             traced = _trace_headers(attempt)
             if traced:
                 headers = _with_trace(headers, traced)
+        return target, headers, kwargs
+
+    def url(self, attempt: Any) -> URL:
+        """The URL of ``attempt``'s endpoint and path, made once (bounded table, shared by the
+        session's senders; keyed by scheme, endpoint key and path)."""
+        ep_key, path = attempt.endpoint.key, attempt.path
+        target = URL(f"{self.scheme}://{ep_key}{path}", encoded=True)
+        urls = self.urls
+        if len(urls) >= _URLS_MAX:
+            urls.clear()
+        urls[(self.scheme, ep_key, path)] = target
+        return target
+
+    def finish(self, attempt: Any, resp: aiohttp.ClientResponse) -> None:
+        """After ``attempt``'s answer was read: ``resp.meshcore`` and the attempt's facts for
+        telemetry (with Istio's metadata exchange, the peer's metadata leave the answer)."""
+        resp.meshcore = {"cluster": self.cluster, "endpoint": attempt.endpoint.key,  # type: ignore[attr-defined]
+                         "route": self.route_name, "attempts": attempt.number}
+        if _TELEMETRY[0] or self.exchange is not None:  # strip the peer's metadata we asked for
+            _tell_telemetry(attempt, resp, self.exchange)
+
+    async def send(self, attempt: Any) -> aiohttp.ClientResponse:
+        """One attempt (lifecycle's ``send(attempt)``; ``MeshSession._request`` runs the first
+        attempt of the router's straight path inline, the same steps)."""
+        target, headers, kwargs = self.args(attempt)
         if kwargs:
             resp = await self.request(self.method, target, headers=headers, allow_redirects=False,
                                       timeout=self.timeout, **kwargs)
@@ -504,14 +539,24 @@ class _Sender:
         except BaseException:
             resp.close()
             raise
-        resp.meshcore = {"cluster": self.cluster, "endpoint": ep_key, "route": self.route_name,  # type: ignore[attr-defined]
-                         "attempts": attempt.number}
-        if _TELEMETRY[0] or self.exchange is not None:  # strip the peer's metadata we asked for
-            _tell_telemetry(attempt, resp, self.exchange)
+        self.finish(attempt, resp)
         return resp
 
 
 _CLIENT_REQUEST = aiohttp.ClientSession.request
+_BASE_TIME = asyncio.BaseEventLoop.time
+# (the event loop used last, its lifecycle._Deadlines, its clock): the inline attempt's deadline
+_loop_clock: Tuple[Any, Any, Callable[[], float]] = (None, None, time.monotonic)
+
+
+def _clock_of(loop: asyncio.AbstractEventLoop) -> Tuple[Any, Any, Callable[[], float]]:
+    """``loop``'s deadline table (``lifecycle._deadlines``) and clock: ``time.monotonic`` itself
+    (a C call) when ``loop.time`` is asyncio's ``BaseEventLoop.time``, which returns it; otherwise
+    ``loop.time``. Remembered for the next request (the usual program has one loop)."""
+    global _loop_clock
+    clock = time.monotonic if getattr(type(loop), "time", None) is _BASE_TIME else loop.time
+    _loop_clock = (loop, _lifecycle._deadlines(), clock)
+    return _loop_clock
 
 
 def _request_of(session: aiohttp.ClientSession) -> Any:
@@ -576,8 +621,9 @@ class MeshSession:
         self._endpoint_urls: Dict[Any, URL] = {}  # (scheme, endpoint key, path) -> URL
         self._timeouts: Dict[int, Any] = {}  # id(request's ClientTimeout) -> (it, the attempts' one)
         # the session's fixed settings, read once: (session, default headers, timeout, cookie jar,
-        # raise_for_status default, the attempts' timeout)
-        self._bound: Any = (None, None, None, None, False, None)
+        # raise_for_status default, the attempts' timeout, whether the jar counts its cookies in
+        # ``_cookie_count``: see _counts_cookies)
+        self._bound: Any = (None, None, None, None, False, None, False)
         # mesh TLS: the cluster socket of an endpoint (None: a mesh without TLS), the ssl= marker of
         # each cluster socket (UpstreamTls -> _TlsMarker), the connector known to do mesh TLS
         self._upstream_tls = getattr(mesh, "upstream_tls", None)
@@ -702,8 +748,9 @@ class MeshSession:
         """The session's settings that do not change (its default headers are read per request:
         that mapping may be changed in place)."""
         timeout = session.timeout
-        self._bound = (session, session.headers, timeout, session.cookie_jar,
-                       getattr(session, "_raise_for_status", False), self._attempt_timeout(timeout))
+        jar = session.cookie_jar
+        self._bound = (session, session.headers, timeout, jar, getattr(session, "_raise_for_status", False),
+                       self._attempt_timeout(timeout), _counts_cookies(jar))
         return self._bound
 
     async def _request(self, ctx: _RequestContext, method: str, url: Union[str, URL], *, params: Any = None,
@@ -713,7 +760,7 @@ class MeshSession:
         bound = self._bound
         if bound[0] is not session:
             bound = self._bind(session)
-        _, defaults, timeout, jar, session_check, attempt_timeout = bound
+        _, defaults, timeout, jar, session_check, attempt_timeout, counted = bound
         if type(url) is str:
             text: Optional[str] = url
             url, routed = self._urls.get(url) or self._parse(url)
@@ -782,11 +829,16 @@ class MeshSession:
                         memo = self._timeouts.get(id(timeout))
                         attempt_timeout = memo[1] if memo is not None else self._attempt_timeout(timeout)
                     pools = self._pools
-                    slot = pools.acquire(cluster, cluster)
+                    slot = pools._slots.get(cluster)  # _ClusterPools.acquire's async fast path, inline
+                    if slot is not None:
+                        slot.inflight += 1
+                    else:
+                        slot = pools.acquire(cluster, cluster)
                     try:
                         pool = slot.pool
                         exchange = _exchange_of(mesh) if _TELEMETRY[0] else None
-                        if own is None and not own_kwargs and pool is not None and not len(jar) and \
+                        if own is None and not own_kwargs and pool is not None and \
+                                not (jar._cookie_count if counted else len(jar)) and \
                                 (not defaults or call.scheme == "http"):
                             # no per-request arguments: the cluster's sender for this route, authority,
                             # method and timeout (made once)
@@ -801,8 +853,80 @@ class MeshSession:
                         else:
                             sender = self._sender(session, method, headers, own, attempt_timeout, jar, url, kwargs, call,
                                                   pool, exchange)
-                        resp = await (_run_async_reported if _TELEMETRY[0] else _run_async)(
-                            call, sender.send, _status_of, None, _classify)
+                        try:
+                            a = None if _TRACER[0] is not None else call.first_attempt()
+                        except BaseException as e:  # refused before its attempt (UH, UO): reported as run_reported does
+                            if _TELEMETRY[0]:
+                                _report(call, None, e)
+                            raise
+                        if a is None:  # tracing (spans around attempts) or a fault filter: lifecycle's router
+                            resp = await (_run_async_reported if _TELEMETRY[0] else _run_async)(
+                                call, sender.send, _status_of, None, _classify)
+                        else:  # run_async's straight path and the sender's attempt, inline (see _Sender.send)
+                            try:
+                                try:
+                                    if sender.upstream_tls is None:  # sender.args(a) without mesh TLS, inline
+                                        ep_key = a.endpoint.key
+                                        if sender.used is not None:
+                                            sender.used.add(ep_key)
+                                        target = sender.urls.get((sender.scheme, ep_key, a.path)) or sender.url(a)
+                                        attempt_headers, extra = sender.headers, sender.kwargs
+                                    else:
+                                        target, attempt_headers, extra = sender.args(a)
+                                    timeout_a = a.timeout
+                                    if timeout_a is not None:  # send_timed's deadline, inline
+                                        loop = _get_running_loop()
+                                        last_loop, dl, clock = _loop_clock  # (those of the loop used last)
+                                        if last_loop is not loop:
+                                            _, dl, clock = _clock_of(loop)
+                                        task = _current_task(loop)
+                                        when = clock() + timeout_a
+                                        pending = dl.pending
+                                        pending[a] = (when, task, task.cancelling() if _HAS_UNCANCEL else 0)
+                                        if when < dl.armed_at or dl.handle is None:
+                                            dl._arm(when)
+                                    try:
+                                        if extra:
+                                            resp = await sender.request(method, target, headers=attempt_headers,
+                                                                        allow_redirects=False, timeout=sender.timeout,
+                                                                        **extra)
+                                        else:
+                                            resp = await sender.request(method, target, headers=attempt_headers,
+                                                                        allow_redirects=False, timeout=sender.timeout)
+                                        try:
+                                            await resp.read()
+                                        except BaseException:
+                                            resp.close()
+                                            raise
+                                    except asyncio.CancelledError as cancelled:
+                                        if timeout_a is not None and dl.timed_out(a):
+                                            raise TimeoutError(f"attempt timed out after {timeout_a:.3f}s") from cancelled
+                                        raise
+                                    finally:
+                                        if timeout_a is not None and pending.pop(a, None) is None:
+                                            dl.fired.pop(a, None)  # its deadline fired (and the attempt went on)
+                                    # sender.finish(a, resp), inline
+                                    resp.meshcore = {"cluster": cluster, "endpoint": a.endpoint.key,  # type: ignore[union-attr]
+                                                     "route": sender.route_name, "attempts": 1}
+                                    if _TELEMETRY[0] or sender.exchange is not None:
+                                        _tell_telemetry(a, resp, sender.exchange)
+                                except BaseException as e:  # noqa: BLE001  (classified)
+                                    kind = _classify(e)
+                                    a.finish(error=kind or RESET)
+                                    if kind is None:
+                                        raise
+                                    resp = await _run_after_async(call, a, None, e, sender.send, _status_of, None,
+                                                                  _classify)
+                                else:
+                                    if not a.finish_final(resp.status, None):
+                                        resp = await _run_after_async(call, a, resp, None, sender.send, _status_of,
+                                                                      None, _classify)
+                            except BaseException as e:  # (the record of a request that raised)
+                                if _TELEMETRY[0]:
+                                    _report(call, None, e)
+                                raise
+                            if _TELEMETRY[0]:  # Istio metrics and the other sinks; tracing takes lifecycle's path
+                                _report(call, resp, None)
                     except FaultAbort as e:
                         log.debug("fault abort for %s: %s", call, e)
                         resp = LocalResponse(method, url, _fault_reply(e), _info(call))
@@ -819,9 +943,14 @@ class MeshSession:
                         if getattr(resp, "_raw_cookie_headers", True):  # aiohttp < 3.12: no such field
                             _store_cookies(jar, resp, url)
                     finally:
-                        closing = pools.release(slot)
-                        if closing is not None:
-                            await self._close_endpoints(closing)
+                        # _ClusterPools.release's async fast path, inline: another request in flight, or
+                        # the slot live when last seen and no cluster left since (then nothing to close)
+                        if slot.inflight > 1 or not slot.retired and slot.removals == pools._removals:
+                            slot.inflight -= 1
+                        else:
+                            closing = pools.release(slot)
+                            if closing is not None:
+                                await self._close_endpoints(closing)
             if not allow_redirects or resp.status not in _REDIRECTS:
                 break
             location = resp.headers.get("Location")
