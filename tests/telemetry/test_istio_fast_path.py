@@ -57,7 +57,7 @@ def _series(sink: Any) -> Dict[str, Any]:
 def test_fast_path_equals_record_path(mesh, echo, impl):
     tel = mesh.telemetry
     sink = tel.enable_istio_metrics(node_metadata=NODE)
-    assert tel.observe is sink.observer and type(sink.observer).__module__.endswith(f"call_{impl}")
+    assert tel.observe.__self__ is sink.observer and type(sink.observer).__module__.endswith(f"call_{impl}")
     _traffic(mesh, echo)
     fast = _series(sink)
     assert len(sink.observer.keys) == 2  # the usual answers (200, 204) went through the observer
@@ -69,7 +69,7 @@ def test_fast_path_equals_record_path(mesh, echo, impl):
     assert len(sink.observer.keys) == 0
     slow = _series(sink)
     tel.remove_sink(records.append)
-    assert tel.observe is sink.observer
+    assert tel.observe.__self__ is sink.observer
     assert fast == slow
     def count(code: str, flags: str, protocol: str = "http") -> int:
         return sum(v["requests"] for k, v in fast.items() if (json.loads(k)["response_code"], json.loads(k)[
@@ -116,5 +116,61 @@ def test_fast_path_keys_expire(mesh, echo, impl):
         assert len(seen) == 2
         (s,) = sink.snapshot()
         assert s["requests"] == 5 and s["response_bytes"]["sum"] == 15
+    finally:
+        tel.disable_istio_metrics()
+
+
+def _peer_value(name: str) -> str:
+    from meshcore.telemetry.peer_metadata import local_exchange
+
+    return local_exchange(None, {"WORKLOAD_NAME": name, "NAMESPACE": "prod", "LABELS": {"app": name}}).value
+
+
+def _mixed(mesh: Any, rng: Any, n: int) -> None:
+    """``n`` plain-API requests whose answers vary in what the observer keys by: status, peer
+    metadata (none, empty, two workloads, the same value as a fresh string), body size."""
+    peers = [None, "", _peer_value("a"), _peer_value("b")]
+    for _ in range(n):
+        status = rng.choice((200, 200, 201, 404))
+        peer = rng.choice(peers)
+        if peer and rng.random() < 0.5:
+            peer = "".join(list(peer))  # an equal value, another object (as each response decodes anew)
+        size = rng.randrange(0, 50)
+
+        def send(a: Any, status: int = status, peer: Any = peer, size: int = size) -> Any:
+            a.telemetry = {"peer_metadata": peer, "request_bytes": None, "response_bytes": size}
+            r = _Resp(b"x" * size)
+            r.status_code = status
+            return r
+
+        mesh.request(f"{URL}/plain").run(send)
+
+
+def test_observer_slots_equal_record_path(mesh, echo, impl):
+    """The compiled observer's identity slots (the series it last found per endpoint and status)
+    count exactly what the record path counts, also across ``reset()`` (no slot outlives the
+    series it points at) and ``clear()``."""
+    import random
+
+    tel = mesh.telemetry
+    sink = tel.enable_istio_metrics(node_metadata=NODE)
+    try:
+        _mixed(mesh, random.Random(3), 300)
+        sink.reset()  # what was counted is gone; the slots must not count into the dropped series
+        _mixed(mesh, random.Random(4), 300)
+        sink.observer.clear()
+        _mixed(mesh, random.Random(5), 100)
+        fast = _series(sink)
+        assert sum(v["requests"] for v in fast.values()) == 400
+        sink.reset()
+        records: List[Any] = []
+        tel.add_sink(records.append)
+        _mixed(mesh, random.Random(4), 300)
+        _mixed(mesh, random.Random(5), 100)
+        tel.remove_sink(records.append)
+        assert len(records) == 400
+        assert _series(sink) == fast
+        peers = {json.loads(k)["destination_workload"] for k in fast}
+        assert {"a", "b", "unknown"} <= peers
     finally:
         tel.disable_istio_metrics()

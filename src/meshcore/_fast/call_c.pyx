@@ -34,7 +34,8 @@ from ..telemetry.record import ACTIVE as _TELEMETRY_LIST
 from .call_py import ADMITTED, GRPC_TO_HTTP, OVER_REQUESTS, OVER_RETRIES
 
 __all__ = ["Attempt", "Call", "ClusterCounters", "MeshCore", "BUCKETS_MS", "COUNTER_NAMES", "GRPC_TO_HTTP",
-           "ADMITTED", "OVER_REQUESTS", "OVER_RETRIES", "IstioObserver", "IstioSeries"]
+           "ADMITTED", "OVER_REQUESTS", "OVER_RETRIES", "IstioObserver", "IstioSeries",
+           "note_response", "strip_peer_pairs", "PEER_HEADER", "PEER_HEADER_ID"]
 
 cdef enum:
     N_BUCKETS = 19       # len(BUCKETS_MS); checked at import below
@@ -907,6 +908,95 @@ cdef object _request_length(object headers, bint *grpc):
     return length
 
 
+# Istio's metadata exchange headers, lower-case (the pure twin's are ``exchange_py``'s;
+# a test checks they are the same)
+PEER_HEADER = "x-envoy-peer-metadata"
+PEER_HEADER_ID = "x-envoy-peer-metadata-id"
+cdef bytes _PEER_B = b"x-envoy-peer-metadata-id"  # the first 21 bytes are PEER_HEADER
+
+
+cdef inline int _peer_name(object k) except -1:
+    """1 for x-envoy-peer-metadata, 2 for x-envoy-peer-metadata-id (str or bytes-like, any case),
+    0 for any other name."""
+    cdef Py_ssize_t n, i
+    cdef const unsigned char *p
+    cdef const unsigned char *want = <const unsigned char *><char *>_PEER_B
+    cdef unsigned char ch
+    if type(k) is bytes:
+        n = len(<bytes>k)
+        if n != 21 and n != 24:
+            return 0
+        p = <const unsigned char *><char *>(<bytes>k)
+        for i in range(n):
+            ch = p[i]
+            if 65 <= ch <= 90:
+                ch += 32
+            if ch != want[i]:
+                return 0
+        return 1 if n == 21 else 2
+    if type(k) is str:
+        n = len(<str>k)
+        if n != 21 and n != 24:
+            return 0
+        lk = (<str>k).lower()
+        if lk == PEER_HEADER:
+            return 1
+        return 2 if lk == PEER_HEADER_ID else 0
+    n = len(k)
+    if n != 21 and n != 24:
+        return 0
+    if isinstance(k, str):
+        lk = str(k).lower()
+        return 1 if lk == PEER_HEADER else 2 if lk == PEER_HEADER_ID else 0
+    lk = bytes(k).lower()
+    if lk == _PEER_B[:21]:
+        return 1
+    return 2 if lk == _PEER_B else 0
+
+
+def strip_peer_pairs(pairs):
+    """``(pairs without the exchange headers, the x-envoy-peer-metadata value or None)`` of a
+    response's header pairs (str or bytes names, any case; the value as str); the same object
+    when it has neither."""
+    cdef int which
+    found = False
+    for pair in pairs:
+        if _peer_name(pair[0]):
+            found = True
+            break
+    if not found:
+        return pairs, None
+    kept = []
+    value = None
+    for pair in pairs:
+        which = _peer_name(pair[0])
+        if which == 1:
+            if value is None:
+                v = pair[1]
+                value = v if type(v) is str else bytes(v).decode("latin-1")
+        elif which == 0:
+            kept.append((pair[0], pair[1]))
+    return kept, value
+
+
+def note_response(attempt, response, nbytes, strip):
+    """What an integration tells telemetry of an attempt's answer: ``attempt.telemetry`` (see
+    ``RequestRecord``) with the body size ``nbytes``; with ``strip`` (Istio's metadata exchange on)
+    the peer's x-envoy-peer-metadata(-id) pairs leave ``response.headers`` (a list of pairs, see
+    :func:`strip_peer_pairs`) and the metadata value is told."""
+    peer = None
+    if strip:
+        headers = response.headers
+        kept, peer = strip_peer_pairs(headers)
+        if kept is not headers:
+            response.headers = kept
+    info = {"peer_metadata": peer, "request_bytes": None, "response_bytes": nbytes}
+    if type(attempt) is Attempt:
+        (<Attempt>attempt).telemetry = info
+    else:
+        attempt.telemetry = info
+
+
 cdef object _response_facts(object result, bint peers, double *length_out):
     """``outcome._scan_response`` in C: the body length (``length_out``) and, when ``peers``, the
     raw x-envoy-peer-metadata (returned; None without)."""
@@ -956,25 +1046,67 @@ cdef object _response_facts(object result, bint peers, double *length_out):
     return peer
 
 
+cdef enum:
+    N_OBSERVER_SLOTS = 16  # power of two: a slot's index is masked with N_OBSERVER_SLOTS - 1
+
+
+@cython.final
+cdef class _ObserverSlot:
+    """One remembered series of the observer: the identities it was found for. A hit needs the
+    same route, cluster, endpoint, authority and retry policy objects (shared, immutable objects
+    of one published configuration: the same identities give the same key) and an equal status
+    and peer metadata value."""
+
+    cdef object route, cluster, endpoint, authority, policy, peer, series
+    cdef long long status
+
+
+cdef inline bint _same_peer(object kept, object peer):
+    """Whether two raw peer-metadata values make the same key (``peer or None``: empty is none)."""
+    if kept is None:
+        return peer is None or (type(peer) is str and not peer)
+    if kept is peer:
+        return True
+    return type(peer) is str and type(kept) is str and <str>kept == <str>peer
+
+
 @cython.final
 cdef class IstioObserver:
     """The Istio sink's fast path (see ``call_py.IstioObserver``), reading the compiled Call and
-    Attempt's fields directly."""
+    Attempt's fields directly. On top of the twin's ``keys`` dict it remembers the last series of
+    each of ``N_OBSERVER_SLOTS`` (endpoint, status) slots by identity (``_ObserverSlot``), which
+    spares the usual request the key tuple, its hash and its comparison; :meth:`clear` forgets
+    both (the slots never outlive the keys they were filled from)."""
 
     cdef public dict keys
     cdef public bint peers
     cdef public double until
     cdef public object miss
+    cdef list _slots  # N_OBSERVER_SLOTS _ObserverSlot objects, made once, filled in place
 
     def __init__(self, miss):
         self.keys = {}
         self.peers = False
         self.until = 0.0
         self.miss = miss
+        self._slots = [_ObserverSlot() for _ in range(N_OBSERVER_SLOTS)]
+
+    def clear(self):
+        """Forget every key (and remembered slot): labels are computed again from the next call."""
+        cdef _ObserverSlot slot
+        self.keys.clear()
+        for slot in self._slots:
+            slot.endpoint = slot.route = slot.cluster = slot.authority = slot.policy = slot.peer = None
+            slot.series = None
 
     def __call__(self, call, result):
+        return self.observe(call, result)
+
+    cpdef bint observe(self, object call, object result) except -1:
+        """``observer(call, result)``: counted (True) or not the usual answer (False)."""
         cdef Call c
         cdef Attempt a
+        cdef _ObserverSlot slot
         cdef long long s
         cdef bint grpc = False
         cdef object peer = None
@@ -995,14 +1127,6 @@ cdef class IstioObserver:
         status = a.status
         if a.error is not None or not PyLong_Check(status) or a.grpc_status is not None:
             return False
-        policy = c.retry_policy
-        if policy is not None:
-            if type(policy) is not _RetryPolicy:
-                return False
-            compiled = (<object>policy).compiled
-            s = _status_index(status)
-            if compiled is None or s < 0 or s >= 409 or status in compiled.status_codes:
-                return False
         req_bytes = None
         info = a.telemetry
         if info is not None:
@@ -1023,10 +1147,32 @@ cdef class IstioObserver:
                 return False
             if req_bytes is None:
                 req_bytes = length
-        key = (c.route.route_name, c.cluster, a.endpoint.key, c.authority, status, peer or None)
+        s = _status_index(status)
+        endpoint = a.endpoint
+        policy = c.retry_policy
+        slot = None
+        if s >= 0 and not c.started > self.until:
+            # (the slot index mixes the endpoint's address with the status; any collision only
+            # costs the key lookup below)
+            slot = <_ObserverSlot>self._slots[((<Py_ssize_t><void *>endpoint >> 4) ^ s) & (N_OBSERVER_SLOTS - 1)]
+            if slot.endpoint is endpoint and slot.status == s and slot.route is c.route and \
+                    slot.cluster is c.cluster and slot.authority is c.authority and slot.policy is policy and \
+                    _same_peer(slot.peer, peer) and slot.series is not None:
+                (<IstioSeries>slot.series)._add((monotonic() - c.started) * 1000.0, req_bytes or 0, resp_bytes, 0, 0)
+                return True
+        if policy is not None:  # (a slot is filled only for a status its policy did not retry)
+            if type(policy) is not _RetryPolicy:
+                return False
+            compiled = (<object>policy).compiled
+            if compiled is None or s < 0 or s >= 409 or status in compiled.status_codes:
+                return False
+        key = (c.route.route_name, c.cluster, endpoint.key, c.authority, status, peer or None)
         series = self.keys.get(key)
         if series is None or c.started > self.until:
             self.miss(call, result, key)
             return True
         (<IstioSeries?>series)._add((monotonic() - c.started) * 1000.0, req_bytes or 0, resp_bytes, 0, 0)
+        if slot is not None and (peer is None or type(peer) is str):
+            slot.endpoint, slot.status, slot.route, slot.cluster = endpoint, s, c.route, c.cluster
+            slot.authority, slot.policy, slot.peer, slot.series = c.authority, policy, peer or None, series
         return True

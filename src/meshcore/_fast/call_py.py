@@ -44,10 +44,12 @@ from ..resilience.router_headers import apply_router_headers, is_internal_reques
 from ..stats import BUCKETS_MS, COUNTER_NAMES
 from ..telemetry.outcome import _scan_request, _scan_response, report_refusal
 from ..telemetry.record import ACTIVE as _TELEMETRY
+from .exchange_py import PEER_HEADER, PEER_HEADER_ID, strip_peer_pairs
 from ..xds.snapshot import AggregateBalancer
 
 __all__ = ["Attempt", "Call", "ClusterCounters", "MeshCore", "BUCKETS_MS", "COUNTER_NAMES", "GRPC_TO_HTTP",
-           "ADMITTED", "OVER_REQUESTS", "OVER_RETRIES", "IstioObserver", "IstioSeries"]
+           "ADMITTED", "OVER_REQUESTS", "OVER_RETRIES", "IstioObserver", "IstioSeries",
+           "note_response", "strip_peer_pairs", "PEER_HEADER", "PEER_HEADER_ID"]
 
 # admit() results
 ADMITTED, OVER_REQUESTS, OVER_RETRIES = 0, 1, 2
@@ -708,6 +710,20 @@ class IstioSeries:
                     self._messages[0], self._messages[1])
 
 
+def note_response(attempt: Any, response: Any, nbytes: Any, strip: bool) -> None:
+    """What an integration tells telemetry of an attempt's answer: ``attempt.telemetry`` (see
+    ``RequestRecord``) with the body size ``nbytes``; with ``strip`` (Istio's metadata exchange on)
+    the peer's x-envoy-peer-metadata(-id) pairs leave ``response.headers`` (a list of pairs, see
+    :func:`strip_peer_pairs`) and the metadata value is told."""
+    peer = None
+    if strip:
+        headers = response.headers
+        kept, peer = strip_peer_pairs(headers)
+        if kept is not headers:
+            response.headers = kept
+    attempt.telemetry = {"peer_metadata": peer, "request_bytes": None, "response_bytes": nbytes}
+
+
 class IstioObserver:
     """The Istio sink's fast path, while it is its mesh's only sink: ``observer(call, result)``
     counts a call that returned the usual answer (HTTP, no fault, no error, no retry flag) in the
@@ -725,7 +741,15 @@ class IstioObserver:
         self.until = 0.0
         self.miss = miss
 
+    def clear(self) -> None:
+        """Forget every key: labels are computed again from the next call."""
+        self.keys.clear()
+
     def __call__(self, call: Any, result: Any) -> bool:
+        return self.observe(call, result)
+
+    def observe(self, call: Any, result: Any) -> bool:
+        """``observer(call, result)``: counted (True) or not the usual answer (False)."""
         attempts = call.attempts
         if not attempts or call.fault_decision is not None:
             return False

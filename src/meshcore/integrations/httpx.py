@@ -89,11 +89,11 @@ from .. import lifecycle as _lifecycle
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
 from ..telemetry.peer_metadata import HEADER as _PEER_HEADER, HEADER_ID as _PEER_HEADER_ID
-from ..telemetry.peer_metadata import strip_pairs as _strip_peer_pairs
-from ..telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
+from ..telemetry.record import ACTIVE as _TELEMETRY
 from ..telemetry.outcome import report as _report
 from ..telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, TRACER as _TRACER, headers_of as _trace_headers
 from ..tls.upstream import TlsHandshakeError, is_deferred_rejection
+from .._fast.call_py import note_response as _py_note_response
 from . import (
     _add_context,
     _aroute,
@@ -538,7 +538,12 @@ class _MeshTransportBase:
         self._origins: Dict[str, Tuple[bytes, int]] = {}  # endpoint key -> (host, port) for the pool
         self._ascii: Dict[str, Tuple[bytes, bytes]] = {}  # authority -> its Host header pair
         self._urls: Dict[Any, Tuple[str, bytes, bytes, Optional[str]]] = {}  # see _url_parts
-        self._headers: Dict[Tuple[Any, ...], List[Tuple[str, str]]] = {}  # see _mesh_headers
+        self._headers: Dict[Tuple[Any, ...], Any] = {}  # see _mesh_headers
+        self._headers_x: Dict[Tuple[Any, ...], Any] = {}  # the same with _exchange's headers
+        self._exchange: Any = None  # the metadata exchange _headers_x was made for
+        #: the mesh's telemetry (None: a mesh-like object without), its request core's note_response
+        self._telemetry: Any = getattr(mesh, "telemetry", None)
+        self._note: Callable[..., None] = getattr(getattr(mesh, "_core", None), "note_response", _py_note_response)
         close = self._close_inner_sync if self._sync else self._close_inner_async
         self._pools = _ClusterPools(mesh, self._new_inner, close, is_async=not self._sync)
 
@@ -670,14 +675,16 @@ class _MeshTransportBase:
         url = request.url
         return f"{url.scheme}://{url.netloc.decode('ascii')}{url.raw_path.decode('ascii')}"
 
-    def _mesh_headers(self, request: Any) -> Tuple[Any, Optional[Tuple[Tuple[bytes, bytes], ...]], bool]:
+    def _mesh_headers(self, request: Any, exchange: Any = None
+                      ) -> Tuple[Any, Optional[Tuple[Tuple[bytes, bytes], ...]], bool]:
         """``(routing view, upstream pairs, peer)`` of the request's headers. The routing view:
         the ``(name, value)`` string pairs (lower-cased names) the mesh routes by; the upstream
         pairs: the ``(name, value)`` byte pairs an attempt sends after its ``Host`` (router
-        headers and Host dropped), or None (made per attempt); ``peer``: whether the application
-        may have sent Istio's x-envoy-peer-metadata(-id) itself (with Istio metrics on, ours
-        replace them). The three are kept per header list, as a client sends the same headers
-        again and again (not for lists carrying credentials, which are decoded for their request
+        headers and Host dropped; with Istio's metadata ``exchange``, its headers in place of any
+        the application sent), or None (made per attempt, the exchange added then); ``peer``:
+        whether the application may have sent Istio's x-envoy-peer-metadata(-id) itself. The
+        three are kept per header list (and exchange), as a client sends the same headers again
+        and again (not for lists carrying credentials, which are decoded for their request
         only). The routing view is a list, not a tuple: the route table walks lists of str pairs
         in C (a tuple costs ~0.7 us more); the mesh only reads it."""
         headers = request.headers
@@ -685,19 +692,31 @@ class _MeshTransportBase:
             key = tuple(headers._list)
         except AttributeError:
             return headers.multi_items(), None, True
-        both = self._headers.get(key)
+        if exchange is None:
+            cache = self._headers
+        elif self._exchange is exchange:
+            cache = self._headers_x
+        else:  # (a new exchange: the lists made for the last one are dropped)
+            cache = self._headers_x = {}
+            self._exchange = exchange
+        both = cache.get(key)
         if both is None:
             try:
                 pairs = [(k.decode(), v.decode()) for _, k, v in key]
             except UnicodeDecodeError:
                 return headers.multi_items(), None, True
-            both = (pairs, tuple([(k, v) for k, lk, v in key if lk not in _DROP]),
-                    any(lk in _PEER_NAMES for _, lk, _ in key))
+            peer = any(lk in _PEER_NAMES for _, lk, _ in key)
+            if exchange is None:
+                upstream = tuple([(k, v) for k, lk, v in key if lk not in _DROP])
+            else:
+                upstream = tuple([(k, v) for k, lk, v in key if lk not in _DROP and lk not in _PEER_NAMES]
+                                 ) + tuple(exchange.headers_bytes)
+            both = (pairs, upstream, peer)
             if any(k in _SECRET for _, k, _ in key):
                 return both  # credentials are not kept beyond their request
-            if len(self._headers) >= _HEADERS_MAX:
-                self._headers.clear()
-            self._headers[key] = both
+            if len(cache) >= _HEADERS_MAX:
+                cache.clear()
+            cache[key] = both
         return both
 
     def _url_parts(self, url: Any) -> Tuple[str, bytes, bytes, Optional[str]]:
@@ -846,20 +865,18 @@ class _MeshTransportBase:
 # around each attempt) takes ``run_reported`` itself.
 
 
-def _tell_telemetry(attempt: Any, resp: Any, raw: bytes, exchange: Any) -> None:
-    """The attempt's facts for its telemetry record (``resp``: the pool's response, header byte
-    pairs); with Istio's metadata exchange on, the peer's x-envoy-peer-metadata(-id) leave the
-    response (as a client sidecar strips them)."""
-    peer = None
-    if exchange is not None:
-        kept, peer = _strip_peer_pairs(resp.headers)
-        if kept is not resp.headers:
-            resp.headers = kept
-    attempt.telemetry = {"peer_metadata": peer, "request_bytes": None, "response_bytes": len(raw)}
+def _report_answer(tel: Any, call: Any, answer: Any) -> None:
+    """``outcome.report(call, answer, None)``: the Istio sink's observer first (the usual answer:
+    counted, no record), the record otherwise (``tel``: the mesh's telemetry, read when the
+    request started; None: the record path decides)."""
+    observe = tel.observe if tel is not None else None
+    if observe is None or not observe(call, answer):
+        _report(call, answer, None, observed=observe is not None)
 
 
 def _tell_telemetry_headers(attempt: Any, response: Any, raw: bytes, exchange: Any) -> None:
-    """:func:`_tell_telemetry` for a library ``Response`` from an inner transport."""
+    """The attempt's facts for its telemetry record (``note_response``'s) for a library
+    ``Response`` from an inner transport."""
     peer = None
     if exchange is not None:
         headers = response.headers
@@ -959,8 +976,8 @@ class MeshTransport(_MeshTransportBase):
             pool = inner.pool
             if pool is not None:
                 req = self._core_request(inner, request, attempt, scheme, target, path, sni, upstream)
-                if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics): ours replace the app's
-                    _add_exchange(req, exchange, peer)
+                if exchange is not None and upstream is None:  # (else in upstream: see _mesh_headers)
+                    _add_exchange(req, exchange, peer)  # Istio's metadata exchange: ours replace the app's
                 if _TRACER[0] is not None:  # tracing (meshcore.telemetry.tracing): this attempt's headers
                     _add_trace_bytes(req.headers, _trace_headers(attempt))
                 try:
@@ -979,7 +996,7 @@ class MeshTransport(_MeshTransportBase):
                     with inner.map_exc():  # the library's own httpcore -> httpx mapping
                         raise exc
                 if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
-                    _tell_telemetry(attempt, resp, raw, exchange)
+                    self._note(attempt, resp, len(raw), exchange is not None)
                 return _final_response(lib, request, resp, raw)
             mod = lib.mod
             try:
@@ -1003,7 +1020,9 @@ class MeshTransport(_MeshTransportBase):
         lib = self._fixed_lib or self._lib(request)
         url = request.url
         logical, raw_path, scheme_b, sni = self._url_parts(url)
-        headers, upstream, peer = self._mesh_headers(request)
+        tel = self._telemetry if _TELEMETRY[0] else None
+        exchange = tel.exchange if tel is not None else None
+        headers, upstream, peer = self._mesh_headers(request, exchange)
         try:
             try:
                 call = self._mesh.request(logical, request.method, headers)
@@ -1018,7 +1037,6 @@ class MeshTransport(_MeshTransportBase):
                 return self._reply(lib.mod, request, local, call)
         if call.retry_policy is not None and not hasattr(request, "_content") and _retries_possible(call):
             request.read()  # a retry sends the body again (unless read already, as without a body)
-        exchange = _exchange_of(self._mesh) if _TELEMETRY[0] else None
 
         key = (lib.name, cluster, sni)
         path = call.path
@@ -1058,7 +1076,7 @@ class MeshTransport(_MeshTransportBase):
                         _report(call, None, e)
                     raise
                 if _TELEMETRY[0]:  # Istio metrics and the other sinks; tracing takes lifecycle's path
-                    _report(call, answer, None)
+                    _report_answer(tel, call, answer)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
             return self._reply(lib.mod, request, _fault_reply(e), call)
@@ -1106,8 +1124,8 @@ class AsyncMeshTransport(_MeshTransportBase):
             pool = inner.pool
             if pool is not None:
                 req = self._core_request(inner, request, attempt, scheme, target, path, sni, upstream)
-                if exchange is not None:  # Istio's metadata exchange (enable_istio_metrics): ours replace the app's
-                    _add_exchange(req, exchange, peer)
+                if exchange is not None and upstream is None:  # (else in upstream: see _mesh_headers)
+                    _add_exchange(req, exchange, peer)  # Istio's metadata exchange: ours replace the app's
                 if _TRACER[0] is not None:  # tracing (meshcore.telemetry.tracing): this attempt's headers
                     _add_trace_bytes(req.headers, _trace_headers(attempt))
                 try:
@@ -1129,7 +1147,7 @@ class AsyncMeshTransport(_MeshTransportBase):
                     with inner.map_exc():  # the library's own httpcore -> httpx mapping
                         raise exc
                 if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
-                    _tell_telemetry(attempt, resp, raw, exchange)
+                    self._note(attempt, resp, len(raw), exchange is not None)
                 return _final_response(lib, request, resp, raw)
             mod = lib.mod
             try:
@@ -1155,7 +1173,9 @@ class AsyncMeshTransport(_MeshTransportBase):
         lib = self._fixed_lib or self._lib(request)
         url = request.url
         logical, raw_path, scheme_b, sni = self._url_parts(url)
-        headers, upstream, peer = self._mesh_headers(request)
+        tel = self._telemetry if _TELEMETRY[0] else None
+        exchange = tel.exchange if tel is not None else None
+        headers, upstream, peer = self._mesh_headers(request, exchange)
         try:
             try:
                 call = self._mesh.request(logical, request.method, headers)
@@ -1170,7 +1190,6 @@ class AsyncMeshTransport(_MeshTransportBase):
                 return self._reply(lib.mod, request, local, call)
         if call.retry_policy is not None and not hasattr(request, "_content") and _retries_possible(call):
             await request.aread()  # (a coroutine only when there is something to read)
-        exchange = _exchange_of(self._mesh) if _TELEMETRY[0] else None
 
         key = (lib.name, cluster, sni)
         path = call.path
@@ -1235,7 +1254,7 @@ class AsyncMeshTransport(_MeshTransportBase):
                         _report(call, None, e)
                     raise
                 if _TELEMETRY[0]:  # Istio metrics and the other sinks; tracing takes lifecycle's path
-                    _report(call, answer, None)
+                    _report_answer(tel, call, answer)
         except FaultAbort as e:
             log.debug("fault abort for %s: %s", call, e)
             return self._reply(lib.mod, request, _fault_reply(e), call)

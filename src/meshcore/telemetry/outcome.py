@@ -165,17 +165,18 @@ def _cancelled(exc: BaseException) -> bool:
     return isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt))
 
 
-def report(call: Any, result: Any, exc: Optional[BaseException]) -> None:
+def report(call: Any, result: Any, exc: Optional[BaseException], observed: bool = False) -> None:
     """Build the record of a finished call and hand it to the mesh's sinks (no sink: nothing);
-    ``result``/``exc``: what the call returned or raised. A request whose headers say gRPC
-    (``content-type: application/grpc[+...|;...]``, Envoy's ``isGrpcRequestHeaders``) is a gRPC
-    request. Never raises."""
+    ``result``/``exc``: what the call returned or raised; ``observed``: the Istio sink's observer
+    (``Telemetry.observe``) already declined the call (the record it is). A request whose headers
+    say gRPC (``content-type: application/grpc[+...|;...]``, Envoy's ``isGrpcRequestHeaders``) is
+    a gRPC request. Never raises."""
     try:
         telemetry = call.mesh.telemetry
         sinks = telemetry.sinks
         if not sinks:
             return
-        if exc is None:
+        if exc is None and not observed:
             observe = telemetry.observe  # the Istio sink alone: the usual answer needs no record
             if observe is not None and observe(call, result):
                 return

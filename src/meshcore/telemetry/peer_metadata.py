@@ -37,13 +37,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
+from .._fast.exchange_py import PEER_HEADER, PEER_HEADER_ID, strip_peer_pairs as _strip_peer_pairs
+
 __all__ = ["HEADER", "HEADER_ID", "Workload", "Exchange", "encode", "decode", "decode_cached", "workload_of",
            "from_endpoint", "struct_of", "local_workload", "local_exchange", "node_metadata", "strip_pairs"]
 
 log = logging.getLogger(__name__)
 
-HEADER = "x-envoy-peer-metadata"
-HEADER_ID = "x-envoy-peer-metadata-id"
+#: the exchange's headers (lower-case; the request core's constants: it scans responses for them)
+HEADER = PEER_HEADER
+HEADER_ID = PEER_HEADER_ID
 
 CANONICAL_NAME = "service.istio.io/canonical-name"
 CANONICAL_REVISION = "service.istio.io/canonical-revision"
@@ -311,26 +314,7 @@ def local_exchange(node: Any, metadata: Optional[Mapping[str, Any]] = None) -> E
     return Exchange(node.id if node is not None else "", local_workload(node, metadata))
 
 
-_NAMES = (HEADER, HEADER_ID)
-_NAMES_B = (HEADER.encode(), HEADER_ID.encode())
-
-
-def strip_pairs(pairs: Any) -> Tuple[Any, Optional[str]]:
-    """``(pairs without the exchange headers, the x-envoy-peer-metadata value or None)`` of a
-    response's header pairs (str or bytes names, any case); the same list when it has neither."""
-    found = False
-    for k, _ in pairs:
-        if len(k) in (21, 24) and (k.lower() in _NAMES if isinstance(k, str) else bytes(k).lower() in _NAMES_B):
-            found = True
-            break
-    if not found:
-        return pairs, None
-    kept, value = [], None
-    for k, v in pairs:
-        lk = k.lower() if isinstance(k, str) else bytes(k).lower().decode("latin-1")
-        if lk == HEADER:
-            if value is None:
-                value = v if isinstance(v, str) else bytes(v).decode("latin-1")
-        elif lk != HEADER_ID:
-            kept.append((k, v))
-    return kept, value
+#: ``(pairs without the exchange headers, the x-envoy-peer-metadata value or None)`` of a response's
+#: header pairs (str or bytes names, any case); the same list when it has neither (the pure twin's
+#: function: an integration uses its mesh core's, ``mesh._core.strip_peer_pairs``)
+strip_pairs = _strip_peer_pairs

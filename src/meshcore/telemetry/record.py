@@ -249,7 +249,7 @@ class Telemetry:
         if sink is not None and self.sinks == (sink,):
             observer = sink.observer
             observer.peers = self.exchange is not None
-            self.observe = observer
+            self.observe = observer.observe  # (the bound method: a vectorcall, no argument tuple)
         else:
             self.observe = None
 

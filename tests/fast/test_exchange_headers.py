@@ -1,0 +1,107 @@
+"""Istio's metadata exchange headers in a response (``strip_peer_pairs``, ``note_response``): the
+compiled twin (``call_c``, a byte loop) and the pure one (``exchange_py``) agree on generated
+header lists -- str and bytes names in any case, near-miss names of the same lengths, repeats,
+both headers, neither -- and on what they tell telemetry."""
+
+from __future__ import annotations
+
+import random
+from importlib import import_module
+from typing import Any, List, Tuple
+
+import pytest
+
+from meshcore._fast import call_py, exchange_py
+from meshcore.telemetry import peer_metadata
+
+NAMES = ["x-envoy-peer-metadata", "x-envoy-peer-metadata-id", "content-type", "date", "x-envoy-peer-metadatx",
+         "y-envoy-peer-metadata-id", "x-envoy-peer-metadata-iD", "x-envoy-upstream-service-time", "server"]
+
+
+def _case(rng: random.Random, name: str) -> str:
+    return "".join(ch.upper() if rng.random() < 0.3 else ch for ch in name)
+
+
+def _pairs(rng: random.Random) -> Any:
+    as_bytes = rng.random() < 0.5
+    pairs: List[Tuple[Any, Any]] = []
+    for _ in range(rng.randrange(0, 9)):
+        name = _case(rng, rng.choice(NAMES))
+        value = rng.choice(["", "v", "Cg0KBWxhYmVs", "é"])
+        if as_bytes:
+            pairs.append((name.encode("latin-1"), value.encode("latin-1")))
+        else:
+            pairs.append((name, value))
+    return pairs if rng.random() < 0.8 else tuple(pairs)
+
+
+def _reference(pairs: Any) -> Tuple[Any, Any]:
+    """What the header rule says, written plainly: names compared lower-cased."""
+    names = [(k if isinstance(k, str) else k.decode("latin-1")).lower() for k, _ in pairs]
+    if not any(n in (exchange_py.PEER_HEADER, exchange_py.PEER_HEADER_ID) for n in names):
+        return pairs, None
+    values = [v for n, (_, v) in zip(names, pairs) if n == exchange_py.PEER_HEADER]
+    value = values[0] if values else None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    kept = [p for n, p in zip(names, pairs) if n not in (exchange_py.PEER_HEADER, exchange_py.PEER_HEADER_ID)]
+    return kept, value
+
+
+def test_constants_are_telemetrys(impl):
+    mod = import_module(f"meshcore._fast.call_{impl}")
+    assert (mod.PEER_HEADER, mod.PEER_HEADER_ID) == (peer_metadata.HEADER, peer_metadata.HEADER_ID)
+    assert peer_metadata.strip_pairs is exchange_py.strip_peer_pairs is call_py.strip_peer_pairs
+
+
+def test_strip_matches_the_rule_and_the_other_twin(impl):
+    mod = import_module(f"meshcore._fast.call_{impl}")
+    rng = random.Random(16)
+    found = 0
+    for _ in range(3000):
+        pairs = _pairs(rng)
+        got = mod.strip_peer_pairs(pairs)
+        assert got == _reference(pairs), pairs
+        assert got == call_py.strip_peer_pairs(pairs)
+        if got[0] is pairs:
+            assert got[1] is None
+        else:
+            found += 1
+            assert type(got[0]) is list
+    assert found > 500  # (the generator makes both kinds)
+
+
+def test_other_name_types(impl):
+    mod = import_module(f"meshcore._fast.call_{impl}")
+
+    class Name(str):
+        pass
+
+    pairs = [(Name("X-Envoy-Peer-Metadata"), "v"), (bytearray(b"x-envoy-peer-metadata-id"), b"id"),
+             (memoryview(b"date"), b"d")]
+    kept, value = mod.strip_peer_pairs(pairs)
+    assert value == "v" and len(kept) == 1 and bytes(kept[0][0]) == b"date"
+    with pytest.raises(TypeError):
+        mod.strip_peer_pairs([(7, "x")])  # a name without a length: the caller's mistake, as before
+
+
+class _Response:
+    def __init__(self, headers: Any) -> None:
+        self.headers = headers
+
+
+class _Attempt:
+    telemetry: Any = None
+
+
+def test_note_response(impl):
+    mod = import_module(f"meshcore._fast.call_{impl}")
+    rng = random.Random(7)
+    for _ in range(500):
+        pairs = _pairs(rng)
+        strip = rng.random() < 0.7
+        r, a = _Response(pairs), _Attempt()
+        mod.note_response(a, r, 12, strip)
+        kept, value = _reference(pairs) if strip else (pairs, None)
+        assert r.headers == kept and (r.headers is pairs) == (kept is pairs)
+        assert a.telemetry == {"peer_metadata": value, "request_bytes": None, "response_bytes": 12}
