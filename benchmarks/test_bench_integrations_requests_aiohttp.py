@@ -28,6 +28,12 @@ the within-round differences, one CPU. The baseline is fair: both use the same l
 (its DNS naming the service), and both send identical bytes. ``python
 benchmarks/test_bench_integrations_requests_aiohttp.py --no-io [N]`` prints N such runs;
 ``--no-io-profile`` prints a cProfile of each client.
+
+``--no-io-loop direct|meshcore N`` makes 300 warm-up requests, then N, with one client and nothing
+else (no timing): the deterministic measure under ``valgrind --tool=cachegrind --cache-sim=yes``.
+Run it with two values of N and divide the difference of the totals by the difference of the Ns:
+instructions (``Ir``) and I1 misses per request of each client, and meshcore's added ones (the same
+code runs cache-cold with real I/O, so I1 misses stand for what a loopback request pays).
 """
 
 from __future__ import annotations
@@ -325,6 +331,25 @@ def no_io_added(mesh: Any, n: int = 300, rounds: int = 41) -> Dict[str, float]:
     return {"direct": med(ds), "meshcore": med(ms), "added": med([m - d for d, m in zip(ds, ms)])}
 
 
+def no_io_loop(mesh: Any, mode: str, n: int) -> None:
+    """300 warm-up requests, then ``n``, of client ``mode`` (``direct`` or ``meshcore``) over canned
+    connections, untimed (for cachegrind: see the module docstring)."""
+    async def run() -> None:
+        sends = no_io_clients(mesh)
+        send = sends[mode]
+        try:
+            for _ in range(300 + n):
+                await send()
+        finally:
+            await sends["close"]()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(run())
+    finally:
+        loop.close()
+
+
 def no_io_mesh() -> Any:
     """A mesh from a resource file (:func:`integration_harness.resources`: routes with a timeout
     and a retry policy) whose one endpoint (127.0.0.1:9) is never dialled (connections are canned)."""
@@ -419,10 +444,14 @@ def _main(argv: list) -> None:
     kinds = [a for a in argv if a in ("requests", "aiohttp")] or KINDS
     rate = float(argv[argv.index("--rate") + 1]) if "--rate" in argv else None
     reps = int(argv[argv.index("--reps") + 1]) if "--reps" in argv else None
-    if "--no-io" in argv or "--no-io-profile" in argv:
+    if "--no-io" in argv or "--no-io-profile" in argv or "--no-io-loop" in argv:
         mesh = no_io_mesh()
         try:
             with pinned_cpu():
+                if "--no-io-loop" in argv:
+                    i = argv.index("--no-io-loop")
+                    no_io_loop(mesh, argv[i + 1], int(argv[i + 2]))
+                    return
                 if "--no-io-profile" in argv:
                     print(no_io_profile(mesh))
                     return

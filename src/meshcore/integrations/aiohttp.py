@@ -460,7 +460,7 @@ class _Sender:
     of its cluster, route, authority, method and timeout (aiohttp copies the headers)."""
 
     __slots__ = ("request", "method", "headers", "timeout", "kwargs", "scheme", "cluster", "route_name", "used",
-                 "urls", "route", "upstream_tls", "tls_kwargs", "exchange")
+                 "urls", "targets", "route", "upstream_tls", "tls_kwargs", "exchange")
 
     def __init__(self, request: Any, method: str, headers: Any, timeout: Any, kwargs: Dict[str, Any], call: Any,
                  used: Any, urls: Dict[Any, URL], upstream_tls: Any, tls_kwargs: Any, exchange: Any = None) -> None:
@@ -476,26 +476,46 @@ class _Sender:
         self.route_name = call.route.route_name
         self.used = used
         self.urls = urls
+        # (endpoint key, path) -> (its URL, the first attempt's resp.meshcore): see target()
+        self.targets: Dict[Tuple[str, str], Tuple[URL, Dict[str, Any]]] = {}
         self.upstream_tls = upstream_tls  # Mesh.upstream_tls (None: a mesh without TLS)
         self.tls_kwargs = tls_kwargs  # MeshSession._tls_kwargs
 
-    def args(self, attempt: Any) -> Tuple[URL, Any, Dict[str, Any]]:
-        """What ``attempt`` sends besides the sender's fixed arguments: the endpoint's URL (made
-        once per scheme, endpoint and path), its headers (the sender's; with tracing on, a copy
-        with the attempt's trace headers) and keyword arguments (mesh TLS: the cluster socket's
-        ``ssl`` marker and SNI). Records the endpoint as used by the cluster."""
-        endpoint = attempt.endpoint
-        ep_key = endpoint.key
+    def target(self, attempt: Any) -> Tuple[URL, Dict[str, Any]]:
+        """``targets[(endpoint key, path)]`` of ``attempt``, made on first sight: the endpoint's URL
+        (from the session's table, shared by its senders: one URL object per scheme, endpoint and
+        path) and what ``resp.meshcore`` of a first attempt there says (a copy goes to each
+        answer). The first sight records the endpoint as used by the sender's cluster (every
+        attempt of the sender comes here first, so a hit needs no record)."""
+        ep_key, path = attempt.endpoint.key, attempt.path
+        urls = self.urls
+        url = urls.get((self.scheme, ep_key, path))
+        if url is None:
+            url = URL(f"{self.scheme}://{ep_key}{path}", encoded=True)
+            if len(urls) >= _URLS_MAX:
+                urls.clear()
+            urls[(self.scheme, ep_key, path)] = url
         if self.used is not None:
             self.used.add(ep_key)
-        target = self.urls.get((self.scheme, ep_key, attempt.path)) or self.url(attempt)
+        entry = (url, {"cluster": self.cluster, "endpoint": ep_key, "route": self.route_name, "attempts": 1})
+        targets = self.targets
+        if len(targets) >= _URLS_MAX:
+            targets.clear()
+        targets[(ep_key, path)] = entry
+        return entry
+
+    def extras(self, attempt: Any) -> Tuple[Any, Dict[str, Any]]:
+        """``attempt``'s headers and keyword arguments when they are not the sender's own: with
+        tracing on, a copy of the headers with the attempt's trace headers; under mesh TLS, the
+        cluster socket's ``ssl`` marker and SNI among the keyword arguments."""
         kwargs = self.kwargs
         upstream_tls = self.upstream_tls
         if upstream_tls is not None:
+            endpoint = attempt.endpoint
             try:
                 tls = upstream_tls(self.cluster, endpoint)
             except TlsHandshakeError as e:  # TLS required, no certificates: no connection at all
-                raise _tls_error(ep_key, e) from e
+                raise _tls_error(endpoint.key, e) from e
             if tls is not None:
                 kwargs = self.tls_kwargs(tls, endpoint, kwargs, self.scheme)
         headers = self.headers
@@ -503,31 +523,27 @@ class _Sender:
             traced = _trace_headers(attempt)
             if traced:
                 headers = _with_trace(headers, traced)
-        return target, headers, kwargs
+        return headers, kwargs
 
-    def url(self, attempt: Any) -> URL:
-        """The URL of ``attempt``'s endpoint and path, made once (bounded table, shared by the
-        session's senders; keyed by scheme, endpoint key and path)."""
-        ep_key, path = attempt.endpoint.key, attempt.path
-        target = URL(f"{self.scheme}://{ep_key}{path}", encoded=True)
-        urls = self.urls
-        if len(urls) >= _URLS_MAX:
-            urls.clear()
-        urls[(self.scheme, ep_key, path)] = target
-        return target
-
-    def finish(self, attempt: Any, resp: aiohttp.ClientResponse) -> None:
-        """After ``attempt``'s answer was read: ``resp.meshcore`` and the attempt's facts for
-        telemetry (with Istio's metadata exchange, the peer's metadata leave the answer)."""
-        resp.meshcore = {"cluster": self.cluster, "endpoint": attempt.endpoint.key,  # type: ignore[attr-defined]
-                         "route": self.route_name, "attempts": attempt.number}
+    def finish(self, attempt: Any, resp: aiohttp.ClientResponse, info: Dict[str, Any]) -> None:
+        """After ``attempt``'s answer was read: ``resp.meshcore`` (``info``: the target's) and the
+        attempt's facts for telemetry (with Istio's metadata exchange, the peer's metadata leave
+        the answer)."""
+        info = info.copy()
+        if attempt.number != 1:
+            info["attempts"] = attempt.number
+        resp.meshcore = info  # type: ignore[union-attr]
         if _TELEMETRY[0] or self.exchange is not None:  # strip the peer's metadata we asked for
             _tell_telemetry(attempt, resp, self.exchange)
 
     async def send(self, attempt: Any) -> aiohttp.ClientResponse:
         """One attempt (lifecycle's ``send(attempt)``; ``MeshSession._request`` runs the first
         attempt of the router's straight path inline, the same steps)."""
-        target, headers, kwargs = self.args(attempt)
+        target, info = self.targets.get((attempt.endpoint.key, attempt.path)) or self.target(attempt)
+        if self.upstream_tls is None and _TRACER[0] is None:
+            headers, kwargs = self.headers, self.kwargs
+        else:
+            headers, kwargs = self.extras(attempt)
         if kwargs:
             resp = await self.request(self.method, target, headers=headers, allow_redirects=False,
                                       timeout=self.timeout, **kwargs)
@@ -539,7 +555,7 @@ class _Sender:
         except BaseException:
             resp.close()
             raise
-        self.finish(attempt, resp)
+        self.finish(attempt, resp, info)
         return resp
 
 
@@ -865,14 +881,12 @@ class MeshSession:
                         else:  # run_async's straight path and the sender's attempt, inline (see _Sender.send)
                             try:
                                 try:
-                                    if sender.upstream_tls is None:  # sender.args(a) without mesh TLS, inline
-                                        ep_key = a.endpoint.key
-                                        if sender.used is not None:
-                                            sender.used.add(ep_key)
-                                        target = sender.urls.get((sender.scheme, ep_key, a.path)) or sender.url(a)
+                                    target, info = sender.targets.get((a.endpoint.key, a.path)) or \
+                                        sender.target(a)
+                                    if sender.upstream_tls is None:  # (tracing is off: see a)
                                         attempt_headers, extra = sender.headers, sender.kwargs
                                     else:
-                                        target, attempt_headers, extra = sender.args(a)
+                                        attempt_headers, extra = sender.extras(a)
                                     timeout_a = a.timeout
                                     if timeout_a is not None:  # send_timed's deadline, inline
                                         loop = _get_running_loop()
@@ -905,9 +919,8 @@ class MeshSession:
                                     finally:
                                         if timeout_a is not None and pending.pop(a, None) is None:
                                             dl.fired.pop(a, None)  # its deadline fired (and the attempt went on)
-                                    # sender.finish(a, resp), inline
-                                    resp.meshcore = {"cluster": cluster, "endpoint": a.endpoint.key,  # type: ignore[union-attr]
-                                                     "route": sender.route_name, "attempts": 1}
+                                    # sender.finish(a, resp, info), inline (the first attempt)
+                                    resp.meshcore = info.copy()  # type: ignore[union-attr]
                                     if _TELEMETRY[0] or sender.exchange is not None:
                                         _tell_telemetry(a, resp, sender.exchange)
                                 except BaseException as e:  # noqa: BLE001  (classified)
