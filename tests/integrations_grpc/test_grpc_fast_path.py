@@ -199,8 +199,11 @@ def test_short_path_reuses_the_endpoint_entry_of_its_configuration(fast_mesh, se
         assert seen == {b"s2", b"s3"}
         cfg = fast_mesh.config(TARGET)
         assert hello._eps_cfg is cfg and len(hello._eps) == 2  # one entry per endpoint, this configuration's
-        for endpoint, ep, mc, route, active in hello._eps.values():
-            assert ep.inflight == 0 and active is ep.active and ep.callables.get(hello._slot) is mc
+        for endpoint, ep, send, route, active in hello._eps.values():
+            assert ep.inflight == 0 and active is ep.active
+            # grpcio's multicallable, its __call__ bound (called without the type's call slot)
+            mc = ep.callables.get(hello._slot)
+            assert send.__self__ is mc and send.__func__ is type(mc).__call__
         # a path rewrite (another route) never takes an entry made for the method's own path
         alias = ch.unary_unary(f"/{SERVICE}/Alias")
         assert alias(b"", timeout=5) in (b"s2", b"s3") and alias(b"", timeout=5) in (b"s2", b"s3")
@@ -249,3 +252,100 @@ def test_short_path_follows_a_new_configuration_and_departed_channels(servers):
             assert st["upstream_rq_active"] == 0 and st["upstream_rq_retry"] >= 2
         finally:
             m.close()
+
+
+def _stat_delta(after: dict, before: dict) -> dict:
+    keys = ("upstream_rq_total", "upstream_rq_200", "upstream_rq_retry", "upstream_rq_retry_limit_exceeded",
+            "upstream_rq_active", "upstream_rq_rx_reset", "upstream_rq_timeout")
+    return {k: after.get(k, 0) - before.get(k, 0) for k in keys}
+
+
+def _ok_retried(ports: dict) -> List[Any]:
+    """One route, no rewrite: every method's OK answer is retried once (200 retriable)."""
+    host = TARGET.rsplit(":", 1)[0]
+    again = b.route(prefix="/", cluster="main", name="again-all", timeout=5.0)
+    again.route.retry_policy.CopyFrom(route_components_pb2.RetryPolicy(
+        retry_on="retriable-status-codes", retriable_status_codes=[200],
+        num_retries=wrappers_pb2.UInt32Value(value=1)))
+    return [
+        b.api_listener(TARGET, route_config_name="fast-routes"),
+        b.route_config("fast-routes", [b.virtual_host("echo", [host, TARGET], [again])]),
+        b.cluster("main"),
+        b.assignment("main", [("127.0.0.1", ports[n]) for n in ("s2", "s3")]),
+    ]
+
+
+@pytest.mark.parametrize("resources", [_resources, _ok_retried], ids=["ok-final", "ok-retried"])
+def test_short_path_matches_the_general_path(servers, resources):
+    """The same RPCs through the short path (no metadata) and the general one (metadata): the same
+    answers, attempts, retries and stats per RPC; the short path's entries hold each endpoint's
+    grpcio multicallable with its ``__call__`` bound (no type call slot)."""
+    with ControlPlane() as cp:
+        cp.set_resources(resources(servers))
+        m = ready_mesh(cp, "meshcore-grpc-equiv", 11)
+        try:
+            with mesh_channel(m, TARGET) as ch:
+                hello = ch.unary_unary(f"/{SERVICE}/Hello")
+                for _ in range(4):  # the first attempts' entries made (general path, then short)
+                    assert hello(b"", timeout=5) in (b"s2", b"s3")
+                # (round robin: with a retry per call, every first attempt goes to one endpoint)
+                assert hello._eps_cfg is m.config(TARGET) and len(hello._eps) >= 1
+                deltas, answers = {}, {}
+                for path, kw in (("short", {}), ("general", {"metadata": [("x-user", "u")]}),
+                                 ("short-no-deadline", {"timeout": None})):
+                    before = dict(m.stats()["main"])
+                    kw = {"timeout": 5, **kw}
+                    answers[path] = [hello(b"", **kw) for _ in range(6)]
+                    deltas[path] = _stat_delta(m.stats()["main"], before)
+                # (round robin, an even number of picks per batch: the same endpoints answer)
+                assert answers["short"] == answers["general"] == answers["short-no-deadline"], answers
+                assert deltas["short"] == deltas["general"] == deltas["short-no-deadline"], deltas
+                retried = resources is _ok_retried
+                assert deltas["short"]["upstream_rq_total"] == (12 if retried else 6)
+                assert deltas["short"]["upstream_rq_retry"] == (6 if retried else 0)
+                assert deltas["short"]["upstream_rq_retry_limit_exceeded"] == (6 if retried else 0)
+                assert deltas["short"]["upstream_rq_active"] == 0
+                # with_call (the general path) and the short path agree on the answer's status
+                reply, call = hello.with_call(b"", timeout=5)
+                assert reply in (b"s2", b"s3") and call.code() is grpc.StatusCode.OK
+                for endpoint, ep, send, route, active in hello._eps.values():
+                    assert send.__self__ is ep.callables[hello._slot] and not active and ep.inflight == 0
+        finally:
+            m.close()
+
+
+def test_short_path_maps_a_failure_as_the_general_path(fast_mesh):
+    """An attempt's failure through the short path (the caller's deadline, reached at the server):
+    the same status, details and stats as through the general path, nothing left in flight."""
+    with mesh_channel(fast_mesh, TARGET) as ch:
+        wait = ch.unary_unary(f"/{SERVICE}/Wait")  # 3 s at the server: the caller's deadline ends it
+        seen, deltas = {}, {}
+        for path, kw in (("first", {}), ("short", {}), ("general", {"metadata": [("x-user", "u")]})):
+            before = dict(fast_mesh.stats().get("main", {}))  # (none before the cluster's first request)
+            with pytest.raises(grpc.RpcError) as info:
+                wait(b"", timeout=0.2, **kw)
+            seen[path] = (info.value.code(), info.value.details())
+            deltas[path] = _stat_delta(fast_mesh.stats()["main"], before)
+            if path == "first":  # its first attempt's entry made: the next call takes the short path
+                assert wait._eps_cfg is fast_mesh.config(TARGET) and len(wait._eps) == 1
+        assert seen["short"] == seen["general"] and seen["short"][0] is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert deltas["short"] == deltas["general"], deltas
+        assert deltas["short"]["upstream_rq_total"] == 1 and deltas["short"]["upstream_rq_active"] == 0
+        assert all(ep.inflight == 0 for ep in ch._pool._channels.values())
+
+
+def test_unslotted_binds_python_calls_only():
+    import functools
+
+    from meshcore.integrations.grpc.unary import _unslotted
+
+    class Callable_:
+        def __call__(self, request: Any, timeout: Any = None) -> Any:
+            return (self, request, timeout)
+
+    c = Callable_()
+    bound = _unslotted(c)
+    assert bound.__self__ is c and bound(1, timeout=2) == c(1, timeout=2) == (c, 1, 2)
+    p = functools.partial(max, 0)  # a C type's call: kept as it is
+    assert _unslotted(p) is p
+    assert _unslotted(len) is len

@@ -8,9 +8,10 @@ verify SPIFFE-only certificates itself); the forward lives and dies with the cha
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import grpc
 
@@ -47,8 +48,10 @@ class _EndpointChannel:
         #: one item per RPC in flight on the channel: ``append``/``pop`` are atomic, so RPCs count
         #: themselves in and out without the pool's lock (an RPC appends, then checks
         #: ``departed``; a release pops, then checks ``departed``; the sweep sets ``departed``,
-        #: then checks this under the lock: whoever sees the channel departed and idle closes it)
-        self.active: List[None] = []
+        #: then checks this under the lock: whoever sees the channel departed and idle closes it).
+        #: A deque, not a list: a list going from empty to one item and back reallocates its
+        #: storage each time (~500 instructions per RPC); a deque keeps its block
+        self.active: Deque[None] = collections.deque()
         self.departed = False  # left the target's endpoints while in use: closed by the last release
         self.closed = False  # (set under the pool's lock: closing happens once)
         #: the grpcio multicallables made on this channel, by the MeshChannel's slot of their
