@@ -150,20 +150,19 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
 
     def __call__(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
                  credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
-                 compression: Optional[grpc.Compression] = None, *, _with_call: bool = False) -> Any:
+                 compression: Optional[grpc.Compression] = None) -> Any:
         """A blocking RPC: ``lifecycle.run`` inline (``MeshChannel._route`` too), its first
         attempt straight to the endpoint's grpcio multicallable. Returns the response
-        (``_with_call``: ``(response, call)``, for :meth:`with_call`). While a mesh has telemetry
+        (:meth:`with_call` goes to :meth:`_blocking` at once). While a mesh has telemetry
         sinks, the RPC runs under :meth:`Call.run` instead (as ``future()`` does), which reports it.
 
         The common RPC (no metadata nor call options, a configuration that routes it
         without gRPC's own headers, no fault filter, an endpoint already used under this
         configuration) takes the short path below; anything else, :meth:`_blocking`."""
         cfg = self._eps_cfg
-        if cfg is None or metadata is not None or _with_call or _TELEMETRY[0] or \
-                (timeout is not None and not timeout > 0) or credentials is not None or wait_for_ready is not None \
-                or compression is not None:
-            return self._blocking(request, timeout, metadata, credentials, wait_for_ready, compression, _with_call)
+        if cfg is None or metadata is not None or _TELEMETRY[0] or (timeout is not None and not timeout > 0) \
+                or credentials is not None or wait_for_ready is not None or compression is not None:
+            return self._blocking(request, timeout, metadata, credentials, wait_for_ready, compression, False)
         ch = self._channel
         if ch._closed:
             return self._blocking(request, timeout, None, None, None, None, False)
@@ -207,7 +206,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         if started >= ch._next_sweep:
             ch.sweep()
         try:
-            result = send(request, timeout=attempt_timeout)
+            result = send(request, attempt_timeout)  # (timeout: grpcio's second parameter)
         except BaseException as e:  # noqa: BLE001  (an RpcError, or classified as lifecycle.run does)
             return self._after_failure(call, a, ep, e, started, request, timeout, None, None, None, None, False)
         active.pop()  # _EndpointPool.release, inline
@@ -391,7 +390,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
     def with_call(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
                   credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
                   compression: Optional[grpc.Compression] = None) -> Tuple[Any, grpc.Call]:
-        return self(request, timeout, metadata, credentials, wait_for_ready, compression, _with_call=True)
+        return self._blocking(request, timeout, metadata, credentials, wait_for_ready, compression, True)
 
     def future(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
                credentials: Optional[grpc.CallCredentials] = None, wait_for_ready: Optional[bool] = None,
