@@ -123,3 +123,27 @@ def test_inline_path_reports_refusals_and_failures_once(make_mesh):
         mesh.telemetry.remove_sink(sink)
     assert [(r.path, r.response_code, r.response_flags, r.attempts) for r in records] == [
         ("/empty", 503, "UH", 0), ("/down", 503, "URX,UF", 2)]
+
+
+def test_each_answer_has_its_own_meshcore_info(make_mesh):
+    # a sender keeps one resp.meshcore per target and hands out copies: changing one answer's
+    # does not change the next one's; a retried answer says how many attempts it took
+    echo = EchoUpstream()
+    try:
+        mesh = make_mesh(resources({"echo": [echo.port]}, [
+            route("/", "echo", timeout="5s", retry={"retry_on": "5xx", "num_retries": 2})]))
+
+        async def main() -> None:
+            async with MeshSession(mesh) as http:
+                first = await http.get(f"{URL}/same")
+                first.meshcore["attempts"] = 99
+                second = await http.get(f"{URL}/same")
+                assert second.meshcore == {"cluster": "echo", "endpoint": f"127.0.0.1:{echo.port}",
+                                           "route": second.meshcore["route"], "attempts": 1}
+                retried = await http.get(f"{URL}/fail-once/same")
+                assert retried.status == 200 and retried.meshcore["attempts"] == 2
+                assert (await http.get(f"{URL}/same")).meshcore["attempts"] == 1
+
+        asyncio.run(main())
+    finally:
+        echo.close()
