@@ -6,6 +6,11 @@ everything else (``meshcore.xds``, ``telemetry``, ``lifecycle``, ``resilience``,
 with ``ast`` (imports nested in functions and classes included, and ``import_module`` /
 ``__import__`` of a literal name), ``.pyx`` / ``.pxd`` files with a regex over their import lines
 (any indentation, so lazy imports count too).
+
+The request path (``call_c`` / ``call_py``) calls into the layers above through entries they
+register in ``meshcore._fast._hooks`` when imported; the tests below check that every entry is in
+both twins once ``meshcore.mesh`` is imported, and that the names moved down into ``_fast`` are
+still the same objects under their old names.
 """
 
 from __future__ import annotations
@@ -22,11 +27,6 @@ PACKAGE = "meshcore._fast"
 
 #: Base modules ``_fast`` may import (the foundation under it).
 ALLOWED_BASE = {"_model", "_options", "_route_model", "_routing", "_url", "errors", "_compat"}
-
-#: Known exceptions, for now: another change removes their upward imports (lifecycle, resilience,
-#: stats, telemetry, xds.snapshot). Take a name out once its module is clean.
-PENDING = {"call_c.pyx", "call_py.py"}
-
 
 def _resolve(module: Optional[str], level: int) -> str:
     """The absolute name of ``from <level dots><module> import ...`` inside ``meshcore._fast``."""
@@ -104,18 +104,13 @@ SOURCES = sorted(p for p in FAST.iterdir() if p.suffix in (".py", ".pyx", ".pxd"
 
 def test_the_sources_are_found():
     names = {p.name for p in SOURCES}
-    assert {"lb_py.py", "lb_c.pyx", "routes_py.py", "routes_c.pyx", "_build.py", "__init__.py"} <= names
-    assert PENDING <= names
+    assert {"lb_py.py", "lb_c.pyx", "routes_py.py", "routes_c.pyx", "_build.py", "__init__.py", "call_py.py",
+            "call_c.pyx", "_hooks.py", "_consts.py", "_outcome.py"} <= names
 
 
-@pytest.mark.parametrize("path", [p for p in SOURCES if p.name not in PENDING], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
 def test_fast_imports_nothing_above_it(path: Path):
     assert upward_imports(path) == []
-
-
-@pytest.mark.parametrize("name", sorted(PENDING))
-def test_pending_exceptions_are_still_needed(name: str):
-    assert upward_imports(FAST / name), f"{name} imports nothing above _fast now: take it out of PENDING"
 
 
 def test_the_checker_sees_every_form():
@@ -159,3 +154,94 @@ def test_from_xds_works_on_every_twin_without_importing_the_xds_layer_first():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["ok"]
+
+
+# -- the request path (call_c / call_py) and what the layers above register with it --------------
+
+
+def _fresh(code: str) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_the_request_path_gets_every_entry_before_a_mesh_exists():
+    """Twins imported before the layers above hold placeholders that raise a clear error; importing
+    ``meshcore.mesh`` registers every entry, in both twins, as the upper modules' own objects."""
+    code = (
+        "import meshcore\n"
+        "from meshcore._fast import _hooks, call_py\n"
+        "mods = [call_py]\n"
+        "if meshcore.IMPLEMENTATION == 'c':\n"
+        "    from meshcore._fast import call_c\n"
+        "    mods.append(call_c)\n"
+        "assert sorted(_hooks.missing()) == sorted(_hooks.NAMES)\n"
+        "for mod in mods:\n"
+        "    assert set(mod._installed()) == set(_hooks.NAMES)\n"
+        "    try:\n"
+        "        mod._installed()['run'](None, None, None, None, None)\n"
+        "    except RuntimeError as e:\n"
+        "        assert 'run is not registered yet: import meshcore.lifecycle' in str(e), e\n"
+        "    else:\n"
+        "        raise AssertionError('placeholder did not raise')\n"
+        "import meshcore.mesh\n"
+        "from meshcore import lifecycle\n"
+        "from meshcore.resilience import fault, retry, router_headers\n"
+        "from meshcore.telemetry import outcome\n"
+        "from meshcore.xds import snapshot\n"
+        "assert _hooks.missing() == []\n"
+        "want = {n: getattr(lifecycle, n) for n in ('run', 'run_async', 'run_reported', 'run_async_reported',\n"
+        "        'report_single', 'begin_single', 'fault_filter_for', 'fault_decision', 'fault_step')}\n"
+        "want.update(final_answer=lifecycle._final_answer, NO_FAULT=fault.NO_FAULT,\n"
+        "            FaultDecision=fault.FaultDecision, RetryState=retry.RetryState,\n"
+        "            router_headers_of=router_headers.router_headers_of,\n"
+        "            is_internal_request=router_headers.is_internal_request,\n"
+        "            apply_router_headers=router_headers.apply_router_headers,\n"
+        "            report_refusal=outcome.report_refusal, AggregateBalancer=snapshot.AggregateBalancer)\n"
+        "assert set(want) == set(_hooks.NAMES)\n"
+        "for mod in mods:\n"
+        "    got = mod._installed()\n"
+        "    assert all(got[n] is want[n] for n in want), [n for n in want if got[n] is not want[n]]\n"
+        "print('ok')\n"
+    )
+    assert _fresh(code).split() == ["ok"]
+
+
+def test_a_twin_imported_after_registration_gets_the_entries_too():
+    code = (
+        "import meshcore.mesh, meshcore.lifecycle as l\n"
+        "from meshcore._fast import call_py\n"
+        "assert call_py._installed()['run'] is l.run\n"
+        "print('ok')\n"
+    )
+    assert _fresh(code).split() == ["ok"]
+
+
+def test_register_rejects_unknown_entries():
+    from meshcore._fast import _hooks
+
+    with pytest.raises(ValueError, match="unknown request-path entries"):
+        _hooks.register(not_an_entry=object())
+
+
+def test_moved_names_are_the_same_objects_under_their_old_names():
+    """Constants and leaf helpers of the request path live in ``_fast``; the layers above re-export them."""
+    from meshcore import call, lifecycle, stats
+    from meshcore._fast import _consts, _outcome, call_py
+    from meshcore.resilience import retry, router_headers
+    from meshcore.telemetry import outcome, record
+
+    assert stats.BUCKETS_MS is _consts.BUCKETS_MS is call_py.BUCKETS_MS
+    assert stats.COUNTER_NAMES is _consts.COUNTER_NAMES is call_py.COUNTER_NAMES
+    assert (retry.CONNECT_FAILURE, retry.RESET, retry.TIMEOUT) == ("connect-failure", "reset", "timeout")
+    assert router_headers.ROUTER_HEADERS is _consts.ROUTER_HEADERS
+    assert record.ACTIVE is _consts.ACTIVE
+    for name in ("_length", "_scan_request", "_scan_response", "_is_grpc"):
+        assert getattr(outcome, name) is getattr(_outcome, name)
+    assert lifecycle.default_classify is call.default_classify is _outcome.default_classify
+    assert lifecycle.default_status_of is call.default_status_of is _outcome.default_status_of
+    assert call.Call.run.__kwdefaults__ == {"status_of": lifecycle.default_status_of, "grpc_status_of": None,
+                                            "classify": lifecycle.default_classify}

@@ -10,17 +10,18 @@ client integrations.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 import weakref
 from typing import Any, Awaitable, Callable, Optional, Tuple, TypeVar
 
+from ._fast import _hooks
+from ._fast._outcome import default_classify, default_status_of
 from ._route_model import RetryPolicy
 from ._routing import header_pairs
-from .errors import UpstreamError, UpstreamTimeout
+from .errors import UpstreamTimeout
 from .resilience.fault import NO_FAULT, ActiveFaults, FaultDecision, decide_fault, limit_faults
-from .resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retriable
+from .resilience.retry import RESET, TIMEOUT, retriable
 from .telemetry.outcome import report as _report
 from .telemetry.tracing import TRACER as _TRACER, begin as _begin_trace
 from .telemetry.tracing import _SINGLE, begin_single as _begin_single_trace, end_single as _end_single_trace
@@ -32,26 +33,6 @@ __all__ = ["begin_single", "default_classify", "default_status_of", "fault_decis
 R = TypeVar("R")
 Classify = Callable[[BaseException], Optional[str]]
 StatusOf = Callable[[Any], Optional[int]]
-
-
-def default_classify(exc: BaseException) -> Optional[str]:
-    """The upstream failure kind of an exception ``send`` raised (``None``: not an upstream failure)."""
-    if isinstance(exc, UpstreamError):
-        return exc.kind
-    if isinstance(exc, ConnectionRefusedError):
-        return CONNECT_FAILURE
-    if isinstance(exc, (TimeoutError, socket.timeout, asyncio.TimeoutError)):
-        return TIMEOUT
-    if isinstance(exc, (ConnectionError, EOFError)):
-        return RESET
-    return None
-
-
-def default_status_of(result: Any) -> Optional[int]:
-    status = getattr(result, "status_code", None)
-    if status is None:
-        status = getattr(result, "status", None)
-    return status if isinstance(status, int) else None
 
 
 def fault_filter_for(cfg: Any, route: Any) -> Tuple[Optional[str], Any]:
@@ -525,3 +506,10 @@ async def _aclose(result: Any) -> None:
             pass
         return
     _close(result)
+
+
+# The request path (meshcore._fast.call_*) calls these; it imports nothing above it, so they are
+# registered with it here (default_classify / default_status_of are its own, re-exported above).
+_hooks.register(run=run, run_async=run_async, run_reported=run_reported, run_async_reported=run_async_reported,
+                report_single=report_single, begin_single=begin_single, fault_filter_for=fault_filter_for,
+                fault_decision=fault_decision, fault_step=fault_step, final_answer=_final_answer)

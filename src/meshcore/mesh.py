@@ -34,6 +34,12 @@ from .resilience.fault import ActiveFaults
 from .stats import StatsRegistry, prometheus_collector
 from .telemetry.record import Telemetry
 from .xds.snapshot import AggregateBalancer, TargetConfig
+from ._fast import _hooks
+from .resilience import router_headers as _router_headers  # noqa: F401  (registers with the request path)
+
+# Every module the request path calls into (it imports nothing above it) is imported above and has
+# registered its entries with meshcore._fast._hooks: check it before a Mesh can be built.
+_hooks.require("meshcore.mesh")
 
 if TYPE_CHECKING:
     from .inbound import InboundListener

@@ -18,18 +18,14 @@ so totals over time stay available without one entry per cluster name ever seen.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 __all__ = ["Histogram", "ClusterStats", "StatsRegistry", "prometheus_collector", "BUCKETS_MS", "COUNTER_NAMES"]
 
-#: Envoy's default histogram bucket bounds (milliseconds).
-BUCKETS_MS: Tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
-                                 300000, 600000, 1800000, 3600000)
-
-#: The counters the request path keeps in C (``ClusterCounters.counter_values`` order).
-COUNTER_NAMES: Tuple[str, ...] = (
-    "upstream_rq_total", "upstream_rq_retry", "upstream_rq_retry_overflow", "upstream_rq_pending_overflow",
-    "upstream_cx_connect_fail", "upstream_rq_per_try_timeout", "upstream_rq_rx_reset", "upstream_rq_5xx_local")
+#: Envoy's default histogram bucket bounds (milliseconds): ``BUCKETS_MS``; the counters the request
+#: path keeps in C (``ClusterCounters.counter_values`` order): ``COUNTER_NAMES``. Both are defined
+#: with the request path (``meshcore._fast._consts``), which imports nothing above it.
+from ._fast._consts import BUCKETS_MS, COUNTER_NAMES
 
 
 

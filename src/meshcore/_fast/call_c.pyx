@@ -19,18 +19,14 @@ from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from .lb_c cimport lb_pick, lb_release
 from .routes_c cimport RouteTable as CRouteTable
 
-from .. import lifecycle
+from . import _hooks
 from .._route_model import RetryPolicy
 from .._url import URL_CACHE, parse_url
 from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, Unavailable, UpstreamTimeout
-from ..resilience.fault import NO_FAULT
-from ..resilience.retry import CONNECT_FAILURE, RESET, RetryState, TIMEOUT
-from ..resilience.router_headers import ROUTER_HEADERS, apply_router_headers, is_internal_request, router_headers_of
-from ..xds.snapshot import AggregateBalancer
 from .lb_c import LoadBalancer as CLoadBalancer
-from ..stats import BUCKETS_MS, COUNTER_NAMES
-from ..telemetry.outcome import _length, _scan_request, _scan_response, report_refusal
-from ..telemetry.record import ACTIVE as _TELEMETRY_LIST
+from ._consts import ACTIVE as _TELEMETRY_LIST, BUCKETS_MS, CONNECT_FAILURE, COUNTER_NAMES, RESET, ROUTER_HEADERS
+from ._consts import TIMEOUT
+from ._outcome import _length, _scan_request, _scan_response, default_classify, default_status_of
 from .call_py import ADMITTED, GRPC_TO_HTTP, OVER_REQUESTS, OVER_RETRIES
 
 __all__ = ["Attempt", "Call", "ClusterCounters", "MeshCore", "BUCKETS_MS", "COUNTER_NAMES", "GRPC_TO_HTTP",
@@ -58,29 +54,97 @@ for _i, _b in enumerate(BUCKETS_MS):
 
 cdef dict _url_cache = URL_CACHE
 cdef dict _grpc_to_http = GRPC_TO_HTTP
-cdef object _AggregateBalancer = AggregateBalancer
 cdef object _CLoadBalancer = CLoadBalancer
-cdef object _default_classify = lifecycle.default_classify
-cdef object _fault_filter_for = lifecycle.fault_filter_for
-cdef object _fault_decision = lifecycle.fault_decision
-cdef object _fault_step = lifecycle.fault_step
-cdef object _run = lifecycle.run
-cdef object _run_async = lifecycle.run_async
-cdef object _run_reported = lifecycle.run_reported
-cdef object _run_async_reported = lifecycle.run_async_reported
-cdef object _report_single = lifecycle.report_single
-cdef object _begin_single = lifecycle.begin_single
-cdef object _report_refusal = report_refusal
+cdef object _default_classify = default_classify
 cdef list _TELEMETRY = _TELEMETRY_LIST  # [how many meshes have telemetry sinks]
-cdef object _default_status_of = lifecycle.default_status_of
-cdef object _final_answer = lifecycle._final_answer
+cdef object _default_status_of = default_status_of
 cdef object _RetryPolicy = RetryPolicy
 cdef object _CONNECT_FAILURE = CONNECT_FAILURE
 cdef object _TIMEOUT = TIMEOUT
 cdef object _RESET = RESET
-cdef object _router_headers_of = router_headers_of
-cdef object _apply_router_headers = apply_router_headers
-cdef object _is_internal_request = is_internal_request
+
+# What the layers above plug in (``_hooks``: the router loop of meshcore.lifecycle, retry state,
+# fault decisions, router headers, refusal telemetry, the aggregate balancer type): C globals
+# (NO_FAULT and RetryState: module globals), read per request as when they were imported;
+# placeholders that raise until registered.
+cdef object _AggregateBalancer
+cdef object _fault_filter_for
+cdef object _fault_decision
+cdef object _fault_step
+cdef object _run
+cdef object _run_async
+cdef object _run_reported
+cdef object _run_async_reported
+cdef object _report_single
+cdef object _begin_single
+cdef object _report_refusal
+cdef object _final_answer
+cdef object _router_headers_of
+cdef object _apply_router_headers
+cdef object _is_internal_request
+cdef object _FaultDecision
+
+
+def _install(dict entries):
+    """Store entries registered in ``_hooks`` in this module's globals (off the request path)."""
+    global _AggregateBalancer, _fault_filter_for, _fault_decision, _fault_step, _run, _run_async, _run_reported
+    global _run_async_reported, _report_single, _begin_single, _report_refusal, _final_answer
+    global _router_headers_of, _apply_router_headers, _is_internal_request, _FaultDecision, NO_FAULT, RetryState
+    for name, value in entries.items():
+        if name == "run":
+            _run = value
+        elif name == "run_async":
+            _run_async = value
+        elif name == "run_reported":
+            _run_reported = value
+        elif name == "run_async_reported":
+            _run_async_reported = value
+        elif name == "report_single":
+            _report_single = value
+        elif name == "begin_single":
+            _begin_single = value
+        elif name == "fault_filter_for":
+            _fault_filter_for = value
+        elif name == "fault_decision":
+            _fault_decision = value
+        elif name == "fault_step":
+            _fault_step = value
+        elif name == "final_answer":
+            _final_answer = value
+        elif name == "NO_FAULT":
+            NO_FAULT = value
+        elif name == "FaultDecision":
+            _FaultDecision = value
+        elif name == "RetryState":
+            RetryState = value
+        elif name == "router_headers_of":
+            _router_headers_of = value
+        elif name == "is_internal_request":
+            _is_internal_request = value
+        elif name == "apply_router_headers":
+            _apply_router_headers = value
+        elif name == "report_refusal":
+            _report_refusal = value
+        elif name == "AggregateBalancer":
+            _AggregateBalancer = value
+        else:  # pragma: no cover  (_hooks rejects unknown names)
+            raise ValueError(f"call_c: unknown request-path entry {name!r}")
+
+
+def _installed():
+    """The entries as this twin holds them now (for tests)."""
+    return {"run": _run, "run_async": _run_async, "run_reported": _run_reported,
+            "run_async_reported": _run_async_reported, "report_single": _report_single,
+            "begin_single": _begin_single, "fault_filter_for": _fault_filter_for,
+            "fault_decision": _fault_decision, "fault_step": _fault_step, "final_answer": _final_answer,
+            "NO_FAULT": NO_FAULT, "FaultDecision": _FaultDecision, "RetryState": RetryState,
+            "router_headers_of": _router_headers_of, "is_internal_request": _is_internal_request,
+            "apply_router_headers": _apply_router_headers, "report_refusal": _report_refusal,
+            "AggregateBalancer": _AggregateBalancer}
+
+
+_install(_hooks.placeholders())
+_hooks.subscribe(_install)
 
 
 cdef Py_ssize_t _SHORTEST_ROUTER_HEADER = min(len(h) for h in ROUTER_HEADERS)  # 16: x-envoy-retry-on

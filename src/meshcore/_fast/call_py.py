@@ -34,18 +34,14 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from .. import lifecycle
+from . import _hooks
 from .._route_model import RetryPolicy
 from .._url import URL_CACHE, parse_url
 from ..errors import CircuitBreakerOpen, FaultAbort, MeshError, NoRoute, Unavailable, UpstreamTimeout
-from ..resilience.fault import NO_FAULT, FaultDecision
-from ..resilience.retry import CONNECT_FAILURE, RESET, RetryState, TIMEOUT
-from ..resilience.router_headers import apply_router_headers, is_internal_request, router_headers_of
-from ..stats import BUCKETS_MS, COUNTER_NAMES
-from ..telemetry.outcome import _scan_request, _scan_response, report_refusal
-from ..telemetry.record import ACTIVE as _TELEMETRY
+from ._consts import ACTIVE as _TELEMETRY, BUCKETS_MS, CONNECT_FAILURE, COUNTER_NAMES, RESET, TIMEOUT
+from ._outcome import _scan_request, _scan_response, default_classify as _default_classify
+from ._outcome import default_status_of as _default_status_of
 from .exchange_py import PEER_HEADER, PEER_HEADER_ID, strip_peer_pairs
-from ..xds.snapshot import AggregateBalancer
 
 __all__ = ["Attempt", "Call", "ClusterCounters", "MeshCore", "BUCKETS_MS", "COUNTER_NAMES", "GRPC_TO_HTTP",
            "ADMITTED", "OVER_REQUESTS", "OVER_RETRIES", "IstioObserver", "IstioSeries",
@@ -60,6 +56,55 @@ GRPC_TO_HTTP: Dict[int, int] = {1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 
                                 11: 400, 12: 501, 13: 500, 14: 503, 15: 500, 16: 401}
 
 _ERROR_COUNTER = {CONNECT_FAILURE: 4, TIMEOUT: 5, RESET: 6}  # index in COUNTER_NAMES; others: rx_reset
+
+# -- what the layers above plug in (``_hooks``: the router loop of meshcore.lifecycle, retry state,
+# fault decisions, router headers, refusal telemetry, the aggregate balancer type). Module globals,
+# read per request as when they were imported; placeholders that raise until registered.
+_GLOBAL_OF = {
+    "run": "_run", "run_async": "_run_async", "run_reported": "_run_reported",
+    "run_async_reported": "_run_async_reported", "report_single": "_report_single",
+    "begin_single": "_begin_single", "fault_filter_for": "_fault_filter_for", "fault_decision": "_fault_decision",
+    "fault_step": "_fault_step", "final_answer": "_final_answer", "NO_FAULT": "NO_FAULT",
+    "FaultDecision": "FaultDecision", "RetryState": "RetryState", "router_headers_of": "router_headers_of",
+    "is_internal_request": "is_internal_request", "apply_router_headers": "apply_router_headers",
+    "report_refusal": "report_refusal", "AggregateBalancer": "AggregateBalancer",
+}
+_UNSET = _hooks.placeholders()
+_run: Any = _UNSET["run"]
+_run_async: Any = _UNSET["run_async"]
+_run_reported: Any = _UNSET["run_reported"]
+_run_async_reported: Any = _UNSET["run_async_reported"]
+_report_single: Any = _UNSET["report_single"]
+_begin_single: Any = _UNSET["begin_single"]
+_fault_filter_for: Any = _UNSET["fault_filter_for"]
+_fault_decision: Any = _UNSET["fault_decision"]
+_fault_step: Any = _UNSET["fault_step"]
+_final_answer: Any = _UNSET["final_answer"]
+NO_FAULT: Any = _UNSET["NO_FAULT"]
+FaultDecision: Any = _UNSET["FaultDecision"]
+RetryState: Any = _UNSET["RetryState"]
+router_headers_of: Any = _UNSET["router_headers_of"]
+is_internal_request: Any = _UNSET["is_internal_request"]
+apply_router_headers: Any = _UNSET["apply_router_headers"]
+report_refusal: Any = _UNSET["report_refusal"]
+AggregateBalancer: Any = _UNSET["AggregateBalancer"]
+del _UNSET
+
+
+def _install(entries: Dict[str, Any]) -> None:
+    """Store entries registered in ``_hooks`` in this module's globals (off the request path)."""
+    g = globals()
+    for name, value in entries.items():
+        g[_GLOBAL_OF[name]] = value
+
+
+def _installed() -> Dict[str, Any]:
+    """The entries as this twin holds them now (for tests)."""
+    g = globals()
+    return {name: g[var] for name, var in _GLOBAL_OF.items()}
+
+
+_hooks.subscribe(_install)
 
 
 class ClusterCounters:
@@ -235,7 +280,7 @@ class Attempt:
         the request at once: the first attempt's answer that the call's retry policy does not
         retry (a later attempt's outcome is left to the retry decision: ``False``)."""
         self.finish(status, grpc_status)
-        return self.number == 1 and lifecycle._final_answer(self._policy, status, grpc_status)
+        return self.number == 1 and _final_answer(self._policy, status, grpc_status)
 
     # the single-attempt form: ``with mesh.request(...) as attempt``
     def __enter__(self) -> "Attempt":
@@ -243,7 +288,7 @@ class Attempt:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc is not None and self.status is None:
-            self.finish(error=lifecycle.default_classify(exc) or RESET)
+            self.finish(error=_default_classify(exc) or RESET)
         else:
             self.finish(self.status, self.grpc_status)
 
@@ -296,7 +341,7 @@ class Call:
         counted against ``max_active_faults`` stays active until :meth:`_after_fault`."""
         if self._fault_spec is None:
             return NO_FAULT
-        d, counted = lifecycle.fault_decision(self._fault_spec, self.headers, self._rng, self.cluster, self._faults)
+        d, counted = _fault_decision(self._fault_spec, self.headers, self._rng, self.cluster, self._faults)
         if counted:
             self._fault_active = True
         return d
@@ -430,7 +475,7 @@ class Call:
         if _TELEMETRY[0]:
             return self._enter_reported()
         if self._fault_spec is not None:
-            lifecycle.fault_step(self)
+            _fault_step(self)
         attempt = self.start_attempt()
         assert attempt is not None
         self._single = attempt
@@ -439,38 +484,38 @@ class Call:
     def _enter_reported(self) -> Attempt:
         try:
             if self._fault_spec is not None:
-                lifecycle.fault_step(self)
+                _fault_step(self)
             attempt = self.start_attempt()
         except BaseException as e:
-            lifecycle.report_single(self, e)
+            _report_single(self, e)
             raise
         assert attempt is not None
         self._single = attempt
-        lifecycle.begin_single(self, attempt)  # (tracing: the span starts with the attempt, which carries its headers)
+        _begin_single(self, attempt)  # (tracing: the span starts with the attempt, which carries its headers)
         return attempt
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if self._single is not None:
             self._single.__exit__(exc_type, exc, tb)
             if _TELEMETRY[0]:
-                lifecycle.report_single(self, exc)
+                _report_single(self, exc)
 
     # -- the full lifecycle (meshcore.lifecycle) --------------------------------------------------
 
-    def run(self, send: Any, *, status_of: Any = lifecycle.default_status_of, grpc_status_of: Any = None,
-            classify: Any = lifecycle.default_classify) -> Any:
+    def run(self, send: Any, *, status_of: Any = _default_status_of, grpc_status_of: Any = None,
+            classify: Any = _default_classify) -> Any:
         """Send with Envoy's router behaviour (fault, retries, breakers, timeouts): ``send(attempt)``
         per attempt; the last outcome is returned (or raised). See ``meshcore.call``."""
         if _TELEMETRY[0]:
-            return lifecycle.run_reported(self, send, status_of, grpc_status_of, classify)
-        return lifecycle.run(self, send, status_of, grpc_status_of, classify)
+            return _run_reported(self, send, status_of, grpc_status_of, classify)
+        return _run(self, send, status_of, grpc_status_of, classify)
 
-    def run_async(self, send: Any, *, status_of: Any = lifecycle.default_status_of, grpc_status_of: Any = None,
-                  classify: Any = lifecycle.default_classify) -> Any:
+    def run_async(self, send: Any, *, status_of: Any = _default_status_of, grpc_status_of: Any = None,
+                  classify: Any = _default_classify) -> Any:
         """:meth:`run` for coroutines: ``await call.run_async(send)`` (``await send(attempt)``)."""
         if _TELEMETRY[0]:
-            return lifecycle.run_async_reported(self, send, status_of, grpc_status_of, classify)
-        return lifecycle.run_async(self, send, status_of, grpc_status_of, classify)
+            return _run_async_reported(self, send, status_of, grpc_status_of, classify)
+        return _run_async(self, send, status_of, grpc_status_of, classify)
 
     def __repr__(self) -> str:
         return f"Call({self.target}{self.path} route={self.route.route_name!r} cluster={self.cluster!r})"
@@ -554,7 +599,7 @@ class MeshCore:
         key = id(route)  # the route specs live as long as entry.cfg, which the entry holds
         found = entry.faults.get(key)
         if found is None:
-            name, spec = lifecycle.fault_filter_for(entry.cfg, route)
+            name, spec = _fault_filter_for(entry.cfg, route)
             if spec is not None and not (spec.delay_per_million or spec.abort_per_million):
                 spec = None  # a filter that can inject nothing (Istio's empty one): no fault step
             found = (spec, self._fault_counter(entry.cfg, name)) if spec is not None else (None, None)  # type: ignore[attr-defined]

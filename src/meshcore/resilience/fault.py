@@ -36,6 +36,7 @@ import random
 import threading
 from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
+from .._fast import _hooks
 from .._routing import simple_atoi_unsigned
 
 __all__ = ["NO_FAULT", "ActiveFaults", "FaultDecision", "decide_fault", "limit_faults"]
@@ -187,3 +188,8 @@ def limit_faults(decision: FaultDecision, spec: Any, active: ActiveFaults) -> Tu
             return decision, True
         return NO_FAULT, False
     return decision, False  # no fault, or only a delay that overflowed (== NO_FAULT)
+
+
+# the request path (meshcore._fast.call_*) answers NO_FAULT without a fault filter; it imports
+# nothing above it
+_hooks.register(NO_FAULT=NO_FAULT, FaultDecision=FaultDecision)

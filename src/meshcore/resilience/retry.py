@@ -21,12 +21,14 @@ from __future__ import annotations
 import random
 from typing import Any, Optional
 
+from .._fast import _hooks
+
 __all__ = ["RetryState", "classify_status", "known_retry_conditions", "retriable", "retries_ok_answer", "CONNECT_FAILURE",
            "RESET", "TIMEOUT"]
 
-CONNECT_FAILURE = "connect-failure"
-RESET = "reset"
-TIMEOUT = "timeout"  # a per-try timeout (Envoy: 504 upstream request timeout)
+# the upstream failure kinds (TIMEOUT: a per-try timeout; Envoy: 504 upstream request timeout),
+# defined with the request path, which imports nothing above it
+from .._fast._consts import CONNECT_FAILURE, RESET, TIMEOUT
 
 _GRPC_CODES = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted": 8, "internal": 13, "unavailable": 14}
 # Envoy's retry conditions (RetryStateImpl::parseRetryOn / parseRetryGrpcOn)
@@ -172,3 +174,6 @@ class RetryState:
     def host_selection_attempts(self) -> int:
         return 1 if self.policy is None else max(1, self.policy.host_selection_retry_max_attempts)
 
+
+# the request path (meshcore._fast.call_*) makes a call's RetryState; it imports nothing above it
+_hooks.register(RetryState=RetryState)

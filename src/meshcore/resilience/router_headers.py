@@ -33,21 +33,16 @@ import dataclasses
 import ipaddress
 from typing import Any, Dict, Optional, Tuple
 
+from .._fast import _hooks
 from .._route_model import RetryPolicy
 from .._routing import header_pairs, simple_atoi_unsigned
 from .retry import known_retry_conditions
 
 __all__ = ["ROUTER_HEADERS", "apply_router_headers", "is_internal_request", "router_headers_of"]
 
-TIMEOUT_MS = "x-envoy-upstream-rq-timeout-ms"
-PER_TRY_TIMEOUT_MS = "x-envoy-upstream-rq-per-try-timeout-ms"
-RETRY_ON = "x-envoy-retry-on"
-RETRY_GRPC_ON = "x-envoy-retry-grpc-on"
-MAX_RETRIES = "x-envoy-max-retries"
-RETRIABLE_STATUS_CODES = "x-envoy-retriable-status-codes"
-
-ROUTER_HEADERS = frozenset({TIMEOUT_MS, PER_TRY_TIMEOUT_MS, RETRY_ON, RETRY_GRPC_ON, MAX_RETRIES,
-                            RETRIABLE_STATUS_CODES})
+# the header names and ROUTER_HEADERS are defined with the request path (it imports nothing above it)
+from .._fast._consts import (MAX_RETRIES, PER_TRY_TIMEOUT_MS, RETRIABLE_STATUS_CODES, RETRY_GRPC_ON, RETRY_ON,
+                             ROUTER_HEADERS, TIMEOUT_MS)
 _SHORTEST = min(len(h) for h in ROUTER_HEADERS)  # 16: x-envoy-retry-on
 XFF = "x-forwarded-for"
 LOOPBACK = "127.0.0.1"
@@ -134,3 +129,9 @@ def apply_router_headers(policy: Optional[RetryPolicy], timeout: Optional[float]
         if ms is not None:
             changes["per_try_timeout"] = ms / 1000.0 if ms else None
     return (dataclasses.replace(policy, **changes) if changes else policy), timeout
+
+
+# the request path (meshcore._fast.call_*) reads a request's router headers through these; it
+# imports nothing above it
+_hooks.register(router_headers_of=router_headers_of, is_internal_request=is_internal_request,
+                apply_router_headers=apply_router_headers)

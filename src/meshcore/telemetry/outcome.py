@@ -33,6 +33,8 @@ import logging
 import time
 from typing import Any, Optional, Tuple
 
+from .._fast import _hooks
+from .._fast._outcome import _MAX_LENGTH, _is_grpc, _length, _scan_request, _scan_response  # noqa: F401
 from ..errors import CircuitBreakerOpen, FaultAbort, NoRoute, Unavailable, UpstreamTimeout
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retriable
 from .peer_metadata import decode_cached
@@ -48,17 +50,6 @@ _FAILURE_CODE = {CONNECT_FAILURE: 503, RESET: 503, TIMEOUT: 504}
 _DETAILS = {CONNECT_FAILURE: "upstream_reset_before_response_started{remote_connection_failure}",
             RESET: "upstream_reset_before_response_started{connection_termination}",
             TIMEOUT: "upstream_per_try_timeout"}
-
-
-#: a content-length at or above this counts 0 bytes (the compiled twin's double holds it exactly below)
-_MAX_LENGTH = 1 << 53
-
-
-def _length(value: Any) -> int:
-    """A content-length header's value as a byte count: 0 for a negative or absurdly large one
-    (ValueError/TypeError for one that is not a number, as ``int``)."""
-    n = int(value)
-    return n if 0 <= n < _MAX_LENGTH else 0
 
 
 def http_to_grpc(code: int) -> int:
@@ -362,64 +353,5 @@ def _fill_io(r: RequestRecord, headers: Any, result: Any, info: Any, peers: bool
     r.peer_metadata = decode_cached(peer) if peer else None
 
 
-def _is_grpc(content_type: str) -> bool:
-    """Envoy's ``Grpc::Common::isGrpcRequestHeaders`` test of a content-type."""
-    ct = content_type.lower()
-    return ct == "application/grpc" or ct.startswith("application/grpc+") or ct.startswith("application/grpc;")
-
-
-def _scan_request(headers: Any) -> Tuple[int, Optional[str], bool]:
-    """``(content-length or 0, x-request-id, gRPC content-type)`` of the request's headers (a
-    mapping or pairs, str or bytes)."""
-    pairs = headers.items() if hasattr(headers, "items") else headers
-    length, rid, grpc = 0, None, False
-    try:
-        for k, v in pairs:
-            n = len(k)
-            if n == 14 or n == 12:
-                lk = k.lower() if isinstance(k, str) else bytes(k).decode("latin-1").lower()
-                if lk == "content-length":
-                    try:
-                        length = _length(v)
-                    except (TypeError, ValueError):
-                        pass
-                elif lk == "x-request-id":
-                    rid = v if isinstance(v, str) else bytes(v).decode("latin-1")
-                elif lk == "content-type":
-                    grpc = _is_grpc(v if isinstance(v, str) else bytes(v).decode("latin-1"))
-    except (TypeError, ValueError):
-        pass
-    return length, rid, grpc
-
-
-def _scan_response(result: Any, peers: bool = True) -> Tuple[int, Optional[str]]:
-    """``(body length, x-envoy-peer-metadata if ``peers``)`` of a response ``send`` returned: the
-    body when it was read (``_content`` bytes: requests, httpx), else its Content-Length."""
-    d = getattr(result, "__dict__", None)
-    if d is not None:  # plain dict reads: no AttributeError raised and caught per miss
-        body = d.get("_content")
-        headers = d.get("headers")
-        if headers is None:
-            headers = d.get("_headers")  # httpx.Response
-    else:
-        body = getattr(result, "_content", None)
-        headers = getattr(result, "headers", None)
-    length = len(body) if isinstance(body, (bytes, bytearray)) else 0
-    peer = None
-    if headers is not None and (peers or not length):
-        get = getattr(headers, "get", None)
-        if get is not None:
-            try:
-                if not length:
-                    cl = get("content-length")
-                    if cl is not None:
-                        length = _length(cl)
-                if peers:
-                    peer = get("x-envoy-peer-metadata")
-            except (TypeError, ValueError):
-                pass
-    if isinstance(peer, bytes):
-        peer = peer.decode("latin-1")
-    return length, peer
-
-
+# the request path calls report_refusal (meshcore._fast imports nothing above it)
+_hooks.register(report_refusal=report_refusal)

@@ -20,10 +20,11 @@ __all__ = ["RequestRecord", "Sink", "Telemetry", "NO_FLAGS", "ACTIVE", "ENV_ISTI
 
 log = logging.getLogger(__name__)
 
-#: ``[n]``: how many Telemetry objects of the process have a sink (plus one while tracing is on).
-#: The request path's first test (one list read) before it looks at its own mesh's sinks. Only
-#: :func:`active_add` changes it (under one process-wide lock: meshes change it concurrently).
-ACTIVE = [0]
+#: ``ACTIVE``, ``[n]``: how many Telemetry objects of the process have a sink (plus one while
+#: tracing is on). The request path's first test (one list read) before it looks at its own mesh's
+#: sinks; defined with it (``meshcore._fast._consts``). Only :func:`active_add` changes it (under
+#: one process-wide lock: meshes change it concurrently).
+from .._fast._consts import ACTIVE
 _ACTIVE_LOCK = threading.Lock()
 
 

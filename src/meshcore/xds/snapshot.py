@@ -14,6 +14,7 @@ import threading
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .._fast import LoadBalancer, RouteTable
+from .._fast import _hooks
 from .._fast._plan import PriorityCounts, plan_priorities
 from .._model import Endpoint, HealthStatus
 from .model import ClusterSpec, EndpointsSpec, ListenerSpec
@@ -166,3 +167,8 @@ class TargetConfig:
 def build_balancer(spec: ClusterSpec, eds: Optional[EndpointsSpec], seed: Optional[int]) -> Tuple[Any, Dict[str, Any]]:
     endpoints, options = lb_arguments(spec, eds)
     return LoadBalancer(endpoints, policy=spec.policy, seed=seed, **options), options
+
+
+# the request path (meshcore._fast.call_*) tells an aggregate cluster by this type; it imports
+# nothing above it
+_hooks.register(AggregateBalancer=AggregateBalancer)
