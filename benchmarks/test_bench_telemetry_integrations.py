@@ -1,6 +1,7 @@
 """What Istio's standard metrics add per request through a client integration: httpx (sync and
-async), no I/O (the canned httpcore pool of ``test_bench_integrations_httpx``), so the figure is
-meshcore's CPU and nothing else.
+async; the canned httpcore pool of ``test_bench_integrations_httpx``) and aiohttp (the canned
+connector of ``test_bench_integrations_requests_aiohttp``), no I/O, so the figure is meshcore's CPU
+and nothing else.
 
 One mesh and one client; the mesh's telemetry is switched between blocks
 (``integration_harness.set_telemetry``): ``off``, ``istio`` (``enable_istio_metrics()``: the
@@ -32,10 +33,38 @@ from test_bench_integrations_httpx import _lib, no_io_clients, no_io_mesh
 
 def telemetry_added(mesh: Any, lib: Any, is_async: bool, n: int = 300, rounds: int = 31,
                     modes: Any = TELEMETRY_MODES) -> Dict[str, float]:
-    """``{"off": µs per request, "istio" / "istio+log" / "istio+tracing": added µs}`` (see the module doc;
-    ``modes``: a subset, "off" included)."""
+    """``{"off": µs per request, "istio" / "istio+log" / "istio+tracing": added µs}`` through httpx
+    (see the module doc; ``modes``: a subset, "off" included)."""
     send = no_io_clients(mesh, lib, is_async)["meshcore"]
     loop = asyncio.new_event_loop() if is_async else None
+    try:
+        return _added(mesh, send, loop, n, rounds, modes)
+    finally:
+        if loop is not None:
+            loop.close()
+
+
+def aiohttp_telemetry_added(mesh: Any, n: int = 300, rounds: int = 31,
+                            modes: Any = TELEMETRY_MODES) -> Dict[str, float]:
+    """:func:`telemetry_added` through aiohttp's ``MeshSession`` (over canned connections)."""
+    from test_bench_integrations_requests_aiohttp import no_io_clients as aiohttp_clients
+
+    loop = asyncio.new_event_loop()
+
+    async def make() -> Dict[str, Any]:
+        return aiohttp_clients(mesh)
+
+    sends = loop.run_until_complete(make())
+    try:
+        return _added(mesh, sends["meshcore"], loop, n, rounds, modes)
+    finally:
+        loop.run_until_complete(sends["close"]())
+        loop.close()
+
+
+def _added(mesh: Any, send: Any, loop: Any, n: int, rounds: int, modes: Any) -> Dict[str, float]:
+    """The rounds of :func:`telemetry_added`: ``send()`` makes one request (a coroutine with a
+    ``loop``)."""
 
     async def aloop(k: int) -> None:
         for _ in range(k):
@@ -67,8 +96,6 @@ def telemetry_added(mesh: Any, lib: Any, is_async: bool, n: int = 300, rounds: i
                 got[mode].append(this[mode] if mode == "off" else this[mode] - this["off"])
     finally:
         set_telemetry(mesh, "off")
-        if loop is not None:
-            loop.close()
     return {m: statistics.median(v) for m, v in got.items()}
 
 
@@ -102,6 +129,30 @@ def test_istio_metrics_added_through_httpx(benchmark, mesh, kind):
     assert out["off"] > 0
 
 
+@pytest.fixture(scope="module")
+def aiohttp_mesh():
+    from test_bench_integrations_requests_aiohttp import no_io_mesh as aiohttp_mesh
+
+    m = aiohttp_mesh()
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+@pytest.mark.benchmark(group="telemetry-integrations")
+def test_istio_metrics_added_through_aiohttp(benchmark, aiohttp_mesh):
+    n, rounds = (50, 3) if QUICK else (300, 31)
+    out: Dict[str, float] = {}
+    benchmark.pedantic(lambda: out.update(aiohttp_telemetry_added(aiohttp_mesh, n, rounds)), rounds=1,
+                       iterations=1)
+    benchmark.extra_info.update({k: round(v, 3) for k, v in out.items()})
+    print(f"\naiohttp no I/O: off {out['off']:.2f} us, +istio {out['istio']:.2f} us, "
+          f"+istio+record {out['istio+log']:.2f} us, +istio+tracing {out['istio+tracing']:.2f} us CPU per request")
+    assert aiohttp_mesh.telemetry.istio_metrics is None  # left off
+    assert out["off"] > 0
+
+
 def _main() -> None:
     m = no_io_mesh()
     try:
@@ -111,6 +162,15 @@ def _main() -> None:
             print(f"httpx {kind:<5} off {out['off']:6.2f} us  +istio {out['istio']:5.2f} us  "
                   f"+istio+record {out['istio+log']:5.2f} us  +istio+tracing {out['istio+tracing']:5.2f} us  "
                   "(CPU per request, median of per-round differences)")
+    finally:
+        m.close()
+    from test_bench_integrations_requests_aiohttp import no_io_mesh as aiohttp_mesh
+
+    m = aiohttp_mesh()
+    try:
+        out = aiohttp_telemetry_added(m)
+        print(f"aiohttp     off {out['off']:6.2f} us  +istio {out['istio']:5.2f} us  "
+              f"+istio+record {out['istio+log']:5.2f} us  +istio+tracing {out['istio+tracing']:5.2f} us")
     finally:
         m.close()
 
