@@ -881,12 +881,19 @@ class MeshSession:
                         else:  # run_async's straight path and the sender's attempt, inline (see _Sender.send)
                             try:
                                 try:
-                                    target, info = sender.targets.get((a.endpoint.key, a.path)) or \
+                                    endpoint = a.endpoint
+                                    target, info = sender.targets.get((endpoint.key, a.path)) or \
                                         sender.target(a)
-                                    if sender.upstream_tls is None:  # (tracing is off: see a)
-                                        attempt_headers, extra = sender.headers, sender.kwargs
-                                    else:
-                                        attempt_headers, extra = sender.extras(a)
+                                    # sender.extras(a), inline (tracing is off: see a)
+                                    attempt_headers, extra = sender.headers, sender.kwargs
+                                    upstream_tls = sender.upstream_tls
+                                    if upstream_tls is not None:
+                                        try:
+                                            tls = upstream_tls(cluster, endpoint)
+                                        except TlsHandshakeError as e:  # TLS required, no certificates
+                                            raise _tls_error(endpoint.key, e) from e
+                                        if tls is not None:
+                                            extra = sender.tls_kwargs(tls, endpoint, extra, sender.scheme)
                                     timeout_a = a.timeout
                                     if timeout_a is not None:  # send_timed's deadline, inline
                                         loop = _get_running_loop()
