@@ -36,16 +36,18 @@ benchmarks/test_bench_grpc.py --benchmark-only -s`` or ``python benchmarks/test_
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -199,8 +201,6 @@ class GrpcRig(PinnedRig):
         if self.saved_affinity is not None:
             pin(os.getpid(), self.saved_affinity)
             self.saved_affinity = None
-        import shutil
-
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
@@ -377,6 +377,24 @@ def added_cpu(rounds: Optional[int] = None, n: Optional[int] = None, cpu: Option
     block by block (order flipped every round); the figure is the median over ``rounds`` of the
     per-round difference of the calling thread's CPU time (``time.thread_time_ns``) per call,
     meshcore - direct. ``telemetry``: with a telemetry sink and Istio's metadata exchange on."""
+    rounds = rounds if rounds is not None else (6 if QUICK else 41)
+    n = n if n is not None else (200 if QUICK else 1000)
+    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if saved is not None:
+        os.sched_setaffinity(0, {cpu if cpu is not None else max(saved)})
+    try:
+        with _local_calls(telemetry, max(50, n // 5)) as calls:
+            return _interleaved_cpu(calls, rounds, n)
+    finally:
+        if saved is not None:
+            os.sched_setaffinity(0, saved)
+
+
+@contextlib.contextmanager
+def _local_calls(telemetry: bool = False, warm: int = 50) -> Iterator[Dict[str, Any]]:
+    """``{"direct": ..., "meshcore": ...}``: the method's multicallables on a direct channel and a
+    ``MeshChannel`` to a grpcio server in this process, the mesh file-backed with :func:`resources`
+    (``telemetry``: Istio's metrics on), each called ``warm`` times first."""
     from concurrent import futures
 
     import grpc
@@ -384,11 +402,6 @@ def added_cpu(rounds: Optional[int] = None, n: Optional[int] = None, cpu: Option
     import meshcore
     from meshcore.integrations.grpc import mesh_channel
 
-    rounds = rounds if rounds is not None else (6 if QUICK else 41)
-    n = n if n is not None else (200 if QUICK else 1000)
-    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    if saved is not None:
-        os.sched_setaffinity(0, {cpu if cpu is not None else max(saved)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         "bench.Echo", {"Hello": grpc.unary_unary_rpc_method_handler(lambda request, context: b"ok")})])
@@ -399,49 +412,103 @@ def added_cpu(rounds: Optional[int] = None, n: Optional[int] = None, cpu: Option
     with open(path, "w") as f:
         json.dump(resources(port), f)
     mesh = meshcore.Mesh.from_file(path, watch=False).start()
-    sink = None
     try:
         mesh.wait_ready(TARGET, timeout=10)
         if telemetry:
             mesh.telemetry.enable_istio_metrics()
-        direct = grpc.insecure_channel(f"127.0.0.1:{port}")
-        mc = mesh_channel(mesh, TARGET)
-        calls = {"direct": direct.unary_unary(METHOD, _registered_method=True),
-                 "meshcore": mc.unary_unary(METHOD, _registered_method=True)}
-        for call in calls.values():
-            for _ in range(max(50, n // 5)):
-                assert call(b"hi", timeout=5) == b"ok"
-        tt = time.thread_time_ns
-        per: Dict[str, List[float]] = {m: [] for m in calls}
-        gc.collect()
-        gc.disable()
-        try:
-            for r in range(rounds):
-                for m in (("direct", "meshcore") if r % 2 == 0 else ("meshcore", "direct")):
-                    call = calls[m]
-                    t = tt()
-                    for _ in range(n):
-                        call(b"hi", timeout=5)
-                    per[m].append((tt() - t) / n / 1e3)
-                gc.collect()
-        finally:
-            gc.enable()
-        diffs = [a - b for a, b in zip(per["meshcore"], per["direct"])]
-        mc.close()
-        direct.close()
-        return {"added_cpu_us": statistics.median(diffs), "direct_cpu_us": statistics.median(per["direct"]),
-                "meshcore_cpu_us": statistics.median(per["meshcore"]),
-                "added_cpu_q1_us": statistics.quantiles(diffs, n=4)[0] if len(diffs) > 1 else diffs[0],
-                "added_cpu_q3_us": statistics.quantiles(diffs, n=4)[2] if len(diffs) > 1 else diffs[0],
-                "rounds": rounds, "n": n}
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as direct, mesh_channel(mesh, TARGET) as mc:
+            calls = {"direct": direct.unary_unary(METHOD, _registered_method=True),
+                     "meshcore": mc.unary_unary(METHOD, _registered_method=True)}
+            for call in calls.values():
+                for _ in range(warm):
+                    assert call(b"hi", timeout=5) == b"ok"
+            yield calls
     finally:
         mesh.close()
         server.stop(0)
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
-        if saved is not None:
-            os.sched_setaffinity(0, saved)
+
+
+def _interleaved_cpu(calls: Dict[str, Any], rounds: int, n: int) -> Dict[str, float]:
+    """:func:`added_cpu`'s rounds: blocks of ``n`` calls, direct and meshcore alternating."""
+    tt = time.thread_time_ns
+    per: Dict[str, List[float]] = {m: [] for m in calls}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for m in (("direct", "meshcore") if r % 2 == 0 else ("meshcore", "direct")):
+                call = calls[m]
+                t = tt()
+                for _ in range(n):
+                    call(b"hi", timeout=5)
+                per[m].append((tt() - t) / n / 1e3)
+            gc.collect()
+    finally:
+        gc.enable()
+    diffs = [a - b for a, b in zip(per["meshcore"], per["direct"])]
+    return {"added_cpu_us": statistics.median(diffs), "direct_cpu_us": statistics.median(per["direct"]),
+            "meshcore_cpu_us": statistics.median(per["meshcore"]),
+            "added_cpu_q1_us": statistics.quantiles(diffs, n=4)[0] if len(diffs) > 1 else diffs[0],
+            "added_cpu_q3_us": statistics.quantiles(diffs, n=4)[2] if len(diffs) > 1 else diffs[0],
+            "rounds": rounds, "n": n}
+
+
+class _Answer:
+    """A stand-in for an endpoint's grpcio multicallable (a Python class's instance, like
+    grpcio's): answers at once, so that only meshcore's own work is counted."""
+
+    def __call__(self, request: Any, timeout: Optional[float] = None, metadata: Any = None, credentials: Any = None,
+                 wait_for_ready: Optional[bool] = None, compression: Any = None) -> bytes:
+        return b"ok"
+
+
+def _stubbed(call: Any) -> Any:
+    """``call`` (a MeshChannel's multicallable) with its channel's endpoint multicallables
+    replaced by :class:`_Answer` (the short path's entries made again with them)."""
+    for ep in list(call._channel._pool._channels.values()):
+        for slot in list(ep.callables):
+            ep.callables[slot] = _Answer()
+    call._eps, call._eps_cfg = {}, None
+    for _ in range(20):
+        assert call(b"hi", timeout=5) == b"ok"
+    return call
+
+
+def call_loop(mode: str, n: int, go: Optional[str] = None) -> None:
+    """``n`` calls of one mode for an instruction count, the deterministic complement of
+    :func:`added_cpu` on a noisy machine: ``direct`` or ``meshcore`` (:func:`_local_calls`), or
+    without the RPC itself, ``answer`` (an :class:`_Answer`: what a grpcio multicallable's call
+    costs before grpcio's own work) and ``meshcore-answer`` (the MeshChannel, its endpoints
+    answering so: meshcore's own work + ``answer``). ``go``: a path; ``go + ".ready"`` is created
+    once warm, and the calls wait for ``go + ".go"`` (switch the counting tool's instrumentation on
+    in between). Per-call counts: two runs ``n`` apart, the calling thread's totals subtracted,
+    e.g. (``callgrind_control -i on PID`` once ``.ready`` exists; thread 1 is the caller)::
+
+        valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes --cache-sim=yes \\
+            python benchmarks/test_bench_grpc.py --loop meshcore 1300 /tmp/sig
+
+    The real RPC's count varies by ~2k instructions from run to run (grpcio's polling); the
+    ``answer`` modes' by ~50. Measured so (2026-12, grpcio 1.85, CPython 3.11), per call:
+    ``direct`` ~200k instructions; ``meshcore`` - ``direct`` 15.5k before the bound ``__call__``
+    of the endpoint multicallables, 9.3-14k after; ``meshcore-answer`` - ``answer`` ~13.2k before,
+    ~11.3k after (of which ~6.9k ``request`` + ``first_attempt`` + ``finish_final``)."""
+    with _local_calls(warm=200) as calls:
+        if mode == "answer":
+            call: Any = _Answer()
+        elif mode == "meshcore-answer":
+            call = _stubbed(calls["meshcore"])
+        else:
+            call = calls[mode]
+        gc.collect()
+        gc.disable()
+        if go is not None:
+            open(go + ".ready", "w").close()
+            while not os.path.exists(go + ".go"):
+                time.sleep(0.05)
+        for _ in range(n):
+            call(b"hi", timeout=5)
+        gc.enable()
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,6 +567,10 @@ def test_grpc_added_cpu(benchmark):
 def _main(argv: List[str]) -> None:
     if "--serve" in argv:
         serve()
+        return
+    if "--loop" in argv:  # --loop MODE N [GO]: n calls of one mode, for an instruction count
+        i = argv.index("--loop")
+        call_loop(argv[i + 1], int(argv[i + 2]), argv[i + 3] if len(argv) > i + 3 else None)
         return
     if "--cpu" in argv:  # meshcore's added CPU per unary call (one process, one CPU)
         print(json.dumps(added_cpu(telemetry="--telemetry" in argv), indent=1))
