@@ -126,7 +126,7 @@ def test_inline_path_reports_refusals_and_failures_once(make_mesh):
 
 
 def test_each_answer_has_its_own_meshcore_info(make_mesh):
-    # a sender keeps one resp.meshcore per target and hands out copies: changing one answer's
+    # every answer gets a resp.meshcore of its own: changing one answer's
     # does not change the next one's; a retried answer says how many attempts it took
     echo = EchoUpstream()
     try:

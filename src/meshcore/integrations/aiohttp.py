@@ -476,17 +476,15 @@ class _Sender:
         self.route_name = call.route.route_name
         self.used = used
         self.urls = urls
-        # (endpoint key, path) -> (its URL, the first attempt's resp.meshcore): see target()
-        self.targets: Dict[Tuple[str, str], Tuple[URL, Dict[str, Any]]] = {}
+        self.targets: Dict[Tuple[str, str], URL] = {}  # (endpoint key, path) -> its URL: see target()
         self.upstream_tls = upstream_tls  # Mesh.upstream_tls (None: a mesh without TLS)
         self.tls_kwargs = tls_kwargs  # MeshSession._tls_kwargs
 
-    def target(self, attempt: Any) -> Tuple[URL, Dict[str, Any]]:
+    def target(self, attempt: Any) -> URL:
         """``targets[(endpoint key, path)]`` of ``attempt``, made on first sight: the endpoint's URL
         (from the session's table, shared by its senders: one URL object per scheme, endpoint and
-        path) and what ``resp.meshcore`` of a first attempt there says (a copy goes to each
-        answer). The first sight records the endpoint as used by the sender's cluster (every
-        attempt of the sender comes here first, so a hit needs no record)."""
+        path). The first sight records the endpoint as used by the sender's cluster (every attempt
+        of the sender looks here first, so a hit needs no record: no set insertion per attempt)."""
         ep_key, path = attempt.endpoint.key, attempt.path
         urls = self.urls
         url = urls.get((self.scheme, ep_key, path))
@@ -497,12 +495,11 @@ class _Sender:
             urls[(self.scheme, ep_key, path)] = url
         if self.used is not None:
             self.used.add(ep_key)
-        entry = (url, {"cluster": self.cluster, "endpoint": ep_key, "route": self.route_name, "attempts": 1})
         targets = self.targets
         if len(targets) >= _URLS_MAX:
             targets.clear()
-        targets[(ep_key, path)] = entry
-        return entry
+        targets[(ep_key, path)] = url
+        return url
 
     def extras(self, attempt: Any) -> Tuple[Any, Dict[str, Any]]:
         """``attempt``'s headers and keyword arguments when they are not the sender's own: with
@@ -525,21 +522,18 @@ class _Sender:
                 headers = _with_trace(headers, traced)
         return headers, kwargs
 
-    def finish(self, attempt: Any, resp: aiohttp.ClientResponse, info: Dict[str, Any]) -> None:
-        """After ``attempt``'s answer was read: ``resp.meshcore`` (``info``: the target's) and the
-        attempt's facts for telemetry (with Istio's metadata exchange, the peer's metadata leave
-        the answer)."""
-        info = info.copy()
-        if attempt.number != 1:
-            info["attempts"] = attempt.number
-        resp.meshcore = info  # type: ignore[union-attr]
+    def finish(self, attempt: Any, resp: aiohttp.ClientResponse) -> None:
+        """After ``attempt``'s answer was read: ``resp.meshcore`` and the attempt's facts for
+        telemetry (with Istio's metadata exchange, the peer's metadata leave the answer)."""
+        resp.meshcore = {"cluster": self.cluster, "endpoint": attempt.endpoint.key,  # type: ignore[union-attr]
+                         "route": self.route_name, "attempts": attempt.number}
         if _TELEMETRY[0] or self.exchange is not None:  # strip the peer's metadata we asked for
             _tell_telemetry(attempt, resp, self.exchange)
 
     async def send(self, attempt: Any) -> aiohttp.ClientResponse:
         """One attempt (lifecycle's ``send(attempt)``; ``MeshSession._request`` runs the first
         attempt of the router's straight path inline, the same steps)."""
-        target, info = self.targets.get((attempt.endpoint.key, attempt.path)) or self.target(attempt)
+        target = self.targets.get((attempt.endpoint.key, attempt.path)) or self.target(attempt)
         if self.upstream_tls is None and _TRACER[0] is None:
             headers, kwargs = self.headers, self.kwargs
         else:
@@ -555,7 +549,7 @@ class _Sender:
         except BaseException:
             resp.close()
             raise
-        self.finish(attempt, resp, info)
+        self.finish(attempt, resp)
         return resp
 
 
@@ -882,8 +876,7 @@ class MeshSession:
                             try:
                                 try:
                                     endpoint = a.endpoint
-                                    target, info = sender.targets.get((endpoint.key, a.path)) or \
-                                        sender.target(a)
+                                    target = sender.targets.get((endpoint.key, a.path)) or sender.target(a)
                                     # sender.extras(a), inline (tracing is off: see a)
                                     attempt_headers, extra = sender.headers, sender.kwargs
                                     upstream_tls = sender.upstream_tls
@@ -926,8 +919,10 @@ class MeshSession:
                                     finally:
                                         if timeout_a is not None and pending.pop(a, None) is None:
                                             dl.fired.pop(a, None)  # its deadline fired (and the attempt went on)
-                                    # sender.finish(a, resp, info), inline (the first attempt)
-                                    resp.meshcore = info.copy()  # type: ignore[union-attr]
+                                    # sender.finish(a, resp), inline (the first attempt; a dict literal: no
+                                    # code of its own, unlike dict.copy, which a request's path runs nowhere else)
+                                    resp.meshcore = {"cluster": cluster, "endpoint": endpoint.key,  # type: ignore[union-attr]
+                                                     "route": sender.route_name, "attempts": 1}
                                     if _TELEMETRY[0] or sender.exchange is not None:
                                         _tell_telemetry(a, resp, sender.exchange)
                                 except BaseException as e:  # noqa: BLE001  (classified)
