@@ -11,7 +11,10 @@ the picked endpoint's URL::
             data = await resp.json()
 
 Per request: ``Mesh.request`` routes it (query ``params`` and the session's default headers
-included), ``Call.run_async`` applies the route's policies, and each attempt is
+included), the router applies the route's policies (``Call.run_async``'s steps: while tracing is
+off and no fault filter applies, the first attempt runs inline in the request's own coroutine and
+a retry continues in ``lifecycle.run_after_async``; otherwise ``lifecycle.run_async(_reported)``),
+and each attempt is
 ``session.request(method, URL("http://ip:port/path"), headers={..., "Host": <authority>},
 server_hostname=<logical host>)`` (called as the coroutine ``session._request`` unless the session's
 class changes ``request``: the attempt needs no context manager; ``server_hostname`` only for ``https``: SNI and certificate
@@ -863,6 +866,14 @@ class MeshSession:
                         else:
                             sender = self._sender(session, method, headers, own, attempt_timeout, jar, url, kwargs, call,
                                                   pool, exchange)
+                        # The router, first attempt inline: while tracing is off, lifecycle.run_async's
+                        # straight path (first_attempt, the attempt under its deadline, finish_final) and
+                        # _Sender.send's steps run here, in the request's own coroutine (no router or send
+                        # coroutine per request); anything else -- a fault filter (first_attempt is None), an
+                        # outcome the policy may retry, an error -- is lifecycle's: run_async itself, or
+                        # run_after_async from the first outcome on. With telemetry sinks the call is
+                        # reported as run_async_reported reports it. tests/integrations/test_aiohttp_router.py
+                        # checks both ways do the same.
                         try:
                             a = None if _TRACER[0] is not None else call.first_attempt()
                         except BaseException as e:  # refused before its attempt (UH, UO): reported as run_reported does
