@@ -17,6 +17,7 @@ from meshcore.controlplane import ControlPlane
 from meshcore.controlplane import builders as b
 from meshcore.integrations.grpc import mesh_channel
 from meshcore.integrations.grpc import _metadata as channel_mod
+from meshcore.xds.client import Backoff
 
 from .conftest import SERVICE, TARGET, ready_mesh
 
@@ -276,14 +277,20 @@ def _ok_retried(ports: dict) -> List[Any]:
 
 
 @pytest.mark.parametrize("resources", [_resources, _ok_retried], ids=["ok-final", "ok-retried"])
-def test_short_path_matches_the_general_path(servers, resources):
+def test_short_path_matches_the_general_path(servers, resources, mesh_cls):
     """The same RPCs through the short path (no metadata) and the general one (metadata): the same
-    answers, attempts, retries and stats per RPC; the short path's entries hold each endpoint's
-    grpcio multicallable with its ``__call__`` bound (no type call slot)."""
+    answers, attempts, retries and stats per RPC, on either request-path twin; the short path's
+    entries hold each endpoint's grpcio multicallable with its ``__call__`` bound (no type call
+    slot)."""
     with ControlPlane() as cp:
         cp.set_resources(resources(servers))
-        m = ready_mesh(cp, "meshcore-grpc-equiv", 11)
+        boot = {"xds_servers": [{"server_uri": cp.address, "channel_creds": [{"type": "insecure"}],
+                                 "server_features": ["xds_v3"]}],
+                "node": {"id": "meshcore-grpc-equiv", "cluster": "meshcore", "locality": {"zone": "z1"}}}
+        m = mesh_cls(boot, backoff=Backoff(initial=0.05, multiplier=1.6, jitter=0.2, maximum=0.5), seed=11)
+        m.start()
         try:
+            m.wait_ready(TARGET, timeout=10)
             with mesh_channel(m, TARGET) as ch:
                 hello = ch.unary_unary(f"/{SERVICE}/Hello")
                 for _ in range(4):  # the first attempts' entries made (general path, then short)
