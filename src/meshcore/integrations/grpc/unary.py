@@ -199,7 +199,9 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             return self._blocking(request, timeout, None, None, None, None, False, call, a)
         active.append(None)  # counted in, then checked (see _EndpointChannel.active)
         attempt_timeout = a.timeout
-        if ep.departed or (attempt_timeout is not None and not attempt_timeout > 0):  # (a closed pool's are departed)
+        # (a closed pool's channels are departed; 0.0: a float compared with a float is compared
+        # inline by the interpreter, with an int through float_richcompare, code nothing else runs)
+        if ep.departed or (attempt_timeout is not None and not attempt_timeout > 0.0):
             ch._pool.release(ep)
             return self._blocking(request, timeout, None, None, None, None, False, call, a)
         started = call.started  # (the first attempt's start, as far as elapsed time goes)
