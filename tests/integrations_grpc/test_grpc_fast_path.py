@@ -356,3 +356,40 @@ def test_unslotted_binds_python_calls_only():
     p = functools.partial(max, 0)  # a C type's call: kept as it is
     assert _unslotted(p) is p
     assert _unslotted(len) is len
+
+
+def test_an_rpc_raising_key_error_under_a_new_configuration_runs_once(servers):
+    """The short path's look-ups catch KeyError; an RPC sent from there (a configuration
+    published since its entries were made: the general path) is not under those handlers, so an
+    endpoint multicallable's KeyError (a bug, not an RPC status) ends one attempt, as a reset,
+    and is raised; the RPC is not sent again."""
+
+    def broken(request: Any, timeout: Any = None, **kw: Any) -> Any:
+        raise KeyError("a bug")
+
+    with ControlPlane() as cp:
+        cp.set_resources(_resources(servers))
+        m = ready_mesh(cp, "meshcore-grpc-keyerror", 5)
+        try:
+            with mesh_channel(m, TARGET) as ch:
+                hello = ch.unary_unary(f"/{SERVICE}/Hello")
+                assert {hello(b"", timeout=5) for _ in range(4)} == {b"s2", b"s3"}
+                old_cfg = hello._eps_cfg
+                assert old_cfg is m.config(TARGET)
+                res = _resources(servers)
+                res[1].virtual_hosts[0].routes[-1].route.timeout.FromSeconds(6)  # another route table
+                cp.set_resources(res)
+                deadline = time.monotonic() + 5
+                while m.config(TARGET) is old_cfg and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert m.config(TARGET) is not old_cfg
+                for ep in ch._pool._channels.values():
+                    ep.callables[hello._slot] = broken
+                before = dict(m.stats()["main"])
+                with pytest.raises(KeyError):
+                    hello(b"", timeout=5)
+                delta = _stat_delta(m.stats()["main"], before)
+                assert delta["upstream_rq_total"] == 1 and delta["upstream_rq_rx_reset"] == 1, delta
+                assert delta["upstream_rq_active"] == 0
+        finally:
+            m.close()

@@ -143,7 +143,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         super().__init__(channel, method, serializer, deserializer, registered)
         self._final_ok = None  # (set here: every instance has the same attributes, read fast)
         #: endpoint key -> (endpoint, endpoint channel, its grpcio multicallable's ``__call__``
-        #: (:func:`_unslotted`), route, the channel's ``active`` list) under the configuration
+        #: (:func:`_unslotted`), route, the channel's ``active`` count) under the configuration
         #: ``_eps_cfg`` (replaced whole when another configuration is published)
         self._eps: Dict[str, Tuple[Any, Any, Any, Any, Any]] = {}
         self._eps_cfg: Any = None
@@ -173,10 +173,11 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             return self._blocking(request, timeout, None, None, None, None, False)
         # request() routed under cfg if cfg is still published: cfg was published before this RPC
         # began (an earlier RPC saw it), and a configuration object never comes back
-        try:
-            if ch._publisher.published[target] is not cfg:  # a newer one: decided with the headers
-                return self._blocking(request, timeout, None, None, None, None, False)
+        try:  # (the lookup alone: the RPC itself must not run under this handler)
+            published = ch._publisher.published[target]
         except KeyError:  # (none: the mesh closed)
+            published = None
+        if published is not cfg:  # a newer one: decided with the headers
             return self._blocking(request, timeout, None, None, None, None, False)
         try:
             a = call.first_attempt()  # None: a fault filter applies (its step first)
