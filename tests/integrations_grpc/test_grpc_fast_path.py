@@ -393,3 +393,72 @@ def test_an_rpc_raising_key_error_under_a_new_configuration_runs_once(servers):
                 assert delta["upstream_rq_active"] == 0
         finally:
             m.close()
+
+
+def _istio_series(sink: Any) -> dict:
+    import json
+
+    return {json.dumps(s["labels"], sort_keys=True): (s["requests"], s["request_messages"], s["response_messages"])
+            for s in sink.snapshot()}
+
+
+def _istio_traffic(ch: Any) -> None:
+    calls = getattr(ch, "_test_calls", None)
+    if calls is None:  # (made once: each multicallable keeps its own endpoint entries)
+        calls = ch._test_calls = [ch.unary_unary(f"/{SERVICE}/{m}") for m in ("Hello", "Again", "Missing")]
+    hello, again, missing = calls
+    for _ in range(6):
+        assert hello(b"", timeout=5) in (b"s2", b"s3")
+    assert again(b"", timeout=5) in (b"s2", b"s3")  # OK retried: a second attempt
+    with pytest.raises(grpc.RpcError) as err:
+        missing(b"", timeout=5)  # the server's answer: a grpc-status
+    assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_istio_metrics_short_path_equals_the_record_path(fast_mesh):
+    """With Istio's metrics alone the blocking unary call keeps its short path (the exchange's
+    metadata sent, the call observed, no record); its series are exactly those of the general,
+    reported path (a second sink: every RPC through ``Call.run`` and a record), label by label."""
+    tel = fast_mesh.telemetry
+    sink = tel.enable_istio_metrics()
+    try:
+        with mesh_channel(fast_mesh, TARGET) as ch:
+            _istio_traffic(ch)  # (the first RPCs learn the endpoints: the reported general path)
+            sink.reset()
+            from meshcore.integrations.grpc import unary
+
+            general = []  # RPCs that took a reported general path
+            saved = {n: getattr(unary._UnaryUnary, n) for n in ("_invoke", "_reported_after")}
+
+            def counted(name: str) -> Any:
+                def f(self: Any, *args: Any, **kw: Any) -> Any:
+                    general.append(name)
+                    return saved[name](self, *args, **kw)
+                return f
+
+            for name in saved:
+                setattr(unary._UnaryUnary, name, counted(name))
+            try:
+                _istio_traffic(ch)
+            finally:
+                for name, f in saved.items():
+                    setattr(unary._UnaryUnary, name, f)
+            fast = _istio_series(sink)
+            # the Hello RPCs took the short path to their end; Again (a path rewrite: never kept for
+            # the short path, as without telemetry) and Missing's status went on in _reported_after
+            assert general == ["_reported_after", "_reported_after"], general
+            sink.reset()
+            records: List[Any] = []
+            tel.add_sink(records.append)
+            assert tel.observe is None
+            _istio_traffic(ch)
+            tel.remove_sink(records.append)
+            assert len(records) == 8
+            assert _istio_series(sink) == fast
+        statuses = {k: v for k, v in fast.items()}
+        assert sum(v[0] for v in statuses.values()) == 8
+        import json
+        ok = [v for k, v in fast.items() if json.loads(k)["grpc_response_status"] == "0"]
+        assert sum(v[0] for v in ok) == 7 and all(json.loads(k)["request_protocol"] == "grpc" for k in fast)
+    finally:
+        tel.disable_istio_metrics()

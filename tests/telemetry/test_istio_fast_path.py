@@ -40,6 +40,13 @@ def _traffic(mesh: Any, echo: Any) -> None:
     for body in (b"x" * 7, b"y" * 700):
         mesh.request(f"{URL}/plain", "POST", {"content-length": "5"}).run(lambda a, b=body: _Resp(b))
     mesh.request(f"{URL}/grpc", "POST", [("content-type", "application/grpc")]).run(lambda a: _Resp(b""))
+    for messages in (1, 1, 3):  # an OK gRPC answer (grpc-status 0): unary, then a stream's counts
+        def rpc(a: Any, m: int = messages) -> Any:
+            a.telemetry = {"peer_metadata": None, "request_messages": 1, "response_messages": m}
+            return _Resp(b"")
+
+        mesh.request(f"{URL}/grpc", "POST", {"content-type": "application/grpc"}).run(
+            rpc, grpc_status_of=lambda r: 0)
     with mesh.request(f"{URL}/with") as attempt:
         attempt.status = 204
 
@@ -60,7 +67,8 @@ def test_fast_path_equals_record_path(mesh, echo, impl):
     assert tel.observe.__self__ is sink.observer and type(sink.observer).__module__.endswith(f"call_{impl}")
     _traffic(mesh, echo)
     fast = _series(sink)
-    assert len(sink.observer.keys) == 2  # the usual answers (200, 204) went through the observer
+    # the usual answers went through the observer: 200, 204, gRPC without and with grpc-status 0
+    assert len(sink.observer.keys) == 4
     sink.reset()
     records: List[Any] = []
     tel.add_sink(records.append)
@@ -76,7 +84,9 @@ def test_fast_path_equals_record_path(mesh, echo, impl):
             "response_flags"], json.loads(k)["request_protocol"]) == (code, flags, protocol))
 
     assert count("200", "-") == 3 + 2 + 2  # httpx GETs, plain API
-    assert count("200", "-", "grpc") == 1 and count("503", "URX") == 1 and count("204", "-") == 1
+    assert count("200", "-", "grpc") == 4 and count("503", "URX") == 1 and count("204", "-") == 1
+    grpc_ok = [v for k, v in fast.items() if json.loads(k)["grpc_response_status"] == "0"]
+    assert sum(v["requests"] for v in grpc_ok) == 3 and sum(v["messages"][1] for v in grpc_ok) == 5
     tel.disable_istio_metrics()
 
 

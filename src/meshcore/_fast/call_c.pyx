@@ -1123,6 +1123,7 @@ cdef class _ObserverSlot:
 
     cdef object route, cluster, endpoint, authority, policy, peer, series
     cdef long long status
+    cdef int grpc  # -1: an HTTP answer (no grpc-status); 0: grpc-status 0, a gRPC request; 1: grpc-status 0
 
 
 cdef inline bint _same_peer(object kept, object peer):
@@ -1173,8 +1174,10 @@ cdef class IstioObserver:
         cdef _ObserverSlot slot
         cdef long long s
         cdef bint grpc = False
+        cdef int grpc_code
         cdef object peer = None
         cdef double resp_len = 0.0
+        cdef long long req_messages = 0, resp_messages = 0
         if type(call) is not Call:
             return False
         c = <Call>call
@@ -1189,7 +1192,9 @@ cdef class IstioObserver:
         else:
             return False
         status = a.status
-        if a.error is not None or not PyLong_Check(status) or a.grpc_status is not None:
+        grpc_status = a.grpc_status  # (an OK gRPC answer, grpc-status 0, is a usual answer too)
+        if a.error is not None or not PyLong_Check(status) or (grpc_status is not None and (
+                type(grpc_status) is not int or grpc_status != 0)):
             return False
         req_bytes = None
         info = a.telemetry
@@ -1199,6 +1204,16 @@ cdef class IstioObserver:
             peer = (<dict>info).get("peer_metadata")
             req_bytes = (<dict>info).get("request_bytes")
             resp_bytes = (<dict>info).get("response_bytes") or 0
+            messages = (<dict>info).get("request_messages", 0)
+            if messages is not None and messages != 0:
+                if type(messages) is not int or messages != 1:
+                    return False  # (a stream's counts: the record path)
+                req_messages = 1
+            messages = (<dict>info).get("response_messages", 0)
+            if messages is not None and messages != 0:
+                if type(messages) is not int or messages != 1:
+                    return False
+                resp_messages = 1
         elif result is not None:
             peer = _response_facts(result, self.peers, &resp_len)
             resp_bytes = resp_len
@@ -1207,10 +1222,9 @@ cdef class IstioObserver:
         headers = c.headers
         if headers:
             length = _request_length(headers, &grpc)
-            if grpc:
-                return False
             if req_bytes is None:
                 req_bytes = length
+        grpc_code = -1 if grpc_status is None else (1 if grpc else 0)
         s = _status_index(status)
         endpoint = a.endpoint
         policy = c.retry_policy
@@ -1221,8 +1235,9 @@ cdef class IstioObserver:
             slot = <_ObserverSlot>self._slots[((<Py_ssize_t><void *>endpoint >> 4) ^ s) & (N_OBSERVER_SLOTS - 1)]
             if slot.endpoint is endpoint and slot.status == s and slot.route is c.route and \
                     slot.cluster is c.cluster and slot.authority is c.authority and slot.policy is policy and \
-                    _same_peer(slot.peer, peer) and slot.series is not None:
-                (<IstioSeries>slot.series)._add((monotonic() - c.started) * 1000.0, req_bytes or 0, resp_bytes, 0, 0)
+                    slot.grpc == grpc_code and _same_peer(slot.peer, peer) and slot.series is not None:
+                (<IstioSeries>slot.series)._add((monotonic() - c.started) * 1000.0, req_bytes or 0, resp_bytes,
+                                                req_messages, resp_messages)
                 return True
         if policy is not None:  # (a slot is filled only for a status its policy did not retry)
             if type(policy) is not _RetryPolicy:
@@ -1230,13 +1245,15 @@ cdef class IstioObserver:
             compiled = (<object>policy).compiled
             if compiled is None or s < 0 or s >= 409 or status in compiled.status_codes:
                 return False
-        key = (c.route.route_name, c.cluster, endpoint.key, c.authority, status, peer or None)
+        key = (c.route.route_name, c.cluster, endpoint.key, c.authority, status, peer or None, grpc_status, grpc)
         series = self.keys.get(key)
         if series is None or c.started > self.until:
             self.miss(call, result, key)
             return True
-        (<IstioSeries?>series)._add((monotonic() - c.started) * 1000.0, req_bytes or 0, resp_bytes, 0, 0)
+        (<IstioSeries?>series)._add((monotonic() - c.started) * 1000.0, req_bytes or 0, resp_bytes, req_messages,
+                                    resp_messages)
         if slot is not None and (peer is None or type(peer) is str):
             slot.endpoint, slot.status, slot.route, slot.cluster = endpoint, s, c.route, c.cluster
             slot.authority, slot.policy, slot.peer, slot.series = c.authority, policy, peer or None, series
+            slot.grpc = grpc_code
         return True

@@ -771,8 +771,9 @@ def note_response(attempt: Any, response: Any, nbytes: Any, strip: bool) -> None
 
 class IstioObserver:
     """The Istio sink's fast path, while it is its mesh's only sink: ``observer(call, result)``
-    counts a call that returned the usual answer (HTTP, no fault, no error, no retry flag) in the
-    series its key (route, cluster, endpoint, authority, status, raw peer metadata) was last
+    counts a call that returned the usual answer (HTTP, or gRPC with grpc-status 0 or none; no
+    fault, no error, no retry flag) in the series its key (route, cluster, endpoint, authority,
+    status, raw peer metadata, grpc-status, gRPC or not) was last
     found in, with no record built: ``True``. ``False``: not the usual answer (the caller builds
     the record). A key not known yet (or once ``until``, monotonic, has passed) goes to
     ``miss(call, result, key)``, which counts it through a record and remembers its series in
@@ -800,9 +801,11 @@ class IstioObserver:
             return False
         a = attempts[-1]
         status = a.status
+        grpc_status = a.grpc_status  # (an OK gRPC answer, grpc-status 0, is a usual answer too)
         # (the compiled twin's rules exactly: any int status -- PyLong_Check -- and, under a
         # RetryPolicy, one in 0..408 that its retriable_status_codes do not name)
-        if a.error is not None or not isinstance(status, int) or a.grpc_status is not None:
+        if a.error is not None or not isinstance(status, int) or (
+                grpc_status is not None and (type(grpc_status) is not int or grpc_status != 0)):
             return False
         policy = call.retry_policy
         if policy is not None:
@@ -813,6 +816,7 @@ class IstioObserver:
                 return False
         headers = call.headers
         req_bytes: Any = None
+        req_messages = resp_messages = 0
         info = a.telemetry
         if info is not None:
             if type(info) is not dict:
@@ -820,20 +824,29 @@ class IstioObserver:
             peer = info.get("peer_metadata")
             req_bytes = info.get("request_bytes")
             resp_bytes = info.get("response_bytes") or 0
+            for name in ("request_messages", "response_messages"):
+                messages = info.get(name, 0)
+                if messages is not None and messages != 0:
+                    if type(messages) is not int or messages != 1:
+                        return False  # (a stream's counts: the record path)
+                    if name == "request_messages":
+                        req_messages = 1
+                    else:
+                        resp_messages = 1
         else:
             resp_bytes, peer = _scan_response(result, self.peers)
+        grpc = False
         if headers:
             length, _, grpc = _scan_request(headers)
-            if grpc:
-                return False
             if req_bytes is None:
                 req_bytes = length
-        key = (call.route.route_name, call.cluster, a.endpoint.key, call.authority, status, peer or None)
+        key = (call.route.route_name, call.cluster, a.endpoint.key, call.authority, status, peer or None, grpc_status,
+               bool(grpc))
         started = call.started
         series = self.keys.get(key)
         if series is None or started > self.until:
             self.miss(call, result, key)
             return True
-        series.add((time.monotonic() - started) * 1000.0, req_bytes or 0, resp_bytes)
+        series.add((time.monotonic() - started) * 1000.0, req_bytes or 0, resp_bytes, req_messages, resp_messages)
         return True
 

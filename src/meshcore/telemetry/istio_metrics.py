@@ -38,8 +38,8 @@ memory and exposed through ``mesh.prometheus_collector()``:
 
 Cost per request: while this sink is its mesh's only sink, the request path hands it the call
 itself (``Telemetry.observe`` is the ``observe`` method of :attr:`IstioMetrics.observer`, the
-request path twin's ``IstioObserver``): the usual answer (HTTP, no fault, no error, no retry flag)
-is counted with no record, keyed by (route, cluster, endpoint, authority, status, the peer's raw
+request path twin's ``IstioObserver``): the usual answer (HTTP or OK gRPC; no fault, no error, no
+retry flag) is counted with no record, keyed by (route, cluster, endpoint, authority, status, the peer's raw
 metadata) -- one dict lookup (the compiled twin first tries the series it last found for the same
 endpoint and status, by the identity of the configuration's objects) and the increments of one
 ``IstioSeries`` (C arrays in the compiled twin) -- about +0.7 µs

@@ -54,6 +54,8 @@ class MeshChannel(grpc.Channel):
     def __init__(self, mesh: Any, target: str, *, credentials: Optional[grpc.ChannelCredentials] = None,
                  options: Options = (), sweep_interval: float = 30.0, resolve_timeout: float = 20.0) -> None:
         self.mesh = mesh
+        #: the mesh's telemetry (None: a mesh-like object without); the unary short path reads its observer
+        self._telemetry = getattr(mesh, "telemetry", None)
         self.target = target
         self.authority, self._mesh_target = _split_target(target)
         self._scheme = "https" if credentials is not None else "http"

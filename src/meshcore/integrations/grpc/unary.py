@@ -20,17 +20,18 @@ import grpc
 
 from ...call import Attempt, Call, UpstreamTimeout, default_classify
 from ...errors import MeshClosed, MeshError, UpstreamError
-from ...lifecycle import _fault_delay, _final, _retry_delay
+from ...lifecycle import _fault_delay, _final, _retry_delay, run_after as _run_after
 from ...resilience.fault import NO_FAULT
 from ...resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retries_ok_answer
+from ...telemetry.outcome import report as _report
 from ...telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
-from ...telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, headers_of as _trace_headers
+from ...telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, TRACER as _TRACER, headers_of as _trace_headers
 from .. import _add_context
 from ._metadata import _GRPC_HEADER_DICT, PEER_HEADER as _PEER_HEADER, PEER_HEADERS as _PEER_HEADERS, \
     _headers, _strip_peer, _with_exchange
 from ._types import Metadata
 from ._observed import StrippedError
-from ._peer import peer_of as _tapped_peer
+from ._peer import available as _peer_available, needs_tap as _needs_tap, peer_of as _tapped_peer
 from .multicallable import _MultiCallable
 from .status import MeshRpcError, _cause_of, _forward_error, _mesh_error, _transport_failure
 
@@ -154,21 +155,33 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         """A blocking RPC: ``lifecycle.run`` inline (``MeshChannel._route`` too), its first
         attempt straight to the endpoint's grpcio multicallable. Returns the response
         (:meth:`with_call` goes to :meth:`_blocking` at once). While a mesh has telemetry
-        sinks, the RPC runs under :meth:`Call.run` instead (as ``future()`` does), which reports it.
+        sinks, the RPC runs under :meth:`Call.run` instead (as ``future()`` does), which reports it;
+        with Istio's metrics alone (the sink's observer, no tracing), the short path below runs
+        too: the exchange's metadata sent, the peer's learned metadata told, the call observed.
 
         The common RPC (no metadata nor call options, a configuration that routes it
         without gRPC's own headers, no fault filter, an endpoint already used under this
         configuration) takes the short path below; anything else, :meth:`_blocking`."""
         cfg = self._eps_cfg
-        if cfg is None or metadata is not None or _TELEMETRY[0] or (timeout is not None and not timeout > 0) \
+        if (cfg is None and not _TELEMETRY[0]) or metadata is not None or (timeout is not None and not timeout > 0) \
                 or credentials is not None or wait_for_ready is not None or compression is not None:
             return self._blocking(request, timeout, metadata, credentials, wait_for_ready, compression, False)
         ch = self._channel
+        tel = None
+        if _TELEMETRY[0]:  # Istio's metrics alone: observed below; any other sink or tracing: _invoke's path
+            tel = ch._telemetry
+            if tel is None or tel.observe is None or _TRACER[0] is not None:
+                return self._blocking(request, timeout, None, None, None, None, False)
+            if cfg is None:  # (_blocking keeps the configuration and endpoints while telemetry is off)
+                cfg = self._seed()
+                if cfg is None:
+                    return self._blocking(request, timeout, None, None, None, None, False)
         if ch._closed:
             return self._blocking(request, timeout, None, None, None, None, False)
         target = ch._mesh_target
-        try:
-            call = ch._request(self._url, "POST", None, target=target, timeout=timeout)
+        try:  # (a reported call carries gRPC's content-type: its record's request_protocol)
+            call = ch._request(self._url, "POST", None if tel is None else _GRPC_HEADER_DICT, target=target,
+                               timeout=timeout)
         except MeshError:  # decided again with gRPC's own headers (and reported) by _blocking
             return self._blocking(request, timeout, None, None, None, None, False)
         # request() routed under cfg if cfg is still published: cfg was published before this RPC
@@ -178,48 +191,182 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         except KeyError:  # (none: the mesh closed)
             published = None
         if published is not cfg:  # a newer one: decided with the headers
+            if tel is not None:
+                self._seed()
             return self._blocking(request, timeout, None, None, None, None, False)
         try:
             a = call.first_attempt()  # None: a fault filter applies (its step first)
         except MeshClosed:
             raise  # a programming error, not an RPC status: the mesh was closed
         except MeshError as exc:
+            if tel is not None:  # refused before its attempt (UH, UO): reported as run_reported does
+                _report(call, None, exc)
             err = _client_error(exc, call, ch.target)
             raise err from _cause_of(err)
         if a is None:
+            if tel is not None:  # a fault filter applies: the reported router loop
+                return self._invoke(request, timeout, None, None, None, None, None, call)[0]
             return self._blocking(request, timeout, None, None, None, None, False, call)
         endpoint = a.endpoint
         try:
             cached, ep, send, route, active = self._eps[endpoint.key]
         except KeyError:  # the first RPC to this endpoint under cfg
-            return self._blocking(request, timeout, None, None, None, None, False, call, a)
+            return self._blocking_from(request, timeout, call, a, tel)
         # the attempt's path and authority are the route's rewrites or the call's own (the URL,
         # fixed): the same route object, the same wire path and authority as when cached
         if cached is not endpoint or (call.route is not route and (
                 a.path != self._method or a.authority != ep.authority)):
-            return self._blocking(request, timeout, None, None, None, None, False, call, a)
+            return self._blocking_from(request, timeout, call, a, tel)
+        exchange = None
+        if tel is not None:
+            exchange = tel.exchange
+            # the peer's metadata is learned by a tapped call now and then (channel._acquire)
+            if exchange is not None and _peer_available() and _needs_tap(endpoint.key, a.authority):
+                return self._reported_after(call, a, request)
         active.append(None)  # counted in, then checked (see _EndpointChannel.active)
         attempt_timeout = a.timeout
         # (a closed pool's channels are departed; 0.0: a float compared with a float is compared
         # inline by the interpreter, with an int through float_richcompare, code nothing else runs)
         if ep.departed or (attempt_timeout is not None and not attempt_timeout > 0.0):
             ch._pool.release(ep)
-            return self._blocking(request, timeout, None, None, None, None, False, call, a)
+            return self._blocking_from(request, timeout, call, a, tel)
         started = call.started  # (the first attempt's start, as far as elapsed time goes)
         if started >= ch._next_sweep:
             ch.sweep()
         try:
-            result = send(request, attempt_timeout)  # (timeout: grpcio's second parameter)
+            if exchange is None:
+                result = send(request, attempt_timeout)  # (timeout: grpcio's second parameter)
+            else:  # Istio's metadata exchange: grpcio's third parameter
+                result = send(request, attempt_timeout, exchange.headers)
         except BaseException as e:  # noqa: BLE001  (an RpcError, or classified as lifecycle.run does)
+            if tel is not None:
+                return self._reported_failure(call, a, ep, e, started, request)
             return self._after_failure(call, a, ep, e, started, request, timeout, None, None, None, None, False)
         active.pop()  # _EndpointPool.release, inline
         if ep.departed and not active:
             ch._pool.close_departed(ep)
+        if tel is not None:  # the attempt's facts (grpcio shows no peer metadata: what the tap learned)
+            a.telemetry = {"peer_metadata": _tapped_peer(ep), "request_messages": 1, "response_messages": 1}
+            if not a.finish_final(200, 0):  # the route's policy retries OK answers
+                return self._reported_rest(call, a, request, _Outcome(result, None, None, 0), None)
+            observe = tel.observe
+            if observe is None or not observe(call, result):
+                _report(call, _Outcome(result, None, None, 0), None, observed=observe is not None)
+            return result
         # the server answered OK (HTTP 200, grpc-status 0): recorded, and final unless the route's
         # retry policy retries OK answers (a first attempt: no retry to count as a success)
         if a.finish_final(200, 0):
             return result
         return self._after_ok(call, a, call.retry_policy, result, request, None, None, None, None, False)
+
+    def _blocking_from(self, request: Any, timeout: Optional[float], call: Call, a: Attempt, tel: Any) -> Any:
+        """:meth:`_blocking` of an RPC the short path routed and started (``tel``: reported, the
+        endpoint's channel kept for the next RPCs, as :meth:`_blocking` keeps it)."""
+        if tel is not None:
+            self._learn(call, a)
+            return self._reported_after(call, a, request)
+        return self._blocking(request, timeout, None, None, None, None, False, call, a)
+
+    def _seed(self) -> Any:
+        """(Telemetry on: RPCs go through :meth:`_invoke`, not :meth:`_blocking`.) The configuration
+        published now, kept as the short path's (its endpoints forgotten) when it routes RPCs
+        alike with and without gRPC's own headers; else None."""
+        ch = self._channel
+        publisher = ch._publisher
+        cfg = None if publisher is None else publisher.published.get(ch._mesh_target)
+        if cfg is None or not ch._routes_plain(cfg):
+            return None
+        if cfg is not self._eps_cfg:
+            self._eps = {}
+            self._eps_cfg = cfg
+        return cfg
+
+    def _learn(self, call: Call, a: Attempt) -> None:
+        """(Telemetry on.) Keep attempt ``a``'s endpoint channel (plaintext or mesh TLS, never a
+        tap) for the short path's next RPCs, as :meth:`_blocking` keeps it."""
+        ch = self._channel
+        cfg = self._eps_cfg
+        if a.path != self._method or cfg is None or cfg is not ch._plain_cfg:
+            return
+        try:
+            ep = ch._pool.acquire(a.endpoint.key, a.authority, ch._tls_for(a), a)
+        except Exception:  # noqa: BLE001  (the attempt itself meets it, in _send)
+            return
+        try:
+            mc = ep.callables.get(self._slot) or self._target_callable(ep, a)
+            self._keep(a, ep, mc, call.route)
+        finally:
+            ch._pool.release(ep)
+
+    def _keep(self, a: Attempt, ep: Any, mc: Any, route: Any) -> None:
+        """``_eps[endpoint key]`` for the short path (the configuration: ``_eps_cfg``)."""
+        if len(self._eps) >= 4096:
+            self._eps = {}
+        elif len(self._eps) >= 64:  # EDS churn under one configuration: drop the departed
+            # (a snapshot: other threads add entries meanwhile)
+            self._eps = {k: v for k, v in list(self._eps.items()) if not v[1].departed}
+        self._eps[a.endpoint.key] = (a.endpoint, ep, _unslotted(mc), route, ep.active)
+
+    def _reported_after(self, call: Call, a: Attempt, request: Any, first: Optional["_Outcome"] = None,
+                        failed: Optional[BaseException] = None) -> Any:
+        """A reported RPC the short path routed and started (``a``: its first attempt, not
+        recorded yet): the attempt sent by :meth:`_send` (the peer tap, the exchange, the
+        attempt's telemetry facts) unless it already ended (``first``: the server's answer;
+        ``failed``: an exception, classified as ``lifecycle.run`` does), recorded, then
+        :meth:`_reported_rest`."""
+        try:
+            if failed is not None:
+                raise failed
+            outcome = first if first is not None else self._send(a, request, None, None, None, None, None)
+        except BaseException as e:  # noqa: BLE001  (classified)
+            kind = _classify(e)
+            a.finish(error=kind or RESET)
+            if kind is None:
+                _report(call, None, e)
+                raise
+            return self._reported_rest(call, a, request, None, e)
+        if a.finish_final(200, outcome.grpc_status):
+            return self._reported_rest(call, a, request, outcome, None, True)
+        return self._reported_rest(call, a, request, outcome, None)
+
+    def _reported_rest(self, call: Call, a: Attempt, request: Any, outcome: Optional["_Outcome"],
+                       exc: Optional[BaseException], final: bool = False) -> Any:
+        """The rest of a reported RPC's router loop after attempt ``a``'s recorded outcome
+        (``outcome`` or ``exc``; ``final``: it ends the call), as ``lifecycle.run_after``; the call
+        reported as ``lifecycle.run_reported`` reports it; errors as :meth:`_invoke` raises them."""
+        def send(attempt: Attempt) -> _Outcome:
+            return self._send(attempt, request, None, None, None, None, None)
+
+        try:
+            if not final:
+                outcome = _run_after(call, a, outcome, exc, send, _status_of, _grpc_status_of, _classify)
+        except BaseException as e:
+            _report(call, None, e)
+            if isinstance(e, MeshClosed):
+                raise  # a programming error, not an RPC status: the mesh was closed
+            if isinstance(e, MeshError):
+                err = _client_error(e, call, self._channel.target)
+                raise err from _cause_of(err)
+            raise
+        _report(call, outcome, None)
+        if outcome.error is not None:  # type: ignore[union-attr]
+            raise _add_context(outcome.error, call)  # type: ignore[union-attr]
+        return outcome.response  # type: ignore[union-attr]
+
+    def _reported_failure(self, call: Call, a: Attempt, ep: Any, e: BaseException, started: float,
+                          request: Any) -> Any:
+        """The short path's reported first attempt raised ``e`` (see :meth:`_after_failure`)."""
+        try:
+            if isinstance(e, grpc.RpcError):
+                a.telemetry = {"peer_metadata": _tapped_peer(ep), "request_messages": 1, "response_messages": 0}
+                outcome = self._failed(e, a.timeout, time.monotonic() - started, ep)
+            else:
+                outcome = e
+        finally:
+            self._channel._pool.release(ep)
+        if isinstance(outcome, _Outcome):
+            return self._reported_after(call, a, request, outcome)
+        return self._reported_after(call, a, request, None, outcome)
 
     def _blocking(self, request: Any, timeout: Optional[float], metadata: Metadata, credentials: Any,
                   wait_for_ready: Optional[bool], compression: Any, _with_call: bool,
@@ -300,13 +447,10 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                                 and cfg is ch._plain_cfg:
                             # request() routed under cfg, without gRPC's headers: the short path
                             # may take this endpoint's channel under it
-                            if cfg is not self._eps_cfg or len(self._eps) >= 4096:
+                            if cfg is not self._eps_cfg:
                                 self._eps = {}
                                 self._eps_cfg = cfg
-                            elif len(self._eps) >= 64:  # EDS churn under one configuration: drop the departed
-                                # (a snapshot: other threads add entries meanwhile)
-                                self._eps = {k: v for k, v in list(self._eps.items()) if not v[1].departed}
-                            self._eps[a.endpoint.key] = (a.endpoint, ep, _unslotted(mc), call.route, ep.active)
+                            self._keep(a, ep, mc, call.route)
             else:
                 ep = None
                 outcome, exc = None, _AttemptFailed(TIMEOUT, MeshRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -444,11 +588,12 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
 
     def _invoke(self, request: Any, timeout: Optional[float], metadata: Metadata, credentials: Any,
                 wait_for_ready: Optional[bool], compression: Any,
-                inv: Optional[_Invocation] = None) -> Tuple[Any, grpc.Call]:
-        """A ``future()``'s RPC under :meth:`Call.run` (on the channel's pool)."""
-        call: Optional[Call] = None
+                inv: Optional[_Invocation] = None, call: Optional[Call] = None) -> Tuple[Any, grpc.Call]:
+        """A ``future()``'s RPC under :meth:`Call.run` (on the channel's pool); ``call``: routed
+        already (no attempt started)."""
         try:
-            call = self._channel._route(self._url, metadata, timeout)
+            if call is None:
+                call = self._channel._route(self._url, metadata, timeout)
 
             def send(attempt: Attempt) -> _Outcome:
                 return self._send(attempt, request, metadata, credentials, wait_for_ready, compression, inv)
