@@ -766,14 +766,14 @@ class MeshSession:
                        self._attempt_timeout(timeout), _counts_cookies(jar))
         return self._bound
 
-    async def _request(self, ctx: _RequestContext, method: str, url: Union[str, URL], *, params: Any = None,
-                       headers: Any = None, allow_redirects: bool = True, max_redirects: int = 10,
-                       **kwargs: Any) -> Response:
-        session = self._session or self.session
-        bound = self._bound
-        if bound[0] is not session:
-            bound = self._bind(session)
-        _, defaults, timeout, jar, session_check, attempt_timeout, counted = bound
+    def _prepare(self, url: Union[str, URL], params: Any, headers: Any, kwargs: Dict[str, Any], defaults: Any,
+                 timeout: aiohttp.ClientTimeout, attempt_timeout: Any, session_check: Any) -> Tuple[Any, ...]:
+        """A request's own arguments, read once: ``(url, text, routed, check, timeout,
+        attempt_timeout, own, pairs, own_kwargs)`` -- the URL (``text``: as given, or ``None``) and
+        whether it is routed, the ``raise_for_status`` that applies, the request's timeout and its
+        attempts' (``None``: looked up when routed), its own headers as pairs (``own``) and the
+        pairs it is routed with (the session's defaults included), and whether keyword arguments
+        are left for the attempts. ``kwargs`` is changed in place (what the attempts pass on)."""
         if type(url) is str:
             text: Optional[str] = url
             url, routed = self._urls.get(url) or self._parse(url)
@@ -816,6 +816,29 @@ class MeshSession:
             pairs: Any = list(merged.items())
         else:
             pairs = own
+        return url, text, routed, check, timeout, attempt_timeout, own, pairs, own_kwargs
+
+    async def _request(self, ctx: _RequestContext, method: str, url: Union[str, URL], *, params: Any = None,
+                       headers: Any = None, allow_redirects: bool = True, max_redirects: int = 10,
+                       **kwargs: Any) -> Response:
+        session = self._session or self.session
+        bound = self._bound
+        if bound[0] is not session:
+            bound = self._bind(session)
+        _, defaults, timeout, jar, check, attempt_timeout, counted = bound
+        if type(url) is str and not kwargs and not params and headers is None and not defaults:
+            # the usual request: a URL string, no arguments of its own, no session default headers
+            # (the same as _prepare's answer for it, without its frame)
+            text: Optional[str] = url
+            url, routed = self._urls.get(url) or self._parse(url)
+            own: Any = None
+            pairs: Any = None
+            own_kwargs = False
+            if check:  # a 5xx must reach the retry policy: raise_for_status applies to the final answer only
+                kwargs["raise_for_status"] = False
+        else:
+            url, text, routed, check, timeout, attempt_timeout, own, pairs, own_kwargs = self._prepare(
+                url, params, headers, kwargs, defaults, timeout, attempt_timeout, check)
         history: Optional[List[Response]] = None
         total = timeout.total
         mesh = self._mesh
