@@ -51,7 +51,11 @@ def _reference(pairs: Any) -> Tuple[Any, Any]:
 def test_constants_are_telemetrys(impl):
     mod = import_module(f"meshcore._fast.call_{impl}")
     assert (mod.PEER_HEADER, mod.PEER_HEADER_ID) == (peer_metadata.HEADER, peer_metadata.HEADER_ID)
+    from meshcore import integrations
+    from meshcore._fast import IMPLEMENTATION
+
     assert peer_metadata.strip_pairs is exchange_py.strip_peer_pairs is call_py.strip_peer_pairs
+    assert integrations._strip_peer_pairs.__module__.endswith("call_c" if IMPLEMENTATION == "c" else "exchange_py")
 
 
 def test_strip_matches_the_rule_and_the_other_twin(impl):

@@ -47,6 +47,25 @@ class _Reply(NamedTuple):
     body: bytes
 
 
+def _live_strip() -> Callable[[Any], Tuple[Any, Optional[str]]]:
+    """The live core's ``strip_peer_pairs`` (compiled where built; the twins answer alike)."""
+    from .._compat import USE_EXTENSIONS
+
+    if USE_EXTENSIONS:
+        try:
+            from .._fast.call_c import strip_peer_pairs
+            return strip_peer_pairs  # type: ignore[no-any-return]
+        except ImportError:  # pragma: no cover  (sdist installed without a compiler)
+            pass
+    from .._fast.exchange_py import strip_peer_pairs as pure
+    return pure
+
+
+#: ``(header pairs without Istio's exchange headers, the x-envoy-peer-metadata value or None)``
+#: of a response (``telemetry.peer_metadata.strip_pairs``, compiled where built)
+_strip_peer_pairs = _live_strip()
+
+
 def _route(mesh: Any, url: str, method: str, headers: Any, ready_timeout: float) -> Any:
     """``mesh.request``. The mesh itself waits for a target's first configuration where it may
     block; where it did not (its ``ready_timeout`` is 0), the first request to a target waits

@@ -98,9 +98,8 @@ from ..lifecycle import run_async_reported as _run_async_reported
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
 from ..telemetry.peer_metadata import HEADER as _PEER_HEADER, HEADER_ID as _PEER_HEADER_ID
-from ..telemetry.peer_metadata import strip_pairs as _strip_peer_pairs
-from ..telemetry.outcome import report as _report
-from ..telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
+from ..telemetry.outcome import report as _report, report_answer as _report_answer
+from ..telemetry.record import ACTIVE as _TELEMETRY
 from ..telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, TRACER as _TRACER, headers_of as _trace_headers
 from ..tls import TlsHandshakeError, is_deferred_rejection
 from . import (
@@ -113,6 +112,7 @@ from . import (
     _local_reply,
     _reason,
     _Reply,
+    _strip_peer_pairs,
 )
 
 __all__ = ["LocalResponse", "MeshConnector", "MeshSession", "MeshTlsError"]
@@ -621,6 +621,8 @@ class MeshSession:
         this wrapper). ``hosts``: fnmatch patterns of the hosts to route (default: all). The first
         request to a target waits up to ``ready_timeout`` seconds for its configuration."""
         self._mesh = mesh
+        #: the mesh's telemetry (None: a mesh-like object without)
+        self._telemetry: Any = getattr(mesh, "telemetry", None)
         self._session = session
         self._owned = session is None
         self._hosts = tuple(hosts) if hosts is not None else None
@@ -872,7 +874,8 @@ class MeshSession:
                         slot = pools.acquire(cluster, cluster)
                     try:
                         pool = slot.pool
-                        exchange = _exchange_of(mesh) if _TELEMETRY[0] else None
+                        tel = self._telemetry if _TELEMETRY[0] else None
+                        exchange = tel.exchange if tel is not None else None
                         if own is None and not own_kwargs and pool is not None and \
                                 not (jar._cookie_count if counted else len(jar)) and \
                                 (not defaults or call.scheme == "http"):
@@ -975,7 +978,7 @@ class MeshSession:
                                     _report(call, None, e)
                                 raise
                             if _TELEMETRY[0]:  # Istio metrics and the other sinks; tracing takes lifecycle's path
-                                _report(call, resp, None)
+                                _report_answer(tel, call, resp)
                     except FaultAbort as e:
                         log.debug("fault abort for %s: %s", call, e)
                         resp = LocalResponse(method, url, _fault_reply(e), _info(call))

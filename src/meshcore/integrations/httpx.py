@@ -90,7 +90,7 @@ from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
 from ..telemetry.peer_metadata import HEADER as _PEER_HEADER, HEADER_ID as _PEER_HEADER_ID
 from ..telemetry.record import ACTIVE as _TELEMETRY
-from ..telemetry.outcome import report as _report
+from ..telemetry.outcome import report as _report, report_answer as _report_answer
 from ..telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, TRACER as _TRACER, headers_of as _trace_headers
 from ..tls.upstream import TlsHandshakeError, is_deferred_rejection
 from .._fast.call_py import note_response as _py_note_response
@@ -863,15 +863,6 @@ class _MeshTransportBase:
 # ``lifecycle.run_after``/``run_after_async`` (the router loop after the first outcome). With
 # telemetry sinks the call is reported as ``lifecycle.run_reported`` reports it; tracing (spans
 # around each attempt) takes ``run_reported`` itself.
-
-
-def _report_answer(tel: Any, call: Any, answer: Any) -> None:
-    """``outcome.report(call, answer, None)``: the Istio sink's observer first (the usual answer:
-    counted, no record), the record otherwise (``tel``: the mesh's telemetry, read when the
-    request started; None: the record path decides)."""
-    observe = tel.observe if tel is not None else None
-    if observe is None or not observe(call, answer):
-        _report(call, answer, None, observed=observe is not None)
 
 
 def _tell_telemetry_headers(attempt: Any, response: Any, raw: bytes, exchange: Any) -> None:

@@ -41,7 +41,7 @@ from .peer_metadata import decode_cached
 from .record import NO_FLAGS, RequestRecord
 from .tracing import TRACER as _TRACER, headers_of as _trace_headers_of, trace_refusal as _trace_refusal
 
-__all__ = ["report", "report_refusal", "outcome_of", "http_to_grpc", "last_attempt", "generated_request_id"]
+__all__ = ["report", "report_answer", "report_refusal", "outcome_of", "http_to_grpc", "last_attempt", "generated_request_id"]
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,20 @@ def report(call: Any, result: Any, exc: Optional[BaseException], observed: bool 
             telemetry.emit(r)
     except Exception:  # noqa: BLE001  (telemetry never fails a request)
         log.exception("telemetry: could not record %r", call)
+
+
+def report_answer(telemetry: Any, call: Any, result: Any) -> None:
+    """:func:`report` of a call that returned ``result``, for an integration's own router path:
+    the Istio sink's observer first (``telemetry.observe``: the usual answer counted, no record),
+    the record otherwise; ``telemetry``: the mesh's, read when the request started (None: the
+    record path decides). Never raises."""
+    observe = telemetry.observe if telemetry is not None else None
+    try:
+        if observe is not None and observe(call, result):
+            return
+    except Exception:  # noqa: BLE001  (telemetry never fails a request; the record path tries)
+        observe = None
+    report(call, result, None, observed=observe is not None)
 
 
 def report_refusal(mesh: Any, target: str, authority: str, method: str, path: str, headers: Any,

@@ -315,6 +315,6 @@ def local_exchange(node: Any, metadata: Optional[Mapping[str, Any]] = None) -> E
 
 
 #: ``(pairs without the exchange headers, the x-envoy-peer-metadata value or None)`` of a response's
-#: header pairs (str or bytes names, any case); the same list when it has neither (the pure twin's
-#: function: an integration uses its mesh core's, ``mesh._core.strip_peer_pairs``)
+#: header pairs (str or bytes names, any case); the same list when it has neither (the pure twin's;
+#: the client integrations use the compiled one where it is built: ``integrations._strip_peer_pairs``)
 strip_pairs = _strip_peer_pairs

@@ -23,7 +23,7 @@ from ...errors import MeshClosed, MeshError, UpstreamError
 from ...lifecycle import _fault_delay, _final, _retry_delay, run_after as _run_after
 from ...resilience.fault import NO_FAULT
 from ...resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retries_ok_answer
-from ...telemetry.outcome import report as _report
+from ...telemetry.outcome import report as _report, report_answer as _report_answer
 from ...telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
 from ...telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, TRACER as _TRACER, headers_of as _trace_headers
 from .. import _add_context
@@ -249,9 +249,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             a.telemetry = {"peer_metadata": _tapped_peer(ep), "request_messages": 1, "response_messages": 1}
             if not a.finish_final(200, 0):  # the route's policy retries OK answers
                 return self._reported_rest(call, a, request, _Outcome(result, None, None, 0), None)
-            observe = tel.observe
-            if observe is None or not observe(call, result):
-                _report(call, _Outcome(result, None, None, 0), None, observed=observe is not None)
+            _report_answer(tel, call, result)
             return result
         # the server answered OK (HTTP 200, grpc-status 0): recorded, and final unless the route's
         # retry policy retries OK answers (a first attempt: no retry to count as a success)
