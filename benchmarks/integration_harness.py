@@ -122,7 +122,7 @@ def resources(upstream_ports: Sequence[int], *, timeout: str = "5s", num_retries
 
 
 #: the telemetry modes of :func:`set_telemetry`
-TELEMETRY_MODES = ("off", "istio", "istio+log", "istio+tracing")
+TELEMETRY_MODES = ("off", "istio", "istio-noexchange", "istio+log", "istio+tracing")
 #: the workload a mesh with telemetry on reports as (its bootstrap node's metadata otherwise)
 BENCH_NODE = {"WORKLOAD_NAME": "bench-client", "NAMESPACE": "default", "CLUSTER_ID": "Kubernetes",
               "LABELS": {"app": "bench-client", "version": "v1"}}
@@ -130,7 +130,9 @@ BENCH_NODE = {"WORKLOAD_NAME": "bench-client", "NAMESPACE": "default", "CLUSTER_
 
 def set_telemetry(mesh: Any, mode: str) -> None:
     """Put ``mesh``'s telemetry in ``mode``: ``"off"`` (no sink), ``"istio"`` (Istio's standard
-    metrics with the metadata exchange: ``enable_istio_metrics``), ``"istio+log"`` (the same plus a
+    metrics with the metadata exchange: ``enable_istio_metrics``), ``"istio-noexchange"`` (the
+    metrics without the exchange's two headers: what the metrics cost, apart from the client
+    sending and scanning those headers), ``"istio+log"`` (the same plus a
     sink that keeps nothing: every request then builds its full record), ``"istio+tracing"`` (Istio
     metrics and an OpenTelemetry SDK provider, sampled, in-memory exporter). A mode factory calls it
     before it builds its client, so "telemetry on" is one more mode of :func:`run_interleaved`."""
@@ -144,7 +146,7 @@ def set_telemetry(mesh: Any, mode: str) -> None:
     if mode == "off":
         tel.disable_istio_metrics()
         return
-    tel.enable_istio_metrics(node_metadata=BENCH_NODE)
+    tel.enable_istio_metrics(node_metadata=BENCH_NODE, exchange=mode != "istio-noexchange")
     if mode == "istio+log":
         tel.add_sink(_discard)
 

@@ -6,7 +6,8 @@ and nothing else.
 One mesh and one client; the mesh's telemetry is switched between blocks
 (``integration_harness.set_telemetry``): ``off``, ``istio`` (``enable_istio_metrics()``: the
 metadata exchange headers on every request and the peer's stripped from the response, and the
-Istio sink alone: its fast path, no record), ``istio+log`` (the same plus one more sink: every
+Istio sink alone: its fast path, no record), ``istio-noexchange`` (the metrics without the exchange's
+headers), ``istio+log`` (the same as ``istio`` plus one more sink: every
 request builds its full RequestRecord, what an access log adds), ``istio+tracing`` (Istio's
 metrics and an OpenTelemetry SDK provider, every request sampled: a span per request and the
 trace headers on every attempt). Per round every mode runs one
@@ -123,6 +124,7 @@ def test_istio_metrics_added_through_httpx(benchmark, mesh, kind):
                        rounds=1, iterations=1)
     benchmark.extra_info.update({k: round(v, 3) for k, v in out.items()})
     print(f"\nhttpx {kind} no I/O: off {out['off']:.2f} us, +istio {out['istio']:.2f} us, "
+          f"+istio without the exchange {out['istio-noexchange']:.2f} us, "
           f"+istio+record {out['istio+log']:.2f} us, +istio+tracing {out['istio+tracing']:.2f} us CPU per request")
     sink = mesh.telemetry.istio_metrics
     assert sink is None  # left off
@@ -148,6 +150,7 @@ def test_istio_metrics_added_through_aiohttp(benchmark, aiohttp_mesh):
                        iterations=1)
     benchmark.extra_info.update({k: round(v, 3) for k, v in out.items()})
     print(f"\naiohttp no I/O: off {out['off']:.2f} us, +istio {out['istio']:.2f} us, "
+          f"+istio without the exchange {out['istio-noexchange']:.2f} us, "
           f"+istio+record {out['istio+log']:.2f} us, +istio+tracing {out['istio+tracing']:.2f} us CPU per request")
     assert aiohttp_mesh.telemetry.istio_metrics is None  # left off
     assert out["off"] > 0
@@ -160,6 +163,7 @@ def _main() -> None:
         for kind in ("sync", "async"):
             out = telemetry_added(m, lib, kind == "async")
             print(f"httpx {kind:<5} off {out['off']:6.2f} us  +istio {out['istio']:5.2f} us  "
+                  f"+istio-noexchange {out['istio-noexchange']:5.2f} us  "
                   f"+istio+record {out['istio+log']:5.2f} us  +istio+tracing {out['istio+tracing']:5.2f} us  "
                   "(CPU per request, median of per-round differences)")
     finally:
@@ -170,6 +174,7 @@ def _main() -> None:
     try:
         out = aiohttp_telemetry_added(m)
         print(f"aiohttp     off {out['off']:6.2f} us  +istio {out['istio']:5.2f} us  "
+              f"+istio-noexchange {out['istio-noexchange']:5.2f} us  "
               f"+istio+record {out['istio+log']:5.2f} us  +istio+tracing {out['istio+tracing']:5.2f} us")
     finally:
         m.close()

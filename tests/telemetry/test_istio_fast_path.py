@@ -184,3 +184,18 @@ def test_observer_slots_equal_record_path(mesh, echo, impl):
         assert {"a", "b", "unknown"} <= peers
     finally:
         tel.disable_istio_metrics()
+
+
+def test_enable_again_sets_the_exchange(mesh):
+    """``enable_istio_metrics`` called again keeps its sink (and series) and turns the metadata
+    exchange on or off as asked; the observer knows whether to read the peer's header."""
+    tel = mesh.telemetry
+    sink = tel.enable_istio_metrics(node_metadata=NODE)
+    try:
+        assert tel.exchange is not None and sink.observer.peers
+        assert tel.enable_istio_metrics(exchange=False) is sink
+        assert tel.exchange is None and not sink.observer.peers
+        assert tel.enable_istio_metrics(node_metadata=NODE) is sink
+        assert tel.exchange is not None and sink.observer.peers
+    finally:
+        tel.disable_istio_metrics()

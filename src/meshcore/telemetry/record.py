@@ -169,7 +169,8 @@ class Telemetry:
         through the mesh (``reporter="source"``) and every request served through the server
         integrations given this mesh (``reporter="destination"``), exposed by
         ``mesh.prometheus_collector()``; returns the
-        sink (:class:`~meshcore.telemetry.istio_metrics.IstioMetrics`; calling again returns it).
+        sink (:class:`~meshcore.telemetry.istio_metrics.IstioMetrics`; calling again returns it; its
+        ``exchange`` argument then turns the exchange on or off).
 
         ``exchange`` (default on): Istio's metadata exchange, as a client sidecar does: every
         request carries ``x-envoy-peer-metadata-id`` (the node ID) and ``x-envoy-peer-metadata``
@@ -190,6 +191,8 @@ class Telemetry:
             if exchange and self.exchange is None:
                 node = getattr(getattr(self._mesh, "bootstrap", None), "node", None)
                 self.exchange = local_exchange(node, node_metadata)
+            elif not exchange:  # (called again: the exchange follows the argument)
+                self.exchange = None
             self._refresh()
         self.add_sink(sink)
         return sink
