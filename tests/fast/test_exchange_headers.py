@@ -109,3 +109,35 @@ def test_note_response(impl):
         kept, value = _reference(pairs) if strip else (pairs, None)
         assert r.headers == kept and (r.headers is pairs) == (kept is pairs)
         assert a.telemetry == {"peer_metadata": value, "request_bytes": None, "response_bytes": 12}
+
+
+@pytest.mark.parametrize("pairs", [
+    [("x-envoy-peer-metadata",)],  # a pair without a value
+    [("date", "d"), ("x-envoy-peer-metadata", "v", "extra")],  # three items
+    [("x-envoy-peer-metadata-id", "i"), ("date",)],
+    [("x-envoy-peer-metadata", "v"), ""],  # an empty "pair"
+])
+def test_malformed_pairs_raise_value_error(impl, pairs):
+    """A pair that is not two items is a ValueError on both twins (as the unpacking of the old
+    ``strip_pairs``), not an IndexError nor silently truncated."""
+    mod = import_module(f"meshcore._fast.call_{impl}")
+    with pytest.raises(ValueError):
+        mod.strip_peer_pairs(pairs)
+
+
+@pytest.mark.parametrize("value", [10 ** 30, -1, 5, 1 << 40, 1.5, ["a"], object()])
+def test_peer_value_not_str_or_bytes_like_is_type_error(impl, value):
+    """The peer metadata value is a str or bytes-like: an int is not taken as ``bytes(size)`` (a
+    huge one raised OverflowError or allocated that many zero bytes); both twins raise TypeError."""
+    mod = import_module(f"meshcore._fast.call_{impl}")
+    with pytest.raises(TypeError):
+        mod.strip_peer_pairs([("x-envoy-peer-metadata", value), ("date", "d")])
+    r, a = _Response([(b"X-Envoy-Peer-Metadata", value)]), _Attempt()
+    with pytest.raises(TypeError):
+        mod.note_response(a, r, 0, True)
+
+
+def test_bytes_like_values(impl):
+    mod = import_module(f"meshcore._fast.call_{impl}")
+    for v in (b"\xe9v", bytearray(b"\xe9v"), memoryview(b"\xe9v")):
+        assert mod.strip_peer_pairs([("x-envoy-peer-metadata", v)]) == ([], "\xe9v")

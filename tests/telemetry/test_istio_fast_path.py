@@ -199,3 +199,102 @@ def test_enable_again_sets_the_exchange(mesh):
         assert tel.exchange is not None and sink.observer.peers
     finally:
         tel.disable_istio_metrics()
+
+
+def _fast_and_slow(mesh: Any, traffic: Any) -> Any:
+    """The series of ``traffic(mesh)`` counted by the sink alone (the observer) and then through
+    records (a second sink)."""
+    tel = mesh.telemetry
+    sink = tel.enable_istio_metrics(node_metadata=NODE)
+    try:
+        traffic(mesh)
+        fast = _series(sink)
+        sink.reset()
+        records: List[Any] = []
+        tel.add_sink(records.append)
+        traffic(mesh)
+        tel.remove_sink(records.append)
+        return fast, _series(sink)
+    finally:
+        tel.disable_istio_metrics()
+
+
+def test_slots_tell_grpc_requests_from_http(mesh, echo, impl):
+    """An HTTP request and a gRPC one (content-type) with no grpc-status, same route, endpoint and
+    status: two series (request_protocol http and grpc). The compiled observer's slot once took
+    them for the same (its gRPC mark only looked at the grpc-status) and counted one in the
+    other's series."""
+    def traffic(m: Any) -> None:
+        for i in range(6):
+            headers = [("content-type", "application/grpc")] if i % 2 else None
+            m.request(f"{URL}/plain", "POST", headers).run(lambda a: _Resp(b"abc"))
+
+    fast, slow = _fast_and_slow(mesh, traffic)
+    assert fast == slow
+    assert sorted((json.loads(k)["request_protocol"], v["requests"]) for k, v in fast.items()) == [
+        ("grpc", 3), ("http", 3)]
+
+
+def test_int_subclass_status_labelled_by_value(mesh, echo, impl):
+    """A status that is an int subclass (``HTTPStatus.OK``) keys the observer as the int it equals:
+    the record path labels it by that value too (it said response_code 0, and the observer then
+    counted plain 200s under 0, or HTTPStatus answers under 200, by whichever came first)."""
+    from http import HTTPStatus
+
+    def traffic(m: Any) -> None:
+        for status in (HTTPStatus.OK, 200, HTTPStatus.OK, 200):
+            def send(a: Any, status: Any = status) -> Any:
+                r = _Resp(b"")
+                r.status_code = status
+                return r
+
+            m.request(f"{URL}/plain").run(send)
+
+    fast, slow = _fast_and_slow(mesh, traffic)
+    assert fast == slow
+    assert [(json.loads(k)["response_code"], v["requests"]) for k, v in slow.items()] == [("200", 4)]
+
+
+@pytest.mark.parametrize("count", [10 ** 30, -3, None, 2.5])
+def test_odd_message_counts(mesh, echo, impl, count):
+    """A message count the integration told that is not a sane int (huge, negative, None, a float)
+    counts 0 messages through the record as through the observer, and raises nothing (a huge one
+    raised OverflowError in the compiled series: the request was not counted)."""
+    def traffic(m: Any) -> None:
+        for messages in (count, 1):
+            def rpc(a: Any, messages: Any = messages) -> Any:
+                a.telemetry = {"peer_metadata": None, "request_messages": messages, "response_messages": messages}
+                return _Resp(b"")
+
+            m.request(f"{URL}/grpc", "POST", {"content-type": "application/grpc"}).run(
+                rpc, grpc_status_of=lambda r: 0)
+
+    fast, slow = _fast_and_slow(mesh, traffic)
+    assert fast == slow
+    assert [(v["requests"], v["messages"]) for v in slow.values()] == [(2, (1, 1))]
+
+
+def test_reset_during_a_miss_leaves_no_key_to_the_dropped_series(mesh, echo, impl):
+    """``reset()`` between the miss finding its series and the observer remembering it (another
+    thread): the observer keeps no key to the dropped series (it counted the next requests there,
+    unseen, until the keys expired)."""
+    tel = mesh.telemetry
+    sink = tel.enable_istio_metrics(node_metadata=NODE)
+    try:
+        series_for = sink._series_for
+
+        def racing(*args: Any) -> Any:
+            found = series_for(*args)
+            sink._series_for = series_for
+            sink.reset()  # (as another thread could, right after _series_for released the lock)
+            return found
+
+        sink._series_for = racing
+        mesh.request(f"{URL}/plain").run(lambda a: _Resp(b"abc"))
+        assert sink.snapshot() == [] and len(sink.observer.keys) == 0
+        for _ in range(3):
+            mesh.request(f"{URL}/plain").run(lambda a: _Resp(b"abc"))
+        (s,) = sink.snapshot()
+        assert s["requests"] == 3
+    finally:
+        tel.disable_istio_metrics()

@@ -1010,7 +1010,7 @@ cdef inline int _peer_name(object k) except -1:
     if n != 21 and n != 24:
         return 0
     if isinstance(k, str):
-        lk = str(k).lower()
+        lk = k.lower()  # (a str subclass: its own lower(), as the pure twin)
         return 1 if lk == PEER_HEADER else 2 if lk == PEER_HEADER_ID else 0
     lk = bytes(k).lower()
     if lk == _PEER_B[:21]:
@@ -1024,23 +1024,30 @@ def strip_peer_pairs(pairs):
     when it has neither."""
     cdef int which
     found = False
-    for pair in pairs:
-        if _peer_name(pair[0]):
+    for k, v in pairs:
+        if _peer_name(k):
             found = True
             break
     if not found:
         return pairs, None
     kept = []
     value = None
-    for pair in pairs:
-        which = _peer_name(pair[0])
+    for k, v in pairs:
+        which = _peer_name(k)
         if which == 1:
             if value is None:
-                v = pair[1]
-                value = v if type(v) is str else bytes(v).decode("latin-1")
+                value = v if type(v) is str else _latin1(v)
         elif which == 0:
-            kept.append((pair[0], pair[1]))
+            kept.append((k, v))
     return kept, value
+
+
+cdef inline str _latin1(object v):
+    """A header value that is not a str: its bytes (bytes-like only; TypeError for anything else,
+    an int included, which ``bytes()`` would take as a size) as latin-1."""
+    if type(v) is bytes:
+        return (<bytes>v).decode("latin-1")
+    return memoryview(v).tobytes().decode("latin-1")
 
 
 def note_response(attempt, response, nbytes, strip):
@@ -1123,7 +1130,7 @@ cdef class _ObserverSlot:
 
     cdef object route, cluster, endpoint, authority, policy, peer, series
     cdef long long status
-    cdef int grpc  # -1: an HTTP answer (no grpc-status); 0: grpc-status 0, a gRPC request; 1: grpc-status 0
+    cdef int grpc  # bit 0: a gRPC request (content-type); bit 1: grpc-status 0 (else none)
 
 
 cdef inline bint _same_peer(object kept, object peer):
@@ -1224,7 +1231,7 @@ cdef class IstioObserver:
             length = _request_length(headers, &grpc)
             if req_bytes is None:
                 req_bytes = length
-        grpc_code = -1 if grpc_status is None else (1 if grpc else 0)
+        grpc_code = (0 if grpc_status is None else 2) | (1 if grpc else 0)  # (both make the key: see the slot)
         s = _status_index(status)
         endpoint = a.endpoint
         policy = c.retry_policy

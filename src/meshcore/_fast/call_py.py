@@ -807,13 +807,6 @@ class IstioObserver:
         if a.error is not None or not isinstance(status, int) or (
                 grpc_status is not None and (type(grpc_status) is not int or grpc_status != 0)):
             return False
-        policy = call.retry_policy
-        if policy is not None:
-            if type(policy) is not RetryPolicy:
-                return False
-            compiled = policy.compiled
-            if compiled is None or not 0 <= status < 409 or status in compiled.status_codes:
-                return False
         headers = call.headers
         req_bytes: Any = None
         req_messages = resp_messages = 0
@@ -840,6 +833,13 @@ class IstioObserver:
             length, _, grpc = _scan_request(headers)
             if req_bytes is None:
                 req_bytes = length
+        policy = call.retry_policy  # (after the scans, as the compiled twin: the same errors raised)
+        if policy is not None:
+            if type(policy) is not RetryPolicy:
+                return False
+            compiled = policy.compiled
+            if compiled is None or not 0 <= status < 409 or status in compiled.status_codes:
+                return False
         key = (call.route.route_name, call.cluster, a.endpoint.key, call.authority, status, peer or None, grpc_status,
                bool(grpc))
         started = call.started

@@ -26,15 +26,22 @@ def strip_peer_pairs(pairs: Any) -> Tuple[Any, Optional[str]]:
     """``(pairs without the exchange headers, the x-envoy-peer-metadata value or None)`` of a
     response's header pairs (str or bytes names, any case; the value as str); the same object
     when it has neither."""
-    if not any(_peer_name(pair[0]) for pair in pairs):
+    if not any(_peer_name(k) for k, _ in pairs):
         return pairs, None
     kept, value = [], None
-    for pair in pairs:
-        which = _peer_name(pair[0])
+    for k, v in pairs:
+        which = _peer_name(k)
         if which == 1:
             if value is None:
-                v = pair[1]
-                value = v if type(v) is str else bytes(v).decode("latin-1")
+                value = v if type(v) is str else _latin1(v)
         elif which == 0:
-            kept.append((pair[0], pair[1]))
+            kept.append((k, v))
     return kept, value
+
+
+def _latin1(v: Any) -> str:
+    """A header value that is not a str: its bytes (bytes-like only; TypeError for anything else,
+    an int included, which ``bytes()`` would take as a size) as latin-1."""
+    if type(v) is bytes:
+        return v.decode("latin-1")
+    return memoryview(v).tobytes().decode("latin-1")

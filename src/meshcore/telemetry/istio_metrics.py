@@ -196,10 +196,12 @@ class IstioMetrics:
         series = self._series_for((r.cluster, r.upstream_host, r.authority, r.response_code, r.grpc_status,
                                    r.response_flags, r.protocol, r.route_name, id(peer) if peer is not None else 0,
                                    r.reporter, r.principal, r.connection_security_policy), r, peer)
-        keys = self.observer.keys
-        if len(keys) >= 65536:
-            self.observer.clear()
-        keys[key] = series
+        with self._lock:  # (a reset() since _series_for: the series is dropped, the observer keeps no key to it)
+            if self._series.get(series.labels) is series:
+                keys = observer.keys
+                if len(keys) >= 65536:
+                    observer.clear()
+                keys[key] = series
         series.add(r.duration_ms, r.request_bytes, r.response_bytes, r.request_messages, r.response_messages)
 
     def _series_for(self, key: Tuple[Any, ...], r: RequestRecord, peer: Any) -> Any:

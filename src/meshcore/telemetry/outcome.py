@@ -290,8 +290,8 @@ def _record(call: Any, a: Any, result: Any, exc: Optional[BaseException], peers:
             r.request_id = sent
     if exc is None and call.fault_decision is None:  # the usual answer: no flag unless retries ran out
         status = a.status
-        if type(status) is not int:
-            status = 0
+        if type(status) is not int:  # (an int subclass, HTTPStatus: its value, as the observer keys it)
+            status = int(status) if isinstance(status, int) else 0
         policy = call.retry_policy
         more = None
         if policy is not None:
@@ -341,6 +341,14 @@ def _fill(r: RequestRecord, target: str, authority: str, method: str, path: str,
     _fill_io(r, headers, result, info)
 
 
+def _count(value: Any) -> int:
+    """A message count an integration told (``attempt.telemetry``): an int in 0..2**53-1, else 0
+    (None, a negative, absurdly large or non-int count: the sinks' counters take plain ints)."""
+    if type(value) is int and 0 <= value < _MAX_LENGTH:
+        return value
+    return int(value) if isinstance(value, int) and 0 <= value < _MAX_LENGTH else 0
+
+
 def _fill_io(r: RequestRecord, headers: Any, result: Any, info: Any, peers: bool = True) -> None:
     """Bytes, messages, request ID, gRPC-ness and the peer's metadata."""
     req_bytes = resp_bytes = peer = None
@@ -348,8 +356,8 @@ def _fill_io(r: RequestRecord, headers: Any, result: Any, info: Any, peers: bool
         peer = info.get("peer_metadata")
         req_bytes = info.get("request_bytes")
         resp_bytes = info.get("response_bytes")
-        r.request_messages = info.get("request_messages", 0)
-        r.response_messages = info.get("response_messages", 0)
+        r.request_messages = _count(info.get("request_messages", 0))
+        r.response_messages = _count(info.get("response_messages", 0))
     else:
         r.request_messages = r.response_messages = 0
         if result is not None:
