@@ -182,8 +182,14 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         try:  # (a reported call carries gRPC's content-type: its record's request_protocol)
             call = ch._request(self._url, "POST", None if tel is None else _GRPC_HEADER_DICT, target=target,
                                timeout=timeout)
-        except MeshError:  # decided again with gRPC's own headers (and reported) by _blocking
-            return self._blocking(request, timeout, None, None, None, None, False)
+        except MeshError as exc:
+            if tel is None or isinstance(exc, MeshClosed) or ch._publisher.published.get(target) is None:
+                # decided again with gRPC's own headers (and reported) by _blocking
+                return self._blocking(request, timeout, None, None, None, None, False)
+            # routed with gRPC's own headers under a published configuration, as _invoke routes it:
+            # the decision stands (request() reported its refusal: routing again reports it twice)
+            err = _client_error(exc, None, ch.target)
+            raise err from _cause_of(err)
         # request() routed under cfg if cfg is still published: cfg was published before this RPC
         # began (an earlier RPC saw it), and a configuration object never comes back
         try:  # (the lookup alone: the RPC itself must not run under this handler)
@@ -240,7 +246,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                 result = send(request, attempt_timeout, exchange.headers)
         except BaseException as e:  # noqa: BLE001  (an RpcError, or classified as lifecycle.run does)
             if tel is not None:
-                return self._reported_failure(call, a, ep, e, started, request)
+                return self._reported_failure(call, a, ep, e, started, request, exchange)
             return self._after_failure(call, a, ep, e, started, request, timeout, None, None, None, None, False)
         active.pop()  # _EndpointPool.release, inline
         if ep.departed and not active:
@@ -352,11 +358,13 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         return outcome.response  # type: ignore[union-attr]
 
     def _reported_failure(self, call: Call, a: Attempt, ep: Any, e: BaseException, started: float,
-                          request: Any) -> Any:
-        """The short path's reported first attempt raised ``e`` (see :meth:`_after_failure`)."""
+                          request: Any, exchange: Any) -> Any:
+        """The short path's reported first attempt raised ``e`` (see :meth:`_after_failure`);
+        ``exchange``: Istio's metadata exchange it sent (its pair hidden from the caller's error,
+        as :meth:`_send` hides it)."""
         try:
             if isinstance(e, grpc.RpcError):
-                a.telemetry = {"peer_metadata": _tapped_peer(ep), "request_messages": 1, "response_messages": 0}
+                e = _tell_telemetry(a, e, exchange, 0, ep)  # (the attempt's facts, as _send tells them)
                 outcome = self._failed(e, a.timeout, time.monotonic() - started, ep)
             else:
                 outcome = e

@@ -1,0 +1,82 @@
+"""The blocking unary short path with Istio's metrics alone (the sink's observer, no other sink):
+what the caller sees and what is counted equal the general, reported path's."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator, List
+
+import grpc
+import pytest
+
+import meshcore
+from meshcore.integrations.grpc import mesh_channel
+
+from .test_grpc_istio_telemetry import CLIENT_ID, SERVICE, TARGET, _no_exchange, mesh, pm, server  # noqa: F401
+
+
+def _istio_alone(m: Any) -> Any:
+    tel = m.telemetry
+    sink = tel.enable_istio_metrics(node_metadata={"WORKLOAD_NAME": "client-v1", "NAMESPACE": "shop"})
+    tel.exchange = pm.Exchange(CLIENT_ID, tel.exchange.workload)  # (a file mesh has no node ID)
+    assert tel.observe is not None  # the short path runs
+    return sink
+
+
+def test_short_path_errors_hide_the_exchange_pair(mesh):  # noqa: F811
+    """A server's error answered through the short path (the endpoint learned by the first call)
+    hides Istio's exchange pair from the caller, as the general path's errors do."""
+    _istio_alone(mesh)
+    with mesh_channel(mesh, TARGET) as ch:
+        for method, code, app in (("Fail", grpc.StatusCode.NOT_FOUND, ("x-app", "1")),
+                                  ("FailTrailersOnly", grpc.StatusCode.PERMISSION_DENIED, ("x-app", "2"))):
+            rpc = ch.unary_unary(f"/{SERVICE}/{method}", _registered_method=True)
+            for _ in range(3):  # the first learns the endpoint (tapped); the others: the short path
+                with pytest.raises(grpc.RpcError) as err:
+                    rpc(b"", timeout=5)
+                e = err.value
+                assert e.code() is code
+                md = [*(e.initial_metadata() or ()), *(e.trailing_metadata() or ())]
+                assert _no_exchange(md) and app in md, md
+            assert rpc._eps_cfg is mesh.config(TARGET) and len(rpc._eps) == 1  # (the short path ran)
+    counted = {s["labels"]["grpc_response_status"]: s["requests"] for s in mesh.telemetry.istio_metrics.snapshot()}
+    assert counted == {"5": 3, "7": 3}
+
+
+@pytest.fixture
+def partial_mesh(server, tmp_path) -> Iterator[Any]:  # noqa: F811
+    """Routes for SERVICE's methods only: any other method has no route (NR)."""
+    route = {"name": "r", "match": {"prefix": f"/{SERVICE}/"}, "route": {"cluster": "peer"}}
+    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                    "HttpConnectionManager",
+           "route_config": {"name": "rc", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}]},
+           "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+               "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}
+    lb = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": server["port"]}}}}
+    res = {"listeners": [{"name": TARGET, "api_listener": {"api_listener": hcm}}],
+           "clusters": [{"name": "peer", "type": "EDS", "connect_timeout": "1s",
+                         "eds_cluster_config": {"eds_config": {"ads": {}}}}],
+           "endpoints": [{"cluster_name": "peer", "endpoints": [{"lb_endpoints": [lb]}]}]}
+    path = os.path.join(tmp_path, "mesh.json")
+    with open(path, "w") as f:
+        json.dump(res, f)
+    with meshcore.Mesh.from_file(path, watch=False).start() as m:
+        m.wait_ready(TARGET, timeout=10)
+        yield m
+
+
+def test_short_path_reports_a_route_refusal_once(partial_mesh):
+    """No route for the method: each RPC is one NR request in Istio's metrics (Mesh.request
+    reports its refusal; the short path must not route it a second time), and raises the general
+    path's status."""
+    sink = _istio_alone(partial_mesh)
+    seen: List[Any] = []
+    with mesh_channel(partial_mesh, TARGET) as ch:
+        nope = ch.unary_unary("/other.Svc/X")
+        for kw in ({}, {}, {"metadata": [("x-user", "u")]}):  # short path twice, the general path once
+            with pytest.raises(grpc.RpcError) as err:
+                nope(b"", timeout=5, **kw)
+            seen.append((err.value.code(), err.value.details()))
+    assert seen[0] == seen[1] == seen[2] and seen[0][0] is grpc.StatusCode.UNIMPLEMENTED
+    assert [(s["labels"]["response_flags"], s["requests"]) for s in sink.snapshot()] == [("NR", 3)]
