@@ -539,8 +539,10 @@ class _MeshTransportBase:
         self._ascii: Dict[str, Tuple[bytes, bytes]] = {}  # authority -> its Host header pair
         self._urls: Dict[Any, Tuple[str, bytes, bytes, Optional[str]]] = {}  # see _url_parts
         self._headers: Dict[Tuple[Any, ...], Any] = {}  # see _mesh_headers
-        self._headers_x: Dict[Tuple[Any, ...], Any] = {}  # the same with _exchange's headers
-        self._exchange: Any = None  # the metadata exchange _headers_x was made for
+        # (the metadata exchange, the same lists with its headers): one attribute, read and
+        # replaced at once (threads share a sync transport: a list made for an older exchange
+        # never lands in a newer one's table)
+        self._headers_x: Tuple[Any, Dict[Tuple[Any, ...], Any]] = (None, {})
         #: the mesh's telemetry (None: a mesh-like object without), its request core's note_response
         self._telemetry: Any = getattr(mesh, "telemetry", None)
         self._note: Callable[..., None] = getattr(getattr(mesh, "_core", None), "note_response", _py_note_response)
@@ -694,11 +696,11 @@ class _MeshTransportBase:
             return headers.multi_items(), None, True
         if exchange is None:
             cache = self._headers
-        elif self._exchange is exchange:
-            cache = self._headers_x
-        else:  # (a new exchange: the lists made for the last one are dropped)
-            cache = self._headers_x = {}
-            self._exchange = exchange
+        else:
+            made_for, cache = self._headers_x
+            if made_for is not exchange:  # (a new exchange: the lists made for the last one are dropped)
+                cache = {}
+                self._headers_x = (exchange, cache)
         both = cache.get(key)
         if both is None:
             try:
