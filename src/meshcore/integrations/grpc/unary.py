@@ -217,12 +217,12 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         try:
             cached, ep, send, route, active = self._eps[endpoint.key]
         except KeyError:  # the first RPC to this endpoint under cfg
-            return self._blocking_from(request, timeout, call, a, tel)
+            return self._blocking_from(request, timeout, call, a, tel, cfg)
         # the attempt's path and authority are the route's rewrites or the call's own (the URL,
         # fixed): the same route object, the same wire path and authority as when cached
         if cached is not endpoint or (call.route is not route and (
                 a.path != self._method or a.authority != ep.authority)):
-            return self._blocking_from(request, timeout, call, a, tel)
+            return self._blocking_from(request, timeout, call, a, tel, cfg)
         exchange = None
         if tel is not None:
             exchange = tel.exchange
@@ -235,7 +235,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         # inline by the interpreter, with an int through float_richcompare, code nothing else runs)
         if ep.departed or (attempt_timeout is not None and not attempt_timeout > 0.0):
             ch._pool.release(ep)
-            return self._blocking_from(request, timeout, call, a, tel)
+            return self._blocking_from(request, timeout, call, a, tel, cfg)
         started = call.started  # (the first attempt's start, as far as elapsed time goes)
         if started >= ch._next_sweep:
             ch.sweep()
@@ -263,11 +263,12 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             return result
         return self._after_ok(call, a, call.retry_policy, result, request, None, None, None, None, False)
 
-    def _blocking_from(self, request: Any, timeout: Optional[float], call: Call, a: Attempt, tel: Any) -> Any:
+    def _blocking_from(self, request: Any, timeout: Optional[float], call: Call, a: Attempt, tel: Any,
+                       cfg: Any) -> Any:
         """:meth:`_blocking` of an RPC the short path routed and started (``tel``: reported, the
         endpoint's channel kept for the next RPCs, as :meth:`_blocking` keeps it)."""
         if tel is not None:
-            self._learn(call, a)
+            self._learn(call, a, cfg)
             return self._reported_after(call, a, request)
         return self._blocking(request, timeout, None, None, None, None, False, call, a)
 
@@ -285,12 +286,12 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             self._eps_cfg = cfg
         return cfg
 
-    def _learn(self, call: Call, a: Attempt) -> None:
+    def _learn(self, call: Call, a: Attempt, cfg: Any) -> None:
         """(Telemetry on.) Keep attempt ``a``'s endpoint channel (plaintext or mesh TLS, never a
-        tap) for the short path's next RPCs, as :meth:`_blocking` keeps it."""
+        tap) for the short path's next RPCs, as :meth:`_blocking` keeps it; ``cfg``: the
+        configuration ``call`` was routed under (kept only while it is still the short path's)."""
         ch = self._channel
-        cfg = self._eps_cfg
-        if a.path != self._method or cfg is None or cfg is not ch._plain_cfg:
+        if a.path != self._method or cfg is None or cfg is not self._eps_cfg or cfg is not ch._plain_cfg:
             return
         try:
             ep = ch._pool.acquire(a.endpoint.key, a.authority, ch._tls_for(a), a)
@@ -298,7 +299,8 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             return
         try:
             mc = ep.callables.get(self._slot) or self._target_callable(ep, a)
-            self._keep(a, ep, mc, call.route)
+            if self._eps_cfg is cfg:  # (another thread may have moved on to a newer configuration)
+                self._keep(a, ep, mc, call.route)
         finally:
             ch._pool.release(ep)
 
