@@ -141,3 +141,22 @@ def test_bytes_like_values(impl):
     mod = import_module(f"meshcore._fast.call_{impl}")
     for v in (b"\xe9v", bytearray(b"\xe9v"), memoryview(b"\xe9v")):
         assert mod.strip_peer_pairs([("x-envoy-peer-metadata", v)]) == ([], "\xe9v")
+
+
+def test_request_scan_takes_no_int_for_a_size():
+    """The request scan (telemetry's bytes and gRPC-ness of a request) on hostile header values:
+    an int value is not a size (``bytes(n)``), an infinite content-length counts 0; never an
+    exception other than the documented TypeError/ValueError to the caller, and no huge
+    allocation."""
+    from meshcore._fast._outcome import _scan_request, _scan_response, _text
+
+    assert _scan_request([("content-length", float("inf")), ("content-type", 10**30)]) == (0, None, False)
+    assert _scan_request([("x-request-id", 1 << 40)]) == (0, None, False)
+    assert _scan_request({"content-length": "12", "content-type": b"application/grpc"}) == (12, None, True)
+    with pytest.raises(TypeError):
+        _text(5)
+
+    class Resp:
+        headers = {"content-length": float("inf")}
+
+    assert _scan_response(Resp()) == (0, None)

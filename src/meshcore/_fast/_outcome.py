@@ -47,6 +47,16 @@ def _length(value: Any) -> int:
     return n if 0 <= n < _MAX_LENGTH else 0
 
 
+def _text(value: Any) -> str:
+    """A header name or value as str (bytes-like: latin-1); TypeError for anything else (an int
+    is not taken for a size, as ``bytes(n)`` would)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("latin-1")
+    raise TypeError(f"a header name or value must be str or bytes, not {type(value).__name__}")
+
+
 def _is_grpc(content_type: str) -> bool:
     """Envoy's ``Grpc::Common::isGrpcRequestHeaders`` test of a content-type."""
     ct = content_type.lower()
@@ -62,17 +72,17 @@ def _scan_request(headers: Any) -> Tuple[int, Optional[str], bool]:
         for k, v in pairs:
             n = len(k)
             if n == 14 or n == 12:
-                lk = k.lower() if isinstance(k, str) else bytes(k).decode("latin-1").lower()
+                lk = k.lower() if isinstance(k, str) else _text(k).lower()
                 if lk == "content-length":
                     try:
                         length = _length(v)
-                    except (TypeError, ValueError):
+                    except (TypeError, ValueError, OverflowError):
                         pass
                 elif lk == "x-request-id":
-                    rid = v if isinstance(v, str) else bytes(v).decode("latin-1")
+                    rid = _text(v)
                 elif lk == "content-type":
-                    grpc = _is_grpc(v if isinstance(v, str) else bytes(v).decode("latin-1"))
-    except (TypeError, ValueError):
+                    grpc = _is_grpc(_text(v))
+    except (TypeError, ValueError, OverflowError):
         pass
     return length, rid, grpc
 
@@ -101,7 +111,7 @@ def _scan_response(result: Any, peers: bool = True) -> Tuple[int, Optional[str]]
                         length = _length(cl)
                 if peers:
                     peer = get("x-envoy-peer-metadata")
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 pass
     if isinstance(peer, bytes):
         peer = peer.decode("latin-1")

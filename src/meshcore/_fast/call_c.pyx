@@ -959,7 +959,7 @@ cdef object _request_length(object headers, bint *grpc):
                 v = (<tuple>pair)[1]
                 try:
                     length = _length(v)  # (outcome's rule: negative or >= 2**53 counts 0, as the pure twin)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
                     pass
         elif n == 12 and _lower_eq(<str>k, "content-type"):
             v = (<tuple>pair)[1]
@@ -1260,7 +1260,11 @@ cdef class IstioObserver:
         (<IstioSeries?>series)._add((monotonic() - c.started) * 1000.0, req_bytes or 0, resp_bytes, req_messages,
                                     resp_messages)
         if slot is not None and (peer is None or type(peer) is str):
+            # (the series last: dropping an old field's value may run Python code, and another
+            # thread must never find a half-filled slot with a series)
+            slot.series = None
             slot.endpoint, slot.status, slot.route, slot.cluster = endpoint, s, c.route, c.cluster
-            slot.authority, slot.policy, slot.peer, slot.series = c.authority, policy, peer or None, series
+            slot.authority, slot.policy, slot.peer = c.authority, policy, peer or None
             slot.grpc = grpc_code
+            slot.series = series
         return True
