@@ -289,23 +289,54 @@ class _Deadlines:
         return True
 
 
-_loop_deadlines: Tuple[Any, Any] = (None, None)  # (loop, its _Deadlines): the last loop used
+_BASE_TIME = asyncio.BaseEventLoop.time
+#: (loop, its _Deadlines, its clock): the last loop used (the usual program has one)
+_loop_deadlines: Tuple[Any, Any, Callable[[], float]] = (None, None, time.monotonic)
 _deadlines_of: "weakref.WeakKeyDictionary[Any, _Deadlines]" = weakref.WeakKeyDictionary()
 _deadlines_lock = threading.Lock()
 
 
 def _deadlines() -> _Deadlines:
+    """The running loop's :class:`_Deadlines` (made on first use), remembered with the loop's
+    clock: ``time.monotonic`` itself (a C call) when ``loop.time`` is asyncio's
+    ``BaseEventLoop.time``, which returns it; otherwise ``loop.time``."""
     global _loop_deadlines
     loop = asyncio.get_running_loop()
-    last_loop, dl = _loop_deadlines
+    last_loop, dl, _ = _loop_deadlines
     if last_loop is loop:
         return dl
     with _deadlines_lock:
         dl = _deadlines_of.get(loop)
         if dl is None:
             dl = _deadlines_of[loop] = _Deadlines(loop)
-    _loop_deadlines = (loop, dl)
+    clock = time.monotonic if getattr(type(loop), "time", None) is _BASE_TIME else loop.time
+    _loop_deadlines = (loop, dl, clock)
     return dl
+
+
+def deadline_begin(a: Any, timeout: float) -> _Deadlines:
+    """Register attempt ``a``'s deadline, ``timeout`` seconds from now, in the running loop's
+    :class:`_Deadlines` and return it. The caller then awaits the attempt itself (no coroutine
+    of ours around it), turns a ``CancelledError`` into ``TimeoutError`` when
+    ``dl.timed_out(a)``, and calls :func:`deadline_end` in its ``finally`` (see
+    :func:`send_timed`, the whole pattern)."""
+    loop = _get_running_loop()
+    last_loop, dl, clock = _loop_deadlines
+    if last_loop is not loop:
+        dl = _deadlines()
+        clock = _loop_deadlines[2]
+    task = _current_task(loop)
+    when = clock() + timeout
+    dl.pending[a] = (when, task, task.cancelling() if _HAS_UNCANCEL else 0)  # type: ignore[union-attr]
+    if when < dl.armed_at or dl.handle is None:
+        dl._arm(when)
+    return dl
+
+
+def deadline_end(dl: _Deadlines, a: Any) -> None:
+    """Attempt ``a`` ended: its deadline leaves ``dl`` (or, fired meanwhile, its mark does)."""
+    if dl.pending.pop(a, None) is None:  # its deadline fired (and the attempt went on)
+        dl.fired.pop(a, None)
 
 
 async def send_timed(a: Any, send: Callable[[Any], Awaitable[R]]) -> R:
@@ -315,17 +346,7 @@ async def send_timed(a: Any, send: Callable[[Any], Awaitable[R]]) -> R:
     timeout = a.timeout
     if timeout is None:
         return await send(a)
-    loop = _get_running_loop()
-    last_loop, dl = _loop_deadlines  # (_deadlines() inline for the loop used last)
-    if last_loop is not loop:
-        dl = _deadlines()
-    # dl.add(timeout, a) inline
-    task = _current_task(loop)
-    when = loop.time() + timeout
-    pending = dl.pending
-    pending[a] = (when, task, task.cancelling() if _HAS_UNCANCEL else 0)  # type: ignore[union-attr]
-    if when < dl.armed_at or dl.handle is None:
-        dl._arm(when)
+    dl = deadline_begin(a, timeout)
     try:
         return await send(a)
     except asyncio.CancelledError as cancelled:
@@ -333,8 +354,7 @@ async def send_timed(a: Any, send: Callable[[Any], Awaitable[R]]) -> R:
             raise TimeoutError(f"attempt timed out after {timeout:.3f}s") from cancelled
         raise
     finally:
-        if pending.pop(a, None) is None:  # its deadline fired (and send went on)
-            dl.fired.pop(a, None)
+        deadline_end(dl, a)
 
 
 async def run_async(call: Any, send: Callable[[Any], Awaitable[R]], status_of: StatusOf,
@@ -353,16 +373,7 @@ async def run_async(call: Any, send: Callable[[Any], Awaitable[R]], status_of: S
         if timeout is None:
             result = await send(a)
         else:  # send_timed inline: the usual request has a route timeout, and a coroutine less
-            loop = _get_running_loop()
-            last_loop, dl = _loop_deadlines
-            if last_loop is not loop:
-                dl = _deadlines()
-            task = _current_task(loop)
-            when = loop.time() + timeout
-            pending = dl.pending
-            pending[a] = (when, task, task.cancelling() if _HAS_UNCANCEL else 0)  # type: ignore[union-attr]
-            if when < dl.armed_at or dl.handle is None:
-                dl._arm(when)
+            dl = deadline_begin(a, timeout)
             try:
                 result = await send(a)
             except asyncio.CancelledError as cancelled:
@@ -370,8 +381,7 @@ async def run_async(call: Any, send: Callable[[Any], Awaitable[R]], status_of: S
                     raise TimeoutError(f"attempt timed out after {timeout:.3f}s") from cancelled
                 raise
             finally:
-                if pending.pop(a, None) is None:  # its deadline fired (and send went on)
-                    dl.fired.pop(a, None)
+                deadline_end(dl, a)
     except BaseException as e:  # noqa: BLE001
         kind = classify(e)
         a.finish(error=kind or RESET)

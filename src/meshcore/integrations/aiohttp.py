@@ -78,7 +78,6 @@ import inspect
 import json as _json
 import logging
 import ssl
-import time
 from operator import attrgetter
 from typing import Any, Awaitable, Callable, Dict, Generator, Iterable, List, Optional, Tuple, Union
 
@@ -91,8 +90,7 @@ from yarl import URL
 
 from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, NotReady, Unavailable
-from .. import lifecycle as _lifecycle
-from ..lifecycle import _HAS_UNCANCEL, _current_task, _get_running_loop
+from ..lifecycle import deadline_begin as _deadline_begin, deadline_end as _deadline_end
 from ..lifecycle import run_after_async as _run_after_async, run_async as _run_async
 from ..lifecycle import run_async_reported as _run_async_reported
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
@@ -557,21 +555,6 @@ class _Sender:
 
 
 _CLIENT_REQUEST = aiohttp.ClientSession.request
-_BASE_TIME = asyncio.BaseEventLoop.time
-# (the event loop used last, its lifecycle._Deadlines, its clock): the inline attempt's deadline
-_loop_clock: Tuple[Any, Any, Callable[[], float]] = (None, None, time.monotonic)
-
-
-def _clock_of(loop: asyncio.AbstractEventLoop) -> Tuple[Any, Any, Callable[[], float]]:
-    """``loop``'s deadline table (``lifecycle._deadlines``) and clock: ``time.monotonic`` itself
-    (a C call) when ``loop.time`` is asyncio's ``BaseEventLoop.time``, which returns it; otherwise
-    ``loop.time``. Remembered for the next request (the usual program has one loop)."""
-    global _loop_clock
-    clock = time.monotonic if getattr(type(loop), "time", None) is _BASE_TIME else loop.time
-    _loop_clock = (loop, _lifecycle._deadlines(), clock)
-    return _loop_clock
-
-
 def _request_of(session: aiohttp.ClientSession) -> Any:
     """The coroutine function an attempt calls: ``session._request`` (what ``session.request``
     wraps in a context manager the attempt does not need) unless the session's class changes
@@ -925,17 +908,8 @@ class MeshSession:
                                         if tls is not None:
                                             extra = sender.tls_kwargs(tls, endpoint, extra, sender.scheme)
                                     timeout_a = a.timeout
-                                    if timeout_a is not None:  # send_timed's deadline, inline
-                                        loop = _get_running_loop()
-                                        last_loop, dl, clock = _loop_clock  # (those of the loop used last)
-                                        if last_loop is not loop:
-                                            _, dl, clock = _clock_of(loop)
-                                        task = _current_task(loop)
-                                        when = clock() + timeout_a
-                                        pending = dl.pending
-                                        pending[a] = (when, task, task.cancelling() if _HAS_UNCANCEL else 0)
-                                        if when < dl.armed_at or dl.handle is None:
-                                            dl._arm(when)
+                                    if timeout_a is not None:  # lifecycle.send_timed's steps, without its coroutine
+                                        dl = _deadline_begin(a, timeout_a)
                                     try:
                                         if extra:
                                             resp = await sender.request(method, target, headers=attempt_headers,
@@ -954,8 +928,8 @@ class MeshSession:
                                             raise TimeoutError(f"attempt timed out after {timeout_a:.3f}s") from cancelled
                                         raise
                                     finally:
-                                        if timeout_a is not None and pending.pop(a, None) is None:
-                                            dl.fired.pop(a, None)  # its deadline fired (and the attempt went on)
+                                        if timeout_a is not None:
+                                            _deadline_end(dl, a)
                                     # sender.finish(a, resp), inline (the first attempt; a dict literal: no
                                     # code of its own, unlike dict.copy, which a request's path runs nowhere else)
                                     resp.meshcore = {"cluster": cluster, "endpoint": endpoint.key,  # type: ignore[union-attr]

@@ -85,7 +85,7 @@ from ..call import FaultAbort, UpstreamTimeout, default_classify
 from ..errors import MeshError, NoRoute, NotReady, Unavailable
 from ..lifecycle import run as _run, run_async as _run_async, run_async_reported as _run_async_reported
 from ..lifecycle import run_after as _run_after, run_after_async as _run_after_async, run_reported as _run_reported
-from .. import lifecycle as _lifecycle
+from ..lifecycle import deadline_begin as _deadline_begin, deadline_end as _deadline_end
 from ..resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT
 from ..resilience.router_headers import ROUTER_HEADERS
 from ..telemetry.peer_metadata import HEADER as _PEER_HEADER, HEADER_ID as _PEER_HEADER_ID
@@ -201,9 +201,6 @@ def _probe_response(mod: ModuleType) -> bool:
 
 
 _CORE_BARE: Dict[str, bool] = {}
-_get_running_loop = asyncio.get_running_loop
-_current_task = asyncio.current_task
-_HAS_UNCANCEL = hasattr(asyncio.Task, "uncancel")
 _partial = functools.partial
 _METHODS = {m: m.encode("ascii") for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
@@ -1202,17 +1199,8 @@ class AsyncMeshTransport(_MeshTransportBase):
                 try:
                     timeout = a.timeout
                     try:
-                        if timeout is not None:
-                            loop = _get_running_loop()
-                            last_loop, dl = _lifecycle._loop_deadlines  # (the _Deadlines of the loop used last)
-                            if last_loop is not loop:
-                                dl = _lifecycle._deadlines()
-                            task = _current_task(loop)
-                            when = loop.time() + timeout
-                            pending = dl.pending
-                            pending[a] = (when, task, task.cancelling() if _HAS_UNCANCEL else 0)
-                            if when < dl.armed_at or dl.handle is None:
-                                dl._arm(when)
+                        if timeout is not None:  # lifecycle.send_timed's steps, without its coroutine
+                            dl = _deadline_begin(a, timeout)
                             try:
                                 answer = await self._send(request, lib, key, cluster, scheme_b, raw_path, path, sni,
                                                           upstream, exchange, peer, a)
@@ -1221,8 +1209,7 @@ class AsyncMeshTransport(_MeshTransportBase):
                                     raise TimeoutError(f"attempt timed out after {timeout:.3f}s") from cancelled
                                 raise
                             finally:
-                                if pending.pop(a, None) is None:  # its deadline fired (and send went on)
-                                    dl.fired.pop(a, None)
+                                _deadline_end(dl, a)
                         else:
                             answer = await self._send(request, lib, key, cluster, scheme_b, raw_path, path, sni,
                                                       upstream, exchange, peer, a)
