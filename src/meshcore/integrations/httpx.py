@@ -78,7 +78,7 @@ import ssl
 import sys
 import threading
 from types import ModuleType
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, NoReturn, Optional, Tuple, Union
 
 from .._model import host_key
 from ..call import FaultAbort, UpstreamTimeout, default_classify
@@ -753,10 +753,13 @@ class _MeshTransportBase:
         return o
 
     def _core_request(self, inner: _Inner, request: Any, attempt: Any, scheme: bytes, target: bytes,
-                      path: str, sni: Optional[str], upstream: Optional[Tuple[Tuple[bytes, bytes], ...]]) -> Any:
+                      path: str, sni: Optional[str], upstream: Optional[Tuple[Tuple[bytes, bytes], ...]],
+                      exchange: Any = None, peer: bool = False) -> Any:
         """The pool's request for one attempt: ``ip:port`` of the picked endpoint, the logical Host
         (router headers dropped), the timeouts capped by the attempt's, SNI the logical host.
-        ``upstream``: the header pairs after Host (see ``_mesh_headers``; None: made here)."""
+        ``upstream``: the header pairs after Host (see ``_mesh_headers``: with the ``exchange``'s
+        own; None: made here, Istio's metadata ``exchange`` added, replacing the application's
+        when ``peer``); while tracing is on, the attempt's trace headers."""
         endpoint = attempt.endpoint
         host, port = self._origins.get(endpoint.key) or self._origin(endpoint)
         authority = attempt.authority
@@ -769,6 +772,12 @@ class _MeshTransportBase:
             except AttributeError:
                 lst = [(k, k.lower(), v) for k, v in request.headers.raw]
             headers += [(k, v) for k, lk, v in lst if lk not in _DROP]
+            if exchange is not None:  # Istio's metadata exchange: ours replace the app's
+                if peer:
+                    headers = [h for h in headers if h[0].lower() not in _PEER_NAMES]
+                headers.extend(exchange.headers_bytes)
+        if _TRACER[0] is not None:  # tracing (meshcore.telemetry.tracing): this attempt's headers
+            _add_trace_bytes(headers, _trace_headers(attempt))
         extensions = request.extensions
         cap = attempt.timeout
         if cap is not None or sni is not None:
@@ -878,14 +887,15 @@ def _tell_telemetry_headers(attempt: Any, response: Any, raw: bytes, exchange: A
     attempt.telemetry = {"peer_metadata": peer, "request_bytes": None, "response_bytes": len(raw)}
 
 
-def _add_exchange(req: Any, exchange: Any, peer: bool) -> None:
-    """Add Istio's metadata exchange headers (``exchange.headers_bytes``) to the pool request;
-    ``peer``: the application's headers may carry x-envoy-peer-metadata(-id) of their own, which
-    ours replace (as the sidecar's filter does)."""
-    headers = req.headers
-    if peer:
-        headers = req.headers = [h for h in headers if h[0].lower() not in _PEER_NAMES]
-    headers.extend(exchange.headers_bytes)
+def _raise_pool_error(lib: _Lib, inner: _Inner, request: Any, exc: Exception) -> NoReturn:
+    """Raise what the client raises for the pool's error ``exc``: for mesh TLS (see
+    ``_connect_error``) a ConnectError caused by the meshcore error, else the library's own
+    httpcore -> httpx mapping."""
+    err = getattr(exc, "_meshcore_tls", None)
+    if err is not None:
+        raise lib.mod.ConnectError(str(err), request=request) from err
+    with inner.map_exc():
+        raise exc
 
 
 def _add_trace_bytes(headers: List[Tuple[bytes, bytes]], pairs: Any) -> None:
@@ -965,11 +975,7 @@ class MeshTransport(_MeshTransportBase):
             inner = slot.pool
             pool = inner.pool
             if pool is not None:
-                req = self._core_request(inner, request, attempt, scheme, target, path, sni, upstream)
-                if exchange is not None and upstream is None:  # (else in upstream: see _mesh_headers)
-                    _add_exchange(req, exchange, peer)  # Istio's metadata exchange: ours replace the app's
-                if _TRACER[0] is not None:  # tracing (meshcore.telemetry.tracing): this attempt's headers
-                    _add_trace_bytes(req.headers, _trace_headers(attempt))
+                req = self._core_request(inner, request, attempt, scheme, target, path, sni, upstream, exchange, peer)
                 try:
                     resp = pool.handle_request(req)
                     stream = resp.stream
@@ -980,11 +986,7 @@ class MeshTransport(_MeshTransportBase):
                         if close is not None:
                             close()
                 except Exception as exc:
-                    err = getattr(exc, "_meshcore_tls", None)
-                    if err is not None:  # mesh TLS (see _connect_error): the meshcore error is the cause
-                        raise lib.mod.ConnectError(str(err), request=request) from err
-                    with inner.map_exc():  # the library's own httpcore -> httpx mapping
-                        raise exc
+                    _raise_pool_error(lib, inner, request, exc)
                 if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
                     self._note(attempt, resp, len(raw), exchange is not None)
                 return _final_response(lib, request, resp, raw)
@@ -1113,11 +1115,7 @@ class AsyncMeshTransport(_MeshTransportBase):
             inner = slot.pool
             pool = inner.pool
             if pool is not None:
-                req = self._core_request(inner, request, attempt, scheme, target, path, sni, upstream)
-                if exchange is not None and upstream is None:  # (else in upstream: see _mesh_headers)
-                    _add_exchange(req, exchange, peer)  # Istio's metadata exchange: ours replace the app's
-                if _TRACER[0] is not None:  # tracing (meshcore.telemetry.tracing): this attempt's headers
-                    _add_trace_bytes(req.headers, _trace_headers(attempt))
+                req = self._core_request(inner, request, attempt, scheme, target, path, sni, upstream, exchange, peer)
                 try:
                     resp = await pool.handle_async_request(req)
                     stream = resp.stream
@@ -1131,11 +1129,7 @@ class AsyncMeshTransport(_MeshTransportBase):
                         if aclose is not None:
                             await aclose()
                 except Exception as exc:
-                    err = getattr(exc, "_meshcore_tls", None)
-                    if err is not None:  # mesh TLS (see _connect_error): the meshcore error is the cause
-                        raise lib.mod.ConnectError(str(err), request=request) from err
-                    with inner.map_exc():  # the library's own httpcore -> httpx mapping
-                        raise exc
+                    _raise_pool_error(lib, inner, request, exc)
                 if _TELEMETRY[0] or exchange is not None:  # strip the peer's metadata we asked for
                     self._note(attempt, resp, len(raw), exchange is not None)
                 return _final_response(lib, request, resp, raw)
