@@ -298,3 +298,20 @@ def test_reset_during_a_miss_leaves_no_key_to_the_dropped_series(mesh, echo, imp
         assert s["requests"] == 3
     finally:
         tel.disable_istio_metrics()
+
+
+@pytest.mark.parametrize("args", [(1.0, 0, 0, 10**30, 0), (1.0, 0, 0, 2.5, 0), (1.0, "3", 0, 0, 0),
+                                  (1.0, 0, 0, float("nan"), 0), (1.0, 0, 0, float("inf"), 0), (1.0, 0, 0, "3", 0),
+                                  (10**400, 0, 0, 0, 0), (1.0, 0, 0, 1 << 63, 0), (1.0, 0, 0, -(1 << 63), 1)])
+def test_series_add_converts_as_the_compiled_twin(args):
+    """``IstioSeries.add`` called directly: both twins accept or refuse the same arguments with the
+    same exception type (the compiled twin's C double / long long parameters)."""
+    outcomes = []
+    for twin in ("c", "py"):
+        s = import_module(f"meshcore._fast.call_{twin}").IstioSeries(("a",), (1, 10), True)
+        try:
+            s.add(*args)
+            outcomes.append(("ok", s.values()[0], s.values()[7:]))
+        except (TypeError, ValueError, OverflowError) as e:
+            outcomes.append((type(e).__name__,))
+    assert outcomes[0] == outcomes[1]

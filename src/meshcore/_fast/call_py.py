@@ -30,6 +30,7 @@ The compiled twin relies on the GIL for atomicity; this twin takes the counters'
 from __future__ import annotations
 
 import bisect
+import operator
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -704,6 +705,24 @@ class MeshCore:
 # -- Istio's standard metrics: the counters and the usual request counted without a record --------
 
 
+def _double(value: Any) -> float:
+    """``value`` as a C double parameter takes it (``PyFloat_AsDouble``: a number, not a string)."""
+    if type(value) is float:
+        return value
+    if isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"must be real number, not {type(value).__name__}")
+    return float(value)
+
+
+def _long_long(value: Any) -> int:
+    """``value`` as a C long long parameter takes it (an integer in 64 bits; a float truncated,
+    NaN a ValueError and infinity an OverflowError, as ``int()``)."""
+    n = int(value) if isinstance(value, float) else operator.index(value)
+    if not -(1 << 63) <= n < (1 << 63):
+        raise OverflowError("Python int too large to convert to C long long")
+    return n
+
+
 class IstioSeries:
     """The values of one Istio label tuple (``meshcore.telemetry.istio_metrics``): the request
     counter, three histograms over ``bounds`` (duration ms, request and response bytes; the last
@@ -727,7 +746,12 @@ class IstioSeries:
 
     def add(self, duration_ms: float, request_bytes: float, response_bytes: float, request_messages: int = 0,
             response_messages: int = 0) -> None:
-        """Count one request (bytes 0: the first bucket, as Istio's histogram of 0)."""
+        """Count one request (bytes 0: the first bucket, as Istio's histogram of 0). The arguments
+        are converted as the compiled twin's C ``double``/``long long`` parameters are (the same
+        TypeError/OverflowError for the same input)."""
+        duration_ms, request_bytes, response_bytes = _double(duration_ms), _double(request_bytes), _double(
+            response_bytes)
+        request_messages, response_messages = _long_long(request_messages), _long_long(response_messages)
         b = self._bounds
         di = bisect.bisect_left(b, duration_ms)
         qi = bisect.bisect_left(b, request_bytes) if request_bytes else 0
