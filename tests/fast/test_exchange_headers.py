@@ -160,3 +160,54 @@ def test_request_scan_takes_no_int_for_a_size():
         headers = {"content-length": float("inf")}
 
     assert _scan_response(Resp()) == (0, None)
+
+
+REQUEST_NAMES = ["content-length", "content-type", "Content-Length", "CONTENT-TYPE", "content-lengtH",
+                 "content-lenGth", "contenT-type", "x-custom-value", "x-req-id-value", "content_type",
+                 "\u212aontent-type", "content-\u0130ype", "c\u0131ntent-type", "conte\u212at-type",
+                 "x-envoy-peer-metadata", "te"]
+REQUEST_VALUES = ["application/grpc", "application/GRPC", "Application/Grpc+proto", "application/grpc;charset=x",
+                  "application/grpcx", "application/grpc-web", "application/json", "APPLICATION/GRPC+",
+                  "applicat\u0130on/grpc", "application/grp\u212a", "application/grpc\u0130", "application/grp",
+                  "", "12", "0", "-3", " 7", "9007199254740993", "1e3", "abc", "\u0661\u0662"]
+
+
+def _request_headers(rng: random.Random) -> Any:
+    pairs = [(rng.choice(REQUEST_NAMES), rng.choice(REQUEST_VALUES)) for _ in range(rng.randrange(0, 6))]
+    shape = rng.random()
+    if shape < 0.4:
+        return dict(pairs)
+    return pairs if shape < 0.8 else tuple(pairs)
+
+
+def _request_reference(headers: Any) -> Tuple[Any, bool]:
+    """The rule written plainly: names and the content-type compared lower-cased; the last
+    content-length / content-type wins."""
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    length, grpc = 0, False
+    for k, v in pairs:
+        name = k.lower()
+        if name == "content-length":
+            try:
+                n = int(v)
+                length = n if 0 <= n < 2 ** 53 else 0
+            except ValueError:
+                pass
+        elif name == "content-type":
+            ct = v.lower()
+            grpc = ct == "application/grpc" or ct.startswith(("application/grpc+", "application/grpc;"))
+    return length, grpc
+
+
+def test_request_facts_twins_agree():
+    """The compiled request scan (no lowered copies: an ASCII compare with the Kelvin sign's and
+    dotted I's lowering rules) and the pure one give the same (length, gRPC) as the plain rule on
+    generated headers: dicts and pairs, names and content-types in any case, non-ASCII near misses."""
+    from meshcore._fast import call_c
+
+    rng = random.Random(1607)
+    for _ in range(4000):
+        headers = _request_headers(rng)
+        want = _request_reference(headers)
+        assert call_c.request_facts(headers) == want, headers
+        assert call_py.request_facts(headers) == want, headers

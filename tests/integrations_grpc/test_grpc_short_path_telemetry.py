@@ -80,3 +80,26 @@ def test_short_path_reports_a_route_refusal_once(partial_mesh):
             seen.append((err.value.code(), err.value.details()))
     assert seen[0] == seen[1] == seen[2] and seen[0][0] is grpc.StatusCode.UNIMPLEMENTED
     assert [(s["labels"]["response_flags"], s["requests"]) for s in sink.snapshot()] == [("NR", 3)]
+
+
+def test_another_meshs_sinks_leave_this_mesh_on_the_short_path(mesh, tmp_path):  # noqa: F811
+    """Two meshes in one process, Istio's metrics on one: the other mesh's RPCs are not reported
+    (nothing counted for them) and keep the unreported short path (not the reported general
+    path they took while any mesh of the process had a sink)."""
+    sink = _istio_alone(mesh)
+    path = os.path.join(tmp_path, "mesh.json")
+    with meshcore.Mesh.from_file(path, watch=False).start() as quiet:
+        quiet.wait_ready(TARGET, timeout=10)
+        assert not quiet.telemetry.sinks
+        with mesh_channel(quiet, TARGET) as ch, mesh_channel(mesh, TARGET) as reported:
+            rpc = ch.unary_unary(f"/{SERVICE}/Hello", _registered_method=True)
+            invoked: List[Any] = []
+            general = rpc._invoke
+            rpc._invoke = lambda *a, **k: invoked.append(a) or general(*a, **k)
+            for _ in range(5):
+                assert rpc(b"q", timeout=5) == b"hi q"
+            assert invoked == [] and len(rpc._eps) == 1  # (the first call learned the endpoint)
+            hello = reported.unary_unary(f"/{SERVICE}/Hello", _registered_method=True)
+            for _ in range(2):
+                assert hello(b"r", timeout=5) == b"hi r"
+    assert sum(s["requests"] for s in sink.snapshot()) == 2

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from meshcore.integrations.httpx import MeshTransport
+from meshcore.telemetry.outcome import report
 
 from .test_tracing import URL, echo, mesh  # noqa: F401  (fixtures)
 
@@ -49,6 +50,18 @@ def _traffic(mesh: Any, echo: Any) -> None:
             rpc, grpc_status_of=lambda r: 0)
     with mesh.request(f"{URL}/with") as attempt:
         attempt.status = 204
+    # an integration's own first attempt (grpcio's short path): finished and counted with its
+    # facts by the observer's answered(), or, with another sink, recorded from the same facts
+    for peer in (None, "peer-x", "peer-x", None):
+        call = mesh.request(f"{URL}/grpc", "POST", {"content-type": "application/grpc"})
+        a = call.first_attempt()
+        observer = mesh.telemetry.observer
+        if observer is not None:
+            assert observer.answered(call, a, 200, 0, b"ok", peer, 1) == 1
+        else:
+            a.telemetry = {"peer_metadata": peer, "request_messages": 1, "response_messages": 1}
+            assert a.finish_final(200, 0)
+            report(call, b"ok", None)
 
 
 def _series(sink: Any) -> Dict[str, Any]:
@@ -68,7 +81,8 @@ def test_fast_path_equals_record_path(mesh, echo, impl):
     _traffic(mesh, echo)
     fast = _series(sink)
     # the usual answers went through the observer: 200, 204, gRPC without and with grpc-status 0
-    assert len(sink.observer.keys) == 4
+    # (and answered()'s with a peer's metadata)
+    assert len(sink.observer.keys) == 5
     sink.reset()
     records: List[Any] = []
     tel.add_sink(records.append)
@@ -84,9 +98,9 @@ def test_fast_path_equals_record_path(mesh, echo, impl):
             "response_flags"], json.loads(k)["request_protocol"]) == (code, flags, protocol))
 
     assert count("200", "-") == 3 + 2 + 2  # httpx GETs, plain API
-    assert count("200", "-", "grpc") == 4 and count("503", "URX") == 1 and count("204", "-") == 1
+    assert count("200", "-", "grpc") == 8 and count("503", "URX") == 1 and count("204", "-") == 1
     grpc_ok = [v for k, v in fast.items() if json.loads(k)["grpc_response_status"] == "0"]
-    assert sum(v["requests"] for v in grpc_ok) == 3 and sum(v["messages"][1] for v in grpc_ok) == 5
+    assert sum(v["requests"] for v in grpc_ok) == 7 and sum(v["messages"][1] for v in grpc_ok) == 9
     tel.disable_istio_metrics()
 
 
@@ -315,3 +329,50 @@ def test_series_add_converts_as_the_compiled_twin(args):
         except (TypeError, ValueError, OverflowError) as e:
             outcomes.append((type(e).__name__,))
     assert outcomes[0] == outcomes[1]
+
+
+def test_answered_outcomes(mesh, echo, impl):
+    """``IstioObserver.answered`` (an integration's first attempt finished and counted with its
+    facts): 1 counted (the facts put on the attempt only when a new key went through the
+    record), 0 when the route's policy retries the answer, 2 when the observer does not count it
+    (a stream's message counts), 3 when the observer raised; every time the facts are on the
+    attempt when the call was not counted here; wrong types are a TypeError in both twins."""
+    tel = mesh.telemetry
+    sink = tel.enable_istio_metrics(node_metadata=NODE)
+    observer = tel.observer
+    assert type(observer).__module__.endswith(f"call_{impl}")
+    facts = {"peer_metadata": "p", "request_messages": 1, "response_messages": 1}
+    try:
+        for expect_facts in (True, False):  # a new key (through the record), then the known one
+            call = mesh.request(f"{URL}/grpc", "POST", {"content-type": "application/grpc"})
+            a = call.first_attempt()
+            assert observer.answered(call, a, 200, 0, b"ok", "p", 1) == 1
+            assert a.telemetry == (facts if expect_facts else None)
+            assert (a.status, a.grpc_status) == (200, 0)
+        call = mesh.request(f"{URL}/retry/x")  # 5xx retried: not final
+        a = call.first_attempt()
+        assert observer.answered(call, a, 503, None, None, None, 0) == 0
+        assert a.telemetry == {"peer_metadata": None, "request_messages": 0, "response_messages": 0}
+        call = mesh.request(f"{URL}/grpc", "POST", {"content-type": "application/grpc"})
+        a = call.first_attempt()
+        assert observer.answered(call, a, 200, 0, b"ok", None, 3) == 2
+        assert a.telemetry["response_messages"] == 3
+
+        def broken(*args: Any) -> None:
+            raise RuntimeError("a sink bug")
+
+        miss, observer.miss = observer.miss, broken
+        try:
+            call = mesh.request(f"{URL}/grpc", "POST", {"content-type": "application/grpc"})
+            a = call.first_attempt()
+            assert observer.answered(call, a, 200, 0, b"ok", "new-peer", 1) == 3
+            assert a.telemetry["peer_metadata"] == "new-peer"
+        finally:
+            observer.miss = miss
+        counted = sum(s["requests"] for s in sink.snapshot())
+        assert counted == 2  # the two answered 1 (the others are the caller's to report)
+        for bad in ((None, a), (call, None), (a, call)):
+            with pytest.raises(TypeError):
+                observer.answered(bad[0], bad[1], 200, 0, None, None, 1)
+    finally:
+        tel.disable_istio_metrics()

@@ -15,6 +15,10 @@ cimport cython
 from cpython.long cimport PyLong_Check, PyLong_AsLongLongAndOverflow
 from cpython.time cimport monotonic
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.dict cimport PyDict_Next
+from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
+from cpython.unicode cimport PyUnicode_READ_CHAR, PyUnicode_KIND, PyUnicode_1BYTE_KIND, PyUnicode_DATA
+from libc.string cimport memcmp
 
 from .lb_c cimport lb_pick, lb_release
 from .routes_c cimport RouteTable as CRouteTable
@@ -51,6 +55,91 @@ if len(BUCKETS_MS) != N_BUCKETS or len(COUNTER_NAMES) != N_COUNTERS:  # pragma: 
     raise ImportError("call_c is out of step with call_py (BUCKETS_MS / COUNTER_NAMES)")
 for _i, _b in enumerate(BUCKETS_MS):
     _BUCKETS[_i] = _b
+
+# -- __slots__ fields read in C ------------------------------------------------------------------
+# The request path reads fields of Python classes with __slots__ (``_routing.RouteMatch``, the
+# ``RetryPolicy`` dataclass and its compiled form): through getattr, each costs a type lookup and a
+# descriptor call (~140 instructions), ten or so per request. A ``SlotRef`` remembers, for one
+# field name, the last type it was read from and the offset of the slot in that type's instances
+# (from the member descriptor that attribute lookup itself finds on the type), and reads the field
+# at that offset while an object of exactly that type comes, the type unchanged since (its version
+# tag) and attribute lookup its generic one. An unset slot (NULL), any other type or a changed type
+# goes through getattr (which raises as Python would) and learns the new type.
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        const char *name
+        int type
+        Py_ssize_t offset
+        int flags
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+    PyTypeObject PyMemberDescr_Type
+    PyObject *_PyType_Lookup(PyTypeObject *tp, object name)
+    object PyObject_GenericGetAttr(object o, object name)
+    unsigned int Py_TPFLAGS_VALID_VERSION_TAG
+    ctypedef struct _TypeVersion "PyTypeObject":
+        unsigned int tp_version_tag
+        unsigned long tp_flags
+        void *tp_getattro
+
+cdef enum:
+    _T_OBJECT_EX = 16  # structmember.h: a slot holding an object, AttributeError when unset
+
+
+cdef struct SlotRef:
+    PyTypeObject *tp        # the type learned (NULL: none yet); borrowed, see the version check
+    unsigned int version    # its tp_version_tag when learned (a valid one: never 0)
+    Py_ssize_t offset       # where the field's slot is in that type's instances
+
+
+cdef void _slot_learn(SlotRef *ref, object obj, str name) noexcept:
+    """Remember ``type(obj)``'s slot for ``name`` when attribute lookup on it is the generic one
+    and finds a member descriptor of an object slot; else forget (getattr from then on)."""
+    cdef PyTypeObject *tp = Py_TYPE(obj)
+    cdef _TypeVersion *tv = <_TypeVersion *>tp
+    cdef PyObject *descr
+    ref.tp = NULL
+    if tv.tp_getattro != <void *>PyObject_GenericGetAttr:
+        return
+    descr = _PyType_Lookup(tp, name)  # (borrowed; sets the type's version tag if it can)
+    if descr is NULL or Py_TYPE(<object>descr) is not &PyMemberDescr_Type:
+        return
+    if (<PyMemberDescrObject *>descr).d_member.type != _T_OBJECT_EX:
+        return
+    if not (tv.tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) or tv.tp_version_tag == 0:
+        return
+    ref.offset = (<PyMemberDescrObject *>descr).d_member.offset
+    ref.version = tv.tp_version_tag
+    ref.tp = tp
+
+
+cdef inline object _slot_get(SlotRef *ref, object obj, str name):
+    """``getattr(obj, name)``, read at the learned slot's offset when ``ref`` knows ``type(obj)``."""
+    cdef PyObject *v
+    cdef PyTypeObject *tp = Py_TYPE(obj)
+    if tp is ref.tp and (<_TypeVersion *>tp).tp_version_tag == ref.version:
+        # (offset: the slot of this exact type, unchanged since learned (a modified type gets a
+        # new version tag); obj is an instance of it, so the slot is inside obj)
+        v = (<PyObject **>((<char *><PyObject *>obj) + ref.offset))[0]
+        if v is not NULL:
+            return <object>v
+        return getattr(obj, name)
+    _slot_learn(ref, obj, name)
+    return getattr(obj, name)
+
+
+cdef SlotRef _RM_CLUSTER, _RM_RETRY_POLICY, _RM_TIMEOUT, _RM_HASH, _RM_PATH_REWRITE, _RM_HOST_REWRITE
+cdef SlotRef _RM_ROUTE_NAME, _RP_COMPILED, _RP_PER_TRY_TIMEOUT, _RC_STATUS_CODES, _EP_KEY
+
+
+cdef SlotRef _PROBE_VALUE
+
+
+def _probe_slot(obj):
+    """(Tests.) ``obj.value`` read through one ``SlotRef``, as the request path reads its fields."""
+    return _slot_get(&_PROBE_VALUE, obj, "value")
+
 
 cdef dict _url_cache = URL_CACHE
 cdef dict _grpc_to_http = GRPC_TO_HTTP
@@ -183,9 +272,9 @@ cdef bint _final_first(object policy, object status, object grpc_status) except 
             and type(policy) is _RetryPolicy:
         s = _status_index(status)
         if 0 <= s < 409:
-            compiled = (<object>policy).compiled
+            compiled = _slot_get(&_RP_COMPILED, policy, "compiled")
             if compiled is not None:
-                return status not in compiled.status_codes
+                return status not in _slot_get(&_RC_STATUS_CODES, compiled, "status_codes")
     return bool(_final_answer(policy, status, grpc_status))
 
 
@@ -501,7 +590,7 @@ cdef class Call:
 
     cdef object _try_timeout(self, double now):
         policy = self.retry_policy
-        per_try = policy.per_try_timeout if policy is not None else None
+        per_try = _slot_get(&_RP_PER_TRY_TIMEOUT, policy, "per_try_timeout") if policy is not None else None
         if self.deadline is None:
             return per_try
         remaining = self.deadline - now
@@ -550,8 +639,8 @@ cdef class Call:
         a.number = made + 1
         a.endpoint = endpoint
         route = self.route
-        a.authority = route.host_rewrite or self.authority
-        a.path = route.path_rewrite or self.path
+        a.authority = _slot_get(&_RM_HOST_REWRITE, route, "host_rewrite") or self.authority
+        a.path = _slot_get(&_RM_PATH_REWRITE, route, "path_rewrite") or self.path
         a.scheme = self.scheme
         a.method = self.method
         a.headers = self.headers
@@ -592,7 +681,7 @@ cdef class Call:
                 if detector is not None:
                     detector.tick()
         if not retry:
-            ep, lb = self._choose(self.route.hash)
+            ep, lb = self._choose(_slot_get(&_RM_HASH, self.route, "hash"))
             if ep is not None:
                 return ep, lb
             raise self.mesh._no_upstream(self.target, self.path, self.cluster)
@@ -798,7 +887,7 @@ cdef class MeshCore:
                 _report_refusal(self, target, netloc, method, path, headers, e, scheme=scheme)
             raise e
         call = Call.__new__(Call)
-        cluster = m.cluster
+        cluster = _slot_get(&_RM_CLUSTER, m, "cluster")
         if cluster is not None:
             ce = <_ClusterEntry>entry.resolved.get(cluster)
             if ce is None:
@@ -834,8 +923,8 @@ cdef class MeshCore:
         call.route = m
         call.cluster = cluster
         call._rng = self._rng
-        policy = m.retry_policy
-        limit = m.timeout
+        policy = _slot_get(&_RM_RETRY_POLICY, m, "retry_policy")
+        limit = _slot_get(&_RM_TIMEOUT, m, "timeout")
         if headers:
             found = _router_headers(headers)
             if found is not None and _is_internal_request(entry.cfg.listener, headers, source_ip):
@@ -929,47 +1018,122 @@ cdef object _scan_request_py = _scan_request
 cdef object _scan_response_py = _scan_response
 
 
-cdef inline bint _lower_eq(str k, str name):
-    # k.lower() == name for a lower-case ASCII name of the same length
-    return k == name or k.lower() == name
+cdef bint _ascii_lower_prefix(str k, const char *name, Py_ssize_t n) noexcept:
+    """Whether ``k.lower()`` starts with the lower-case ASCII ``name`` of ``n`` characters
+    (``len(k) >= n``), without the lowered copy: a non-ASCII character never lowers to one of
+    ``name``'s characters except the Kelvin sign (to ``k``); one that lowers to several characters
+    adds a combining mark no ASCII name has (no match)."""
+    cdef Py_ssize_t i
+    cdef unsigned int c  # (a code point as a number: Cython's Py_UCS4 arithmetic is a str's)
+    cdef const unsigned char *data
+    if PyUnicode_KIND(k) == PyUnicode_1BYTE_KIND:  # ASCII or latin-1: bytes (>= 128: never a match)
+        data = <const unsigned char *>PyUnicode_DATA(k)  # (n <= len(k) bytes: in bounds)
+        if memcmp(data, name, n) == 0:  # (the usual name: written lower-case)
+            return True
+        for i in range(n):
+            c = data[i]
+            if 65 <= c <= 90:
+                c += 32
+            if c != <unsigned int><unsigned char>name[i]:
+                return False
+        return True
+    for i in range(n):  # (i < n <= len(k), the caller's invariant: in bounds)
+        c = <unsigned int>PyUnicode_READ_CHAR(k, i)
+        if c >= 128:
+            if c != 0x212A:
+                return False
+            c = 107  # KELVIN SIGN lowers to 'k'
+        elif 65 <= c <= 90:
+            c += 32
+        if c != <unsigned int><unsigned char>name[i]:
+            return False
+    return True
+
+
+cdef inline bint _ascii_lower_eq(str k, const char *name, Py_ssize_t n) noexcept:
+    """``k.lower() == name`` for a lower-case ASCII ``name`` of ``n`` characters (no copy)."""
+    return len(k) == n and _ascii_lower_prefix(k, name, n)
+
+
+cdef bint _grpc_content_type(str v) noexcept:
+    """``_outcome._is_grpc(v)`` without the lowered copy: ``application/grpc`` alone or followed by
+    ``+`` or ``;``, in any ASCII case (see :func:`_ascii_lower_eq` for the non-ASCII rule)."""
+    cdef Py_ssize_t n = len(v)
+    cdef unsigned int c
+    if n < 16:
+        return False
+    if n > 16:
+        c = <unsigned int>PyUnicode_READ_CHAR(v, 16)  # (n > 16: in bounds)
+        if c != 43 and c != 59:  # '+', ';'
+            return False
+    return _ascii_lower_prefix(v, b"application/grpc", 16)
+
+
+cdef object _SCAN_IN_PYTHON = object()  # _request_pair: this pair needs the Python scan
+
+
+cdef inline object _request_pair(object k, object v, bint *grpc):
+    """One (name, value) of :func:`_request_length` (``k`` a str): a content-length's value
+    (counted), ``_SCAN_IN_PYTHON`` (a content-type that is not a str), else None."""
+    cdef Py_ssize_t n = len(<str>k)
+    if n == 14:
+        if _ascii_lower_eq(<str>k, b"content-length", 14):
+            try:
+                return _length(v)  # (outcome's rule: negative or >= 2**53 counts 0, as the pure twin)
+            except (TypeError, ValueError, OverflowError):
+                pass
+    elif n == 12 and _ascii_lower_eq(<str>k, b"content-type", 12):
+        if type(v) is not str:
+            return _SCAN_IN_PYTHON
+        grpc[0] = _grpc_content_type(<str>v)
+    return None
 
 
 cdef object _request_length(object headers, bint *grpc):
     """``outcome._scan_request``'s content-length (returned; 0 when absent) and gRPC content-type
     (``grpc``), in C for a list or tuple of str pairs or a dict of str keys; any other shape
-    through the Python function."""
-    cdef Py_ssize_t n
-    length = 0
+    through the Python function. (A dict is walked with PyDict_Next: no item tuples.)"""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject *pk
+    cdef PyObject *pv
+    cdef object length = 0, k, v
     grpc[0] = False
     if type(headers) is dict:
-        pairs = (<dict>headers).items()
-    elif type(headers) is list or type(headers) is tuple:
-        pairs = headers
-    else:
+        while PyDict_Next(headers, &pos, &pk, &pv):
+            k = <object>pk  # (owned references: _length may run a value's own code)
+            v = <object>pv
+            if type(k) is not str:
+                length, _, grpc[0] = _scan_request_py(headers)
+                return length
+            found = _request_pair(k, v, grpc)
+            if found is not None:
+                if found is _SCAN_IN_PYTHON:
+                    length, _, grpc[0] = _scan_request_py(headers)
+                    return length
+                length = found
+        return length
+    if type(headers) is not list and type(headers) is not tuple:
         length, _, grpc[0] = _scan_request_py(headers)
         return length
-    for pair in pairs:
+    for pair in headers:
         if type(pair) is not tuple or len(<tuple>pair) != 2 or type((<tuple>pair)[0]) is not str:
             length, _, grpc[0] = _scan_request_py(headers)
             return length
-        k = (<tuple>pair)[0]
-        n = len(<str>k)
-        if n == 14:
-            if _lower_eq(<str>k, "content-length"):
-                v = (<tuple>pair)[1]
-                try:
-                    length = _length(v)  # (outcome's rule: negative or >= 2**53 counts 0, as the pure twin)
-                except (TypeError, ValueError, OverflowError):
-                    pass
-        elif n == 12 and _lower_eq(<str>k, "content-type"):
-            v = (<tuple>pair)[1]
-            if type(v) is not str:
+        found = _request_pair((<tuple>pair)[0], (<tuple>pair)[1], grpc)
+        if found is not None:
+            if found is _SCAN_IN_PYTHON:
                 length, _, grpc[0] = _scan_request_py(headers)
                 return length
-            ct = (<str>v).lower()
-            grpc[0] = ct == "application/grpc" or ct.startswith("application/grpc+") or ct.startswith(
-                "application/grpc;")
+            length = found
     return length
+
+
+def request_facts(headers):
+    """``(content-length or 0, whether the content-type is gRPC's)`` of a request's headers, as
+    the Istio observer reads them (the pure twin: ``_outcome._scan_request``'s)."""
+    cdef bint grpc = False
+    length = _request_length(headers, &grpc)
+    return length, grpc
 
 
 # Istio's metadata exchange headers, lower-case (the pure twin's are ``exchange_py``'s;
@@ -1117,6 +1281,11 @@ cdef object _response_facts(object result, bint peers, double *length_out):
     return peer
 
 
+cdef inline dict _facts(object peer, long long messages):
+    """An attempt's telemetry facts as the record path reads them (:meth:`IstioObserver.answered`)."""
+    return {"peer_metadata": peer, "request_messages": messages, "response_messages": messages}
+
+
 cdef enum:
     N_OBSERVER_SLOTS = 16  # power of two: a slot's index is masked with N_OBSERVER_SLOTS - 1
 
@@ -1178,10 +1347,6 @@ cdef class IstioObserver:
         """``observer(call, result)``: counted (True) or not the usual answer (False)."""
         cdef Call c
         cdef Attempt a
-        cdef _ObserverSlot slot
-        cdef long long s
-        cdef bint grpc = False
-        cdef int grpc_code
         cdef object peer = None
         cdef double resp_len = 0.0
         cdef long long req_messages = 0, resp_messages = 0
@@ -1226,6 +1391,45 @@ cdef class IstioObserver:
             resp_bytes = resp_len
         else:
             resp_bytes = 0
+        return self._count(c, a, status, grpc_status, result, peer, req_bytes, resp_bytes, req_messages,
+                           resp_messages, False)
+
+    def answered(self, Call call not None, Attempt attempt not None, status, grpc_status, result, peer,
+                 long long messages):
+        """A first attempt's answer, for an integration's own router path: ``attempt.finish_final
+        (status, grpc_status)``, and the call counted if that ends it, with the attempt's facts
+        given here (``peer``: the peer's raw metadata; ``messages``: request and response
+        messages, 1 for a unary gRPC call, 0 for HTTP) instead of in ``attempt.telemetry``. 0: not
+        final (the retry decision is the caller's); 1: final and counted; 2: final, not counted
+        (the caller reports it through the record, ``report(..., observed=True)``); 3: as 2, the
+        observer raised. Whenever the call is not counted here (0, 2, 3, and a key not known
+        yet, counted through the record), the facts are on ``attempt.telemetry``, as the record
+        path reads them."""
+        cdef bint final = attempt.finish_final(status, grpc_status)
+        if final and attempt._policy is call.retry_policy and call._first is attempt and call._attempts is None \
+                and call.fault_decision is None and attempt.error is None and PyLong_Check(status) and (
+                    grpc_status is None or (type(grpc_status) is int and grpc_status == 0)) and (
+                    messages == 0 or messages == 1):
+            try:
+                if self._count(call, attempt, status, grpc_status, result, peer, None, 0, messages, messages, True):
+                    return 1
+            except Exception:  # (telemetry never fails a request: the record path, with the facts)
+                if attempt.telemetry is None:
+                    attempt.telemetry = _facts(peer, messages)
+                return 3
+        if attempt.telemetry is None:
+            attempt.telemetry = _facts(peer, messages)
+        return 2 if final else 0
+
+    cdef bint _count(self, Call c, Attempt a, object status, object grpc_status, object result, object peer,
+                     object req_bytes, object resp_bytes, long long req_messages, long long resp_messages,
+                     bint facts) except -1:
+        """:meth:`observe` once the attempt's facts are known (``facts``: given by :meth:`answered`,
+        not on the attempt yet: put there before a miss, which reads them as the record does)."""
+        cdef _ObserverSlot slot
+        cdef long long s
+        cdef bint grpc = False
+        cdef int grpc_code
         headers = c.headers
         if headers:
             length = _request_length(headers, &grpc)
@@ -1249,13 +1453,17 @@ cdef class IstioObserver:
         if policy is not None:  # (a slot is filled only for a status its policy did not retry)
             if type(policy) is not _RetryPolicy:
                 return False
-            compiled = (<object>policy).compiled
-            if compiled is None or s < 0 or s >= 409 or status in compiled.status_codes:
+            compiled = _slot_get(&_RP_COMPILED, policy, "compiled")
+            if compiled is None or s < 0 or s >= 409 or status in _slot_get(&_RC_STATUS_CODES, compiled,
+                                                                               "status_codes"):
                 return False
-        key = (c.route.route_name, c.cluster, endpoint.key, c.authority, status, peer or None, grpc_status, grpc)
+        key = (_slot_get(&_RM_ROUTE_NAME, c.route, "route_name"), c.cluster, _slot_get(&_EP_KEY, endpoint, "key"),
+               c.authority, status, peer or None, grpc_status, grpc)
         series = self.keys.get(key)
         if series is None or c.started > self.until:
-            self.miss(call, result, key)
+            if facts:
+                a.telemetry = _facts(peer, req_messages)
+            self.miss(c, result, key)
             return True
         (<IstioSeries?>series)._add((monotonic() - c.started) * 1000.0, req_bytes or 0, resp_bytes, req_messages,
                                     resp_messages)

@@ -779,6 +779,18 @@ class IstioSeries:
                     self._messages[0], self._messages[1])
 
 
+def _probe_slot(obj: Any) -> Any:
+    """(Tests.) ``obj.value`` (the compiled twin reads it as its request path reads slots)."""
+    return obj.value
+
+
+def request_facts(headers: Any) -> Tuple[Any, bool]:
+    """``(content-length or 0, whether the content-type is gRPC's)`` of a request's headers, as
+    the Istio observer reads them."""
+    length, _, grpc = _scan_request(headers)
+    return length, bool(grpc)
+
+
 def note_response(attempt: Any, response: Any, nbytes: Any, strip: bool) -> None:
     """What an integration tells telemetry of an attempt's answer: ``attempt.telemetry`` (see
     ``RequestRecord``) with the body size ``nbytes``; with ``strip`` (Istio's metadata exchange on)
@@ -791,6 +803,11 @@ def note_response(attempt: Any, response: Any, nbytes: Any, strip: bool) -> None
         if kept is not headers:
             response.headers = kept
     attempt.telemetry = {"peer_metadata": peer, "request_bytes": None, "response_bytes": nbytes}
+
+
+def _facts(peer: Any, messages: int) -> Dict[str, Any]:
+    """An attempt's telemetry facts as the record path reads them (:meth:`IstioObserver.answered`)."""
+    return {"peer_metadata": peer, "request_messages": messages, "response_messages": messages}
 
 
 class IstioObserver:
@@ -831,7 +848,6 @@ class IstioObserver:
         if a.error is not None or not isinstance(status, int) or (
                 grpc_status is not None and (type(grpc_status) is not int or grpc_status != 0)):
             return False
-        headers = call.headers
         req_bytes: Any = None
         req_messages = resp_messages = 0
         info = a.telemetry
@@ -852,6 +868,44 @@ class IstioObserver:
                         resp_messages = 1
         else:
             resp_bytes, peer = _scan_response(result, self.peers)
+        return self._count(call, a, status, grpc_status, result, peer, req_bytes, resp_bytes, req_messages,
+                           resp_messages, False)
+
+    def answered(self, call: "Call", attempt: Attempt, status: Any, grpc_status: Any, result: Any, peer: Any,
+                 messages: int) -> int:
+        """A first attempt's answer, for an integration's own router path: ``attempt.finish_final
+        (status, grpc_status)``, and the call counted if that ends it, with the attempt's facts
+        given here (``peer``: the peer's raw metadata; ``messages``: request and response
+        messages, 1 for a unary gRPC call, 0 for HTTP) instead of in ``attempt.telemetry``. 0: not
+        final (the retry decision is the caller's); 1: final and counted; 2: final, not counted
+        (the caller reports it through the record, ``report(..., observed=True)``); 3: as 2, the
+        observer raised. Whenever the call is not counted here (0, 2, 3, and a key not known
+        yet, counted through the record), the facts are on ``attempt.telemetry``, as the record
+        path reads them."""
+        if type(call) is not Call or type(attempt) is not Attempt:
+            raise TypeError("answered() takes the mesh's Call and Attempt")
+        messages = _long_long(messages)
+        final = attempt.finish_final(status, grpc_status)
+        if final and attempt._policy is call.retry_policy and call.attempts == [attempt] \
+                and call.fault_decision is None and attempt.error is None and isinstance(status, int) and (
+                    grpc_status is None or (type(grpc_status) is int and grpc_status == 0)) and (
+                    messages == 0 or messages == 1):
+            try:
+                if self._count(call, attempt, status, grpc_status, result, peer, None, 0, messages, messages, True):
+                    return 1
+            except Exception:  # noqa: BLE001  (telemetry never fails a request: the record path, with the facts)
+                if attempt.telemetry is None:
+                    attempt.telemetry = _facts(peer, messages)
+                return 3
+        if attempt.telemetry is None:
+            attempt.telemetry = _facts(peer, messages)
+        return 2 if final else 0
+
+    def _count(self, call: Any, a: Any, status: Any, grpc_status: Any, result: Any, peer: Any, req_bytes: Any,
+               resp_bytes: Any, req_messages: int, resp_messages: int, facts: bool) -> bool:
+        """:meth:`observe` once the attempt's facts are known (``facts``: given by :meth:`answered`,
+        not on the attempt yet: put there before a miss, which reads them as the record does)."""
+        headers = call.headers
         grpc = False
         if headers:
             length, _, grpc = _scan_request(headers)
@@ -869,6 +923,8 @@ class IstioObserver:
         started = call.started
         series = self.keys.get(key)
         if series is None or started > self.until:
+            if facts:
+                a.telemetry = _facts(peer, req_messages)
             self.miss(call, result, key)
             return True
         series.add((time.monotonic() - started) * 1000.0, req_bytes or 0, resp_bytes, req_messages, resp_messages)

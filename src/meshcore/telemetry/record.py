@@ -156,6 +156,9 @@ class Telemetry:
         #: while the Istio sink is the only sink: its observer (``observe(call, result)`` counts
         #: the usual answer without a record: True), else None. Kept by :meth:`_refresh`.
         self.observe: Any = None
+        #: the same observer object (``IstioObserver``: its ``answered`` finishes an integration's
+        #: first attempt and counts it), or None; set and cleared with :attr:`observe`
+        self.observer: Any = None
         if mesh is not None:  # tracing follows the application's OpenTelemetry tracer provider
             from .tracing import watch
 
@@ -254,8 +257,10 @@ class Telemetry:
             observer = sink.observer
             observer.peers = self.exchange is not None
             self.observe = observer.observe  # (the bound method: a vectorcall, no argument tuple)
+            self.observer = observer
         else:
             self.observe = None
+            self.observer = None
 
     def emit(self, record: RequestRecord) -> None:
         """Hand ``record`` to every sink; a sink's exception is logged (once per sink) and swallowed."""

@@ -11,6 +11,7 @@ mesh's ``Call`` and ``Attempt``. ``future`` runs :meth:`Call.run` on the channel
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import threading
 import time
 import types
@@ -23,7 +24,7 @@ from ...errors import MeshClosed, MeshError, UpstreamError
 from ...lifecycle import _fault_delay, _final, _retry_delay, run_after as _run_after
 from ...resilience.fault import NO_FAULT
 from ...resilience.retry import CONNECT_FAILURE, RESET, TIMEOUT, retries_ok_answer
-from ...telemetry.outcome import report as _report, report_answer as _report_answer
+from ...telemetry.outcome import report as _report
 from ...telemetry.record import ACTIVE as _TELEMETRY, exchange_of as _exchange_of
 from ...telemetry.tracing import TRACE_HEADERS as _TRACE_HEADERS, TRACER as _TRACER, headers_of as _trace_headers
 from .. import _add_context
@@ -31,12 +32,15 @@ from ._metadata import _GRPC_HEADER_DICT, PEER_HEADER as _PEER_HEADER, PEER_HEAD
     _headers, _strip_peer, _with_exchange
 from ._types import Metadata
 from ._observed import StrippedError
-from ._peer import available as _peer_available, needs_tap as _needs_tap, peer_of as _tapped_peer
+from . import _peer as _peer_mod
+from ._peer import available as _peer_available, peer_of as _tapped_peer
 from .multicallable import _MultiCallable
 from .status import MeshRpcError, _cause_of, _forward_error, _mesh_error, _transport_failure
 
 if TYPE_CHECKING:
     from .channel import MeshChannel
+
+log = logging.getLogger(__name__)
 
 
 class _AttemptFailed(MeshError):
@@ -124,6 +128,13 @@ class _Invocation:
             rpc.cancel()
 
 
+def _reports(telemetry: Any) -> bool:
+    """Whether RPCs of a mesh whose telemetry is ``telemetry`` are reported: it has sinks, or
+    tracing is on (which reports every mesh's requests). Another mesh's sinks alone do not send
+    this mesh's RPCs off the short path."""
+    return telemetry is None or bool(telemetry.sinks) or _TRACER[0] is not None
+
+
 def _unslotted(mc: Any) -> Any:
     """``mc``'s ``__call__`` bound to it when that is a Python function, else ``mc``: calling an
     instance of a Python class goes through its type's call slot, which packs keyword arguments
@@ -167,10 +178,12 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                 or credentials is not None or wait_for_ready is not None or compression is not None:
             return self._blocking(request, timeout, metadata, credentials, wait_for_ready, compression, False)
         ch = self._channel
-        tel = None
-        if _TELEMETRY[0]:  # Istio's metrics alone: observed below; any other sink or tracing: _invoke's path
+        tel = observer = None
+        if _TELEMETRY[0] and _reports(ch._telemetry):  # (another mesh's sinks alone: not this RPC's)
+            # Istio's metrics alone: observed below; any other sink or tracing: _invoke's path
             tel = ch._telemetry
-            if tel is None or tel.observe is None or _TRACER[0] is not None:
+            observer = None if tel is None else tel.observer
+            if observer is None or _TRACER[0] is not None:
                 return self._blocking(request, timeout, None, None, None, None, False)
             if cfg is None:  # (_blocking keeps the configuration and endpoints while telemetry is off)
                 cfg = self._seed()
@@ -223,11 +236,16 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         if cached is not endpoint or (call.route is not route and (
                 a.path != self._method or a.authority != ep.authority)):
             return self._blocking_from(request, timeout, call, a, tel, cfg)
-        exchange = None
+        exchange = peer = None
         if tel is not None:
             exchange = tel.exchange
-            # the peer's metadata is learned by a tapped call now and then (channel._acquire)
-            if exchange is not None and _peer_available() and _needs_tap(endpoint.key, a.authority):
+            # what a tapped call learned of the server at this address (_peer.peer_of, inline);
+            # with the exchange on, a tapped call learns it now and then (_peer.needs_tap, inline)
+            learned = _peer_mod._LEARNED.get((endpoint.key, a.authority))  # (the channel's address, authority)
+            if learned is not None:
+                peer = learned[0]
+            if exchange is not None and (learned is None or call.started - learned[1] > _peer_mod.RELEARN_S) \
+                    and _peer_available():
                 return self._reported_after(call, a, request)
         active.append(None)  # counted in, then checked (see _EndpointChannel.active)
         attempt_timeout = a.timeout
@@ -251,11 +269,15 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         active.pop()  # _EndpointPool.release, inline
         if ep.departed and not active:
             ch._pool.close_departed(ep)
-        if tel is not None:  # the attempt's facts (grpcio shows no peer metadata: what the tap learned)
-            a.telemetry = {"peer_metadata": _tapped_peer(ep), "request_messages": 1, "response_messages": 1}
-            if not a.finish_final(200, 0):  # the route's policy retries OK answers
+        if observer is not None:  # finished and counted with its facts (grpcio shows no peer metadata)
+            done = observer.answered(call, a, 200, 0, result, peer, 1)
+            if done == 1:
+                return result
+            if done == 0:  # the route's policy retries OK answers
                 return self._reported_rest(call, a, request, _Outcome(result, None, None, 0), None)
-            _report_answer(tel, call, result)
+            if done == 3:
+                log.debug("telemetry: the Istio observer failed on %r; recorded instead", call)
+            _report(call, result, None, observed=True)
             return result
         # the server answered OK (HTTP 200, grpc-status 0): recorded, and final unless the route's
         # retry policy retries OK answers (a first attempt: no retry to count as a success)
@@ -381,7 +403,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                   call: Optional[Call] = None, a: Optional[Attempt] = None) -> Any:
         """:meth:`__call__`, every case (``call``/``a``: the RPC's call already routed and its
         first attempt already started by the short path)."""
-        if _TELEMETRY[0] and call is None:
+        if _TELEMETRY[0] and call is None and _reports(self._channel._telemetry):
             response, rpc = self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
             return (response, rpc) if _with_call else response
         ch = self._channel
