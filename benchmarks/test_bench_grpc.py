@@ -29,6 +29,11 @@ process pinned to one CPU, an in-process grpcio server (both modes pay the same 
 file-backed mesh with the same resources, blocks of calls alternating direct / meshcore, the
 calling thread's CPU time (``time.thread_time_ns``), median of the per-round differences.
 
+What Istio's metrics add (issue 16's budget: 2 µs) is :func:`telemetry_cpu` (``--telemetry-cpu``,
+``test_grpc_telemetry_cpu``): meshes without telemetry, with the metrics without and with the
+metadata exchange, and a direct channel without and with the exchange's metadata, all
+interleaved in one process.
+
 ``MESHCORE_BENCH_QUICK=1``: a few seconds in all (CI's smoke run). Run: ``pytest
 benchmarks/test_bench_grpc.py --benchmark-only -s`` or ``python benchmarks/test_bench_grpc.py
 [--profile | --cpu]``.
@@ -454,6 +459,108 @@ def _interleaved_cpu(calls: Dict[str, Any], rounds: int, n: int) -> Dict[str, fl
             "rounds": rounds, "n": n}
 
 
+TELEMETRY_MODES = ("direct", "direct+md", "off", "istio-noexchange", "istio")
+
+
+@contextlib.contextmanager
+def _telemetry_calls(warm: int = 50) -> Iterator[Dict[str, Any]]:
+    """The modes of :func:`telemetry_cpu`: a grpcio server in this process; a direct channel
+    without and with Istio's two exchange metadata entries (``direct+md``: grpc-core's own cost
+    of sending them); three file-backed meshes with the same resources: no telemetry, Istio's
+    metrics without the exchange, Istio's metrics with it. Each called ``warm`` times first
+    (the first call to an endpoint with the exchange on is a tapped one: the peer learned)."""
+    from concurrent import futures
+
+    import grpc
+
+    import meshcore
+    from meshcore.integrations.grpc import mesh_channel
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Hello": grpc.unary_unary_rpc_method_handler(lambda request, context: b"ok")})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    tmp = tempfile.mkdtemp(prefix="meshcore-bench-grpc-tel-")
+    path = os.path.join(tmp, "mesh.json")
+    with open(path, "w") as f:
+        json.dump(resources(port), f)
+    meshes = {m: meshcore.Mesh.from_file(path, watch=False).start() for m in ("off", "istio-noexchange", "istio")}
+    try:
+        for mesh in meshes.values():
+            mesh.wait_ready(TARGET, timeout=10)
+        node = {"WORKLOAD_NAME": "bench-client", "NAMESPACE": "default", "LABELS": {"app": "bench-client"}}
+        meshes["istio-noexchange"].telemetry.enable_istio_metrics(node_metadata=node, exchange=False)
+        meshes["istio"].telemetry.enable_istio_metrics(node_metadata=node)
+        exchange = meshes["istio"].telemetry.exchange.headers
+        with contextlib.ExitStack() as stack:
+            direct = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            plain = direct.unary_unary(METHOD, _registered_method=True)
+            calls: Dict[str, Any] = {"direct": plain,
+                                     "direct+md": lambda request, timeout=None: plain(request, timeout, exchange)}
+            for m, mesh in meshes.items():
+                calls[m] = stack.enter_context(mesh_channel(mesh, TARGET)).unary_unary(METHOD,
+                                                                                      _registered_method=True)
+            for call in calls.values():
+                for _ in range(warm):
+                    assert call(b"hi", timeout=5) == b"ok"
+            yield calls
+    finally:
+        for mesh in meshes.values():
+            mesh.close()
+        server.stop(0)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def telemetry_cpu(rounds: Optional[int] = None, n: Optional[int] = None, cpu: Optional[int] = None
+                  ) -> Dict[str, Any]:
+    """The client CPU Istio's metrics add to a unary call, low noise (as :func:`added_cpu`: one
+    process pinned to one CPU, in-process server, blocks of ``n`` calls, every mode once per
+    round in a rotated order, the calling thread's CPU time): per mode, the median, the minimum
+    and the 10th percentile over ``rounds`` of its difference from ``off`` (meshcore without
+    telemetry) in the same round; ``direct+md`` - ``direct``: what grpc-core itself charges for
+    the exchange's two metadata entries (any client sending them pays it)."""
+    rounds = rounds if rounds is not None else (6 if QUICK else 41)
+    n = n if n is not None else (200 if QUICK else 500)
+    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if saved is not None:
+        os.sched_setaffinity(0, {cpu if cpu is not None else max(saved)})
+    try:
+        with _telemetry_calls(max(50, n // 5)) as calls:
+            per: Dict[str, List[float]] = {m: [] for m in calls}
+            modes = list(calls)
+            tt = time.thread_time_ns
+            gc.collect()
+            gc.disable()
+            try:
+                for r in range(rounds):
+                    order = modes[r % len(modes):] + modes[:r % len(modes)]
+                    for m in (order if r % 2 == 0 else order[::-1]):
+                        call = calls[m]
+                        t = tt()
+                        for _ in range(n):
+                            call(b"hi", timeout=5)
+                        per[m].append((tt() - t) / n / 1e3)
+                    gc.collect()
+            finally:
+                gc.enable()
+    finally:
+        if saved is not None:
+            os.sched_setaffinity(0, saved)
+
+    def spread(xs: List[float]) -> Dict[str, float]:
+        xs = sorted(xs)
+        return {"median_us": statistics.median(xs), "min_us": xs[0], "p10_us": xs[len(xs) // 10]}
+
+    out: Dict[str, Any] = {"rounds": rounds, "n": n, "off_cpu_us": statistics.median(per["off"]),
+                           "direct_cpu_us": statistics.median(per["direct"])}
+    for m in ("istio-noexchange", "istio"):
+        out[f"{m}_added_us"] = spread([a - b for a, b in zip(per[m], per["off"])])
+    out["off_vs_direct_us"] = spread([a - b for a, b in zip(per["off"], per["direct"])])
+    out["exchange_md_in_grpc_core_us"] = spread([a - b for a, b in zip(per["direct+md"], per["direct"])])
+    return out
+
+
 class _Answer:
     """A stand-in for an endpoint's grpcio multicallable (a Python class's instance, like
     grpcio's): answers at once, so that only meshcore's own work is counted."""
@@ -575,6 +682,9 @@ def _main(argv: List[str]) -> None:
     if "--cpu" in argv:  # meshcore's added CPU per unary call (one process, one CPU)
         print(json.dumps(added_cpu(telemetry="--telemetry" in argv), indent=1))
         return
+    if "--telemetry-cpu" in argv:  # what Istio's metrics add to meshcore's unary call (one process)
+        print(json.dumps(telemetry_cpu(), indent=1))
+        return
     with GrpcRig() as r:
         if "--profile" in argv:
             call = r.calls["meshcore"]
@@ -589,3 +699,19 @@ def _main(argv: List[str]) -> None:
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
+
+
+@pytest.mark.benchmark(group="grpc")
+def test_grpc_telemetry_cpu(benchmark):
+    out: Dict[str, Any] = {}
+    benchmark.pedantic(lambda: out.update(telemetry_cpu()), rounds=1, iterations=1)
+    for k, v in out.items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                benchmark.extra_info[f"{k}_{kk}"] = round(vv, 3)
+        else:
+            benchmark.extra_info[k] = round(v, 3) if isinstance(v, float) else v
+    print(f"\nIstio metrics added to a unary call: {out['istio-noexchange_added_us']['median_us']:.2f} µs without "
+          f"the exchange, {out['istio_added_us']['median_us']:.2f} µs with it (grpc-core's own cost of its "
+          f"metadata: {out['exchange_md_in_grpc_core_us']['median_us']:.2f} µs)")
+    assert out["off_cpu_us"] > 0

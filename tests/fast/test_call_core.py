@@ -451,3 +451,57 @@ def test_first_attempt_and_finish_final(tmp_path, mesh_cls, retry):
         call = mesh.request("http://svc.local/")
         assert call.first_attempt() is None and call.attempts == []  # the fault step comes first
         assert mesh.stats()["svc"].get("upstream_rq_total", 0) == 0
+
+
+def test_request_first(tmp_path, mesh_cls):
+    """``_request_first`` (the integrations' short paths): ``request`` + ``first_attempt`` in one
+    call, under the configuration the caller expects or not at all (nothing routed or counted);
+    refusals of the first attempt returned with their call, routing refusals raised, a fault
+    filter's call returned without an attempt -- the same decisions, counters and picks as the
+    two calls."""
+    from meshcore.errors import MeshError, Unavailable
+
+    path = os.path.join(str(tmp_path), "r.json")
+    write_resources(path, breakers={"max_requests": 2, "max_pending_requests": 0, "max_connections": 2})
+    with mesh_cls.from_file(path, watch=False, seed=5) as mesh, mesh_cls.from_file(path, watch=False, seed=5) as twin:
+        for m in (mesh, twin):
+            m.wait_ready("svc.local:80", timeout=5)
+        cfg = mesh.config("svc.local:80")
+        assert mesh._request_first("http://svc.local/h", "GET", {"x-user": "u"}, "svc.local:80", None, object()) is None
+        assert mesh.stats().get("svc", {}).get("upstream_rq_total", 0) == 0  # nothing routed, nothing counted
+        picks, twin_picks = [], []
+        for i in range(6):
+            call, a, refused = mesh._request_first("http://svc.local/h", "GET", {"x-user": f"u{i}"}, "svc.local:80",
+                                                   0.2, cfg)
+            assert refused is None and a.number == 1 and call.attempts == [a] and call.route.route_name == "hashed"
+            assert abs((call.deadline - call.started) - 0.2) < 1e-9  # the caller's timeout caps the route's
+            picks.append(a.address)
+            a.finish_final(200)
+            t = twin.request("http://svc.local/h", "GET", {"x-user": f"u{i}"}, target="svc.local:80", timeout=0.2)
+            b = t.first_attempt()
+            twin_picks.append(b.address)
+            b.finish_final(200)
+        def counted(m):
+            return {k: v for k, v in m.stats()["svc"].items() if k != "upstream_rq_time"}  # (times differ)
+
+        assert picks == twin_picks and counted(mesh) == counted(twin)
+        held = [mesh._request_first("http://svc.local/", "GET", None, "svc.local:80", None, cfg) for _ in range(2)]
+        call, a, refused = mesh._request_first("http://svc.local/", "GET", None, "svc.local:80", None, cfg)
+        assert a is None and isinstance(refused, CircuitBreakerOpen) and call.attempts == []
+        for c, a, _ in held:
+            a.finish_final(200)
+        call, a, refused = mesh._request_first("http://svc.local/teapot", "GET", None, "svc.local:80", None, cfg)
+        assert a is None and isinstance(refused, MeshError)  # a direct response: no upstream attempt
+        with pytest.raises(Unavailable):  # routing refusals raise (a target with no listener)
+            mesh._request_first("http://svc.local/", "GET", None, "nowhere:80", None, None)
+        assert mesh.stats()["svc"]["upstream_rq_active"] == 0
+        assert mesh.stats()["svc"]["upstream_rq_pending_overflow"] == 1
+
+    write_resources(path, fault={"delay": {"fixed_delay": "0.001s", "percentage": {"numerator": 0}},
+                                 "abort": {"http_status": 503, "percentage": {"numerator": 100}}})
+    with mesh_cls.from_file(path, watch=False, seed=1) as mesh:
+        mesh.wait_ready("svc.local:80", timeout=5)
+        call, first, refused = mesh._request_first("http://svc.local/", "GET", None, "svc.local:80", None,
+                                                   mesh.config("svc.local:80"))
+        assert first is None and refused is None and call.attempts == []  # the fault step comes first
+        assert mesh.stats()["svc"].get("upstream_rq_total", 0) == 0

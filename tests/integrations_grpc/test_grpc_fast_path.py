@@ -200,8 +200,8 @@ def test_short_path_reuses_the_endpoint_entry_of_its_configuration(fast_mesh, se
         assert seen == {b"s2", b"s3"}
         cfg = fast_mesh.config(TARGET)
         assert hello._eps_cfg is cfg and len(hello._eps) == 2  # one entry per endpoint, this configuration's
-        for endpoint, ep, send, route, active in hello._eps.values():
-            assert ep.inflight == 0 and active is ep.active
+        for endpoint, ep, send, route, active, learned_at in hello._eps.values():
+            assert ep.inflight == 0 and active is ep.active and learned_at == (ep.address, ep.authority)
             # grpcio's multicallable, its __call__ bound (called without the type's call slot)
             mc = ep.callables.get(hello._slot)
             assert send.__self__ is mc and send.__func__ is type(mc).__call__
@@ -315,7 +315,7 @@ def test_short_path_matches_the_general_path(servers, resources, mesh_cls):
                 # with_call (the general path) and the short path agree on the answer's status
                 reply, call = hello.with_call(b"", timeout=5)
                 assert reply in (b"s2", b"s3") and call.code() is grpc.StatusCode.OK
-                for endpoint, ep, send, route, active in hello._eps.values():
+                for endpoint, ep, send, route, active, learned_at in hello._eps.values():
                     assert send.__self__ is ep.callables[hello._slot] and not active and ep.inflight == 0
         finally:
             m.close()
@@ -462,3 +462,30 @@ def test_istio_metrics_short_path_equals_the_record_path(fast_mesh):
         assert sum(v[0] for v in ok) == 7 and all(json.loads(k)["request_protocol"] == "grpc" for k in fast)
     finally:
         tel.disable_istio_metrics()
+
+
+class _MeshLike:
+    """A mesh-like object without ``_request_first``: every other attribute is the mesh's."""
+
+    def __init__(self, mesh: Any) -> None:
+        self._mesh = mesh
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_request_first":
+            raise AttributeError(name)
+        return getattr(self._mesh, name)
+
+
+def test_short_path_without_request_first(fast_mesh):
+    """A channel over a mesh-like object without ``MeshCore._request_first`` takes the same
+    steps (routed under the expected configuration, the first attempt started): the same
+    answers, the short path's entries, the counts."""
+    like = _MeshLike(fast_mesh)
+    with mesh_channel(like, TARGET) as ch:
+        assert ch._request_first == ch._routed_first
+        hello = ch.unary_unary(f"/{SERVICE}/Hello", _registered_method=True)
+        for _ in range(6):
+            assert hello(b"", timeout=5) in (b"s2", b"s3")
+        assert hello._eps_cfg is fast_mesh.config(TARGET) and len(hello._eps) == 2
+    stats = fast_mesh.stats()["main"]
+    assert stats["upstream_rq_total"] == 6 and stats["upstream_rq_active"] == 0

@@ -861,6 +861,31 @@ cdef class MeshCore:
         for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
         from the URL (default ports 80/443); ``timeout`` (seconds) caps the request below the
         route timeout (a caller's deadline)."""
+        return self._route(url, method, headers, target, source_ip, timeout, None, False)
+
+    def _request_first(self, url, method, headers, target, timeout, expected):
+        """(The integrations' short paths.) ``request(url, method, headers, target=target,
+        timeout=timeout)`` if ``target``'s published configuration is ``expected`` (the one the
+        caller's own state was made for), else None (nothing routed, nothing counted); then the
+        call's first attempt: ``(call, first, refused)``, ``first`` the attempt started
+        (``call.first_attempt()``), or None: a fault filter applies (its step first; ``refused``
+        None) or ``refused`` is the MeshError ``first_attempt()`` raised (no healthy upstream,
+        circuit breaker open), returned for the caller to report with its call. Routing
+        refusals raise as ``request`` raises them."""
+        cdef Call call = self._route(url, method, headers, target, None, timeout, expected, True)
+        if call is None:
+            return None
+        if call._fault_spec is not None:
+            return call, None, None
+        try:
+            return call, call._start_attempt(), None
+        except MeshError as e:
+            return call, None, e
+
+    cdef Call _route(self, object url, object method, object headers, object target, object source_ip,
+                     object timeout, object expected, bint check):
+        """``request``; with ``check``, None unless the target's published configuration is
+        ``expected`` (``_request_first``)."""
         cdef Call call
         cdef _TargetEntry entry
         cdef _ClusterEntry ce
@@ -873,6 +898,8 @@ cdef class MeshCore:
             target = default_target
         cdef dict published = self._publisher.published
         cfg = published.get(target)
+        if check and cfg is not expected:
+            return None
         entry = <_TargetEntry>self._targets.get(target)
         if entry is None or entry.cfg is not cfg:
             entry = self._entry(target, cfg)
@@ -1399,7 +1426,8 @@ cdef class IstioObserver:
         """A first attempt's answer, for an integration's own router path: ``attempt.finish_final
         (status, grpc_status)``, and the call counted if that ends it, with the attempt's facts
         given here (``peer``: the peer's raw metadata; ``messages``: request and response
-        messages, 1 for a unary gRPC call, 0 for HTTP) instead of in ``attempt.telemetry``. 0: not
+        messages, 1 for a unary gRPC call (whose request headers are then taken to be gRPC's, with
+        no content-length: not scanned), 0 for HTTP) instead of in ``attempt.telemetry``. 0: not
         final (the retry decision is the caller's); 1: final and counted; 2: final, not counted
         (the caller reports it through the record, ``report(..., observed=True)``); 3: as 2, the
         observer raised. Whenever the call is not counted here (0, 2, 3, and a key not known
@@ -1430,11 +1458,14 @@ cdef class IstioObserver:
         cdef long long s
         cdef bint grpc = False
         cdef int grpc_code
-        headers = c.headers
-        if headers:
-            length = _request_length(headers, &grpc)
-            if req_bytes is None:
-                req_bytes = length
+        if facts and req_messages:  # a gRPC call's facts (answered): its headers are gRPC's, no content-length
+            grpc = True
+        else:
+            headers = c.headers
+            if headers:
+                length = _request_length(headers, &grpc)
+                if req_bytes is None:
+                    req_bytes = length
         grpc_code = (0 if grpc_status is None else 2) | (1 if grpc else 0)  # (both make the key: see the slot)
         s = _status_index(status)
         endpoint = a.endpoint

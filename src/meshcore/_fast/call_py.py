@@ -626,6 +626,32 @@ class MeshCore:
         for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
         from the URL (default ports 80/443); ``timeout`` (seconds) caps the request below the
         route timeout (a caller's deadline)."""
+        return self._route(url, method, headers, target, source_ip, timeout, None, False)  # type: ignore[return-value]
+
+    def _request_first(self, url: str, method: str, headers: Any, target: Optional[str], timeout: Optional[float],
+                       expected: Any) -> Optional[Tuple[Call, Any, Any]]:
+        """(The integrations' short paths.) ``request(url, method, headers, target=target,
+        timeout=timeout)`` if ``target``'s published configuration is ``expected`` (the one the
+        caller's own state was made for), else None (nothing routed, nothing counted); then the
+        call's first attempt: ``(call, first, refused)``, ``first`` the attempt started
+        (``call.first_attempt()``), or None: a fault filter applies (its step first; ``refused``
+        None) or ``refused`` is the MeshError ``first_attempt()`` raised (no healthy upstream,
+        circuit breaker open), returned for the caller to report with its call. Routing
+        refusals raise as ``request`` raises them."""
+        call = self._route(url, method, headers, target, None, timeout, expected, True)
+        if call is None:
+            return None
+        if call._fault_spec is not None:
+            return call, None, None
+        try:
+            return call, call.start_attempt(), None
+        except MeshError as e:
+            return call, None, e
+
+    def _route(self, url: str, method: str, headers: Any, target: Optional[str], source_ip: Optional[str],
+               timeout: Optional[float], expected: Any, check: bool) -> Optional[Call]:
+        """``request``; with ``check``, None unless the target's published configuration is
+        ``expected`` (``_request_first``)."""
         parsed = URL_CACHE.get(url)
         if parsed is None:
             parsed = parse_url(url)
@@ -633,6 +659,8 @@ class MeshCore:
         if target is None:
             target = default_target
         cfg = self._publisher.published.get(target)
+        if check and cfg is not expected:
+            return None
         entry = self._targets.get(target)
         if entry is None or entry.cfg is not cfg:
             entry = self._entry(target, cfg)
@@ -876,7 +904,8 @@ class IstioObserver:
         """A first attempt's answer, for an integration's own router path: ``attempt.finish_final
         (status, grpc_status)``, and the call counted if that ends it, with the attempt's facts
         given here (``peer``: the peer's raw metadata; ``messages``: request and response
-        messages, 1 for a unary gRPC call, 0 for HTTP) instead of in ``attempt.telemetry``. 0: not
+        messages, 1 for a unary gRPC call (whose request headers are then taken to be gRPC's, with
+        no content-length: not scanned), 0 for HTTP) instead of in ``attempt.telemetry``. 0: not
         final (the retry decision is the caller's); 1: final and counted; 2: final, not counted
         (the caller reports it through the record, ``report(..., observed=True)``); 3: as 2, the
         observer raised. Whenever the call is not counted here (0, 2, 3, and a key not known
@@ -905,12 +934,15 @@ class IstioObserver:
                resp_bytes: Any, req_messages: int, resp_messages: int, facts: bool) -> bool:
         """:meth:`observe` once the attempt's facts are known (``facts``: given by :meth:`answered`,
         not on the attempt yet: put there before a miss, which reads them as the record does)."""
-        headers = call.headers
         grpc = False
-        if headers:
-            length, _, grpc = _scan_request(headers)
-            if req_bytes is None:
-                req_bytes = length
+        if facts and req_messages:  # a gRPC call's facts (answered): its headers are gRPC's, no content-length
+            grpc = True
+        else:
+            headers = call.headers
+            if headers:
+                length, _, grpc = _scan_request(headers)
+                if req_bytes is None:
+                    req_bytes = length
         policy = call.retry_policy  # (after the scans, as the compiled twin: the same errors raised)
         if policy is not None:
             if type(policy) is not RetryPolicy:

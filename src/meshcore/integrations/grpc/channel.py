@@ -71,6 +71,9 @@ class MeshChannel(grpc.Channel):
         # lookup tells whether the target is resolved yet; a mesh without one is asked config()
         self._publisher = getattr(mesh, "_publisher", None)
         self._request = mesh.request
+        #: ``MeshCore._request_first`` (route under an expected configuration and start the first
+        #: attempt, one call), or the same steps for a mesh-like object without it
+        self._request_first = getattr(mesh, "_request_first", None) or self._routed_first
         self._slots: dict = {}
         #: the last published configuration found not to route by gRPC's own headers (calls
         #: without metadata are routed without them), and the last one found to
@@ -97,6 +100,18 @@ class MeshChannel(grpc.Channel):
             self.sweep()
 
     # -- routing ------------------------------------------------------------------------------------
+
+    def _routed_first(self, url: str, method: str, headers: Any, target: str, timeout: Optional[float],
+                      expected: Any) -> Any:
+        """``MeshCore._request_first``'s steps for a mesh-like object without it."""
+        publisher = self._publisher
+        if publisher is None or publisher.published.get(target) is not expected:
+            return None
+        call = self._request(url, method, headers, target=target, timeout=timeout)
+        try:
+            return call, call.first_attempt(), None
+        except MeshError as e:
+            return call, None, e
 
     def _route(self, url: str, metadata: Metadata, timeout: Optional[float]) -> Call:
         """Route one RPC (``url``: scheme, authority and method path; metadata); the call's

@@ -179,10 +179,11 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             return self._blocking(request, timeout, metadata, credentials, wait_for_ready, compression, False)
         ch = self._channel
         tel = observer = None
-        if _TELEMETRY[0] and _reports(ch._telemetry):  # (another mesh's sinks alone: not this RPC's)
+        # (another mesh's sinks alone do not report this RPC: _reports, inline)
+        if _TELEMETRY[0] and ((t := ch._telemetry) is None or t.sinks or _TRACER[0] is not None):
             # Istio's metrics alone: observed below; any other sink or tracing: _invoke's path
-            tel = ch._telemetry
-            observer = None if tel is None else tel.observer
+            tel = t
+            observer = None if t is None else t.observer
             if observer is None or _TRACER[0] is not None:
                 return self._blocking(request, timeout, None, None, None, None, False)
             if cfg is None:  # (_blocking keeps the configuration and endpoints while telemetry is off)
@@ -191,44 +192,28 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                     return self._blocking(request, timeout, None, None, None, None, False)
         if ch._closed:
             return self._blocking(request, timeout, None, None, None, None, False)
-        target = ch._mesh_target
-        try:  # (a reported call carries gRPC's content-type: its record's request_protocol)
-            call = ch._request(self._url, "POST", None if tel is None else _GRPC_HEADER_DICT, target=target,
-                               timeout=timeout)
+        try:  # routed under cfg or not at all (a reported call carries gRPC's content-type: its
+            # record's request_protocol), its first attempt started
+            routed = ch._request_first(self._url, "POST", None if tel is None else _GRPC_HEADER_DICT,
+                                       ch._mesh_target, timeout, cfg)
         except MeshError as exc:
-            if tel is None or isinstance(exc, MeshClosed) or ch._publisher.published.get(target) is None:
+            if tel is None or isinstance(exc, MeshClosed):
                 # decided again with gRPC's own headers (and reported) by _blocking
                 return self._blocking(request, timeout, None, None, None, None, False)
             # routed with gRPC's own headers under a published configuration, as _invoke routes it:
             # the decision stands (request() reported its refusal: routing again reports it twice)
             err = _client_error(exc, None, ch.target)
             raise err from _cause_of(err)
-        # request() routed under cfg if cfg is still published: cfg was published before this RPC
-        # began (an earlier RPC saw it), and a configuration object never comes back
-        try:  # (the lookup alone: the RPC itself must not run under this handler)
-            published = ch._publisher.published[target]
-        except KeyError:  # (none: the mesh closed)
-            published = None
-        if published is not cfg:  # a newer one: decided with the headers
+        if routed is None:  # another configuration is published: decided with the headers
             if tel is not None:
                 self._seed()
             return self._blocking(request, timeout, None, None, None, None, False)
-        try:
-            a = call.first_attempt()  # None: a fault filter applies (its step first)
-        except MeshClosed:
-            raise  # a programming error, not an RPC status: the mesh was closed
-        except MeshError as exc:
-            if tel is not None:  # refused before its attempt (UH, UO): reported as run_reported does
-                _report(call, None, exc)
-            err = _client_error(exc, call, ch.target)
-            raise err from _cause_of(err)
+        call, a, refused = routed
         if a is None:
-            if tel is not None:  # a fault filter applies: the reported router loop
-                return self._invoke(request, timeout, None, None, None, None, None, call)[0]
-            return self._blocking(request, timeout, None, None, None, None, False, call)
+            return self._not_started(request, timeout, call, refused, tel)
         endpoint = a.endpoint
         try:
-            cached, ep, send, route, active = self._eps[endpoint.key]
+            cached, ep, send, route, active, learned_at = self._eps[endpoint.key]
         except KeyError:  # the first RPC to this endpoint under cfg
             return self._blocking_from(request, timeout, call, a, tel, cfg)
         # the attempt's path and authority are the route's rewrites or the call's own (the URL,
@@ -237,14 +222,15 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                 a.path != self._method or a.authority != ep.authority)):
             return self._blocking_from(request, timeout, call, a, tel, cfg)
         exchange = peer = None
+        started = call.started  # (the first attempt's start, as far as elapsed time goes)
         if tel is not None:
             exchange = tel.exchange
             # what a tapped call learned of the server at this address (_peer.peer_of, inline);
             # with the exchange on, a tapped call learns it now and then (_peer.needs_tap, inline)
-            learned = _peer_mod._LEARNED.get((endpoint.key, a.authority))  # (the channel's address, authority)
+            learned = _peer_mod._LEARNED.get(learned_at)
             if learned is not None:
                 peer = learned[0]
-            if exchange is not None and (learned is None or call.started - learned[1] > _peer_mod.RELEARN_S) \
+            if exchange is not None and (learned is None or started - learned[1] > _peer_mod.RELEARN_S) \
                     and _peer_available():
                 return self._reported_after(call, a, request)
         active.append(None)  # counted in, then checked (see _EndpointChannel.active)
@@ -254,7 +240,6 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         if ep.departed or (attempt_timeout is not None and not attempt_timeout > 0.0):
             ch._pool.release(ep)
             return self._blocking_from(request, timeout, call, a, tel, cfg)
-        started = call.started  # (the first attempt's start, as far as elapsed time goes)
         if started >= ch._next_sweep:
             ch.sweep()
         try:
@@ -284,6 +269,20 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         if a.finish_final(200, 0):
             return result
         return self._after_ok(call, a, call.retry_policy, result, request, None, None, None, None, False)
+
+    def _not_started(self, request: Any, timeout: Optional[float], call: Call, refused: Any, tel: Any) -> Any:
+        """The short path's call whose first attempt did not start: ``refused`` None (a fault
+        filter applies: its step first) or the MeshError that refused it (UH, UO)."""
+        if refused is None:
+            if tel is not None:  # a fault filter applies: the reported router loop
+                return self._invoke(request, timeout, None, None, None, None, None, call)[0]
+            return self._blocking(request, timeout, None, None, None, None, False, call)
+        if isinstance(refused, MeshClosed):
+            raise refused  # a programming error, not an RPC status: the mesh was closed
+        if tel is not None:  # refused before its attempt (UH, UO): reported as run_reported does
+            _report(call, None, refused)
+        err = _client_error(refused, call, self._channel.target)
+        raise err from _cause_of(err)
 
     def _blocking_from(self, request: Any, timeout: Optional[float], call: Call, a: Attempt, tel: Any,
                        cfg: Any) -> Any:
@@ -333,7 +332,8 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         elif len(self._eps) >= 64:  # EDS churn under one configuration: drop the departed
             # (a snapshot: other threads add entries meanwhile)
             self._eps = {k: v for k, v in list(self._eps.items()) if not v[1].departed}
-        self._eps[a.endpoint.key] = (a.endpoint, ep, _unslotted(mc), route, ep.active)
+        # (learned_at: where _peer keeps what a tapped call learned of this address and authority)
+        self._eps[a.endpoint.key] = (a.endpoint, ep, _unslotted(mc), route, ep.active, (ep.address, ep.authority))
 
     def _reported_after(self, call: Call, a: Attempt, request: Any, first: Optional["_Outcome"] = None,
                         failed: Optional[BaseException] = None) -> Any:
