@@ -485,6 +485,12 @@ def test_request_first(tmp_path, mesh_cls):
             return {k: v for k, v in m.stats()["svc"].items() if k != "upstream_rq_time"}  # (times differ)
 
         assert picks == twin_picks and counted(mesh) == counted(twin)
+        # plain: routed as without the headers (the caller vouches they change nothing), kept on the call
+        hdrs = {"x-user": "u1"}
+        for plain, hashed in ((False, True), (True, False)):
+            call, a, _ = mesh._request_first("http://svc.local/h", "GET", hdrs, "svc.local:80", None, cfg, plain)
+            assert call.headers is hdrs and (call.route.hash is not None) is hashed
+            a.finish_final(200)
         held = [mesh._request_first("http://svc.local/", "GET", None, "svc.local:80", None, cfg) for _ in range(2)]
         call, a, refused = mesh._request_first("http://svc.local/", "GET", None, "svc.local:80", None, cfg)
         assert a is None and isinstance(refused, CircuitBreakerOpen) and call.attempts == []

@@ -861,9 +861,9 @@ cdef class MeshCore:
         for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
         from the URL (default ports 80/443); ``timeout`` (seconds) caps the request below the
         route timeout (a caller's deadline)."""
-        return self._route(url, method, headers, target, source_ip, timeout, None, False)
+        return self._route(url, method, headers, target, source_ip, timeout, None, False, False)
 
-    def _request_first(self, url, method, headers, target, timeout, expected):
+    def _request_first(self, url, method, headers, target, timeout, expected, bint plain=False):
         """(The integrations' short paths.) ``request(url, method, headers, target=target,
         timeout=timeout)`` if ``target``'s published configuration is ``expected`` (the one the
         caller's own state was made for), else None (nothing routed, nothing counted); then the
@@ -871,8 +871,11 @@ cdef class MeshCore:
         (``call.first_attempt()``), or None: a fault filter applies (its step first; ``refused``
         None) or ``refused`` is the MeshError ``first_attempt()`` raised (no healthy upstream,
         circuit breaker open), returned for the caller to report with its call. Routing
-        refusals raise as ``request`` raises them."""
-        cdef Call call = self._route(url, method, headers, target, None, timeout, expected, True)
+        refusals raise as ``request`` raises them. ``plain``: the caller knows that ``headers``
+        change nothing in routing under ``expected`` (no header matcher of its routes reads them
+        and no router header is among them): routed without reading them, kept on the call (its
+        telemetry reads them)."""
+        cdef Call call = self._route(url, method, headers, target, None, timeout, expected, True, plain)
         if call is None:
             return None
         if call._fault_spec is not None:
@@ -883,9 +886,9 @@ cdef class MeshCore:
             return call, None, e
 
     cdef Call _route(self, object url, object method, object headers, object target, object source_ip,
-                     object timeout, object expected, bint check):
+                     object timeout, object expected, bint check, bint plain):
         """``request``; with ``check``, None unless the target's published configuration is
-        ``expected`` (``_request_first``)."""
+        ``expected``; ``plain``: routed as without ``headers`` (``_request_first``)."""
         cdef Call call
         cdef _TargetEntry entry
         cdef _ClusterEntry ce
@@ -904,10 +907,11 @@ cdef class MeshCore:
         if entry is None or entry.cfg is not cfg:
             entry = self._entry(target, cfg)
         # virtual hosts see the Host header the request carries (the URL's authority as written)
+        routing = None if plain else headers
         if entry.fast_table is not None:
-            m = entry.fast_table.match_c(netloc, path, headers, method, scheme, None, source_ip)
+            m = entry.fast_table.match_c(netloc, path, routing, method, scheme, None, source_ip)
         else:
-            m = entry.route_table.match(netloc, path, headers, method, scheme, None, source_ip)
+            m = entry.route_table.match(netloc, path, routing, method, scheme, None, source_ip)
         if m is None:
             e = NoRoute(target, path)
             if _TELEMETRY[0]:
@@ -952,9 +956,9 @@ cdef class MeshCore:
         call._rng = self._rng
         policy = _slot_get(&_RM_RETRY_POLICY, m, "retry_policy")
         limit = _slot_get(&_RM_TIMEOUT, m, "timeout")
-        if headers:
-            found = _router_headers(headers)
-            if found is not None and _is_internal_request(entry.cfg.listener, headers, source_ip):
+        if routing:
+            found = _router_headers(routing)
+            if found is not None and _is_internal_request(entry.cfg.listener, routing, source_ip):
                 policy, limit = _apply_router_headers(policy, limit, found)
         call.retry_policy = policy
         started = monotonic()

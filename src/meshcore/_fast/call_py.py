@@ -626,10 +626,11 @@ class MeshCore:
         for a single attempt you send yourself. ``target`` overrides the ``host:port`` derived
         from the URL (default ports 80/443); ``timeout`` (seconds) caps the request below the
         route timeout (a caller's deadline)."""
-        return self._route(url, method, headers, target, source_ip, timeout, None, False)  # type: ignore[return-value]
+        return self._route(url, method, headers, target, source_ip, timeout, None, False,  # type: ignore[return-value]
+                           False)
 
     def _request_first(self, url: str, method: str, headers: Any, target: Optional[str], timeout: Optional[float],
-                       expected: Any) -> Optional[Tuple[Call, Any, Any]]:
+                       expected: Any, plain: bool = False) -> Optional[Tuple[Call, Any, Any]]:
         """(The integrations' short paths.) ``request(url, method, headers, target=target,
         timeout=timeout)`` if ``target``'s published configuration is ``expected`` (the one the
         caller's own state was made for), else None (nothing routed, nothing counted); then the
@@ -637,8 +638,11 @@ class MeshCore:
         (``call.first_attempt()``), or None: a fault filter applies (its step first; ``refused``
         None) or ``refused`` is the MeshError ``first_attempt()`` raised (no healthy upstream,
         circuit breaker open), returned for the caller to report with its call. Routing
-        refusals raise as ``request`` raises them."""
-        call = self._route(url, method, headers, target, None, timeout, expected, True)
+        refusals raise as ``request`` raises them. ``plain``: the caller knows that ``headers``
+        change nothing in routing under ``expected`` (no header matcher of its routes reads them
+        and no router header is among them): routed without reading them, kept on the call (its
+        telemetry reads them)."""
+        call = self._route(url, method, headers, target, None, timeout, expected, True, bool(plain))
         if call is None:
             return None
         if call._fault_spec is not None:
@@ -649,9 +653,9 @@ class MeshCore:
             return call, None, e
 
     def _route(self, url: str, method: str, headers: Any, target: Optional[str], source_ip: Optional[str],
-               timeout: Optional[float], expected: Any, check: bool) -> Optional[Call]:
+               timeout: Optional[float], expected: Any, check: bool, plain: bool) -> Optional[Call]:
         """``request``; with ``check``, None unless the target's published configuration is
-        ``expected`` (``_request_first``)."""
+        ``expected``; ``plain``: routed as without ``headers`` (``_request_first``)."""
         parsed = URL_CACHE.get(url)
         if parsed is None:
             parsed = parse_url(url)
@@ -665,7 +669,8 @@ class MeshCore:
         if entry is None or entry.cfg is not cfg:
             entry = self._entry(target, cfg)
         # virtual hosts see the Host header the request carries (the URL's authority as written)
-        m = entry.route_table.match(netloc, path, headers, method, scheme, None, source_ip)
+        routing = None if plain else headers
+        m = entry.route_table.match(netloc, path, routing, method, scheme, None, source_ip)
         if m is None:
             e = NoRoute(target, path)
             if _TELEMETRY[0]:
@@ -717,9 +722,9 @@ class MeshCore:
         call.attempts = []
         policy = m.retry_policy
         limit = m.timeout
-        if headers:
-            found = router_headers_of(headers)
-            if found is not None and is_internal_request(entry.cfg.listener, headers, source_ip):
+        if routing:
+            found = router_headers_of(routing)
+            if found is not None and is_internal_request(entry.cfg.listener, routing, source_ip):
                 policy, limit = apply_router_headers(policy, limit, found)
         call.retry_policy = policy
         started = call.started = time.monotonic()

@@ -102,8 +102,9 @@ class MeshChannel(grpc.Channel):
     # -- routing ------------------------------------------------------------------------------------
 
     def _routed_first(self, url: str, method: str, headers: Any, target: str, timeout: Optional[float],
-                      expected: Any) -> Any:
-        """``MeshCore._request_first``'s steps for a mesh-like object without it."""
+                      expected: Any, plain: bool = False) -> Any:
+        """``MeshCore._request_first``'s steps for a mesh-like object without it (``plain``: a
+        hint it does not need; the headers are read)."""
         publisher = self._publisher
         if publisher is None or publisher.published.get(target) is not expected:
             return None

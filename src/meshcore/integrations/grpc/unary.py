@@ -194,8 +194,9 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             return self._blocking(request, timeout, None, None, None, None, False)
         try:  # routed under cfg or not at all (a reported call carries gRPC's content-type: its
             # record's request_protocol), its first attempt started
+            # (cfg routes alike with and without gRPC's headers, _seed / _blocking: not read to route)
             routed = ch._request_first(self._url, "POST", None if tel is None else _GRPC_HEADER_DICT,
-                                       ch._mesh_target, timeout, cfg)
+                                       ch._mesh_target, timeout, cfg, True)
         except MeshError as exc:
             if tel is None or isinstance(exc, MeshClosed):
                 # decided again with gRPC's own headers (and reported) by _blocking
