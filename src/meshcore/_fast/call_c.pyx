@@ -1104,8 +1104,10 @@ cdef object _SCAN_IN_PYTHON = object()  # _request_pair: this pair needs the Pyt
 
 
 cdef inline object _request_pair(object k, object v, bint *grpc):
-    """One (name, value) of :func:`_request_length` (``k`` a str): a content-length's value
-    (counted), ``_SCAN_IN_PYTHON`` (a content-type that is not a str), else None."""
+    """One (name, value) of :func:`_request_length`: a content-length's value (counted),
+    ``_SCAN_IN_PYTHON`` (a name that is not a str, a content-type that is not a str), else None."""
+    if type(k) is not str:
+        return _SCAN_IN_PYTHON
     cdef Py_ssize_t n = len(<str>k)
     if n == 14:
         if _ascii_lower_eq(<str>k, b"content-length", 14):
@@ -1118,6 +1120,11 @@ cdef inline object _request_pair(object k, object v, bint *grpc):
             return _SCAN_IN_PYTHON
         grpc[0] = _grpc_content_type(<str>v)
     return None
+
+
+cdef object _scan_in_python(object headers, bint *grpc):
+    length, _, grpc[0] = _scan_request_py(headers)
+    return length
 
 
 cdef object _request_length(object headers, bint *grpc):
@@ -1133,28 +1140,21 @@ cdef object _request_length(object headers, bint *grpc):
         while PyDict_Next(headers, &pos, &pk, &pv):
             k = <object>pk  # (owned references: _length may run a value's own code)
             v = <object>pv
-            if type(k) is not str:
-                length, _, grpc[0] = _scan_request_py(headers)
-                return length
             found = _request_pair(k, v, grpc)
+            if found is _SCAN_IN_PYTHON:
+                return _scan_in_python(headers, grpc)
             if found is not None:
-                if found is _SCAN_IN_PYTHON:
-                    length, _, grpc[0] = _scan_request_py(headers)
-                    return length
                 length = found
         return length
     if type(headers) is not list and type(headers) is not tuple:
-        length, _, grpc[0] = _scan_request_py(headers)
-        return length
+        return _scan_in_python(headers, grpc)
     for pair in headers:
-        if type(pair) is not tuple or len(<tuple>pair) != 2 or type((<tuple>pair)[0]) is not str:
-            length, _, grpc[0] = _scan_request_py(headers)
-            return length
+        if type(pair) is not tuple or len(<tuple>pair) != 2:
+            return _scan_in_python(headers, grpc)
         found = _request_pair((<tuple>pair)[0], (<tuple>pair)[1], grpc)
+        if found is _SCAN_IN_PYTHON:
+            return _scan_in_python(headers, grpc)
         if found is not None:
-            if found is _SCAN_IN_PYTHON:
-                length, _, grpc[0] = _scan_request_py(headers)
-                return length
             length = found
     return length
 
