@@ -384,12 +384,18 @@ def added_cpu(rounds: Optional[int] = None, n: Optional[int] = None, cpu: Option
     meshcore - direct. ``telemetry``: with a telemetry sink and Istio's metadata exchange on."""
     rounds = rounds if rounds is not None else (6 if QUICK else 41)
     n = n if n is not None else (200 if QUICK else 1000)
+    with _one_cpu(cpu), _local_calls(telemetry, max(50, n // 5)) as calls:
+        return _interleaved_cpu(calls, rounds, n)
+
+
+@contextlib.contextmanager
+def _one_cpu(cpu: Optional[int]) -> Iterator[None]:
+    """This process pinned to CPU ``cpu`` (default: the highest it may use), then unpinned."""
     saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     if saved is not None:
         os.sched_setaffinity(0, {cpu if cpu is not None else max(saved)})
     try:
-        with _local_calls(telemetry, max(50, n // 5)) as calls:
-            return _interleaved_cpu(calls, rounds, n)
+        yield
     finally:
         if saved is not None:
             os.sched_setaffinity(0, saved)
@@ -400,25 +406,11 @@ def _local_calls(telemetry: bool = False, warm: int = 50) -> Iterator[Dict[str, 
     """``{"direct": ..., "meshcore": ...}``: the method's multicallables on a direct channel and a
     ``MeshChannel`` to a grpcio server in this process, the mesh file-backed with :func:`resources`
     (``telemetry``: Istio's metrics on), each called ``warm`` times first."""
-    from concurrent import futures
-
     import grpc
 
-    import meshcore
     from meshcore.integrations.grpc import mesh_channel
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Hello": grpc.unary_unary_rpc_method_handler(lambda request, context: b"ok")})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    tmp = tempfile.mkdtemp(prefix="meshcore-bench-grpc-cpu-")
-    path = os.path.join(tmp, "mesh.json")
-    with open(path, "w") as f:
-        json.dump(resources(port), f)
-    mesh = meshcore.Mesh.from_file(path, watch=False).start()
-    try:
-        mesh.wait_ready(TARGET, timeout=10)
+    with _local_server() as (port, path), _file_mesh(path) as mesh:
         if telemetry:
             mesh.telemetry.enable_istio_metrics()
         with grpc.insecure_channel(f"127.0.0.1:{port}") as direct, mesh_channel(mesh, TARGET) as mc:
@@ -428,21 +420,60 @@ def _local_calls(telemetry: bool = False, warm: int = 50) -> Iterator[Dict[str, 
                 for _ in range(warm):
                     assert call(b"hi", timeout=5) == b"ok"
             yield calls
+
+
+@contextlib.contextmanager
+def _local_server() -> Iterator[Tuple[int, str]]:
+    """``(port, resources file)``: a grpcio server answering METHOD in this process, and a file of
+    :func:`resources` pointing at it (both gone afterwards)."""
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Hello": grpc.unary_unary_rpc_method_handler(lambda request, context: b"ok")})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    tmp = tempfile.mkdtemp(prefix="meshcore-bench-grpc-cpu-")
+    path = os.path.join(tmp, "mesh.json")
+    try:
+        with open(path, "w") as f:
+            json.dump(resources(port), f)
+        yield port, path
     finally:
-        mesh.close()
         server.stop(0)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _interleaved_cpu(calls: Dict[str, Any], rounds: int, n: int) -> Dict[str, float]:
-    """:func:`added_cpu`'s rounds: blocks of ``n`` calls, direct and meshcore alternating."""
+@contextlib.contextmanager
+def _file_mesh(path: str) -> Iterator[Any]:
+    """A started ``Mesh`` of the resources file ``path``, ready for TARGET (closed afterwards)."""
+    import meshcore
+
+    mesh = meshcore.Mesh.from_file(path, watch=False).start()
+    try:
+        mesh.wait_ready(TARGET, timeout=10)
+        yield mesh
+    finally:
+        mesh.close()
+
+
+def _cpu_blocks(calls: Dict[str, Any], rounds: int, n: int) -> Dict[str, List[float]]:
+    """Per mode, the calling thread's CPU µs per call of each round's block of ``n`` calls; every
+    mode once per round, the order rotated every round (and reversed every other round when there
+    are more than two modes), the garbage collector off within rounds."""
     tt = time.thread_time_ns
     per: Dict[str, List[float]] = {m: [] for m in calls}
+    modes = list(calls)
     gc.collect()
     gc.disable()
     try:
         for r in range(rounds):
-            for m in (("direct", "meshcore") if r % 2 == 0 else ("meshcore", "direct")):
+            order = modes[r % len(modes):] + modes[:r % len(modes)]
+            if len(modes) > 2 and r % 2:
+                order.reverse()
+            for m in order:
                 call = calls[m]
                 t = tt()
                 for _ in range(n):
@@ -451,6 +482,12 @@ def _interleaved_cpu(calls: Dict[str, Any], rounds: int, n: int) -> Dict[str, fl
             gc.collect()
     finally:
         gc.enable()
+    return per
+
+
+def _interleaved_cpu(calls: Dict[str, Any], rounds: int, n: int) -> Dict[str, float]:
+    """:func:`added_cpu`'s rounds: blocks of ``n`` calls, direct and meshcore alternating."""
+    per = _cpu_blocks(calls, rounds, n)
     diffs = [a - b for a, b in zip(per["meshcore"], per["direct"])]
     return {"added_cpu_us": statistics.median(diffs), "direct_cpu_us": statistics.median(per["direct"]),
             "meshcore_cpu_us": statistics.median(per["meshcore"]),
@@ -469,47 +506,27 @@ def _telemetry_calls(warm: int = 50) -> Iterator[Dict[str, Any]]:
     of sending them); three file-backed meshes with the same resources: no telemetry, Istio's
     metrics without the exchange, Istio's metrics with it. Each called ``warm`` times first
     (the first call to an endpoint with the exchange on is a tapped one: the peer learned)."""
-    from concurrent import futures
-
     import grpc
 
-    import meshcore
     from meshcore.integrations.grpc import mesh_channel
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Hello": grpc.unary_unary_rpc_method_handler(lambda request, context: b"ok")})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    tmp = tempfile.mkdtemp(prefix="meshcore-bench-grpc-tel-")
-    path = os.path.join(tmp, "mesh.json")
-    with open(path, "w") as f:
-        json.dump(resources(port), f)
-    meshes = {m: meshcore.Mesh.from_file(path, watch=False).start() for m in ("off", "istio-noexchange", "istio")}
-    try:
-        for mesh in meshes.values():
-            mesh.wait_ready(TARGET, timeout=10)
+    modes = ("off", "istio-noexchange", "istio")
+    with _local_server() as (port, path), contextlib.ExitStack() as stack:
+        meshes = {m: stack.enter_context(_file_mesh(path)) for m in modes}
         node = {"WORKLOAD_NAME": "bench-client", "NAMESPACE": "default", "LABELS": {"app": "bench-client"}}
         meshes["istio-noexchange"].telemetry.enable_istio_metrics(node_metadata=node, exchange=False)
         meshes["istio"].telemetry.enable_istio_metrics(node_metadata=node)
         exchange = meshes["istio"].telemetry.exchange.headers
-        with contextlib.ExitStack() as stack:
-            direct = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{port}"))
-            plain = direct.unary_unary(METHOD, _registered_method=True)
-            calls: Dict[str, Any] = {"direct": plain,
-                                     "direct+md": lambda request, timeout=None: plain(request, timeout, exchange)}
-            for m, mesh in meshes.items():
-                calls[m] = stack.enter_context(mesh_channel(mesh, TARGET)).unary_unary(METHOD,
-                                                                                      _registered_method=True)
-            for call in calls.values():
-                for _ in range(warm):
-                    assert call(b"hi", timeout=5) == b"ok"
-            yield calls
-    finally:
-        for mesh in meshes.values():
-            mesh.close()
-        server.stop(0)
-        shutil.rmtree(tmp, ignore_errors=True)
+        direct = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        plain = direct.unary_unary(METHOD, _registered_method=True)
+        calls: Dict[str, Any] = {"direct": plain,
+                                 "direct+md": lambda request, timeout=None: plain(request, timeout, exchange)}
+        for m, mesh in meshes.items():
+            calls[m] = stack.enter_context(mesh_channel(mesh, TARGET)).unary_unary(METHOD, _registered_method=True)
+        for call in calls.values():
+            for _ in range(warm):
+                assert call(b"hi", timeout=5) == b"ok"
+        yield calls
 
 
 def telemetry_cpu(rounds: Optional[int] = None, n: Optional[int] = None, cpu: Optional[int] = None
@@ -522,31 +539,8 @@ def telemetry_cpu(rounds: Optional[int] = None, n: Optional[int] = None, cpu: Op
     the exchange's two metadata entries (any client sending them pays it)."""
     rounds = rounds if rounds is not None else (6 if QUICK else 41)
     n = n if n is not None else (200 if QUICK else 500)
-    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    if saved is not None:
-        os.sched_setaffinity(0, {cpu if cpu is not None else max(saved)})
-    try:
-        with _telemetry_calls(max(50, n // 5)) as calls:
-            per: Dict[str, List[float]] = {m: [] for m in calls}
-            modes = list(calls)
-            tt = time.thread_time_ns
-            gc.collect()
-            gc.disable()
-            try:
-                for r in range(rounds):
-                    order = modes[r % len(modes):] + modes[:r % len(modes)]
-                    for m in (order if r % 2 == 0 else order[::-1]):
-                        call = calls[m]
-                        t = tt()
-                        for _ in range(n):
-                            call(b"hi", timeout=5)
-                        per[m].append((tt() - t) / n / 1e3)
-                    gc.collect()
-            finally:
-                gc.enable()
-    finally:
-        if saved is not None:
-            os.sched_setaffinity(0, saved)
+    with _one_cpu(cpu), _telemetry_calls(max(50, n // 5)) as calls:
+        per = _cpu_blocks(calls, rounds, n)
 
     def spread(xs: List[float]) -> Dict[str, float]:
         xs = sorted(xs)
