@@ -4,6 +4,7 @@ attempt straight to the endpoint's grpcio multicallable, and the state made once
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Iterator, List
 
@@ -489,3 +490,99 @@ def test_short_path_without_request_first(fast_mesh):
         assert hello._eps_cfg is fast_mesh.config(TARGET) and len(hello._eps) == 2
     stats = fast_mesh.stats()["main"]
     assert stats["upstream_rq_total"] == 6 and stats["upstream_rq_active"] == 0
+
+
+def test_short_path_fallback_routes_under_the_expected_configuration_only(servers):
+    """A mesh-like object without ``_request_first``: a configuration published between the check
+    and ``request()`` (here: one that routes calls without gRPC's content-type to ``canary``) is
+    not taken for the short path's: the RPC is decided again with gRPC's own headers."""
+    with ControlPlane() as cp:
+        cp.set_resources(_resources(servers))
+        m = ready_mesh(cp, "meshcore-grpc-fallback-race", 3)
+        armed: List[int] = []
+
+        class Racing(_MeshLike):
+            def request(self, *args: Any, **kw: Any) -> Any:
+                if armed:  # a new configuration arrives while this RPC is being routed
+                    armed.clear()
+                    cp.set_resources(_by_own_headers(servers, False))
+                    _wait_for_route(m, "others")
+                return m.request(*args, **kw)
+
+        try:
+            with mesh_channel(Racing(m), TARGET) as ch:
+                assert ch._request_first == ch._routed_first
+                hello = ch.unary_unary(f"/{SERVICE}/Hello")
+                for _ in range(4):
+                    assert hello(b"", timeout=5) in (b"s2", b"s3")
+                assert hello._eps_cfg is m.config(TARGET) and hello._eps
+                armed.append(1)
+                assert hello(b"", timeout=5) in (b"s2", b"s3")  # (routed without the headers: c1)
+                assert not armed
+            assert m.stats()["main"]["upstream_rq_active"] == 0
+            assert m.stats().get("canary", {}).get("upstream_rq_total", 0) == 0
+        finally:
+            m.close()
+
+
+def _late_mesh(cp: ControlPlane, node_id: str, **kw: Any) -> meshcore.Mesh:
+    """A started mesh on ``cp`` whose target may not be published yet (no wait_ready)."""
+    boot = {"xds_servers": [{"server_uri": cp.address, "channel_creds": [{"type": "insecure"}],
+                             "server_features": ["xds_v3"]}],
+            "node": {"id": node_id, "cluster": "meshcore"}}
+    return meshcore.Mesh(boot, backoff=Backoff(initial=0.05, multiplier=1.6, jitter=0.2, maximum=0.5), seed=1,
+                         **kw).start()
+
+
+@pytest.fixture
+def other_mesh_sink() -> Iterator[None]:
+    """Another mesh of the process with a sink (``telemetry.record.ACTIVE[0]`` on); none in the
+    mesh under test."""
+    other = meshcore.Mesh({"xds_servers": [{"server_uri": "127.0.0.1:1", "channel_creds": [{"type": "insecure"}]}],
+                           "node": {"id": "other-mesh", "cluster": "meshcore"}})  # (never started)
+    other.telemetry.add_sink(lambda record: None)
+    try:
+        yield
+    finally:
+        other.close()
+
+
+def test_first_rpc_before_the_configuration_while_another_mesh_has_sinks(servers, other_mesh_sink):
+    """The first RPC of a multicallable, issued before the target's configuration arrives, on a
+    mesh without sinks while another mesh has one: routed (once the configuration arrives) with
+    gRPC's own headers, as without the other mesh's sink (not as if its configuration were the
+    short path's, which it was never found to be)."""
+    with ControlPlane() as cp:
+        m = _late_mesh(cp, "meshcore-grpc-late-config")
+        try:
+            assert not m.telemetry.sinks and m.config(TARGET) is None
+            publish = threading.Timer(0.3, lambda: cp.set_resources(_by_own_headers(servers, False)))
+            publish.start()
+            try:
+                with mesh_channel(m, TARGET) as ch:
+                    hello = ch.unary_unary(f"/{SERVICE}/Hello")
+                    assert hello(b"", timeout=5) in (b"s2", b"s3")  # (was c1: routed without content-type)
+                    for _ in range(3):
+                        assert hello(b"", timeout=5) in (b"s2", b"s3")
+            finally:
+                publish.join()
+            assert m.stats().get("canary", {}).get("upstream_rq_total", 0) == 0
+        finally:
+            m.close()
+
+
+def test_rpc_without_a_configuration_keeps_the_callers_deadline_while_another_mesh_has_sinks(servers,
+                                                                                             other_mesh_sink):
+    """No configuration ever arrives: the RPC waits for it until its own deadline (as a gRPC
+    channel resolving), not the mesh's longer ready_timeout."""
+    with ControlPlane() as cp:
+        m = _late_mesh(cp, "meshcore-grpc-no-config", ready_timeout=4)
+        try:
+            with mesh_channel(m, TARGET) as ch:
+                hello = ch.unary_unary(f"/{SERVICE}/Hello")
+                began = time.monotonic()
+                with pytest.raises(grpc.RpcError):
+                    hello(b"", timeout=0.3)
+                assert time.monotonic() - began < 2.0  # (was the ready_timeout: 4 s)
+        finally:
+            m.close()

@@ -103,3 +103,31 @@ def test_another_meshs_sinks_leave_this_mesh_on_the_short_path(mesh, tmp_path): 
             for _ in range(2):
                 assert hello(b"r", timeout=5) == b"hi r"
     assert sum(s["requests"] for s in sink.snapshot()) == 2
+
+
+def test_a_sink_added_during_a_short_path_rpc_gets_its_record(mesh):  # noqa: F811
+    """Istio's metrics alone when the RPC starts, another sink added while it runs: the RPC's
+    record reaches the new sink too (as report() and the general path read the sinks when the
+    call ends), and Istio's series count it once."""
+    sink = _istio_alone(mesh)
+    records: List[Any] = []
+    armed: List[int] = []
+
+    def serialize(request: bytes) -> bytes:  # (runs inside the attempt, after the RPC started)
+        if armed:
+            armed.clear()
+            mesh.telemetry.add_sink(records.append)
+        return request
+
+    with mesh_channel(mesh, TARGET) as ch:
+        rpc = ch.unary_unary(f"/{SERVICE}/Hello", request_serializer=serialize, _registered_method=True)
+        for _ in range(3):  # the first learns the endpoint (tapped); the others: the short path
+            assert rpc(b"q", timeout=5) == b"hi q"
+        assert len(rpc._eps) == 1 and mesh.telemetry.observer is not None
+        armed.append(1)
+        assert rpc(b"q", timeout=5) == b"hi q"
+        assert not armed and mesh.telemetry.observer is None
+    assert len(records) == 1 and records[0].response_code == 200 and records[0].attempts == 1
+    assert records[0].peer_metadata is not None  # (the facts the tap learned)
+    assert sum(s["requests"] for s in sink.snapshot()) == 4
+    assert mesh.stats()["peer"]["upstream_rq_active"] == 0

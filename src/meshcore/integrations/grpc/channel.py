@@ -109,6 +109,10 @@ class MeshChannel(grpc.Channel):
         if publisher is None or publisher.published.get(target) is not expected:
             return None
         call = self._request(url, method, headers, target=target, timeout=timeout)
+        # routed under expected only if it is still published (another may have come between the
+        # check and request(); a configuration object never comes back): else nothing started
+        if publisher.published.get(target) is not expected:
+            return None
         try:
             return call, call.first_attempt(), None
         except MeshError as e:

@@ -155,9 +155,10 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         super().__init__(channel, method, serializer, deserializer, registered)
         self._final_ok = None  # (set here: every instance has the same attributes, read fast)
         #: endpoint key -> (endpoint, endpoint channel, its grpcio multicallable's ``__call__``
-        #: (:func:`_unslotted`), route, the channel's ``active`` count) under the configuration
-        #: ``_eps_cfg`` (replaced whole when another configuration is published)
-        self._eps: Dict[str, Tuple[Any, Any, Any, Any, Any]] = {}
+        #: (:func:`_unslotted`), route, the channel's ``active`` count, its ``(address,
+        #: authority)``: the key of what a tapped call learned, ``_peer._LEARNED``) under the
+        #: configuration ``_eps_cfg`` (replaced whole when another configuration is published)
+        self._eps: Dict[str, Tuple[Any, Any, Any, Any, Any, Any]] = {}
         self._eps_cfg: Any = None
 
     def __call__(self, request: Any, timeout: Optional[float] = None, metadata: Metadata = None,
@@ -190,6 +191,11 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
                 cfg = self._seed()
                 if cfg is None:
                     return self._blocking(request, timeout, None, None, None, None, False)
+        elif cfg is None:  # unreported while another mesh has sinks, no short-path configuration yet:
+            # _request_first(expected=None) would route a target not published yet (waiting the
+            # mesh's ready_timeout, not the caller's deadline) without gRPC's own headers, under
+            # a configuration never found to route alike without them
+            return self._blocking(request, timeout, None, None, None, None, False)
         if ch._closed:
             return self._blocking(request, timeout, None, None, None, None, False)
         try:  # routed under cfg or not at all (a reported call carries gRPC's content-type: its
@@ -255,15 +261,25 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         active.pop()  # _EndpointPool.release, inline
         if ep.departed and not active:
             ch._pool.close_departed(ep)
-        if observer is not None:  # finished and counted with its facts (grpcio shows no peer metadata)
-            done = observer.answered(call, a, 200, 0, result, peer, 1)
-            if done == 1:
+        if tel is not None:
+            # (read again: a sink added or the Istio sink replaced during the RPC gets its record,
+            # as report() reads the sinks when the call ends)
+            observer = tel.observer
+            if observer is not None:  # finished and counted with its facts (grpcio shows no peer metadata)
+                done = observer.answered(call, a, 200, 0, result, peer, 1)
+                if done == 1:
+                    return result
+                if done == 0:  # the route's policy retries OK answers
+                    return self._reported_rest(call, a, request, _Outcome(result, None, None, 0), None)
+                if done == 3:
+                    log.debug("telemetry: the Istio observer failed on %r; recorded instead", call)
+                _report(call, result, None, observed=True)
                 return result
-            if done == 0:  # the route's policy retries OK answers
+            # no longer the Istio sink alone: the record path, with the attempt's facts
+            a.telemetry = {"peer_metadata": peer, "request_messages": 1, "response_messages": 1}
+            if not a.finish_final(200, 0):  # the route's policy retries OK answers
                 return self._reported_rest(call, a, request, _Outcome(result, None, None, 0), None)
-            if done == 3:
-                log.debug("telemetry: the Istio observer failed on %r; recorded instead", call)
-            _report(call, result, None, observed=True)
+            _report(call, result, None)
             return result
         # the server answered OK (HTTP 200, grpc-status 0): recorded, and final unless the route's
         # retry policy retries OK answers (a first attempt: no retry to count as a success)
