@@ -511,3 +511,25 @@ def test_request_first(tmp_path, mesh_cls):
                                                    mesh.config("svc.local:80"))
         assert first is None and refused is None and call.attempts == []  # the fault step comes first
         assert mesh.stats()["svc"].get("upstream_rq_total", 0) == 0
+
+
+@pytest.mark.parametrize("read", ["before", "after"])
+def test_answered_counts_a_single_attempt_however_the_list_was_read(tmp_path, mesh_cls, callmod, read):
+    """``IstioObserver.answered`` counts a call whose only attempt it finishes, whether or not
+    ``call.attempts`` was read (before the first attempt or after it): the twins' ``call.attempts
+    == [attempt]``."""
+    path = os.path.join(str(tmp_path), "r.json")
+    write_resources(path)
+    missed = []
+    observer = callmod.IstioObserver(lambda call, result, key: missed.append(call))
+    with mesh_cls.from_file(path, watch=False, seed=5) as mesh:
+        mesh.wait_ready("svc.local:80", timeout=5)
+        call = mesh.request("http://svc.local/", "POST", {"content-type": "application/grpc"})
+        if read == "before":
+            assert call.attempts == []
+        a = call.first_attempt()
+        if read == "after":
+            assert call.attempts == [a]
+        assert observer.answered(call, a, 200, 0, b"ok", None, 1) == 1
+        assert missed == [call]  # (a key not known yet: counted through the record, its facts on the attempt)
+        assert a.telemetry == {"peer_metadata": None, "request_messages": 1, "response_messages": 1}

@@ -211,3 +211,50 @@ def test_request_facts_twins_agree():
         want = _request_reference(headers)
         assert call_c.request_facts(headers) == want, headers
         assert call_py.request_facts(headers) == want, headers
+
+
+class _Grows:
+    """A content-length whose ``int()`` adds a header to the dict being scanned."""
+
+    def __init__(self, headers: Any) -> None:
+        self.headers = headers
+        self.calls = 0
+
+    def __int__(self) -> int:
+        self.calls += 1
+        self.headers[f"x-added-{self.calls}"] = "1"
+        return 5
+
+    __index__ = __int__
+
+
+def _outcome(facts: Any, headers: Any) -> Any:
+    try:
+        return facts(headers)
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__
+
+
+@pytest.mark.parametrize("make", [
+    lambda: {"x-request-id": 5, "content-length": "10"},  # (the pure scan stops at a non-text request ID)
+    lambda: [("X-Request-Id", None), ("content-type", "application/grpc")],
+    lambda: (("x-request-id", b"id"), ("content-length", "3")),
+    lambda: {"content-length": "3", "content-type": "application/grpc", "x-request-id": object()},
+], ids=["dict", "pairs", "bytes-id", "id-last"])
+def test_request_facts_read_a_request_id_as_the_pure_scan(make):
+    from meshcore._fast import call_c
+
+    assert _outcome(call_c.request_facts, make()) == _outcome(call_py.request_facts, make())
+
+
+def test_request_facts_of_a_dict_changed_during_the_scan():
+    """A content-length's own ``int()`` changing the dict: the pure scan's dict iteration raises
+    RuntimeError, the compiled one too (the value's code runs once, in the Python walk)."""
+    from meshcore._fast import call_c
+
+    seen = []
+    for facts in (call_c.request_facts, call_py.request_facts):
+        headers = {"content-type": "application/grpc", "content-length": None, "te": "trailers"}
+        value = headers["content-length"] = _Grows(headers)
+        seen.append((_outcome(facts, headers), value.calls))
+    assert seen[0] == seen[1] == ("RuntimeError", 1)

@@ -67,3 +67,24 @@ def test_a_type_changed_after_it_was_learned(impl):
     del o.value
     with pytest.raises(AttributeError):
         probe(o)
+
+
+class _Foreign:
+    __slots__ = ("value",)
+
+
+class _Borrower:
+    """Another class's member descriptor put on this one: its ``__get__`` refuses this class's
+    instances (TypeError), and its offset is not this class's slot."""
+
+    __slots__ = ("other",)
+    value = _Foreign.__dict__["value"]
+
+
+def test_a_descriptor_of_another_class(impl):
+    probe = import_module(f"meshcore._fast.call_{impl}")._probe_slot
+    o = _Borrower()
+    o.other = "not the value"
+    for _ in range(3):  # (learned, then read again: never at the foreign descriptor's offset)
+        with pytest.raises(TypeError):
+            probe(o)

@@ -72,9 +72,13 @@ cdef extern from "Python.h":
         int type
         Py_ssize_t offset
         int flags
+    ctypedef struct PyDescrObject:
+        PyTypeObject *d_type
     ctypedef struct PyMemberDescrObject:
+        PyDescrObject d_common
         PyMemberDef *d_member
     PyTypeObject PyMemberDescr_Type
+    int _PyType_IsSubtype "PyType_IsSubtype" (PyTypeObject *a, PyTypeObject *b)
     PyObject *_PyType_Lookup(PyTypeObject *tp, object name)
     object PyObject_GenericGetAttr(object o, object name)
     unsigned int Py_TPFLAGS_VALID_VERSION_TAG
@@ -85,6 +89,7 @@ cdef extern from "Python.h":
 
 cdef enum:
     _T_OBJECT_EX = 16  # structmember.h: a slot holding an object, AttributeError when unset
+    _PY_AUDIT_READ = 2  # structmember.h: reading it raises an audit event (getattr does that)
 
 
 cdef struct SlotRef:
@@ -105,7 +110,13 @@ cdef void _slot_learn(SlotRef *ref, object obj, str name) noexcept:
     descr = _PyType_Lookup(tp, name)  # (borrowed; sets the type's version tag if it can)
     if descr is NULL or Py_TYPE(<object>descr) is not &PyMemberDescr_Type:
         return
-    if (<PyMemberDescrObject *>descr).d_member.type != _T_OBJECT_EX:
+    if (<PyMemberDescrObject *>descr).d_member.type != _T_OBJECT_EX \
+            or (<PyMemberDescrObject *>descr).d_member.flags & _PY_AUDIT_READ:
+        return
+    # the descriptor may be another class's, put on this one (``value = Other.value``): its offset
+    # is in ``tp``'s instances only when ``tp`` is a subtype of the descriptor's own class (the
+    # check the descriptor's __get__ makes, TypeError otherwise; a subtype's layout extends it)
+    if not _PyType_IsSubtype(tp, (<PyMemberDescrObject *>descr).d_common.d_type):
         return
     if not (tv.tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) or tv.tp_version_tag == 0:
         return
@@ -1105,20 +1116,28 @@ cdef object _SCAN_IN_PYTHON = object()  # _request_pair: this pair needs the Pyt
 
 cdef inline object _request_pair(object k, object v, bint *grpc):
     """One (name, value) of :func:`_request_length`: a content-length's value (counted),
-    ``_SCAN_IN_PYTHON`` (a name that is not a str, a content-type that is not a str), else None."""
+    ``_SCAN_IN_PYTHON`` (a name that is not a str, a content-length whose ``int()`` may run the
+    value's own code, a content-type or x-request-id that is not a str), else None. Runs no
+    code of the headers' objects, so a fall back to the Python scan starts it afresh (and a dict
+    changed during the scan raises there, as the pure twin's)."""
     if type(k) is not str:
         return _SCAN_IN_PYTHON
     cdef Py_ssize_t n = len(<str>k)
     if n == 14:
         if _ascii_lower_eq(<str>k, b"content-length", 14):
+            if type(v) is not str and type(v) is not int and type(v) is not bytes and type(v) is not float:
+                return _SCAN_IN_PYTHON  # (an __int__ / __index__ / __trunc__ of the value's: Python's walk)
             try:
                 return _length(v)  # (outcome's rule: negative or >= 2**53 counts 0, as the pure twin)
             except (TypeError, ValueError, OverflowError):
                 pass
-    elif n == 12 and _ascii_lower_eq(<str>k, b"content-type", 12):
-        if type(v) is not str:
-            return _SCAN_IN_PYTHON
-        grpc[0] = _grpc_content_type(<str>v)
+    elif n == 12:
+        if _ascii_lower_eq(<str>k, b"content-type", 12):
+            if type(v) is not str:
+                return _SCAN_IN_PYTHON
+            grpc[0] = _grpc_content_type(<str>v)
+        elif type(v) is not str and _ascii_lower_eq(<str>k, b"x-request-id", 12):
+            return _SCAN_IN_PYTHON  # (the pure scan reads it as text: one it cannot ends the scan there)
     return None
 
 
@@ -1138,7 +1157,7 @@ cdef object _request_length(object headers, bint *grpc):
     grpc[0] = False
     if type(headers) is dict:
         while PyDict_Next(headers, &pos, &pk, &pv):
-            k = <object>pk  # (owned references: _length may run a value's own code)
+            k = <object>pk  # (owned references, though _request_pair runs no code of the dict's objects)
             v = <object>pv
             found = _request_pair(k, v, grpc)
             if found is _SCAN_IN_PYTHON:
@@ -1312,6 +1331,14 @@ cdef object _response_facts(object result, bint peers, double *length_out):
     return peer
 
 
+cdef inline bint _only_attempt(Call call, Attempt attempt):
+    """Whether ``call.attempts == [attempt]`` (the pure twin's test), without making the list:
+    the first attempt kept aside, or the list made (``call.attempts`` read) holding it alone."""
+    if call._attempts is None:
+        return call._first is attempt
+    return len(call._attempts) == 1 and call._attempts[0] is attempt
+
+
 cdef inline dict _facts(object peer, long long messages):
     """An attempt's telemetry facts as the record path reads them (:meth:`IstioObserver.answered`)."""
     return {"peer_metadata": peer, "request_messages": messages, "response_messages": messages}
@@ -1438,7 +1465,7 @@ cdef class IstioObserver:
         yet, counted through the record), the facts are on ``attempt.telemetry``, as the record
         path reads them."""
         cdef bint final = attempt.finish_final(status, grpc_status)
-        if final and attempt._policy is call.retry_policy and call._first is attempt and call._attempts is None \
+        if final and attempt._policy is call.retry_policy and _only_attempt(call, attempt) \
                 and call.fault_decision is None and attempt.error is None and PyLong_Check(status) and (
                     grpc_status is None or (type(grpc_status) is int and grpc_status == 0)) and (
                     messages == 0 or messages == 1):
