@@ -498,8 +498,11 @@ def test_request_first(tmp_path, mesh_cls):
             a.finish_final(200)
         call, a, refused = mesh._request_first("http://svc.local/teapot", "GET", None, "svc.local:80", None, cfg)
         assert a is None and isinstance(refused, MeshError)  # a direct response: no upstream attempt
-        with pytest.raises(Unavailable):  # routing refusals raise (a target with no listener)
-            mesh._request_first("http://svc.local/", "GET", None, "nowhere:80", None, None)
+        # nothing published for a target: nothing expected (not routed, not waited for; request()
+        # itself waits for it, then refuses it)
+        assert mesh._request_first("http://svc.local/", "GET", None, "nowhere:80", None, None) is None
+        with pytest.raises(Unavailable):
+            mesh.request("http://svc.local/", target="nowhere:80")
         assert mesh.stats()["svc"]["upstream_rq_active"] == 0
         assert mesh.stats()["svc"]["upstream_rq_pending_overflow"] == 1
 

@@ -88,8 +88,8 @@ cdef extern from "Python.h":
         void *tp_getattro
 
 cdef enum:
+    _READONLY_FLAG = 1  # structmember.h READONLY (Py_READONLY)
     _T_OBJECT_EX = 16  # structmember.h: a slot holding an object, AttributeError when unset
-    _PY_AUDIT_READ = 2  # structmember.h: reading it raises an audit event (getattr does that)
 
 
 cdef struct SlotRef:
@@ -110,8 +110,10 @@ cdef void _slot_learn(SlotRef *ref, object obj, str name) noexcept:
     descr = _PyType_Lookup(tp, name)  # (borrowed; sets the type's version tag if it can)
     if descr is NULL or Py_TYPE(<object>descr) is not &PyMemberDescr_Type:
         return
+    # (flags: READONLY at most -- audit-on-read members, and 3.12's Py_RELATIVE_OFFSET whose
+    # offset is not from the object's start, are read through getattr)
     if (<PyMemberDescrObject *>descr).d_member.type != _T_OBJECT_EX \
-            or (<PyMemberDescrObject *>descr).d_member.flags & _PY_AUDIT_READ:
+            or (<PyMemberDescrObject *>descr).d_member.flags & ~_READONLY_FLAG:
         return
     # the descriptor may be another class's, put on this one (``value = Other.value``): its offset
     # is in ``tp``'s instances only when ``tp`` is a subtype of the descriptor's own class (the
@@ -877,7 +879,8 @@ cdef class MeshCore:
     def _request_first(self, url, method, headers, target, timeout, expected, bint plain=False):
         """(The integrations' short paths.) ``request(url, method, headers, target=target,
         timeout=timeout)`` if ``target``'s published configuration is ``expected`` (the one the
-        caller's own state was made for), else None (nothing routed, nothing counted); then the
+        caller's own state was made for), else None (nothing routed, nothing counted; also for
+        ``expected`` None: a target with nothing published is not a short path's); then the
         call's first attempt: ``(call, first, refused)``, ``first`` the attempt started
         (``call.first_attempt()``), or None: a fault filter applies (its step first; ``refused``
         None) or ``refused`` is the MeshError ``first_attempt()`` raised (no healthy upstream,
@@ -912,7 +915,7 @@ cdef class MeshCore:
             target = default_target
         cdef dict published = self._publisher.published
         cfg = published.get(target)
-        if check and cfg is not expected:
+        if check and (cfg is not expected or expected is None):  # (nothing published: nothing expected)
             return None
         entry = <_TargetEntry>self._targets.get(target)
         if entry is None or entry.cfg is not cfg:

@@ -633,7 +633,8 @@ class MeshCore:
                        expected: Any, plain: bool = False) -> Optional[Tuple[Call, Any, Any]]:
         """(The integrations' short paths.) ``request(url, method, headers, target=target,
         timeout=timeout)`` if ``target``'s published configuration is ``expected`` (the one the
-        caller's own state was made for), else None (nothing routed, nothing counted); then the
+        caller's own state was made for), else None (nothing routed, nothing counted; also for
+        ``expected`` None: a target with nothing published is not a short path's); then the
         call's first attempt: ``(call, first, refused)``, ``first`` the attempt started
         (``call.first_attempt()``), or None: a fault filter applies (its step first; ``refused``
         None) or ``refused`` is the MeshError ``first_attempt()`` raised (no healthy upstream,
@@ -663,7 +664,7 @@ class MeshCore:
         if target is None:
             target = default_target
         cfg = self._publisher.published.get(target)
-        if check and cfg is not expected:
+        if check and (cfg is not expected or expected is None):  # (nothing published: nothing expected)
             return None
         entry = self._targets.get(target)
         if entry is None or entry.cfg is not cfg:
