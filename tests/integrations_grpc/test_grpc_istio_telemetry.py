@@ -91,24 +91,33 @@ def server() -> Iterator[Dict[str, Any]]:
     srv.stop(0)
 
 
+def mesh_file(tmp_path: Any, port: int, route: Dict[str, Any], lb_metadata: Any = None) -> str:
+    """A resources file for ``meshcore.Mesh.from_file``: an API listener TARGET with one route
+    (``route``) to the EDS cluster ``peer``, whose one endpoint is 127.0.0.1:``port`` (with
+    ``lb_metadata``, e.g. Istio's ``istio.workload``)."""
+    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                    "HttpConnectionManager",
+           "route_config": {"name": "rc", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}]},
+           "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+               "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}
+    lb: Dict[str, Any] = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+    if lb_metadata is not None:
+        lb["metadata"] = lb_metadata
+    res = {"listeners": [{"name": TARGET, "api_listener": {"api_listener": hcm}}],
+           "clusters": [{"name": "peer", "type": "EDS", "connect_timeout": "1s",
+                         "eds_cluster_config": {"eds_config": {"ads": {}}}}],
+           "endpoints": [{"cluster_name": "peer", "endpoints": [{"lb_endpoints": [lb]}]}]}
+    path = os.path.join(tmp_path, "mesh.json")
+    with open(path, "w") as f:
+        json.dump(res, f)
+    return path
+
+
 @pytest.fixture
 def mesh(server, tmp_path) -> Iterator[Any]:
     route = {"name": "r", "match": {"prefix": "/"},
              "route": {"cluster": "peer", "timeout": "5s", "retry_policy": {"retry_on": "unavailable", "num_retries": 1}}}
-    res = {"listeners": [{"name": TARGET, "api_listener": {"api_listener": {
-               "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-                        "HttpConnectionManager",
-               "route_config": {"name": "rc", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}]},
-               "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                   "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}}],
-           "clusters": [{"name": "peer", "type": "EDS", "connect_timeout": "1s",
-                         "eds_cluster_config": {"eds_config": {"ads": {}}}}],
-           "endpoints": [{"cluster_name": "peer", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-               "socket_address": {"address": "127.0.0.1", "port_value": server["port"]}}}}]}]}]}
-    path = os.path.join(tmp_path, "mesh.json")
-    with open(path, "w") as f:
-        json.dump(res, f)
-    m = meshcore.Mesh.from_file(path, watch=False).start()
+    m = meshcore.Mesh.from_file(mesh_file(tmp_path, server["port"], route), watch=False).start()
     m.wait_ready(TARGET, timeout=10)
     try:
         yield m
@@ -305,20 +314,8 @@ def test_one_tapped_call_per_endpoint_teaches_the_rest(server, tmp_path, monkeyp
 
     monkeypatch.setattr(_peer, "_LEARNED", {})
     route = {"name": "r", "match": {"prefix": "/"}, "route": {"cluster": "peer"}}
-    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-                    "HttpConnectionManager",
-           "route_config": {"name": "rc", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}]},
-           "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-               "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}
-    lb = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": server["port"]}}},
-          "metadata": {"filter_metadata": {"istio": {"workload": "eds-peer;peer-ns;eds-canonical;v7;Kubernetes"}}}}
-    res = {"listeners": [{"name": TARGET, "api_listener": {"api_listener": hcm}}],
-           "clusters": [{"name": "peer", "type": "EDS", "connect_timeout": "1s",
-                         "eds_cluster_config": {"eds_config": {"ads": {}}}}],
-           "endpoints": [{"cluster_name": "peer", "endpoints": [{"lb_endpoints": [lb]}]}]}
-    path = os.path.join(tmp_path, "mesh.json")
-    with open(path, "w") as f:
-        json.dump(res, f)
+    path = mesh_file(tmp_path, server["port"], route, {"filter_metadata": {"istio": {
+        "workload": "eds-peer;peer-ns;eds-canonical;v7;Kubernetes"}}})
     address = f"127.0.0.1:{server['port']}"
     with meshcore.Mesh.from_file(path, watch=False).start() as m:
         m.wait_ready(TARGET, timeout=10)

@@ -3,7 +3,6 @@ what the caller sees and what is counted equal the general, reported path's."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterator, List
 
@@ -13,7 +12,7 @@ import pytest
 import meshcore
 from meshcore.integrations.grpc import mesh_channel
 
-from .test_grpc_istio_telemetry import CLIENT_ID, SERVICE, TARGET, _no_exchange, mesh, pm, server  # noqa: F401
+from .test_grpc_istio_telemetry import CLIENT_ID, SERVICE, TARGET, _no_exchange, mesh, mesh_file, pm, server  # noqa: F401,E501
 
 
 def _istio_alone(m: Any) -> Any:
@@ -48,19 +47,7 @@ def test_short_path_errors_hide_the_exchange_pair(mesh):  # noqa: F811
 def partial_mesh(server, tmp_path) -> Iterator[Any]:  # noqa: F811
     """Routes for SERVICE's methods only: any other method has no route (NR)."""
     route = {"name": "r", "match": {"prefix": f"/{SERVICE}/"}, "route": {"cluster": "peer"}}
-    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-                    "HttpConnectionManager",
-           "route_config": {"name": "rc", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}]},
-           "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-               "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}
-    lb = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": server["port"]}}}}
-    res = {"listeners": [{"name": TARGET, "api_listener": {"api_listener": hcm}}],
-           "clusters": [{"name": "peer", "type": "EDS", "connect_timeout": "1s",
-                         "eds_cluster_config": {"eds_config": {"ads": {}}}}],
-           "endpoints": [{"cluster_name": "peer", "endpoints": [{"lb_endpoints": [lb]}]}]}
-    path = os.path.join(tmp_path, "mesh.json")
-    with open(path, "w") as f:
-        json.dump(res, f)
+    path = mesh_file(tmp_path, server["port"], route)
     with meshcore.Mesh.from_file(path, watch=False).start() as m:
         m.wait_ready(TARGET, timeout=10)
         yield m
