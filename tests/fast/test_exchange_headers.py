@@ -15,7 +15,8 @@ from meshcore._fast import call_py, exchange_py
 from meshcore.telemetry import peer_metadata
 
 NAMES = ["x-envoy-peer-metadata", "x-envoy-peer-metadata-id", "content-type", "date", "x-envoy-peer-metadatx",
-         "y-envoy-peer-metadata-id", "x-envoy-peer-metadata-iD", "x-envoy-upstream-service-time", "server"]
+         "y-envoy-peer-metadata-id", "x-envoy-peer-metadata-iD", "x-envoy-upstream-service-time", "server",
+         "x-envoy-peer-metadat\u00e4", "x-envoy-peer-metadata-\u00efd"]  # (non-ASCII near misses, latin-1)
 
 
 def _case(rng: random.Random, name: str) -> str:

@@ -1063,6 +1063,22 @@ cdef object _scan_request_py = _scan_request
 cdef object _scan_response_py = _scan_response
 
 
+cdef bint _bytes_lower_prefix(const unsigned char *data, const char *name, Py_ssize_t n) noexcept:
+    """Whether the ``n`` bytes at ``data``, ASCII-lower-cased, are the lower-case ASCII ``name``
+    (the caller owns ``n`` bytes at ``data``)."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if memcmp(data, name, n) == 0:  # (the usual name: written lower-case)
+        return True
+    for i in range(n):
+        c = data[i]
+        if 65 <= c <= 90:
+            c += 32
+        if c != <unsigned char>name[i]:
+            return False
+    return True
+
+
 cdef bint _ascii_lower_prefix(str k, const char *name, Py_ssize_t n) noexcept:
     """Whether ``k.lower()`` starts with the lower-case ASCII ``name`` of ``n`` characters
     (``len(k) >= n``), without the lowered copy: a non-ASCII character never lowers to one of
@@ -1070,18 +1086,9 @@ cdef bint _ascii_lower_prefix(str k, const char *name, Py_ssize_t n) noexcept:
     adds a combining mark no ASCII name has (no match)."""
     cdef Py_ssize_t i
     cdef unsigned int c  # (a code point as a number: Cython's Py_UCS4 arithmetic is a str's)
-    cdef const unsigned char *data
     if PyUnicode_KIND(k) == PyUnicode_1BYTE_KIND:  # ASCII or latin-1: bytes (>= 128: never a match)
-        data = <const unsigned char *>PyUnicode_DATA(k)  # (n <= len(k) bytes: in bounds)
-        if memcmp(data, name, n) == 0:  # (the usual name: written lower-case)
-            return True
-        for i in range(n):
-            c = data[i]
-            if 65 <= c <= 90:
-                c += 32
-            if c != <unsigned int><unsigned char>name[i]:
-                return False
-        return True
+        # (n <= len(k) bytes: in bounds)
+        return _bytes_lower_prefix(<const unsigned char *>PyUnicode_DATA(k), name, n)
     for i in range(n):  # (i < n <= len(k), the caller's invariant: in bounds)
         c = <unsigned int>PyUnicode_READ_CHAR(k, i)
         if c >= 128:
@@ -1199,30 +1206,22 @@ cdef bytes _PEER_B = b"x-envoy-peer-metadata-id"  # the first 21 bytes are PEER_
 cdef inline int _peer_name(object k) except -1:
     """1 for x-envoy-peer-metadata, 2 for x-envoy-peer-metadata-id (str or bytes-like, any case),
     0 for any other name."""
-    cdef Py_ssize_t n, i
-    cdef const unsigned char *p
+    cdef Py_ssize_t n
     cdef const unsigned char *want = <const unsigned char *><char *>_PEER_B
-    cdef unsigned char ch
     if type(k) is bytes:
         n = len(<bytes>k)
         if n != 21 and n != 24:
             return 0
-        p = <const unsigned char *><char *>(<bytes>k)
-        for i in range(n):
-            ch = p[i]
-            if 65 <= ch <= 90:
-                ch += 32
-            if ch != want[i]:
-                return 0
+        if not _bytes_lower_prefix(<const unsigned char *><char *>(<bytes>k), <const char *>want, n):
+            return 0
         return 1 if n == 21 else 2
     if type(k) is str:
         n = len(<str>k)
         if n != 21 and n != 24:
             return 0
-        lk = (<str>k).lower()
-        if lk == PEER_HEADER:
-            return 1
-        return 2 if lk == PEER_HEADER_ID else 0
+        if not _ascii_lower_prefix(<str>k, <const char *>want, n):  # (n == len(k): in bounds)
+            return 0
+        return 1 if n == 21 else 2
     n = len(k)
     if n != 21 and n != 24:
         return 0
