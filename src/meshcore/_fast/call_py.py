@@ -917,7 +917,7 @@ class IstioObserver:
         observer raised. Whenever the call is not counted here (0, 2, 3, and a key not known
         yet, counted through the record), the facts are on ``attempt.telemetry``, as the record
         path reads them."""
-        if type(call) is not Call or type(attempt) is not Attempt:
+        if not isinstance(call, Call) or not isinstance(attempt, Attempt):  # (as the compiled twin's typed arguments)
             raise TypeError("answered() takes the mesh's Call and Attempt")
         messages = _long_long(messages)
         final = attempt.finish_final(status, grpc_status)
