@@ -181,6 +181,13 @@ def slope_per_min(points: List[Tuple[float, float]]) -> float:
     return 60.0 * sum((t - mx) * (v - my) for t, v in points) / sxx
 
 
+def window_floors(points: List[Tuple[float, float]], windows: int = 4) -> List[Tuple[float, float]]:
+    """(mean time, smallest value) of each of ``windows`` consecutive runs of points."""
+    size = max(1, -(-len(points) // windows))
+    runs = [points[i:i + size] for i in range(0, len(points), size)]
+    return [(sum(t for t, _ in run) / len(run), min(v for _, v in run)) for run in runs]
+
+
 @dataclass
 class SoakResult:
     samples: List[Dict[str, float]]
@@ -189,9 +196,14 @@ class SoakResult:
     sizes: Dict[str, int] = field(default_factory=dict)
 
     def slopes(self) -> Dict[str, float]:
+        """Per-minute slopes after the warm-up. fds: the slope of each window's floor (its
+        fewest fds): keep-alive connections open and close all the time (a sample can catch a
+        handful more than the last one), while a leak raises the floor."""
         t0 = self.samples[0]["t"]
         after = [s for s in self.samples if s["t"] - t0 >= self.warmup]
-        return {k: slope_per_min([(s["t"] - t0, s[k]) for s in after]) for k in ("rss_mb", "fds", "threads", "objects")}
+        slopes = {k: slope_per_min([(s["t"] - t0, s[k]) for s in after]) for k in ("rss_mb", "threads", "objects")}
+        slopes["fds"] = slope_per_min(window_floors([(s["t"] - t0, s["fds"]) for s in after]))
+        return slopes
 
     def first_last(self) -> Dict[str, Tuple[float, float]]:
         t0 = self.samples[0]["t"]
@@ -202,7 +214,7 @@ class SoakResult:
         s, fl = self.slopes(), self.first_last()
         lines = [f"{len(self.samples)} samples, warm-up {self.warmup:.0f} s",
                  f"RSS     {fl['rss_mb'][0]:8.1f} -> {fl['rss_mb'][1]:8.1f} MB   slope {s['rss_mb']:+8.2f} MB/min",
-                 f"fds     {fl['fds'][0]:8.0f} -> {fl['fds'][1]:8.0f}      slope {s['fds']:+8.2f} fds/min",
+                 f"fds     {fl['fds'][0]:8.0f} -> {fl['fds'][1]:8.0f}      slope {s['fds']:+8.2f} fds/min (window floors)",
                  f"threads {fl['threads'][0]:8.0f} -> {fl['threads'][1]:8.0f}      slope {s['threads']:+8.2f} /min",
                  f"objects {fl['objects'][0]:8.0f} -> {fl['objects'][1]:8.0f}      slope {s['objects']:+8.0f} objects/min",
                  f"counts  {json.dumps(self.counts, sort_keys=True)}",

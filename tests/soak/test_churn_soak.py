@@ -12,7 +12,8 @@ and keep-alive sockets, and one ClusterState with stats, per cluster name ever r
 120 names/min). A leak of even one fd or one cluster state per removed cluster would show as
 >= 120 fds/min or >= ~11,000 objects/min; the bounds sit well under that and well over the
 noise of a flat process (allocator arenas, a handful of keep-alive connections opening and
-closing, sampled every 0.5 s). RSS gets the loosest bound: its noise over a short window is a
+closing, sampled every 0.5 s; fds are judged by the slope of each quarter's floor, as a sample
+can catch a few connections mid-flight). RSS gets the loosest bound: its noise over a short window is a
 few MB, while the leak was ~100 MB/min.
 
 The default run is short (~25 s for httpx, ~16 s each for async httpx and requests);
@@ -75,3 +76,23 @@ def test_churn_stays_flat(client: str) -> None:
         short = 24.0 if client == "httpx" else 16.0
         result = _harness().run_soak(seconds=short, warmup=short / 3, interval=0.5, client=client, retries=True)
         _check(result)
+
+
+def test_fd_slope_reads_floors() -> None:
+    """The fd slope ignores connections caught open in a sample (CI saw 40 -> 46 fds in 11 s
+    read as +44 fds/min by a plain fit, while 150 s of the same churn stayed at 43 -> 43) and
+    still shows a leak of one fd per removed cluster (120 fds/min)."""
+    harness = _harness()
+
+    def result(fds_at: Any) -> Any:
+        samples = [{"t": i * 0.5, "rss_mb": 100.0, "threads": 18, "objects": 1000, "fds": fds_at(i)} for i in range(32)]
+        return harness.SoakResult(samples, warmup=5.0)
+
+    # flat, with a few keep-alive sockets caught open late in the window
+    spiky = result(lambda i: 40 + (8 if i in (21, 23, 25, 26, 27, 29, 30, 31) else i % 2))
+    assert harness.slope_per_min([(s["t"], s["fds"]) for s in spiky.samples[10:]]) > MAX_FDS_PER_MIN
+    assert abs(spiky.slopes()["fds"]) < MAX_FDS_PER_MIN / 4
+    # one fd per second leaked, with the same noise on top
+    leaking = result(lambda i: 40 + i // 2 + (6 if i in (25, 29, 31) else 0))
+    assert leaking.slopes()["fds"] > 1.5 * MAX_FDS_PER_MIN
+    assert harness.window_floors([(0.0, 3.0), (1.0, 1.0), (2.0, 5.0)], windows=2) == [(0.5, 1.0), (2.0, 5.0)]
