@@ -471,9 +471,13 @@ def test_request_first(tmp_path, mesh_cls):
         assert mesh.stats().get("svc", {}).get("upstream_rq_total", 0) == 0  # nothing routed, nothing counted
         picks, twin_picks = [], []
         for i in range(6):
-            call, a, refused = mesh._request_first("http://svc.local/h", "GET", {"x-user": f"u{i}"}, "svc.local:80",
-                                                   0.2, cfg)
+            call, a, refused, key, endpoint, route, started, attempt_timeout = mesh._request_first(
+                "http://svc.local/h", "GET", {"x-user": f"u{i}"}, "svc.local:80", 0.2, cfg)
             assert refused is None and a.number == 1 and call.attempts == [a] and call.route.route_name == "hashed"
+            # what the caller reads next, read for it
+            assert (key, endpoint, route, started, attempt_timeout) == (a.endpoint.key, a.endpoint, call.route,
+                                                                        call.started, a.timeout)
+            assert endpoint is a.endpoint and route is call.route and type(started) is float
             assert abs((call.deadline - call.started) - 0.2) < 1e-9  # the caller's timeout caps the route's
             picks.append(a.address)
             a.finish_final(200)
@@ -488,16 +492,20 @@ def test_request_first(tmp_path, mesh_cls):
         # plain: routed as without the headers (the caller vouches they change nothing), kept on the call
         hdrs = {"x-user": "u1"}
         for plain, hashed in ((False, True), (True, False)):
-            call, a, _ = mesh._request_first("http://svc.local/h", "GET", hdrs, "svc.local:80", None, cfg, plain)
+            call, a = mesh._request_first("http://svc.local/h", "GET", hdrs, "svc.local:80", None, cfg, plain)[:2]
             assert call.headers is hdrs and (call.route.hash is not None) is hashed
             a.finish_final(200)
         held = [mesh._request_first("http://svc.local/", "GET", None, "svc.local:80", None, cfg) for _ in range(2)]
-        call, a, refused = mesh._request_first("http://svc.local/", "GET", None, "svc.local:80", None, cfg)
+        routed = mesh._request_first("http://svc.local/", "GET", None, "svc.local:80", None, cfg)
+        call, a, refused = routed[:3]
         assert a is None and isinstance(refused, CircuitBreakerOpen) and call.attempts == []
-        for c, a, _ in held:
-            a.finish_final(200)
-        call, a, refused = mesh._request_first("http://svc.local/teapot", "GET", None, "svc.local:80", None, cfg)
+        assert routed[3:] == (None,) * 5
+        for held_call in held:
+            held_call[1].finish_final(200)
+        routed = mesh._request_first("http://svc.local/teapot", "GET", None, "svc.local:80", None, cfg)
+        call, a, refused = routed[:3]
         assert a is None and isinstance(refused, MeshError)  # a direct response: no upstream attempt
+        assert len(routed) == 8 and routed[3:] == (None,) * 5
         # nothing published for a target: nothing expected (not routed, not waited for; request()
         # itself waits for it, then refuses it)
         assert mesh._request_first("http://svc.local/", "GET", None, "nowhere:80", None, None) is None
@@ -510,9 +518,10 @@ def test_request_first(tmp_path, mesh_cls):
                                  "abort": {"http_status": 503, "percentage": {"numerator": 100}}})
     with mesh_cls.from_file(path, watch=False, seed=1) as mesh:
         mesh.wait_ready("svc.local:80", timeout=5)
-        call, first, refused = mesh._request_first("http://svc.local/", "GET", None, "svc.local:80", None,
-                                                   mesh.config("svc.local:80"))
+        routed = mesh._request_first("http://svc.local/", "GET", None, "svc.local:80", None, mesh.config("svc.local:80"))
+        call, first, refused = routed[:3]
         assert first is None and refused is None and call.attempts == []  # the fault step comes first
+        assert routed[3:] == (None,) * 5
         assert mesh.stats()["svc"].get("upstream_rq_total", 0) == 0
 
 

@@ -888,16 +888,24 @@ cdef class MeshCore:
         refusals raise as ``request`` raises them. ``plain``: the caller knows that ``headers``
         change nothing in routing under ``expected`` (no header matcher of its routes reads them
         and no router header is among them): routed without reading them, kept on the call (its
-        telemetry reads them)."""
+        telemetry reads them). The tuple goes on with what the caller reads next of a started
+        attempt (its endpoint's key, its endpoint, the call's route, start and the attempt's
+        timeout; None for a call without one), read here in C."""
         cdef Call call = self._route(url, method, headers, target, None, timeout, expected, True, plain)
+        cdef Attempt first
         if call is None:
             return None
         if call._fault_spec is not None:
-            return call, None, None
+            return call, None, None, None, None, None, None, None
         try:
-            return call, call._start_attempt(), None
+            first = call._start_attempt()
         except MeshError as e:
-            return call, None, e
+            return call, None, e, None, None, None, None, None
+        if first is None:  # (a first attempt is never over the retry budget: kept as start_attempt says)
+            return call, None, None, None, None, None, None, None
+        endpoint = first.endpoint
+        return (call, first, None, _slot_get(&_EP_KEY, endpoint, "key"), endpoint, call.route, call.started,
+                first.timeout)
 
     cdef Call _route(self, object url, object method, object headers, object target, object source_ip,
                      object timeout, object expected, bint check, bint plain):

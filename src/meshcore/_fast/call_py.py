@@ -630,7 +630,7 @@ class MeshCore:
                            False)
 
     def _request_first(self, url: str, method: str, headers: Any, target: Optional[str], timeout: Optional[float],
-                       expected: Any, plain: bool = False) -> Optional[Tuple[Call, Any, Any]]:
+                       expected: Any, plain: bool = False) -> Optional[Tuple[Any, ...]]:
         """(The integrations' short paths.) ``request(url, method, headers, target=target,
         timeout=timeout)`` if ``target``'s published configuration is ``expected`` (the one the
         caller's own state was made for), else None (nothing routed, nothing counted; also for
@@ -642,16 +642,22 @@ class MeshCore:
         refusals raise as ``request`` raises them. ``plain``: the caller knows that ``headers``
         change nothing in routing under ``expected`` (no header matcher of its routes reads them
         and no router header is among them): routed without reading them, kept on the call (its
-        telemetry reads them)."""
+        telemetry reads them). The tuple goes on with what the caller reads next of a started
+        attempt (its endpoint's key, its endpoint, the call's route, start and the attempt's
+        timeout; None for a call without one)."""
         call = self._route(url, method, headers, target, None, timeout, expected, True, bool(plain))
         if call is None:
             return None
         if call._fault_spec is not None:
-            return call, None, None
+            return call, None, None, None, None, None, None, None
         try:
-            return call, call.start_attempt(), None
+            first = call.start_attempt()
         except MeshError as e:
-            return call, None, e
+            return call, None, e, None, None, None, None, None
+        if first is None:  # (a first attempt is never over the retry budget: kept as start_attempt says)
+            return call, None, None, None, None, None, None, None
+        endpoint = first.endpoint
+        return call, first, None, endpoint.key, endpoint, call.route, call.started, first.timeout
 
     def _route(self, url: str, method: str, headers: Any, target: Optional[str], source_ip: Optional[str],
                timeout: Optional[float], expected: Any, check: bool, plain: bool) -> Optional[Call]:

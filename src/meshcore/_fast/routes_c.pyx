@@ -508,6 +508,19 @@ cdef class _Vhost:
         PyMem_Free(self.is_static)
 
 
+#: header-less static matches a table keeps (RouteTable._plain; emptied when full)
+cdef Py_ssize_t _PLAIN_MEMO = 1024
+
+
+cdef inline bint _same_str(object a, object b):
+    """``a == b`` for None or exact strs (the memo's keys and a request's fields)."""
+    if a is b:
+        return True
+    if a is None or b is None:
+        return False
+    return (<str>a) == (<str>b)
+
+
 cdef bint _is_static(object r):
     return (r.action in ("cluster", "direct") and not r.hash_policies and r.prefix_rewrite is None
             and r.regex_rewrite is None)
@@ -594,6 +607,8 @@ cdef class RouteTable:
         self._ignore_port = spec.ignore_port_in_host_matching
         self._ignore_params = spec.ignore_path_parameters_in_path_matching
         self._rng = int.from_bytes(os.urandom(8), "little")
+        draws = any(r.runtime_fraction is not None for vh in spec.virtual_hosts for r in vh.routes)
+        self._plain = None if draws else {}
 
     @classmethod
     def from_xds(cls, route_configuration):
@@ -662,10 +677,22 @@ cdef class RouteTable:
         cdef bint regex_phase
         cdef uint64_t rv
         cdef list keep = None          # bytes standing for a path with lone surrogates
+        cdef bint memo = False         # a static match found here is kept in _plain
         if (type(path) is not str or type(method) is not str or type(scheme) is not str
                 or (authority is not None and type(authority) is not str)
                 or (source_ip is not None and type(source_ip) is not str)):
             check_request_args(authority, path, method, scheme, source_ip)  # TypeError unless str subclasses
+        elif headers is None and source_ip is None and random_value is None and self._plain is not None:
+            # A request without headers is matched on (authority, path, method, scheme) alone, and
+            # without runtime fractions no route's decision reads the random draw (skipping it is
+            # unobservable: weighted picks draw their own, independent values from a urandom seed).
+            # Exact strs only: their hash and compare run no code of the caller's.
+            memo = True
+            kept = (<dict>self._plain).get(path)
+            if kept is not None:
+                seen = <tuple>kept
+                if _same_str(seen[0], authority) and _same_str(seen[1], method) and _same_str(seen[2], scheme):
+                    return seen[3]
         buf = _as_utf8(path, &size)
         if buf == NULL:
             keep = []
@@ -785,6 +812,10 @@ cdef class RouteTable:
                         None, r.timeout, r.retry_policy, None, None, r.host_rewrite_literal or None,
                         r.cluster_not_found_response_code, None, r)
                     v.static[ri] = result
+                if memo:
+                    if len(self._plain) >= _PLAIN_MEMO:  # (any number of distinct paths: kept bounded)
+                        self._plain = {}
+                    self._plain[path] = (authority, method, scheme, result)
                 return result
             if match_path is None:
                 match_path = _py_match_path(full_path, self._ignore_params)

@@ -114,9 +114,13 @@ class MeshChannel(grpc.Channel):
         if publisher.published.get(target) is not expected:
             return None
         try:
-            return call, call.first_attempt(), None
+            first = call.first_attempt()
         except MeshError as e:
-            return call, None, e
+            return call, None, e, None, None, None, None, None
+        if first is None:
+            return call, None, None, None, None, None, None, None
+        endpoint = first.endpoint
+        return call, first, None, endpoint.key, endpoint, call.route, call.started, first.timeout
 
     def _route(self, url: str, metadata: Metadata, timeout: Optional[float]) -> Call:
         """Route one RPC (``url``: scheme, authority and method path; metadata); the call's

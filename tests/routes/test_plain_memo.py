@@ -1,0 +1,137 @@
+"""The compiled table's memo of header-less static matches (``RouteTable._plain``): a request
+without headers, source address or caller's random value is matched on (authority, path, method,
+scheme) alone, so a static match found once is returned again without walking the table. These
+tests hold it to the pure twin (which keeps no memo) and to itself without the memo."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from meshcore import ConfigError
+from meshcore._fast import routes_py
+
+from .gen import requests, route_config
+
+
+def _summary(m):
+    if m is None:
+        return None
+    return (m.virtual_host, m.route_name, m.cluster, m.direct_response, m.redirect, m.timeout, m.hash,
+            m.path_rewrite, m.host_rewrite)
+
+
+def _without_fractions(cfg):
+    """``cfg`` with its routes' runtime fractions removed (a table with one keeps no memo)."""
+    for vh in cfg["virtual_hosts"]:
+        for r in vh["routes"]:
+            r["match"].pop("runtime_fraction", None)
+    return cfg
+
+
+def _weighted(cfg):
+    """Names of ``cfg``'s routes with weighted clusters: their cluster is a random draw each twin
+    seeds itself, so only the rest of their decision is compared."""
+    return {r["name"] for vh in cfg["virtual_hosts"] for r in vh["routes"] if "weighted_clusters" in r.get("route", {})}
+
+
+@pytest.mark.c_extension
+@pytest.mark.parametrize("seed", range(80))
+def test_header_less_matches_repeat_alike(seed):
+    """Each header-less request of the generated set, asked three times in a shuffled order with
+    the fields as new and as the same str objects, under both schemes: the compiled table gives
+    the pure twin's decision every time (the generated tables without runtime fractions, which
+    keep a memo; a weighted route's cluster is drawn, the rest of its decision compared)."""
+    from meshcore._fast import routes_c
+
+    cfg = _without_fractions(route_config(seed))
+    try:
+        py = routes_py.RouteTable.from_xds(cfg)
+    except ConfigError:
+        return
+    c = routes_c.RouteTable.from_xds(cfg)
+    weighted = _weighted(cfg)
+    asked = [(a, p, m, s) for a, p, _h, m in requests(cfg, seed) for s in ("http", "https")]
+    order = asked * 3
+    random.Random(seed).shuffle(order)
+    for i, (authority, path, method, scheme) in enumerate(order):
+        if i % 2:  # new str objects equal to the kept ones (the memo compares by value)
+            authority, path, method = "".join(list(authority)), "".join(list(path)), "".join(list(method))
+        got, want = _summary(c.match(authority, path, None, method=method, scheme=scheme)), \
+            _summary(py.match(authority, path, None, method=method, scheme=scheme))
+        if got is not None and want is not None and got[1] in weighted:
+            got, want = got[:2] + got[3:], want[:2] + want[3:]
+        assert got == want, (cfg, authority, path, method, scheme)
+
+
+@pytest.mark.c_extension
+def test_same_path_other_fields_not_mixed_up():
+    """One path under two authorities, methods and schemes: each gets its own decision, in any
+    order (the memo keeps one entry per path and checks the other fields)."""
+    from meshcore._fast import routes_c
+
+    cfg = {"name": "rc", "virtual_hosts": [
+        {"name": "a", "domains": ["a.svc"], "routes": [
+            {"name": "a-post", "match": {"prefix": "/", "headers": [{"name": ":method", "exact_match": "POST"}]},
+             "route": {"cluster": "a-post"}},
+            {"name": "a-https", "match": {"prefix": "/", "headers": [{"name": ":scheme", "exact_match": "https"}]},
+             "route": {"cluster": "a-https"}},
+            {"name": "a-any", "match": {"prefix": "/"}, "route": {"cluster": "a-any"}}]},
+        {"name": "b", "domains": ["b.svc"], "routes": [
+            {"name": "b-any", "match": {"prefix": "/"}, "route": {"cluster": "b-any"}}]}]}
+    c = routes_c.RouteTable.from_xds(cfg)
+    py = routes_py.RouteTable.from_xds(cfg)
+    cases = [(a, m, s) for a in ("a.svc", "b.svc", "c.svc", None) for m in ("GET", "POST") for s in ("http", "https")]
+    rnd = random.Random(7)
+    for _ in range(400):
+        authority, method, scheme = rnd.choice(cases)
+        got = c.match(authority, "/x", None, method=method, scheme=scheme)
+        assert _summary(got) == _summary(py.match(authority, "/x", None, method=method, scheme=scheme))
+    assert c.match("a.svc", "/x", None, method="POST").cluster == "a-post"
+    assert c.match("a.svc", "/x", None, method="GET", scheme="https").cluster == "a-https"
+    assert c.match("a.svc", "/x", None, method="GET").cluster == "a-any"
+    assert c.match("c.svc", "/x", None) is None
+
+
+@pytest.mark.c_extension
+def test_runtime_fraction_still_draws():
+    """A table with a runtime fraction keeps no memo: a header-less request to a 50 % route
+    gets both decisions."""
+    from meshcore._fast import routes_c
+
+    cfg = {"name": "rc", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+        {"name": "half", "match": {"prefix": "/", "runtime_fraction": {
+            "default_value": {"numerator": 50, "denominator": "HUNDRED"}}}, "route": {"cluster": "half"}},
+        {"name": "rest", "match": {"prefix": "/"}, "route": {"cluster": "rest"}}]}]}
+    c = routes_c.RouteTable.from_xds(cfg)
+    seen = {c.match("x", "/p", None).cluster for _ in range(200)}
+    assert seen == {"half", "rest"}
+
+
+@pytest.mark.c_extension
+def test_memo_bounded_and_subclasses_matched_in_full():
+    """More distinct paths than the memo holds, asked twice, all decided as the twin decides; a
+    str subclass with its own hash and compare is matched without them being called."""
+    from meshcore._fast import routes_c
+
+    cfg = {"name": "rc", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+        {"name": "api", "match": {"prefix": "/api/"}, "route": {"cluster": "api"}},
+        {"name": "odd", "match": {"safe_regex": {"regex": "/[0-9]*7"}}, "route": {"cluster": "odd"}},
+        {"name": "rest", "match": {"prefix": "/"}, "direct_response": {"status": 404}}]}]}
+    c = routes_c.RouteTable.from_xds(cfg)
+    py = routes_py.RouteTable.from_xds(cfg)
+    paths = [f"/api/{i}" if i % 3 else f"/{i}" for i in range(3000)]
+    for path in paths + paths[::-1]:
+        assert _summary(c.match("h", path, None)) == _summary(py.match("h", path, None)), path
+
+    class Loud(str):
+        def __hash__(self):
+            raise AssertionError("hash called")
+
+        def __eq__(self, other):
+            raise AssertionError("eq called")
+
+    assert c.match("h", "/api/1", None).cluster == "api"
+    assert c.match("h", Loud("/api/1"), None).cluster == "api"
+    assert c.match(Loud("h"), "/api/1", None, method=Loud("GET")).cluster == "api"
