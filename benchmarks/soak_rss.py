@@ -182,9 +182,13 @@ def slope_per_min(points: List[Tuple[float, float]]) -> float:
 
 
 def window_floors(points: List[Tuple[float, float]], windows: int = 4) -> List[Tuple[float, float]]:
-    """(mean time, smallest value) of each of ``windows`` consecutive runs of points."""
-    size = max(1, -(-len(points) // windows))
-    runs = [points[i:i + size] for i in range(0, len(points), size)]
+    """(mean time, smallest value) of each of ``windows`` consecutive runs of points, as equal
+    as the count allows (sizes differ by one at most); fewer than two points per run: the
+    points themselves (too few to take floors of)."""
+    n = len(points)
+    if n < 2 * windows:
+        return list(points)
+    runs = [points[i * n // windows:(i + 1) * n // windows] for i in range(windows)]
     return [(sum(t for t, _ in run) / len(run), min(v for _, v in run)) for run in runs]
 
 

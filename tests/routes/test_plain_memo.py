@@ -135,3 +135,49 @@ def test_memo_bounded_and_subclasses_matched_in_full():
     assert c.match("h", "/api/1", None).cluster == "api"
     assert c.match("h", Loud("/api/1"), None).cluster == "api"
     assert c.match(Loud("h"), "/api/1", None, method=Loud("GET")).cluster == "api"
+
+
+@pytest.mark.c_extension
+def test_memo_edges_decide_as_the_walk():
+    """Cases the generated tables do not make: a require_tls host asked over https then http on
+    one path (the redirect comes back), a table that picks its virtual host by a header (none
+    given: no vhost), lone surrogates in a path, paths over the memo's length limit, and one
+    path under many authorities of one table (a sidecar's per-port route configuration) asked
+    in rotation — every answer the pure twin's, every repeat of a kept match the same object."""
+    from meshcore._fast import routes_c
+
+    def both(cfg):
+        return routes_c.RouteTable.from_xds(cfg), routes_py.RouteTable.from_xds(cfg)
+
+    tls = {"name": "rc", "virtual_hosts": [{"name": "secure", "domains": ["s.svc"], "require_tls": "ALL",
+                                            "routes": [{"name": "r", "match": {"prefix": "/"}, "route": {"cluster": "c"}}]}]}
+    c, py = both(tls)
+    for scheme in ("https", "http", "https", "http"):
+        got, want = c.match("s.svc", "/a", None, scheme=scheme), py.match("s.svc", "/a", None, scheme=scheme)
+        assert _summary(got) == _summary(want)
+        assert (got.redirect is not None) == (scheme == "http")
+
+    by_header = {"name": "rc", "vhost_header": "x-vhost", "virtual_hosts": [
+        {"name": "v", "domains": ["a.svc"], "routes": [{"name": "r", "match": {"prefix": "/"}, "route": {"cluster": "c"}}]}]}
+    c, py = both(by_header)
+    for _ in range(3):
+        assert c.match("a.svc", "/", None) is None and py.match("a.svc", "/", None) is None
+        assert c.match("a.svc", "/", [("x-vhost", "a.svc")]).cluster == "c"
+
+    many = {"name": "80", "virtual_hosts": [
+        {"name": f"svc{i}", "domains": [f"svc{i}.ns.svc.cluster.local:80"], "routes": [
+            {"name": f"svc{i}-health", "match": {"path": "/grpc.health.v1.Health/Check"}, "route": {"cluster": f"h{i}"}},
+            {"name": f"svc{i}-api", "match": {"safe_regex": {"regex": "/api/.*x"}}, "route": {"cluster": f"a{i}"}},
+            {"name": f"svc{i}-rest", "match": {"prefix": "/"}, "route": {"cluster": f"r{i}"}}]} for i in range(40)]}
+    c, py = both(many)
+    paths = ["/grpc.health.v1.Health/Check", "/api/\ud800x", "/api/x", "/" + "p" * 600, "/" + "q" * 511]
+    first = {}
+    for rnd in range(3):
+        for i in range(40):
+            for path in paths:
+                authority = f"svc{i}.ns.svc.cluster.local:80"
+                got = c.match(authority, path, None)
+                assert _summary(got) == _summary(py.match(authority, path, None)), (authority, path)
+                if rnd:
+                    assert got is first[authority, path]  # (static matches are shared objects, kept or walked)
+                first[authority, path] = got

@@ -18,9 +18,10 @@ cdef class RouteTable:
     cdef bint _ignore_port
     cdef bint _ignore_params
     cdef uint64_t _rng
-    # header-less requests' static matches, path -> (authority, method, scheme, RouteMatch); None
-    # when a route has a runtime_fraction (a match could then depend on the random draw)
+    # header-less requests' static matches, authority -> path -> (method, scheme, RouteMatch);
+    # None when a route has a runtime_fraction (a match could then depend on the random draw)
     cdef dict _plain
+    cdef Py_ssize_t _plain_n       # matches kept in _plain since it was last emptied
     cdef object __weakref__
 
     cdef Py_ssize_t _find_vhost(self, object authority, object headers, object path, object method,

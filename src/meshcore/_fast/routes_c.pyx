@@ -508,8 +508,10 @@ cdef class _Vhost:
         PyMem_Free(self.is_static)
 
 
-#: header-less static matches a table keeps (RouteTable._plain; emptied when full)
+#: header-less static matches a table keeps (RouteTable._plain; emptied when this many were
+#: kept), and the longest path or authority kept (characters; longer ones are walked each time)
 cdef Py_ssize_t _PLAIN_MEMO = 1024
+cdef Py_ssize_t _PLAIN_PATH_MAX = 512
 
 
 cdef inline bint _same_str(object a, object b):
@@ -682,17 +684,22 @@ cdef class RouteTable:
                 or (authority is not None and type(authority) is not str)
                 or (source_ip is not None and type(source_ip) is not str)):
             check_request_args(authority, path, method, scheme, source_ip)  # TypeError unless str subclasses
-        elif headers is None and source_ip is None and random_value is None and self._plain is not None:
+        elif (headers is None and source_ip is None and random_value is None and self._plain is not None
+                and len(<str>path) <= _PLAIN_PATH_MAX and (authority is None or len(<str>authority) <= _PLAIN_PATH_MAX)):
             # A request without headers is matched on (authority, path, method, scheme) alone, and
-            # without runtime fractions no route's decision reads the random draw (skipping it is
-            # unobservable: weighted picks draw their own, independent values from a urandom seed).
-            # Exact strs only: their hash and compare run no code of the caller's.
+            # without runtime fractions only weighted clusters read the random draw, which are
+            # never static (so never kept); skipping a draw shifts the table's own stream, seeded
+            # from urandom and never shown. Exact strs only: their hash and compare run no code
+            # of the caller's. Kept by authority, then path: one table serves many authorities
+            # (a sidecar's per-port route configuration), often on the same paths.
             memo = True
-            kept = (<dict>self._plain).get(path)
-            if kept is not None:
-                seen = <tuple>kept
-                if _same_str(seen[0], authority) and _same_str(seen[1], method) and _same_str(seen[2], scheme):
-                    return seen[3]
+            paths = (<dict>self._plain).get(authority)
+            if paths is not None:
+                kept = (<dict>paths).get(path)
+                if kept is not None:
+                    seen = <tuple>kept
+                    if _same_str(seen[0], method) and _same_str(seen[1], scheme):
+                        return seen[2]
         buf = _as_utf8(path, &size)
         if buf == NULL:
             keep = []
@@ -813,9 +820,14 @@ cdef class RouteTable:
                         r.cluster_not_found_response_code, None, r)
                     v.static[ri] = result
                 if memo:
-                    if len(self._plain) >= _PLAIN_MEMO:  # (any number of distinct paths: kept bounded)
+                    if self._plain_n >= _PLAIN_MEMO:  # (any number of distinct requests: kept bounded)
                         self._plain = {}
-                    self._plain[path] = (authority, method, scheme, result)
+                        self._plain_n = 0
+                    paths = (<dict>self._plain).get(authority)
+                    if paths is None:
+                        paths = self._plain[authority] = {}
+                    (<dict>paths)[path] = (method, scheme, result)
+                    self._plain_n += 1
                 return result
             if match_path is None:
                 match_path = _py_match_path(full_path, self._ignore_params)
