@@ -594,9 +594,9 @@ def call_loop(mode: str, n: int, go: Optional[str] = None) -> None:
     ``direct`` ~200k instructions; ``meshcore`` - ``direct`` 15.5k before the bound ``__call__``
     of the endpoint multicallables, 9.3-14k after; ``meshcore-answer`` - ``answer`` ~13.2k before,
     ~11.3k after (of which ~6.9k ``request`` + ``first_attempt`` + ``finish_final``), ~10.0k with
-    ``MeshCore._request_first`` and the __slots__ fields read at their offsets, ~8.9k with the route
+    ``MeshCore._request_first`` and the __slots__ fields read at their offsets, ~9.0k with the route
     table's memo of header-less static matches and the attempt's fields read by ``_request_first``
-    (2026-12-07; ``answer`` ~2.7k of the loop's 11.7k); with
+    (2026-12-07; ``answer`` ~2.7k of the loop's 11.76k); with
     Istio's metrics on (not a mode here: ``mesh.telemetry.enable_istio_metrics()`` before the
     loop) 20.5k before ``IstioObserver.answered``, 12.4k after."""
     with _local_calls(warm=200) as calls:
