@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshcore import ConfigError, Endpoint, HealthStatus, Locality
+from routes.gen import summary as _summary
 
 EXAMPLES = int(os.environ.get("MESHCORE_FUZZ_EXAMPLES", "40"))
 ALLOWED = (ConfigError, ValueError, TypeError)
@@ -90,13 +91,6 @@ def _call_match(table, req):
     if isinstance(h, tuple) and len(h) == 2 and h[0] == "iter":
         h = iter(list(h[1]))
     return table.match(kw.pop("authority"), kw.pop("path"), h, **kw)
-
-
-def _summary(m):
-    if m is None:
-        return None
-    return (m.virtual_host, m.route_name, m.cluster, m.direct_response, m.redirect, m.timeout, m.hash,
-            m.path_rewrite, m.host_rewrite)
 
 
 # -- route configurations --------------------------------------------------------------------------

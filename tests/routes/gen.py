@@ -12,6 +12,14 @@ VALUES = ["1", "2", "10", "-3", " 7 ", "+4", "abc", "ABC", "a,b", "", "applicati
           "GET", "POST", "http", "https"]
 
 
+def summary(m: Any) -> Any:
+    """A match result as a comparable tuple (None for no match): what the c/py tests compare."""
+    if m is None:
+        return None
+    return (m.virtual_host, m.route_name, m.cluster, m.direct_response, m.redirect, m.timeout, m.hash,
+            m.path_rewrite, m.host_rewrite)
+
+
 def _path(rnd: random.Random) -> str:
     return "/" + "/".join(rnd.choice(SEGMENTS) for _ in range(rnd.randrange(0, 4)))
 

@@ -13,13 +13,7 @@ from meshcore import ConfigError
 from meshcore._fast import routes_py
 
 from .gen import requests, route_config
-
-
-def _summary(m):
-    if m is None:
-        return None
-    return (m.virtual_host, m.route_name, m.cluster, m.direct_response, m.redirect, m.timeout, m.hash,
-            m.path_rewrite, m.host_rewrite)
+from .gen import summary as _summary
 
 
 def _without_fractions(cfg):
@@ -181,3 +175,44 @@ def test_memo_edges_decide_as_the_walk():
                 if rnd:
                     assert got is first[authority, path]  # (static matches are shared objects, kept or walked)
                 first[authority, path] = got
+
+
+@pytest.mark.c_extension
+def test_what_the_table_keeps():
+    """The memo serves what the README says and nothing else: header-less requests (no source
+    address, no caller's random value) whose match is static, on tables without runtime
+    fractions; one entry per (authority, path, method, scheme) asked; paths or authorities over
+    512 characters walked; at most 1,024 kept, then emptied. The pure twin keeps nothing."""
+    from meshcore._fast import routes_c
+
+    cfg = {"name": "rc", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+        {"name": "hashed", "match": {"prefix": "/h"}, "route": {"cluster": "h", "hash_policy": [
+            {"header": {"header_name": "x-user"}}]}},
+        {"name": "rest", "match": {"prefix": "/"}, "route": {"cluster": "r"}}]}]}
+    c = routes_c.RouteTable.from_xds(cfg)
+    assert routes_py.RouteTable.from_xds(cfg)._kept_matches() is None
+    assert c._kept_matches() == 0
+    m = c.match("a", "/x", None)
+    assert c._kept_matches() == 1
+    assert c.match("a", "/x", None) is m and c._kept_matches() == 1  # answered from it, not kept again
+    c.match("a", "/x", None, method="POST")
+    c.match("b", "/x", None)
+    assert c._kept_matches() == 3
+    c.match("a", "/y", [("x-a", "1")])                         # headers
+    c.match("a", "/y", None, source_ip="10.0.0.1")             # a source address
+    c.match("a", "/y", None, random_value=7)                   # the caller's random value
+    c.match("a", "/h", None)                                   # not static (a hash policy)
+    c.match("a", "/" + "p" * 600, None)                        # a path over 512 characters
+    c.match("a" * 600, "/y", None)                             # an authority over 512 characters
+    assert c._kept_matches() == 3
+    for i in range(2000):
+        c.match("a", f"/n{i}", None)
+        assert c._kept_matches() <= 1024
+    assert c._kept_matches() == 3 + 2000 - 1024  # emptied once, when 1,024 were kept
+    fractions = {"name": "rc", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+        {"name": "some", "match": {"prefix": "/s", "runtime_fraction": {"default_value": {"numerator": 5}}},
+         "route": {"cluster": "s"}},
+        {"name": "rest", "match": {"prefix": "/"}, "route": {"cluster": "r"}}]}]}
+    t = routes_c.RouteTable.from_xds(fractions)
+    t.match("a", "/x", None)
+    assert t._kept_matches() is None

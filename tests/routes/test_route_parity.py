@@ -14,15 +14,9 @@ from meshcore._fast import routes_py
 from route_gen import generate_mixed
 
 from .gen import requests, route_config
+from .gen import summary as _summary
 
 CONFIGS = int(os.environ.get("MESHCORE_ROUTE_PARITY_CONFIGS", "120"))
-
-
-def _summary(m):
-    if m is None:
-        return None
-    return (m.virtual_host, m.route_name, m.cluster, m.direct_response, m.redirect, m.timeout, m.hash,
-            m.path_rewrite, m.host_rewrite)
 
 
 @pytest.mark.c_extension

@@ -877,20 +877,8 @@ cdef class MeshCore:
         return self._route(url, method, headers, target, source_ip, timeout, None, False, False)
 
     def _request_first(self, url, method, headers, target, timeout, expected, bint plain=False):
-        """(The integrations' short paths.) ``request(url, method, headers, target=target,
-        timeout=timeout)`` if ``target``'s published configuration is ``expected`` (the one the
-        caller's own state was made for), else None (nothing routed, nothing counted; also for
-        ``expected`` None: a target with nothing published is not a short path's); then the
-        call's first attempt: ``(call, first, refused)``, ``first`` the attempt started
-        (``call.first_attempt()``), or None: a fault filter applies (its step first; ``refused``
-        None) or ``refused`` is the MeshError ``first_attempt()`` raised (no healthy upstream,
-        circuit breaker open), returned for the caller to report with its call. Routing
-        refusals raise as ``request`` raises them. ``plain``: the caller knows that ``headers``
-        change nothing in routing under ``expected`` (no header matcher of its routes reads them
-        and no router header is among them): routed without reading them, kept on the call (its
-        telemetry reads them). The tuple goes on with what the caller reads next of a started
-        attempt (its endpoint's key, its endpoint, the call's route, start and the attempt's
-        timeout; None for a call without one), read here in C."""
+        """See ``call_py.MeshCore._request_first`` (the attempt's fields read here in C, where
+        they cost a few instructions each)."""
         cdef Call call = self._route(url, method, headers, target, None, timeout, expected, True, plain)
         cdef Attempt first
         if call is None:
@@ -909,8 +897,7 @@ cdef class MeshCore:
 
     cdef Call _route(self, object url, object method, object headers, object target, object source_ip,
                      object timeout, object expected, bint check, bint plain):
-        """``request``; with ``check``, None unless the target's published configuration is
-        ``expected``; ``plain``: routed as without ``headers`` (``_request_first``)."""
+        """See ``call_py.MeshCore._route``."""
         cdef Call call
         cdef _TargetEntry entry
         cdef _ClusterEntry ce

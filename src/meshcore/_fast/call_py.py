@@ -635,16 +635,16 @@ class MeshCore:
         timeout=timeout)`` if ``target``'s published configuration is ``expected`` (the one the
         caller's own state was made for), else None (nothing routed, nothing counted; also for
         ``expected`` None: a target with nothing published is not a short path's); then the
-        call's first attempt: ``(call, first, refused)``, ``first`` the attempt started
-        (``call.first_attempt()``), or None: a fault filter applies (its step first; ``refused``
-        None) or ``refused`` is the MeshError ``first_attempt()`` raised (no healthy upstream,
-        circuit breaker open), returned for the caller to report with its call. Routing
-        refusals raise as ``request`` raises them. ``plain``: the caller knows that ``headers``
-        change nothing in routing under ``expected`` (no header matcher of its routes reads them
-        and no router header is among them): routed without reading them, kept on the call (its
-        telemetry reads them). The tuple goes on with what the caller reads next of a started
-        attempt (its endpoint's key, its endpoint, the call's route, start and the attempt's
-        timeout; None for a call without one)."""
+        call's first attempt, as ``(call, first, refused, key, endpoint, route, started,
+        timeout)``: ``first`` the attempt started (``call.first_attempt()``) and the last five
+        what its caller reads next (its endpoint's key, its endpoint, ``call.route``,
+        ``call.started``, ``first.timeout``); or ``first`` None and the last five None: a fault
+        filter applies (its step first; ``refused`` None) or ``refused`` is the MeshError
+        ``first_attempt()`` raised (no healthy upstream, circuit breaker open), returned for the
+        caller to report with its call. Routing refusals raise as ``request`` raises them.
+        ``plain``: the caller knows that ``headers`` change nothing in routing under ``expected``
+        (no header matcher of its routes reads them and no router header is among them): routed
+        without reading them, kept on the call (its telemetry reads them)."""
         call = self._route(url, method, headers, target, None, timeout, expected, True, bool(plain))
         if call is None:
             return None

@@ -621,6 +621,11 @@ cdef class RouteTable:
     def name(self):
         return self.spec.name
 
+    def _kept_matches(self):
+        """(Tests.) How many header-less static matches the table kept since its memo was last
+        emptied; None: it keeps none (a route has a runtime fraction)."""
+        return None if self._plain is None else self._plain_n
+
     cdef Py_ssize_t _find_vhost(self, object authority, object headers, object path, object method,
                                 object scheme) except -2:
         cdef str host

@@ -351,6 +351,11 @@ class RouteTable:
     def name(self) -> str:
         return self.spec.name
 
+    def _kept_matches(self) -> Optional[int]:
+        """(Tests.) None: the pure table walks every request (the compiled one keeps header-less
+        static matches, ``routes_c.RouteTable._kept_matches``)."""
+        return None
+
     def _find_vhost(self, authority: Optional[str], headers: Dict[str, List[str]]) -> Optional[int]:
         if not self._exact and not self._suffix and not self._prefix:
             return self._default
